@@ -1,0 +1,47 @@
+# The two commands: `make run` (the demo) and `make test` (the whole suite).
+# Both call `make install` first; every step is idempotent and cached under .venv/ and .cache/.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+KAFKA_LIBS := .cache/kafka/libs
+M2 := $(CURDIR)/.cache/m2
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast lint bench airflow clean-lake kafka-up kafka-down
+
+install: $(VENV)/.installed $(KAFKA_LIBS)/.complete
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+$(KAFKA_LIBS)/.complete: infra/kafka/pom.xml
+	@command -v mvn >/dev/null || { echo "error: Maven (mvn) is needed to fetch the Kafka broker jars; install it (apt-get install maven)"; exit 1; }
+	@rm -rf $(KAFKA_LIBS)
+	mvn -q -B -f infra/kafka/pom.xml -Dmaven.repo.local=$(M2) dependency:copy-dependencies
+	@touch $@
+
+run: install
+	$(BIN)/lambdalake demo
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check lambdalake batch speed serving dags tests bench
+
+kafka-up: install
+	$(BIN)/lambdalake kafka up
+
+kafka-down: install
+	$(BIN)/lambdalake kafka down
+
+clean-lake:
+	-$(BIN)/lambdalake kafka down
+	rm -rf data/master data/views data/checkpoints data/kafka

@@ -1,0 +1,23 @@
+"""lambdalake: a Lambda-architecture engine (Kafka log -> Parquet master + Spark batch views, kafka-python
+speed layer, DuckDB merge-on-query).
+
+Public API (stable names):
+
+- :class:`lambdalake.pipeline.Pipeline`, :class:`Source`, :class:`Field`, :class:`View`, aggregates
+  :func:`count`, :func:`sum_`, :func:`min_`, :func:`max_`, :func:`mean` — declare a pipeline.
+- :func:`lambdalake.config.load_settings` — resolve configuration.
+- :func:`lambdalake.connect` — a ready, read-only DuckDB connection over the merged views (serving layer).
+"""
+
+from lambdalake.pipeline import Field, Pipeline, Source, View, count, max_, mean, min_, sum_
+
+__version__ = "0.1.0"
+
+__all__ = ["Field", "Pipeline", "Source", "View", "count", "sum_", "min_", "max_", "mean", "connect", "__version__"]
+
+
+def connect(*args, **kwargs):
+    """A read-only DuckDB connection where every view of the pipeline is a table (see ``serving``)."""
+    from serving.connection import connect as _connect
+
+    return _connect(*args, **kwargs)

@@ -1,0 +1,265 @@
+"""The ``lambdalake`` command line. Each layer registers its own commands (``batch.cli``, ``speed.cli``,
+``serving.cli``); this module owns the shared options, the error handling and the foundation commands.
+
+Errors a user can act on (:class:`lambdalake.exceptions.LambdalakeError`, Kafka connectivity) print one line
+``error: ...`` on stderr and exit non-zero — never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lambdalake.config import Settings, load_settings
+from lambdalake.exceptions import BrokerError, ConfigError, LambdalakeError
+from lambdalake.pipeline import Pipeline, load_pipeline
+
+app = typer.Typer(
+    name="lambdalake",
+    help="Lambda-architecture engine: Kafka log -> Parquet master + Spark batch views + speed layer -> DuckDB.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+kafka_app = typer.Typer(help="Run the embedded Apache Kafka broker (KRaft, single node).", no_args_is_help=True)
+app.add_typer(kafka_app, name="kafka")
+
+console = Console()
+err_console = Console(stderr=True)
+
+# Shared options: every command accepts them, each also settable by environment variable.
+PipelineOpt = Annotated[str | None, typer.Option(
+    "--pipeline", "-p", help="Pipeline file (.py) or module path [env LAMBDALAKE_PIPELINE; default: the "
+    "clickstream demo].", show_default=False)]
+HomeOpt = Annotated[Path | None, typer.Option(
+    "--home", help="Lake directory [env LAMBDALAKE_HOME; default ./data].", show_default=False)]
+BootstrapOpt = Annotated[str | None, typer.Option(
+    "--bootstrap", help="Kafka bootstrap servers host:port[,...] [env LAMBDALAKE_BOOTSTRAP; default: the "
+    "embedded broker].", show_default=False)]
+
+
+class Context:
+    """Settings and the loaded pipeline for one command invocation."""
+
+    def __init__(self, settings: Settings, pipeline: Pipeline):
+        self.settings = settings
+        self.pipeline = pipeline
+
+
+def context(pipeline: str | None = None, home: Path | None = None, bootstrap: str | None = None,
+            partitions: int | None = None, spark_master: str | None = None) -> Context:
+    settings = load_settings(home=home, bootstrap=bootstrap, pipeline=pipeline, partitions=partitions,
+                             spark_master=spark_master)
+    return Context(settings, load_pipeline(settings.pipeline))
+
+
+# --- kafka ------------------------------------------------------------------------------------------------------
+def _broker(home: Path | None, port: int, controller_port: int | None):
+    from lambdalake.kafka import EmbeddedBroker
+
+    settings = load_settings(home=home, bootstrap="127.0.0.1:1")  # bootstrap unused here
+    return EmbeddedBroker(settings.home, port=port, controller_port=controller_port)
+
+
+PortOpt = Annotated[int, typer.Option("--port", min=1, max=65535, help="Broker (PLAINTEXT) port.")]
+CPortOpt = Annotated[int | None, typer.Option("--controller-port", min=1, max=65535,
+                                               help="KRaft controller port [default: port+1].")]
+
+
+@kafka_app.command("up")
+def kafka_up(home: HomeOpt = None, port: PortOpt = 9092, controller_port: CPortOpt = None,
+             timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 90.0) -> None:
+    """Start the embedded broker in the background (formats storage on first start). Idempotent."""
+    if os.environ.get("LAMBDALAKE_BOOTSTRAP"):
+        err_console.print(f"note: LAMBDALAKE_BOOTSTRAP={os.environ['LAMBDALAKE_BOOTSTRAP']} is set, so other "
+                          "commands will use that cluster, not this broker")
+    broker = _broker(home, port, controller_port)
+    with console.status("starting Kafka broker ..."):
+        state = broker.up(timeout=timeout)
+    console.print(f"Kafka broker up: bootstrap [bold]{state['bootstrap']}[/] (pid {state['pid']}, "
+                  f"log {state['log']})")
+
+
+@kafka_app.command("down")
+def kafka_down(home: HomeOpt = None) -> None:
+    """Stop the embedded broker (clean shutdown; killed after 30 s)."""
+    from lambdalake.kafka import EmbeddedBroker
+
+    settings = load_settings(home=home, bootstrap="127.0.0.1:1")
+    stopped = EmbeddedBroker(settings.home).down()
+    console.print("Kafka broker stopped" if stopped else "no embedded Kafka broker was running")
+
+
+@kafka_app.command("status")
+def kafka_status(home: HomeOpt = None) -> None:
+    """Show whether the embedded broker runs, its pid, address and log file. Exit 1 if it is not running."""
+    from lambdalake.kafka import EmbeddedBroker
+
+    settings = load_settings(home=home, bootstrap="127.0.0.1:1")
+    st = EmbeddedBroker(settings.home).status()
+    if st["running"]:
+        console.print(f"running: pid {st['pid']}, bootstrap {st.get('bootstrap')}, "
+                      f"accepting connections: {st.get('serving')}, log {st.get('log')}")
+    else:
+        console.print(f"not running (broker directory {st['dir']})")
+        raise typer.Exit(1)
+
+
+# --- topics / produce / load -------------------------------------------------------------------------------------
+@app.command("topics")
+def topics(pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
+           partitions: Annotated[int | None, typer.Option(min=1, help="Partitions for topics created now "
+                                                          "[env LAMBDALAKE_PARTITIONS; default 4].")] = None,
+           count: Annotated[bool, typer.Option("--count/--no-count", help="Read the topics back and classify "
+                                               "every message.")] = True) -> None:
+    """Create the pipeline's topics (and dead-letter topics) if missing; show message counts."""
+    from lambdalake.kafka import ensure_topics
+
+    ctx = context(pipeline, home, bootstrap, partitions)
+    created = ensure_topics(ctx.settings, ctx.pipeline)
+    if created:
+        console.print(f"created topics: {', '.join(created)}")
+    if count:
+        print_topic_counts(ctx)
+
+
+def print_topic_counts(ctx: Context) -> None:
+    from lambdalake.inspect import count_topics
+
+    table = Table(title=f"topics of pipeline {ctx.pipeline.name!r} at {ctx.settings.bootstrap}")
+    for col in ("topic", "messages", "valid", "duplicates", "invalid", "invalid by reason"):
+        table.add_column(col, justify="left" if col in ("topic", "invalid by reason") else "right")
+    for tc in count_topics(ctx.settings, ctx.pipeline):
+        is_dlq = tc.topic.endswith(".dlq")
+        reasons = ", ".join(f"{k} {v}" for k, v in tc.reasons.most_common(4))
+        table.add_row(tc.topic, str(tc.messages), "" if is_dlq else str(tc.valid),
+                      "" if is_dlq else str(tc.duplicates), "" if is_dlq else str(tc.invalid), reasons)
+    console.print(table)
+
+
+@app.command("produce")
+def produce(
+    events: Annotated[int, typer.Option("--events", "-n", min=0, help="Distinct valid events to send.")],
+    rate: Annotated[float | None, typer.Option(min=0.001, help="Messages per second (default: as fast as "
+                                               "possible).")] = None,
+    late_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of events stamped up to 3 h "
+                                                 "late.")] = 0.05,
+    duplicate_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Duplicates on top, as a "
+                                                      "fraction of --events.")] = 0.02,
+    malformed_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Malformed messages on top, "
+                                                      "as a fraction of --events.")] = 0.01,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same stream).")] = 42,
+    start: Annotated[str, typer.Option(help="Event time of the first event (RFC 3339).")] = "2026-01-05T00:00:00Z",
+    span_hours: Annotated[float, typer.Option(min=0.001, help="Event-time span of the stream, hours.")] = 72.0,
+    pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
+) -> None:
+    """Send the demo clickstream: N valid events plus duplicates and malformed messages (deterministic)."""
+    from datetime import timedelta
+
+    from lambdalake.kafka import ensure_topics
+    from lambdalake.produce import demo_messages, send
+
+    ctx = context(pipeline, home, bootstrap)
+    messages = demo_messages(ctx.pipeline, events, late_fraction=late_fraction,
+                             duplicate_fraction=duplicate_fraction, malformed_fraction=malformed_fraction,
+                             seed=seed, start=start, span=timedelta(hours=span_hours))
+    ensure_topics(ctx.settings, ctx.pipeline)
+    total = events + round(events * duplicate_fraction) + round(events * malformed_fraction)
+    report = send(ctx.settings, messages, rate=rate, total=total, progress=sys.stderr.isatty())
+    print_report(report)
+
+
+def print_report(report) -> None:
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(report.sent.items()))
+    console.print(f"sent {report.total} messages in {report.seconds:.1f}s ({kinds})")
+    if report.malformed:
+        console.print("  malformed by kind: " + ", ".join(f"{k} {v}" for k, v in sorted(report.malformed.items())))
+    console.print("  per topic: " + ", ".join(f"{k} {v}" for k, v in sorted(report.per_topic.items())))
+
+
+@app.command("load")
+def load(
+    file: Annotated[Path, typer.Argument(help="CSV, TSV, Parquet or JSON-lines file.")],
+    source: Annotated[str, typer.Option("--source", "-s", help="Source name in the pipeline.")],
+    rate: Annotated[float | None, typer.Option(min=0.001, help="Messages per second.")] = None,
+    pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
+) -> None:
+    """Send the rows of a file to a source's topic (backfill or replay); consumers validate them as usual."""
+    from lambdalake.kafka import ensure_topics
+    from lambdalake.produce import file_messages, send
+
+    ctx = context(pipeline, home, bootstrap)
+    messages = file_messages(ctx.pipeline, file, source)
+    ensure_topics(ctx.settings, ctx.pipeline)
+    print_report(send(ctx.settings, messages, rate=rate, progress=sys.stderr.isatty()))
+
+
+@app.command("demo")
+def demo(
+    events: Annotated[int, typer.Option("--events", "-n", min=1, help="Valid events to produce.")] = 20_000,
+    rate: Annotated[float | None, typer.Option(min=1, help="Messages per second.")] = 2_000,
+    port: Annotated[int | None, typer.Option(help="Broker port for the demo [default: a free port].")] = None,
+    home: HomeOpt = None,
+) -> None:
+    """The demo behind `make run`: starts Kafka, runs the pipeline on a demo stream, shows results, stops."""
+    from lambdalake.demo import run_demo
+
+    run_demo(events=events, rate=rate, port=port, home=home, console=console)
+
+
+# --- layers ------------------------------------------------------------------------------------------------------
+LAYER_CLIS = ("batch.cli", "speed.cli", "serving.cli")
+
+
+def _register_layers() -> None:
+    for mod_name in LAYER_CLIS:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == mod_name:
+                continue  # layer not installed
+            raise
+        mod.register(app)
+
+
+def _configure_logging() -> None:
+    level = os.environ.get("LAMBDALAKE_LOG", "WARNING").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # kafka-python logs every reconnect attempt at WARNING/ERROR; our own errors say what matters.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL if level != "DEBUG" else logging.DEBUG)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: runs the CLI, turning actionable errors into one line on stderr."""
+    from kafka.errors import KafkaError
+
+    _configure_logging()
+    _register_layers()
+    try:
+        app(args=argv, standalone_mode=True)
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except LambdalakeError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KafkaError as exc:
+        err = BrokerError(f"Kafka: {type(exc).__name__}: {exc}; is the broker at the configured bootstrap up?")
+        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        return err.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    return 0
+
+
+__all__ = ["app", "main", "context", "Context", "ConfigError"]

@@ -1,0 +1,114 @@
+"""Configuration: one place that resolves where the lake lives, which Kafka to talk to, and the knobs.
+
+Precedence, highest first: explicit arguments (CLI options) > environment variables (``LAMBDALAKE_*``) >
+the embedded broker's state file (for the bootstrap address) > defaults.
+
+=========================  ====================================  =====================================
+environment variable       meaning                               default
+=========================  ====================================  =====================================
+LAMBDALAKE_HOME            the lake directory                    ``./data``
+LAMBDALAKE_BOOTSTRAP       Kafka bootstrap servers (host:port,…)  the embedded broker, else 127.0.0.1:9092
+LAMBDALAKE_PIPELINE        pipeline file or module path          the shipped ``clickstream`` demo
+LAMBDALAKE_PARTITIONS      partitions per created topic          4
+LAMBDALAKE_HANDOFF_BLOCK   offsets per handoff block (see        1000
+                           :mod:`lambdalake.handoff`)
+LAMBDALAKE_SPARK_MASTER    Spark master URL                      ``local[*]``
+=========================  ====================================  =====================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from lambdalake.exceptions import ConfigError
+
+DEFAULT_PIPELINE = "lambdalake.pipelines.clickstream"
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer; set it to a whole number like {default}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved configuration shared by every layer. Immutable; derive variants with :meth:`with_`."""
+
+    home: Path
+    bootstrap: str
+    bootstrap_is_embedded: bool
+    pipeline: str
+    partitions: int = 4
+    handoff_block: int = 1000
+    spark_master: str = "local[*]"
+    extra: dict = field(default_factory=dict)
+
+    def with_(self, **changes) -> Settings:
+        return replace(self, **changes)
+
+
+def embedded_broker_state(home: Path) -> dict | None:
+    """The embedded broker's state file (written by ``lambdalake kafka up``), or None."""
+    state_file = home / "kafka" / "broker.json"
+    try:
+        return json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_settings(
+    home: str | Path | None = None,
+    bootstrap: str | None = None,
+    pipeline: str | None = None,
+    partitions: int | None = None,
+    spark_master: str | None = None,
+) -> Settings:
+    """Resolve settings from arguments, environment and the embedded broker's state file."""
+    home_path = Path(home or os.environ.get("LAMBDALAKE_HOME") or "data").expanduser().resolve()
+    if home_path.exists() and not home_path.is_dir():
+        raise ConfigError(f"lake directory {home_path} exists but is not a directory; point LAMBDALAKE_HOME elsewhere")
+
+    embedded = False
+    boot = bootstrap or os.environ.get("LAMBDALAKE_BOOTSTRAP")
+    if not boot:
+        state = embedded_broker_state(home_path)
+        if state and state.get("bootstrap"):
+            boot, embedded = state["bootstrap"], True
+        else:
+            boot, embedded = DEFAULT_BOOTSTRAP, True
+    _check_bootstrap(boot)
+
+    parts = partitions if partitions is not None else _env_int("LAMBDALAKE_PARTITIONS", 4)
+    if parts < 1:
+        raise ConfigError(f"--partitions {parts} must be >= 1")
+
+    return Settings(
+        home=home_path,
+        bootstrap=boot,
+        bootstrap_is_embedded=embedded,
+        pipeline=pipeline or os.environ.get("LAMBDALAKE_PIPELINE") or DEFAULT_PIPELINE,
+        partitions=parts,
+        handoff_block=_env_int("LAMBDALAKE_HANDOFF_BLOCK", 1000),
+        spark_master=spark_master or os.environ.get("LAMBDALAKE_SPARK_MASTER") or "local[*]",
+    )
+
+
+def _check_bootstrap(boot: str) -> None:
+    for server in boot.split(","):
+        host, sep, port = server.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"bootstrap server {server!r} is not host:port; set LAMBDALAKE_BOOTSTRAP like 'broker1:9092,broker2:9092'"
+            )

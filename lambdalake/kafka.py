@@ -1,0 +1,407 @@
+"""Kafka lifecycle helpers: the embedded broker (real Apache Kafka 4.x, KRaft, single node), topics, clients.
+
+The embedded broker is the official ``kafka.Kafka`` main class run from the jars that ``make install`` copies
+from Maven Central into ``.cache/kafka/libs`` (``infra/kafka/pom.xml``). Its files live under
+``<home>/kafka/``::
+
+    server.properties  log4j2.properties  data/  server.log  broker.out  broker.pid  broker.json
+
+``broker.json`` records pid and bootstrap address; :func:`lambdalake.config.load_settings` reads it so every
+command finds the embedded broker without configuration. With ``LAMBDALAKE_BOOTSTRAP`` set, nothing here is
+started and every client talks to that cluster.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable
+from contextlib import closing
+from pathlib import Path
+
+import psutil
+
+from lambdalake.config import Settings
+from lambdalake.exceptions import BrokerError
+from lambdalake.layout import Layout, atomic_write_bytes
+from lambdalake.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_LIBS = REPO_ROOT / ".cache" / "kafka" / "libs"
+
+
+def kafka_libs() -> Path:
+    libs = Path(os.environ.get("LAMBDALAKE_KAFKA_LIBS") or DEFAULT_LIBS)
+    if not any(libs.glob("kafka_2.13-*.jar")):
+        raise BrokerError(f"Kafka broker jars not found in {libs}; run `make install` (fetches them with Maven) "
+                          "or set LAMBDALAKE_KAFKA_LIBS")
+    return libs
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """preexec_fn: ask Linux to SIGTERM the broker when the process that started it dies (no orphans)."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class EmbeddedBroker:
+    """A single-node KRaft broker+controller under ``<home>/kafka``.
+
+    ``tied_to_parent=True`` (tests, the demo) makes the broker die with the Python process that started it, so a
+    crashed test run never leaves an orphan; ``lambdalake kafka up`` starts a detached daemon instead.
+    """
+
+    def __init__(self, home: Path, port: int = 9092, controller_port: int | None = None,
+                 heap: str = "512m", tied_to_parent: bool = False):
+        self.dir = Layout(home).kafka
+        self.port = port
+        self.controller_port = controller_port or port + 1
+        self.heap = heap
+        self.tied_to_parent = tied_to_parent
+
+    # files ------------------------------------------------------------------------------------------------
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "broker.json"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "broker.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "server.log"
+
+    @property
+    def out_file(self) -> Path:
+        return self.dir / "broker.out"
+
+    def _write_config(self) -> Path:
+        data = self.dir / "data"
+        props = self.dir / "server.properties"
+        props.write_text("\n".join([
+            "# written by lambdalake; edit --port/--controller-port instead",
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names=CONTROLLER",
+            "inter.broker.listener.name=PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"log.dirs={data}",
+            "num.partitions=4",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=4",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "log.retention.hours=-1",
+            "message.max.bytes=2097152",
+            "auto.create.topics.enable=false",
+            "",
+        ]))
+        (self.dir / "log4j2.properties").write_text("\n".join([
+            "status = warn",
+            "appender.file.type = File",
+            "appender.file.name = file",
+            f"appender.file.fileName = {self.log_file}",
+            "appender.file.layout.type = PatternLayout",
+            "appender.file.layout.pattern = [%d] %p %m (%c)%n",
+            "rootLogger.level = INFO",
+            "rootLogger.appenderRef.file.ref = file",
+            "logger.kafka.name = kafka",
+            "logger.kafka.level = INFO",
+            "logger.state.name = state.change.logger",
+            "logger.state.level = WARN",
+            "",
+        ]))
+        return props
+
+    def _java(self, *args: str) -> list[str]:
+        libs = kafka_libs()
+        return ["java", f"-Xmx{self.heap}", "-Xms128m", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={self.dir / 'log4j2.properties'}",
+                "-cp", f"{libs}/*", *args]
+
+    # lifecycle --------------------------------------------------------------------------------------------
+    def running_pid(self) -> int | None:
+        """The broker's pid if our broker process is alive (checks the command line, not just the pid)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            cmd = proc.cmdline()
+        except psutil.Error:
+            return None
+        if "kafka.Kafka" in cmd and str(self.dir / "server.properties") in cmd:
+            return pid
+        return None
+
+    def up(self, timeout: float = 90.0) -> dict:
+        """Format storage on first start, start the broker, wait until it serves metadata. Idempotent."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        pid = self.running_pid()
+        if pid is not None:
+            state = self.status()
+            if state.get("port") == self.port:
+                return state
+            raise BrokerError(f"an embedded broker is already running (pid {pid}) on port {state.get('port')}; "
+                              "run `lambdalake kafka down` first")
+        for port in (self.port, self.controller_port):
+            if port_open("127.0.0.1", port):
+                raise BrokerError(f"port {port} is already in use; choose another with --port/--controller-port "
+                                  "or point LAMBDALAKE_BOOTSTRAP at the Kafka already there")
+        props = self._write_config()
+        if not (self.dir / "data" / "meta.properties").exists():
+            cluster_id = self._run_tool("kafka.tools.StorageTool", "random-uuid").strip().splitlines()[-1]
+            self._run_tool("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props))
+        out = open(self.out_file, "ab")
+        try:
+            proc = subprocess.Popen(
+                self._java("kafka.Kafka", str(props)), stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, cwd=self.dir,
+                preexec_fn=_die_with_parent if self.tied_to_parent else os.setsid,
+            )
+        finally:
+            out.close()
+        self.pid_file.write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self.pid_file.unlink(missing_ok=True)
+                raise BrokerError(f"Kafka broker exited with code {proc.returncode} during start-up; "
+                                  f"last log lines:\n{self._tail()}")
+            if port_open("127.0.0.1", self.port) and _serves_metadata(self.bootstrap):
+                state = {"pid": proc.pid, "bootstrap": self.bootstrap, "port": self.port,
+                         "controller_port": self.controller_port, "started_at": time.time(),
+                         "log": str(self.log_file)}
+                atomic_write_bytes(self.state_file, json.dumps(state, indent=1).encode())
+                return state
+            time.sleep(0.3)
+        self._stop_pid(proc.pid, timeout=10)
+        raise BrokerError(f"Kafka broker did not accept connections on {self.bootstrap} within {timeout:.0f}s; "
+                          f"last log lines:\n{self._tail()}")
+
+    def down(self, timeout: float = 30.0) -> bool:
+        """Stop the broker (SIGTERM, then SIGKILL after ``timeout``). True if one was running."""
+        pid = self.running_pid()
+        stopped = False
+        if pid is not None:
+            self._stop_pid(pid, timeout)
+            stopped = True
+        self.pid_file.unlink(missing_ok=True)
+        self.state_file.unlink(missing_ok=True)
+        return stopped
+
+    def status(self) -> dict:
+        pid = self.running_pid()
+        state: dict = {}
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            pass
+        state.update({"running": pid is not None, "pid": pid, "dir": str(self.dir)})
+        if pid is not None:
+            state["serving"] = port_open("127.0.0.1", int(state.get("port", self.port)))
+        return state
+
+    def _stop_pid(self, pid: int, timeout: float) -> None:
+        try:
+            proc = psutil.Process(pid)
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except psutil.TimeoutExpired:
+                log.warning("broker pid %s did not stop within %.0fs; killing it", pid, timeout)
+                proc.kill()
+                proc.wait(10)
+        except psutil.NoSuchProcess:
+            pass
+
+    def _run_tool(self, main: str, *args: str) -> str:
+        res = subprocess.run(self._java(main, *args), capture_output=True, text=True, cwd=self.dir, timeout=120)
+        if res.returncode != 0:
+            raise BrokerError(f"{main} {' '.join(args[:1])} failed (exit {res.returncode}): "
+                              f"{(res.stderr or res.stdout).strip()[-800:]}")
+        return res.stdout
+
+    def _tail(self, lines: int = 15) -> str:
+        chunks = []
+        for f in (self.out_file, self.log_file):
+            try:
+                chunks.extend(f.read_text(errors="replace").splitlines()[-lines:])
+            except OSError:
+                pass
+        return "\n".join(chunks[-lines:]) or "(no log output)"
+
+
+def _serves_metadata(bootstrap: str) -> bool:
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000,
+                                 bootstrap_timeout_ms=3000, client_id="lambdalake-probe")
+    except (KafkaError, OSError, ValueError):
+        return False
+    try:
+        admin.list_topics()
+        return True
+    except (KafkaError, OSError):
+        return False
+    finally:
+        admin.close()
+
+
+# clients ------------------------------------------------------------------------------------------------------
+def _unreachable(settings: Settings, exc: Exception) -> BrokerError:
+    hint = ("start the embedded broker with `lambdalake kafka up`" if settings.bootstrap_is_embedded
+            else "check LAMBDALAKE_BOOTSTRAP and that the cluster is up")
+    return BrokerError(f"cannot reach Kafka at {settings.bootstrap} ({type(exc).__name__}); {hint}")
+
+
+def admin_client(settings: Settings):
+    """A KafkaAdminClient, or a BrokerError that says how to fix the connection."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        return KafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id="lambdalake-admin",
+                                request_timeout_ms=15000, bootstrap_timeout_ms=5000)
+    except (KafkaError, OSError) as exc:
+        raise _unreachable(settings, exc) from exc
+
+
+def producer(settings: Settings, **overrides):
+    """An idempotent producer with acks=all (no duplicates from producer retries)."""
+    from kafka import KafkaProducer
+    from kafka.errors import KafkaError
+
+    conf = dict(bootstrap_servers=settings.bootstrap, acks="all", enable_idempotence=True,
+                linger_ms=5, batch_size=256 * 1024, max_request_size=2 * 1024 * 1024,
+                bootstrap_timeout_ms=5000, client_id="lambdalake-producer")
+    conf.update(overrides)
+    try:
+        return KafkaProducer(**conf)
+    except (KafkaError, OSError) as exc:
+        raise _unreachable(settings, exc) from exc
+
+
+def consumer(settings: Settings, group_id: str | None = None, **overrides):
+    """A consumer with auto-commit off: positions come from our own durable state, never from Kafka."""
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
+
+    conf = dict(bootstrap_servers=settings.bootstrap, group_id=group_id, enable_auto_commit=False,
+                auto_offset_reset="earliest", bootstrap_timeout_ms=5000,
+                max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
+                client_id=f"lambdalake-{group_id or 'reader'}")
+    conf.update(overrides)
+    try:
+        return KafkaConsumer(**conf)
+    except (KafkaError, OSError) as exc:
+        raise _unreachable(settings, exc) from exc
+
+
+def ensure_topics(settings: Settings, pipeline: Pipeline) -> list[str]:
+    """Create every source topic and its dead-letter topic (same partition count). Returns those created."""
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    wanted: list[str] = []
+    for s in pipeline.sources:
+        wanted += [s.topic, s.dlq_topic]
+    admin = admin_client(settings)
+    try:
+        existing = set(admin.list_topics())
+        missing = [t for t in wanted if t not in existing]
+        created = []
+        for t in missing:
+            try:
+                admin.create_topics([NewTopic(t, settings.partitions, 1 if settings.bootstrap_is_embedded
+                                              else _replication(admin))])
+                created.append(t)
+            except TopicAlreadyExistsError:
+                pass
+        _wait_for_leaders(settings, wanted)
+        return created
+    finally:
+        admin.close()
+
+
+def _replication(admin) -> int:
+    try:
+        brokers = admin.describe_cluster().get("brokers", [])
+        return min(3, max(1, len(brokers)))
+    except Exception:  # noqa: BLE001 - best effort; 1 always works
+        return 1
+
+
+def _wait_for_leaders(settings: Settings, topics: Iterable[str], timeout: float = 30.0) -> None:
+    """Block until every partition of ``topics`` has a leader, so the first produce does not fail."""
+    c = consumer(settings)
+    try:
+        deadline = time.monotonic() + timeout
+        pending = set(topics)
+        while pending and time.monotonic() < deadline:
+            for t in list(pending):
+                parts = c.partitions_for_topic(t)
+                if parts:
+                    pending.discard(t)
+            if pending:
+                time.sleep(0.2)
+        if pending:
+            raise BrokerError(f"topics {sorted(pending)} have no partition leaders after {timeout:.0f}s")
+    finally:
+        c.close()
+
+
+def end_offsets(settings: Settings, topics: Iterable[str]) -> dict[tuple[str, int], int]:
+    """Current end offset of every partition of ``topics``: {(topic, partition): end}."""
+    from kafka import TopicPartition
+
+    c = consumer(settings)
+    try:
+        tps = []
+        for t in topics:
+            for p in sorted(c.partitions_for_topic(t) or ()):
+                tps.append(TopicPartition(t, p))
+        return {(tp.topic, tp.partition): off for tp, off in c.end_offsets(tps).items()} if tps else {}
+    finally:
+        c.close()

@@ -1,0 +1,364 @@
+"""The pipeline declaration: one definition that every engine interprets.
+
+A :class:`Pipeline` has *sources* (a Kafka topic with a JSON schema, an event-id field, an event-time field and a
+subject/key field) and *views* (group-by keys, an event-time bucket, and aggregates from a closed set of mergeable
+ones). The batch job (Spark), the speed layer (Python), the serving merge (DuckDB SQL) and the audit all read this
+object; none of them hard-codes a view.
+
+Mergeable aggregates (the closed set)::
+
+    count()            number of events                      merge: add
+    sum_(column)       sum of an integer column              merge: add
+    min_(column)       minimum                               merge: min
+    max_(column)       maximum                               merge: max
+    mean(column)       derived: sum / count, never stored    recomputed after merging
+
+A view's *stored* columns are its mergeable aggregates plus hidden ones a mean needs (``__sum_<col>``,
+``__count``) when the view does not declare them itself. Its *output* columns are the keys, ``window_start``
+(UTC timestamp, start of the event-time bucket) and the declared aggregates in declaration order.
+
+Example (a user's own pipeline file, loaded with ``--pipeline path/to/file.py``)::
+
+    from datetime import timedelta
+    from lambdalake import Field, Pipeline, Source, View, count, sum_, mean
+
+    signups = Source(
+        name="signups", topic="shop.signups", key="user_id", event_id="event_id", event_time="event_time",
+        fields=[Field.string("event_id", max_length=128), Field.timestamp("event_time"),
+                Field.string("user_id"), Field.string("country", pattern=r"^[A-Z]{2}$")],
+    )
+    pipeline = Pipeline("shop", sources=[signups],
+                        views=[View("signups_daily", source="signups", keys=["country"],
+                                    bucket=timedelta(days=1), aggregates=[count("signups")])])
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+from lambdalake.exceptions import PipelineError
+
+FieldType = Literal["string", "integer", "timestamp"]
+AggKind = Literal["count", "sum", "min", "max"]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+WINDOW_START = "window_start"
+US_PER_SECOND = 1_000_000
+
+
+@dataclass(frozen=True)
+class Field:
+    """One JSON field of a source's messages.
+
+    ``required=False`` means the field may be absent; absent and ``null`` are then the same (None).
+    ``nullable`` allows an explicit JSON null.
+    """
+
+    name: str
+    type: FieldType
+    required: bool = True
+    nullable: bool = False
+    min_length: int | None = None
+    max_length: int | None = None
+    minimum: int | None = None
+    maximum: int | None = None
+    pattern: str | None = None
+
+    @classmethod
+    def string(cls, name: str, *, min_length: int = 1, max_length: int | None = None, pattern: str | None = None,
+               required: bool = True, nullable: bool = False) -> Field:
+        return cls(name, "string", required=required, nullable=nullable, min_length=min_length,
+                   max_length=max_length, pattern=pattern)
+
+    @classmethod
+    def integer(cls, name: str, *, minimum: int | None = None, maximum: int | None = None,
+                required: bool = True, nullable: bool = False) -> Field:
+        return cls(name, "integer", required=required, nullable=nullable, minimum=minimum, maximum=maximum)
+
+    @classmethod
+    def timestamp(cls, name: str, *, required: bool = True, nullable: bool = False) -> Field:
+        """An RFC 3339 string with a timezone; stored as a UTC timestamp with microsecond precision."""
+        return cls(name, "timestamp", required=required, nullable=nullable)
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """A mergeable aggregate. ``column`` is None for count."""
+
+    name: str
+    kind: AggKind
+    column: str | None = None
+
+    @property
+    def merge(self) -> AggKind:
+        """How two partial results combine: counts and sums add, min/max fold."""
+        return "sum" if self.kind in ("count", "sum") else self.kind
+
+
+@dataclass(frozen=True)
+class Mean:
+    """Derived aggregate ``sum(column) / count``; never stored, recomputed after every merge."""
+
+    name: str
+    column: str
+    sum_name: str = ""  # resolved by View
+    count_name: str = ""
+
+
+def count(name: str) -> Aggregate:
+    return Aggregate(name, "count")
+
+
+def sum_(name: str, column: str) -> Aggregate:
+    return Aggregate(name, "sum", column)
+
+
+def min_(name: str, column: str) -> Aggregate:
+    return Aggregate(name, "min", column)
+
+
+def max_(name: str, column: str) -> Aggregate:
+    return Aggregate(name, "max", column)
+
+
+def mean(name: str, column: str) -> Mean:
+    return Mean(name, column)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A Kafka topic of JSON events. Messages are keyed by ``key`` so one subject stays in one partition."""
+
+    name: str
+    topic: str
+    fields: Sequence[Field]
+    event_id: str
+    event_time: str
+    key: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fields", tuple(self.fields))
+        if not _NAME.match(self.name):
+            raise PipelineError(f"source name {self.name!r} must match {_NAME.pattern} (it becomes a table name)")
+        if not _TOPIC.match(self.topic) or self.topic.endswith(".dlq"):
+            raise PipelineError(f"source {self.name!r}: topic {self.topic!r} is not a valid Kafka topic name "
+                                "(letters, digits, '.', '_', '-'; not ending in .dlq)")
+        names = [f.name for f in self.fields]
+        if len(set(names)) != len(names):
+            raise PipelineError(f"source {self.name!r}: duplicate field names in {names}")
+        for f in self.fields:
+            if not _NAME.match(f.name):
+                raise PipelineError(f"source {self.name!r}: field name {f.name!r} must match {_NAME.pattern}")
+        by_name = self.field_map
+        for role, want in (("event_id", "string"), ("event_time", "timestamp"), ("key", "string")):
+            fname = getattr(self, role)
+            f = by_name.get(fname)
+            if f is None:
+                raise PipelineError(f"source {self.name!r}: {role} field {fname!r} is not among its fields {names}")
+            if f.type != want or not f.required or f.nullable:
+                raise PipelineError(f"source {self.name!r}: {role} field {fname!r} must be a required, "
+                                    f"non-nullable {want}")
+
+    @property
+    def field_map(self) -> dict[str, Field]:
+        return {f.name: f for f in self.fields}
+
+    @property
+    def dlq_topic(self) -> str:
+        """Dead-letter topic for this source's rejected messages."""
+        return f"{self.topic}.dlq"
+
+
+@dataclass(frozen=True)
+class View:
+    """An aggregate view over one source, bucketed by event time (never by arrival time)."""
+
+    name: str
+    source: str
+    keys: Sequence[str]
+    bucket: timedelta
+    aggregates: Sequence[Aggregate | Mean]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keys", tuple(self.keys))
+        object.__setattr__(self, "aggregates", tuple(self.aggregates))
+        if not _NAME.match(self.name):
+            raise PipelineError(f"view name {self.name!r} must match {_NAME.pattern} (it becomes a table name)")
+        bucket_us = self.bucket // timedelta(microseconds=1)
+        if bucket_us <= 0 or self.bucket % timedelta(seconds=1):
+            raise PipelineError(f"view {self.name!r}: bucket {self.bucket} must be a positive whole number of seconds")
+        if not self.aggregates:
+            raise PipelineError(f"view {self.name!r}: declare at least one aggregate")
+        outs = list(self.keys) + [WINDOW_START] + [a.name for a in self.aggregates]
+        if len(set(outs)) != len(outs):
+            raise PipelineError(f"view {self.name!r}: output column names collide: {outs}")
+
+    @property
+    def bucket_us(self) -> int:
+        return self.bucket // timedelta(microseconds=1)
+
+    @property
+    def means(self) -> tuple[Mean, ...]:
+        """Derived means with the stored columns they divide resolved."""
+        return tuple(self._resolve()[1])
+
+    @property
+    def stored_aggregates(self) -> tuple[Aggregate, ...]:
+        """Mergeable columns physically stored by batch and speed (declared + hidden helpers for means)."""
+        return tuple(self._resolve()[0])
+
+    @property
+    def output_columns(self) -> tuple[str, ...]:
+        return (*self.keys, WINDOW_START, *(a.name for a in self.aggregates))
+
+    def _resolve(self) -> tuple[list[Aggregate], list[Mean]]:
+        stored = [a for a in self.aggregates if isinstance(a, Aggregate)]
+        means: list[Mean] = []
+        for m in (a for a in self.aggregates if isinstance(a, Mean)):
+            s = next((a for a in stored if a.kind == "sum" and a.column == m.column), None)
+            if s is None:
+                s = Aggregate(f"__sum_{m.column}", "sum", m.column)
+                stored.append(s)
+            c = next((a for a in stored if a.kind == "count"), None)
+            if c is None:
+                c = Aggregate("__count", "count")
+                stored.append(c)
+            means.append(Mean(m.name, m.column, s.name, c.name))
+        return stored, means
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Sources and the views computed from them. Construct it in a Python file as ``pipeline = Pipeline(...)``."""
+
+    name: str
+    sources: Sequence[Source]
+    views: Sequence[View] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", tuple(self.sources))
+        object.__setattr__(self, "views", tuple(self.views))
+        if not _NAME.match(self.name):
+            raise PipelineError(f"pipeline name {self.name!r} must match {_NAME.pattern}")
+        if not self.sources:
+            raise PipelineError(f"pipeline {self.name!r} declares no sources")
+        _unique("source", [s.name for s in self.sources])
+        _unique("topic", [s.topic for s in self.sources])
+        _unique("view/source", [v.name for v in self.views] + [s.name for s in self.sources])
+        sources = self.source_map
+        for v in self.views:
+            src = sources.get(v.source)
+            if src is None:
+                raise PipelineError(f"view {v.name!r}: unknown source {v.source!r}; known: {sorted(sources)}")
+            fields = src.field_map
+            for k in v.keys:
+                if k not in fields:
+                    raise PipelineError(f"view {v.name!r}: key {k!r} is not a field of source {src.name!r}")
+                if fields[k].type == "timestamp":
+                    raise PipelineError(f"view {v.name!r}: key {k!r} is a timestamp; bucket by event time instead")
+            for a in v.aggregates:
+                col = a.column
+                if col is None:
+                    continue
+                f = fields.get(col)
+                if f is None:
+                    raise PipelineError(f"view {v.name!r}: aggregate {a.name!r} reads unknown field {col!r}")
+                numeric_only = isinstance(a, Mean) or a.kind == "sum"
+                if numeric_only and f.type != "integer":
+                    raise PipelineError(f"view {v.name!r}: aggregate {a.name!r} needs an integer field; "
+                                        f"{col!r} is {f.type}")
+                if f.type == "timestamp":
+                    raise PipelineError(f"view {v.name!r}: aggregate {a.name!r} over timestamp {col!r} "
+                                        "is not supported")
+
+    @property
+    def source_map(self) -> dict[str, Source]:
+        return {s.name: s for s in self.sources}
+
+    @property
+    def view_map(self) -> dict[str, View]:
+        return {v.name: v for v in self.views}
+
+    def source(self, name: str) -> Source:
+        try:
+            return self.source_map[name]
+        except KeyError:
+            raise PipelineError(f"unknown source {name!r}; pipeline {self.name!r} has {sorted(self.source_map)}") from None
+
+    def view(self, name: str) -> View:
+        try:
+            return self.view_map[name]
+        except KeyError:
+            raise PipelineError(f"unknown view {name!r}; pipeline {self.name!r} has {sorted(self.view_map)}") from None
+
+    def source_of(self, view: View) -> Source:
+        return self.source_map[view.source]
+
+    def source_for_topic(self, topic: str) -> Source:
+        for s in self.sources:
+            if s.topic == topic:
+                return s
+        raise PipelineError(f"topic {topic!r} belongs to no source of pipeline {self.name!r}")
+
+    def views_of(self, source: Source) -> tuple[View, ...]:
+        return tuple(v for v in self.views if v.source == source.name)
+
+
+def _unique(what: str, names: Iterable[str]) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise PipelineError(f"duplicate {what} name {n!r}")
+        seen.add(n)
+
+
+def load_pipeline(spec: str) -> Pipeline:
+    """Load a pipeline from a Python file path (``my/pipeline.py``) or a module path (``pkg.mod``).
+
+    The module must define a module-level ``pipeline`` of type :class:`Pipeline`.
+    """
+    path = Path(spec)
+    if spec.endswith(".py") or path.exists():
+        if not path.is_file():
+            raise PipelineError(f"pipeline file {spec!r} not found; pass --pipeline path/to/pipeline.py "
+                                "or a module path like lambdalake.pipelines.clickstream")
+        mod_name = f"_lambdalake_pipeline_{abs(hash(str(path.resolve())))}"
+        if mod_name in sys.modules:
+            module = sys.modules[mod_name]
+        else:
+            mspec = importlib.util.spec_from_file_location(mod_name, path)
+            if mspec is None or mspec.loader is None:
+                raise PipelineError(f"cannot import pipeline file {spec!r}")
+            module = importlib.util.module_from_spec(mspec)
+            sys.modules[mod_name] = module
+            try:
+                mspec.loader.exec_module(module)
+            except PipelineError:
+                del sys.modules[mod_name]
+                raise
+            except Exception as exc:  # user code: report it, do not crash with a traceback
+                del sys.modules[mod_name]
+                raise PipelineError(f"pipeline file {spec!r} failed to import: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(spec)
+        except ModuleNotFoundError as exc:
+            raise PipelineError(f"pipeline module {spec!r} not found ({exc}); pass a file path or an importable "
+                                "module path") from exc
+        except PipelineError:
+            raise
+        except Exception as exc:
+            raise PipelineError(f"pipeline module {spec!r} failed to import: {type(exc).__name__}: {exc}") from exc
+    pipe = getattr(module, "pipeline", None)
+    if not isinstance(pipe, Pipeline):
+        raise PipelineError(f"{spec!r} defines no module-level `pipeline = Pipeline(...)`")
+    return pipe

@@ -1,0 +1,300 @@
+"""Demo event generator (``lambdalake produce``) and file loader (``lambdalake load``).
+
+The generator sends exactly ``events`` distinct valid events of the clickstream demo, plus
+``round(events * duplicate_fraction)`` duplicates and ``round(events * malformed_fraction)`` malformed messages
+on top. Everything is deterministic per seed: event ids, payloads, keys (hence partitions) and the interleaving.
+
+Shape: Zipf-popular urls and products, ``max(50, events // 20)`` users, event time advancing from ``start`` over
+``span`` (default 72 h, so a run covers many hours and several days), a ``late_fraction`` of events stamped up to
+3 hours behind the stream, duplicates re-sent within the last 64 valid messages (same key, same bytes), and
+malformed messages of many kinds (bad JSON, missing fields, wrong types, out of range, huge, binary, ...).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import orjson
+
+from lambdalake.config import Settings
+from lambdalake.exceptions import ConfigError
+from lambdalake.pipeline import Pipeline, Source
+
+LATE_MAX = timedelta(hours=3)
+DUP_DISTANCE = 64
+DEFAULT_START = "2026-01-05T00:00:00Z"
+CURRENCIES = ["EUR", "USD", "GBP", "JPY"]
+REFERRERS = ["https://www.google.com/", "https://news.ycombinator.com/", "https://t.co/x", "", None]
+
+
+@dataclass
+class Message:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    kind: str  # "valid" | "duplicate" | "malformed:<what>"
+
+
+@dataclass
+class ProduceReport:
+    sent: Counter = field(default_factory=Counter)  # valid | duplicate | malformed | row -> messages
+    malformed: Counter = field(default_factory=Counter)  # what was wrong -> messages
+    per_topic: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self.sent.values())
+
+
+class _Zipf:
+    """Deterministic Zipf(s) sampler over ``n`` items."""
+
+    def __init__(self, n: int, s: float, rng: random.Random):
+        weights = [1.0 / (i + 1) ** s for i in range(n)]
+        self.cum = list(itertools.accumulate(weights))
+        self.rng = rng
+
+    def __call__(self) -> int:
+        return bisect.bisect_left(self.cum, self.rng.random() * self.cum[-1])
+
+
+def _fmt_time(us: int, rng: random.Random) -> str:
+    """RFC 3339 with a varying (but valid) offset, so consumers must normalise to UTC."""
+    dt = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=us)
+    choice = rng.random()
+    if choice < 0.7:
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    off = timedelta(hours=rng.choice([-5, 1, 2, 9]), minutes=rng.choice([0, 30]))
+    return dt.astimezone(timezone(off)).isoformat(timespec="milliseconds" if choice < 0.85 else "seconds")
+
+
+def _parse_start(start: str) -> int:
+    from lambdalake.validation import parse_rfc3339_us
+
+    us = parse_rfc3339_us(start)
+    if us is None:
+        raise ConfigError(f"--start {start!r} is not an RFC 3339 timestamp with timezone, e.g. {DEFAULT_START}")
+    return us
+
+
+def demo_messages(pipeline: Pipeline, events: int, *, late_fraction: float = 0.05,
+                  duplicate_fraction: float = 0.02, malformed_fraction: float = 0.01, seed: int = 42,
+                  start: str = DEFAULT_START, span: timedelta = timedelta(hours=72)) -> Iterator[Message]:
+    """The deterministic demo stream (clickstream pipeline)."""
+    for name, frac in (("--late-fraction", late_fraction), ("--duplicate-fraction", duplicate_fraction),
+                       ("--malformed-fraction", malformed_fraction)):
+        if not 0.0 <= frac <= 1.0:
+            raise ConfigError(f"{name} {frac} must be between 0 and 1")
+    if events < 0:
+        raise ConfigError(f"--events {events} must be >= 0")
+    try:
+        pv, pu = pipeline.source("pageviews"), pipeline.source("purchases")
+    except Exception:
+        raise ConfigError(f"the demo generator needs the clickstream pipeline; {pipeline.name!r} has sources "
+                          f"{sorted(pipeline.source_map)}; use `lambdalake load` for other pipelines") from None
+    rng = random.Random(seed)
+    start_us = _parse_start(start)
+    step_us = max(1, (span // timedelta(microseconds=1)) // max(1, events))
+    n_users = max(50, events // 20)
+    urls = [f"https://shop.example/{p}" for p in ("", "cart", "checkout", "search", "about")] + [
+        f"https://shop.example/product/{i}" for i in range(400)]
+    products = [f"sku-{i:05d}" for i in range(300)]
+    url_z, prod_z, user_z = _Zipf(len(urls), 1.1, rng), _Zipf(len(products), 1.2, rng), _Zipf(n_users, 0.8, rng)
+
+    n_dup = round(events * duplicate_fraction)
+    n_bad = round(events * malformed_fraction)
+    remaining = {"valid": events, "duplicate": n_dup, "malformed": n_bad}
+    recent: list[Message] = []
+    valid_i = 0
+    malformed_kinds = _malformed_makers(pv, pu)
+
+    while any(remaining.values()):
+        kinds = [k for k, v in remaining.items() if v > 0 and (k != "duplicate" or recent)]
+        if not kinds:  # only duplicates left but nothing sent yet to duplicate
+            break
+        kind = rng.choices(kinds, weights=[remaining[k] for k in kinds])[0]
+        remaining[kind] -= 1
+        if kind == "valid":
+            now_us = start_us + valid_i * step_us
+            et = now_us - (rng.randrange(LATE_MAX // timedelta(microseconds=1)) if rng.random() < late_fraction
+                           else 0)
+            user = f"user-{user_z():06d}"
+            if rng.random() < 0.85:
+                doc = {"event_id": f"pv-{seed}-{valid_i}", "event_time": _fmt_time(et, rng), "user_id": user,
+                       "url": urls[url_z()], "duration_ms": int(rng.expovariate(1 / 30000)) % 86_400_001}
+                ref = rng.choice(REFERRERS)
+                if ref is not None or rng.random() < 0.5:  # absent and null both mean null
+                    doc["referrer"] = ref
+                src = pv
+            else:
+                doc = {"event_id": f"pu-{seed}-{valid_i}", "event_time": _fmt_time(et, rng), "user_id": user,
+                       "product_id": products[prod_z()], "amount_cents": 99 + int(rng.paretovariate(1.5) * 900),
+                       "currency": rng.choice(CURRENCIES)}
+                src = pu
+            valid_i += 1
+            msg = Message(src.topic, user.encode(), orjson.dumps(doc), "valid")
+            recent.append(msg)
+            if len(recent) > DUP_DISTANCE:
+                recent.pop(0)
+            yield msg
+        elif kind == "duplicate":
+            orig = rng.choice(recent)
+            yield Message(orig.topic, orig.key, orig.value, "duplicate")
+        else:
+            what, make = rng.choice(malformed_kinds)
+            topic, value = make(rng)
+            yield Message(topic, f"user-{user_z():06d}".encode(), value, f"malformed:{what}")
+
+
+def _malformed_makers(pv: Source, pu: Source) -> list[tuple[str, Callable[[random.Random], tuple[str, bytes]]]]:
+    def base(rng: random.Random) -> dict:
+        return {"event_id": f"bad-{rng.getrandbits(48):x}", "event_time": "2026-01-05T12:00:00Z",
+                "user_id": "user-bad", "url": "https://shop.example/", "duration_ms": 1000}
+
+    def with_(change: Callable[[dict], None]) -> Callable[[random.Random], tuple[str, bytes]]:
+        def make(rng: random.Random) -> tuple[str, bytes]:
+            d = base(rng)
+            change(d)
+            return pv.topic, orjson.dumps(d)
+        return make
+
+    def purchase(change: Callable[[dict], None]) -> Callable[[random.Random], tuple[str, bytes]]:
+        def make(rng: random.Random) -> tuple[str, bytes]:
+            d = {"event_id": f"bad-{rng.getrandbits(48):x}", "event_time": "2026-01-05T12:00:00Z",
+                 "user_id": "user-bad", "product_id": "sku-00001", "amount_cents": 500, "currency": "EUR"}
+            change(d)
+            return pu.topic, orjson.dumps(d)
+        return make
+
+    return [
+        ("bad_json", lambda rng: (pv.topic, b'{"event_id": "x", "event_time": ')),
+        ("not_object", lambda rng: (pv.topic, b'["event_id", 1]')),
+        ("binary", lambda rng: (pu.topic, bytes(rng.getrandbits(8) for _ in range(64)))),
+        ("empty", lambda rng: (pv.topic, b"")),
+        ("huge", lambda rng: (pv.topic, orjson.dumps({**base(rng), "pad": "x" * (1024 * 1024 + 10)}))),
+        ("missing_field", with_(lambda d: d.pop("url"))),
+        ("number_in_quotes", with_(lambda d: d.update(duration_ms="1000"))),
+        ("float_for_int", with_(lambda d: d.update(duration_ms=1000.0))),
+        ("bool_for_int", with_(lambda d: d.update(duration_ms=True))),
+        ("out_of_range", with_(lambda d: d.update(duration_ms=86_400_001))),
+        ("negative", with_(lambda d: d.update(duration_ms=-1))),
+        ("no_timezone", with_(lambda d: d.update(event_time="2026-01-05T12:00:00"))),
+        ("bad_date", with_(lambda d: d.update(event_time="2026-02-30T12:00:00Z"))),
+        ("empty_user", with_(lambda d: d.update(user_id=""))),
+        ("long_event_id", with_(lambda d: d.update(event_id="e" * 129))),
+        ("null_event_id", with_(lambda d: d.update(event_id=None))),
+        ("bad_currency", purchase(lambda d: d.update(currency="eur"))),
+        ("zero_amount", purchase(lambda d: d.update(amount_cents=0))),
+        ("invalid_utf8", lambda rng: (pu.topic, b'{"event_id": "\xff\xfe"}')),
+    ]
+
+
+def send(settings: Settings, messages: Iterator[Message], *, rate: float | None = None,
+         total: int | None = None, progress: bool = True, producer=None) -> ProduceReport:
+    """Send messages (acks=all, idempotent producer) at up to ``rate`` messages/s; returns what was sent."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from lambdalake.kafka import producer as make_producer
+
+    if rate is not None and rate <= 0:
+        raise ConfigError(f"--rate {rate} must be > 0 (messages per second)")
+    own = producer is None
+    prod = producer or make_producer(settings)
+    report = ProduceReport()
+    t0 = time.monotonic()
+    failures: list[Exception] = []
+
+    def on_error(exc: Exception) -> None:
+        failures.append(exc)
+
+    bar = Progress(TextColumn("producing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   disable=not progress, transient=True)
+    try:
+        with bar:
+            task = bar.add_task("produce", total=total)
+            for i, m in enumerate(messages, 1):
+                prod.send(m.topic, key=m.key, value=m.value).add_errback(on_error)
+                kind, _, what = m.kind.partition(":")
+                report.sent[kind] += 1
+                if what:
+                    report.malformed[what] += 1
+                report.per_topic[m.topic] += 1
+                if rate is not None:
+                    ahead = i / rate - (time.monotonic() - t0)
+                    if ahead > 0:
+                        time.sleep(ahead)
+                if i % 512 == 0:
+                    bar.update(task, completed=i)
+            prod.flush()
+            bar.update(task, completed=report.total)
+    finally:
+        if own:
+            prod.close()
+    if failures:
+        from lambdalake.exceptions import BrokerError
+
+        raise BrokerError(f"{len(failures)} messages were not acknowledged by Kafka; first error: {failures[0]}")
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def file_messages(pipeline: Pipeline, path: Path, source_name: str) -> Iterator[Message]:
+    """Rows of a CSV / Parquet / JSON-lines file as messages of ``source_name`` (keyed by its key field).
+
+    JSON lines are sent byte-for-byte (so a replay is faithful, invalid lines included: consumers dead-letter
+    them). CSV and Parquet rows become JSON objects; timestamp columns become RFC 3339 UTC strings; nulls are
+    omitted.
+    """
+    src = pipeline.source(source_name)
+    if not path.is_file():
+        raise ConfigError(f"file {str(path)!r} not found")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        with open(path, "rb") as fh:
+            for line in fh:
+                line = line.rstrip(b"\r\n")
+                if not line.strip():
+                    continue
+                key = None
+                try:
+                    doc = orjson.loads(line)
+                    if isinstance(doc, dict) and isinstance(doc.get(src.key), str):
+                        key = doc[src.key].encode()
+                except orjson.JSONDecodeError:
+                    pass
+                yield Message(src.topic, key, line, "row")
+        return
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if suffix == ".parquet":
+        reader = pq.ParquetFile(path).iter_batches(batch_size=10_000)
+    elif suffix in (".csv", ".tsv"):
+        opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
+        reader = pacsv.open_csv(path, parse_options=opts)
+    else:
+        raise ConfigError(f"cannot load {path.name!r}: use .csv, .tsv, .parquet or .jsonl")
+    for batch in reader:
+        cols = {}
+        for name, col in zip(batch.schema.names, batch.columns, strict=True):
+            if pa.types.is_timestamp(col.type):
+                col = col.cast(pa.timestamp("us", tz="UTC")) if col.type.tz else col.cast(pa.timestamp("us"))
+                cols[name] = [None if v is None else v.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                              for v in col.to_pylist()]
+            else:
+                cols[name] = col.to_pylist()
+        names = list(cols)
+        for values in zip(*cols.values(), strict=True):
+            doc = {k: v for k, v in zip(names, values, strict=True) if v is not None}
+            key = doc.get(src.key)
+            yield Message(src.topic, str(key).encode() if key is not None else None, orjson.dumps(doc), "row")

@@ -1,0 +1,144 @@
+"""Shared fixtures: ONE real Kafka broker and ONE Spark session per test session, cleaned up even on failure.
+
+- ``kafka_broker``: the embedded Apache Kafka broker (real jars, KRaft) on a free port, data in a temp dir;
+  it dies with the pytest process (PR_SET_PDEATHSIG) so a crashed run leaves no orphan.
+- ``settings``: :class:`lambdalake.config.Settings` for a fresh lake directory per test, pointing at that
+  broker, with unique topic names per test via the ``pipeline_factory`` fixture.
+- ``spark``: a local Spark session shared by the whole run (created on first use).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from lambdalake.config import Settings, load_settings
+from lambdalake.kafka import EmbeddedBroker, free_port
+from lambdalake.pipeline import Pipeline, Source, load_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+LAMBDALAKE = str(Path(sys.executable).parent / "lambdalake")
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory) -> Iterator[str]:
+    """Bootstrap address of the session's real Kafka broker (or LAMBDALAKE_TEST_BOOTSTRAP if set)."""
+    external = os.environ.get("LAMBDALAKE_TEST_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    home = tmp_path_factory.mktemp("kafka-home")
+    broker = EmbeddedBroker(home, port=free_port(), controller_port=free_port(), heap="768m", tied_to_parent=True)
+    broker.up(timeout=120)
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.down(timeout=30)
+
+
+@pytest.fixture
+def lake(tmp_path) -> Path:
+    home = tmp_path / "lake"
+    home.mkdir()
+    return home
+
+
+def _renamed(pipeline: Pipeline, suffix: str) -> Pipeline:
+    """The same pipeline with topics made unique for one test (one broker serves every test)."""
+    sources = [Source(name=s.name, topic=f"{s.topic}.{suffix}", fields=s.fields, event_id=s.event_id,
+                      event_time=s.event_time, key=s.key) for s in pipeline.sources]
+    return Pipeline(pipeline.name, sources=sources, views=pipeline.views)
+
+
+@pytest.fixture
+def unique_suffix() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def settings(kafka_broker, lake, tmp_path, unique_suffix) -> Settings:
+    """Settings for a fresh lake and a unique copy of the clickstream pipeline (topics `<topic>.<suffix>`).
+
+    The renamed pipeline is written to a file so subprocesses (``lambdalake ...``) load the very same one.
+    """
+    pipe_file = write_pipeline_copy(tmp_path, "lambdalake.pipelines.clickstream", unique_suffix)
+    return load_settings(home=lake, bootstrap=kafka_broker, pipeline=str(pipe_file), partitions=4).with_(
+        handoff_block=50)
+
+
+def write_pipeline_copy(tmp_path: Path, spec: str, suffix: str) -> Path:
+    """A pipeline file that imports ``spec`` and renames its topics with ``suffix``."""
+    f = tmp_path / f"pipeline_{suffix}.py"
+    f.write_text(
+        "from lambdalake.pipeline import Pipeline, Source, load_pipeline\n"
+        f"_p = load_pipeline({spec!r})\n"
+        "pipeline = Pipeline(_p.name, views=_p.views, sources=[Source(name=s.name, topic=f'{s.topic}."
+        f"{suffix}', fields=s.fields, event_id=s.event_id, event_time=s.event_time, key=s.key) "
+        "for s in _p.sources])\n"
+    )
+    return f
+
+
+@pytest.fixture
+def pipeline(settings) -> Pipeline:
+    return load_pipeline(settings.pipeline)
+
+
+@pytest.fixture
+def cli_env(settings) -> dict[str, str]:
+    """Environment for running the real ``lambdalake`` CLI in a subprocess against the test broker/lake."""
+    env = dict(os.environ)
+    env.update(LAMBDALAKE_HOME=str(settings.home), LAMBDALAKE_BOOTSTRAP=settings.bootstrap,
+               LAMBDALAKE_PIPELINE=settings.pipeline, LAMBDALAKE_HANDOFF_BLOCK=str(settings.handoff_block),
+               LAMBDALAKE_PARTITIONS=str(settings.partitions))
+    return env
+
+
+@pytest.fixture
+def run_cli(cli_env) -> Callable[..., subprocess.CompletedProcess]:
+    """Run ``lambdalake <args>`` as a real subprocess; returns the CompletedProcess (text)."""
+
+    def run(*args: str, check: bool = True, timeout: float = 300, env: dict | None = None):
+        res = subprocess.run([LAMBDALAKE, *args], capture_output=True, text=True, timeout=timeout,
+                             env={**cli_env, **(env or {})}, stdin=subprocess.DEVNULL)
+        if check and res.returncode != 0:
+            raise AssertionError(f"lambdalake {' '.join(args)} exited {res.returncode}\n"
+                                 f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}")
+        return res
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local Spark session for the whole test run."""
+    from pyspark.sql import SparkSession
+
+    session = (SparkSession.builder.master("local[2]").appName("lambdalake-tests")
+               .config("spark.sql.shuffle.partitions", "4")
+               .config("spark.ui.enabled", "false")
+               .config("spark.sql.session.timeZone", "UTC")
+               .config("spark.driver.memory", "1g")
+               .getOrCreate())
+    try:
+        yield session
+    finally:
+        session.stop()
+
+
+@pytest.fixture
+def clean_dir(tmp_path) -> Callable[[str], Path]:
+    def make(name: str) -> Path:
+        d = tmp_path / name
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        return d
+
+    return make
