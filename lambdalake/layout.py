@@ -202,3 +202,40 @@ def read_pointer(pointer: Path) -> dict | None:
         return None
     except ValueError as exc:
         raise InvariantViolation(f"pointer file {pointer} is corrupt: {exc}") from exc
+
+
+# reading published state (every layer and `lambdalake status` use these) -----------------------------------------
+def current_batch_manifest(layout: Layout) -> dict | None:
+    """Manifest of the published batch version (``views/batch/CURRENT``), or None before the first publish."""
+    ptr = read_pointer(layout.batch_pointer)
+    if ptr is None:
+        return None
+    path = layout.batch_version(ptr["version"]) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvariantViolation(f"published batch version {ptr['version']} has no readable manifest {path}: {exc}")
+
+
+def current_speed_snapshot(layout: Layout) -> dict | None:
+    """``snapshot.json`` of the published speed snapshot (``views/speed/CURRENT``), or None."""
+    ptr = read_pointer(layout.speed_pointer)
+    if ptr is None:
+        return None
+    path = layout.speed_snapshot(ptr["snapshot"]) / "snapshot.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvariantViolation(f"published speed snapshot {ptr['snapshot']} is unreadable ({path}): {exc}")
+
+
+def watermark_of(manifest: dict | None) -> dict[tuple[str, int], int]:
+    """{(topic, partition): W} from a batch manifest (empty before the first publish)."""
+    if not manifest:
+        return {}
+    return {(t, int(p)): int(w) for t, parts in manifest["watermark"].items() for p, w in parts.items()}
+
+
+def archived_positions(layout: Layout, source: str) -> dict[int, int]:
+    """{partition: end offset} the master dataset of ``source`` holds (checks files tile without overlap)."""
+    return dict(contiguous_ranges(layout.master_files(source)))

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import orjson
@@ -69,7 +69,7 @@ class _Zipf:
 
 def _fmt_time(us: int, rng: random.Random) -> str:
     """RFC 3339 with a varying (but valid) offset, so consumers must normalise to UTC."""
-    dt = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=us)
+    dt = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
     choice = rng.random()
     if choice < 0.7:
         return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

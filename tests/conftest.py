@@ -21,7 +21,7 @@ import pytest
 
 from lambdalake.config import Settings, load_settings
 from lambdalake.kafka import EmbeddedBroker, free_port
-from lambdalake.pipeline import Pipeline, Source, load_pipeline
+from lambdalake.pipeline import Pipeline, load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 LAMBDALAKE = str(Path(sys.executable).parent / "lambdalake")
@@ -35,7 +35,8 @@ def kafka_broker(tmp_path_factory) -> Iterator[str]:
         yield external
         return
     home = tmp_path_factory.mktemp("kafka-home")
-    broker = EmbeddedBroker(home, port=free_port(), controller_port=free_port(), heap="768m", tied_to_parent=True)
+    broker = EmbeddedBroker(home, port=free_port(), controller_port=free_port(), heap="768m",
+                            tied_to_parent=True)
     broker.up(timeout=120)
     try:
         yield broker.bootstrap
@@ -48,13 +49,6 @@ def lake(tmp_path) -> Path:
     home = tmp_path / "lake"
     home.mkdir()
     return home
-
-
-def _renamed(pipeline: Pipeline, suffix: str) -> Pipeline:
-    """The same pipeline with topics made unique for one test (one broker serves every test)."""
-    sources = [Source(name=s.name, topic=f"{s.topic}.{suffix}", fields=s.fields, event_id=s.event_id,
-                      event_time=s.event_time, key=s.key) for s in pipeline.sources]
-    return Pipeline(pipeline.name, sources=sources, views=pipeline.views)
 
 
 @pytest.fixture
@@ -77,7 +71,7 @@ def write_pipeline_copy(tmp_path: Path, spec: str, suffix: str) -> Path:
     """A pipeline file that imports ``spec`` and renames its topics with ``suffix``."""
     f = tmp_path / f"pipeline_{suffix}.py"
     f.write_text(
-        "from lambdalake.pipeline import Pipeline, Source, load_pipeline\n"
+        "from lambdalake.pipeline import Pipeline, load_pipeline\n"
         f"_p = load_pipeline({spec!r})\n"
         "pipeline = Pipeline(_p.name, views=_p.views, sources=[Source(name=s.name, topic=f'{s.topic}."
         f"{suffix}', fields=s.fields, event_id=s.event_id, event_time=s.event_time, key=s.key) "
