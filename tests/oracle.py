@@ -1,0 +1,252 @@
+"""The independent oracle: what every view must equal, computed WITHOUT engine code.
+
+It reads the messages back from Kafka, applies the documented validation rules (re-implemented here with the
+standard library — not ``lambdalake.validation``), the dedup rule (first valid occurrence of an event_id per
+topic-partition, by offset) and computes each view in plain DuckDB SQL. The only thing it takes from the engine is
+the pipeline *declaration* (field specs, keys, bucket, aggregate kinds): the data a user wrote, not code under test.
+
+Use::
+
+    msgs = read_log(bootstrap, [s.topic for s in pipeline.sources])
+    expected = oracle_views(pipeline, msgs)                 # everything
+    expected_below = oracle_views(pipeline, msgs, below={("topic", 0): 100, ...})   # offsets < W only
+    assert_rows_equal(actual_rows, expected["pageviews_hourly"])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import duckdb
+
+ONE_MIB = 1024 * 1024
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+TS = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)\Z")
+
+
+@dataclass(frozen=True)
+class LogMessage:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def read_log(bootstrap: str, topics: list[str], timeout: float = 60.0) -> list[LogMessage]:
+    """Every message of ``topics`` from offset 0 to the end offsets seen at the start of the call."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(c.partitions_for_topic(t) or ())]
+        ends = c.end_offsets(tps)
+        todo = {tp: end for tp, end in ends.items() if end > 0}
+        out: list[LogMessage] = []
+        if todo:
+            c.assign(list(todo))
+            c.seek_to_beginning(*todo)
+        deadline = time.monotonic() + timeout
+        while todo:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"oracle could not read the log to its end: {todo}")
+            for tp, recs in c.poll(timeout_ms=500, max_records=20_000).items():
+                for r in recs:
+                    if r.offset < ends[tp]:
+                        out.append(LogMessage(tp.topic, tp.partition, r.offset, r.key, r.value))
+                if recs and recs[-1].offset + 1 >= ends[tp]:
+                    todo.pop(tp, None)
+        return out
+    finally:
+        c.close()
+
+
+# --- the documented validation rules, re-implemented -------------------------------------------------------------
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _ts_us(text: str) -> int | None:
+    m = TS.match(text)
+    if not m:
+        return None
+    y, mo, d, h, mi, s, frac, tz = m.groups()
+    if tz in ("Z", "z"):
+        off = timedelta(0)
+    else:
+        hh, mm = int(tz[1:3]), int(tz[4:6])
+        if hh > 23 or mm > 59:
+            return None
+        off = timedelta(hours=hh, minutes=mm) * (1 if tz[0] == "+" else -1)
+    if frac and len(frac) > 10:  # at most 9 fractional digits
+        return None
+    micro = int((frac[1:] + "000000")[:6]) if frac else 0
+    try:
+        dt = datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), micro, tzinfo=timezone(off))
+    except ValueError:
+        return None
+    delta = dt - EPOCH
+    return delta.days * 86_400_000_000 + delta.seconds * 1_000_000 + delta.microseconds
+
+
+def parse_event(source, value: bytes | None) -> dict | None:
+    """The event's fields if the message is valid for ``source`` per the documented rules, else None."""
+    if value is None or len(value) > ONE_MIB:
+        return None
+    try:
+        doc = json.loads(value.decode("utf-8"), parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    out = {}
+    for f in source.fields:
+        if f.name not in doc:
+            if f.required:
+                return None
+            out[f.name] = None
+            continue
+        if doc[f.name] is None:
+            if f.required and not f.nullable:
+                return None
+            out[f.name] = None
+            continue
+        v = doc[f.name]
+        if f.type == "integer":
+            if isinstance(v, bool) or not isinstance(v, int):
+                return None
+            if (f.minimum is not None and v < f.minimum) or (f.maximum is not None and v > f.maximum):
+                return None
+        elif f.type == "string":
+            if not isinstance(v, str):
+                return None
+            if (f.min_length is not None and len(v) < f.min_length) or (
+                    f.max_length is not None and len(v) > f.max_length):
+                return None
+            if f.pattern and not re.fullmatch(f.pattern, v):
+                return None
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return None
+        elif f.type == "timestamp":
+            if not isinstance(v, str):
+                return None
+            v = _ts_us(v)
+            if v is None:
+                return None
+        out[f.name] = v
+    return out
+
+
+# --- views in plain SQL --------------------------------------------------------------------------------------------
+def _events_table(con, source, messages: list[LogMessage], below: dict | None) -> str:
+    table = f"ev_{source.name}"
+    cols = ["_partition", "_offset"] + [f.name for f in source.fields]
+    rows = []
+    for m in messages:
+        if m.topic != source.topic:
+            continue
+        ev = parse_event(source, m.value)
+        if ev is None:
+            continue
+        rows.append([m.partition, m.offset] + [ev[f.name] for f in source.fields])
+    types = {"integer": "BIGINT", "string": "VARCHAR", "timestamp": "BIGINT"}
+    ddl = ", ".join(["_partition INTEGER", "_offset BIGINT"] + [f'"{f.name}" {types[f.type]}' for f in source.fields])
+    con.execute(f"CREATE OR REPLACE TABLE raw_{source.name} ({ddl})")
+    if rows:
+        con.executemany(f"INSERT INTO raw_{source.name} VALUES ({', '.join('?' * len(cols))})", rows)
+    # dedup: first valid occurrence per (partition, event_id), by offset; then the position filter
+    limit = ""
+    if below is not None:
+        conds = [f"(_partition = {p} AND _offset < {w})" for (t, p), w in below.items() if t == source.topic]
+        limit = "WHERE " + (" OR ".join(conds) if conds else "FALSE")
+    con.execute(f"""
+        CREATE OR REPLACE TABLE {table} AS
+        SELECT * FROM (
+            SELECT *, row_number() OVER (PARTITION BY _partition, "{source.event_id}" ORDER BY _offset) AS _rn
+            FROM raw_{source.name}) WHERE _rn = 1 {('AND ' + limit[6:]) if limit else ''}""")
+    return table
+
+
+def oracle_views(pipeline, messages: list[LogMessage], below: dict[tuple[str, int], int] | None = None
+                 ) -> dict[str, list[tuple]]:
+    """Rows of every view (columns ``view.output_columns``, sorted), over valid deduplicated events.
+
+    ``below``: only events at offsets < W[(topic, partition)] (partitions not listed contribute nothing).
+    ``window_start`` is returned as microseconds since the epoch (UTC); means as floats.
+    """
+    con = duckdb.connect()
+    tables = {s.name: _events_table(con, s, messages, below) for s in pipeline.sources}
+    out = {}
+    for v in pipeline.views:
+        src = pipeline.source_map[v.source]
+        b = v.bucket // timedelta(microseconds=1)
+        ws = f'("{src.event_time}" - ((("{src.event_time}" % {b}) + {b}) % {b}))'
+        sel = [f'"{k}"' for k in v.keys] + [f"{ws} AS window_start"]
+        for a in v.aggregates:
+            kind = getattr(a, "kind", "mean")
+            col = f'"{a.column}"' if a.column else None
+            expr = {"count": "count(*)", "sum": f"sum({col})::BIGINT", "min": f"min({col})", "max": f"max({col})",
+                    "mean": f"avg({col})::DOUBLE"}[kind]
+            sel.append(f'{expr} AS "{a.name}"')
+        keys = ", ".join([f'"{k}"' for k in v.keys] + ["window_start"])
+        sql = f"SELECT {', '.join(sel)} FROM {tables[src.name]} GROUP BY {keys} ORDER BY {keys}"
+        out[v.name] = [tuple(r) for r in con.execute(sql).fetchall()]
+    con.close()
+    return out
+
+
+def oracle_counts(pipeline, messages: list[LogMessage]) -> dict[str, dict[str, int]]:
+    """Per source topic: messages, valid (first occurrences), duplicates, invalid."""
+    out = {}
+    for s in pipeline.sources:
+        seen: set[tuple[int, str]] = set()
+        c = {"messages": 0, "valid": 0, "duplicates": 0, "invalid": 0}
+        for m in sorted((m for m in messages if m.topic == s.topic), key=lambda m: (m.partition, m.offset)):
+            c["messages"] += 1
+            ev = parse_event(s, m.value)
+            if ev is None:
+                c["invalid"] += 1
+            elif (m.partition, ev[s.event_id]) in seen:
+                c["duplicates"] += 1
+            else:
+                seen.add((m.partition, ev[s.event_id]))
+                c["valid"] += 1
+        out[s.topic] = c
+    return out
+
+
+# --- comparing -------------------------------------------------------------------------------------------------
+def _norm(v):
+    if isinstance(v, datetime):
+        if v.tzinfo is None:
+            v = v.replace(tzinfo=timezone.utc)
+        d = v - EPOCH
+        return d.days * 86_400_000_000 + d.seconds * 1_000_000 + d.microseconds
+    if hasattr(v, "to_pydatetime"):  # pandas Timestamp
+        return _norm(v.to_pydatetime())
+    if isinstance(v, float):
+        return float(f"{v:.10g}") if math.isfinite(v) else v
+    if hasattr(v, "item"):  # numpy scalar
+        return _norm(v.item())
+    return v
+
+
+def normalize_rows(rows) -> list[tuple]:
+    """Rows as sorted tuples with timestamps as epoch µs and floats rounded to 10 significant digits."""
+    return sorted((tuple(_norm(x) for x in r) for r in rows), key=lambda r: tuple((x is None, x) for x in r))
+
+
+def assert_rows_equal(actual, expected, view: str = "") -> None:
+    a, e = normalize_rows(actual), normalize_rows(expected)
+    if a == e:
+        return
+    sa, se = set(a), set(e)
+    missing, extra = sorted(se - sa, key=str)[:5], sorted(sa - se, key=str)[:5]
+    raise AssertionError(f"view {view}: {len(a)} rows vs oracle {len(e)}; missing {missing}; unexpected {extra}")

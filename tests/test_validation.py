@@ -1,0 +1,148 @@
+"""Validation: the documented rules, checked on hand-picked cases and by property-based tests.
+
+The property tests cross-check two independent implementations: the engine's (`lambdalake.validation`) and the
+oracle's (`tests/oracle.py`, stdlib json); they must reach the same verdict on any JSON document.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lambdalake.pipeline import load_pipeline
+from lambdalake.produce import demo_messages
+from lambdalake.validation import MAX_MESSAGE_BYTES, Invalid, Valid, Validator, parse_rfc3339_us
+from tests.oracle import parse_event
+
+PIPE = load_pipeline("lambdalake.pipelines.clickstream")
+PV = PIPE.source("pageviews")
+PU = PIPE.source("purchases")
+V_PV, V_PU = Validator(PV), Validator(PU)
+
+
+def pv(**over) -> bytes:
+    doc = {"event_id": "e1", "event_time": "2026-01-05T10:00:00Z", "user_id": "u1", "url": "https://x/",
+           "referrer": None, "duration_ms": 10}
+    doc.update(over)
+    return json.dumps({k: v for k, v in doc.items() if v is not ...}).encode()
+
+
+def test_valid_pageview_is_normalised_to_utc_microseconds():
+    v = V_PV(pv(event_time="2026-01-05T12:30:00.123456+02:00"))
+    assert isinstance(v, Valid)
+    assert v.record["event_time"] == parse_rfc3339_us("2026-01-05T10:30:00.123456Z")
+    assert v.record["referrer"] is None and v.record["duration_ms"] == 10
+
+
+def test_absent_referrer_means_null_and_extra_fields_are_ignored():
+    v = V_PV(pv(referrer=..., extra={"nested": [1, 2]}))
+    assert isinstance(v, Valid) and v.record["referrer"] is None and "extra" not in v.record
+
+
+@pytest.mark.parametrize("value, reason", [
+    (pv(duration_ms="10"), "expected integer, got string"),
+    (pv(duration_ms=True), "expected integer, got boolean"),
+    (pv(duration_ms=10.0), "expected integer"),
+    (pv(duration_ms=86_400_001), "above the maximum"),
+    (pv(duration_ms=-1), "below the minimum"),
+    (pv(url=""), "length 0 is below the minimum 1"),
+    (pv(url="u" * 2049), "above the maximum 2048"),
+    (pv(event_id="e" * 129), "above the maximum 128"),
+    (pv(user_id=None), "null is not allowed"),
+    (pv(url=...), "missing required field 'url'"),
+    (pv(event_time="2026-01-05T10:00:00"), "not an RFC 3339"),
+    (pv(event_time="2026-02-30T10:00:00Z"), "not an RFC 3339"),
+    (pv(event_time="2026-01-05T23:59:60Z"), "not an RFC 3339"),
+    (pv(event_time="2026-01-05 10:00:00Z"), "not an RFC 3339"),
+    (pv(event_time=1767607200), "expected an RFC 3339 timestamp string"),
+    (b'{"event_id": ', "not UTF-8 JSON"),
+    (b"\xff\xfe\x00garbage", "not UTF-8 JSON"),
+    (b"[1, 2]", "expected a JSON object"),
+    (b'{"duration_ms": NaN}', "not UTF-8 JSON"),
+    (b"", "not UTF-8 JSON"),
+    (None, "tombstone"),
+])
+def test_rejections_say_why(value, reason):
+    v = V_PV(value)
+    assert isinstance(v, Invalid), v
+    assert reason in v.reason
+
+
+def test_purchase_currency_and_amount_rules():
+    base = {"event_id": "p1", "event_time": "2026-01-05T10:00:00Z", "user_id": "u", "product_id": "sku",
+            "amount_cents": 1, "currency": "EUR"}
+    assert V_PU(json.dumps(base).encode()).ok
+    for bad in ({"currency": "eur"}, {"currency": "EURO"}, {"amount_cents": 0}, {"amount_cents": 1_000_000_001},
+                {"product_id": ""}):
+        assert not V_PU(json.dumps({**base, **bad}).encode()).ok, bad
+
+
+def test_size_limit_is_one_mib():
+    pad = MAX_MESSAGE_BYTES - len(pv(pad=""))
+    exactly = pv(pad="x" * pad)
+    assert len(exactly) == MAX_MESSAGE_BYTES and V_PV(exactly).ok
+    assert "above the limit" in V_PV(pv(pad="x" * (pad + 1))).reason
+
+
+def test_fractional_seconds_beyond_microseconds_truncate():
+    assert parse_rfc3339_us("1970-01-01T00:00:00.123456789Z") == 123456
+    assert parse_rfc3339_us("1969-12-31T23:59:59.5Z") == -500_000
+    assert parse_rfc3339_us("2026-01-01T00:00:00+24:00") is None
+
+
+def test_every_generated_malformed_kind_is_rejected_and_every_valid_one_accepted():
+    kinds_seen = set()
+    for m in demo_messages(PIPE, 3000, malformed_fraction=0.2, duplicate_fraction=0.05, seed=7):
+        src = PV if m.topic == PV.topic else PU
+        verdict = Validator(src)(m.value)
+        if m.kind.startswith("malformed"):
+            kinds_seen.add(m.kind)
+            assert not verdict.ok, m.kind
+        else:
+            assert verdict.ok, (m.kind, verdict)
+    assert len(kinds_seen) >= 15
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_raise(data):
+    for v in (V_PV, V_PU):
+        verdict = v(data)
+        assert isinstance(verdict, Valid | Invalid)
+        assert not (isinstance(verdict, Invalid) and verdict.reason.startswith("validator error")), verdict
+
+
+json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.floats(allow_nan=False,
+                        allow_infinity=False), st.text(max_size=20))
+timestamps = st.one_of(
+    st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat()),
+    st.datetimes().map(lambda d: d.isoformat()),
+    st.from_regex(r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)\Z"),
+    st.text(max_size=30),
+)
+pageview_docs = st.fixed_dictionaries(
+    {},
+    optional={
+        "event_id": st.one_of(st.text(min_size=0, max_size=130), json_scalar),
+        "event_time": st.one_of(timestamps, json_scalar),
+        "user_id": st.one_of(st.text(max_size=5), json_scalar),
+        "url": st.one_of(st.text(max_size=5), json_scalar),
+        "referrer": json_scalar,
+        "duration_ms": st.one_of(st.integers(-5, 86_400_005), json_scalar),
+        "other": json_scalar,
+    },
+)
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow], deadline=timedelta(seconds=2))
+@given(pageview_docs)
+def test_engine_and_oracle_agree_on_any_document(doc):
+    raw = json.dumps(doc).encode()
+    engine, oracle = V_PV(raw), parse_event(PV, raw)
+    assert engine.ok == (oracle is not None), (doc, engine)
+    if engine.ok:
+        assert engine.record == oracle
