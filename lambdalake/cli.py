@@ -32,8 +32,9 @@ app = typer.Typer(
 kafka_app = typer.Typer(help="Run the embedded Apache Kafka broker (KRaft, single node).", no_args_is_help=True)
 app.add_typer(kafka_app, name="kafka")
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (tests, logs, CI) gets a wide console so tables never truncate topic names.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 # Shared options: every command accepts them, each also settable by environment variable.
 PipelineOpt = Annotated[str | None, typer.Option(

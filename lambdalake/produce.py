@@ -89,7 +89,7 @@ def _parse_start(start: str) -> int:
 def demo_messages(pipeline: Pipeline, events: int, *, late_fraction: float = 0.05,
                   duplicate_fraction: float = 0.02, malformed_fraction: float = 0.01, seed: int = 42,
                   start: str = DEFAULT_START, span: timedelta = timedelta(hours=72)) -> Iterator[Message]:
-    """The deterministic demo stream (clickstream pipeline)."""
+    """The deterministic demo stream (clickstream pipeline). Arguments are checked now, not on first use."""
     for name, frac in (("--late-fraction", late_fraction), ("--duplicate-fraction", duplicate_fraction),
                        ("--malformed-fraction", malformed_fraction)):
         if not 0.0 <= frac <= 1.0:
@@ -101,8 +101,13 @@ def demo_messages(pipeline: Pipeline, events: int, *, late_fraction: float = 0.0
     except Exception:
         raise ConfigError(f"the demo generator needs the clickstream pipeline; {pipeline.name!r} has sources "
                           f"{sorted(pipeline.source_map)}; use `lambdalake load` for other pipelines") from None
+    return _demo_stream(pv, pu, events, late_fraction, duplicate_fraction, malformed_fraction, seed,
+                        _parse_start(start), span)
+
+
+def _demo_stream(pv: Source, pu: Source, events: int, late_fraction: float, duplicate_fraction: float,
+                 malformed_fraction: float, seed: int, start_us: int, span: timedelta) -> Iterator[Message]:
     rng = random.Random(seed)
-    start_us = _parse_start(start)
     step_us = max(1, (span // timedelta(microseconds=1)) // max(1, events))
     n_users = max(50, events // 20)
     urls = [f"https://shop.example/{p}" for p in ("", "cart", "checkout", "search", "about")] + [
@@ -258,6 +263,12 @@ def file_messages(pipeline: Pipeline, path: Path, source_name: str) -> Iterator[
     if not path.is_file():
         raise ConfigError(f"file {str(path)!r} not found")
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv"):
+        raise ConfigError(f"cannot load {path.name!r}: use .csv, .tsv, .parquet or .jsonl")
+    return _file_stream(src, path, suffix)
+
+
+def _file_stream(src: Source, path: Path, suffix: str) -> Iterator[Message]:
     if suffix in (".jsonl", ".ndjson", ".json"):
         with open(path, "rb") as fh:
             for line in fh:
@@ -279,11 +290,9 @@ def file_messages(pipeline: Pipeline, path: Path, source_name: str) -> Iterator[
 
     if suffix == ".parquet":
         reader = pq.ParquetFile(path).iter_batches(batch_size=10_000)
-    elif suffix in (".csv", ".tsv"):
+    else:
         opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
         reader = pacsv.open_csv(path, parse_options=opts)
-    else:
-        raise ConfigError(f"cannot load {path.name!r}: use .csv, .tsv, .parquet or .jsonl")
     for batch in reader:
         cols = {}
         for name, col in zip(batch.schema.names, batch.columns, strict=True):

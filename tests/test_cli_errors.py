@@ -1,0 +1,46 @@
+"""Wrong arguments, config or environment: one actionable line, non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+LAMBDALAKE = str(Path(sys.executable).parent / "lambdalake")
+
+
+def run(args, **env):
+    e = {k: v for k, v in os.environ.items() if not k.startswith("LAMBDALAKE_")}
+    e.update(env)
+    return subprocess.run([LAMBDALAKE, *args], capture_output=True, text=True, env=e, timeout=60)
+
+
+@pytest.mark.parametrize("args, env, expected", [
+    (["produce", "--events", "10", "--pipeline", "/nope/p.py"], {}, "pipeline file '/nope/p.py' not found"),
+    (["produce", "--events", "10", "--pipeline", "nope_mod.x"], {}, "pipeline module 'nope_mod.x' not found"),
+    (["produce", "--events", "10"], {"LAMBDALAKE_BOOTSTRAP": "127.0.0.1:1"}, "cannot reach Kafka at 127.0.0.1:1"),
+    (["produce", "--events", "10"], {"LAMBDALAKE_BOOTSTRAP": "nonsense"}, "is not host:port"),
+    (["produce", "--events", "10"], {"LAMBDALAKE_PARTITIONS": "four"}, "LAMBDALAKE_PARTITIONS='four'"),
+    (["produce", "--events", "10", "--start", "yesterday"], {"LAMBDALAKE_BOOTSTRAP": "127.0.0.1:1"},
+     "--start 'yesterday' is not an RFC 3339"),
+    (["produce", "--events", "-3"], {}, "--events"),
+    (["produce", "--late-fraction", "2", "--events", "1"], {}, "--late-fraction"),
+    (["load", "/nope.csv", "--source", "purchases"], {"LAMBDALAKE_BOOTSTRAP": "127.0.0.1:1"}, "not found"),
+    (["nosuchcommand"], {}, "No such command"),
+])
+def test_bad_input_gets_one_actionable_line(args, env, expected, tmp_path):
+    res = run(args, LAMBDALAKE_HOME=str(tmp_path), **env)
+    assert res.returncode != 0
+    assert expected in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_unknown_source_for_load(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text("{}\n")
+    res = run(["load", str(f), "--source", "nope"], LAMBDALAKE_HOME=str(tmp_path),
+              LAMBDALAKE_BOOTSTRAP="127.0.0.1:1")
+    assert res.returncode != 0 and "unknown source 'nope'" in res.stderr and "Traceback" not in res.stderr
