@@ -1,0 +1,334 @@
+"""The speed layer's durable checkpoint and its commit protocol.
+
+A checkpoint is three things that must agree: the aggregates (stored as the published speed snapshot, see
+:mod:`speed.publish`), the positions ``S[(topic, p)]`` (next offset to read) and the dedup windows. On disk::
+
+    checkpoints/speed/LOCK                       flock'ed by the one running `lambdalake speed`
+    checkpoints/speed/CURRENT                    {"checkpoint": "<id>"}  <- the commit point
+    checkpoints/speed/<id>/checkpoint.json       positions, pruned_to, counters, snapshot id, dedup chunk list
+    checkpoints/speed/<id>/dedup.parquet         event ids first seen since the previous checkpoint (a delta),
+                                                 or the whole windows when the chunk list was compacted
+
+Commit protocol (:meth:`CheckpointStore.commit`; the numbers are mirrored by comments in the code):
+
+1. Build the snapshot's tables from the in-memory state (no I/O, state unchanged).
+2. Write the snapshot to ``views/speed/.<id>.*.tmp``, fsync, rename to ``views/speed/<id>``. Not visible yet.
+3. Write the checkpoint directory (``checkpoint.json`` + dedup chunk) to a staging name, fsync, rename to
+   ``checkpoints/speed/<id>``.
+4. Paranoid check: the snapshot and checkpoint directories exist and agree on positions.
+5. Switch ``checkpoints/speed/CURRENT`` to ``<id>`` — the commit point. A crash before it leaves the previous
+   checkpoint in force; what steps 2-3 wrote is an orphan that recovery deletes.
+6. Switch ``views/speed/CURRENT`` to ``<id>`` — the snapshot becomes visible. Visible state is therefore never
+   ahead of durable state; recovery redoes this step if a crash fell between 5 and 6.
+7. Commit the positions to Kafka's consumer group (lag monitoring only; never read back).
+8. Garbage-collect old snapshots (:func:`speed.publish.retain`) and checkpoint directories no kept checkpoint
+   references.
+
+Recovery (:meth:`CheckpointStore.load`) reads ``CURRENT``, the checkpoint, its snapshot and dedup chunks, checks
+they agree, removes orphans of a crashed commit, and redoes step 6. The consumer then seeks to the positions, so a
+``kill -9`` at any instant followed by a restart gives exactly the state of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lambdalake.dedup import DedupWindow
+from lambdalake.layout import Layout, atomic_publish_dir, fsync_dir, read_pointer, tmp_name, write_pointer
+from lambdalake.pipeline import Pipeline
+from speed import publish
+from speed.exceptions import CheckpointCorrupt, SpeedAlreadyRunning
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "speed"
+FORMAT = 1
+DEDUP_SCHEMA = pa.schema([("topic", pa.string()), ("partition", pa.int32()), ("offset", pa.int64()),
+                          ("event_id", pa.string())])
+# Past this many dedup chunks a checkpoint writes the whole windows instead of a delta (bounds recovery work).
+MAX_DEDUP_CHUNKS = 32
+TP = tuple[str, int]
+
+
+def _fault(step: int) -> None:
+    """Fault injection for the crash tests: ``LAMBDALAKE_SPEED_FAULT=<step>:<n>`` SIGKILLs this process when commit
+    step ``<step>`` is reached for the ``<n>``-th time (so every step boundary can be crashed deterministically)."""
+    spec = os.environ.get("LAMBDALAKE_SPEED_FAULT")
+    if not spec:
+        return
+    want, _, nth = spec.partition(":")
+    if int(want) != step:
+        return
+    _FAULT_HITS[step] = _FAULT_HITS.get(step, 0) + 1
+    if _FAULT_HITS[step] >= int(nth or 1):
+        os.kill(os.getpid(), 9)
+
+
+_FAULT_HITS: dict[int, int] = {}
+
+
+@dataclass
+class DedupChunk:
+    """A dedup chunk file (in checkpoint directory ``checkpoint``) and the largest offset it holds per partition."""
+
+    checkpoint: str
+    max_offset: dict[TP, int]
+
+    def needed(self, positions: dict[TP, int], span: int) -> bool:
+        """Still needed while any of its ids can be within ``span`` offsets of a partition's next offset."""
+        return any(o >= positions.get(tp, 0) - span - 1 for tp, o in self.max_offset.items())
+
+    def to_json(self) -> dict:
+        return {"checkpoint": self.checkpoint, "max_offset": publish.nested(self.max_offset)}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> DedupChunk:
+        return cls(doc["checkpoint"], publish.flat(doc["max_offset"]))
+
+
+@dataclass
+class Checkpoint:
+    """What a restart resumes from."""
+
+    id: str
+    positions: dict[TP, int]
+    pruned_to: dict[TP, int]
+    counters: dict[str, dict[str, int]]
+    dedup_span: int
+    block: int
+    batch_version: str | None
+    dedup_chunks: list[DedupChunk] = field(default_factory=list)
+    created_at: float = 0.0
+
+    @property
+    def seq(self) -> int:
+        return int(self.id)
+
+    def to_json(self, pipeline: str) -> dict:
+        return {"format": FORMAT, "checkpoint": self.id, "snapshot": self.id, "pipeline": pipeline,
+                "positions": publish.nested(self.positions), "pruned_to": publish.nested(self.pruned_to),
+                "counters": self.counters, "dedup_span": self.dedup_span, "block": self.block,
+                "batch_version": self.batch_version, "created_at": self.created_at,
+                "dedup_chunks": [c.to_json() for c in self.dedup_chunks]}
+
+
+@dataclass
+class Restored:
+    """A loaded checkpoint: the checkpoint, its snapshot's view tables and the rebuilt dedup windows."""
+
+    checkpoint: Checkpoint
+    tables: dict[str, pa.Table]
+    windows: dict[TP, DedupWindow]
+
+
+class CheckpointStore:
+    """Reads and commits the speed checkpoint of one lake (see the module docstring for the protocol)."""
+
+    def __init__(self, layout: Layout, pipeline: Pipeline, keep_snapshots: int = 20,
+                 keep_snapshot_seconds: float = 30.0, keep_checkpoints: int = 3):
+        self.layout = layout
+        self.pipeline = pipeline
+        self.dir = layout.checkpoints(COMPONENT)
+        self.keep_snapshots = keep_snapshots
+        self.keep_snapshot_seconds = keep_snapshot_seconds
+        self.keep_checkpoints = keep_checkpoints
+        self._lock_fd: int | None = None
+
+    @property
+    def pointer(self) -> Path:
+        return self.dir / "CURRENT"
+
+    # single writer ------------------------------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take the lake's speed lock (released by the OS even on kill -9) or raise SpeedAlreadyRunning."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SpeedAlreadyRunning(f"another `lambdalake speed` (pid {other}) is running on {self.layout.home}; "
+                                      "stop it first (two speed writers would corrupt the checkpoint)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # recovery -----------------------------------------------------------------------------------------------------
+    def current_id(self) -> str | None:
+        ptr = read_pointer(self.pointer)
+        return None if ptr is None else str(ptr["checkpoint"])
+
+    def next_seq(self) -> int:
+        """A sequence number above every snapshot/checkpoint on disk (ids must never be reused)."""
+        seqs = [publish.seq_of(n) for n in publish.published_snapshots(self.layout)]
+        if self.dir.is_dir():
+            seqs += [publish.seq_of(p.name) for p in self.dir.iterdir()]
+        return max([s for s in seqs if s is not None], default=0) + 1
+
+    def load(self, block: int) -> Restored | None:
+        """The last committed checkpoint, or None if there is none. Cleans up a crashed commit's orphans."""
+        publish.remove_staging(self.layout)
+        self._remove_staging()
+        cid = self.current_id()
+        if cid is None:
+            return None
+        cdir = self.dir / cid
+        try:
+            doc = json.loads((cdir / "checkpoint.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointCorrupt(f"speed checkpoint {cdir} is unreadable ({exc}); remove {self.dir} to rebuild "
+                                    "the speed layer from Kafka") from exc
+        if doc.get("format") != FORMAT or doc.get("pipeline") != self.pipeline.name:
+            raise CheckpointCorrupt(f"speed checkpoint {cdir} is for pipeline {doc.get('pipeline')!r} (format "
+                                    f"{doc.get('format')}), not {self.pipeline.name!r}; use another --home or remove "
+                                    f"{self.dir}")
+        if int(doc["block"]) != block:
+            raise CheckpointCorrupt(f"speed checkpoint {cdir} was written with handoff block {doc['block']}, but "
+                                    f"LAMBDALAKE_HANDOFF_BLOCK is {block}; the speed state cannot be re-split. Set it "
+                                    f"back or remove {self.dir} to rebuild")
+        cp = Checkpoint(id=cid, positions=publish.flat(doc["positions"]), pruned_to=publish.flat(doc["pruned_to"]),
+                        counters=doc["counters"], dedup_span=int(doc["dedup_span"]), block=int(doc["block"]),
+                        batch_version=doc.get("batch_version"), created_at=float(doc.get("created_at", 0.0)),
+                        dedup_chunks=[DedupChunk.from_json(c) for c in doc["dedup_chunks"]])
+        meta, tables = publish.read_snapshot(self.layout, doc["snapshot"], self.pipeline)
+        if publish.flat(meta["positions"]) != cp.positions:  # paranoid: the two halves of one commit
+            raise CheckpointCorrupt(f"speed checkpoint {cid} and its snapshot disagree on positions; remove "
+                                    f"{self.dir} to rebuild")
+        windows = self._load_dedup(cp)
+        # Orphans of a commit that crashed before step 5 (never visible, never referenced).
+        removed = publish.remove_after(self.layout, cp.seq)
+        for p in list(self.dir.iterdir()):
+            s = publish.seq_of(p.name)
+            if s is not None and s > cp.seq:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+        if removed:
+            log.info("removed %d orphan(s) of an interrupted checkpoint commit: %s", len(removed), removed)
+        # 6 (redo): the visible snapshot is the committed one.
+        if publish.visible_snapshot(self.layout) != doc["snapshot"]:
+            publish.make_visible(self.layout, doc["snapshot"])
+        return Restored(cp, tables, windows)
+
+    def _load_dedup(self, cp: Checkpoint) -> dict[TP, DedupWindow]:
+        items: dict[TP, list[tuple[int, str]]] = {tp: [] for tp in cp.positions}
+        for chunk in cp.dedup_chunks:
+            path = self.dir / chunk.checkpoint / "dedup.parquet"
+            try:
+                t = pq.read_table(path)
+            except (OSError, pa.ArrowException) as exc:
+                raise CheckpointCorrupt(f"dedup chunk {path} of speed checkpoint {cp.id} is unreadable ({exc}); "
+                                        f"remove {self.dir} to rebuild") from exc
+            for topic, p, o, eid in zip(*(t.column(i).to_pylist() for i in range(4)), strict=True):
+                lst = items.setdefault((topic, p), [])
+                if lst and o <= lst[-1][0]:
+                    raise CheckpointCorrupt(f"dedup chunk {path}: offsets of {topic}[{p}] do not ascend")
+                lst.append((o, eid))
+        windows = {}
+        for tp, lst in items.items():
+            horizon = cp.positions.get(tp, 0) - cp.dedup_span - 1
+            windows[tp] = DedupWindow.from_items(cp.dedup_span, [x for x in lst if x[0] >= horizon])
+        return windows
+
+    def _remove_staging(self) -> None:
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                if p.name.startswith(".") and p.name.endswith(".tmp"):
+                    shutil.rmtree(p, ignore_errors=True)
+
+    # commit -------------------------------------------------------------------------------------------------------
+    def commit(self, cp: Checkpoint, tables: dict[str, pa.Table], snapshot_meta: dict,
+               new_ids: dict[TP, list[tuple[int, str]]], windows: dict[TP, DedupWindow],
+               previous: Checkpoint | None, kafka_commit=None) -> Checkpoint:
+        """Run the commit protocol for checkpoint ``cp`` (its ``dedup_chunks`` are computed here).
+
+        ``tables``: step 1's output. ``new_ids``: ids first seen since ``previous`` (the dedup delta).
+        ``kafka_commit``: optional callable(positions) for step 7.
+        """
+        # 2. The snapshot, fully written and renamed, not yet visible.
+        publish.write_snapshot(self.layout, cp.id, tables, snapshot_meta)
+        _fault(2)
+        # 3. The checkpoint directory: dedup chunk (delta, or everything when compacting) + checkpoint.json.
+        chunks = [c for c in (previous.dedup_chunks if previous else []) if c.needed(cp.positions, cp.dedup_span)]
+        if len(chunks) >= MAX_DEDUP_CHUNKS or previous is None or previous.dedup_span != cp.dedup_span:
+            rows = {tp: w.items() for tp, w in windows.items()}
+            chunks = []
+        else:
+            rows = new_ids
+        chunk_max = {tp: lst[-1][0] for tp, lst in rows.items() if lst}
+        if chunk_max:
+            chunks.append(DedupChunk(cp.id, chunk_max))
+        cp.dedup_chunks = chunks
+        final = self.dir / cp.id
+        staging = tmp_name(final)
+        staging.mkdir(parents=True)
+        try:
+            pq.write_table(_dedup_table(rows), staging / "dedup.parquet", compression="lz4")
+            (staging / "checkpoint.json").write_text(json.dumps(cp.to_json(self.pipeline.name), indent=1) + "\n")
+            atomic_publish_dir(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _fault(3)
+        # 4. Paranoid: both halves exist and agree before anything points at them.
+        snap_json = self.layout.speed_snapshot(cp.id) / "snapshot.json"
+        if publish.flat(json.loads(snap_json.read_text())["positions"]) != cp.positions:
+            raise CheckpointCorrupt(f"snapshot {snap_json} does not hold the positions of checkpoint {cp.id}")
+        # 5. The commit point.
+        write_pointer(self.pointer, {"checkpoint": cp.id})
+        _fault(5)
+        # 6. Visible to the serving layer.
+        publish.make_visible(self.layout, cp.id)
+        _fault(6)
+        # 7. Lag monitoring only.
+        if kafka_commit is not None:
+            kafka_commit(cp.positions)
+        # 8. Garbage collection.
+        self._gc(cp)
+        return cp
+
+    def _gc(self, cp: Checkpoint) -> None:
+        publish.retain(self.layout, self.keep_snapshots, self.keep_snapshot_seconds, protect={cp.id})
+        cps = sorted(n for n in (p.name for p in self.dir.iterdir()) if publish.seq_of(n) is not None)
+        kept = set(cps[-self.keep_checkpoints:])
+        referenced = set(kept)
+        for name in kept:
+            try:
+                doc = json.loads((self.dir / name / "checkpoint.json").read_text())
+            except (OSError, ValueError):
+                continue
+            referenced.update(c["checkpoint"] for c in doc.get("dedup_chunks", []))
+        for name in cps:
+            if name not in referenced:
+                shutil.rmtree(self.dir / name, ignore_errors=True)
+        fsync_dir(self.dir)
+
+
+def _dedup_table(rows: dict[TP, Iterable[tuple[int, str]]]) -> pa.Table:
+    topics: list[str] = []
+    parts: list[int] = []
+    offsets: list[int] = []
+    ids: list[str] = []
+    for (t, p), lst in sorted(rows.items()):
+        lst = list(lst)
+        topics += [t] * len(lst)
+        parts += [p] * len(lst)
+        offsets += [o for o, _ in lst]
+        ids += [e for _, e in lst]
+    return pa.Table.from_arrays([pa.array(topics, pa.string()), pa.array(parts, pa.int32()),
+                                 pa.array(offsets, pa.int64()), pa.array(ids, pa.string())], schema=DEDUP_SCHEMA)

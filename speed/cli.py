@@ -1,0 +1,111 @@
+"""Commands of the speed layer: ``lambdalake speed`` and ``lambdalake status``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lambdalake.cli import BootstrapOpt, HomeOpt, PipelineOpt, console, context, err_console
+
+
+class Format(StrEnum):
+    table = "table"
+    json = "json"
+
+
+def register(app: typer.Typer) -> None:
+    """Add the speed layer's commands to the ``lambdalake`` CLI."""
+    @app.command("speed")
+    def speed(
+        until_caught_up: Annotated[bool, typer.Option(
+            "--until-caught-up", help="Stop (with a final checkpoint) once the end offsets seen at start are "
+            "consumed.")] = False,
+        checkpoint_interval: Annotated[float, typer.Option(
+            min=0.001, max=1.0, help="Seconds between checkpoints (= publications of the speed snapshot).")] = 0.25,
+        dedup_span: Annotated[int, typer.Option(
+            min=10_000, help="Offsets per partition within which duplicates are recognised exactly.")] = 100_000,
+        keep_snapshots: Annotated[int, typer.Option(
+            min=1, help="Published snapshots kept for readers still on an older one.")] = 20,
+        keep_snapshot_seconds: Annotated[float, typer.Option(
+            min=0.0, help="...and none younger than this is deleted.")] = 30.0,
+        broker_timeout: Annotated[float, typer.Option(
+            min=0.0, help="Seconds to keep retrying (with backoff) while Kafka is unreachable at start.")] = 120.0,
+        group_id: Annotated[str | None, typer.Option(
+            help="Consumer group for lag monitoring [default: lambdalake-speed-<pipeline>].")] = None,
+        pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
+    ) -> None:
+        """Run the speed layer: consume the log, keep incremental views, checkpoint and publish them, hand off
+        to published batch versions. Stops with a final checkpoint on SIGTERM/Ctrl-C."""
+        from speed.consumer import SpeedLayer, SpeedOptions
+
+        ctx = context(pipeline, home, bootstrap)
+        opts = SpeedOptions(checkpoint_interval=checkpoint_interval, dedup_span=dedup_span,
+                            keep_snapshots=keep_snapshots, keep_snapshot_seconds=keep_snapshot_seconds,
+                            broker_timeout=broker_timeout, group_id=group_id)
+        layer = SpeedLayer(ctx.settings, ctx.pipeline, opts,
+                           notify=lambda msg: err_console.print(f"[yellow]speed:[/] {msg}", highlight=False))
+        done = threading.Event()
+        if sys.stderr.isatty():
+            def progress() -> None:
+                with err_console.status("speed layer starting ...") as st:
+                    while not done.wait(0.5):
+                        s = layer.stats
+                        st.update(f"speed: {s.messages:,} messages ({s.rate():,.0f}/s), {s.checkpoints} "
+                                  f"checkpoints (last {s.last_checkpoint_seconds * 1000:.0f} ms), snapshot "
+                                  f"{layer.last.id if layer.last else '-'}")
+
+            threading.Thread(target=progress, daemon=True).start()
+        try:
+            stats = layer.run(until_caught_up=until_caught_up)
+        finally:
+            done.set()
+        total = sum(sum(c.values()) for c in layer.counters.values())
+        console.print(f"speed: consumed {stats.messages:,} messages in {stats.checkpoints} checkpoints; "
+                      f"snapshot {layer.last.id if layer.last else '-'}; "
+                      + ", ".join(f"{t}: valid {c['valid']}, duplicates {c['duplicates']}, invalid {c['invalid']}"
+                                  for t, c in layer.counters.items())
+                      + ("" if total else " (nothing new)"), highlight=False)
+
+    @app.command("status")
+    def status(
+        format: Annotated[Format, typer.Option("--format", "-f", help="table or json.")] = Format.table,
+        pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
+    ) -> None:
+        """Per source and partition: end offset, archiver position, speed position, batch watermark, lag,
+        freshness, DLQ count, current batch version."""
+        from speed.status import collect
+
+        ctx = context(pipeline, home, bootstrap)
+        st = collect(ctx.settings, ctx.pipeline)
+        if format is Format.json:
+            sys.stdout.write(json.dumps(st.to_json(), indent=1) + "\n")
+            return
+        fresh = "-" if st.speed_freshness_seconds is None else f"{st.speed_freshness_seconds:.1f}s ago"
+        console.print(f"pipeline [bold]{st.pipeline}[/] at {st.bootstrap}; batch version "
+                      f"[bold]{st.batch_version or '-'}[/]; speed snapshot [bold]{st.speed_snapshot or '-'}[/] "
+                      f"published {fresh}; speed layer "
+                      + (f"running (pid {st.speed_running_pid})" if st.speed_running_pid else "not running"))
+        table = Table()
+        for col in ("source", "partition", "end offset", "archived", "speed position", "batch watermark", "lag",
+                    "DLQ"):
+            table.add_column(col, justify="left" if col == "source" else "right")
+
+        def n(x: int | None) -> str:
+            return "-" if x is None else f"{x:,}"
+
+        for p in st.partitions:
+            table.add_row(p.source, str(p.partition), n(p.end_offset), n(p.archived), n(p.speed_position),
+                          n(p.batch_watermark), n(p.lag), n(p.dlq))
+        console.print(table)
+        if st.dlq_total:
+            console.print("DLQ totals: " + ", ".join(f"{t} {n(v)}" for t, v in st.dlq_total.items()))
+        if st.kafka_error:
+            console.print(f"[yellow]Kafka:[/] {st.kafka_error}", highlight=False)
+        for e in st.errors:
+            console.print(f"[red]error:[/] {e}", highlight=False)

@@ -1,0 +1,34 @@
+"""Errors of the speed layer. All are :class:`lambdalake.exceptions.LambdalakeError` subclasses, so the CLI prints
+one actionable line instead of a traceback."""
+
+from lambdalake.exceptions import BrokerError, ConfigError, InvariantViolation, LambdalakeError
+
+
+class SpeedError(LambdalakeError):
+    """Base class of speed-layer errors."""
+
+
+class SpeedAlreadyRunning(SpeedError):
+    """Another ``lambdalake speed`` process holds the lake's speed lock; two writers would corrupt the state."""
+
+    exit_code = 5
+
+
+class SpeedConfigError(ConfigError):
+    """A speed-layer option is out of range (checkpoint interval, dedup span, ...)."""
+
+
+class CheckpointCorrupt(InvariantViolation):
+    """The checkpoint on disk is unreadable or inconsistent with its snapshot; refusing to guess."""
+
+
+class HandoffContractError(InvariantViolation):
+    """A published batch version breaks the handoff contract (block size mismatch, unaligned watermark)."""
+
+
+class PositionsLost(InvariantViolation):
+    """Offsets the speed layer still needs were deleted from Kafka (retention) before it read them."""
+
+
+class BrokerUnreachable(BrokerError):
+    """Kafka stayed unreachable for longer than the configured broker timeout."""

@@ -1,0 +1,156 @@
+"""The speed snapshot: what the serving layer reads (the contract in :mod:`lambdalake.layout`).
+
+::
+
+    views/speed/<snapshot>/snapshot.json   {"snapshot", "positions": {topic: {"<p>": S}}, "block": B,
+                                            "created_at", "pruned_to": {topic: {"<p>": W}},
+                                            "counters": {topic: {"valid", "invalid", "duplicates"}}, ...}
+    views/speed/<snapshot>/<view>.parquet  _partition int32, _block_start int64, keys, window_start
+                                            timestamp[us, UTC], stored aggregates
+    views/speed/CURRENT                    {"snapshot": "<snapshot>"}
+
+A snapshot holds, for every view, the aggregates of the valid, deduplicated events at offsets ``[pruned_to[p],
+positions[p])`` of every partition, one row per ``(partition, block_start, keys..., window_start)``: a reader
+keeps the rows with ``_block_start >= W[p]`` of its batch version (:func:`lambdalake.handoff.speed_row_visible`).
+If ``pruned_to[p] > W[p]`` the reader paired the snapshot with an older batch version than the speed layer has
+already handed off to, and must re-read ``views/batch/CURRENT``.
+
+Publishing never changes a published directory: a snapshot is written to a staging directory, fsync'd, renamed
+(:func:`lambdalake.layout.atomic_publish_dir`) and only then made visible by switching ``CURRENT``. Old
+snapshots stay readable for a while (:func:`retain`) so a query that opened one keeps working.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lambdalake.layout import Layout, atomic_publish_dir, read_pointer, tmp_name, write_pointer
+from lambdalake.pipeline import Pipeline
+from speed.exceptions import CheckpointCorrupt
+
+SNAPSHOT_ID = re.compile(r"^(\d{12})$")
+PARQUET_OPTIONS = dict(compression="lz4", write_statistics=True, row_group_size=256 * 1024)
+
+
+def snapshot_id(seq: int) -> str:
+    """Snapshot (and checkpoint) ids are a zero-padded sequence, so names sort in commit order."""
+    return f"{seq:012d}"
+
+
+def seq_of(name: str) -> int | None:
+    m = SNAPSHOT_ID.match(name)
+    return int(m.group(1)) if m else None
+
+
+def nested(positions: dict[tuple[str, int], int]) -> dict[str, dict[str, int]]:
+    """{(topic, p): n} -> {topic: {"<p>": n}} (the JSON form of positions and watermarks)."""
+    out: dict[str, dict[str, int]] = {}
+    for (t, p), n in sorted(positions.items()):
+        out.setdefault(t, {})[str(p)] = int(n)
+    return out
+
+
+def flat(doc: dict[str, dict[str, int]]) -> dict[tuple[str, int], int]:
+    return {(t, int(p)): int(n) for t, parts in doc.items() for p, n in parts.items()}
+
+
+def utc_iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def write_snapshot(layout: Layout, snap: str, tables: dict[str, pa.Table], meta: dict) -> Path:
+    """Write snapshot ``snap`` (not yet visible): staging dir, every ``<view>.parquet`` + ``snapshot.json``,
+    fsync, atomic rename to ``views/speed/<snap>``. Returns the final directory."""
+    final = layout.speed_snapshot(snap)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = tmp_name(final)
+    staging.mkdir()
+    try:
+        for name, table in tables.items():
+            pq.write_table(table, staging / f"{name}.parquet", **PARQUET_OPTIONS)
+        doc = {"snapshot": snap, **meta}
+        (staging / "snapshot.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        atomic_publish_dir(staging, final)  # fsyncs every file, renames, fsyncs views/speed
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def make_visible(layout: Layout, snap: str) -> None:
+    """Switch ``views/speed/CURRENT`` to ``snap`` (atomic rename of the pointer file)."""
+    write_pointer(layout.speed_pointer, {"snapshot": snap})
+
+
+def visible_snapshot(layout: Layout) -> str | None:
+    ptr = read_pointer(layout.speed_pointer)
+    return None if ptr is None else str(ptr["snapshot"])
+
+
+def read_snapshot(layout: Layout, snap: str, pipeline: Pipeline) -> tuple[dict, dict[str, pa.Table]]:
+    """``snapshot.json`` and every view's table of a published snapshot (for restoring a checkpoint)."""
+    d = layout.speed_snapshot(snap)
+    try:
+        meta = json.loads((d / "snapshot.json").read_text())
+        tables = {v.name: pq.read_table(d / f"{v.name}.parquet") for v in pipeline.views}
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise CheckpointCorrupt(f"speed snapshot {d} of the last checkpoint is unreadable ({exc}); remove "
+                                f"{layout.checkpoints('speed')} to rebuild the speed layer from Kafka") from exc
+    return meta, tables
+
+
+def published_snapshots(layout: Layout) -> list[str]:
+    """Ids of the snapshot directories on disk, oldest first (staging directories excluded)."""
+    base = layout.speed_views
+    if not base.is_dir():
+        return []
+    return sorted(p.name for p in base.iterdir() if p.is_dir() and SNAPSHOT_ID.match(p.name))
+
+
+def remove_staging(layout: Layout) -> None:
+    """Remove staging directories left by a crash while writing a snapshot (never visible to anyone)."""
+    base = layout.speed_views
+    if base.is_dir():
+        for p in base.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def remove_after(layout: Layout, seq: int) -> list[str]:
+    """Remove snapshots newer than ``seq``: written by a run that crashed before its checkpoint committed, so
+    ``CURRENT`` never pointed at them (commit step 5 comes before step 6)."""
+    removed = []
+    for name in published_snapshots(layout):
+        n = seq_of(name)
+        if n is not None and n > seq:
+            shutil.rmtree(layout.speed_snapshot(name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def retain(layout: Layout, keep: int, keep_seconds: float, protect: set[str]) -> list[str]:
+    """Delete old snapshots: those beyond the newest ``keep`` that are also older than ``keep_seconds``
+    (a reader that opened one within that time keeps a consistent view). ``protect`` is never deleted."""
+    names = published_snapshots(layout)
+    now = time.time()
+    removed = []
+    for name in names[:-keep] if keep > 0 else names:
+        if name in protect:
+            continue
+        d = layout.speed_snapshot(name)
+        try:
+            age = now - d.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if age >= keep_seconds:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(name)
+    return removed

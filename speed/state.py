@@ -1,0 +1,306 @@
+"""Incremental speed state: every view's stored aggregates, split by ``(partition, block_start)``.
+
+The state is interpreted from the pipeline declaration only (:class:`lambdalake.pipeline.View`): there is no
+per-view code. For each source an *updater* is compiled once from the declaration of its views (the technique
+``collections.namedtuple`` uses: generated source text, so the hot loop runs without per-aggregate dispatch).
+
+Layout, per view and partition ``p``:
+
+- the *open block* — the block holding the partition's newest offset — is a ``dict`` ``(keys..., window_start_us)
+  -> [stored aggregate values]`` that the updater changes in place;
+- *sealed blocks* — every older block — never change again (offsets only grow within a partition), so they are
+  converted once to Arrow tables (:class:`Segment`) and then only concatenated into snapshots or dropped by pruning.
+
+So memory grows with the distinct ``keys x buckets x blocks`` of the speed window, not with the number of events,
+and a snapshot re-encodes sealed blocks from columnar memory instead of rebuilding them from Python objects.
+
+Aggregate semantics (the same as SQL, which the batch and oracle engines use): ``count`` counts events; ``sum``,
+``min`` and ``max`` ignore nulls and stay null while every value seen is null. Window start is the event time floored
+to the view's bucket (floor also for times before 1970).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lambdalake.exceptions import InvariantViolation
+from lambdalake.handoff import speed_block_prunable
+from lambdalake.pipeline import WINDOW_START, Field, Pipeline, Source, View
+
+PARTITION_COL = "_partition"
+BLOCK_COL = "_block_start"
+TIMESTAMP_US_UTC = pa.timestamp("us", tz="UTC")
+# Segments of one partition are concatenated into one table once there are this many (bounds per-snapshot work).
+MAX_SEGMENTS_PER_PARTITION = 32
+
+Rows = dict[tuple, list]
+Updater = Callable[[dict, list[Rows]], None]
+
+
+def _arrow_type(f: Field) -> pa.DataType:
+    return {"string": pa.string(), "integer": pa.int64(), "timestamp": TIMESTAMP_US_UTC}[f.type]
+
+
+def view_schema(view: View, source: Source) -> pa.Schema:
+    """Columns of a speed view (layout.py contract): ``_partition``, ``_block_start``, keys, ``window_start``,
+    stored aggregates (int64 for count/sum, the field's type for min/max)."""
+    fields = source.field_map
+    cols = [pa.field(PARTITION_COL, pa.int32(), nullable=False), pa.field(BLOCK_COL, pa.int64(), nullable=False)]
+    cols += [pa.field(k, _arrow_type(fields[k])) for k in view.keys]
+    cols.append(pa.field(WINDOW_START, TIMESTAMP_US_UTC, nullable=False))
+    for a in view.stored_aggregates:
+        t = pa.int64() if a.kind in ("count", "sum") else _arrow_type(fields[a.column])
+        cols.append(pa.field(a.name, t, nullable=a.kind != "count"))
+    return pa.schema(cols)
+
+
+def compile_updater(source: Source, views: Iterable[View]) -> Updater:
+    """Build ``update(record, rows_per_view)`` for all views of ``source`` from their declarations.
+
+    ``record`` is a validated event (:class:`lambdalake.validation.Valid` ``.record``); ``rows_per_view[i]`` is the
+    open-block dict of view ``i``. Field names are inserted with ``repr`` (and match a strict identifier pattern
+    already, see :mod:`lambdalake.pipeline`), so the generated code cannot be injected into.
+    """
+    views = list(views)
+    fields = source.field_map
+    needed: list[str] = []
+    for v in views:
+        for name in (*v.keys, *(a.column for a in v.stored_aggregates if a.column)):
+            if name not in needed:
+                needed.append(name)
+    var = {name: f"f{i}" for i, name in enumerate(needed)}
+    maybe_null = {name: not (fields[name].required and not fields[name].nullable) for name in needed}
+
+    lines = ["def update(rec, rows):", f"    t = rec[{source.event_time!r}]"]
+    lines += [f"    {var[n]} = rec[{n!r}]" for n in needed]
+    for vi, v in enumerate(views):
+        key = "(" + "".join(f"{var[k]}, " for k in v.keys) + f"t - t % {v.bucket_us},)"  # floor, also for t < 0
+        init: list[str] = []
+        merge: list[str] = []  # statements at the indentation of the else branch
+        for j, a in enumerate(v.stored_aggregates):
+            if a.kind == "count":
+                init.append("1")
+                merge.append(f"a[{j}] += 1")
+                continue
+            x = var[a.column]
+            init.append(x)  # the first value, None if null (SQL: an aggregate of only nulls is null)
+            if a.kind == "sum":
+                if maybe_null[a.column]:
+                    merge += [f"if {x} is not None:", f"    a[{j}] = {x} if a[{j}] is None else a[{j}] + {x}"]
+                else:
+                    merge.append(f"a[{j}] += {x}")
+            else:
+                op = "<" if a.kind == "min" else ">"
+                cond = (f"{x} is not None and (a[{j}] is None or {x} {op} a[{j}])" if maybe_null[a.column]
+                        else f"{x} {op} a[{j}]")
+                merge += [f"if {cond}:", f"    a[{j}] = {x}"]
+        lines += [f"    d = rows[{vi}]", f"    k = {key}", "    a = d.get(k)", "    if a is None:",
+                  f"        d[k] = [{', '.join(init)}]", "    else:"]
+        lines += ["        " + m for m in merge]
+    code = "\n".join(lines) + "\n"
+    namespace: dict = {}
+    exec(compile(code, f"<speed updater for source {source.name}>", "exec"), namespace)  # noqa: S102
+    update = namespace["update"]
+    update.__source_code__ = code  # for debugging: print(update.__source_code__)
+    return update
+
+
+@dataclass
+class Segment:
+    """Sealed (immutable) blocks ``[first_block, last_block]`` of one partition of one view, as an Arrow table."""
+
+    partition: int
+    first_block: int
+    last_block: int
+    table: pa.Table
+
+
+class ViewState:
+    """The speed state of one view: open-block dicts plus sealed segments, per partition."""
+
+    def __init__(self, view: View, source: Source, block: int):
+        self.view = view
+        self.block = block
+        self.schema = view_schema(view, source)
+        self.n_keys = len(view.keys)
+        self.n_aggs = len(view.stored_aggregates)
+        self.sealed: dict[int, list[Segment]] = {}
+
+    # conversion --------------------------------------------------------------------------------------------------
+    def rows_to_table(self, partition: int, block: int, rows: Rows) -> pa.Table:
+        """Arrow table of one block's rows (raises InvariantViolation if a sum no longer fits int64)."""
+        n = len(rows)
+        schema = self.schema
+        if n == 0:
+            return schema.empty_table()
+        keys = list(zip(*rows.keys(), strict=True))
+        aggs = list(zip(*rows.values(), strict=True))
+        data = [pa.array([partition] * n, pa.int32()), pa.array([block] * n, pa.int64())]
+        try:
+            data += [pa.array(keys[i], schema.field(2 + i).type) for i in range(self.n_keys)]
+            data.append(pa.array(keys[self.n_keys], TIMESTAMP_US_UTC))
+            base = 3 + self.n_keys
+            data += [pa.array(aggs[j], schema.field(base + j).type) for j in range(self.n_aggs)]
+        except (OverflowError, pa.ArrowInvalid) as exc:
+            raise InvariantViolation(f"view {self.view.name!r}: an aggregate of partition {partition}, block "
+                                     f"{block} does not fit its column type ({exc}); a sum beyond int64?") from exc
+        return pa.Table.from_arrays(data, schema=schema)
+
+    def table_to_rows(self, table: pa.Table) -> Rows:
+        """Inverse of :meth:`rows_to_table` for one block (used when a checkpoint is restored)."""
+        cols = [table.column(i) for i in range(2, table.num_columns)]
+        ws = self.n_keys  # index of window_start within cols
+        pycols = [c.cast(pa.int64()).to_pylist() if i == ws else c.to_pylist() for i, c in enumerate(cols)]
+        nk = self.n_keys + 1
+        return {tuple(r[:nk]): list(r[nk:]) for r in zip(*pycols, strict=True)} if pycols else {}
+
+    # sealed segments ---------------------------------------------------------------------------------------------
+    def add_sealed(self, segment: Segment) -> None:
+        segs = self.sealed.setdefault(segment.partition, [])
+        if segs and segment.first_block <= segs[-1].last_block:
+            raise InvariantViolation(f"view {self.view.name!r}: sealing block {segment.first_block} of partition "
+                                     f"{segment.partition} again (last sealed {segs[-1].last_block})")
+        segs.append(segment)
+        if len(segs) > MAX_SEGMENTS_PER_PARTITION:
+            merged = pa.concat_tables([s.table for s in segs]).combine_chunks()
+            self.sealed[segment.partition] = [Segment(segment.partition, segs[0].first_block, segs[-1].last_block,
+                                                      merged)]
+
+    def prune_sealed(self, partition: int, watermark: int) -> int:
+        """Drop sealed blocks of ``partition`` that a published watermark covers; returns rows dropped."""
+        segs = self.sealed.get(partition)
+        if not segs:
+            return 0
+        kept: list[Segment] = []
+        dropped = 0
+        for s in segs:
+            if speed_block_prunable(s.last_block, self.block, watermark):
+                dropped += s.table.num_rows
+            elif speed_block_prunable(s.first_block, self.block, watermark):
+                # Split inside the segment: keep exactly the blocks the watermark does not cover.
+                keep = pc.greater(pc.add(s.table.column(BLOCK_COL), self.block), watermark)
+                t = s.table.filter(keep)
+                dropped += s.table.num_rows - t.num_rows
+                if t.num_rows:
+                    kept.append(Segment(partition, pc.min(t.column(BLOCK_COL)).as_py(), s.last_block, t))
+            else:
+                kept.append(s)
+        self.sealed[partition] = kept
+        return dropped
+
+    def sealed_rows(self) -> int:
+        return sum(s.table.num_rows for segs in self.sealed.values() for s in segs)
+
+
+class SourceState:
+    """State of every view of one source, with the open block per partition shared by those views."""
+
+    def __init__(self, source: Source, views: Iterable[View], block: int):
+        self.source = source
+        self.block = block
+        self.views = [ViewState(v, source, block) for v in views]
+        self.update = compile_updater(source, [vs.view for vs in self.views])
+        self.open_block: dict[int, int] = {}  # partition -> block_start of its open block
+        self.open_rows: dict[int, list[Rows]] = {}  # partition -> one dict per view
+
+    def rows_for(self, partition: int, offset: int) -> list[Rows]:
+        """The open-block dicts for ``offset``; seals the partition's previous block when a new one begins."""
+        bs = offset - offset % self.block
+        cur = self.open_block.get(partition)
+        if cur == bs:
+            return self.open_rows[partition]
+        if cur is not None:
+            if bs < cur:
+                raise InvariantViolation(f"source {self.source.name!r} partition {partition}: offset {offset} is "
+                                         f"behind the open block {cur}; offsets must only grow")
+            self.seal(partition)
+        self.open_block[partition] = bs
+        rows = self.open_rows[partition] = [{} for _ in self.views]
+        return rows
+
+    def seal(self, partition: int) -> None:
+        """Convert the partition's open block to sealed Arrow segments."""
+        bs = self.open_block.pop(partition, None)
+        rows = self.open_rows.pop(partition, None)
+        if bs is None or rows is None:
+            return
+        for vs, r in zip(self.views, rows, strict=True):
+            if r:
+                vs.add_sealed(Segment(partition, bs, bs, vs.rows_to_table(partition, bs, r)))
+
+    def prune(self, partition: int, watermark: int) -> int:
+        """Drop every block of ``partition`` that ``watermark`` covers (and nothing else). Returns rows dropped."""
+        dropped = sum(vs.prune_sealed(partition, watermark) for vs in self.views)
+        bs = self.open_block.get(partition)
+        if bs is not None and speed_block_prunable(bs, self.block, watermark):
+            dropped += sum(len(r) for r in self.open_rows[partition])
+            del self.open_block[partition], self.open_rows[partition]
+        return dropped
+
+    def clear(self) -> None:
+        self.open_block.clear()
+        self.open_rows.clear()
+        for vs in self.views:
+            vs.sealed.clear()
+
+    def view_tables(self) -> dict[str, pa.Table]:
+        """Every view's full state as one Arrow table (sealed segments + open blocks)."""
+        out = {}
+        for i, vs in enumerate(self.views):
+            parts = [s.table for segs in vs.sealed.values() for s in segs]
+            parts += [vs.rows_to_table(p, bs, self.open_rows[p][i]) for p, bs in self.open_block.items()
+                      if self.open_rows[p][i]]
+            out[vs.view.name] = pa.concat_tables(parts) if parts else vs.schema.empty_table()
+        return out
+
+    def restore(self, tables: dict[str, pa.Table], next_offsets: dict[int, int]) -> None:
+        """Load the state from snapshot tables; ``next_offsets`` = positions S[p] of the snapshot's source."""
+        self.clear()
+        for vs in self.views:
+            table = tables.get(vs.view.name)
+            if table is None:
+                raise InvariantViolation(f"snapshot has no table for view {vs.view.name!r}")
+            if not table.schema.equals(vs.schema):
+                raise InvariantViolation(f"view {vs.view.name!r}: snapshot columns {table.schema.names} differ from "
+                                         f"the declaration's {vs.schema.names}; did the pipeline change? Remove "
+                                         "the speed checkpoint to rebuild it")
+        for p, nxt in next_offsets.items():
+            self.open_block[p] = nxt - nxt % self.block
+            self.open_rows[p] = [{} for _ in self.views]
+        for i, vs in enumerate(self.views):
+            table = tables[vs.view.name]
+            if table.num_rows == 0:
+                continue
+            parts = pc.unique(table.column(PARTITION_COL)).to_pylist()
+            for p in sorted(parts):
+                tp = table.filter(pc.equal(table.column(PARTITION_COL), p))
+                open_bs = self.open_block.get(p)
+                blocks = tp.column(BLOCK_COL)
+                if open_bs is not None:
+                    if pc.max(blocks).as_py() > open_bs:
+                        raise InvariantViolation(f"view {vs.view.name!r}: snapshot has block "
+                                                 f"{pc.max(blocks).as_py()} of partition {p} beyond its position "
+                                                 f"{next_offsets[p]}")
+                    is_open = pc.equal(blocks, open_bs)
+                    self.open_rows[p][i] = vs.table_to_rows(tp.filter(is_open))
+                    tp = tp.filter(pc.invert(is_open))
+                elif tp.num_rows:
+                    raise InvariantViolation(f"view {vs.view.name!r}: snapshot has rows of partition {p} but no "
+                                             "position for it")
+                if tp.num_rows:
+                    tp = tp.sort_by(BLOCK_COL).combine_chunks()
+                    b = tp.column(BLOCK_COL)
+                    vs.sealed[p] = [Segment(p, pc.min(b).as_py(), pc.max(b).as_py(), tp)]
+
+    def rows(self) -> int:
+        return sum(vs.sealed_rows() for vs in self.views) + sum(
+            len(r) for rows in self.open_rows.values() for r in rows)
+
+
+def build_states(pipeline: Pipeline, block: int) -> dict[str, SourceState]:
+    """One :class:`SourceState` per source topic that has views (sources without views only advance positions)."""
+    return {s.topic: SourceState(s, pipeline.views_of(s), block) for s in pipeline.sources}

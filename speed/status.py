@@ -1,0 +1,127 @@
+"""``lambdalake status``: where every layer stands, per source and partition.
+
+Columns: Kafka end offset, archiver position (end of the master dataset), speed position ``S`` (of the published
+snapshot), batch watermark ``W`` (of the published version), speed lag (``end - S``), DLQ messages, plus the
+published batch version and the freshness (age) of the published speed snapshot. Every number is read from the
+published state (pointers and manifests), never from a running process, so it is what a query would see.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import psutil
+
+from lambdalake.config import Settings
+from lambdalake.exceptions import BrokerError, InvariantViolation
+from lambdalake.layout import (
+    Layout,
+    archived_positions,
+    current_batch_manifest,
+    current_speed_snapshot,
+    watermark_of,
+)
+from lambdalake.pipeline import Pipeline
+from speed.checkpoint import COMPONENT
+
+
+@dataclass
+class PartitionStatus:
+    source: str
+    topic: str
+    partition: int
+    end_offset: int | None
+    archived: int | None
+    speed_position: int | None
+    batch_watermark: int | None
+    lag: int | None  # end_offset - speed_position
+    visible_lag: int | None  # end_offset - max(speed_position, batch_watermark): not yet in any query
+    dlq: int | None  # messages in the same-numbered partition of the source's DLQ topic
+
+
+@dataclass
+class Status:
+    pipeline: str
+    bootstrap: str
+    kafka_error: str | None
+    batch_version: str | None
+    batch_published_at: str | None
+    speed_snapshot: str | None
+    speed_created_at: str | None
+    speed_freshness_seconds: float | None
+    speed_running_pid: int | None
+    partitions: list[PartitionStatus]
+    dlq_total: dict[str, int | None]
+    errors: list[str]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def speed_pid(layout: Layout) -> int | None:
+    """Pid of the running ``lambdalake speed`` of this lake, if any (from its lock file; checked to be alive)."""
+    try:
+        pid = int((layout.checkpoints(COMPONENT) / "LOCK").read_text().strip())
+        proc = psutil.Process(pid)
+        if proc.status() != psutil.STATUS_ZOMBIE and any("speed" in a for a in proc.cmdline()):
+            return pid
+    except (OSError, ValueError, psutil.Error):
+        pass
+    return None
+
+
+def collect(settings: Settings, pipeline: Pipeline) -> Status:
+    """Gather the status; Kafka being down or a broken layer shows as an error field, not an exception."""
+    from lambdalake.kafka import end_offsets
+
+    layout = Layout(settings.home)
+    errors: list[str] = []
+    kafka_error = None
+    ends: dict[tuple[str, int], int] = {}
+    try:
+        ends = end_offsets(settings, [t for s in pipeline.sources for t in (s.topic, s.dlq_topic)])
+    except BrokerError as exc:
+        kafka_error = str(exc)
+    try:
+        manifest = current_batch_manifest(layout)
+    except InvariantViolation as exc:
+        manifest, _ = None, errors.append(str(exc))
+    try:
+        snap = current_speed_snapshot(layout)
+    except InvariantViolation as exc:
+        snap, _ = None, errors.append(str(exc))
+    watermark = watermark_of(manifest)
+    speed_pos = {(t, int(p)): int(s) for t, parts in (snap or {}).get("positions", {}).items()
+                 for p, s in parts.items()}
+    rows: list[PartitionStatus] = []
+    dlq_total: dict[str, int | None] = {}
+    for src in pipeline.sources:
+        try:
+            archived = archived_positions(layout, src.name)
+        except InvariantViolation as exc:
+            archived = {}
+            errors.append(f"master dataset of {src.name}: {exc}")
+        parts = {p for (t, p) in ends if t == src.topic} | {p for (t, p) in speed_pos if t == src.topic}
+        parts |= {p for (t, p) in watermark if t == src.topic} | set(archived)
+        for p in sorted(parts):
+            end = ends.get((src.topic, p))
+            s = speed_pos.get((src.topic, p))
+            w = watermark.get((src.topic, p))
+            rows.append(PartitionStatus(
+                source=src.name, topic=src.topic, partition=p, end_offset=end, archived=archived.get(p),
+                speed_position=s, batch_watermark=w,
+                lag=None if end is None or s is None else max(0, end - s),
+                visible_lag=None if end is None else max(0, end - max(s or 0, w or 0)),
+                dlq=ends.get((src.dlq_topic, p)) if ends else None))
+        dlq_total[src.dlq_topic] = (sum(n for (t, _), n in ends.items() if t == src.dlq_topic)
+                                    if kafka_error is None else None)
+    created = (snap or {}).get("created_at_unix")
+    return Status(
+        pipeline=pipeline.name, bootstrap=settings.bootstrap, kafka_error=kafka_error,
+        batch_version=None if manifest is None else str(manifest.get("version")),
+        batch_published_at=None if manifest is None else manifest.get("published_at") or manifest.get("created_at"),
+        speed_snapshot=None if snap is None else snap.get("snapshot"),
+        speed_created_at=None if snap is None else snap.get("created_at"),
+        speed_freshness_seconds=None if created is None else max(0.0, time.time() - float(created)),
+        speed_running_pid=speed_pid(layout), partitions=rows, dlq_total=dlq_total, errors=errors)
