@@ -1,0 +1,11 @@
+"""The batch layer: the exactly-once master dataset archiver (Kafka -> Parquet) and the Spark job that recomputes
+and publishes versioned batch views.
+
+Modules:
+
+- :mod:`batch.master` — the master file schema and atomic Parquet writes (the layout contract, in Arrow terms).
+- :mod:`batch.archiver` — ``lambdalake ingest``: Kafka -> master files + dead-letter topic, exactly once.
+- :mod:`batch.compact` — ``lambdalake compact``: atomic, recorded rewrite of small adjacent master files.
+- :mod:`batch.job` — ``lambdalake batch``: the Spark interpreter of the view declarations (also ``spark-submit``).
+- :mod:`batch.publish` — version directories, the ``CURRENT`` pointer switch, rollback and pruning.
+"""

@@ -1,0 +1,116 @@
+"""CLI commands of the batch layer: ``ingest``, ``compact``, ``batch`` (registered by :mod:`lambdalake.cli`)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from lambdalake.cli import BootstrapOpt, HomeOpt, PipelineOpt, console, context
+
+
+def register(app: typer.Typer) -> None:
+    app.command("ingest")(ingest_cmd)
+    app.command("compact")(compact_cmd)
+    app.command("batch")(batch_cmd)
+
+
+def ingest_cmd(
+    until_caught_up: Annotated[bool, typer.Option("--until-caught-up", help="Stop once the end offsets seen at "
+                                                  "start are archived (default: run as a daemon).")] = False,
+    roll_rows: Annotated[int | None, typer.Option(min=1, help="Roll a file at this many rows "
+                                                  "[env LAMBDALAKE_ARCHIVE_ROLL_ROWS; default 500000].")] = None,
+    roll_bytes: Annotated[int | None, typer.Option(min=1, help="... or this many message bytes "
+                                                   "[env LAMBDALAKE_ARCHIVE_ROLL_BYTES; default 128 MiB].")] = None,
+    roll_seconds: Annotated[float | None, typer.Option(min=0.001, help="... or this age in seconds "
+                                                       "[env LAMBDALAKE_ARCHIVE_ROLL_SECONDS; default 60].")] = None,
+    pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
+) -> None:
+    """Archive the source topics into the master dataset (Parquet), exactly once; invalid messages to the DLQ.
+
+    Resumes from the master files on disk. SIGTERM/SIGINT finish the current files and exit.
+    """
+    from rich.live import Live
+    from rich.text import Text
+
+    from batch.archiver import ArchiveReport, RollPolicy, ingest
+
+    ctx = context(pipeline, home, bootstrap)
+    policy = RollPolicy.from_env(max_rows=roll_rows, max_bytes=roll_bytes, max_seconds=roll_seconds)
+    live = Live(Text(""), console=console, transient=True, auto_refresh=False) if sys.stdout.isatty() else None
+
+    def progress(r: ArchiveReport) -> None:
+        if live is not None:
+            live.update(Text(f"archiving: {r.messages} messages, {r.valid} valid, {r.invalid} invalid, "
+                             f"{r.files} files"), refresh=True)
+
+    if live is not None:
+        live.start()
+    try:
+        report = ingest(ctx.settings, ctx.pipeline, until_caught_up=until_caught_up, policy=policy,
+                        handle_signals=True, on_progress=progress)
+    finally:
+        if live is not None:
+            live.stop()
+    console.print(f"archived {report.messages} messages ({report.valid} valid, {report.invalid} invalid: "
+                  f"{report.dead_lettered} dead-lettered, {report.dlq_skipped} already in the DLQ) into "
+                  f"{report.files} files in {report.seconds:.1f}s")
+    for src, parts in report.positions.items():
+        console.print(f"  {src}: " + ", ".join(f"p{p}<{end}" for p, end in sorted(parts.items())), highlight=False)
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+
+
+def compact_cmd(
+    source: Annotated[str | None, typer.Option("--source", "-s", help="Only this source.")] = None,
+    partition: Annotated[int | None, typer.Option(min=0, help="Only this partition.")] = None,
+    target_rows: Annotated[int, typer.Option(min=1, help="Largest merged file, rows.")] = 2_000_000,
+    target_bytes: Annotated[int, typer.Option(min=1, help="Largest merged file, bytes.")] = 256 * 1024 * 1024,
+    pipeline: PipelineOpt = None, home: HomeOpt = None,
+) -> None:
+    """Rewrite runs of small adjacent master files into one file each (atomic, recorded under master/_log/)."""
+    from batch.compact import compact
+
+    ctx = context(pipeline, home, bootstrap="127.0.0.1:1")  # no Kafka needed
+    report = compact(ctx.settings.home, ctx.pipeline, source=source, partition=partition,
+                     target_rows=target_rows, target_bytes=target_bytes)
+    console.print(f"compacted {report.files_replaced} files into {report.files_written} "
+                  f"({report.rows} rows, {report.groups} groups)")
+    for r in report.records:
+        console.print(f"  recorded {r}", highlight=False)
+
+
+def batch_cmd(
+    spark_master: Annotated[str | None, typer.Option("--spark-master", help="Spark master URL "
+                                                     "[env LAMBDALAKE_SPARK_MASTER; default local[*]].")] = None,
+    view: Annotated[list[str] | None, typer.Option("--view", help="Recompute only this view (repeatable) at the "
+                                                   "published watermark; other views are carried over.")] = None,
+    rollback: Annotated[bool, typer.Option("--rollback", help="Re-point CURRENT to the previous version and "
+                                           "exit (no Spark).")] = False,
+    keep: Annotated[int | None, typer.Option(min=2, help="Versions to keep [env LAMBDALAKE_BATCH_KEEP; "
+                                             "default 5].")] = None,
+    force: Annotated[bool, typer.Option("--force", help="With --rollback: even if the speed layer may have "
+                                        "pruned what the previous version needs.")] = False,
+    pipeline: PipelineOpt = None, home: HomeOpt = None,
+) -> None:
+    """Recompute every view with Spark over a snapshot of the master dataset and publish a new batch version."""
+    from batch.publish import default_keep
+    from batch.publish import rollback as do_rollback
+
+    ctx = context(pipeline, home, bootstrap="127.0.0.1:1", spark_master=spark_master)  # no Kafka needed
+    if rollback:
+        frm, to = do_rollback(ctx.settings.home, force=force)
+        console.print(f"rolled back: CURRENT {frm} -> {to}")
+        return
+    from batch.job import run_batch
+
+    with console.status(f"computing batch views with Spark ({ctx.settings.spark_master}) ..."):
+        manifest = run_batch(ctx.settings, ctx.pipeline, views=view or None, spark_master=spark_master,
+                             keep=keep if keep is not None else default_keep())
+    wm = ", ".join(f"{t}: " + " ".join(f"p{p}<{w}" for p, w in sorted(parts.items(), key=lambda x: int(x[0])))
+                   for t, parts in manifest["watermark"].items())
+    console.print(f"published batch version [bold]{manifest['version']}[/] in {manifest['duration_s']:.1f}s "
+                  f"({manifest['engine']}, {manifest['spark_master']})")
+    console.print(f"  watermark: {wm or '(empty)'}", highlight=False)
+    console.print("  rows: " + ", ".join(f"{v} {n}" for v, n in manifest["row_counts"].items()), highlight=False)

@@ -1,0 +1,29 @@
+"""Errors of the batch layer a user can act on (all :class:`lambdalake.exceptions.LambdalakeError`)."""
+
+from lambdalake.exceptions import BrokerError, InvariantViolation, LambdalakeError
+
+
+class ArchiverLocked(LambdalakeError):
+    """Another archiver already writes this lake's master dataset (exactly one writer is allowed)."""
+
+    exit_code = 5
+
+
+class DeadLetterError(BrokerError):
+    """The dead-letter topic is missing, mis-partitioned, or did not acknowledge a record."""
+
+
+class NothingToCompute(LambdalakeError):
+    """The master dataset holds no complete handoff block yet, so there is no batch version to compute."""
+
+    exit_code = 6
+
+
+class BatchValidationError(InvariantViolation):
+    """A computed batch view failed validation (row counts, null keys, schema); nothing was published."""
+
+
+class PublishError(LambdalakeError):
+    """A batch version cannot be published, rolled back or pruned as asked."""
+
+    exit_code = 7

@@ -1,0 +1,131 @@
+"""The master dataset in Arrow terms: the schema of a master file and the atomic way to write one.
+
+:mod:`lambdalake.layout` owns *where* master files live and how they are named; this module owns *what* is in one
+(the column contract below) and how a file comes into existence (never half-written under its final name).
+
+Columns of ``master/<source>/p=<partition>/<start>-<end>.parquet``, in order:
+
+- every declared field of the source: ``string`` -> ``string``, ``integer`` -> ``int64``,
+  ``timestamp`` -> ``timestamp[us, UTC]``; required non-nullable fields are non-nullable columns;
+- ``_partition`` int32, ``_offset`` int64 (the event's position), ``_ingest_time`` timestamp[us, UTC] (when the
+  archiver consumed it).
+
+Rows are in offset order. A file holds the *valid* messages of ``[start, end)``; invalid offsets of the range are in
+the dead-letter topic, so a range may legitimately hold zero rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lambdalake.exceptions import InvariantViolation
+from lambdalake.layout import Layout, MasterFile, fsync_dir, tmp_name
+from lambdalake.pipeline import Field, Source
+
+PARTITION_COL = "_partition"
+OFFSET_COL = "_offset"
+INGEST_COL = "_ingest_time"
+TS_TYPE = pa.timestamp("us", tz="UTC")
+COMPRESSION = "zstd"
+
+
+def arrow_type(f: Field) -> pa.DataType:
+    """Arrow type of a declared field (the master file and batch view contract)."""
+    return {"string": pa.string(), "integer": pa.int64(), "timestamp": TS_TYPE}[f.type]
+
+
+def master_schema(source: Source) -> pa.Schema:
+    """Schema of every master file of ``source``."""
+    fields = [pa.field(f.name, arrow_type(f), nullable=not f.required or f.nullable) for f in source.fields]
+    fields += [pa.field(PARTITION_COL, pa.int32(), nullable=False), pa.field(OFFSET_COL, pa.int64(), nullable=False),
+               pa.field(INGEST_COL, TS_TYPE, nullable=False)]
+    return pa.schema(fields)
+
+
+def master_table(source: Source, columns: dict[str, list], partition: int, offsets: list[int],
+                 ingest_us: list[int]) -> pa.Table:
+    """Build a master table from per-field value lists (timestamps as UTC µs ints) and positions."""
+    schema = master_schema(source)
+    arrays = [pa.array(columns[f.name], type=arrow_type(f)) for f in source.fields]
+    arrays += [pa.array([partition] * len(offsets), type=pa.int32()), pa.array(offsets, type=pa.int64()),
+               pa.array(ingest_us, type=TS_TYPE)]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_parquet_atomic(table: pa.Table, final: Path, *, overwrite: bool = False) -> int:
+    """Write ``table`` so that ``final`` is either absent or complete; returns the file size in bytes.
+
+    1. Write to a temporary sibling name (readers ignore dot-files), flush and fsync the file.
+    2. Rename it to ``final`` (atomic on POSIX) and fsync the directory so the rename is durable.
+
+    Refuses to replace an existing file unless ``overwrite`` (master files are immutable).
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite and final.exists():
+        raise InvariantViolation(f"refusing to overwrite immutable master file {final}")
+    tmp = tmp_name(final)
+    try:
+        # 1. temporary file, durable
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh, compression=COMPRESSION)
+            fh.flush()
+            os.fsync(fh.fileno())
+        size = tmp.stat().st_size
+        # 2. atomic rename + durable directory entry
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return size
+
+
+def remove_temp_files(layout: Layout, sources: Iterable[Source]) -> list[Path]:
+    """Delete temporary files a killed writer left in the master partitions (never visible to readers)."""
+    removed: list[Path] = []
+    for s in sources:
+        base = layout.master_source(s.name)
+        if not base.is_dir():
+            continue
+        for tmp in base.glob("p=*/.*.tmp"):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def sha256_file(path: Path, chunk: int = 4 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_rows(path: Path) -> int:
+    """Row count from the Parquet footer (no data read)."""
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def check_master_file(source: Source, mf: MasterFile) -> pa.Table:
+    """Read a master file and check it against its name: schema, partition, offsets inside [start, end), ordered.
+
+    Used by compaction and the tests; raises InvariantViolation naming the file on any mismatch.
+    """
+    table = pq.read_table(mf.path)
+    want = master_schema(source)
+    if not table.schema.remove_metadata().equals(want, check_metadata=False):
+        raise InvariantViolation(f"master file {mf.path} has schema {table.schema}, expected {want}")
+    offsets = table.column(OFFSET_COL).to_pylist()
+    if any(o < mf.start or o >= mf.end for o in offsets):
+        raise InvariantViolation(f"master file {mf.path} holds offsets outside its range [{mf.start}, {mf.end})")
+    if any(b <= a for a, b in zip(offsets, offsets[1:], strict=False)):
+        raise InvariantViolation(f"master file {mf.path} offsets are not strictly increasing")
+    if table.num_rows and set(table.column(PARTITION_COL).to_pylist()) != {mf.partition}:
+        raise InvariantViolation(f"master file {mf.path} holds rows of another partition")
+    return table

@@ -1,0 +1,235 @@
+"""Batch versions: staging directories, publication by an atomic pointer switch, rollback and pruning.
+
+A batch version is a directory ``views/batch/<version>/`` (``v000001``, ``v000002``, ... strictly increasing)
+holding ``manifest.json`` and ``<view>/*.parquet`` for every view of the pipeline, all at one watermark. What is
+served is whatever ``views/batch/CURRENT`` names; nothing else about the directory tree matters to readers.
+
+Publish protocol (:func:`publish`), mirrored by numbered comments in the code:
+
+1. Take the publish lock (``views/batch/.publish.lock``), so versions are numbered and switched one at a time.
+2. Paranoid check: the new watermark is not below the published one in any partition (the speed layer may already
+   have pruned what the published version covers; going back would lose those events from serving).
+3. Choose the next version id, write ``manifest.json`` into the staging directory.
+4. fsync every staged file and rename the staging directory to ``views/batch/<version>`` (atomic).
+5. Switch ``CURRENT`` to the new version (atomic rename of a small JSON file) — the commit point: from here on
+   new queries read the new version.
+6. Prune old versions (:func:`prune_versions`), keeping the newest ``keep``, the current and the previous one.
+
+A run killed before step 5 changes nothing that is served: its staging directory (``.staging-<pid>-...``) is
+ignored by readers and removed by the next run once its process is gone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+from batch.exceptions import PublishError
+from lambdalake.exceptions import ConfigError, InvariantViolation
+from lambdalake.layout import Layout, atomic_publish_dir, read_pointer, watermark_of, write_pointer
+
+VERSION = re.compile(r"^v(\d{6,})$")
+STAGING = re.compile(r"^\.staging-(\d+)-[0-9a-f]+$")
+TRASH_PREFIX = ".trash-"
+DEFAULT_KEEP = 5
+
+
+def default_keep() -> int:
+    """Versions to keep: ``LAMBDALAKE_BATCH_KEEP`` or 5 (at least 2: the current and the previous one)."""
+    raw = os.environ.get("LAMBDALAKE_BATCH_KEEP")
+    if not raw:
+        return DEFAULT_KEEP
+    try:
+        keep = int(raw)
+    except ValueError:
+        raise ConfigError(f"LAMBDALAKE_BATCH_KEEP={raw!r} is not an integer") from None
+    if keep < 2:
+        raise ConfigError(f"LAMBDALAKE_BATCH_KEEP={keep} must be >= 2 (the current and the previous version)")
+    return keep
+
+
+def version_id(n: int) -> str:
+    return f"v{n:06d}"
+
+
+def list_versions(layout: Layout) -> list[str]:
+    """Published version directories (complete, with a manifest), oldest first."""
+    base = layout.batch_views
+    if not base.is_dir():
+        return []
+    found = [(int(m.group(1)), d.name) for d in base.iterdir()
+             if (m := VERSION.match(d.name)) and d.is_dir() and (d / "manifest.json").is_file()]
+    return [name for _, name in sorted(found)]
+
+
+def current_version(layout: Layout) -> str | None:
+    ptr = read_pointer(layout.batch_pointer)
+    return None if ptr is None else ptr["version"]
+
+
+def _next_version(layout: Layout) -> str:
+    base = layout.batch_views
+    highest = 0
+    if base.is_dir():
+        for d in base.iterdir():
+            m = VERSION.match(d.name)
+            if m:
+                highest = max(highest, int(m.group(1)))
+    return version_id(highest + 1)
+
+
+@contextmanager
+def publish_lock(layout: Layout) -> Iterator[None]:
+    """Exclusive lock serialising version numbering, pointer switches, rollback and pruning."""
+    layout.batch_views.mkdir(parents=True, exist_ok=True)
+    fd = os.open(layout.batch_views / ".publish.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def new_staging_dir(layout: Layout) -> Path:
+    """A fresh staging directory for one run; removes those left by runs whose process is gone."""
+    base = layout.batch_views
+    base.mkdir(parents=True, exist_ok=True)
+    for d in base.iterdir():
+        m = STAGING.match(d.name)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+        elif d.name.startswith(TRASH_PREFIX):
+            shutil.rmtree(d, ignore_errors=True)
+    staging = base / f".staging-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    return staging
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def publish(layout: Layout, staging: Path, manifest: dict, keep: int = DEFAULT_KEEP) -> dict:
+    """Publish a fully written and validated staging directory (see the module docstring). Returns the manifest
+    with its ``version`` filled in."""
+    # 1. one publisher at a time
+    with publish_lock(layout):
+        # 2. never move the watermark backwards
+        current = current_version(layout)
+        if current is not None:
+            old = watermark_of(_read_manifest(layout, current))
+            new = watermark_of(manifest)
+            behind = {k: (w, new.get(k, 0)) for k, w in old.items() if new.get(k, 0) < w}
+            if behind:
+                (t, p), (w_old, w_new) = next(iter(behind.items()))
+                raise InvariantViolation(
+                    f"new batch watermark is below the published one for {t}[{p}] ({w_new} < {w_old}, "
+                    f"{len(behind)} partitions behind); the master dataset lost data? nothing was published")
+        # 3. version id + manifest
+        version = _next_version(layout)
+        manifest = {**manifest, "version": version}
+        for meta in manifest.get("views", {}).values():
+            if meta.get("computed_in") is None:
+                meta["computed_in"] = version
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+        # 4. staging -> views/batch/<version>, atomically
+        atomic_publish_dir(staging, layout.batch_version(version))
+        # 5. the commit point: CURRENT -> version
+        write_pointer(layout.batch_pointer, {"version": version})
+        # 6. prune
+        _prune_locked(layout, keep)
+    return manifest
+
+
+def _read_manifest(layout: Layout, version: str) -> dict:
+    path = layout.batch_version(version) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvariantViolation(f"batch version {version} has no readable manifest {path}: {exc}") from exc
+
+
+def rollback(home: Path, *, force: bool = False) -> tuple[str, str]:
+    """Re-point ``CURRENT`` to the newest version older than the current one. Returns (from, to).
+
+    The previous version has a lower watermark. That is only exact while the speed layer still holds the
+    positions between the two watermarks; if the published speed snapshot says it pruned beyond the previous
+    watermark (``snapshot.json`` key ``pruned``: {topic: {partition: offset}}), rollback refuses unless ``force``.
+    """
+    layout = Layout(home)
+    with publish_lock(layout):
+        current = current_version(layout)
+        if current is None:
+            raise PublishError("nothing is published yet, so there is nothing to roll back; run `lambdalake batch`")
+        older = [v for v in list_versions(layout) if int(v[1:]) < int(current[1:])]
+        if not older:
+            raise PublishError(f"batch version {current} has no older version left to roll back to "
+                               f"(kept: {list_versions(layout)})")
+        target = older[-1]
+        if not force:
+            _check_speed_covers(layout, _read_manifest(layout, target))
+        write_pointer(layout.batch_pointer, {"version": target})
+    return current, target
+
+
+def _check_speed_covers(layout: Layout, manifest: dict) -> None:
+    from lambdalake.layout import current_speed_snapshot
+
+    try:
+        snap = current_speed_snapshot(layout)
+    except InvariantViolation:
+        snap = None
+    pruned = (snap or {}).get("pruned") or {}
+    wm = watermark_of(manifest)
+    for topic, parts in pruned.items():
+        for p, off in parts.items():
+            if int(off) > wm.get((topic, int(p)), 0):
+                raise PublishError(
+                    f"the speed layer already pruned {topic}[{p}] below offset {off}, but version "
+                    f"{manifest['version']} covers only < {wm.get((topic, int(p)), 0)}; rolling back would drop "
+                    "those events from serving. Re-run `lambdalake batch` instead, or pass --force")
+
+
+def prune_versions(home: Path, keep: int = DEFAULT_KEEP) -> list[str]:
+    """Delete all but the newest ``keep`` versions; never the current one nor the one before it."""
+    layout = Layout(home)
+    with publish_lock(layout):
+        return _prune_locked(layout, keep)
+
+
+def _prune_locked(layout: Layout, keep: int) -> list[str]:
+    if keep < 2:
+        raise ConfigError(f"keep={keep} must be >= 2 (the current and the previous version)")
+    versions = list_versions(layout)
+    current = current_version(layout)
+    protected = set(versions[-keep:])
+    if current is not None:
+        protected.add(current)
+        older = [v for v in versions if int(v[1:]) < int(current[1:])]
+        if older:
+            protected.add(older[-1])
+    removed = []
+    for v in versions:
+        if v in protected:
+            continue
+        # rename first: a half-deleted directory must never look like a version
+        trash = layout.batch_views / f"{TRASH_PREFIX}{v}-{uuid.uuid4().hex[:8]}"
+        os.rename(layout.batch_version(v), trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(v)
+    return removed

@@ -1,0 +1,275 @@
+"""The archiver against the real broker: master files equal the valid messages of the log, exactly once.
+
+Expected content is derived from the log read back with the independent oracle (``tests/oracle.py``), never from
+``lambdalake.validation``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from batch.archiver import RollPolicy, ingest
+from batch.compact import compact, snapshot_files
+from batch.master import master_schema
+from lambdalake.layout import Layout, archived_positions
+from tests.conftest import LAMBDALAKE
+from tests.oracle import parse_event, read_log
+
+pytestmark = pytest.mark.integration
+
+
+def produce(run_cli, events: int, seed: int = 7, **kw) -> None:
+    args = ["produce", "--events", str(events), "--seed", str(seed)]
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    run_cli(*args)
+
+
+def expected_master(pipeline, messages) -> dict[str, list[tuple]]:
+    """Per source: sorted (partition, offset, event_id) of every valid message (duplicates included)."""
+    out: dict[str, list[tuple]] = {}
+    for s in pipeline.sources:
+        rows = []
+        for m in messages:
+            if m.topic != s.topic:
+                continue
+            ev = parse_event(s, m.value)
+            if ev is not None:
+                rows.append((m.partition, m.offset, ev[s.event_id]))
+        out[s.name] = sorted(rows)
+    return out
+
+
+def expected_invalid(pipeline, messages) -> dict[str, list[tuple]]:
+    out: dict[str, list[tuple]] = {}
+    for s in pipeline.sources:
+        out[s.name] = sorted((m.partition, m.offset) for m in messages
+                             if m.topic == s.topic and parse_event(s, m.value) is None)
+    return out
+
+
+def actual_master(settings, pipeline) -> dict[str, list[tuple]]:
+    layout = Layout(settings.home)
+    out: dict[str, list[tuple]] = {}
+    for s in pipeline.sources:
+        rows = []
+        files = snapshot_files(layout, s)  # also checks files tile with no gap / overlap
+        for f in files:
+            t = pq.read_table(f.path)
+            assert t.schema.equals(master_schema(s), check_metadata=False), f.path
+            offs = t.column("_offset").to_pylist()
+            assert all(f.start <= o < f.end for o in offs), f.path
+            rows += zip(t.column("_partition").to_pylist(), offs, t.column(s.event_id).to_pylist(), strict=True)
+        out[s.name] = sorted(rows)
+    return out
+
+
+def dlq_records(settings, pipeline) -> dict[str, list[dict]]:
+    topics = [s.dlq_topic for s in pipeline.sources]
+    msgs = read_log(settings.bootstrap, topics)
+    out: dict[str, list[dict]] = {s.name: [] for s in pipeline.sources}
+    for m in msgs:
+        rec = json.loads(m.value)
+        assert rec["partition"] == m.partition  # same partition number as the source message
+        out[rec["source"]].append(rec)
+    return out
+
+
+def check_exact(settings, pipeline) -> None:
+    """Master == valid messages, DLQ == invalid messages, each exactly once, files tiling [0, end)."""
+    log = read_log(settings.bootstrap, [s.topic for s in pipeline.sources])
+    assert actual_master(settings, pipeline) == expected_master(pipeline, log)
+    dlq = dlq_records(settings, pipeline)
+    for name, want in expected_invalid(pipeline, log).items():
+        got = sorted((r["partition"], r["offset"]) for r in dlq[name])
+        assert got == want, f"DLQ of {name}: {len(got)} records, expected {len(want)} (duplicates or gaps)"
+    # positions: every partition archived up to its end offset, starting at 0
+    ends: dict[tuple[str, int], int] = {}
+    for m in log:
+        ends[(m.topic, m.partition)] = max(ends.get((m.topic, m.partition), 0), m.offset + 1)
+    layout = Layout(settings.home)
+    for s in pipeline.sources:
+        files = layout.master_files(s.name)
+        assert archived_positions(layout, s.name) == {p: e for (t, p), e in ends.items() if t == s.topic}
+        firsts = {}
+        for f in files:
+            firsts.setdefault(f.partition, f.start)
+        assert set(firsts.values()) <= {0}
+
+
+def test_ingest_until_caught_up_is_exact(settings, pipeline, run_cli):
+    produce(run_cli, 1500, malformed_fraction=0.03, duplicate_fraction=0.03)
+    report = ingest(settings, pipeline, until_caught_up=True, policy=RollPolicy(max_rows=97))
+    assert report.invalid > 0 and report.dead_lettered == report.invalid
+    check_exact(settings, pipeline)
+    # files are rolled by rows: no file holds more than 97 rows, and several exist per partition
+    layout = Layout(settings.home)
+    for s in pipeline.sources:
+        for f in layout.master_files(s.name):
+            assert pq.ParquetFile(f.path).metadata.num_rows <= 97
+    # a rerun with nothing new writes nothing and sends nothing
+    again = ingest(settings, pipeline, until_caught_up=True)
+    assert (again.messages, again.files, again.dead_lettered) == (0, 0, 0)
+    # more data: resumes exactly where the files end
+    produce(run_cli, 400, seed=8)
+    ingest(settings, pipeline, until_caught_up=True)
+    check_exact(settings, pipeline)
+
+
+def test_dlq_record_content(settings, pipeline, run_cli):
+    produce(run_cli, 200, malformed_fraction=0.2, duplicate_fraction=0.0)
+    ingest(settings, pipeline, until_caught_up=True)
+    log = {(m.topic, m.partition, m.offset): m for m in read_log(settings.bootstrap,
+                                                                  [s.topic for s in pipeline.sources])}
+    recs = [r for rs in dlq_records(settings, pipeline).values() for r in rs]
+    assert len(recs) >= 30
+    for r in recs:
+        orig = log[(r["topic"], r["partition"], r["offset"])]
+        assert r["reason"]
+        value = None if r["value_b64"] is None else base64.b64decode(r["value_b64"])
+        if r["value_truncated"]:
+            assert r["value_bytes"] == len(orig.value) and orig.value.startswith(value)
+        else:
+            assert value == orig.value
+        assert (None if r["key_b64"] is None else base64.b64decode(r["key_b64"])) == orig.key
+
+
+def test_compaction_preserves_content_and_positions(settings, pipeline, run_cli):
+    produce(run_cli, 800)
+    ingest(settings, pipeline, until_caught_up=True, policy=RollPolicy(max_rows=20))
+    layout = Layout(settings.home)
+    before = actual_master(settings, pipeline)
+    n_before = sum(len(layout.master_files(s.name)) for s in pipeline.sources)
+    rep = run_cli("compact", "--target-rows", "150")
+    assert "compacted" in rep.stdout
+    n_after = sum(len(layout.master_files(s.name)) for s in pipeline.sources)
+    assert n_after < n_before
+    assert actual_master(settings, pipeline) == before
+    records = sorted(layout.master_log().glob("*-compact-*.json"))
+    assert records and all(json.loads(r.read_text())["status"] == "done" for r in records)
+    # archiving continues after the compacted files
+    produce(run_cli, 100, seed=9)
+    ingest(settings, pipeline, until_caught_up=True)
+    check_exact(settings, pipeline)
+
+
+def test_interrupted_compaction_is_recovered(settings, pipeline, run_cli):
+    """Crash during step 4 (merged file renamed, old files still there): readers skip them, recovery deletes them."""
+    produce(run_cli, 300)
+    ingest(settings, pipeline, until_caught_up=True, policy=RollPolicy(max_rows=10))
+    layout = Layout(settings.home)
+    before = actual_master(settings, pipeline)
+    src = pipeline.sources[0]
+    files = [f for f in layout.master_files(src.name) if f.partition == layout.master_files(src.name)[0].partition]
+    group = files[:3]
+    import pyarrow as pa
+
+    from batch.master import sha256_file, write_parquet_atomic
+
+    merged = pa.concat_tables([pq.read_table(f.path) for f in group])
+    final = layout.master_file(src.name, group[0].partition, group[0].start, group[-1].end)
+    write_parquet_atomic(merged, final)
+    rec = {"kind": "compact", "status": "started", "source": src.name, "partition": group[0].partition,
+           "replaced": [{"name": f.path.name} for f in group],
+           "merged": {"name": final.name, "tmp": None, "sha256": sha256_file(final)}}
+    layout.master_log().mkdir(parents=True, exist_ok=True)
+    (layout.master_log() / "20260101T000000000000Z-compact-x.json").write_text(json.dumps(rec))
+    # a reader sees every offset once even before recovery
+    assert actual_master(settings, pipeline) == before
+    compact(settings.home, pipeline, target_rows=1)  # runs recovery; nothing else to merge at 1 row
+    assert not any(f.path.exists() for f in group)
+    assert json.loads((layout.master_log() / "20260101T000000000000Z-compact-x.json").read_text())["status"] == "done"
+    assert actual_master(settings, pipeline) == before
+
+
+def _start_ingest(cli_env, *args: str, roll_rows: int = 25) -> subprocess.Popen:
+    env = {**cli_env, "LAMBDALAKE_ARCHIVE_ROLL_ROWS": str(roll_rows)}
+    return subprocess.Popen([LAMBDALAKE, "ingest", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def _file_count(settings, pipeline) -> int:
+    layout = Layout(settings.home)
+    return sum(len(layout.master_files(s.name)) for s in pipeline.sources)
+
+
+def test_kill_9_at_several_points_then_restart_is_exact(settings, pipeline, run_cli, cli_env):
+    """kill -9 the real `lambdalake ingest` at several points (incl. mid-file); restarts leave no gap, no dup."""
+    produce(run_cli, 3000, malformed_fraction=0.03, duplicate_fraction=0.03)
+    kills = 0
+    for wait_files in (1, 9, 23, 40):
+        proc = _start_ingest(cli_env)
+        try:
+            deadline = time.monotonic() + 60
+            while _file_count(settings, pipeline) < wait_files and proc.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            was_running = proc.poll() is None
+            _kill(proc)
+        kills += was_running
+        # whatever is on disk after a kill -9 tiles the offset space and is readable
+        for s in pipeline.sources:
+            snapshot_files(Layout(settings.home), s)
+    assert kills >= 2, "the archiver finished before it could be killed; raise the event count"
+    # also kill one while temporary files may exist, then leave stray temp files like a crash would
+    stray = Layout(settings.home).master_partition(pipeline.sources[0].name, 0) / ".000-stray.parquet.ab.tmp"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"half written")
+    done = run_cli("ingest", "--until-caught-up", env={"LAMBDALAKE_ARCHIVE_ROLL_ROWS": "25"})
+    assert "archived" in done.stdout
+    assert not stray.exists()
+    check_exact(settings, pipeline)
+
+
+def test_sigterm_finishes_current_file(settings, pipeline, run_cli, cli_env):
+    produce(run_cli, 600)
+    proc = _start_ingest(cli_env, roll_rows=1_000_000)  # daemon; only the time limit or a stop rolls files
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            # wait until the consumer has caught up (nothing rolled yet because of the huge roll size)
+            time.sleep(1.0)
+            break
+        time.sleep(3)
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        assert _file_count(settings, pipeline) == 0
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        _kill(proc)
+    check_exact(settings, pipeline)
+
+
+def test_second_archiver_is_refused(settings, pipeline, run_cli, cli_env):
+    produce(run_cli, 50)
+    proc = _start_ingest(cli_env)
+    try:
+        time.sleep(4)
+        assert proc.poll() is None
+        res = run_cli("ingest", "--until-caught-up", check=False)
+        assert res.returncode != 0 and "another archiver" in res.stderr and "Traceback" not in res.stderr
+    finally:
+        _kill(proc, signal.SIGTERM)
