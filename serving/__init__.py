@@ -1,0 +1,14 @@
+"""Serving layer: DuckDB merges the published batch version and speed snapshot on every query.
+
+- :func:`serving.connection.connect` (also :func:`lambdalake.connect`) — a locked-down DuckDB connection where every
+  view of the pipeline is a table named after the view (batch ⊕ speed, merged per query), ``master.<source>`` is
+  the raw master dataset and ``lambdalake.*`` describes what was read (versions, watermarks, freshness).
+- :func:`serving.connection.refresh` — move a long-lived connection to the newest published pair.
+- :func:`serving.catalog.write_catalog` — a DuckDB database file the stock DuckDB CLI can open.
+- ``lambdalake sql`` / ``lambdalake catalog`` — the command-line entry points (:mod:`serving.cli`).
+"""
+
+from serving.catalog import write_catalog
+from serving.connection import connect, refresh
+
+__all__ = ["connect", "refresh", "write_catalog"]

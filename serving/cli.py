@@ -1,0 +1,136 @@
+"""``lambdalake sql`` and ``lambdalake catalog``: the serving layer's commands (registered by lambdalake.cli)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from datetime import date, datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any
+
+import duckdb
+import pyarrow as pa
+import typer
+from rich.table import Table
+
+from lambdalake.cli import HomeOpt, PipelineOpt, console, err_console
+from serving.exceptions import QueryError
+from serving.published import PublishedPair
+
+NOTHING_PUBLISHED_HINT = ("nothing published yet in {home}: the views are empty until the archiver, a batch run and "
+                          "the speed layer publish (see `lambdalake --help`)")
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _one_line(exc: BaseException) -> str:
+    """DuckDB's message without the multi-line caret context (the first line carries the reason)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def run_query(con: duckdb.DuckDBPyConnection, query: str) -> pa.Table | None:
+    """Run ``query`` (one or more statements); the last statement's rows, or None if it returns none."""
+    try:
+        rel = con.sql(query)
+        return None if rel is None else rel.to_arrow_table()
+    except duckdb.Error as exc:
+        raise QueryError(_one_line(exc)) from None
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, datetime | date):
+        return v.isoformat()
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _text(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, datetime | date):
+        return v.isoformat()
+    return str(v)
+
+
+def write_result(table: pa.Table, fmt: OutputFormat) -> None:
+    rows = table.to_pylist()
+    if fmt is OutputFormat.json:
+        sys.stdout.write(json.dumps([_jsonable(r) for r in rows], ensure_ascii=False) + "\n")
+    elif fmt is OutputFormat.csv:
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(table.column_names)
+        for r in rows:
+            w.writerow([_text(v) for v in r.values()])
+    else:
+        out = Table(show_lines=False, caption=f"{len(rows)} row{'s' if len(rows) != 1 else ''}")
+        for name, typ in zip(table.column_names, table.schema.types, strict=True):
+            numeric = pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_decimal(typ)
+            out.add_column(name, justify="right" if numeric else "left")
+        for r in rows:
+            out.add_row(*(_text(v) if v is not None else "[dim]NULL[/]" for v in r.values()))
+        console.print(out)
+
+
+def _hint(pair: PublishedPair | None, home) -> None:
+    if pair is None:
+        return
+    if pair.nothing_published:
+        err_console.print(f"hint: {NOTHING_PUBLISHED_HINT.format(home=home)}", highlight=False)
+    elif pair.batch_version is None:
+        err_console.print("hint: no batch version published yet: views show the speed layer's data only",
+                          highlight=False)
+    elif pair.speed_snapshot is None:
+        err_console.print("hint: no speed snapshot published yet: views show the batch version only "
+                          f"({pair.batch_version})", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the serving commands to the ``lambdalake`` CLI."""
+
+    @app.command("sql")
+    def sql(
+        query: Annotated[str, typer.Argument(help="SQL to run, e.g. \"SELECT * FROM pageviews_hourly LIMIT 5\". "
+                                             "Tables: every view, master.<source>, lambdalake.status/"
+                                             "watermarks/views.")],
+        fmt: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.table,
+        pipeline: PipelineOpt = None, home: HomeOpt = None,
+    ) -> None:
+        """Query the merged views (batch ⊕ speed) with DuckDB; each call reads the newest published pair."""
+        from serving.connection import connect, pair_of, resolve
+
+        settings, pipe = resolve(None, pipeline, home)
+        con = connect(settings, pipe)
+        try:
+            _hint(pair_of(con), settings.home)
+            result = run_query(con, query)
+        finally:
+            con.close()
+        if result is not None:
+            write_result(result, fmt)
+
+    @app.command("catalog")
+    def catalog(pipeline: PipelineOpt = None, home: HomeOpt = None) -> None:
+        """Write <home>/lake.duckdb for the stock DuckDB CLI (a snapshot of the current pair; re-run to
+        refresh)."""
+        from serving.catalog import write_catalog
+        from serving.connection import resolve
+
+        settings, pipe = resolve(None, pipeline, home)
+        path, pair = write_catalog(settings, pipe)
+        _hint(pair, settings.home)
+        console.print(f"wrote {path} (batch version {pair.batch_version or '-'}, speed snapshot "
+                      f"{pair.speed_snapshot or '-'}); open it with: duckdb -readonly {path}", highlight=False)

@@ -1,0 +1,128 @@
+"""SQL generated from the one view declaration: typed relations of the published files and the merge.
+
+Nothing here knows a particular view: every statement is derived from :class:`lambdalake.pipeline.View`
+(``keys``, ``stored_aggregates`` and their ``merge``, ``means``, ``output_columns``). The connection
+(:mod:`serving.connection`) and the catalog file (:mod:`serving.catalog`) both use it, so the Python API,
+``lambdalake sql`` and the DuckDB CLI answer with the same SQL.
+
+The merge of view ``V`` (batch rows are offsets ``< W``, visible speed rows are blocks ``>= W``)::
+
+    SELECT keys, window_start, declared aggregates (means = sum / count, as DOUBLE)
+    FROM (SELECT keys, window_start, merge(stored) ...            -- count/sum: sum, min: min, max: max
+          FROM (SELECT keys, window_start, stored FROM batch
+                UNION ALL
+                SELECT keys, window_start, stored FROM speed
+                WHERE _block_start >= CASE _partition WHEN p THEN W[p] ... ELSE 0 END)
+          GROUP BY keys, window_start)
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from lambdalake.pipeline import WINDOW_START, Aggregate, Mean, Pipeline, Source, View
+
+DUCKDB_TYPES = {"string": "VARCHAR", "integer": "BIGINT", "timestamp": "TIMESTAMPTZ"}
+ARROW_TYPES = {"string": pa.string(), "integer": pa.int64(), "timestamp": pa.timestamp("us", tz="UTC")}
+SPEED_POSITION_COLUMNS: tuple[tuple[str, str], ...] = (("_partition", "INTEGER"), ("_block_start", "BIGINT"))
+MASTER_POSITION_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("_partition", "INTEGER"), ("_offset", "BIGINT"), ("_ingest_time", "TIMESTAMPTZ"))
+_ARROW_OF_DUCKDB = {"VARCHAR": pa.string(), "BIGINT": pa.int64(), "INTEGER": pa.int32(),
+                    "TIMESTAMPTZ": pa.timestamp("us", tz="UTC")}
+
+Columns = list[tuple[str, str]]
+
+
+def ident(name: str) -> str:
+    """A quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def literal(text: str) -> str:
+    """A quoted SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def view_columns(pipeline: Pipeline, view: View) -> Columns:
+    """(name, DuckDB type) of a published batch view: keys, window_start, stored aggregates."""
+    fields = pipeline.source_of(view).field_map
+    cols: Columns = [(k, DUCKDB_TYPES[fields[k].type]) for k in view.keys]
+    cols.append((WINDOW_START, "TIMESTAMPTZ"))
+    for a in view.stored_aggregates:
+        kind_type = "BIGINT" if a.kind in ("count", "sum") else DUCKDB_TYPES[fields[a.column].type]
+        cols.append((a.name, kind_type))
+    return cols
+
+
+def speed_columns(pipeline: Pipeline, view: View) -> Columns:
+    """(name, DuckDB type) of a published speed view: ``_partition``, ``_block_start``, then the batch columns."""
+    return [*SPEED_POSITION_COLUMNS, *view_columns(pipeline, view)]
+
+
+def master_columns(source: Source) -> Columns:
+    """(name, DuckDB type) of a master file: declared fields, ``_partition``, ``_offset``, ``_ingest_time``."""
+    return [(f.name, DUCKDB_TYPES[f.type]) for f in source.fields] + list(MASTER_POSITION_COLUMNS)
+
+
+def arrow_schema(columns: Columns) -> pa.Schema:
+    """The Arrow schema of ``columns`` (used for the empty relation of a side that published nothing)."""
+    return pa.schema([(name, _ARROW_OF_DUCKDB[typ]) for name, typ in columns])
+
+
+def typed_select(columns: Columns, relation: str) -> str:
+    """SELECT every column of ``relation`` cast to its contract type (published files are checked, not trusted)."""
+    cols = ", ".join(f"CAST({ident(n)} AS {t}) AS {ident(n)}" for n, t in columns)
+    return f"SELECT {cols} FROM {relation}"
+
+
+def empty_select(columns: Columns) -> str:
+    """A relation with ``columns`` and no rows."""
+    cols = ", ".join(f"CAST(NULL AS {t}) AS {ident(n)}" for n, t in columns)
+    return f"SELECT {cols} WHERE false"
+
+
+def speed_visible_predicate(watermark: dict[int, int]) -> str:
+    """SQL form of :func:`lambdalake.handoff.speed_row_visible`: ``_block_start >= W[_partition]``, W = 0 if absent.
+
+    ``watermark`` is {partition: W} of the view's topic in the connection's batch version.
+    """
+    if not watermark:
+        return "_block_start >= 0"
+    cases = " ".join(f"WHEN {int(p)} THEN {int(w)}" for p, w in sorted(watermark.items()))
+    return f"_block_start >= CASE _partition {cases} ELSE 0 END"
+
+
+def _merge_expr(a: Aggregate) -> str:
+    col = ident(a.name)
+    if a.merge == "sum":  # DuckDB widens sum(BIGINT) to HUGEINT; partial counts/sums are int64 by contract
+        return f"CAST(sum({col}) AS BIGINT) AS {col}"
+    return f"{a.merge}({col}) AS {col}"
+
+
+def _output_expr(a: Aggregate | Mean, means: dict[str, Mean]) -> str:
+    if isinstance(a, Mean):
+        m = means[a.name]
+        return (f"CAST({ident(m.sum_name)} AS DOUBLE) / NULLIF({ident(m.count_name)}, 0) AS {ident(m.name)}")
+    return ident(a.name)
+
+
+def merged_view_sql(view: View, batch: str, speed: str, watermark: dict[int, int]) -> str:
+    """The SELECT of a merged view over the typed relations ``batch`` and ``speed`` (names or subqueries).
+
+    Output columns are exactly ``view.output_columns``, in order.
+    """
+    group = [ident(k) for k in view.keys] + [ident(WINDOW_START)]
+    stored = [ident(a.name) for a in view.stored_aggregates]
+    part_cols = ", ".join(group + stored)
+    merged = ", ".join(group + [_merge_expr(a) for a in view.stored_aggregates])
+    means = {m.name: m for m in view.means}
+    outs = ", ".join(group + [_output_expr(a, means) for a in view.aggregates])
+    return (
+        f"SELECT {outs} FROM (\n"
+        f"  SELECT {merged} FROM (\n"
+        f"    SELECT {part_cols} FROM {batch}\n"
+        f"    UNION ALL\n"
+        f"    SELECT {part_cols} FROM {speed} WHERE {speed_visible_predicate(watermark)}\n"
+        f"  ) AS parts GROUP BY {', '.join(group)}\n"
+        f") AS merged"
+    )
