@@ -170,7 +170,7 @@ def _events_table(con, source, messages: list[LogMessage], below: dict | None) -
         CREATE OR REPLACE TABLE {table} AS
         SELECT * FROM (
             SELECT *, row_number() OVER (PARTITION BY _partition, "{source.event_id}" ORDER BY _offset) AS _rn
-            FROM raw_{source.name}) WHERE _rn = 1 {('AND ' + limit[6:]) if limit else ''}""")
+            FROM raw_{source.name}) WHERE _rn = 1 {('AND (' + limit[6:] + ')') if limit else ''}""")
     return table
 
 
