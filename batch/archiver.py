@@ -454,8 +454,8 @@ class Archiver:
             report.messages += 1
             if verdict.ok:
                 rec = verdict.record
-                for n in names:
-                    cols[n].append(rec[n])
+                for name in names:
+                    cols[name].append(rec[name])
                 buf.offsets.append(r.offset)
                 buf.ingest.append(now_us)
                 report.valid += 1

@@ -169,7 +169,8 @@ def rollback(home: Path, *, force: bool = False) -> tuple[str, str]:
 
     The previous version has a lower watermark. That is only exact while the speed layer still holds the
     positions between the two watermarks; if the published speed snapshot says it pruned beyond the previous
-    watermark (``snapshot.json`` key ``pruned``: {topic: {partition: offset}}), rollback refuses unless ``force``.
+    watermark (``snapshot.json`` key ``pruned_to``: {topic: {partition: offset}}), rollback refuses unless
+    ``force``.
     """
     layout = Layout(home)
     with publish_lock(layout):
@@ -194,7 +195,7 @@ def _check_speed_covers(layout: Layout, manifest: dict) -> None:
         snap = current_speed_snapshot(layout)
     except InvariantViolation:
         snap = None
-    pruned = (snap or {}).get("pruned") or {}
+    pruned = (snap or {}).get("pruned_to") or {}
     wm = watermark_of(manifest)
     for topic, parts in pruned.items():
         for p, off in parts.items():

@@ -1,0 +1,388 @@
+"""The Spark batch job against the real broker and real Spark: published views == the independent oracle.
+
+The oracle (``tests/oracle.py``) reads the log back from Kafka and applies the documented validation and dedup
+rules in plain Python + DuckDB SQL; nothing here uses the engine's validation, dedup or aggregation code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from batch.archiver import RollPolicy, ingest
+from batch.exceptions import NothingToCompute, PublishError
+from batch.job import run_batch
+from batch.master import sha256_file
+from batch.publish import list_versions, prune_versions, rollback
+from lambdalake.layout import Layout, current_batch_manifest, read_pointer, watermark_of
+from lambdalake.pipeline import Mean, load_pipeline
+from tests.conftest import LAMBDALAKE
+from tests.oracle import assert_rows_equal, oracle_views, read_log
+
+pytestmark = pytest.mark.integration
+
+
+# --- helpers -------------------------------------------------------------------------------------------------------
+def produce(run_cli, events: int, seed: int = 11, **kw) -> None:
+    args = ["produce", "--events", str(events), "--seed", str(seed)]
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    run_cli(*args)
+
+
+def version_rows(home: Path, version: str, view, raw: bool = False) -> list[tuple]:
+    """Rows of a published view; output columns (declared aggregates, means derived) unless ``raw``."""
+    table = pq.read_table(home / "views" / "batch" / version / view.name)
+    cols = {c: table.column(c).to_pylist() for c in table.column_names}
+    n = table.num_rows
+    if raw:
+        return [tuple(cols[c][i] for c in table.column_names) for i in range(n)]
+    means = {m.name: m for m in view.means}
+    out = []
+    for i in range(n):
+        row = [cols[k][i] for k in view.keys] + [cols["window_start"][i]]
+        for a in view.aggregates:
+            if isinstance(a, Mean):
+                m = means[a.name]
+                s, c = cols[m.sum_name][i], cols[m.count_name][i]
+                row.append(None if s is None or not c else s / c)
+            else:
+                row.append(cols[a.name][i])
+        out.append(tuple(row))
+    return out
+
+
+def below(manifest: dict) -> dict[tuple[str, int], int]:
+    return watermark_of(manifest)
+
+
+def assert_version_equals_oracle(settings, pipeline, manifest: dict, log=None) -> None:
+    log = log if log is not None else read_log(settings.bootstrap, [s.topic for s in pipeline.sources])
+    expected = oracle_views(pipeline, log, below=below(manifest))
+    for view in pipeline.views:
+        rows = version_rows(settings.home, manifest["version"], view)
+        assert_rows_equal(rows, expected[view.name], view.name)
+        assert manifest["row_counts"][view.name] == len(expected[view.name])
+
+
+@pytest.fixture
+def archived(settings, pipeline, run_cli):
+    """A lake with ~2000 events (late, duplicated, malformed) archived in small files."""
+    produce(run_cli, 2000, late_fraction=0.1, duplicate_fraction=0.05, malformed_fraction=0.03)
+    ingest(settings, pipeline, until_caught_up=True, policy=RollPolicy(max_rows=73))
+    return settings
+
+
+# --- tests ---------------------------------------------------------------------------------------------------------
+def test_batch_views_equal_oracle_below_aligned_watermark(archived, pipeline, spark):
+    settings = archived
+    manifest = run_batch(settings, pipeline, spark=spark)
+    layout = Layout(settings.home)
+    assert read_pointer(layout.batch_pointer) == {"version": "v000001"}
+    assert current_batch_manifest(layout) == manifest
+    # watermark: whole blocks only, trailing the archived ends by less than a block, and really trailing somewhere
+    block = settings.handoff_block
+    assert manifest["block"] == block
+    trailing = 0
+    for s in pipeline.sources:
+        for p, end in manifest["archived"][s.topic].items():
+            w = manifest["watermark"][s.topic][p]
+            assert w % block == 0 and 0 <= end - w < block
+            trailing += end > w
+    assert trailing > 0, "the test data should leave partial blocks so W trails the archived data"
+    assert_version_equals_oracle(settings, pipeline, manifest)
+    # lineage: inputs are real files with the recorded size, checksum and rows; they cover [0, W) exactly
+    for inp in manifest["inputs"]:
+        path = settings.home / inp["path"]
+        assert path.stat().st_size == inp["bytes"] and sha256_file(path) == inp["sha256"]
+        assert pq.ParquetFile(path).metadata.num_rows == inp["rows"]
+    for s in pipeline.sources:
+        for p, w in manifest["watermark"][s.topic].items():
+            ranges = sorted((i["start"], i["end"]) for i in manifest["inputs"]
+                            if i["source"] == s.name and i["partition"] == int(p))
+            if w:
+                assert ranges[0][0] == 0 and ranges[-1][1] >= w > ranges[-1][0]
+                assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    for key in ("engine", "spark_master", "code_version", "started_at", "finished_at", "duration_s", "pipeline"):
+        assert manifest[key] not in (None, "")
+    assert manifest["engine"].startswith("spark 4.")
+
+
+def test_batch_below_w_plus_rest_above_w_equals_everything(archived, pipeline, spark, run_cli):
+    """W trails the archive: batch (< W) merged with the same views computed over >= W equals the whole log.
+
+    The part >= W comes from the real speed layer's published snapshot (rows carry their block) when available.
+    """
+    settings = archived
+    manifest = run_batch(settings, pipeline, spark=spark)
+    log = read_log(settings.bootstrap, [s.topic for s in pipeline.sources])
+    w = below(manifest)
+    res = run_cli("speed", "--until-caught-up", check=False, timeout=300)
+    assert res.returncode == 0, res.stderr
+    layout = Layout(settings.home)
+    ptr = read_pointer(layout.speed_pointer)
+    assert ptr is not None
+    sdir = layout.speed_snapshot(ptr["snapshot"])
+    everything = oracle_views(pipeline, log)
+    for view in pipeline.views:
+        batch_raw = version_rows(settings.home, manifest["version"], view, raw=True)
+        speed = pq.read_table(sdir / f"{view.name}.parquet")
+        topic = pipeline.source_of(view).topic
+        keep = [w.get((topic, p), 0) <= b for p, b in zip(speed.column("_partition").to_pylist(),
+                                                          speed.column("_block_start").to_pylist(), strict=True)]
+        speed = speed.filter(keep).drop(["_partition", "_block_start"])
+        speed_raw = [tuple(r.values()) for r in speed.to_pylist()]
+        merged = merge_stored(view, batch_raw + speed_raw)
+        assert_rows_equal(merged, everything[view.name], view.name)
+
+
+def merge_stored(view, rows: list[tuple]) -> list[tuple]:
+    """Combine stored rows with equal (keys, window_start) per the declared merge rules; derive means."""
+    nk = len(view.keys) + 1
+    stored = view.stored_aggregates
+    acc: dict[tuple, list] = {}
+    for r in rows:
+        key, vals = r[:nk], list(r[nk:])
+        if key not in acc:
+            acc[key] = vals
+            continue
+        cur = acc[key]
+        for i, a in enumerate(stored):
+            x, y = cur[i], vals[i]
+            if x is None or y is None:
+                cur[i] = y if x is None else x
+            elif a.merge == "sum":
+                cur[i] = x + y
+            else:
+                cur[i] = min(x, y) if a.merge == "min" else max(x, y)
+    idx = {a.name: i for i, a in enumerate(stored)}
+    means = {m.name: m for m in view.means}
+    out = []
+    for key, vals in acc.items():
+        row = list(key)
+        for a in view.aggregates:
+            if isinstance(a, Mean):
+                m = means[a.name]
+                row.append(vals[idx[m.sum_name]] / vals[idx[m.count_name]])
+            else:
+                row.append(vals[idx[a.name]])
+        out.append(tuple(row))
+    return out
+
+
+def test_rerun_same_snapshot_same_content_and_rollback_and_prune(archived, pipeline, spark, run_cli):
+    settings = archived
+    layout = Layout(settings.home)
+    m1 = run_batch(settings, pipeline, spark=spark)
+    m2 = run_batch(settings, pipeline, spark=spark)
+    assert (m1["version"], m2["version"]) == ("v000001", "v000002")
+    assert m1["watermark"] == m2["watermark"] and m1["inputs"] == m2["inputs"]
+    for view in pipeline.views:
+        assert sorted(version_rows(settings.home, "v000001", view, raw=True), key=repr) == \
+            sorted(version_rows(settings.home, "v000002", view, raw=True), key=repr)
+    # more data -> v3 at a higher watermark
+    produce(run_cli, 500, seed=12)
+    ingest(settings, pipeline, until_caught_up=True)
+    m3 = run_batch(settings, pipeline, spark=spark)
+    assert any(below(m3)[k] > w for k, w in below(m2).items())
+    assert_version_equals_oracle(settings, pipeline, m3)
+    # rollback through the real CLI: CURRENT -> v2, the older snapshot, which still equals its oracle
+    res = run_cli("batch", "--rollback")
+    assert "v000003 -> v000002" in res.stdout
+    assert read_pointer(layout.batch_pointer) == {"version": "v000002"}
+    assert_version_equals_oracle(settings, pipeline, current_batch_manifest(layout))
+    # rollback again -> v1; a new run numbers after the highest existing version and becomes current
+    assert rollback(settings.home) == ("v000002", "v000001")
+    m4 = run_batch(settings, pipeline, spark=spark, keep=2)
+    assert m4["version"] == "v000004" and read_pointer(layout.batch_pointer) == {"version": "v000004"}
+    # keep=2 pruned everything but the newest two (the current one and the one before it)
+    assert list_versions(layout) == ["v000003", "v000004"]
+    assert prune_versions(settings.home, keep=2) == []
+    # the rollback refuses when the speed layer says it pruned beyond the previous watermark
+    layout.speed_views.mkdir(parents=True, exist_ok=True)
+    snap = layout.speed_snapshot("s-test")
+    snap.mkdir()
+    big = {t: {p: w + 10 * settings.handoff_block for p, w in parts.items()} for t, parts in m4["watermark"].items()}
+    (snap / "snapshot.json").write_text(json.dumps({"snapshot": "s-test", "pruned_to": big}))
+    (layout.speed_pointer).write_text(json.dumps({"snapshot": "s-test"}))
+    with pytest.raises(PublishError, match="pruned"):
+        rollback(settings.home)
+    assert read_pointer(layout.batch_pointer) == {"version": "v000004"}
+
+
+def test_failed_run_changes_nothing_served(archived, pipeline, spark):
+    settings = archived
+    layout = Layout(settings.home)
+    m1 = run_batch(settings, pipeline, spark=spark)
+    # corrupt one input file in place (same name, garbage content): the Spark read fails
+    victim = settings.home / m1["inputs"][0]["path"]
+    good = victim.read_bytes()
+    victim.write_bytes(b"PAR1 this is not parquet PAR1")
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - any Spark error; what matters is what is served after
+            run_batch(settings, pipeline, spark=spark)
+    finally:
+        victim.write_bytes(good)
+    assert read_pointer(layout.batch_pointer) == {"version": "v000001"}
+    assert list_versions(layout) == ["v000001"]
+    assert not [d for d in layout.batch_views.iterdir() if d.name.startswith(".staging")]
+    assert_version_equals_oracle(settings, pipeline, current_batch_manifest(layout))
+
+
+def test_nothing_to_compute_is_a_clear_error(settings, pipeline, spark, run_cli):
+    with pytest.raises(NothingToCompute):
+        run_batch(settings, pipeline, spark=spark)
+    res = run_cli("batch", check=False)
+    assert res.returncode != 0 and "no complete block" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_view_option_recomputes_one_view_at_published_watermark(archived, pipeline, spark, run_cli):
+    settings = archived
+    m1 = run_batch(settings, pipeline, spark=spark)
+    produce(run_cli, 300, seed=13)
+    ingest(settings, pipeline, until_caught_up=True)
+    m2 = run_batch(settings, pipeline, spark=spark, views=["revenue_daily"])
+    assert m2["watermark"] == m1["watermark"]  # one watermark per version: the published one
+    assert_version_equals_oracle(settings, pipeline, m2)
+    # unchanged views are carried over as the very same files (hard links), the named one recomputed
+    v1, v2 = settings.home / "views/batch/v000001", settings.home / "views/batch/v000002"
+    for view in pipeline.views:
+        same = all(os.path.samefile(f, v1 / view.name / f.name) for f in (v2 / view.name).glob("*.parquet")
+                   if (v1 / view.name / f.name).exists())
+        recomputed = m2["views"][view.name]["computed_in"] == "v000002"
+        assert recomputed == (view.name == "revenue_daily")
+        if not recomputed:
+            assert same and m2["views"][view.name]["computed_in"] == "v000001"
+
+
+SENSORS = '''
+from datetime import timedelta
+from lambdalake.pipeline import Field, Pipeline, Source, View, count, max_, mean, min_, sum_
+
+readings = Source(
+    name="readings", topic="lab.readings.{suffix}", key="device", event_id="rid", event_time="at",
+    fields=[Field.string("rid"), Field.timestamp("at"), Field.string("device"),
+            Field.string("site", required=False, nullable=True), Field.integer("temp_c", minimum=-80, maximum=80),
+            Field.integer("battery", required=False)],
+)
+pipeline = Pipeline("lab", sources=[readings], views=[
+    View("site_15min", source="readings", keys=["site"], bucket=timedelta(minutes=15),
+         aggregates=[mean("avg_temp", "temp_c"), min_("min_temp", "temp_c"), max_("max_device", "device"),
+                     min_("min_battery", "battery")]),
+    View("device_daily", source="readings", keys=["device", "site"], bucket=timedelta(days=1),
+         aggregates=[count("n"), sum_("sum_temp", "temp_c"), max_("max_temp", "temp_c")]),
+])
+'''
+
+
+def test_second_pipeline_needs_no_engine_change(kafka_broker, tmp_path, unique_suffix, spark, cli_env):
+    """A user's own pipeline file (nullable key, string max, optional int min, mean) through the real CLI."""
+    import random
+
+    from lambdalake.config import load_settings
+
+    pfile = tmp_path / "lab.py"
+    pfile.write_text(SENSORS.replace("{suffix}", unique_suffix))
+    home = tmp_path / "lab-lake"
+    settings = load_settings(home=home, bootstrap=kafka_broker, pipeline=str(pfile), partitions=3).with_(
+        handoff_block=20)
+    pipeline = load_pipeline(str(pfile))
+    rng = random.Random(5)
+    lines = []
+    for i in range(700):
+        doc = {"rid": f"r{i}", "at": f"2026-03-0{1 + i % 3}T{i % 24:02d}:{(i * 7) % 60:02d}:00+02:00",
+               "device": f"dev-{rng.randrange(12)}", "temp_c": rng.randrange(-20, 40)}
+        if rng.random() < 0.7:
+            doc["site"] = rng.choice(["north", "south", None])
+        if rng.random() < 0.5:
+            doc["battery"] = rng.randrange(0, 100)
+        lines.append(json.dumps(doc))
+        if rng.random() < 0.05:
+            lines.append(json.dumps(doc))  # duplicate
+        if rng.random() < 0.03:
+            lines.append(json.dumps({**doc, "rid": f"bad{i}", "temp_c": 500}))  # out of range
+        if rng.random() < 0.02:
+            lines.append('{"rid": "broken"')
+    f = tmp_path / "readings.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    env = {**cli_env, "LAMBDALAKE_HOME": str(home), "LAMBDALAKE_PIPELINE": str(pfile),
+           "LAMBDALAKE_PARTITIONS": "3", "LAMBDALAKE_HANDOFF_BLOCK": "20"}
+    for args in (["topics", "--no-count"], ["load", str(f), "--source", "readings"], ["ingest", "--until-caught-up"]):
+        res = subprocess.run([LAMBDALAKE, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+    manifest = run_batch(settings, pipeline, spark=spark)
+    log = read_log(kafka_broker, [readings_topic(pipeline)])
+    expected = oracle_views(pipeline, log, below=below(manifest))
+    assert any(r[0] is None for r in expected["site_15min"]), "the data should produce a null-site group"
+    for view in pipeline.views:
+        assert_rows_equal(version_rows(home, manifest["version"], view), expected[view.name], view.name)
+
+
+def readings_topic(pipeline) -> str:
+    return pipeline.sources[0].topic
+
+
+def _wait_for(pred, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+def test_killed_cli_run_changes_nothing_served(archived, pipeline, spark, cli_env):
+    """kill -9 of a real `lambdalake batch` mid-run: CURRENT and the served version are untouched; the next run
+    cleans up the dead run's staging directory and publishes normally."""
+    settings = archived
+    layout = Layout(settings.home)
+    m1 = run_batch(settings, pipeline, spark=spark)
+    proc = subprocess.Popen([LAMBDALAKE, "batch"], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def staged_view() -> bool:
+            return any(d.name.startswith(".staging") and any(d.iterdir()) for d in layout.batch_views.iterdir())
+
+        assert _wait_for(staged_view, 180), "the batch run never started writing"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    assert read_pointer(layout.batch_pointer) == {"version": "v000001"}
+    assert list_versions(layout) == ["v000001"]
+    m2 = run_batch(settings, pipeline, spark=spark)
+    assert m2["version"] == "v000002" and m2["watermark"] == m1["watermark"]
+    assert not [d for d in layout.batch_views.iterdir() if d.name.startswith(".staging")]
+
+
+@pytest.mark.slow
+def test_local_cluster_run_via_cli(archived, pipeline, run_cli):
+    """The real CLI on a multi-executor Spark cluster (2 workers, separate executor JVMs)."""
+    settings = archived
+    res = run_cli("batch", "--spark-master", "local-cluster[2,1,1024]", timeout=600)
+    assert "published batch version v000001" in res.stdout
+    manifest = current_batch_manifest(Layout(settings.home))
+    assert manifest["spark_master"] == "local-cluster[2,1,1024]"
+    assert_version_equals_oracle(settings, pipeline, manifest)
+
+
+@pytest.mark.slow
+def test_spark_submit_entry_point(archived, pipeline, cli_env):
+    settings = archived
+    spark_submit = str(Path(LAMBDALAKE).parent / "spark-submit")
+    job = str(Path(__file__).resolve().parent.parent / "batch" / "job.py")
+    env = {**cli_env, "PYSPARK_PYTHON": str(Path(LAMBDALAKE).parent / "python")}
+    res = subprocess.run([spark_submit, "--master", "local[2]", job, "--home", str(settings.home),
+                          "--pipeline", settings.pipeline], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["version"] == "v000001"
+    assert_version_equals_oracle(settings, pipeline, current_batch_manifest(Layout(settings.home)))
