@@ -8,7 +8,19 @@
 - ``lambdalake sql`` / ``lambdalake catalog`` — the command-line entry points (:mod:`serving.cli`).
 """
 
-from serving.catalog import write_catalog
-from serving.connection import connect, refresh
+from typing import Any
 
 __all__ = ["connect", "refresh", "write_catalog"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `lambdalake <any command>` imports serving.cli; DuckDB/pyarrow load only when serving is used.
+    if name in ("connect", "refresh"):
+        from serving import connection
+
+        return getattr(connection, name)
+    if name == "write_catalog":
+        from serving.catalog import write_catalog
+
+        return write_catalog
+    raise AttributeError(f"module 'serving' has no attribute {name!r}")

@@ -8,16 +8,19 @@ import sys
 from datetime import date, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import duckdb
-import pyarrow as pa
 import typer
 from rich.table import Table
 
 from lambdalake.cli import HomeOpt, PipelineOpt, console, err_console
 from serving.exceptions import QueryError
-from serving.published import PublishedPair
+
+if TYPE_CHECKING:  # imported lazily: every `lambdalake` command loads this module
+    import duckdb
+    import pyarrow as pa
+
+    from serving.published import PublishedPair
 
 NOTHING_PUBLISHED_HINT = ("nothing published yet in {home}: the views are empty until the archiver, a batch run and "
                           "the speed layer publish (see `lambdalake --help`)")
@@ -37,6 +40,8 @@ def _one_line(exc: BaseException) -> str:
 
 def run_query(con: duckdb.DuckDBPyConnection, query: str) -> pa.Table | None:
     """Run ``query`` (one or more statements); the last statement's rows, or None if it returns none."""
+    import duckdb
+
     try:
         rel = con.sql(query)
         return None if rel is None else rel.to_arrow_table()
@@ -67,6 +72,8 @@ def _text(v: Any) -> str:
 
 
 def write_result(table: pa.Table, fmt: OutputFormat) -> None:
+    import pyarrow as pa
+
     rows = table.to_pylist()
     if fmt is OutputFormat.json:
         sys.stdout.write(json.dumps([_jsonable(r) for r in rows], ensure_ascii=False) + "\n")
