@@ -202,13 +202,15 @@ class SpeedLayer:
         delay, attempt = 0.5, 0
         while True:
             attempt += 1
+            per_attempt_ms = int(1000 * min(5.0, max(1.0, (deadline - time.monotonic()) / 2)))
             try:
                 return consumer(self.settings, group_id=self.group_id, fetch_max_wait_ms=100,
-                                max_poll_records=self.options.max_records, check_crcs=False)
+                                max_poll_records=self.options.max_records, check_crcs=False,
+                                bootstrap_timeout_ms=per_attempt_ms)
             except BrokerError as exc:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stop.is_set():
-                    raise BrokerUnreachable(f"{exc} (gave up after {attempt} attempts in "
+                    raise BrokerUnreachable(f"{exc} (gave up after {attempt} attempt(s) in "
                                             f"{self.options.broker_timeout:.0f}s; raise --broker-timeout to wait "
                                             "longer)") from exc
                 wait = min(delay, left)
