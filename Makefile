@@ -8,7 +8,7 @@ KAFKA_LIBS := .cache/kafka/libs
 M2 := $(CURDIR)/.cache/m2
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint bench airflow clean-lake kafka-up kafka-down
+.PHONY: install run test test-fast lint bench airflow chromium clean-lake kafka-up kafka-down
 
 install: $(VENV)/.installed $(KAFKA_LIBS)/.complete
 
@@ -41,6 +41,13 @@ kafka-up: install
 
 kafka-down: install
 	$(BIN)/lambdalake kafka down
+
+airflow: install  # Airflow standalone with dags/, AIRFLOW_HOME=.airflow/; prints the UI address and login
+	$(BIN)/lambdalake airflow $(AIRFLOW_ARGS)
+
+chromium:  # the headless browser of the Airflow UI test (Debian packages; needs root or sudo)
+	@command -v chromium >/dev/null || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); $$S apt-get update -qq && \
+	  $$S env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
 clean-lake:
 	-$(BIN)/lambdalake kafka down

@@ -217,7 +217,7 @@ def demo(
 
 
 # --- layers ------------------------------------------------------------------------------------------------------
-LAYER_CLIS = ("batch.cli", "speed.cli", "serving.cli")
+LAYER_CLIS = ("batch.cli", "speed.cli", "serving.cli", "lambdalake.orchestration.cli")
 
 
 def _register_layers() -> None:

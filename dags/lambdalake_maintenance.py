@@ -1,0 +1,46 @@
+"""lambdalake_maintenance: compact small master files, then prune old batch versions (retention).
+
+Thin wiring over :func:`lambdalake.orchestration.tasks.compact_master` (the batch layer's atomic, recorded
+compaction; safe while the batch DAG runs: it waits for the master readers lock) and
+:func:`lambdalake.orchestration.tasks.prune_batch_versions` (keeps the newest ``LAMBDALAKE_BATCH_KEEP`` versions,
+never the current one nor the one before it). Both are idempotent: a second run finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import dag, task
+
+from lambdalake.orchestration import dagkit
+from lambdalake.orchestration import tasks as lake
+
+
+@dag(
+    dag_id="lambdalake_maintenance",
+    description="Compact small master files and prune old batch versions",
+    schedule=dagkit.schedule("LAMBDALAKE_MAINTENANCE_SCHEDULE", "@daily"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=dagkit.default_args(),
+    tags=["lambdalake"],
+    doc_md=__doc__,
+)
+def lambdalake_maintenance() -> None:
+    @task
+    def compact() -> dict:
+        """Rewrite runs of small adjacent master files into one file each."""
+        settings, pipeline = lake.load(dagkit.run_config())
+        return lake.compact_master(settings, pipeline)
+
+    @task
+    def prune_versions() -> list[str]:
+        """Delete batch versions beyond the retention."""
+        cfg = dagkit.run_config()
+        settings, _ = lake.load(cfg)
+        return lake.prune_batch_versions(settings, lake.batch_keep(cfg))
+
+    compact() >> prune_versions()
+
+
+lambdalake_maintenance()
