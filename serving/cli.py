@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
         from serving.connection import connect, pair_of, resolve
 
         settings, pipe = resolve(None, pipeline, home)
-        con = connect(settings, pipe)
+        con = connect(settings, pipe, materialize=False)  # one query: scan lazily rather than copy everything
         try:
             _hint(pair_of(con), settings.home)
             result = run_query(con, query)

@@ -250,14 +250,15 @@ def split_lake(home: Path, pipeline: Pipeline, events: list[Event], w_blocks: di
 
 
 # --- merge on query -------------------------------------------------------------------------------------------------
-def test_merged_views_equal_direct_aggregation(home, serving_settings, clickstream):
+@pytest.mark.parametrize("materialize", [True, False])
+def test_merged_views_equal_direct_aggregation(home, serving_settings, clickstream, materialize):
     """Rows only in batch, only in speed, in both; unpruned speed blocks below W are excluded; min/max/mean right."""
     events = make_events(clickstream, 900)
     # partition 0: W = 3 blocks, speed not pruned at all (blocks 0..2 are in BOTH files: must count once)
     # partition 1: W = 5 blocks, speed pruned to 2 blocks; partition 2: no batch coverage (W = 0)
     watermark = split_lake(home, clickstream, events, {0: 3, 1: 5, 2: 0}, pruned_blocks={1: 2})
     assert any(w for ps in watermark.values() for w in ps.values())
-    con = connect(serving_settings, clickstream)
+    con = connect(serving_settings, clickstream, materialize=materialize)
     for view in clickstream.views:
         got = query_view(con, view)
         want = expected_view(clickstream, view, events)
@@ -435,6 +436,20 @@ def test_connection_keeps_its_pair_until_refresh(home, serving_settings, clickst
     assert (pair.batch_version, pair.speed_snapshot) == ("v000002", "000000000002")
     for view in clickstream.views:
         assert query_view(con, view) == expected_view(clickstream, view, events)
+
+
+def test_materialized_connection_survives_batch_prune_lazy_one_does_not(home, serving_settings, clickstream):
+    events = make_events(clickstream, 300)
+    split_lake(home, clickstream, events, {0: 2, 1: 3, 2: 1})
+    eager = connect(serving_settings, clickstream)
+    lazy = connect(serving_settings, clickstream, materialize=False)
+    import shutil
+
+    shutil.rmtree(Layout(home).batch_version("v000001"))  # the batch layer pruned the version
+    for view in clickstream.views:
+        assert query_view(eager, view) == expected_view(clickstream, view, events)
+    with pytest.raises(Exception, match="v000001"):
+        lazy.execute("SELECT count(*) FROM pageviews_hourly").fetchall()
 
 
 def test_metadata_tables(home, serving_settings, clickstream):
