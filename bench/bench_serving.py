@@ -1,0 +1,271 @@
+"""Serving latency: merged views (batch ⊕ speed, ``lambdalake.connect()``) vs the raw master dataset in DuckDB.
+
+Not a test. For each size it synthesizes a lake of the clickstream pipeline's ``pageviews`` directly on disk, per
+the published contracts (no Kafka, no Spark): master parquet files per partition/offset range; a batch version
+with the views aggregated over offsets ``< W`` (W aligned to the handoff block); a speed snapshot with the
+partitions' remaining offsets aggregated per (partition, block). Then it times typical queries:
+
+- ``one_key_30d``:  one url's hourly views over 30 days          (``pageviews_hourly``)
+- ``one_user_30d``: one user's daily activity over 30 days        (``user_activity_daily``)
+- ``top_n_day``:    top-10 urls of one day by views              (``pageviews_hourly``)
+
+each against (a) the serving connection (``lambdalake.connect()``, batch side materialized) and (b) the same
+answer computed from the raw master files with ``read_parquet`` in a plain DuckDB connection (the "traditional
+database" baseline), checks both agree, and reports p50/p99 and the raw/merged ratio.
+Results: ``bench/results/serving-<utc time>.json``.
+
+    .venv/bin/python bench/bench_serving.py --sizes 1000000            # quick
+    .venv/bin/python bench/bench_serving.py --sizes 1000000,10000000   # both, ratios in one run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from lambdalake.config import load_settings  # noqa: E402
+from lambdalake.layout import Layout, write_pointer  # noqa: E402
+from lambdalake.pipeline import load_pipeline  # noqa: E402
+from serving.connection import connect  # noqa: E402
+
+PARTITIONS = 4
+BLOCK = 1000
+SPAN_DAYS = 60
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+CHUNK = 1_000_000
+SPEED_SHARE = 0.02  # the newest ~2% of every partition is still in the speed layer
+
+
+def synthesize(home: Path, n: int, seed: int = 1) -> dict:
+    """Write master files, one batch version and one speed snapshot for ``n`` pageview events."""
+    pipeline = load_pipeline("lambdalake.pipelines.clickstream")
+    src = pipeline.source("pageviews")
+    layout = Layout(home)
+    rng = np.random.default_rng(seed)
+    urls = np.array([f"https://shop.example/{p}" for p in ("", "cart", "checkout", "search", "about")]
+                    + [f"https://shop.example/product/{i}" for i in range(400)])
+    n_users = max(50, n // 20)
+    next_offset = [0] * PARTITIONS
+    span_us = SPAN_DAYS * 86_400 * 1_000_000
+    t0_us = int(T0.timestamp() * 1_000_000)
+    for start in range(0, n, CHUNK):
+        m = min(CHUNK, n - start)
+        idx = np.arange(start, start + m)
+        et = t0_us + idx * (span_us // n) - (rng.random(m) < 0.05) * rng.integers(0, 3 * 3_600_000_000, m)
+        user = (rng.zipf(1.3, m) - 1) % n_users
+        url = (rng.zipf(1.1, m) - 1) % len(urls)
+        part = user % PARTITIONS
+        table = pa.table({
+            "event_id": pa.array([f"pv-{i}" for i in idx]),
+            "event_time": pa.array(et, pa.timestamp("us", tz="UTC")),
+            "user_id": pa.array(np.char.add("user-", np.char.zfill(user.astype(str), 7))),
+            "url": pa.array(urls[url]),
+            "referrer": pa.nulls(m, pa.string()),
+            "duration_ms": pa.array(rng.integers(0, 120_000, m), pa.int64()),
+        })
+        for p in range(PARTITIONS):
+            mask = part == p
+            k = int(mask.sum())
+            if not k:
+                continue
+            sub = table.filter(pa.array(mask))
+            off = next_offset[p]
+            sub = sub.append_column("_partition", pa.array(np.full(k, p), pa.int32()))
+            sub = sub.append_column("_offset", pa.array(np.arange(off, off + k), pa.int64()))
+            sub = sub.append_column("_ingest_time", pa.array(et[mask], pa.timestamp("us", tz="UTC")))
+            f = layout.master_file(src.name, p, off, off + k)
+            f.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(sub, f)
+            next_offset[p] = off + k
+    ends = {p: next_offset[p] for p in range(PARTITIONS)}
+    wm = {p: int(e * (1 - SPEED_SHARE)) // BLOCK * BLOCK for p, e in ends.items()}
+    _publish_views(home, pipeline, src, wm, ends)
+    return {"events": n, "watermark": wm, "positions": ends}
+
+
+def _publish_views(home: Path, pipeline, src, wm: dict[int, int], ends: dict[int, int]) -> None:
+    layout = Layout(home)
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    master = f"read_parquet('{layout.master_source(src.name)}/p=*/*.parquet')"
+    case_w = "CASE _partition " + " ".join(f"WHEN {p} THEN {w}" for p, w in wm.items()) + " ELSE 0 END"
+    version, snap = "v000001", "000000000001"
+    counts = {}
+    for view in pipeline.views:
+        keys = [f'"{k}"' for k in view.keys]
+        ws = f"make_timestamptz((epoch_us(event_time) // {view.bucket_us}) * {view.bucket_us}) AS window_start"
+        aggs = []
+        for a in view.stored_aggregates:
+            expr = "count(*)" if a.kind == "count" else f'{a.kind}("{a.column}")'
+            aggs.append(f'CAST({expr} AS BIGINT) AS "{a.name}"')
+        if view.source != src.name:  # purchases: nothing synthesized, the view stays empty on both sides
+            continue
+        sel = ", ".join(keys + [ws] + aggs)
+        group = ", ".join(keys + ["window_start"])
+        vdir = layout.batch_version(version) / view.name
+        vdir.mkdir(parents=True)
+        con.execute(f"COPY (SELECT {sel} FROM {master} WHERE _offset < {case_w} GROUP BY {group}) "
+                    f"TO '{vdir}/part-00000.parquet' (FORMAT parquet)")
+        counts[view.name] = con.execute(f"SELECT count(*) FROM '{vdir}/part-00000.parquet'").fetchone()[0]
+        sdir = layout.speed_snapshot(snap)
+        sdir.mkdir(parents=True, exist_ok=True)
+        sgroup = "_partition, _block_start, " + group
+        con.execute(f"COPY (SELECT _partition, (_offset // {BLOCK}) * {BLOCK} AS _block_start, {sel} FROM {master} "
+                    f"WHERE _offset >= {case_w} GROUP BY {sgroup}) TO '{sdir}/{view.name}.parquet' (FORMAT parquet)")
+    counts["revenue_daily"] = 0
+    topic = src.topic
+    (layout.batch_version(version) / "manifest.json").write_text(json.dumps({
+        "version": version, "watermark": {topic: {str(p): w for p, w in wm.items()}}, "block": BLOCK,
+        "row_counts": counts, "created_at": time.time()}))
+    (layout.speed_snapshot(snap) / "snapshot.json").write_text(json.dumps({
+        "snapshot": snap, "positions": {topic: {str(p): e for p, e in ends.items()}}, "block": BLOCK,
+        "pruned_to": {topic: {str(p): w for p, w in wm.items()}}, "created_at": time.time()}))
+    write_pointer(layout.batch_pointer, {"version": version})
+    write_pointer(layout.speed_pointer, {"snapshot": snap})
+
+
+def queries(rng: random.Random, urls: list[str], users: list[str]) -> dict[str, tuple]:
+    """(merged SQL, raw SQL) per query kind, with random parameters drawn per repetition."""
+    day = T0 + timedelta(days=rng.randrange(SPAN_DAYS - 1))
+    start30 = T0 + timedelta(days=rng.randrange(SPAN_DAYS - 30))
+    lo30, hi30 = start30.isoformat(), (start30 + timedelta(days=30)).isoformat()
+    lo1, hi1 = day.isoformat(), (day + timedelta(days=1)).isoformat()
+    url, user = rng.choice(urls), rng.choice(users)
+    raw = "master_raw"
+    return {
+        "one_key_30d": (
+            f"SELECT epoch_us(window_start), views FROM pageviews_hourly WHERE url = '{url}' "
+            f"AND window_start >= '{lo30}' AND window_start < '{hi30}' ORDER BY window_start",
+            f"SELECT (epoch_us(event_time) // 3600000000) * 3600000000 AS window_start, "
+            f"count(*) AS views FROM {raw} WHERE url = '{url}' AND event_time >= '{lo30}' "
+            f"AND event_time < '{hi30}' GROUP BY 1 ORDER BY 1"),
+        "one_user_30d": (
+            f"SELECT epoch_us(window_start), pageviews FROM user_activity_daily WHERE user_id = '{user}' "
+            f"AND window_start >= '{lo30}' AND window_start < '{hi30}' ORDER BY window_start",
+            f"SELECT (epoch_us(event_time) // 86400000000) * 86400000000 AS window_start, "
+            f"count(*) AS pageviews FROM {raw} WHERE user_id = '{user}' AND event_time >= '{lo30}' "
+            f"AND event_time < '{hi30}' GROUP BY 1 ORDER BY 1"),
+        "top_n_day": (
+            f"SELECT url, sum(views) AS v FROM pageviews_hourly WHERE window_start >= '{lo1}' "
+            f"AND window_start < '{hi1}' GROUP BY url ORDER BY v DESC, url LIMIT 10",
+            f"SELECT url, count(*) AS v FROM {raw} WHERE event_time >= '{lo1}' AND event_time < '{hi1}' "
+            f"GROUP BY url ORDER BY v DESC, url LIMIT 10"),
+    }
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def bench_size(n: int, reps: int, raw_reps: int, workdir: Path | None, keep: bool) -> dict:
+    base = Path(tempfile.mkdtemp(prefix=f"bench-serving-{n}-", dir=workdir))
+    home = base / "lake"
+    home.mkdir()
+    try:
+        t = time.perf_counter()
+        info = synthesize(home, n)
+        info["synthesize_s"] = round(time.perf_counter() - t, 2)
+        settings = load_settings(home=home, bootstrap="127.0.0.1:1", pipeline="lambdalake.pipelines.clickstream")
+
+        connect_ms, lazy_ms = [], []
+        for _ in range(3):
+            for materialize, sink in ((True, connect_ms), (False, lazy_ms)):
+                t = time.perf_counter()
+                c = connect(settings, materialize=materialize)
+                sink.append((time.perf_counter() - t) * 1000)
+                c.close()
+        con = connect(settings)
+        raw = duckdb.connect()
+        raw.execute("SET TimeZone = 'UTC'")
+        raw.execute(f"CREATE VIEW master_raw AS SELECT * FROM "
+                    f"read_parquet('{Layout(home).master_source('pageviews')}/p=*/*.parquet')")
+        urls = [r[0] for r in con.execute("SELECT url FROM pageviews_hourly GROUP BY url "
+                                          "ORDER BY sum(views) DESC LIMIT 50").fetchall()]
+        users = [r[0] for r in con.execute("SELECT user_id FROM user_activity_daily GROUP BY user_id "
+                                           "ORDER BY sum(pageviews) DESC LIMIT 200").fetchall()]
+        info["batch_rows"] = dict(con.execute("SELECT view, batch_rows FROM lambdalake.views").fetchall())
+        info["speed_rows"] = dict(con.execute("SELECT view, speed_rows FROM lambdalake.views").fetchall())
+        rng = random.Random(42)
+        results: dict[str, dict] = {}
+        for kind in ("one_key_30d", "one_user_30d", "top_n_day"):
+            m_sql, r_sql = queries(rng, urls, users)[kind]
+            con.execute(m_sql).fetchall()  # one untimed warm-up per side (OS page cache, parquet metadata)
+            raw.execute(r_sql).fetchall()
+            merged_ms, raw_ms = [], []
+            for i in range(reps):
+                m_sql, r_sql = queries(rng, urls, users)[kind]
+                t = time.perf_counter()
+                got = con.execute(m_sql).fetchall()
+                merged_ms.append((time.perf_counter() - t) * 1000)
+                if i < raw_reps:
+                    t = time.perf_counter()
+                    want = raw.execute(r_sql).fetchall()
+                    raw_ms.append((time.perf_counter() - t) * 1000)
+                    if got != want:
+                        raise SystemExit(f"{kind}: merged view disagrees with the raw master for {m_sql}")
+            results[kind] = {
+                "merged_p50_ms": round(statistics.median(merged_ms), 3),
+                "merged_p99_ms": round(_pct(merged_ms, 0.99), 3),
+                "raw_p50_ms": round(statistics.median(raw_ms), 3),
+                "raw_p99_ms": round(_pct(raw_ms, 0.99), 3),
+                "ratio_p50": round(statistics.median(raw_ms) / statistics.median(merged_ms), 1),
+                "merged_runs": len(merged_ms), "raw_runs": len(raw_ms),
+            }
+        con.close()
+        raw.close()
+        info["connect_ms_p50"] = round(statistics.median(connect_ms), 1)
+        info["connect_lazy_ms_p50"] = round(statistics.median(lazy_ms), 1)
+        info["queries"] = results
+        return info
+    finally:
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1000000", help="comma-separated event counts (e.g. 1000000,10000000)")
+    ap.add_argument("--reps", type=int, default=60, help="timed runs per merged query kind")
+    ap.add_argument("--raw-reps", type=int, default=15, help="timed runs per raw-master query kind")
+    ap.add_argument("--workdir", type=Path, default=None, help="where to synthesize lakes (default: $TMPDIR)")
+    ap.add_argument("--keep", action="store_true", help="keep the synthesized lakes")
+    args = ap.parse_args()
+    sizes = [int(s.replace("_", "")) for s in args.sizes.split(",") if s]
+    run = {"bench": "serving", "started_at": datetime.now(UTC).isoformat(), "duckdb": duckdb.__version__,
+           "pyarrow": pa.__version__, "machine": platform.machine(), "python": platform.python_version(),
+           "cpus": __import__("os").cpu_count(), "sizes": {}}
+    for n in sizes:
+        print(f"size {n:,}: synthesizing and timing ...", file=sys.stderr, flush=True)
+        run["sizes"][str(n)] = r = bench_size(n, args.reps, args.raw_reps, args.workdir, args.keep)
+        print(f"size {n:,} (connect p50 {r['connect_ms_p50']} ms, lazy {r['connect_lazy_ms_p50']} ms; "
+              f"batch rows {r['batch_rows']}):")
+        for kind, q in r["queries"].items():
+            print(f"  {kind:13s} merged p50 {q['merged_p50_ms']:8.2f} ms  p99 {q['merged_p99_ms']:8.2f} ms | "
+                  f"raw p50 {q['raw_p50_ms']:9.2f} ms  p99 {q['raw_p99_ms']:9.2f} ms | raw/merged x{q['ratio_p50']}")
+    out_dir = REPO / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"serving-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+    out.write_text(json.dumps(run, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
