@@ -126,6 +126,9 @@ def connect(settings: Settings | None = None, pipeline: Pipeline | str | None = 
     ``settings`` defaults to :func:`lambdalake.config.load_settings` (``LAMBDALAKE_HOME`` …); ``pipeline`` is a
     :class:`Pipeline`, a pipeline file/module spec, or None for the configured one; ``home`` overrides the lake.
     ``materialize`` copies the batch side into memory (fast queries, slower to open; see step 3 above).
+
+    Query with the returned connection itself: ``master.*`` (and lazy batch views) read Arrow datasets registered
+    on this connection, which DuckDB does not share with ``con.cursor()``; open one connection per thread.
     """
     settings, pipe = resolve(settings, pipeline, home)
     con = open_locked()
