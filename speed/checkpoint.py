@@ -61,8 +61,8 @@ TP = tuple[str, int]
 
 
 def _fault(step: int) -> None:
-    """Fault injection for the crash tests: ``LAMBDALAKE_SPEED_FAULT=<step>:<n>`` SIGKILLs this process when commit
-    step ``<step>`` is reached for the ``<n>``-th time (so every step boundary can be crashed deterministically)."""
+    """Fault injection for the crash tests: ``LAMBDALAKE_SPEED_FAULT=<step>:<n>`` SIGKILLs this process right before
+    commit step ``<step>`` of its ``<n>``-th checkpoint (so every step boundary can be crashed deterministically)."""
     spec = os.environ.get("LAMBDALAKE_SPEED_FAULT")
     if not spec:
         return
@@ -261,9 +261,10 @@ class CheckpointStore:
         ``kafka_commit``: optional callable(positions) for step 7.
         """
         # 2. The snapshot, fully written and renamed, not yet visible.
-        publish.write_snapshot(self.layout, cp.id, tables, snapshot_meta)
         _fault(2)
+        publish.write_snapshot(self.layout, cp.id, tables, snapshot_meta)
         # 3. The checkpoint directory: dedup chunk (delta, or everything when compacting) + checkpoint.json.
+        _fault(3)
         chunks = [c for c in (previous.dedup_chunks if previous else []) if c.needed(cp.positions, cp.dedup_span)]
         if len(chunks) >= MAX_DEDUP_CHUNKS or previous is None or previous.dedup_span != cp.dedup_span:
             rows = {tp: w.items() for tp, w in windows.items()}
@@ -284,18 +285,19 @@ class CheckpointStore:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _fault(3)
         # 4. Paranoid: both halves exist and agree before anything points at them.
+        _fault(4)
         snap_json = self.layout.speed_snapshot(cp.id) / "snapshot.json"
         if publish.flat(json.loads(snap_json.read_text())["positions"]) != cp.positions:
             raise CheckpointCorrupt(f"snapshot {snap_json} does not hold the positions of checkpoint {cp.id}")
         # 5. The commit point.
-        write_pointer(self.pointer, {"checkpoint": cp.id})
         _fault(5)
+        write_pointer(self.pointer, {"checkpoint": cp.id})
         # 6. Visible to the serving layer.
-        publish.make_visible(self.layout, cp.id)
         _fault(6)
+        publish.make_visible(self.layout, cp.id)
         # 7. Lag monitoring only.
+        _fault(7)
         if kafka_commit is not None:
             kafka_commit(cp.positions)
         # 8. Garbage collection.

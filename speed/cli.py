@@ -65,12 +65,11 @@ def register(app: typer.Typer) -> None:
             stats = layer.run(until_caught_up=until_caught_up)
         finally:
             done.set()
-        total = sum(sum(c.values()) for c in layer.counters.values())
         console.print(f"speed: consumed {stats.messages:,} messages in {stats.checkpoints} checkpoints; "
                       f"snapshot {layer.last.id if layer.last else '-'}; "
                       + ", ".join(f"{t}: valid {c['valid']}, duplicates {c['duplicates']}, invalid {c['invalid']}"
                                   for t, c in layer.counters.items())
-                      + ("" if total else " (nothing new)"), highlight=False)
+                      + ("" if stats.messages else " (nothing new since the last checkpoint)"), highlight=False)
 
     @app.command("status")
     def status(
