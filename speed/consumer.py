@@ -135,6 +135,7 @@ class SpeedLayer:
                 targets = self._end_offsets() if until_caught_up else None
                 self._loop(targets)
                 self._checkpoint(force=self.last is None)
+                self._kafka_commit(self.positions, wait=True)
             finally:
                 self._consumer.close(autocommit=False)
                 self._consumer = None
@@ -415,15 +416,19 @@ class SpeedLayer:
         self.stats.checkpoints += 1
         self.stats.last_checkpoint_seconds = time.monotonic() - t0
 
-    def _kafka_commit(self, positions: dict[TP, int]) -> None:
-        """Step 7: committed group offsets, for lag monitoring tools only (never read back by lambdalake)."""
+    def _kafka_commit(self, positions: dict[TP, int], wait: bool = False) -> None:
+        """Step 7: committed group offsets, for lag monitoring tools only (never read back by lambdalake).
+        Asynchronous while running; ``wait`` (at shutdown) so the last positions reach Kafka before close."""
         from kafka.structs import OffsetAndMetadata
 
         if self._consumer is None:
             return
         offsets = {self._tps[k]: OffsetAndMetadata(s, "", -1) for k, s in positions.items() if k in self._tps}
         try:
-            self._consumer.commit_async(offsets)
+            if wait:
+                self._consumer.commit(offsets, timeout_ms=3000)
+            else:
+                self._consumer.commit_async(offsets)
         except Exception as exc:  # noqa: BLE001 - monitoring only; never let it stop the speed layer
             log.debug("lag-monitoring commit failed: %s", exc)
 

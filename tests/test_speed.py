@@ -272,6 +272,18 @@ def test_speed_process_equals_oracle_and_resumes(settings, pipeline, run_cli):
     for t in topics(pipeline):
         assert meta["counters"][t] == {k: want[t][k] for k in ("valid", "invalid", "duplicates")}
 
+    # Kafka's committed group offsets mirror the positions (lag monitoring only; never read back).
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    try:
+        committed = admin.list_group_offsets({f"lambdalake-speed-{pipeline.name}": None})
+    finally:
+        admin.close()
+    assert {(tp.topic, tp.partition): om.offset for tp, om in committed[f"lambdalake-speed-{pipeline.name}"].items()
+            if tp.topic in topics(pipeline)} == {(t, int(p)): s for t, ps in meta["positions"].items()
+                                                 for p, s in ps.items()}
+
     produce(settings, pipeline, 1500, seed=8, start="2026-01-05T20:00:00Z")  # overlaps buckets of the first run
     run_cli("speed", "--until-caught-up", "--checkpoint-interval", "0.05")
     msgs = read_log(settings.bootstrap, topics(pipeline))
