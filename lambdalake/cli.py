@@ -205,8 +205,9 @@ def load(
 
 @app.command("demo")
 def demo(
-    events: Annotated[int, typer.Option("--events", "-n", min=1, help="Valid events to produce.")] = 20_000,
-    rate: Annotated[float | None, typer.Option(min=1, help="Messages per second.")] = 2_000,
+    events: Annotated[int, typer.Option("--events", "-n", min=1, help="Valid events to produce.")] = 24_000,
+    rate: Annotated[float | None, typer.Option(min=1, help="Messages per second (default: a one-minute "
+                                               "stream).")] = 400,
     port: Annotated[int | None, typer.Option(help="Broker port for the demo [default: a free port].")] = None,
     home: HomeOpt = None,
 ) -> None:

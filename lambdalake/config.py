@@ -10,8 +10,8 @@ LAMBDALAKE_HOME            the lake directory                    ``./data``
 LAMBDALAKE_BOOTSTRAP       Kafka bootstrap servers (host:port,…)  the embedded broker, else 127.0.0.1:9092
 LAMBDALAKE_PIPELINE        pipeline file or module path          the shipped ``clickstream`` demo
 LAMBDALAKE_PARTITIONS      partitions per created topic          4
-LAMBDALAKE_HANDOFF_BLOCK   offsets per handoff block (see        1000
-                           :mod:`lambdalake.handoff`)
+LAMBDALAKE_HANDOFF_BLOCK   offsets per handoff block (see        1000, or what ``<home>/lake.json``
+                           :mod:`lambdalake.handoff`)            fixed for the lake
 LAMBDALAKE_SPARK_MASTER    Spark master URL                      ``local[*]``
 =========================  ====================================  =====================================
 """
@@ -27,6 +27,7 @@ from lambdalake.exceptions import ConfigError
 
 DEFAULT_PIPELINE = "lambdalake.pipelines.clickstream"
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+DEFAULT_HANDOFF_BLOCK = 1000
 
 
 def _env_int(name: str, default: int, minimum: int = 1) -> int:
@@ -90,6 +91,7 @@ def load_settings(
             boot, embedded = DEFAULT_BOOTSTRAP, True
     _check_bootstrap(boot)
 
+    block = _handoff_block(home_path)
     parts = partitions if partitions is not None else _env_int("LAMBDALAKE_PARTITIONS", 4)
     if parts < 1:
         raise ConfigError(f"--partitions {parts} must be >= 1")
@@ -100,9 +102,37 @@ def load_settings(
         bootstrap_is_embedded=embedded,
         pipeline=pipeline or os.environ.get("LAMBDALAKE_PIPELINE") or DEFAULT_PIPELINE,
         partitions=parts,
-        handoff_block=_env_int("LAMBDALAKE_HANDOFF_BLOCK", 1000),
+        handoff_block=block,
         spark_master=spark_master or os.environ.get("LAMBDALAKE_SPARK_MASTER") or "local[*]",
     )
+
+
+def lake_file(home: Path) -> Path:
+    """``<home>/lake.json``: properties fixed for the life of a lake (today: the handoff block size)."""
+    return home / "lake.json"
+
+
+def _handoff_block(home: Path) -> int:
+    """The lake's handoff block: fixed in lake.json once set (batch and speed must agree on it), else env/default."""
+    env_block = _env_int("LAMBDALAKE_HANDOFF_BLOCK", DEFAULT_HANDOFF_BLOCK)
+    try:
+        fixed = json.loads(lake_file(home).read_text()).get("handoff_block")
+    except FileNotFoundError:
+        return env_block
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{lake_file(home)} is unreadable ({exc}); fix or delete it") from None
+    if os.environ.get("LAMBDALAKE_HANDOFF_BLOCK") and env_block != fixed:
+        raise ConfigError(f"the lake {home} uses handoff block {fixed} (lake.json) but LAMBDALAKE_HANDOFF_BLOCK="
+                          f"{env_block}; unset the variable or use a new lake directory")
+    return int(fixed)
+
+
+def fix_handoff_block(home: Path, block: int) -> None:
+    """Record the handoff block of a new lake in lake.json (no-op if the lake already has one)."""
+    from lambdalake.layout import atomic_write_bytes
+
+    if not lake_file(home).exists():
+        atomic_write_bytes(lake_file(home), (json.dumps({"handoff_block": block}) + "\n").encode())
 
 
 def _check_bootstrap(boot: str) -> None:
@@ -110,5 +140,6 @@ def _check_bootstrap(boot: str) -> None:
         host, sep, port = server.strip().rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(
-                f"bootstrap server {server!r} is not host:port; set LAMBDALAKE_BOOTSTRAP like 'broker1:9092,broker2:9092'"
+                f"bootstrap server {server!r} is not host:port; "
+                "set LAMBDALAKE_BOOTSTRAP like 'broker1:9092,broker2:9092'"
             )

@@ -1,22 +1,37 @@
-"""``make run``: the end-to-end demo on embedded defaults.
+"""``make run``: the end-to-end Lambda demo on embedded defaults.
 
-It starts the embedded Kafka broker (unless one is running or ``LAMBDALAKE_BOOTSTRAP`` points elsewhere),
-creates the topics, produces a demo stream, runs whatever layers are installed, prints what happened, and stops
-what it started — also on Ctrl-C or failure.
+1. Start the embedded Kafka broker (unless one runs already or ``LAMBDALAKE_BOOTSTRAP`` points elsewhere), create
+   the topics.
+2. Start the archiver (``lambdalake ingest``) and the speed layer (``lambdalake speed``) as real processes.
+3. Produce a demo stream (late, duplicated and malformed events included) for about a minute; half-way through,
+   run one Spark batch (``lambdalake batch``) and publish it while events keep flowing.
+4. Wait until the speed layer has caught up, then show merged query results, what came from batch vs speed, the
+   watermark, freshness, DLQ counts, and a cross-check against the log.
+5. Stop everything it started — also on Ctrl-C or failure — and say how to continue.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
 from rich.rule import Rule
+from rich.table import Table
 
-from lambdalake.config import Settings, load_settings
-from lambdalake.kafka import EmbeddedBroker, ensure_topics, free_port, port_open
+from lambdalake.config import Settings, fix_handoff_block, load_settings
+from lambdalake.exceptions import LambdalakeError
+from lambdalake.kafka import EmbeddedBroker, end_offsets, ensure_topics, free_port, port_open
+
+LAMBDALAKE = str(Path(sys.executable).parent / "lambdalake")
+DEMO_HANDOFF_BLOCK = 200
 
 
 @contextlib.contextmanager
@@ -49,27 +64,200 @@ def embedded_kafka(home: Path | None, port: int | None, console: Console) -> Ite
         console.print("stopped the Kafka broker")
 
 
+class Process:
+    """A `lambdalake ...` child process with its output in a log file; stopped with SIGTERM (final checkpoint)."""
+
+    def __init__(self, name: str, args: list[str], env: dict, log: Path):
+        self.name, self.log = name, log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as fh:
+            self.proc = subprocess.Popen([LAMBDALAKE, *args], env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-8:])
+            raise LambdalakeError(f"the {self.name} process exited with code {self.proc.returncode}; "
+                                  f"last lines of {self.log}:\n{tail}")
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def _env(settings: Settings) -> dict:
+    env = dict(os.environ)
+    env.update(LAMBDALAKE_HOME=str(settings.home), LAMBDALAKE_BOOTSTRAP=settings.bootstrap,
+               LAMBDALAKE_PIPELINE=settings.pipeline)
+    return env
+
+
 def run_demo(events: int, rate: float | None, port: int | None, home: Path | None, console: Console) -> None:
-    from lambdalake.cli import Context, print_report, print_topic_counts
     from lambdalake.pipeline import load_pipeline
     from lambdalake.produce import demo_messages, send
 
-    console.print(Rule("lambdalake demo"))
+    console.print(Rule("lambdalake demo: a Lambda architecture on a real Kafka log"))
     with embedded_kafka(home, port, console) as settings:
         pipeline = load_pipeline(settings.pipeline)
-        ctx = Context(settings, pipeline)
+        # a demo-sized handoff block, so the mid-stream batch covers whole blocks of every partition
+        fix_handoff_block(settings.home, DEMO_HANDOFF_BLOCK)
+        settings = load_settings(home=settings.home, bootstrap=settings.bootstrap)
+        console.print(f"lake: {settings.home} (handoff block: {settings.handoff_block} offsets)")
         created = ensure_topics(settings, pipeline)
         if created:
             console.print(f"created topics: {', '.join(created)}")
-        console.print(Rule("1. producing the demo stream (late, duplicated and malformed events included)"))
-        # A new seed per run on the same log, so a second `make run` adds new events instead of duplicates.
-        from lambdalake.kafka import end_offsets
+        topics = [s.topic for s in pipeline.sources]
+        # a new seed per run on the same log, so a second `make run` adds new events instead of duplicates
+        seed = 42 + sum(end_offsets(settings, topics).values())
+        env, logs = _env(settings), settings.home / "logs"
 
-        seed = 42 + sum(end_offsets(settings, [s.topic for s in pipeline.sources]).values())
-        messages = demo_messages(pipeline, events, seed=seed)
-        total = events + round(events * 0.02) + round(events * 0.01)
-        print_report(send(settings, messages, rate=rate, total=total, progress=True))
-        console.print(Rule("2. what is in the log now"))
-        print_topic_counts(ctx)
-        console.print("Each valid event counts once; duplicates (same event_id in the same partition) and invalid "
-                      "messages do not. The archiver writes invalid ones to <topic>.dlq with the reason.")
+        console.print(Rule("1. archiver (Kafka → Parquet master) and speed layer start as their own processes"))
+        procs: list[Process] = []
+        try:
+            # roll master files every 5 s so the mid-stream batch has recent data to cover (default: 60 s)
+            procs.append(Process("archiver", ["ingest", "--roll-seconds", "5"], env, logs / "ingest.log"))
+            procs.append(Process("speed layer", ["speed"], env, logs / "speed.log"))
+            console.print(f"lambdalake ingest (pid {procs[0].proc.pid}) and lambdalake speed "
+                          f"(pid {procs[1].proc.pid}); logs in {logs}")
+
+            n_dup, n_bad = round(events * 0.02), round(events * 0.01)
+            total = events + n_dup + n_bad
+            console.print(Rule(f"2. producing {events:,} events (+{n_dup} duplicates, +{n_bad} malformed, "
+                               f"5% up to 3 h late) at {rate or 'max'} msg/s"))
+            batch_result: dict = {}
+            batch_thread = threading.Thread(target=_batch_midway, args=(settings, env, logs, batch_result),
+                                            daemon=True)
+            messages = demo_messages(pipeline, events, seed=seed)
+            first_half = (m for i, m in zip(range(total // 2), messages, strict=False))
+            report = send(settings, first_half, rate=rate, total=total // 2, progress=True)
+            console.print(f"half-way ({report.total:,} messages): starting a Spark batch run while the stream "
+                          "goes on ...")
+            batch_thread.start()
+            report2 = send(settings, messages, rate=rate, total=total - report.total, progress=True)
+            for p in procs:
+                p.check_alive()
+            console.print(f"produced {report.total + report2.total:,} messages in "
+                          f"{report.seconds + report2.seconds:.0f}s")
+            with console.status("waiting for the Spark batch run to publish ..."):
+                batch_thread.join(600)
+            if batch_result.get("error"):
+                raise LambdalakeError(batch_result["error"])
+            console.print(f"batch: {batch_result.get('summary', '').strip()}")
+
+            console.print(Rule("3. waiting for the speed layer to catch up with the log"))
+            _wait_caught_up(settings, pipeline, topics, console)
+        finally:
+            for p in reversed(procs):
+                p.stop()
+        console.print("stopped the archiver and the speed layer (final checkpoint written)")
+        _show_results(settings, pipeline, console)
+    _how_to_continue(settings, console)
+
+
+def _batch_midway(settings: Settings, env: dict, logs: Path, result: dict) -> None:
+    with open(logs / "batch.log", "ab") as fh:
+        res = subprocess.run([LAMBDALAKE, "batch"], env=env, stdout=subprocess.PIPE, stderr=fh, text=True,
+                             stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        result["error"] = f"the Spark batch run failed (exit {res.returncode}); see {logs / 'batch.log'}"
+    result["summary"] = res.stdout
+
+
+def _wait_caught_up(settings: Settings, pipeline, topics: list[str], console: Console, timeout: float = 120) -> None:
+    from lambdalake import connect
+    from serving.connection import pair_of
+
+    ends = end_offsets(settings, topics)
+    deadline = time.monotonic() + timeout
+    while True:
+        con = connect(settings=settings, pipeline=pipeline)
+        pair = pair_of(con)
+        con.close()
+        covered = {k: max(pair.watermark.get(k, 0), pair.positions.get(k, 0)) for k in ends}
+        behind = sum(max(0, e - covered[k]) for k, e in ends.items())
+        if behind == 0:
+            console.print("every message of the log is now visible to queries")
+            return
+        if time.monotonic() > deadline:
+            console.print(f"[yellow]still {behind} messages behind after {timeout:.0f}s; showing what is visible[/]")
+            return
+        time.sleep(0.5)
+
+
+def _table(con, sql: str, title: str) -> Table:
+    cur = con.execute(sql)
+    t = Table(title=title, title_justify="left")
+    for d in cur.description:
+        t.add_column(d[0], justify="right" if d[0] not in ("url", "product_id", "currency", "user_id", "topic",
+                                                          "view", "source") else "left")
+    for row in cur.fetchall():
+        t.add_row(*[(f"{v:,.1f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v))
+                    for v in row])
+    return t
+
+
+def _show_results(settings: Settings, pipeline, console: Console) -> None:
+    from lambdalake import connect
+    from lambdalake.inspect import count_topics
+
+    console.print(Rule("4. merged views (batch ⊕ speed), queried through DuckDB"))
+    con = connect(settings=settings, pipeline=pipeline)
+    try:
+        if "pageviews_hourly" in pipeline.view_map:
+            console.print(_table(con, """
+                SELECT url, sum(views) AS views, round(sum(total_duration_ms) / sum(views) / 1000, 1) AS mean_s
+                FROM pageviews_hourly GROUP BY url ORDER BY views DESC LIMIT 5""",
+                "top pages (all hours): SELECT url, sum(views) ... FROM pageviews_hourly"))
+        if "revenue_daily" in pipeline.view_map:
+            console.print(_table(con, """
+                SELECT strftime(window_start, '%Y-%m-%d') AS day, currency, sum(orders) AS orders,
+                       sum(revenue_cents) / 100 AS revenue
+                FROM revenue_daily GROUP BY ALL ORDER BY day, currency LIMIT 8""",
+                "revenue per day and currency: FROM revenue_daily"))
+        console.print(Rule("5. where each answer came from"))
+        console.print(_table(con, """SELECT view, batch_version, batch_rows, speed_rows, speed_rows_visible
+                                     FROM lambdalake.views ORDER BY view""",
+                             "rows per side (speed rows below the batch watermark are not visible)"))
+        console.print(_table(con, """
+            SELECT topic, partition, coalesce(batch_watermark, 0) AS "batch W", speed_position AS "speed S",
+                   speed_offsets_beyond_batch AS "offsets only in speed"
+            FROM lambdalake.watermarks ORDER BY topic, partition""",
+            "positions: batch covers offsets < W, speed adds blocks ≥ W up to S"))
+        st = con.execute("SELECT batch_version, speed_snapshot, speed_age_seconds FROM lambdalake.status").fetchone()
+        console.print(f"batch version {st[0]}, speed snapshot {st[1]} (published {st[2]:.1f}s ago)")
+
+        console.print(Rule("6. cross-check against the log itself"))
+        counts = {c.topic: c for c in count_topics(settings, pipeline)}
+        for v in pipeline.views:
+            src = pipeline.source_of(v)
+            count_col = next((a.name for a in v.stored_aggregates if a.kind == "count"), None)
+            if count_col is None:
+                continue
+            merged = con.execute(f'SELECT coalesce(sum("{count_col}"), 0) FROM {v.name}').fetchone()[0]
+            tc = counts[src.topic]
+            ok = "[green]equal[/]" if merged == tc.valid else "[red]DIFFERENT[/]"
+            console.print(f"{v.name}: sum({count_col}) = {merged:,} vs {tc.valid:,} valid deduplicated events in "
+                          f"{src.topic} → {ok}  (duplicates dropped: {tc.duplicates:,}, invalid: {tc.invalid:,})")
+        dlq = ", ".join(f"{c.topic} {c.messages:,}" for c in counts.values() if c.topic.endswith(".dlq"))
+        console.print(f"dead-letter topics (invalid messages with reason, bytes and position): {dlq}")
+    finally:
+        con.close()
+
+
+def _how_to_continue(settings: Settings, console: Console) -> None:
+    home = settings.home
+    console.print(Rule("how to continue"))
+    console.print(
+        "The lake stays in " + str(home) + ". Everything below reads it; none of it needs Kafka running:\n"
+        "  .venv/bin/lambdalake sql \"SELECT * FROM pageviews_hourly ORDER BY views DESC LIMIT 10\"\n"
+        "  .venv/bin/lambdalake sql \"SELECT * FROM lambdalake.watermarks\" --format csv\n"
+        "  .venv/bin/python -c \"import lambdalake; print(lambdalake.connect().sql('FROM revenue_daily LIMIT 5'))\"\n"
+        "  .venv/bin/lambdalake catalog   # then: duckdb " + str(home / "lake.duckdb") + "\n"
+        "Run the live pipeline yourself: lambdalake kafka up; lambdalake ingest & lambdalake speed &; "
+        "lambdalake produce --events 100000 --rate 5000; lambdalake batch; lambdalake status\n"
+        "Schedule batches from the Airflow UI: make airflow.   Compare approaches: notebooks/.")

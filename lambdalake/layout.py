@@ -214,7 +214,8 @@ def current_batch_manifest(layout: Layout) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise InvariantViolation(f"published batch version {ptr['version']} has no readable manifest {path}: {exc}")
+        raise InvariantViolation(
+            f"published batch version {ptr['version']} has no readable manifest {path}: {exc}") from exc
 
 
 def current_speed_snapshot(layout: Layout) -> dict | None:
@@ -226,7 +227,7 @@ def current_speed_snapshot(layout: Layout) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise InvariantViolation(f"published speed snapshot {ptr['snapshot']} is unreadable ({path}): {exc}")
+        raise InvariantViolation(f"published speed snapshot {ptr['snapshot']} is unreadable ({path}): {exc}") from exc
 
 
 def watermark_of(manifest: dict | None) -> dict[tuple[str, int], int]:

@@ -292,7 +292,8 @@ class Pipeline:
         try:
             return self.source_map[name]
         except KeyError:
-            raise PipelineError(f"unknown source {name!r}; pipeline {self.name!r} has {sorted(self.source_map)}") from None
+            known = sorted(self.source_map)
+            raise PipelineError(f"unknown source {name!r}; pipeline {self.name!r} has {known}") from None
 
     def view(self, name: str) -> View:
         try:
