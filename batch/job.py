@@ -321,26 +321,27 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
     staging = new_staging_dir(layout)
     published_ok = False
     try:
-        if own_spark:
-            spark = spark_session(spark_master or settings.spark_master)
-        saved = {k: spark.conf.get(k, None) for k in SESSION_CONF}
-        for k, v in SESSION_CONF.items():
-            spark.conf.set(k, v)
-        try:
-            with master_readers_lock(layout):
-                # 1. snapshot
-                snap = take_snapshot(layout, pipeline, settings.handoff_block, fixed_wm)
-                if not any(w for parts in snap.watermark.values() for w in parts.values()):
-                    raise NothingToCompute(
-                        f"the master dataset holds no complete block of {settings.handoff_block} offsets yet "
-                        f"(archived ends: {snap.archived}); run `lambdalake ingest` first or wait for more data")
+        with master_readers_lock(layout):
+            # 1. snapshot (before starting Spark: an empty lake fails fast)
+            snap = take_snapshot(layout, pipeline, settings.handoff_block, fixed_wm)
+            if not any(w for parts in snap.watermark.values() for w in parts.values()):
+                raise NothingToCompute(
+                    f"the master dataset holds no complete block of {settings.handoff_block} offsets yet "
+                    f"(archived ends: {snap.archived}); run `lambdalake ingest` first or wait for more data")
+            if own_spark:
+                spark = spark_session(spark_master or settings.spark_master)
+            saved = {k: spark.conf.get(k, None) for k in SESSION_CONF}
+            for k, v in SESSION_CONF.items():
+                spark.conf.set(k, v)
+            try:
+                # 2-4. read + dedup, aggregate, write, validate
                 row_counts, events, view_meta = _compute(spark, layout, pipeline, snap, selected, staging)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    spark.conf.unset(k)
-                else:
-                    spark.conf.set(k, v)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        spark.conf.unset(k)
+                    else:
+                        spark.conf.set(k, v)
         engine, master = f"spark {spark.version}", spark.sparkContext.master
         for name, old in carried.items():
             _carry_over(layout, published["version"], name, staging)
