@@ -45,7 +45,7 @@ import orjson
 from batch.exceptions import ArchiverLocked, DeadLetterError
 from batch.master import master_table, remove_temp_files, write_parquet_atomic
 from lambdalake.config import Settings
-from lambdalake.exceptions import ConfigError, InvariantViolation
+from lambdalake.exceptions import BrokerError, ConfigError, InvariantViolation
 from lambdalake.kafka import consumer as make_consumer
 from lambdalake.kafka import ensure_topics
 from lambdalake.kafka import producer as make_producer
@@ -249,6 +249,33 @@ class DeadLetters:
             "headers": [[k, None if v is None else base64.b64encode(v).decode()] for k, v in (r.headers or [])],
         })
 
+    def reload_high_water(self, src: Source, partition: int, timeout: float = 15.0) -> None:
+        """Re-read one DLQ partition's high-water mark from the broker (after a failed send)."""
+        from kafka import TopicPartition
+
+        try:
+            c = make_consumer(self.settings)
+        except BrokerError as exc:
+            raise DeadLetterError(str(exc)) from exc
+        try:
+            tp = TopicPartition(src.dlq_topic, partition)
+            try:
+                end = c.end_offsets([tp], timeout_ms=int(timeout * 1000))[tp]
+            except Exception as exc:  # KafkaTimeoutError while the broker is away
+                raise DeadLetterError(f"cannot read the end of {src.dlq_topic}[{partition}]: {exc}") from exc
+            self.high[(src.topic, partition)] = self._last_source_offset(c, tp, end, timeout)
+        finally:
+            c.close()
+
+    def reset(self) -> None:
+        """Drop the producer and whatever it still buffers (after a failed flush)."""
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=0)
+            except Exception:  # noqa: BLE001 - it is being discarded
+                pass
+            self._producer = None
+
     def close(self) -> None:
         if self._producer is not None:
             self._producer.close(timeout=10)
@@ -288,6 +315,8 @@ class Archiver:
     """Kafka -> master dataset + DLQ, exactly once (see the module docstring for the protocol)."""
 
     POLL_MS = 200
+    MAX_DLQ_ATTEMPTS = 5
+    MAX_BACKOFF_S = 30.0
     REFRESH_PARTITIONS_S = 30.0
 
     def __init__(self, settings: Settings, pipeline: Pipeline, policy: RollPolicy | None = None, *,
@@ -477,7 +506,7 @@ class Archiver:
             return
         src, p = buf.source, buf.partition
         # 1. dead-letter the invalid messages of [start, end) not yet in the DLQ; flush; verify acks
-        sent, skipped = dlq.send_range(buf)
+        sent, skipped = self._send_dead_letters(buf, dlq)
         self.report.dead_lettered += sent
         self.report.dlq_skipped += skipped
         # 2 + 3. temp file + fsync, then rename to the final name (the commit point) + fsync dir
@@ -491,6 +520,28 @@ class Archiver:
         end = buf.end
         buf.reset(end)
         self._commit(c, src.topic, p, end)
+
+    def _send_dead_letters(self, buf: _Buffer, dlq: DeadLetters) -> tuple[int, int]:
+        """Step 1 with retries: after a failure the producer is dropped and the partition's DLQ high-water mark is
+        re-read from the broker (exactly what a restart does), so a retry never duplicates a DLQ record.
+
+        A daemon retries with backoff (the broker may be restarting); ``--until-caught-up`` and a stopping daemon
+        give up after a few attempts with a :class:`DeadLetterError` (no file written; rerun resumes).
+        """
+        attempt = 0
+        while True:
+            try:
+                if attempt:
+                    dlq.reload_high_water(buf.source, buf.partition)
+                return dlq.send_range(buf)
+            except DeadLetterError as exc:
+                attempt += 1
+                if attempt >= self.MAX_DLQ_ATTEMPTS and (self.until_caught_up or self._stop.is_set()):
+                    raise
+                delay = min(self.MAX_BACKOFF_S, 0.5 * 2 ** attempt)
+                log.warning("dead-letter write failed (%s); retrying in %.1fs (attempt %d)", exc, delay, attempt)
+                dlq.reset()
+                time.sleep(delay)
 
     def _commit_all(self, c) -> None:
         from kafka import TopicPartition
