@@ -130,7 +130,7 @@ def run_demo(events: int, rate: float | None, port: int | None, home: Path | Non
             console.print(Rule(f"2. producing {events:,} events (+{n_dup} duplicates, +{n_bad} malformed, "
                                f"5% up to 3 h late) at {rate or 'max'} msg/s"))
             batch_result: dict = {}
-            batch_thread = threading.Thread(target=_batch_midway, args=(settings, env, logs, batch_result),
+            batch_thread = threading.Thread(target=_batch_midway, args=(settings, env, logs, batch_result, pipeline),
                                             daemon=True)
             messages = demo_messages(pipeline, events, seed=seed)
             first_half = (m for i, m in zip(range(total // 2), messages, strict=False))
@@ -159,7 +159,15 @@ def run_demo(events: int, rate: float | None, port: int | None, home: Path | Non
     _how_to_continue(settings, console)
 
 
-def _batch_midway(settings: Settings, env: dict, logs: Path, result: dict) -> None:
+def _batch_midway(settings: Settings, env: dict, logs: Path, result: dict, pipeline=None) -> None:
+    # The archiver rolls master files every few seconds; give it until one whole handoff block is archived.
+    from lambdalake.layout import Layout, archived_positions
+
+    layout, deadline = Layout(settings.home), time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+            end >= settings.handoff_block for s in pipeline.sources
+            for end in archived_positions(layout, s.name).values()):
+        time.sleep(0.5)
     with open(logs / "batch.log", "ab") as fh:
         res = subprocess.run([LAMBDALAKE, "batch"], env=env, stdout=subprocess.PIPE, stderr=fh, text=True,
                              stdin=subprocess.DEVNULL)
