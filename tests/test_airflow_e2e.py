@@ -1,0 +1,154 @@
+"""End to end: ``airflow dags test lambdalake_batch`` against the real Kafka broker and real Spark (spark-submit of
+``batch/job.py`` through the SparkSubmitOperator and the ``spark_default`` connection to ``local[*]``).
+
+One test, three DAG runs on one lake:
+
+1. a normal run archives the log, computes and publishes v1, validates and announces it, and runs the (stopped)
+   speed layer once so it hands off; the serving layer then returns exactly the independent oracle;
+2. the same run again is a no-op: no new version, the same content served;
+3. a forced run recomputes with Spark: a new version with the same watermark and the same content.
+
+Then the validator must reject a tampered copy of the published version.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import lambdalake
+from lambdalake.config import load_settings
+from lambdalake.kafka import free_port
+from lambdalake.layout import Layout, current_batch_manifest, current_speed_snapshot, watermark_of
+from lambdalake.orchestration.airflow_env import airflow_environment
+from lambdalake.orchestration.standalone import airflow_bin
+from lambdalake.orchestration.tasks import ValidationFailed, announced, validate_published
+from tests.oracle import assert_rows_equal, oracle_views, read_log
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1800)]
+
+
+@pytest.fixture(scope="session")
+def airflow_home(tmp_path_factory) -> Path:
+    """A temporary AIRFLOW_HOME with a migrated SQLite metadata database."""
+    home = tmp_path_factory.mktemp("airflow-home")
+    env = airflow_environment(home, load_settings(home=home / "unused-lake", bootstrap="x:1"),
+                              port=free_port())
+    res = subprocess.run([airflow_bin(), "db", "migrate"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"airflow db migrate failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+    return home
+
+
+def airflow(env: dict, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    res = subprocess.run([airflow_bin(), *args], env=env, capture_output=True, text=True, timeout=timeout,
+                         stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        raise AssertionError(f"airflow {' '.join(args)} exited {res.returncode}\nstdout (tail):\n"
+                             f"{res.stdout[-6000:]}\nstderr (tail):\n{res.stderr[-6000:]}")
+    return res
+
+
+def json_output(res: subprocess.CompletedProcess) -> list[dict]:
+    """The JSON array an ``airflow ... -o json`` command printed (log lines may precede it)."""
+    for line in reversed(res.stdout.splitlines()):
+        if line.startswith("[{") or line.strip() == "[]":
+            return json.loads(line)
+    raise AssertionError(f"no JSON array in the output of airflow:\n{res.stdout[-3000:]}")
+
+
+def served(settings, pipeline) -> dict[str, list[tuple]]:
+    """Every view as the serving layer returns it (``lambdalake.connect``)."""
+    con = lambdalake.connect(settings, pipeline)
+    try:
+        return {v.name: con.execute(f'SELECT {", ".join(chr(34) + c + chr(34) for c in v.output_columns)} '
+                                    f'FROM "{v.name}"').fetchall() for v in pipeline.views}
+    finally:
+        con.close()
+
+
+def test_dags_test_publishes_what_serving_returns_and_is_idempotent(settings, pipeline, run_cli, airflow_home,
+                                                                     tmp_path):
+    run_cli("produce", "--events", "1500", "--seed", "11", "--span-hours", "30")
+    run_cli("speed", "--until-caught-up")  # a speed layer that ran before and is stopped now
+    layout = Layout(settings.home)
+    env = airflow_environment(airflow_home, settings, port=free_port())
+    env["LAMBDALAKE_SPARK_SHUFFLE_PARTITIONS"] = "4"
+
+    # 1. the first run publishes v000001
+    airflow(env, "dags", "test", "lambdalake_batch")
+    first = current_batch_manifest(layout)
+    assert first is not None and first["version"] == "v000001"
+    assert first["spark_master"].startswith("local"), "computed by spark-submit on the spark_default master"
+    assert announced(settings, "v000001"), "validated and announced through the Asset"
+    watermark = watermark_of(first)
+    assert sum(watermark.values()) > 0
+    snap = current_speed_snapshot(layout)
+    pruned = {(t, int(p)): int(o) for t, parts in snap["pruned_to"].items() for p, o in parts.items()}
+    assert all(pruned.get(tp, 0) >= w for tp, w in watermark.items()), "the speed layer handed off to v000001"
+
+    messages = read_log(settings.bootstrap, [s.topic for s in pipeline.sources])
+    expected_all = oracle_views(pipeline, messages)
+    views_v1 = served(settings, pipeline)
+    # the speed side holds nothing below W any more, so this is also exact for the batch version below W
+    for view in pipeline.views:
+        assert_rows_equal(views_v1[view.name], expected_all[view.name], view.name)
+
+    runs = json_output(airflow(env, "dags", "list-runs", "lambdalake_batch", "-o", "json"))
+    assert [r["state"] for r in runs] == ["success"]
+    states = {t["task_id"]: t["state"] for t in json_output(
+        airflow(env, "tasks", "states-for-dag-run", "lambdalake_batch", runs[0]["run_id"], "-o", "json"))}
+    assert states == dict.fromkeys(["archive", "plan", "spark_batch", "validate", "publish", "speed_handoff"],
+                                   "success")
+
+    # 2. the same run again: nothing new archived -> no new version, same content
+    airflow(env, "dags", "test", "lambdalake_batch")
+    assert current_batch_manifest(layout)["version"] == "v000001"
+    assert sorted(p.name for p in layout.batch_views.iterdir() if p.name.startswith("v")) == ["v000001"]
+    second = served(settings, pipeline)
+    for view in pipeline.views:
+        assert_rows_equal(second[view.name], views_v1[view.name], view.name)
+
+    # 3. forced: Spark recomputes the same snapshot -> new version, same watermark, same content
+    airflow(env, "dags", "test", "lambdalake_batch", "-c", json.dumps({"force": True}))
+    third = current_batch_manifest(layout)
+    assert third["version"] == "v000002" and watermark_of(third) == watermark
+    assert third["row_counts"] == first["row_counts"] and third["events"] == first["events"]
+    assert announced(settings, "v000002")
+    forced = served(settings, pipeline)
+    for view in pipeline.views:
+        assert_rows_equal(forced[view.name], views_v1[view.name], view.name)
+
+    runs = json_output(airflow(env, "dags", "list-runs", "lambdalake_batch", "-o", "json"))
+    assert [r["state"] for r in runs] == ["success"] * 3
+    by_start = sorted(runs, key=lambda r: r["start_date"])
+    states = {t["task_id"]: t["state"] for t in json_output(
+        airflow(env, "tasks", "states-for-dag-run", "lambdalake_batch", by_start[1]["run_id"], "-o", "json"))}
+    assert states["spark_batch"] == "skipped" and states["publish"] == "skipped", states
+    assert states["archive"] == states["plan"] == states["speed_handoff"] == "success", states
+
+    # the validator is not a rubber stamp: it rejects a published version that lost a row or changed a total
+    assert validate_published(settings, pipeline).version == "v000002"
+    view = next(v for v in pipeline.views if any(a.kind == "count" for a in v.stored_aggregates))
+    count_col = next(a.name for a in view.stored_aggregates if a.kind == "count")
+    for case in ("lost a row", "changed a count"):
+        copy = tmp_path / case.replace(" ", "_")
+        shutil.copytree(settings.home, copy, ignore=shutil.ignore_patterns("kafka"))
+        victim = max((copy / "views" / "batch" / "v000002" / view.name).glob("*.parquet"),
+                     key=lambda f: f.stat().st_size)
+        table = pq.read_table(victim)
+        if case == "lost a row":
+            table, match = table.slice(1), "rows in"
+        else:
+            counts = table.column(count_col).to_pylist()
+            counts[0] += 1
+            table, match = table.set_column(table.schema.get_field_index(count_col), count_col,
+                                            pa.array(counts, pa.int64())), "deduplicated master events"
+        pq.write_table(table, victim)
+        with pytest.raises(ValidationFailed, match=match):
+            validate_published(settings.with_(home=copy), pipeline)
