@@ -9,9 +9,11 @@ A checkpoint is three things that must agree: the aggregates (stored as the publ
     checkpoints/speed/<id>/dedup.parquet         event ids first seen since the previous checkpoint (a delta),
                                                  or the whole windows when the chunk list was compacted
 
-Commit protocol (:meth:`CheckpointStore.commit`; the numbers are mirrored by comments in the code):
+Commit protocol (step 1 in :meth:`speed.consumer.SpeedLayer._checkpoint`, steps 2-6 and 8 in
+:meth:`CheckpointStore.commit` — a writer thread, at most one commit in flight — and step 7 back on the consumer
+thread; the numbers are mirrored by comments in the code):
 
-1. Build the snapshot's tables from the in-memory state (no I/O, state unchanged).
+1. Capture the snapshot's tables (immutable Arrow), positions, counters and dedup rows from the in-memory state.
 2. Write the snapshot to ``views/speed/.<id>.*.tmp``, fsync, rename to ``views/speed/<id>``. Not visible yet.
 3. Write the checkpoint directory (``checkpoint.json`` + dedup chunk) to a staging name, fsync, rename to
    ``checkpoints/speed/<id>``.
@@ -236,8 +238,9 @@ class CheckpointStore:
                                         f"remove {self.dir} to rebuild") from exc
             for topic, p, o, eid in zip(*(t.column(i).to_pylist() for i in range(4)), strict=True):
                 lst = items.setdefault((topic, p), [])
-                if lst and o <= lst[-1][0]:
-                    raise CheckpointCorrupt(f"dedup chunk {path}: offsets of {topic}[{p}] do not ascend")
+                if (lst and o <= lst[-1][0]) or o >= cp.positions.get((topic, p), 0):
+                    raise CheckpointCorrupt(f"dedup chunk {path}: offset {o} of {topic}[{p}] is out of order or "
+                                            f"not below the checkpoint's position; remove {self.dir} to rebuild")
                 lst.append((o, eid))
         windows = {}
         for tp, lst in items.items():
@@ -252,26 +255,30 @@ class CheckpointStore:
                     shutil.rmtree(p, ignore_errors=True)
 
     # commit -------------------------------------------------------------------------------------------------------
-    def commit(self, cp: Checkpoint, tables: dict[str, pa.Table], snapshot_meta: dict,
-               new_ids: dict[TP, list[tuple[int, str]]], windows: dict[TP, DedupWindow],
-               previous: Checkpoint | None, kafka_commit=None) -> Checkpoint:
-        """Run the commit protocol for checkpoint ``cp`` (its ``dedup_chunks`` are computed here).
+    def needs_full_dedup(self, previous: Checkpoint | None, positions: dict[TP, int], span: int) -> bool:
+        """Whether the next checkpoint must write the whole dedup windows instead of a delta: no previous
+        checkpoint, a changed span, or too many chunks still needed (compaction)."""
+        if previous is None or previous.dedup_span != span:
+            return True
+        return sum(c.needed(positions, span) for c in previous.dedup_chunks) >= MAX_DEDUP_CHUNKS
 
-        ``tables``: step 1's output. ``new_ids``: ids first seen since ``previous`` (the dedup delta).
-        ``kafka_commit``: optional callable(positions) for step 7.
+    def commit(self, cp: Checkpoint, tables: dict[str, pa.Table], snapshot_meta: dict,
+               dedup_rows: dict[TP, list[tuple[int, str]]], full_dedup: bool,
+               previous: Checkpoint | None) -> Checkpoint:
+        """Run steps 2-6 and 8 of the commit protocol for checkpoint ``cp`` (its ``dedup_chunks`` are computed here).
+
+        ``tables``: step 1's output. ``dedup_rows``: ids first seen since ``previous`` (the delta), or — with
+        ``full_dedup`` (see :meth:`needs_full_dedup`) — every id of the windows. Nothing passed in may be changed
+        by the caller meanwhile (the consumer runs this in a writer thread).
         """
         # 2. The snapshot, fully written and renamed, not yet visible.
         _fault(2)
         publish.write_snapshot(self.layout, cp.id, tables, snapshot_meta)
         # 3. The checkpoint directory: dedup chunk (delta, or everything when compacting) + checkpoint.json.
         _fault(3)
-        chunks = [c for c in (previous.dedup_chunks if previous else []) if c.needed(cp.positions, cp.dedup_span)]
-        if len(chunks) >= MAX_DEDUP_CHUNKS or previous is None or previous.dedup_span != cp.dedup_span:
-            rows = {tp: w.items() for tp, w in windows.items()}
-            chunks = []
-        else:
-            rows = new_ids
-        chunk_max = {tp: lst[-1][0] for tp, lst in rows.items() if lst}
+        chunks = [] if full_dedup or previous is None else [
+            c for c in previous.dedup_chunks if c.needed(cp.positions, cp.dedup_span)]
+        chunk_max = {tp: lst[-1][0] for tp, lst in dedup_rows.items() if lst}
         if chunk_max:
             chunks.append(DedupChunk(cp.id, chunk_max))
         cp.dedup_chunks = chunks
@@ -279,7 +286,7 @@ class CheckpointStore:
         staging = tmp_name(final)
         staging.mkdir(parents=True)
         try:
-            pq.write_table(_dedup_table(rows), staging / "dedup.parquet", compression="lz4")
+            pq.write_table(_dedup_table(dedup_rows), staging / "dedup.parquet", compression="lz4")
             (staging / "checkpoint.json").write_text(json.dumps(cp.to_json(self.pipeline.name), indent=1) + "\n")
             atomic_publish_dir(staging, final)
         except BaseException:
@@ -296,10 +303,8 @@ class CheckpointStore:
         # 6. Visible to the serving layer.
         _fault(6)
         publish.make_visible(self.layout, cp.id)
-        # 7. Lag monitoring only.
+        # 7. (Kafka lag commit: done by the consumer thread when it picks up this result.)
         _fault(7)
-        if kafka_commit is not None:
-            kafka_commit(cp.positions)
         # 8. Garbage collection.
         self._gc(cp)
         return cp

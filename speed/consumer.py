@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 
 from lambdalake.config import Settings
 from lambdalake.dedup import DedupWindow
-from lambdalake.exceptions import BrokerError
+from lambdalake.exceptions import BrokerError, LambdalakeError
 from lambdalake.layout import Layout
 from lambdalake.pipeline import Pipeline
 from lambdalake.validation import Validator
 from speed import publish
 from speed.checkpoint import TP, Checkpoint, CheckpointStore
-from speed.exceptions import BrokerUnreachable, SpeedConfigError, SpeedError
+from speed.exceptions import BrokerUnreachable, CheckpointFailed, SpeedConfigError, SpeedError
 from speed.handoff import NO_BATCH, BatchVersion, BatchWatcher, published_batch
 from speed.state import SourceState, build_states
 
@@ -57,6 +57,7 @@ class SpeedOptions:
     max_records: int = 20_000
     batch_check_interval: float = 0.1
     partition_check_interval: float = 30.0
+    background_commit: bool = True  # steps 2-8 of a checkpoint overlap with consuming
 
     def validate(self) -> None:
         if not 0.001 <= self.checkpoint_interval <= 1.0:
@@ -83,6 +84,16 @@ class Stats:
 
     def rate(self) -> float:
         return self.messages / max(1e-9, time.monotonic() - self.started)
+
+
+class _Done:
+    """Stand-in for a finished writer thread (synchronous commits)."""
+
+    def is_alive(self) -> bool:
+        return False
+
+    def join(self) -> None:
+        return None
 
 
 class SpeedLayer:
@@ -116,6 +127,9 @@ class SpeedLayer:
         self._dirty = True
         self._consumer = None
         self._seq = 0
+        self._inflight: threading.Thread | _Done | None = None
+        self._outcome: tuple[Checkpoint, float] | BaseException | None = None
+        self._full_dedup = False  # set when the windows were rebuilt: the next checkpoint writes them whole
 
     # lifecycle ----------------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -134,9 +148,11 @@ class SpeedLayer:
                 self._assign()
                 targets = self._end_offsets() if until_caught_up else None
                 self._loop(targets)
-                self._checkpoint(force=self.last is None)
-                self._kafka_commit(self.positions, wait=True)
+                self.checkpoint_now()
+                self._kafka_commit(self.last.positions, wait=True)
             finally:
+                if self._inflight is not None:  # never leave a commit half-way when an error ends the run
+                    self._inflight.join()
                 self._consumer.close(autocommit=False)
                 self._consumer = None
         finally:
@@ -193,6 +209,7 @@ class SpeedLayer:
         self.pruned_to = {tp: w for tp, w in batch.watermark.items() if tp[0] in self.sources}
         for c in self.counters.values():
             c.update(valid=0, invalid=0, duplicates=0)
+        self._full_dedup = True  # older dedup chunks hold ids above the new positions: never reuse them
         self._dirty = True
 
     def _connect(self):
@@ -291,9 +308,10 @@ class SpeedLayer:
                 newer = watcher.poll()
                 if newer is not None:
                     self._handoff(newer)
-            if now - last_cp >= opts.checkpoint_interval:
-                self._checkpoint()
-                last_cp = time.monotonic()
+            if self._inflight is not None:
+                self._reap()
+            if now - last_cp >= opts.checkpoint_interval and self._checkpoint():
+                last_cp = now
             if now - self._partitions_checked >= opts.partition_check_interval:
                 self._check_new_partitions()
             if targets is not None and self._caught_up(targets):
@@ -391,13 +409,28 @@ class SpeedLayer:
         self._checkpoint(force=True)
 
     # checkpoint ---------------------------------------------------------------------------------------------------
-    def _checkpoint(self, force: bool = False) -> None:
-        if not (self._dirty or force):
-            return
+    def checkpoint_now(self) -> None:
+        """Checkpoint the current state (also if unchanged when none exists yet) and wait until it is committed."""
+        self._reap(wait=True)
+        if self._dirty or self.last is None:
+            self._checkpoint(force=True)
+        self._reap(wait=True)
+
+    def _checkpoint(self, force: bool = False) -> bool:
+        """Start a checkpoint if the state changed (or ``force``); returns whether one was started.
+
+        Step 1 of the commit protocol (:mod:`speed.checkpoint`) runs here: the snapshot's tables, positions,
+        counters and the dedup rows are captured from the state (immutable Arrow tables and fresh lists, so the
+        state may change right after). Steps 2-6 and 8 run in a writer thread while this thread keeps consuming;
+        at most one commit is in flight. ``force`` (handoff, shutdown) waits for the one in flight first.
+        """
+        self._reap(wait=force)
+        if not (self._dirty or force) or self._inflight is not None:
+            return False
         t0 = time.monotonic()
         now = time.time()
         cid = publish.snapshot_id(self._seq)
-        # 1. The snapshot's tables, from memory (see speed.checkpoint for the numbered protocol).
+        # 1. The snapshot's tables, from memory.
         tables: dict = {}
         for st in self.states.values():
             tables.update(st.view_tables())
@@ -408,13 +441,50 @@ class SpeedLayer:
                 "created_at_unix": now, "pruned_to": publish.nested(cp.pruned_to), "counters": cp.counters,
                 "pipeline": self.pipeline.name, "batch_version": self.batch.version,
                 "rows": {name: t.num_rows for name, t in tables.items()}}
-        self.last = self.store.commit(cp, tables, meta, self.new_ids, self.windows, self.last, self._kafka_commit)
-        for lst in self.new_ids.values():
-            lst.clear()
+        full = self._full_dedup or self.store.needs_full_dedup(self.last, cp.positions, cp.dedup_span)
+        delta, self.new_ids = self.new_ids, {k: [] for k in self.new_ids}
+        dedup_rows = {tp: w.items() for tp, w in self.windows.items()} if full else delta
+        self._full_dedup = False
         self._seq += 1
         self._dirty = False
+        args = (cp, tables, meta, dedup_rows, full, self.last, t0)
+        if self.options.background_commit:
+            self._inflight = threading.Thread(target=self._commit, args=args, name="speed-commit", daemon=True)
+            self._inflight.start()
+        else:
+            self._inflight = _Done()
+            self._commit(*args)
+            self._reap(wait=True)
+        return True
+
+    def _commit(self, cp: Checkpoint, tables: dict, meta: dict, dedup_rows: dict, full: bool,
+                previous: Checkpoint | None, t0: float) -> None:
+        """Steps 2-6 and 8 (writer thread). The outcome is picked up by :meth:`_reap` on the consumer thread."""
+        try:
+            self._outcome = (self.store.commit(cp, tables, meta, dedup_rows, full, previous), t0)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread, which raises it
+            self._outcome = exc
+
+    def _reap(self, wait: bool = False) -> None:
+        """Pick up a finished commit: remember it as the last checkpoint and do step 7 (Kafka lag commit)."""
+        t = self._inflight
+        if t is None or (t.is_alive() and not wait):
+            return
+        t.join()
+        self._inflight = None
+        outcome, self._outcome = self._outcome, None
+        if isinstance(outcome, LambdalakeError):
+            raise outcome
+        if isinstance(outcome, BaseException):
+            raise CheckpointFailed(f"could not write a speed checkpoint under {self.layout.home} "
+                                   f"({type(outcome).__name__}: {outcome}); the last committed checkpoint "
+                                   f"{self.last.id if self.last else '-'} stays in force") from outcome
+        cp, t0 = outcome
+        self.last = cp
         self.stats.checkpoints += 1
         self.stats.last_checkpoint_seconds = time.monotonic() - t0
+        # 7. Lag monitoring only (here: kafka-python clients are not thread-safe).
+        self._kafka_commit(cp.positions)
 
     def _kafka_commit(self, positions: dict[TP, int], wait: bool = False) -> None:
         """Step 7: committed group offsets, for lag monitoring tools only (never read back by lambdalake).

@@ -8,6 +8,10 @@ class SpeedError(LambdalakeError):
     """Base class of speed-layer errors."""
 
 
+class CheckpointFailed(SpeedError):
+    """Writing a checkpoint failed (disk full, permissions, ...); the previous checkpoint stays in force."""
+
+
 class SpeedAlreadyRunning(SpeedError):
     """Another ``lambdalake speed`` process holds the lake's speed lock; two writers would corrupt the state."""
 

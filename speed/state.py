@@ -137,8 +137,9 @@ class ViewState:
         schema = self.schema
         if n == 0:
             return schema.empty_table()
-        keys = list(zip(*rows.keys(), strict=True))
-        aggs = list(zip(*rows.values(), strict=True))
+        # Columns as lists: pyarrow converts a tuple of ints ~40x slower than a list.
+        keys = [list(c) for c in zip(*rows.keys(), strict=True)]
+        aggs = [list(c) for c in zip(*rows.values(), strict=True)]
         data = [pa.array([partition] * n, pa.int32()), pa.array([block] * n, pa.int64())]
         try:
             data += [pa.array(keys[i], schema.field(2 + i).type) for i in range(self.n_keys)]

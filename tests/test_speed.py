@@ -245,11 +245,11 @@ def test_state_equals_oracle_with_restore_in_between(tmp_path_factory, parts, cu
     first = SpeedLayer(s, EV_PIPE, SpeedOptions())
     first._recover()
     feed(first, 0, cut)
-    first._checkpoint(force=True)
+    first.checkpoint_now()
     second = SpeedLayer(s, EV_PIPE, SpeedOptions())
     second._recover()
     feed(second, cut, 1)
-    second._checkpoint(force=True)
+    second.checkpoint_now()
     meta = assert_snapshot_equals_oracle(EV_PIPE, home, msgs)
     want = oracle_counts(EV_PIPE, msgs)[EV.topic]
     assert meta["counters"][EV.topic] == {k: want[k] for k in ("valid", "invalid", "duplicates")}
@@ -259,6 +259,7 @@ def test_state_equals_oracle_with_restore_in_between(tmp_path_factory, parts, cu
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_speed_process_equals_oracle_and_resumes(settings, pipeline, run_cli):
     """`lambdalake speed --until-caught-up` over late, duplicated and malformed events == oracle; a second run
     after more events resumes from its checkpoint (no double counting, no gap)."""
@@ -354,6 +355,7 @@ def _aligned(n: int, block: int) -> int:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_handoff_while_running_is_exact_and_never_double_counts(settings, pipeline, cli_env, tmp_path):
     """Batch versions are published while the speed layer consumes a live stream. At every instant a reader that
     pairs (batch version, speed snapshot) the serving way gets exactly the oracle over offsets < max(S, W);
@@ -437,6 +439,7 @@ def test_handoff_while_running_is_exact_and_never_double_counts(settings, pipeli
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_fresh_start_below_published_watermark_and_batch_rollback(settings, pipeline, run_cli):
     """No checkpoint, batch published: speed starts at W - span, filling only the dedup window below W (duplicates
     straddling W are not counted). Then a batch rollback to a lower W: the speed layer rebuilds what it dropped."""

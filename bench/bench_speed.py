@@ -1,0 +1,281 @@
+"""Speed-layer benchmark (not a test): throughput, freshness, memory, and the raw kafka-python baseline.
+
+Measures, against a real Kafka broker (the embedded one on a free port, or ``--bootstrap``):
+
+1. ``raw_fetch``      — plain kafka-python consumption of N pre-produced messages (same consumer settings as the
+                        speed layer): the client's ceiling on this machine.
+2. ``fetch_validate`` — the same plus :class:`lambdalake.validation.Validator` on every message.
+3. ``speed``          — the speed layer in-process (``SpeedLayer.run(until_caught_up=True)``: validate, dedup,
+                        aggregate, checkpoint + publish every ``--checkpoint-interval``), events/s.
+4. ``freshness``      — for each ``--rates`` value: a real ``lambdalake speed`` process while a producer sends at
+                        that rate for ``--duration`` s; produce -> visible (the first published snapshot whose
+                        position is past the message's offset) p50/p99/max over sampled messages; the speed
+                        process's RSS every 0.5 s.
+
+Results go to ``bench/results/speed-<UTC time>.json`` (git-ignored) and a summary is printed.
+
+    .venv/bin/python bench/bench_speed.py                     # defaults: 300k events, rates 5k,20k,50k, 15 s each
+    .venv/bin/python bench/bench_speed.py --quick             # a short run (figures are noisier)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from lambdalake.config import load_settings  # noqa: E402
+from lambdalake.kafka import EmbeddedBroker, consumer, end_offsets, ensure_topics, free_port, producer  # noqa: E402
+from lambdalake.pipeline import load_pipeline  # noqa: E402
+from lambdalake.produce import demo_messages  # noqa: E402
+from lambdalake.validation import Validator  # noqa: E402
+
+LAMBDALAKE = str(Path(sys.executable).parent / "lambdalake")
+
+
+def pipeline_copy(directory: Path, suffix: str) -> Path:
+    """The clickstream pipeline with topics renamed by ``suffix`` (fresh topics per measurement)."""
+    f = directory / f"pipeline_{suffix}.py"
+    f.write_text(
+        "from lambdalake.pipeline import Pipeline, Source, load_pipeline\n"
+        "_p = load_pipeline('lambdalake.pipelines.clickstream')\n"
+        "pipeline = Pipeline(_p.name, views=_p.views, sources=[Source(name=s.name, topic=f'{s.topic}."
+        f"{suffix}', fields=s.fields, event_id=s.event_id, event_time=s.event_time, key=s.key) "
+        "for s in _p.sources])\n")
+    return f
+
+
+def fresh(work: Path, bootstrap: str, block: int):
+    suffix = uuid.uuid4().hex[:8]
+    home = work / f"lake-{suffix}"
+    home.mkdir()
+    settings = load_settings(home=home, bootstrap=bootstrap, pipeline=str(pipeline_copy(work, suffix)),
+                             partitions=4).with_(handoff_block=block)
+    pipe = load_pipeline(settings.pipeline)
+    ensure_topics(settings, pipe)
+    return settings, pipe
+
+
+def produce_all(settings, pipe, n: int) -> dict:
+    msgs = list(demo_messages(pipe, n, seed=1))
+    prod = producer(settings)
+    t0 = time.perf_counter()
+    for m in msgs:
+        prod.send(m.topic, key=m.key, value=m.value)
+    prod.flush()
+    dt = time.perf_counter() - t0
+    prod.close()
+    return {"messages": len(msgs), "seconds": round(dt, 3), "per_second": round(len(msgs) / dt)}
+
+
+def raw_fetch(settings, pipe, validate: bool) -> dict:
+    from kafka import TopicPartition
+
+    ends = end_offsets(settings, [s.topic for s in pipe.sources])
+    validators = {s.topic: Validator(s) for s in pipe.sources}
+    c = consumer(settings, fetch_max_wait_ms=100, max_poll_records=20_000, check_crcs=False)
+    tps = [TopicPartition(t, p) for (t, p) in ends]
+    c.assign(tps)
+    for tp in tps:
+        c.seek(tp, 0)
+    todo = {tp for tp in tps if ends[(tp.topic, tp.partition)] > 0}
+    n = 0
+    t0 = time.perf_counter()
+    while todo:
+        for tp, recs in c.poll(timeout_ms=200).items():
+            n += len(recs)
+            if validate:
+                v = validators[tp.topic]
+                for r in recs:
+                    v(r.value)
+            if recs[-1].offset + 1 >= ends[(tp.topic, tp.partition)]:
+                todo.discard(tp)
+    dt = time.perf_counter() - t0
+    c.close()
+    return {"messages": n, "seconds": round(dt, 3), "per_second": round(n / dt)}
+
+
+def speed_in_process(settings, pipe, interval: float) -> dict:
+    from speed.consumer import SpeedLayer, SpeedOptions
+
+    layer = SpeedLayer(settings, pipe, SpeedOptions(checkpoint_interval=interval))
+    rss0 = psutil.Process().memory_info().rss
+    t0 = time.perf_counter()
+    stats = layer.run(until_caught_up=True)
+    dt = time.perf_counter() - t0
+    return {"messages": stats.messages, "seconds": round(dt, 3), "per_second": round(stats.messages / dt),
+            "checkpoints": stats.checkpoints, "last_checkpoint_ms": round(stats.last_checkpoint_seconds * 1000, 1),
+            "state_rows": layer.state_rows(),
+            "rss_growth_mb": round((psutil.Process().memory_info().rss - rss0) / 2**20)}
+
+
+class SnapshotWatcher(threading.Thread):
+    """Records (wall time, positions) of every snapshot that becomes visible (stat of CURRENT every 2 ms)."""
+
+    def __init__(self, home: Path):
+        super().__init__(daemon=True)
+        self.pointer = home / "views" / "speed" / "CURRENT"
+        self.home = home
+        self.seen: list[tuple[float, dict]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        stamp = None
+        while not self.stop.is_set():
+            try:
+                st = os.stat(self.pointer)
+                s = (st.st_ino, st.st_mtime_ns)
+                if s != stamp:
+                    now = time.time()
+                    snap = json.loads(self.pointer.read_text())["snapshot"]
+                    meta = json.loads((self.home / "views" / "speed" / snap / "snapshot.json").read_text())
+                    self.seen.append((now, meta["positions"]))
+                    stamp = s
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.002)
+
+
+def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: float, interval: float) -> dict:
+    settings, pipe = fresh(work, bootstrap, block)
+    n = int(rate * duration)
+    msgs = list(demo_messages(pipe, n, seed=2, duplicate_fraction=0.0, malformed_fraction=0.0))
+    env = dict(os.environ, LAMBDALAKE_HOME=str(settings.home), LAMBDALAKE_BOOTSTRAP=bootstrap,
+               LAMBDALAKE_PIPELINE=settings.pipeline, LAMBDALAKE_HANDOFF_BLOCK=str(block))
+    prod = producer(settings)
+    first = msgs[0]
+    prod.send(first.topic, key=first.key, value=first.value).get(30)
+    proc = subprocess.Popen([LAMBDALAKE, "speed", "--checkpoint-interval", str(interval)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    watcher = SnapshotWatcher(settings.home)
+    rss: list[tuple[float, float]] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (settings.home / "views" / "speed" / "CURRENT").exists():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("speed layer did not publish a first snapshot")
+            time.sleep(0.05)
+        watcher.start()
+        ps = psutil.Process(proc.pid)
+        stop_rss = threading.Event()
+
+        def sample_rss() -> None:
+            t0 = time.monotonic()
+            while not stop_rss.wait(0.5):
+                rss.append((round(time.monotonic() - t0, 1), round(ps.memory_info().rss / 2**20, 1)))
+
+        threading.Thread(target=sample_rss, daemon=True).start()
+        samples: list[tuple[float, object]] = []
+        every = max(1, int(rate // 200))  # ~200 samples per second
+        t0 = time.perf_counter()
+        wall0 = time.time()
+        for i, m in enumerate(msgs[1:], 1):
+            if i % every == 0:
+                samples.append((time.time(), prod.send(m.topic, key=m.key, value=m.value)))
+            else:
+                prod.send(m.topic, key=m.key, value=m.value)
+            if i % 256 == 0:
+                ahead = i / rate - (time.perf_counter() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+        prod.flush()
+        produce_seconds = time.perf_counter() - t0
+        ends = end_offsets(settings, [s.topic for s in pipe.sources])
+        caught = time.monotonic() + 120
+        while time.monotonic() < caught:
+            if watcher.seen and all(watcher.seen[-1][1].get(t, {}).get(str(p), 0) >= e for (t, p), e in ends.items()):
+                break
+            time.sleep(0.05)
+        catch_up_seconds = time.time() - wall0
+        stop_rss.set()
+    finally:
+        watcher.stop.set()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        prod.close()
+    lat = []
+    for t_send, fut in samples:
+        md = fut.get(30)
+        for t_vis, pos in watcher.seen:
+            if pos.get(md.topic, {}).get(str(md.partition), 0) > md.offset:
+                lat.append(max(0.0, t_vis - t_send))
+                break
+    lat.sort()
+
+    def q(p: float) -> float | None:
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 1) if lat else None
+
+    return {"target_rate": rate, "achieved_produce_rate": round(len(msgs) / produce_seconds),
+            "messages": len(msgs), "samples": len(lat), "freshness_ms": {"p50": q(0.50), "p99": q(0.99),
+                                                                         "max": q(1.0)},
+            "catch_up_seconds_after_start": round(catch_up_seconds, 2), "snapshots_seen": len(watcher.seen),
+            "rss_mb": rss, "rss_mb_first_last_max": [rss[0][1], rss[-1][1], max(r for _, r in rss)] if rss else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=300_000)
+    ap.add_argument("--rates", default="5000,20000,50000")
+    ap.add_argument("--duration", type=float, default=15.0)
+    ap.add_argument("--checkpoint-interval", type=float, default=0.25)
+    ap.add_argument("--block", type=int, default=1000)
+    ap.add_argument("--bootstrap", default=None)
+    ap.add_argument("--quick", action="store_true", help="100k events, 8 s per rate")
+    args = ap.parse_args()
+    if args.quick:
+        args.events, args.duration = 100_000, 8.0
+    out: dict = {"started": datetime.now(UTC).isoformat(), "cpus": os.cpu_count(), "args": vars(args)}
+    with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
+        work = Path(tmp)
+        broker = None
+        bootstrap = args.bootstrap
+        if bootstrap is None:
+            broker = EmbeddedBroker(work / "kafka-home", port=free_port(), controller_port=free_port(), heap="1g",
+                                    tied_to_parent=True)
+            bootstrap = broker.up(timeout=120)["bootstrap"]
+        try:
+            settings, pipe = fresh(work, bootstrap, args.block)
+            print(f"producing {args.events:,} events ...", flush=True)
+            out["produce"] = produce_all(settings, pipe, args.events)
+            print(f"  {out['produce']}", flush=True)
+            out["raw_fetch"] = raw_fetch(settings, pipe, validate=False)
+            print(f"raw kafka-python fetch: {out['raw_fetch']}", flush=True)
+            out["fetch_validate"] = raw_fetch(settings, pipe, validate=True)
+            print(f"fetch + validate:       {out['fetch_validate']}", flush=True)
+            out["speed"] = speed_in_process(settings, pipe, args.checkpoint_interval)
+            print(f"speed layer (in-process, checkpoint every {args.checkpoint_interval}s): {out['speed']}",
+                  flush=True)
+            out["freshness"] = []
+            for rate in [float(r) for r in args.rates.split(",") if r]:
+                res = freshness(work, bootstrap, args.block, rate, args.duration, args.checkpoint_interval)
+                out["freshness"].append(res)
+                print(f"freshness @ {rate:,.0f}/s: " + json.dumps({k: v for k, v in res.items() if k != "rss_mb"}),
+                      flush=True)
+        finally:
+            if broker is not None:
+                broker.down(timeout=30)
+    results = REPO / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"speed-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
