@@ -137,7 +137,7 @@ class CheckpointStore:
     """Reads and commits the speed checkpoint of one lake (see the module docstring for the protocol)."""
 
     def __init__(self, layout: Layout, pipeline: Pipeline, keep_snapshots: int = 20,
-                 keep_snapshot_seconds: float = 30.0, keep_checkpoints: int = 3):
+                 keep_snapshot_seconds: float = 5.0, keep_checkpoints: int = 3):
         self.layout = layout
         self.pipeline = pipeline
         self.dir = layout.checkpoints(COMPONENT)
@@ -167,7 +167,9 @@ class CheckpointStore:
         self._lock_fd = fd
 
     def unlock(self) -> None:
+        """Release the lock; the pid is cleared so status tools do not report a stopped process as running."""
         if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
             os.close(self._lock_fd)
             self._lock_fd = None
 

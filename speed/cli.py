@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         keep_snapshots: Annotated[int, typer.Option(
             min=1, help="Published snapshots kept for readers still on an older one.")] = 20,
         keep_snapshot_seconds: Annotated[float, typer.Option(
-            min=0.0, help="...and none younger than this is deleted.")] = 30.0,
+            min=0.0, help="...and none younger than this many seconds is deleted.")] = 5.0,
         broker_timeout: Annotated[float, typer.Option(
             min=0.0, help="Seconds to keep retrying (with backoff) while Kafka is unreachable at start.")] = 120.0,
         group_id: Annotated[str | None, typer.Option(

@@ -41,6 +41,7 @@ from speed.state import SourceState, build_states
 log = logging.getLogger(__name__)
 
 MIN_EXACT_DEDUP = 10_000  # the issue's floor: at least the last 10,000 offsets of a partition dedup exactly
+BROKER_CHECK_SECONDS = 5.0  # how long without records before checking that a broker connection is up
 
 
 @dataclass
@@ -50,7 +51,7 @@ class SpeedOptions:
     checkpoint_interval: float = 0.25
     dedup_span: int = 100_000
     keep_snapshots: int = 20
-    keep_snapshot_seconds: float = 30.0
+    keep_snapshot_seconds: float = 5.0
     broker_timeout: float = 120.0
     group_id: str | None = None
     poll_timeout_ms: int = 100
@@ -130,6 +131,8 @@ class SpeedLayer:
         self._inflight: threading.Thread | _Done | None = None
         self._outcome: tuple[Checkpoint, float] | BaseException | None = None
         self._full_dedup = False  # set when the windows were rebuilt: the next checkpoint writes them whole
+        self._last_records = self._broker_checked = time.monotonic()
+        self._broker_down_since: float | None = None
 
     # lifecycle ----------------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -299,10 +302,16 @@ class SpeedLayer:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
+            now = time.monotonic()
             for tp, records in polled.items():
                 if records:
                     self._apply(tp.topic, tp.partition, records)
-            now = time.monotonic()
+                    self._last_records = now
+            if polled and self._broker_down_since is not None:
+                self.notify(f"reconnected to Kafka after {now - self._broker_down_since:.0f}s")
+                self._broker_down_since = None
+            if now - self._last_records >= BROKER_CHECK_SECONDS and now - self._broker_checked >= BROKER_CHECK_SECONDS:
+                self._watch_broker(now)
             if now - last_batch_check >= opts.batch_check_interval:
                 last_batch_check = now
                 newer = watcher.poll()
@@ -317,6 +326,23 @@ class SpeedLayer:
             if targets is not None and self._caught_up(targets):
                 self.stats.caught_up = True
                 break
+
+    def _watch_broker(self, now: float) -> None:
+        """While nothing arrives, tell the user once when no broker connection is up (kafka-python keeps reconnecting
+        with exponential backoff by itself) and again when it is back. The published snapshot stays valid meanwhile."""
+        self._broker_checked = now
+        try:  # kafka-python has no public connectivity API; read its client state, never depend on it
+            client = self._consumer._client
+            up = any(client.connected(b.node_id) for b in client.cluster.brokers())
+        except Exception:  # noqa: BLE001
+            return
+        if not up and self._broker_down_since is None:
+            self._broker_down_since = now
+            self.notify(f"lost the connection to Kafka at {self.settings.bootstrap}; reconnecting with backoff "
+                        f"(the published snapshot {self.last.id if self.last else '-'} stays valid)")
+        elif up and self._broker_down_since is not None:
+            self.notify(f"reconnected to Kafka after {now - self._broker_down_since:.0f}s")
+            self._broker_down_since = None
 
     def _caught_up(self, targets: dict[TP, int]) -> bool:
         for key, end in targets.items():

@@ -64,7 +64,7 @@ def speed_pid(layout: Layout) -> int | None:
     try:
         pid = int((layout.checkpoints(COMPONENT) / "LOCK").read_text().strip())
         proc = psutil.Process(pid)
-        if proc.status() != psutil.STATUS_ZOMBIE and any("speed" in a for a in proc.cmdline()):
+        if proc.status() != psutil.STATUS_ZOMBIE:  # the pid is cleared on a clean exit; kill -9 may leave it
             return pid
     except (OSError, ValueError, psutil.Error):
         pass

@@ -114,3 +114,60 @@ def test_kill9_at_each_commit_step(settings, pipeline, cli_env, tmp_path, step):
     _no_orphans(settings.home)
     cp = json.loads((layout.checkpoints("speed") / meta["snapshot"] / "checkpoint.json").read_text())
     assert cp["positions"] == meta["positions"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_broker_outage_mid_run_is_survived(tmp_path, unique_suffix):
+    """A broker that goes away while the speed layer runs: it says so, keeps reconnecting with backoff (no crash),
+    and carries on exactly once the broker is back."""
+    from lambdalake.config import load_settings
+    from lambdalake.kafka import EmbeddedBroker, free_port
+    from lambdalake.pipeline import load_pipeline
+    from tests.conftest import write_pipeline_copy
+
+    broker = EmbeddedBroker(tmp_path / "kafka-home", port=free_port(), controller_port=free_port(), heap="512m",
+                            tied_to_parent=True)
+    broker.up(timeout=120)
+    proc = None
+    try:
+        lake = tmp_path / "lake"
+        lake.mkdir()
+        settings = load_settings(home=lake, bootstrap=broker.bootstrap, partitions=2,
+                                 pipeline=str(write_pipeline_copy(tmp_path, "lambdalake.pipelines.clickstream",
+                                                                  unique_suffix))).with_(handoff_block=50)
+        pipeline = load_pipeline(settings.pipeline)
+        env = {**__import__("os").environ, "LAMBDALAKE_HOME": str(lake), "LAMBDALAKE_BOOTSTRAP": broker.bootstrap,
+               "LAMBDALAKE_PIPELINE": settings.pipeline, "LAMBDALAKE_HANDOFF_BLOCK": "50"}
+        produce(settings, pipeline, 300, seed=41)
+        log = tmp_path / "logs"
+        proc = start_speed(env, log, "--checkpoint-interval", "0.1")
+        layout = Layout(lake)
+
+        def at_end() -> bool:
+            ends = end_offsets(settings, topics(pipeline))
+            snap = read_pointer(layout.speed_pointer)
+            if snap is None:
+                return False
+            meta = json.loads((layout.speed_snapshot(snap["snapshot"]) / "snapshot.json").read_text())
+            return all(meta["positions"].get(t, {}).get(str(p), -1) >= e for (t, p), e in ends.items())
+
+        wait_for(at_end, 60, "speed to consume the first events")
+        broker.down(timeout=30)
+        wait_for(lambda: "lost the connection to Kafka" in (log / "speed-0.out").read_text(), 60,
+                 "the speed layer to report the outage", interval=0.5)
+        time.sleep(3)
+        assert proc.poll() is None, (log / "speed-0.out").read_text()
+        broker.up(timeout=120)
+        produce(settings, pipeline, 300, seed=42)
+        wait_for(at_end, 120, "speed to catch up after the outage", interval=0.2)
+        proc.send_signal(15)
+        assert proc.wait(30) == 0
+        out = (log / "speed-0.out").read_text()
+        assert "reconnected to Kafka" in out and "Traceback" not in out, out
+        msgs = read_log(settings.bootstrap, topics(pipeline))
+        assert_snapshot_equals_oracle(pipeline, lake, msgs)
+    finally:
+        if proc is not None:
+            kill(proc)
+        broker.down(timeout=30)
