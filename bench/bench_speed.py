@@ -11,11 +11,15 @@ Measures, against a real Kafka broker (the embedded one on a free port, or ``--b
                         that rate for ``--duration`` s; produce -> visible (the first published snapshot whose
                         position is past the message's offset) p50/p99/max over sampled messages; the speed
                         process's RSS every 0.5 s.
+5. ``sustained_with_handoff`` — the same at ``--sustained-rate`` for ``--sustained-duration`` s while a simulated
+                        batch layer publishes a version every ``--handoff-every`` s (watermark = the speed layer's
+                        positions, block-aligned): the speed layer prunes, so its RSS should stay flat.
 
 Results go to ``bench/results/speed-<UTC time>.json`` (git-ignored) and a summary is printed.
 
     .venv/bin/python bench/bench_speed.py                     # defaults: 300k events, rates 5k,20k,50k, 15 s each
     .venv/bin/python bench/bench_speed.py --quick             # a short run (figures are noisier)
+    .venv/bin/python bench/bench_speed.py --only-sustained    # just the RSS-with-handoff run
 """
 
 from __future__ import annotations
@@ -149,7 +153,21 @@ class SnapshotWatcher(threading.Thread):
             time.sleep(0.002)
 
 
-def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: float, interval: float) -> dict:
+def publish_batch(home: Path, version: str, positions: dict, block: int) -> None:
+    """Simulate a batch publish (layout.py contract) at the block boundary below the speed positions, so the speed
+    layer hands off and prunes — what keeps its memory bounded in production."""
+    from lambdalake.layout import Layout, write_pointer
+
+    layout = Layout(home)
+    wm = {t: {p: int(s) - int(s) % block for p, s in parts.items()} for t, parts in positions.items()}
+    d = layout.batch_version(version)
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text(json.dumps({"version": version, "watermark": wm, "block": block}))
+    write_pointer(layout.batch_pointer, {"version": version})
+
+
+def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: float, interval: float,
+              handoff_every: float | None = None, dedup_span: int = 100_000) -> dict:
     settings, pipe = fresh(work, bootstrap, block)
     n = int(rate * duration)
     msgs = list(demo_messages(pipe, n, seed=2, duplicate_fraction=0.0, malformed_fraction=0.0))
@@ -158,7 +176,8 @@ def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: flo
     prod = producer(settings)
     first = msgs[0]
     prod.send(first.topic, key=first.key, value=first.value).get(30)
-    proc = subprocess.Popen([LAMBDALAKE, "speed", "--checkpoint-interval", str(interval)], env=env,
+    proc = subprocess.Popen([LAMBDALAKE, "speed", "--checkpoint-interval", str(interval), "--dedup-span",
+                             str(dedup_span)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     watcher = SnapshotWatcher(settings.home)
     rss: list[tuple[float, float]] = []
@@ -180,6 +199,8 @@ def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: flo
         threading.Thread(target=sample_rss, daemon=True).start()
         samples: list[tuple[float, object]] = []
         every = max(1, int(rate // 200))  # ~200 samples per second
+        handoffs = 0
+        next_handoff = time.monotonic() + handoff_every if handoff_every else None
         t0 = time.perf_counter()
         wall0 = time.time()
         for i, m in enumerate(msgs[1:], 1):
@@ -188,6 +209,10 @@ def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: flo
             else:
                 prod.send(m.topic, key=m.key, value=m.value)
             if i % 256 == 0:
+                if next_handoff is not None and time.monotonic() >= next_handoff and watcher.seen:
+                    handoffs += 1
+                    publish_batch(settings.home, f"bench{handoffs:04d}", watcher.seen[-1][1], block)
+                    next_handoff += handoff_every
                 ahead = i / rate - (time.perf_counter() - t0)
                 if ahead > 0:
                     time.sleep(ahead)
@@ -225,6 +250,7 @@ def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: flo
             "messages": len(msgs), "samples": len(lat), "freshness_ms": {"p50": q(0.50), "p99": q(0.99),
                                                                          "max": q(1.0)},
             "catch_up_seconds_after_start": round(catch_up_seconds, 2), "snapshots_seen": len(watcher.seen),
+            "batch_handoffs": handoffs,
             "rss_mb": rss, "rss_mb_first_last_max": [rss[0][1], rss[-1][1], max(r for _, r in rss)] if rss else None}
 
 
@@ -237,6 +263,13 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=1000)
     ap.add_argument("--bootstrap", default=None)
     ap.add_argument("--quick", action="store_true", help="100k events, 8 s per rate")
+    ap.add_argument("--sustained-rate", type=float, default=5000.0,
+                    help="rate of the sustained run with simulated batch handoffs (RSS should stay flat)")
+    ap.add_argument("--sustained-duration", type=float, default=60.0)
+    ap.add_argument("--handoff-every", type=float, default=5.0)
+    ap.add_argument("--only-sustained", action="store_true")
+    ap.add_argument("--dedup-span", type=int, default=100_000,
+                    help="dedup span of the sustained run (its windows fill after span offsets per partition)")
     args = ap.parse_args()
     if args.quick:
         args.events, args.duration = 100_000, 8.0
@@ -250,6 +283,15 @@ def main() -> None:
                                     tied_to_parent=True)
             bootstrap = broker.up(timeout=120)["bootstrap"]
         try:
+            if args.sustained_duration > 0:
+                res = freshness(work, bootstrap, args.block, args.sustained_rate, args.sustained_duration,
+                                args.checkpoint_interval, handoff_every=args.handoff_every,
+                                dedup_span=args.dedup_span)
+                out["sustained_with_handoff"] = res
+                print(f"sustained @ {args.sustained_rate:,.0f}/s with a batch handoff every {args.handoff_every}s: "
+                      + json.dumps({k: v for k, v in res.items() if k != "rss_mb"}), flush=True)
+            if args.only_sustained:
+                return finish(out)
             settings, pipe = fresh(work, bootstrap, args.block)
             print(f"producing {args.events:,} events ...", flush=True)
             out["produce"] = produce_all(settings, pipe, args.events)
@@ -270,6 +312,10 @@ def main() -> None:
         finally:
             if broker is not None:
                 broker.down(timeout=30)
+    finish(out)
+
+
+def finish(out: dict) -> None:
     results = REPO / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"speed-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
