@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name lambdalake --display-name "lambdalake (.venv)" >/dev/null
 	@touch $@
 
 $(KAFKA_LIBS)/.complete: infra/kafka/pom.xml
@@ -35,6 +36,9 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check lambdalake batch speed serving dags tests bench
+
+bench: install  # batch, speed and serving benchmarks (never part of make test); BENCH_ARGS=--quick for a short run
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 kafka-up: install
 	$(BIN)/lambdalake kafka up

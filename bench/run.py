@@ -1,0 +1,381 @@
+"""``make bench``: run the batch, speed and serving benchmarks and summarize them in one table.
+
+Each benchmark is its own script in ``bench/`` (``bench_batch.py``, ``bench_speed.py``, ``bench_serving.py``) and
+is run here as a child process with the sizes of the chosen profile; each writes its own JSON result into
+``bench/results/``. This runner then collects those results, pulls out every figure next to its baseline (the
+thing the figure should be judged against: raw kafka-python fetch for the speed layer, DuckDB over the same files
+for the Spark recompute, a raw master scan for serving, ...) and writes
+
+- ``bench/results/bench-<UTC time>.json``: machine info, date, profile, per benchmark its status, command, log,
+  raw result file, and the figures;
+- ``bench/results/bench-<UTC time>.md``: the same as a markdown table (also printed).
+
+A benchmark that is missing, fails, times out or writes no result is reported as such in the table; the others
+still run. ``bench/results/`` is git-ignored. Not part of ``make test``.
+
+    make bench                                # full profile: tens of minutes
+    make bench BENCH_ARGS=--quick             # a few minutes, noisier figures
+    .venv/bin/python bench/run.py --quick --only speed,serving
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One benchmark script: how to run it per profile and which result files it writes."""
+
+    name: str
+    script: str
+    result_prefix: str  # its JSON results are bench/results/<prefix>*.json
+    quick: tuple[str, ...]
+    full: tuple[str, ...]
+    timeout_quick: float
+    timeout_full: float
+
+
+BENCHES = [
+    Bench("batch", "bench_batch.py", "bench_batch-",
+          quick=("--sizes", "200000", "--archiver-events", "50000"),
+          full=("--sizes", "1000000", "10000000", "--archiver-events", "1000000"),
+          timeout_quick=900, timeout_full=5400),
+    Bench("speed", "bench_speed.py", "speed-",
+          quick=("--quick", "--rates", "5000,20000", "--sustained-duration", "20"),
+          full=(),
+          timeout_quick=900, timeout_full=3600),
+    Bench("serving", "bench_serving.py", "serving-",
+          quick=("--sizes", "500000", "--reps", "30", "--raw-reps", "10"),
+          full=("--sizes", "1000000,10000000"),
+          timeout_quick=900, timeout_full=3600),
+]
+
+
+@dataclass
+class Figure:
+    """One measured number, the baseline it is judged against, and value / baseline."""
+
+    bench: str
+    figure: str
+    value: float | None
+    unit: str
+    baseline: str = ""
+    baseline_value: float | None = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.value is None or not self.baseline_value:
+            return None
+        return self.value / self.baseline_value
+
+
+@dataclass
+class Outcome:
+    bench: str
+    status: str  # ok | missing | failed (exit N) | timeout | no result | unreadable result
+    seconds: float = 0.0
+    command: list[str] = field(default_factory=list)
+    log: str | None = None
+    result_file: str | None = None
+    detail: str = ""
+
+
+# --- machine -------------------------------------------------------------------------------------------------------
+def machine_info() -> dict:
+    """What the figures depend on: CPU, memory, load at the start, versions."""
+    import psutil
+
+    cpu_model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("pyspark", "duckdb", "pyarrow", "kafka-python"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        java = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30).stderr
+        versions["java"] = java.splitlines()[0] if java else None
+    except (OSError, subprocess.SubprocessError):
+        versions["java"] = None
+    kafka_jar = next(iter(sorted((REPO / ".cache" / "kafka" / "libs").glob("kafka_2.13-*.jar"))), None)
+    versions["kafka broker"] = kafka_jar.stem.removeprefix("kafka_2.13-") if kafka_jar else None
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "host": platform.node(), "platform": platform.platform(), "cpu": cpu_model, "cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "load_average_at_start": os.getloadavg(),
+        "python": platform.python_version(), "versions": versions, "git_commit": commit,
+    }
+
+
+# --- running one benchmark -----------------------------------------------------------------------------------------
+def run_bench(bench: Bench, quick: bool, stamp: str, echo: bool) -> Outcome:
+    script = REPO / "bench" / bench.script
+    args = list(bench.quick if quick else bench.full)
+    cmd = [sys.executable, str(script), *args]
+    out = Outcome(bench.name, "missing", command=cmd)
+    if not script.exists():
+        out.detail = f"bench/{bench.script} does not exist"
+        return out
+    before = {p.name for p in RESULTS.glob(f"{bench.result_prefix}*.json")}
+    log_path = RESULTS / "logs" / f"{stamp}-{bench.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    out.log = str(log_path.relative_to(REPO))
+    timeout = bench.timeout_quick if quick else bench.timeout_full
+    t0 = time.monotonic()
+    print(f"\n== {bench.name}: {shlex.join(['bench/' + bench.script, *args])} (log: {out.log})", flush=True)
+    with open(log_path, "wb") as log:
+        # its own process group, so a timeout or Ctrl-C stops everything it started (brokers, Spark JVMs)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            _pump(proc, log, echo, deadline=t0 + timeout)
+        except TimeoutError:
+            _kill_group(proc)
+            out.status, out.detail = "timeout", f"stopped after {timeout:.0f}s"
+        except BaseException:
+            _kill_group(proc)
+            raise
+    out.seconds = round(time.monotonic() - t0, 1)
+    if out.status == "timeout":
+        return out
+    if proc.returncode != 0:
+        out.status = f"failed (exit {proc.returncode})"
+        out.detail = _tail(log_path)
+        return out
+    new = sorted((p for p in RESULTS.glob(f"{bench.result_prefix}*.json") if p.name not in before),
+                 key=lambda p: p.stat().st_mtime)
+    if not new:
+        out.status, out.detail = "no result", f"exited 0 but wrote no bench/results/{bench.result_prefix}*.json"
+        return out
+    out.status, out.result_file = "ok", str(new[-1].relative_to(REPO))
+    return out
+
+
+def _pump(proc: subprocess.Popen, log, echo: bool, deadline: float) -> None:
+    """Copy the child's output to its log (and stdout) until it exits or the deadline passes."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        if sel.select(timeout=1.0):
+            chunk = proc.stdout.read1(65536)
+            if not chunk:
+                break
+            log.write(chunk)
+            log.flush()
+            if echo:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+    proc.stdout.close()
+    proc.wait(max(1.0, deadline - time.monotonic()))
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    except ProcessLookupError:
+        pass
+
+
+def _tail(path: Path, lines: int = 6) -> str:
+    try:
+        return " | ".join(x.strip() for x in path.read_text(errors="replace").splitlines()[-lines:] if x.strip())
+    except OSError:
+        return ""
+
+
+# --- figures per benchmark -----------------------------------------------------------------------------------------
+def _rate(d: dict | None) -> float | None:
+    return None if not d else d.get("per_second")
+
+
+def batch_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
+    out = []
+    if "archiver" in r:
+        a = r["archiver"]
+        raw = _rate((others.get("speed") or {}).get("raw_fetch"))
+        out.append(Figure("batch", f"archiver throughput ({a.get('messages', 0):,} messages -> Parquet + DLQ)",
+                          a.get("events_per_s"), "msg/s", "raw kafka-python fetch (speed bench, same broker setup)"
+                          if raw else "", raw))
+    for rc in r.get("recompute", []):
+        note = "" if rc.get("row_counts_match", True) else "ROW COUNTS DIFFER between Spark and DuckDB"
+        out.append(Figure("batch", f"recompute all views, {rc['events']:,} events (Spark job, {r.get('spark', '')})",
+                          rc.get("spark_seconds"), "s", "DuckDB SQL over the same master files",
+                          rc.get("duckdb_seconds"), note))
+    return out
+
+
+def speed_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
+    out = []
+    raw = _rate(r.get("raw_fetch"))
+    if "speed" in r:
+        out.append(Figure("speed", "speed layer throughput (validate, dedup, aggregate, checkpoint)",
+                          _rate(r["speed"]), "msg/s", "raw kafka-python fetch", raw))
+    if "fetch_validate" in r:
+        out.append(Figure("speed", "fetch + validate only", _rate(r["fetch_validate"]), "msg/s",
+                          "raw kafka-python fetch", raw))
+    interval_ms = 1000 * float((r.get("args") or {}).get("checkpoint_interval") or 0) or None
+    runs = [(f"@ {f['target_rate']:,.0f} msg/s", f) for f in r.get("freshness", [])]
+    if "sustained_with_handoff" in r:
+        s = r["sustained_with_handoff"]
+        runs.append((f"@ {s['target_rate']:,.0f} msg/s with batch handoffs", s))
+    for label, f in runs:
+        fr = f.get("freshness_ms") or {}
+        for q in ("p50", "p99"):
+            out.append(Figure("speed", f"freshness {q} {label} (produce -> visible)", fr.get(q), "ms",
+                              "checkpoint/publish interval" if interval_ms else "", interval_ms,
+                              f"achieved produce rate {f.get('achieved_produce_rate', '?'):,}/s"
+                              if isinstance(f.get("achieved_produce_rate"), int | float) else ""))
+        rss = f.get("rss_mb_first_last_max")
+        if rss:
+            out.append(Figure("speed", f"speed process RSS at the end {label}", rss[1], "MB",
+                              "RSS at the start of the run", rss[0], f"max {rss[2]} MB"))
+    return out
+
+
+def serving_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
+    out = []
+    for size, s in (r.get("sizes") or {}).items():
+        n = f"{int(size):,} events"
+        for kind, q in (s.get("queries") or {}).items():
+            out.append(Figure("serving", f"{kind} p50, {n} (merged views)", q.get("merged_p50_ms"), "ms",
+                              "same answer from the raw master (DuckDB scan)", q.get("raw_p50_ms")))
+            out.append(Figure("serving", f"{kind} p99, {n} (merged views)", q.get("merged_p99_ms"), "ms",
+                              "raw master p99", q.get("raw_p99_ms")))
+        if "connect_ms_p50" in s:
+            out.append(Figure("serving", f"connect() p50, {n} (batch side materialized)", s["connect_ms_p50"],
+                              "ms", "lazy connect (materialize=False)", s.get("connect_lazy_ms_p50")))
+    return out
+
+
+EXTRACT: dict[str, Callable[[dict, dict[str, dict]], list[Figure]]] = {
+    "batch": batch_figures, "speed": speed_figures, "serving": serving_figures}
+
+
+# --- report --------------------------------------------------------------------------------------------------------
+def _num(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "—"
+    if abs(v) >= 100:
+        s = f"{v:,.0f}"
+    elif abs(v) >= 10:
+        s = f"{v:.1f}"
+    else:
+        s = f"{v:.3g}"
+    return f"{s} {unit}".strip()
+
+
+def markdown(info: dict, profile: str, outcomes: list[Outcome], figures: list[Figure], started: str) -> str:
+    v = info["versions"]
+    lines = [
+        f"# lambdalake benchmarks — {started} ({profile} profile)",
+        "",
+        f"- machine: {info['cpu']}, {info['cpus']} CPUs, {info['memory_gb']} GB RAM; {info['platform']}",
+        f"- load average at start: {', '.join(f'{x:.2f}' for x in info['load_average_at_start'])} "
+        "(other work on the machine skews every figure)",
+        f"- python {info['python']}, pyspark {v.get('pyspark')}, duckdb {v.get('duckdb')}, pyarrow {v.get('pyarrow')}, "
+        f"kafka-python {v.get('kafka-python')}, Kafka broker {v.get('kafka broker')}, {v.get('java')}",
+        f"- git commit {info['git_commit']}",
+        "",
+        "| benchmark | status | seconds | result file | detail |",
+        "|---|---|---:|---|---|",
+    ]
+    for o in outcomes:
+        lines.append(f"| {o.bench} | {o.status} | {o.seconds:.0f} | {o.result_file or '—'} | "
+                     f"{(o.detail or '').replace('|', '/')[:300] or (o.log or '')} |")
+    lines += ["", "| benchmark | figure | value | baseline | baseline value | ratio (value / baseline) | note |",
+              "|---|---|---:|---|---:|---:|---|"]
+    for f in figures:
+        ratio = f.ratio
+        lines.append(f"| {f.bench} | {f.figure} | {_num(f.value, f.unit)} | {f.baseline or '—'} | "
+                     f"{_num(f.baseline_value, f.unit)} | {'—' if ratio is None else f'{ratio:.3g}×'} | {f.note} |")
+    if not figures:
+        lines.append("| — | no figures (every benchmark failed or was skipped) | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes: a few minutes in all (noisier figures)")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(b.name for b in BENCHES)}")
+    ap.add_argument("--quiet", action="store_true", help="do not echo the benchmarks' own output")
+    args = ap.parse_args(argv)
+    wanted = [b for b in BENCHES if not args.only or b.name in args.only.split(",")]
+    unknown = set(filter(None, args.only.split(","))) - {b.name for b in BENCHES}
+    if unknown:
+        ap.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {[b.name for b in BENCHES]}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    profile = "quick" if args.quick else "full"
+    info = machine_info()
+
+    outcomes = [run_bench(b, args.quick, stamp, echo=not args.quiet) for b in wanted]
+    results: dict[str, dict] = {}
+    for o in outcomes:
+        if o.status == "ok":
+            try:
+                results[o.bench] = json.loads((REPO / o.result_file).read_text())
+            except (OSError, ValueError) as exc:
+                o.status, o.detail = "unreadable result", f"{o.result_file}: {exc}"
+    figures: list[Figure] = []
+    for o in outcomes:
+        if o.bench not in results:
+            continue
+        try:
+            figures += EXTRACT[o.bench](results[o.bench], results)
+        except (KeyError, TypeError, ValueError) as exc:  # the script's result format changed
+            o.detail = f"result format not understood ({type(exc).__name__}: {exc}); see {o.result_file}"
+
+    report = markdown(info, profile, outcomes, figures, started)
+    summary = {"started_at": started, "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+               "profile": profile, "machine": info, "load_average_at_end": os.getloadavg(),
+               "benchmarks": [asdict(o) for o in outcomes],
+               "figures": [{**asdict(f), "ratio": f.ratio} for f in figures]}
+    (RESULTS / f"bench-{stamp}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (RESULTS / f"bench-{stamp}.md").write_text(report)
+    print("\n" + report)
+    print(f"wrote bench/results/bench-{stamp}.md and .json")
+    return 0 if all(o.status == "ok" for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
