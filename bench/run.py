@@ -155,7 +155,8 @@ def run_bench(bench: Bench, quick: bool, stamp: str, echo: bool) -> Outcome:
     with open(log_path, "wb") as log:
         # its own process group, so a timeout or Ctrl-C stops everything it started (brokers, Spark JVMs)
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # live progress in the log
         try:
             _pump(proc, log, echo, deadline=t0 + timeout)
         except TimeoutError:
