@@ -57,7 +57,8 @@ def airflow_cmd(
     def on_term(*_: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    # Ctrl-C, kill and a closed terminal all stop Airflow (SIGINT set explicitly: it may be inherited ignored)
+    previous = {s: signal.signal(s, on_term) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     af.start()
     try:
         with console.status("waiting for the scheduler, DAG processor and API server (first start migrates the "
@@ -78,8 +79,11 @@ def airflow_cmd(
     except KeyboardInterrupt:
         err_console.print("stopping Airflow ...")
     finally:
+        for s in previous:  # a second Ctrl-C must not interrupt the shutdown (stop() escalates to SIGKILL itself)
+            signal.signal(s, signal.SIG_IGN)
         af.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         left = af.leftovers()
         if left:
             err_console.print(f"[red]warning:[/] processes still running: {left}")

@@ -39,6 +39,8 @@ class AirflowStartError(LambdalakeError):
 
 def _new_session_tied_to_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     os.setsid()
+    # A launcher started in the background inherits SIGINT ignored; airflow standalone must still obey it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 

@@ -427,8 +427,8 @@ def _check_view(con: Any, pipeline: Pipeline, view: View, files: list[str], even
             + f" FROM ({events_sql})").fetchone()
     totals: dict[str, Any] = {}
     for a, got, want in zip(stored, view_totals, master_totals, strict=True):
-        if a.kind == "count" and want is None:
-            want = 0
+        if a.kind == "count":  # SQL's sum over no rows is NULL; no rows counted is 0 events
+            got, want = got or 0, want or 0
         if got != want:
             raise fail(f"view {view.name!r}: {merge[a.kind]} of {a.name!r} over the view is {got}, but {a.kind} "
                        f"over the deduplicated master events below the watermark is {want}")
