@@ -171,3 +171,15 @@ def test_bad_configuration_is_reported(tmp_path):
         settings_from(lake_config(None, {"LAMBDALAKE_HOME": str(tmp_path), "LAMBDALAKE_HANDOFF_BLOCK": "ten"}))
     with pytest.raises(ConfigError, match="must be >= 2"):
         batch_keep({"LAMBDALAKE_BATCH_KEEP": "1"})
+
+
+def test_print_env_gives_a_shell_the_same_airflow(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LAMBDALAKE_HOME": str(tmp_path / "lake"),
+           "LAMBDALAKE_SPARK_MASTER": "spark://m.example:7077"}
+    res = subprocess.run([str(Path(sys.executable).parent / "lambdalake"), "airflow", "--print-env", "--port", "8091",
+                          "--airflow-home", str(tmp_path / "af")], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    script = res.stdout + 'echo "$AIRFLOW_HOME|$AIRFLOW__CORE__DAGS_FOLDER|$AIRFLOW__API__PORT|$LAMBDALAKE_HOME"\n'
+    shown = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30).stdout.strip()
+    assert shown == f"{tmp_path / 'af'}|{REPO / 'dags'}|8091|{tmp_path / 'lake'}"
+    assert "spark://m.example:7077" in res.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +30,9 @@ def airflow_cmd(
         "--spark-conn/--no-spark-conn", help="Define spark_default from the Spark master (off: use the connection "
         "configured in Airflow).")] = True,
     startup_timeout: Annotated[float, typer.Option(min=10, help="Seconds to wait for Airflow to be healthy.")] = 300,
+    print_env: Annotated[bool, typer.Option(
+        "--print-env", help="Only print the environment as shell exports (eval \"$(lambdalake airflow --print-env)\" "
+        "before using the airflow CLI on this AIRFLOW_HOME) and exit.")] = False,
     pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
 ) -> None:
     """Start `airflow standalone` with this repo's dags/ and a project-local AIRFLOW_HOME; Ctrl-C stops all of it.
@@ -47,6 +52,12 @@ def airflow_cmd(
 
     ctx = context(pipeline, home, bootstrap, spark_master=spark_master)
     af_home = (airflow_home or default_airflow_home()).resolve()
+    if print_env:
+        env = airflow_environment(af_home, ctx.settings, port=port, host=host, spark_conn=spark_conn)
+        for key in sorted(k for k in env if k.startswith(("AIRFLOW", "LAMBDALAKE_")) or k == "PATH"):
+            if env[key] != os.environ.get(key):
+                typer.echo(f"export {key}={shlex.quote(env[key])}")
+        return
     if port_open("127.0.0.1", port):
         raise typer.BadParameter(f"port {port} is already in use; pick another with --port", param_hint="--port")
     env = airflow_environment(af_home, ctx.settings, port=port, host=host, spark_conn=spark_conn)

@@ -4,17 +4,19 @@ The ``lambdalake_batch`` DAG runs, per run:
 
 1. :func:`archive` — make sure the master dataset has caught up to the end offsets the log had when the task
    started: run the archiver until caught up, or, if an archiver daemon already owns the lake, wait for it.
-2. :func:`plan_batch` — decide whether a new batch version is needed: the watermark the batch job would choose
+2. :func:`plan_batch` — decide what the run has to do: ``batch`` when the watermark the batch job would choose
    (archived ends aligned to the handoff block) is ahead of the published one, a view definition changed, or
-   nothing is published yet. Nothing new = no new version, so an idle hourly DAG does not churn versions and
-   re-running a run is a no-op.
+   nothing is published yet; ``validate`` when the published version was never validated and announced by the DAG
+   (published by hand, or an earlier run failed after publishing); else ``none``. Nothing new = no new version, so
+   an idle hourly DAG does not churn versions (and the K kept versions stay useful for rollback).
 3. The Spark batch job (``batch/job.py`` through ``spark-submit``; not in this module): computes every view into
    a staging directory, validates it and publishes it by an atomic pointer switch.
 4. :func:`validate_published` — an independent check of the published version from outside Spark: files and row
    counts equal the manifest, no null keys, and every view's totals (count, sum, min, max over all rows) equal the
    same aggregates recomputed with DuckDB over the deduplicated master events below the watermark.
-5. Publish: the DAG emits the ``lambdalake_batch_views`` Asset event (:func:`asset_event_extra`), only when the
-   run produced a new version.
+5. Publish: the DAG emits the ``lambdalake_batch_views`` Asset event (:func:`asset_event_extra`) and records the
+   version as announced (:func:`mark_announced`, ``checkpoints/airflow/announced/<version>.json``), so each
+   version is announced once even when runs are cleared and re-run.
 6. :func:`speed_handoff` — make sure the speed layer drops what the version covers: wait for a running speed
    layer to hand off, or run it once until caught up (it prunes on start), or nothing if it never ran.
 
