@@ -62,7 +62,7 @@ BENCHES = [
           full=(),
           timeout_quick=900, timeout_full=3600),
     Bench("serving", "bench_serving.py", "serving-",
-          quick=("--sizes", "500000", "--reps", "30", "--raw-reps", "10"),
+          quick=("--sizes", "1000000", "--reps", "30", "--raw-reps", "10"),
           full=("--sizes", "1000000,10000000"),
           timeout_quick=900, timeout_full=3600),
 ]
@@ -322,7 +322,8 @@ def markdown(info: dict, profile: str, outcomes: list[Outcome], figures: list[Fi
     for o in outcomes:
         lines.append(f"| {o.bench} | {o.status} | {o.seconds:.0f} | {o.result_file or '—'} | "
                      f"{(o.detail or '').replace('|', '/')[:300] or (o.log or '')} |")
-    lines += ["", "| benchmark | figure | value | baseline | baseline value | ratio (value / baseline) | note |",
+    lines += ["", "Ratio = value / baseline: below 1 a time is shorter (or a rate lower) than its baseline's.", "",
+              "| benchmark | figure | value | baseline | baseline value | ratio (value / baseline) | note |",
               "|---|---|---:|---|---:|---:|---|"]
     for f in figures:
         ratio = f.ratio
