@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import duckdb
+import pyarrow as pa
 
 ONE_MIB = 1024 * 1024
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -156,11 +157,14 @@ def _events_table(con, source, messages: list[LogMessage], below: dict | None) -
         if ev is None:
             continue
         rows.append([m.partition, m.offset] + [ev[f.name] for f in source.fields])
-    types = {"integer": "BIGINT", "string": "VARCHAR", "timestamp": "BIGINT"}
-    ddl = ", ".join(["_partition INTEGER", "_offset BIGINT"] + [f'"{f.name}" {types[f.type]}' for f in source.fields])
-    con.execute(f"CREATE OR REPLACE TABLE raw_{source.name} ({ddl})")
-    if rows:
-        con.executemany(f"INSERT INTO raw_{source.name} VALUES ({', '.join('?' * len(cols))})", rows)
+    types = {"integer": pa.int64(), "string": pa.string(), "timestamp": pa.int64()}
+    schema = pa.schema([("_partition", pa.int32()), ("_offset", pa.int64())]
+                       + [(f.name, types[f.type]) for f in source.fields])
+    arrow = pa.Table.from_arrays([pa.array([r[i] for r in rows], schema.field(i).type) for i in range(len(cols))],
+                                 schema=schema)
+    con.register(f"arrow_{source.name}", arrow)
+    con.execute(f"CREATE OR REPLACE TABLE raw_{source.name} AS SELECT * FROM arrow_{source.name}")
+    con.unregister(f"arrow_{source.name}")
     # dedup: first valid occurrence per (partition, event_id), by offset; then the position filter
     limit = ""
     if below is not None:
