@@ -1,14 +1,17 @@
 """End to end: ``airflow dags test lambdalake_batch`` against the real Kafka broker and real Spark (spark-submit of
 ``batch/job.py`` through the SparkSubmitOperator and the ``spark_default`` connection to ``local[*]``).
 
-One test, three DAG runs on one lake:
+One test, one lake, a sequence of DAG runs:
 
 1. a normal run archives the log, computes and publishes v1, validates and announces it, and runs the (stopped)
    speed layer once so it hands off; the serving layer then returns exactly the independent oracle;
 2. the same run again is a no-op: no new version, the same content served;
-3. a forced run recomputes with Spark: a new version with the same watermark and the same content.
+3. a forced run recomputes with Spark: a new version with the same watermark and the same content;
+4. a published but unannounced version is validated and announced without Spark;
+5. new events make a new version; 6. ``lambdalake_maintenance`` compacts the master files and prunes old versions,
+   and serving still equals the oracle.
 
-Then the validator must reject a tampered copy of the published version.
+Then the validator must reject tampered copies of the published version.
 """
 
 from __future__ import annotations
@@ -62,6 +65,17 @@ def json_output(res: subprocess.CompletedProcess) -> list[dict]:
     raise AssertionError(f"no JSON array in the output of airflow:\n{res.stdout[-3000:]}")
 
 
+def run_states(env: dict, expected_runs: int, nth: int | None = None) -> dict[str, str]:
+    """Task states of the ``nth`` (1-based, by start; default the last) of the runs of ``lambdalake_batch``,
+    after checking there are ``expected_runs`` runs and all succeeded."""
+    runs = sorted(json_output(airflow(env, "dags", "list-runs", "lambdalake_batch", "-o", "json")),
+                  key=lambda r: r["start_date"])
+    assert [r["state"] for r in runs] == ["success"] * expected_runs, runs
+    run_id = runs[(nth or expected_runs) - 1]["run_id"]
+    return {t["task_id"]: t["state"] for t in json_output(
+        airflow(env, "tasks", "states-for-dag-run", "lambdalake_batch", run_id, "-o", "json"))}
+
+
 def served(settings, pipeline) -> dict[str, list[tuple]]:
     """Every view as the serving layer returns it (``lambdalake.connect``)."""
     con = lambdalake.connect(settings, pipeline)
@@ -99,10 +113,7 @@ def test_dags_test_publishes_what_serving_returns_and_is_idempotent(settings, pi
     for view in pipeline.views:
         assert_rows_equal(views_v1[view.name], expected_all[view.name], view.name)
 
-    runs = json_output(airflow(env, "dags", "list-runs", "lambdalake_batch", "-o", "json"))
-    assert [r["state"] for r in runs] == ["success"]
-    states = {t["task_id"]: t["state"] for t in json_output(
-        airflow(env, "tasks", "states-for-dag-run", "lambdalake_batch", runs[0]["run_id"], "-o", "json"))}
+    states = run_states(env, 1)
     assert states == dict.fromkeys(["archive", "plan", "spark_batch", "validate", "publish", "speed_handoff"],
                                    "success")
 
@@ -124,22 +135,42 @@ def test_dags_test_publishes_what_serving_returns_and_is_idempotent(settings, pi
     for view in pipeline.views:
         assert_rows_equal(forced[view.name], views_v1[view.name], view.name)
 
-    runs = json_output(airflow(env, "dags", "list-runs", "lambdalake_batch", "-o", "json"))
-    assert [r["state"] for r in runs] == ["success"] * 3
-    by_start = sorted(runs, key=lambda r: r["start_date"])
-    states = {t["task_id"]: t["state"] for t in json_output(
-        airflow(env, "tasks", "states-for-dag-run", "lambdalake_batch", by_start[1]["run_id"], "-o", "json"))}
+    states = run_states(env, 3, nth=2)
     assert states["spark_batch"] == "skipped" and states["publish"] == "skipped", states
     assert states["archive"] == states["plan"] == states["speed_handoff"] == "success", states
 
+    # 4. a published version nobody announced (published by hand, or a run that failed after publishing) is
+    #    validated and announced by the next run, without Spark
+    (layout.checkpoints("airflow") / "announced" / "v000002.json").unlink()
+    airflow(env, "dags", "test", "lambdalake_batch")
+    assert current_batch_manifest(layout)["version"] == "v000002" and announced(settings, "v000002")
+    states = run_states(env, 4)
+    assert states["spark_batch"] == "skipped", states
+    assert states["validate"] == states["publish"] == states["speed_handoff"] == "success", states
+
+    # 5. new events -> a new version; 6. maintenance compacts the master files and prunes old versions
+    run_cli("produce", "--events", "700", "--seed", "12", "--span-hours", "30")
+    airflow(env, "dags", "test", "lambdalake_batch")
+    assert current_batch_manifest(layout)["version"] == "v000003"
+    files_before = sum(len(layout.master_files(s.name)) for s in pipeline.sources)
+    airflow({**env, "LAMBDALAKE_BATCH_KEEP": "2"}, "dags", "test", "lambdalake_maintenance")
+    assert sorted(p.name for p in layout.batch_views.iterdir() if p.name.startswith("v")) == ["v000002", "v000003"]
+    assert sum(len(layout.master_files(s.name)) for s in pipeline.sources) < files_before, "small files compacted"
+    assert any((layout.master_log()).glob("*-compact-*.json")), "compaction is recorded"
+    messages = read_log(settings.bootstrap, [s.topic for s in pipeline.sources])
+    expected_all = oracle_views(pipeline, messages)
+    after = served(settings, pipeline)
+    for view in pipeline.views:
+        assert_rows_equal(after[view.name], expected_all[view.name], view.name)
+
     # the validator is not a rubber stamp: it rejects a published version that lost a row or changed a total
-    assert validate_published(settings, pipeline).version == "v000002"
+    assert validate_published(settings, pipeline).version == "v000003"
     view = next(v for v in pipeline.views if any(a.kind == "count" for a in v.stored_aggregates))
     count_col = next(a.name for a in view.stored_aggregates if a.kind == "count")
     for case in ("lost a row", "changed a count"):
         copy = tmp_path / case.replace(" ", "_")
         shutil.copytree(settings.home, copy, ignore=shutil.ignore_patterns("kafka"))
-        victim = max((copy / "views" / "batch" / "v000002" / view.name).glob("*.parquet"),
+        victim = max((copy / "views" / "batch" / "v000003" / view.name).glob("*.parquet"),
                      key=lambda f: f.stat().st_size)
         table = pq.read_table(victim)
         if case == "lost a row":
