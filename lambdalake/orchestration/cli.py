@@ -22,7 +22,8 @@ def airflow_cmd(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the Airflow UI / API server.")] = 8080,
     host: Annotated[str, typer.Option(help="Interface the UI listens on (0.0.0.0 exposes it).")] = "127.0.0.1",
     airflow_home: Annotated[Path | None, typer.Option(
-        "--airflow-home", help="AIRFLOW_HOME [default: <repo>/.airflow, git-ignored].", show_default=False)] = None,
+        "--airflow-home", help="AIRFLOW_HOME (default: .airflow/ in the repo, git-ignored).",
+        show_default=False)] = None,
     spark_master: Annotated[str | None, typer.Option(
         "--spark-master", help="Spark master of the spark_default connection [env LAMBDALAKE_SPARK_MASTER; "
         "default local[*]].", show_default=False)] = None,
