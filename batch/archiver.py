@@ -351,6 +351,7 @@ class Archiver:
         from batch.compact import recover_compactions
 
         t0 = time.monotonic()
+        _warn_if_slow_crc()
         with ArchiverLock(self.layout):
             recover_compactions(self.layout, self.pipeline)
             remove_temp_files(self.layout, self.pipeline.sources)
@@ -561,6 +562,18 @@ class Archiver:
             c.commit_async({TopicPartition(topic, partition): OffsetAndMetadata(end, "", -1)})
         except Exception as exc:  # noqa: BLE001 - monitoring only; positions live in the master files
             log.debug("offset commit for lag monitoring failed: %s", exc)
+
+
+def _warn_if_slow_crc() -> None:
+    """kafka-python checks record CRC32C in pure Python unless the ``crc32c`` package is installed (~10x slower)."""
+    try:
+        from kafka.record import util
+
+        if getattr(util, "crc32c_c", None) is None:
+            log.warning("the crc32c package is not installed: kafka-python verifies record checksums in pure Python, "
+                        "which limits the archiver to a few thousand messages/s; `pip install crc32c`")
+    except ImportError:
+        pass
 
 
 def ingest(settings: Settings, pipeline: Pipeline, *, until_caught_up: bool = False,

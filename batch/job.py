@@ -62,6 +62,7 @@ from lambdalake.pipeline import WINDOW_START, Aggregate, Pipeline, Source, View
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
+BROADCAST_REPEATED_MAX = 2_000_000  # repeated event ids (with their first offset) small enough to broadcast
 SESSION_CONF = {
     "spark.sql.session.timeZone": "UTC",  # window_start is a UTC instant; never the JVM's zone
     "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",  # not INT96: readable as timestamp[us, UTC]
@@ -140,6 +141,7 @@ def spark_session(master: str | None = None, app_name: str = "lambdalake-batch")
         builder = builder.master(master)
     for k, v in SESSION_CONF.items():
         builder = builder.config(k, v)
+    builder = builder.config("spark.ui.showConsoleProgress", "false")  # the CLI shows its own status
     builder = builder.config("spark.sql.shuffle.partitions",
                              os.environ.get("LAMBDALAKE_SPARK_SHUFFLE_PARTITIONS", "16"))
     if master and master.startswith("local-cluster"):
@@ -172,11 +174,18 @@ def deduplicated_events(spark, layout: Layout, source: Source, snapshot: Snapsho
     df = spark.read.schema(schema).parquet(*[str(layout.home / f.path) for f in files])
     # W per partition as a literal map: rows of a file straddling W are cut at W
     wm_map = F.create_map(*[x for p, w in sorted(wm.items()) for x in (F.lit(p), F.lit(w).cast("long"))])
-    df = df.where(F.col(OFFSET_COL) < wm_map[F.col(PARTITION_COL)])
-    keep = [c for c in columns if c not in (PARTITION_COL, source.event_id)]
-    first = F.min_by(F.struct(*[F.col(c) for c in keep]), F.col(OFFSET_COL)).alias("_first")
-    return (df.groupBy(PARTITION_COL, source.event_id).agg(first)
-            .select(PARTITION_COL, source.event_id, *[F.col(f"_first.{c}").alias(c) for c in keep]))
+    df = df.where(F.col(OFFSET_COL) < wm_map[F.col(PARTITION_COL)]).select(*columns)
+    # Duplicates are rare: find the ids seen more than once (a narrow aggregate that reads only ids and
+    # offsets) and drop their later occurrences with a broadcast join, so full rows are never shuffled for dedup.
+    # If the repeated ids are too many to broadcast, Spark picks a shuffle join; the result is the same.
+    repeated = (df.groupBy(PARTITION_COL, source.event_id)
+                .agg(F.min(OFFSET_COL).alias("_first"), F.count(F.lit(1)).alias("_n"))
+                .where(F.col("_n") > 1).drop("_n"))
+    if repeated.count() <= BROADCAST_REPEATED_MAX:
+        repeated = F.broadcast(repeated)
+    return (df.join(repeated, [PARTITION_COL, source.event_id], "left")
+            .where(F.col("_first").isNull() | (F.col(OFFSET_COL) == F.col("_first")))
+            .select(*columns))
 
 
 def _agg_expr(a: Aggregate):

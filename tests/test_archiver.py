@@ -273,3 +273,37 @@ def test_second_archiver_is_refused(settings, pipeline, run_cli, cli_env):
         assert res.returncode != 0 and "another archiver" in res.stderr and "Traceback" not in res.stderr
     finally:
         _kill(proc, signal.SIGTERM)
+
+
+def test_crash_between_dlq_flush_and_rename_sends_no_dlq_duplicate(settings, pipeline, run_cli, monkeypatch):
+    """Deterministic version of the worst kill -9 window: DLQ records acknowledged, master file not renamed."""
+    import batch.archiver as archiver
+
+    produce(run_cli, 600, malformed_fraction=0.1, duplicate_fraction=0.0)
+    real = archiver.write_parquet_atomic
+    real_send = archiver.DeadLetters.send_range
+    state = {"rolls": 0, "armed": False}
+
+    class Crash(BaseException):
+        pass
+
+    def sending(self, buf):
+        sent, skipped = real_send(self, buf)
+        state["rolls"] += 1
+        state["armed"] = sent > 0 and state["rolls"] >= 3  # crash a roll that really dead-lettered something
+        return sent, skipped
+
+    def crashing(table, final, **kw):
+        if state["armed"]:
+            raise Crash(f"simulated crash before renaming {final.name}")
+        return real(table, final, **kw)
+
+    monkeypatch.setattr(archiver.DeadLetters, "send_range", sending)
+    monkeypatch.setattr(archiver, "write_parquet_atomic", crashing)
+    with pytest.raises(Crash):
+        ingest(settings, pipeline, until_caught_up=True, policy=RollPolicy(max_rows=30))
+    monkeypatch.setattr(archiver, "write_parquet_atomic", real)
+    monkeypatch.setattr(archiver.DeadLetters, "send_range", real_send)
+    report = ingest(settings, pipeline, until_caught_up=True, policy=RollPolicy(max_rows=30))
+    assert report.dlq_skipped > 0, "the rerun should have found the crashed range's invalid messages in the DLQ"
+    check_exact(settings, pipeline)

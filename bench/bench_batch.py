@@ -1,0 +1,249 @@
+"""Batch-layer bench (not a test): archiver throughput, and Spark vs DuckDB recompute time over the same master files.
+
+1. **Archiver**: produce ``--archiver-events`` demo events (with duplicates and malformed ones) into a dedicated
+   embedded broker (or ``LAMBDALAKE_BOOTSTRAP``), then time ``ingest(until_caught_up=True)``: messages/s.
+2. **Recompute**: for each size in ``--sizes``, write a synthetic master dataset of the clickstream pipeline (same
+   schema and layout as the archiver's, 2 % duplicates, late events) and compute every view
+
+   - with the Spark job (:func:`batch.job.run_batch`: snapshot + checksums, dedup, aggregate, write, validate,
+     publish) on a warm session, and
+   - with DuckDB SQL over the same files (same dedup rule, same watermark, each view written to Parquet),
+
+   reporting wall times and the Spark/DuckDB ratio.
+
+Results: one JSON file under ``bench/results/`` (git-ignored) and a table on stdout. Example::
+
+    .venv/bin/python bench/bench_batch.py --sizes 1000000 --archiver-events 1000000
+    .venv/bin/python bench/bench_batch.py --sizes 1000000 10000000 --skip-archiver
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+from batch.master import master_schema, write_parquet_atomic  # noqa: E402
+from lambdalake.config import load_settings  # noqa: E402
+from lambdalake.handoff import aligned_watermark  # noqa: E402
+from lambdalake.layout import Layout, archived_positions  # noqa: E402
+from lambdalake.pipeline import Mean, Pipeline, load_pipeline  # noqa: E402
+
+PIPELINE = "lambdalake.pipelines.clickstream"
+PARTITIONS = 4
+FILE_ROWS = 500_000
+START_US = 1_767_571_200_000_000  # 2026-01-05T00:00:00Z
+
+
+# --- 1. archiver ------------------------------------------------------------------------------------------------
+def bench_archiver(events: int, workdir: Path) -> dict:
+    from batch.archiver import ingest
+    from lambdalake.kafka import EmbeddedBroker, ensure_topics, free_port
+    from lambdalake.produce import demo_messages, send
+
+    broker = None
+    bootstrap = os.environ.get("LAMBDALAKE_BOOTSTRAP")
+    if not bootstrap:
+        broker = EmbeddedBroker(workdir / "kafka-home", port=free_port(), controller_port=free_port(), heap="1g",
+                                tied_to_parent=True)
+        bootstrap = broker.up(timeout=120)["bootstrap"]
+    try:
+        suffix = f"bench{int(time.time())}"
+        pfile = workdir / "pipeline_bench.py"
+        pfile.write_text(
+            "from lambdalake.pipeline import Pipeline, Source, load_pipeline\n"
+            f"_p = load_pipeline({PIPELINE!r})\n"
+            "pipeline = Pipeline(_p.name, views=_p.views, sources=[Source(name=s.name, topic=f'{s.topic}."
+            f"{suffix}', fields=s.fields, event_id=s.event_id, event_time=s.event_time, key=s.key) "
+            "for s in _p.sources])\n")
+        settings = load_settings(home=workdir / "archiver-lake", bootstrap=bootstrap, pipeline=str(pfile),
+                                 partitions=PARTITIONS)
+        pipeline = load_pipeline(str(pfile))
+        ensure_topics(settings, pipeline)
+        t0 = time.monotonic()
+        rep = send(settings, demo_messages(pipeline, events, seed=3), progress=False)
+        produce_s = time.monotonic() - t0
+        print(f"produced {rep.total} messages in {produce_s:.1f}s", file=sys.stderr)
+        report = ingest(settings, pipeline, until_caught_up=True)
+        return {"messages": report.messages, "valid": report.valid, "invalid": report.invalid,
+                "files": report.files, "bytes": report.bytes, "seconds": round(report.seconds, 3),
+                "events_per_s": round(report.events_per_second), "produce_seconds": round(produce_s, 3)}
+    finally:
+        if broker is not None:
+            broker.down()
+
+
+# --- 2. synthetic master dataset --------------------------------------------------------------------------------------
+def write_master(home: Path, pipeline: Pipeline, n: int, seed: int = 1) -> None:
+    """``n`` rows of master data (85 % pageviews), 2 % duplicates re-sent a few offsets later, 5 % late."""
+    rng = np.random.default_rng(seed)
+    layout = Layout(home)
+    span_us = 72 * 3600 * 1_000_000
+    for src, share in (("pageviews", 0.85), ("purchases", 0.15)):
+        source = pipeline.source(src)
+        total = int(n * share)
+        per_p = total // PARTITIONS
+        for p in range(PARTITIONS):
+            ids_base = rng.integers(0, 1 << 62)
+            et = START_US + np.sort(rng.integers(0, span_us, per_p))
+            late = rng.random(per_p) < 0.05
+            et = np.where(late, et - rng.integers(0, 3 * 3600 * 1_000_000, per_p), et)
+            ids = np.arange(per_p, dtype=np.int64)
+            dup = rng.random(per_p) < 0.02
+            ids = np.where(dup & (ids > 64), ids - rng.integers(1, 64, per_p), ids)  # re-sent earlier event ids
+            users = rng.zipf(1.3, per_p) % max(50, n // 20)
+            cols: dict[str, pa.Array] = {
+                "event_id": pa.array([f"{src[:2]}-{ids_base}-{i}" for i in ids]),
+                "event_time": pa.array(et, type=pa.timestamp("us", tz="UTC")),
+                "user_id": pa.array([f"user-{u:06d}" for u in users]),
+            }
+            if src == "pageviews":
+                urls = rng.zipf(1.1, per_p) % 405
+                cols["url"] = pa.array([f"https://shop.example/product/{u}" for u in urls])
+                cols["referrer"] = pa.array(np.where(rng.random(per_p) < 0.5, "https://www.google.com/", None))
+                cols["duration_ms"] = pa.array(rng.integers(0, 120_000, per_p), type=pa.int64())
+            else:
+                prods = rng.zipf(1.2, per_p) % 300
+                cols["product_id"] = pa.array([f"sku-{x:05d}" for x in prods])
+                cols["amount_cents"] = pa.array(rng.integers(99, 100_000, per_p), type=pa.int64())
+                cols["currency"] = pa.array(np.array(["EUR", "USD", "GBP", "JPY"])[rng.integers(0, 4, per_p)])
+            cols["_partition"] = pa.array(np.full(per_p, p, dtype=np.int32))
+            cols["_offset"] = pa.array(np.arange(per_p, dtype=np.int64))
+            cols["_ingest_time"] = pa.array(np.full(per_p, START_US + span_us, dtype=np.int64),
+                                            type=pa.timestamp("us", tz="UTC"))
+            table = pa.table([cols[f.name] for f in master_schema(source)], schema=master_schema(source))
+            for start in range(0, per_p, FILE_ROWS):
+                end = min(per_p, start + FILE_ROWS)
+                write_parquet_atomic(table.slice(start, end - start), layout.master_file(src, p, start, end))
+
+
+# --- 3. DuckDB: the same views over the same files ----------------------------------------------------------------
+def duckdb_views(home: Path, pipeline: Pipeline, block: int, out: Path) -> dict[str, int]:
+    import duckdb
+
+    layout = Layout(home)
+    con = duckdb.connect()
+    con.execute(f"SET threads = {os.cpu_count() or 1}")
+    counts: dict[str, int] = {}
+    for src in pipeline.sources:
+        views = pipeline.views_of(src)
+        files = [str(f.path) for f in layout.master_files(src.name)]
+        wm = {p: aligned_watermark(e, block) for p, e in archived_positions(layout, src.name).items()}
+        cond = " OR ".join(f"(_partition = {p} AND _offset < {w})" for p, w in wm.items()) or "FALSE"
+        needed = {src.event_time} | {k for v in views for k in v.keys} | {
+            a.column for v in views for a in v.stored_aggregates if a.column}
+        sel = ", ".join(f'"{c}"' for c in sorted(needed))
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE ev AS
+            SELECT {sel} FROM read_parquet({files!r}) WHERE {cond}
+            QUALIFY row_number() OVER (PARTITION BY _partition, "{src.event_id}" ORDER BY _offset) = 1""")
+        for v in views:
+            b = v.bucket_us
+            us = f'epoch_us("{src.event_time}")'
+            ws = f"make_timestamp({us} - ((({us} % {b}) + {b}) % {b}))"
+            aggs = []
+            for a in v.stored_aggregates:
+                col = f'"{a.column}"' if a.column else None
+                aggs.append({"count": "count(*)", "sum": f"sum({col})::BIGINT", "min": f"min({col})",
+                             "max": f"max({col})"}[a.kind] + f' AS "{a.name}"')
+            keys = ", ".join(f'"{k}"' for k in v.keys)
+            dest = out / f"{v.name}.parquet"
+            con.execute(f"COPY (SELECT {keys}, {ws} AS window_start, {', '.join(aggs)} FROM ev "
+                        f"GROUP BY ALL) TO '{dest}' (FORMAT parquet)")
+            counts[v.name] = con.execute(f"SELECT count(*) FROM read_parquet('{dest}')").fetchone()[0]
+    con.close()
+    return counts
+
+
+def bench_recompute(n: int, workdir: Path, spark, spark_master: str, block: int) -> dict:
+    from batch.job import run_batch
+
+    pipeline = load_pipeline(PIPELINE)
+    home = workdir / f"lake-{n}"
+    shutil.rmtree(home, ignore_errors=True)
+    t0 = time.monotonic()
+    write_master(home, pipeline, n)
+    gen_s = time.monotonic() - t0
+    settings = load_settings(home=home, bootstrap="127.0.0.1:1", pipeline=PIPELINE).with_(handoff_block=block)
+    t0 = time.monotonic()
+    manifest = run_batch(settings, pipeline, spark=spark)
+    spark_s = time.monotonic() - t0
+    out = workdir / f"duck-{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    t0 = time.monotonic()
+    duck_counts = duckdb_views(home, pipeline, block, out)
+    duck_s = time.monotonic() - t0
+    if duck_counts != manifest["row_counts"]:
+        print(f"WARNING: row counts differ: spark {manifest['row_counts']} duckdb {duck_counts}", file=sys.stderr)
+    master_bytes = sum(f.stat().st_size for f in (home / "master").rglob("*.parquet"))
+    shutil.rmtree(home, ignore_errors=True)
+    return {"events": n, "master_bytes": master_bytes, "generate_seconds": round(gen_s, 2),
+            "spark_seconds": round(spark_s, 3), "duckdb_seconds": round(duck_s, 3),
+            "spark_over_duckdb": round(spark_s / duck_s, 2), "row_counts": manifest["row_counts"],
+            "row_counts_match": duck_counts == manifest["row_counts"], "spark_master": spark_master,
+            "means_declared": sum(isinstance(a, Mean) for v in pipeline.views for a in v.aggregates)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[1_000_000, 10_000_000])
+    ap.add_argument("--archiver-events", type=int, default=1_000_000)
+    ap.add_argument("--skip-archiver", action="store_true")
+    ap.add_argument("--spark-master", default=os.environ.get("LAMBDALAKE_SPARK_MASTER", "local[*]"))
+    ap.add_argument("--block", type=int, default=1000)
+    ap.add_argument("--workdir", type=Path, default=None, help="scratch directory [a temp dir]")
+    args = ap.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lambdalake-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    result: dict = {"bench": "batch", "at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                "platform": platform.platform()}}
+    try:
+        if not args.skip_archiver and args.archiver_events > 0:
+            result["archiver"] = bench_archiver(args.archiver_events, workdir)
+            a = result["archiver"]
+            print(f"archiver: {a['messages']} messages in {a['seconds']}s = {a['events_per_s']} events/s")
+        if args.sizes:
+            from batch.job import spark_session
+
+            spark = spark_session(args.spark_master, app_name="lambdalake-bench")
+            spark.sparkContext.setLogLevel("ERROR")
+            result["spark"] = f"spark {spark.version} ({args.spark_master})"
+            try:
+                warm = min(args.sizes)
+                bench_recompute(min(warm, 100_000), workdir, spark, args.spark_master, args.block)  # JIT warm-up
+                result["recompute"] = []
+                for n in args.sizes:
+                    r = bench_recompute(n, workdir, spark, args.spark_master, args.block)
+                    result["recompute"].append(r)
+                    print(f"recompute {n:>11,} events: spark {r['spark_seconds']:.1f}s, duckdb "
+                          f"{r['duckdb_seconds']:.1f}s, ratio {r['spark_over_duckdb']}x "
+                          f"(rows match: {r['row_counts_match']})")
+            finally:
+                spark.stop()
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results = REPO / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"bench_batch-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
