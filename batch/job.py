@@ -15,8 +15,8 @@ Run protocol (:func:`run_batch`), mirrored by numbered comments in the code:
    first is exact: an id's first occurrence below ``W`` is its first occurrence overall.
 3. Per view: ``window_start`` = event time floored to the bucket (UTC), group by keys + window_start, aggregate;
    write ``<staging>/<view>/*.parquet``.
-4. Validate the staged output (:func:`validate_staged`): schema as declared, no null in non-nullable keys, row counts
-   as Spark counted them, and the count aggregate of each view sums to the deduplicated events of its source.
+4. Validate the staged output (:func:`validate_staged`): schema as declared, no null in non-nullable keys, one row
+   per (keys, window_start), and the count aggregate of each view sums to the deduplicated events of its source.
 5. Publish (:func:`batch.publish.publish`): manifest, atomic rename of the staging directory, atomic ``CURRENT``
    switch, pruning. A failure anywhere before that removes the staging directory and changes nothing served.
 
@@ -231,14 +231,17 @@ def expected_schema(pipeline: Pipeline, view: View) -> pa.Schema:
     return pa.schema(cols)
 
 
-def validate_staged(pipeline: Pipeline, view: View, vdir: Path, spark_rows: int, events: int | None) -> int:
-    """Step 4 for one view: schema, null keys, row counts, event counts. Returns the row count."""
+def validate_staged(pipeline: Pipeline, view: View, vdir: Path, events: int | None) -> int:
+    """Step 4 for one view: schema, null keys, row counts (the count aggregate sums to the deduplicated events
+    read; a non-empty input yields rows), and no duplicate (keys, window_start). Returns the row count."""
     files = sorted(vdir.glob("*.parquet"))
     want = expected_schema(pipeline, view)
     rows = 0
     nullable_keys = {f.name for f in pipeline.source_of(view).fields if not f.required or f.nullable}
     count_col = next((a.name for a in view.stored_aggregates if a.kind == "count"), None)
     counted = 0
+    group_cols = [*view.keys, WINDOW_START]
+    groups: list[pa.Table] = []
     for f in files:
         pf = pq.ParquetFile(f)
         got = pf.schema_arrow
@@ -247,16 +250,20 @@ def validate_staged(pipeline: Pipeline, view: View, vdir: Path, spark_rows: int,
                                        f"{[(x.name, str(x.type)) for x in got]}, declared "
                                        f"{[(x.name, str(x.type)) for x in want]}; nothing was published")
         rows += pf.metadata.num_rows
-        strict_keys = [k for k in [*view.keys, WINDOW_START] if k not in nullable_keys]
-        table = pf.read(columns=strict_keys + ([count_col] if count_col else []))
+        strict_keys = [k for k in group_cols if k not in nullable_keys]
+        table = pf.read(columns=group_cols + ([count_col] if count_col else []))
+        groups.append(table.select(group_cols))
         for k in strict_keys:
             if table.column(k).null_count:
                 raise BatchValidationError(f"view {view.name!r}: {table.column(k).null_count} null values in key "
                                            f"{k!r} ({f.name}); nothing was published")
         if count_col:
             counted += pc.sum(table.column(count_col)).as_py() or 0
-    if rows != spark_rows:
-        raise BatchValidationError(f"view {view.name!r}: Spark computed {spark_rows} rows but {rows} were written; "
+    if groups and pa.concat_tables(groups).group_by(group_cols).aggregate([]).num_rows != rows:
+        raise BatchValidationError(f"view {view.name!r}: some (keys, window_start) appear in more than one row; "
+                                   "nothing was published")
+    if events and not rows:
+        raise BatchValidationError(f"view {view.name!r}: {events} events were read but no rows were written; "
                                    "nothing was published")
     if count_col and events is not None and counted != events:
         raise BatchValidationError(f"view {view.name!r}: counts sum to {counted} but {events} deduplicated events "
@@ -404,17 +411,12 @@ def _compute(spark, layout: Layout, pipeline: Pipeline, snap: Snapshot, selected
             events[src.name] = ev.count()
             for view in src_views:
                 # 3. aggregate + write to staging
-                out = view_frame(ev, src, view).persist(StorageLevel.MEMORY_AND_DISK)
-                try:
-                    n = out.count()
-                    vdir = staging / view.name
-                    out.write.mode("errorifexists").parquet(str(vdir))
-                finally:
-                    out.unpersist()
+                vdir = staging / view.name
+                view_frame(ev, src, view).write.mode("errorifexists").parquet(str(vdir))
                 for junk in [*vdir.glob(".*.crc"), vdir / "_SUCCESS"]:
                     junk.unlink(missing_ok=True)
                 # 4. validate before anything can be published
-                row_counts[view.name] = validate_staged(pipeline, view, vdir, n, events[src.name])
+                row_counts[view.name] = validate_staged(pipeline, view, vdir, events[src.name])
                 meta[view.name] = {"fingerprint": view_fingerprint(pipeline, view), "computed_in": None,
                                    "files": sorted(f.name for f in vdir.glob("*.parquet"))}
         finally:

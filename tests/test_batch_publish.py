@@ -1,0 +1,100 @@
+"""Unit tests (no Spark, no Kafka) of the batch publish protocol and the staged-output validation."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batch.exceptions import BatchValidationError, PublishError
+from batch.job import expected_schema, validate_staged
+from batch.publish import list_versions, new_staging_dir, prune_versions, publish, rollback
+from lambdalake.exceptions import InvariantViolation
+from lambdalake.layout import Layout, read_pointer
+from lambdalake.pipeline import load_pipeline
+
+PIPE = load_pipeline("lambdalake.pipelines.clickstream")
+TOPIC = "clickstream.pageviews"
+
+
+def _manifest(w: int) -> dict:
+    return {"pipeline": "clickstream", "watermark": {TOPIC: {"0": w}}, "block": 50, "views": {}}
+
+
+def _publish(layout: Layout, w: int, keep: int = 5) -> dict:
+    staging = new_staging_dir(layout)
+    (staging / "pageviews_hourly").mkdir()
+    return publish(layout, staging, _manifest(w), keep=keep)
+
+
+def test_versions_are_monotonic_pointer_switches_and_prune_keeps_current_and_previous(tmp_path):
+    layout = Layout(tmp_path)
+    assert [_publish(layout, 50 * i)["version"] for i in range(1, 5)] == ["v000001", "v000002", "v000003", "v000004"]
+    assert read_pointer(layout.batch_pointer) == {"version": "v000004"}
+    assert rollback(tmp_path) == ("v000004", "v000003")
+    assert rollback(tmp_path) == ("v000003", "v000002")
+    # keep=2 would keep v3, v4 by age, but v2 is current and v1 its previous: all four survive this prune
+    assert prune_versions(tmp_path, keep=2) == []
+    m = _publish(layout, 250, keep=2)
+    assert m["version"] == "v000005"
+    assert list_versions(layout) == ["v000004", "v000005"]
+    with pytest.raises(PublishError):
+        rollback(tmp_path)  # v5 -> v4 is fine ...
+        rollback(tmp_path)  # ... but nothing is older than v4 any more
+    assert read_pointer(layout.batch_pointer) == {"version": "v000004"}
+
+
+def test_publish_refuses_a_watermark_below_the_published_one(tmp_path):
+    layout = Layout(tmp_path)
+    _publish(layout, 100)
+    with pytest.raises(InvariantViolation, match="below the published"):
+        _publish(layout, 50)
+    assert read_pointer(layout.batch_pointer) == {"version": "v000001"}
+    assert list_versions(layout) == ["v000001"]
+
+
+def test_dead_runs_staging_dirs_are_removed(tmp_path):
+    layout = Layout(tmp_path)
+    layout.batch_views.mkdir(parents=True)
+    dead = layout.batch_views / ".staging-999999999-abcdef"
+    dead.mkdir()
+    mine = new_staging_dir(layout)
+    assert not dead.exists() and mine.exists()
+
+
+def _write_view(vdir, rows: list[dict], schema: pa.Schema | None = None) -> None:
+    view = PIPE.view("pageviews_hourly")
+    schema = schema or expected_schema(PIPE, view)
+    vdir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), vdir / "part-0.parquet")
+
+
+def _row(url="u", hour=0, views=2):
+    return {"url": url, "window_start": datetime(2026, 1, 5, hour, tzinfo=UTC), "views": views,
+            "total_duration_ms": 10, "max_duration_ms": 7, "__sum_duration_ms": 10}
+
+
+@pytest.mark.parametrize("case", ["ok", "null_key", "duplicate_group", "count_mismatch", "schema"])
+def test_validate_staged_catches_broken_output(tmp_path, case):
+    view = PIPE.view("pageviews_hourly")
+    vdir = tmp_path / view.name
+    rows = [_row("a", 0, 2), _row("b", 0, 3)]
+    events = 5
+    schema = None
+    if case == "null_key":
+        rows[1]["url"] = None
+    elif case == "duplicate_group":
+        rows[1]["url"] = "a"
+    elif case == "count_mismatch":
+        events = 6
+    elif case == "schema":
+        want = expected_schema(PIPE, view)
+        schema = want.set(want.get_field_index("views"), pa.field("views", pa.int32()))
+    _write_view(vdir, rows, schema)
+    if case == "ok":
+        assert validate_staged(PIPE, view, vdir, events) == 2
+    else:
+        with pytest.raises(BatchValidationError):
+            validate_staged(PIPE, view, vdir, events)
