@@ -441,7 +441,10 @@ class Archiver:
                     self._roll(buf, c, dlq)
             if not self.until_caught_up and now - last_refresh >= self.REFRESH_PARTITIONS_S:
                 last_refresh = now
+                known = set(self._buffers)
                 self._assign(c)
+                for topic, p in set(self._buffers) - known:  # partitions added to a topic while running
+                    dlq.reload_high_water(self._sources[topic], p)
             if self.on_progress is not None and now - last_progress >= 0.5:
                 last_progress = now
                 self.on_progress(self.report)

@@ -181,6 +181,7 @@ def deduplicated_events(spark, layout: Layout, source: Source, snapshot: Snapsho
     repeated = (df.groupBy(PARTITION_COL, source.event_id)
                 .agg(F.min(OFFSET_COL).alias("_first"), F.count(F.lit(1)).alias("_n"))
                 .where(F.col("_n") > 1).drop("_n"))
+    repeated = repeated.localCheckpoint(eager=True)  # computed once, reused by the count and the join
     if repeated.count() <= BROADCAST_REPEATED_MAX:
         repeated = F.broadcast(repeated)
     return (df.join(repeated, [PARTITION_COL, source.event_id], "left")
@@ -405,14 +406,19 @@ def _compute(spark, layout: Layout, pipeline: Pipeline, snap: Snapshot, selected
         if not src_views:
             continue
         # 2. read below W + dedup (cached: every view of the source reads it)
+        t0 = time.monotonic()
         ev = deduplicated_events(spark, layout, src, snap, view_columns_needed(pipeline, src))
         ev = ev.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             events[src.name] = ev.count()
+            log.info("source %s: %d deduplicated events below W in %.2fs", src.name, events[src.name],
+                     time.monotonic() - t0)
             for view in src_views:
                 # 3. aggregate + write to staging
+                t0 = time.monotonic()
                 vdir = staging / view.name
                 view_frame(ev, src, view).write.mode("errorifexists").parquet(str(vdir))
+                log.info("view %s computed and written in %.2fs", view.name, time.monotonic() - t0)
                 for junk in [*vdir.glob(".*.crc"), vdir / "_SUCCESS"]:
                     junk.unlink(missing_ok=True)
                 # 4. validate before anything can be published
