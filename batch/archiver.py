@@ -30,7 +30,6 @@ Only one archiver may write a lake's master dataset; a lock file under ``checkpo
 from __future__ import annotations
 
 import base64
-import fcntl
 import logging
 import os
 import signal
@@ -50,6 +49,7 @@ from lambdalake.kafka import consumer as make_consumer
 from lambdalake.kafka import ensure_topics
 from lambdalake.kafka import producer as make_producer
 from lambdalake.layout import Layout, archived_positions
+from lambdalake.locks import PidLock
 from lambdalake.pipeline import Pipeline, Source
 from lambdalake.validation import Validator
 
@@ -282,33 +282,13 @@ class DeadLetters:
             self._producer = None
 
 
-class ArchiverLock:
-    """An exclusive ``flock`` on ``checkpoints/archiver/lock``: one archiver per lake (released if it dies)."""
+class ArchiverLock(PidLock):
+    """An exclusive lock on ``checkpoints/archiver/lock``: one archiver per lake (released if it dies)."""
 
     def __init__(self, layout: Layout):
-        self.path = layout.checkpoints("archiver") / "lock"
-        self._fd: int | None = None
-
-    def __enter__(self) -> ArchiverLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise ArchiverLocked(f"another archiver (pid {holder}) is writing the master dataset of "
-                                 f"{self.path.parent.parent.parent}; stop it first (one archiver per lake)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        super().__init__(layout.checkpoints("archiver") / "lock", lambda holder: ArchiverLocked(
+            f"another archiver (pid {holder}) is writing the master dataset of {layout.home}; "
+            "stop it first (one archiver per lake)"))
 
 
 class Archiver:

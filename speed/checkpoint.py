@@ -33,7 +33,6 @@ they agree, removes orphans of a crashed commit, and redoes step 6. The consumer
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -47,6 +46,7 @@ import pyarrow.parquet as pq
 
 from lambdalake.dedup import DedupWindow
 from lambdalake.layout import Layout, atomic_publish_dir, fsync_dir, read_pointer, tmp_name, write_pointer
+from lambdalake.locks import PidLock
 from lambdalake.pipeline import Pipeline
 from speed import publish
 from speed.exceptions import CheckpointCorrupt, SpeedAlreadyRunning
@@ -144,7 +144,9 @@ class CheckpointStore:
         self.keep_snapshots = keep_snapshots
         self.keep_snapshot_seconds = keep_snapshot_seconds
         self.keep_checkpoints = keep_checkpoints
-        self._lock_fd: int | None = None
+        self._lock = PidLock(self.dir / "LOCK", lambda other: SpeedAlreadyRunning(
+            f"another `lambdalake speed` (pid {other}) is running on {layout.home}; "
+            "stop it first (two speed writers would corrupt the checkpoint)"))
 
     @property
     def pointer(self) -> Path:
@@ -153,25 +155,11 @@ class CheckpointStore:
     # single writer ------------------------------------------------------------------------------------------------
     def lock(self) -> None:
         """Take the lake's speed lock (released by the OS even on kill -9) or raise SpeedAlreadyRunning."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise SpeedAlreadyRunning(f"another `lambdalake speed` (pid {other}) is running on {self.layout.home}; "
-                                      "stop it first (two speed writers would corrupt the checkpoint)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock.acquire()
 
     def unlock(self) -> None:
         """Release the lock; the pid is cleared so status tools do not report a stopped process as running."""
-        if self._lock_fd is not None:
-            os.ftruncate(self._lock_fd, 0)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
     # recovery -----------------------------------------------------------------------------------------------------
     def current_id(self) -> str | None:
