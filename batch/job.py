@@ -53,7 +53,7 @@ from batch.compact import master_readers_lock, snapshot_files
 from batch.exceptions import BatchValidationError, NothingToCompute
 from batch.master import INGEST_COL, OFFSET_COL, PARTITION_COL, TS_TYPE, arrow_type, file_rows, sha256_file
 from batch.publish import DEFAULT_KEEP, new_staging_dir, publish
-from lambdalake.config import Settings
+from lambdalake.config import Settings, fix_handoff_block
 from lambdalake.exceptions import PipelineError
 from lambdalake.handoff import aligned_watermark
 from lambdalake.layout import Layout, current_batch_manifest, watermark_of
@@ -345,6 +345,7 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
                 raise NothingToCompute(
                     f"the master dataset holds no complete block of {settings.handoff_block} offsets yet "
                     f"(archived ends: {snap.archived}); run `lambdalake ingest` first or wait for more data")
+            fix_handoff_block(settings.home, settings.handoff_block)  # fixed for the life of the lake from now on
             if own_spark:
                 spark = spark_session(spark_master or settings.spark_master)
             saved = {k: spark.conf.get(k, None) for k in SESSION_CONF}

@@ -272,6 +272,10 @@ class Pipeline:
                 f = fields.get(col)
                 if f is None:
                     raise PipelineError(f"view {v.name!r}: aggregate {a.name!r} reads unknown field {col!r}")
+                if isinstance(a, Mean) and (not f.required or f.nullable):
+                    # sum skips nulls but the count counts every event: the quotient would not be a mean
+                    raise PipelineError(f"view {v.name!r}: mean {a.name!r} over optional field {col!r} is not "
+                                        "supported; make the field required or declare sum_ and count instead")
                 numeric_only = isinstance(a, Mean) or a.kind == "sum"
                 if numeric_only and f.type != "integer":
                     raise PipelineError(f"view {v.name!r}: aggregate {a.name!r} needs an integer field; "

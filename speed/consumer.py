@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lambdalake.config import Settings
+from lambdalake.config import Settings, fix_handoff_block
 from lambdalake.dedup import DedupWindow
 from lambdalake.exceptions import BrokerError, LambdalakeError
 from lambdalake.layout import Layout
@@ -108,6 +108,7 @@ class SpeedLayer:
         self.options.validate()
         self.block = settings.handoff_block
         self.layout = Layout(settings.home)
+        fix_handoff_block(settings.home, self.block)  # batch and speed must agree on it for the life of the lake
         self.store = CheckpointStore(self.layout, pipeline, keep_snapshots=self.options.keep_snapshots,
                                      keep_snapshot_seconds=self.options.keep_snapshot_seconds)
         self.notify = notify or (lambda msg: log.warning("%s", msg))

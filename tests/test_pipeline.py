@@ -52,6 +52,18 @@ def test_inconsistent_declarations_are_refused(view, message):
         Pipeline("p", sources=[EVENTS], views=[view])
 
 
+def test_mean_over_an_optional_field_is_refused():
+    src = Source(name="ev", topic="t.ev", key="u", event_id="id", event_time="ts",
+                 fields=[Field.string("id"), Field.timestamp("ts"), Field.string("u"),
+                         Field.integer("v", required=False)])
+    with pytest.raises(PipelineError, match="mean 'm' over optional field 'v'"):
+        Pipeline("p", sources=[src], views=[View("w", source="ev", keys=[], bucket=timedelta(hours=1),
+                                                 aggregates=[mean("m", "v")])])
+    # sum/max over the optional field stay allowed (nulls are skipped, SQL semantics)
+    Pipeline("p", sources=[src], views=[View("w", source="ev", keys=[], bucket=timedelta(hours=1),
+                                             aggregates=[sum_("s", "v"), max_("x", "v")])])
+
+
 def test_bad_names_and_buckets_are_refused():
     with pytest.raises(PipelineError, match="whole number of seconds"):
         View("v", source="events", keys=[], bucket=timedelta(milliseconds=1500), aggregates=[count("n")])
