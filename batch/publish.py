@@ -34,6 +34,7 @@ from pathlib import Path
 import psutil
 
 from batch.exceptions import PublishError
+from lambdalake.config import env_int
 from lambdalake.exceptions import ConfigError, InvariantViolation
 from lambdalake.layout import Layout, atomic_publish_dir, read_pointer, watermark_of, write_pointer
 
@@ -45,16 +46,7 @@ DEFAULT_KEEP = 5
 
 def default_keep() -> int:
     """Versions to keep: ``LAMBDALAKE_BATCH_KEEP`` or 5 (at least 2: the current and the previous one)."""
-    raw = os.environ.get("LAMBDALAKE_BATCH_KEEP")
-    if not raw:
-        return DEFAULT_KEEP
-    try:
-        keep = int(raw)
-    except ValueError:
-        raise ConfigError(f"LAMBDALAKE_BATCH_KEEP={raw!r} is not an integer") from None
-    if keep < 2:
-        raise ConfigError(f"LAMBDALAKE_BATCH_KEEP={keep} must be >= 2 (the current and the previous version)")
-    return keep
+    return env_int("LAMBDALAKE_BATCH_KEEP", DEFAULT_KEEP, minimum=2, why=" (the current and the previous version)")
 
 
 def version_id(n: int) -> str:

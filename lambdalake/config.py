@@ -30,7 +30,8 @@ DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 DEFAULT_HANDOFF_BLOCK = 1000
 
 
-def _env_int(name: str, default: int, minimum: int = 1) -> int:
+def env_int(name: str, default: int, minimum: int = 1, why: str = "") -> int:
+    """An integer environment variable (``default`` if unset), with an actionable error if it is not one."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -39,7 +40,7 @@ def _env_int(name: str, default: int, minimum: int = 1) -> int:
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not an integer; set it to a whole number like {default}") from None
     if value < minimum:
-        raise ConfigError(f"{name}={value} must be >= {minimum}")
+        raise ConfigError(f"{name}={value} must be >= {minimum}{why}")
     return value
 
 
@@ -92,7 +93,7 @@ def load_settings(
     _check_bootstrap(boot)
 
     block = _handoff_block(home_path)
-    parts = partitions if partitions is not None else _env_int("LAMBDALAKE_PARTITIONS", 4)
+    parts = partitions if partitions is not None else env_int("LAMBDALAKE_PARTITIONS", 4)
     if parts < 1:
         raise ConfigError(f"--partitions {parts} must be >= 1")
 
@@ -114,7 +115,7 @@ def lake_file(home: Path) -> Path:
 
 def _handoff_block(home: Path) -> int:
     """The lake's handoff block: fixed in lake.json once set (batch and speed must agree on it), else env/default."""
-    env_block = _env_int("LAMBDALAKE_HANDOFF_BLOCK", DEFAULT_HANDOFF_BLOCK)
+    env_block = env_int("LAMBDALAKE_HANDOFF_BLOCK", DEFAULT_HANDOFF_BLOCK)
     try:
         fixed = json.loads(lake_file(home).read_text()).get("handoff_block")
     except FileNotFoundError:
