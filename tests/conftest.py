@@ -46,9 +46,22 @@ def kafka_broker(tmp_path_factory) -> Iterator[str]:
 
 @pytest.fixture
 def lake(tmp_path) -> Path:
+    """A fresh, empty lake directory for one test."""
     home = tmp_path / "lake"
     home.mkdir()
     return home
+
+
+@pytest.fixture
+def home(lake) -> Path:
+    """Alias of ``lake`` (the serving tests call the lake directory its home)."""
+    return lake
+
+
+@pytest.fixture
+def clickstream() -> Pipeline:
+    """The shipped demo pipeline, unrenamed (for tests that never touch Kafka)."""
+    return load_pipeline("lambdalake.pipelines.clickstream")
 
 
 @pytest.fixture

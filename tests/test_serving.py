@@ -34,7 +34,6 @@ from lambdalake.pipeline import (
     Source,
     View,
     count,
-    load_pipeline,
     max_,
     mean,
     min_,
@@ -217,18 +216,6 @@ def query_view(con: duckdb.DuckDBPyConnection, view: View) -> set[tuple]:
     sel = ", ".join(f"round({c}, 9)" if c.strip('"') in means else c for c in cols)
     rows = con.sql(f'SELECT {sel} FROM "{view.name}"').to_arrow_table().to_pylist()
     return {tuple(r.values()) for r in rows}
-
-
-@pytest.fixture
-def clickstream() -> Pipeline:
-    return load_pipeline("lambdalake.pipelines.clickstream")
-
-
-@pytest.fixture
-def home(tmp_path) -> Path:
-    h = tmp_path / "lake"
-    h.mkdir()
-    return h
 
 
 @pytest.fixture

@@ -20,23 +20,9 @@ import pytest
 
 from lambdalake.config import load_settings
 from lambdalake.layout import Layout
-from lambdalake.pipeline import load_pipeline
 from serving.catalog import write_catalog
+from tests.conftest import LAMBDALAKE
 from tests.test_serving import ends, expected_view, make_events, publish_batch, publish_speed, query_view, split_lake
-
-LAMBDALAKE = str(Path(sys.executable).parent / "lambdalake")
-
-
-@pytest.fixture
-def clickstream():
-    return load_pipeline("lambdalake.pipelines.clickstream")
-
-
-@pytest.fixture
-def home(tmp_path) -> Path:
-    h = tmp_path / "lake"
-    h.mkdir()
-    return h
 
 
 @pytest.fixture
