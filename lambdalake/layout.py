@@ -39,7 +39,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TypeVar
+
+from lambdalake import contracts
+from lambdalake.contracts import BatchManifest, BatchPointer, SpeedPointer, SpeedSnapshotMeta
 from lambdalake.exceptions import InvariantViolation
+
+C = TypeVar("C")
 
 MASTER_FILE = re.compile(r"^(\d{20})-(\d{20})\.parquet$")
 PARTITION_DIR = re.compile(r"^p=(\d+)$")
@@ -78,8 +84,12 @@ class Layout:
             raise InvariantViolation(f"master file range [{start}, {end}) is empty or negative")
         return self.master_partition(source, partition) / f"{start:020d}-{end:020d}.parquet"
 
-    def master_files(self, source: str) -> list[MasterFile]:
-        """All master files of a source, sorted by (partition, start). Ignores temporary files."""
+    def master_files_on_disk(self, source: str) -> list[MasterFile]:
+        """Every master file name of a source on disk, sorted by (partition, start); temporary files ignored.
+
+        Readers want :meth:`master_files` instead: during an interrupted compaction both a merged file and the
+        files it replaces are on disk.
+        """
         out: list[MasterFile] = []
         base = self.master_source(source)
         if not base.is_dir():
@@ -95,6 +105,25 @@ class Layout:
                     out.append(MasterFile(f, source, p, int(fm.group(1)), int(fm.group(2))))
         out.sort(key=lambda m: (m.partition, m.start))
         return out
+
+    def master_files(self, source: str) -> list[MasterFile]:
+        """THE rule for which master files hold a source's events: every reader (batch job, ``master.<source>`` in
+        SQL, status, audit) uses it. Sorted by (partition, start) and checked to tile without overlap.
+
+        Files replaced by a compaction whose merged file is already in place (a compaction interrupted between its
+        rename and its ``done`` record, see :mod:`batch.compact`) are left out, so no offset is ever read twice.
+        """
+        files = self.master_files_on_disk(source)
+        replaced: set[Path] = set()
+        for _, rec in compaction_records(self):
+            if rec.get("status") != "started" or rec.get("source") != source:
+                continue
+            pdir = self.master_partition(source, int(rec["partition"]))
+            if (pdir / rec["merged"]["name"]).exists():
+                replaced |= {pdir / r["name"] for r in rec["replaced"]}
+        files = [f for f in files if f.path not in replaced]
+        list(contiguous_ranges(files))  # raises InvariantViolation on overlap or gap
+        return files
 
     def master_log(self) -> Path:
         return self.master / "_log"
@@ -129,6 +158,19 @@ class Layout:
     @property
     def kafka(self) -> Path:
         return self.home / "kafka"
+
+
+def compaction_records(layout: Layout) -> list[tuple[Path, dict]]:
+    """The compaction records under ``master/_log/`` (written by :mod:`batch.compact`), oldest first."""
+    d = layout.master_log()
+    out = []
+    if d.is_dir():
+        for f in sorted(d.glob("*-compact-*.json")):
+            try:
+                out.append((f, json.loads(f.read_text())))
+            except (OSError, ValueError) as exc:
+                raise InvariantViolation(f"compaction record {f} is unreadable: {exc}") from exc
+    return out
 
 
 def contiguous_ranges(files: list[MasterFile]) -> Iterator[tuple[int, int]]:
@@ -189,52 +231,66 @@ def atomic_publish_dir(staging: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def write_pointer(pointer: Path, payload: dict) -> None:
-    """Atomically switch a pointer file (CURRENT) to ``payload``."""
-    atomic_write_bytes(pointer, (json.dumps(payload, sort_keys=True, indent=1) + "\n").encode())
+def write_contract(final: Path, contract: object) -> None:
+    """Atomically write a contract file (:mod:`lambdalake.contracts`)."""
+    atomic_write_bytes(final, contracts.encode(contract))
 
 
-def read_pointer(pointer: Path) -> dict | None:
-    """The pointer's payload, or None if nothing was published yet."""
+def write_pointer(pointer: Path, target: BatchPointer | SpeedPointer) -> None:
+    """Atomically switch a pointer file (CURRENT): the commit point of a publish."""
+    write_contract(pointer, target)
+
+
+def _read_optional(path: Path, cls: type[C]) -> C | None:
     try:
-        return json.loads(pointer.read_text())
+        return contracts.read(path, cls)
     except FileNotFoundError:
         return None
-    except ValueError as exc:
-        raise InvariantViolation(f"pointer file {pointer} is corrupt: {exc}") from exc
+
+
+def batch_pointer(layout: Layout) -> str | None:
+    """The published batch version (``views/batch/CURRENT``), or None before the first publish."""
+    ptr = _read_optional(layout.batch_pointer, BatchPointer)
+    return None if ptr is None else ptr.version
+
+
+def speed_pointer(layout: Layout) -> str | None:
+    """The visible speed snapshot (``views/speed/CURRENT``), or None before the first one."""
+    ptr = _read_optional(layout.speed_pointer, SpeedPointer)
+    return None if ptr is None else ptr.snapshot
+
+
+def read_batch_manifest(layout: Layout, version: str) -> BatchManifest:
+    """The manifest of batch version ``version`` (FileNotFoundError if the version is gone)."""
+    return contracts.read(layout.batch_version(version) / "manifest.json", BatchManifest)
+
+
+def read_speed_snapshot_meta(layout: Layout, snapshot: str) -> SpeedSnapshotMeta:
+    """``snapshot.json`` of speed snapshot ``snapshot`` (FileNotFoundError if it is gone)."""
+    return contracts.read(layout.speed_snapshot(snapshot) / "snapshot.json", SpeedSnapshotMeta)
 
 
 # reading published state (every layer and `lambdalake status` use these) -----------------------------------------
-def current_batch_manifest(layout: Layout) -> dict | None:
+def current_batch_manifest(layout: Layout) -> BatchManifest | None:
     """Manifest of the published batch version (``views/batch/CURRENT``), or None before the first publish."""
-    ptr = read_pointer(layout.batch_pointer)
-    if ptr is None:
+    version = batch_pointer(layout)
+    if version is None:
         return None
-    path = layout.batch_version(ptr["version"]) / "manifest.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InvariantViolation(
-            f"published batch version {ptr['version']} has no readable manifest {path}: {exc}") from exc
+        return read_batch_manifest(layout, version)
+    except OSError as exc:
+        raise InvariantViolation(f"published batch version {version} has no readable manifest: {exc}") from exc
 
 
-def current_speed_snapshot(layout: Layout) -> dict | None:
+def current_speed_snapshot(layout: Layout) -> SpeedSnapshotMeta | None:
     """``snapshot.json`` of the published speed snapshot (``views/speed/CURRENT``), or None."""
-    ptr = read_pointer(layout.speed_pointer)
-    if ptr is None:
+    snap = speed_pointer(layout)
+    if snap is None:
         return None
-    path = layout.speed_snapshot(ptr["snapshot"]) / "snapshot.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InvariantViolation(f"published speed snapshot {ptr['snapshot']} is unreadable ({path}): {exc}") from exc
-
-
-def watermark_of(manifest: dict | None) -> dict[tuple[str, int], int]:
-    """{(topic, partition): W} from a batch manifest (empty before the first publish)."""
-    if not manifest:
-        return {}
-    return {(t, int(p)): int(w) for t, parts in manifest["watermark"].items() for p, w in parts.items()}
+        return read_speed_snapshot_meta(layout, snap)
+    except OSError as exc:
+        raise InvariantViolation(f"published speed snapshot {snap} is unreadable: {exc}") from exc
 
 
 def archived_positions(layout: Layout, source: str) -> dict[int, int]:

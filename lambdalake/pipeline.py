@@ -34,12 +34,14 @@ Example (a user's own pipeline file, loaded with ``--pipeline path/to/file.py``)
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import json
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -316,6 +318,40 @@ class Pipeline:
 
     def views_of(self, source: Source) -> tuple[View, ...]:
         return tuple(v for v in self.views if v.source == source.name)
+
+    def fingerprint(self, view: View | str) -> str:
+        """The identity of a view's *definition*: a hash of everything its rows depend on besides the data.
+
+        It covers the view (name, keys, bucket, every aggregate with its kind and column, means included) and its
+        source (topic, event id, event time, key, and every field with its type and validation rules: a changed
+        ``maximum`` of any field changes which events are valid, hence the view). Every stored piece of a view
+        (batch version, speed state and snapshot) records the fingerprint that made it; serving pairs only pieces
+        whose fingerprint equals the declared one (DESIGN.md, "Definitions change").
+        """
+        view = self.view(view) if isinstance(view, str) else view
+        src = self.source_of(view)
+        doc = {
+            "view": {"name": view.name, "source": view.source, "keys": list(view.keys), "bucket_us": view.bucket_us,
+                     "aggregates": [[type(a).__name__, a.name, getattr(a, "kind", "mean"), a.column]
+                                    for a in view.aggregates]},
+            "source": {"name": src.name, "topic": src.topic, "event_id": src.event_id, "event_time": src.event_time,
+                       "key": src.key, "fields": [asdict(f) for f in src.fields]},
+        }
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def legacy_fingerprint(self, view: View | str) -> str:
+        """The fingerprint lambdalake 0.1 recorded in batch manifests (format 1), for upgraded lakes only."""
+        view = self.view(view) if isinstance(view, str) else view
+        src = self.source_of(view)
+        text = repr((view.name, view.keys, view.bucket_us, view.stored_aggregates, src.name, src.fields, src.event_id,
+                     src.event_time))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def fingerprints(self) -> dict[str, str]:
+        """``{view name: fingerprint}`` of every declared view."""
+        return {v.name: self.fingerprint(v) for v in self.views}
 
 
 def _unique(what: str, names: Iterable[str]) -> None:

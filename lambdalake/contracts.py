@@ -1,0 +1,283 @@
+"""Typed contracts of everything the layers publish to each other: one class, one encode, one decode each.
+
+Every file one layer writes and another reads is described here, and nowhere else:
+
+- :class:`Positions` — ``{(topic, partition): offset}`` in memory, ``{topic: {"<partition>": offset}}`` on disk.
+  Used for batch watermarks ``W``, archived ends, speed positions ``S`` and ``pruned_to``.
+- :class:`BatchManifest` — ``views/batch/<version>/manifest.json``: watermark, inputs with checksums (lineage),
+  per-view definition fingerprints and row counts, engine, code version and timings.
+- :class:`SpeedSnapshotMeta` — ``views/speed/<snapshot>/snapshot.json``: speed positions, ``pruned_to``, the handoff
+  block, per-view definition fingerprints and, while a changed view is being rebuilt, its progress.
+- :class:`BatchPointer` / :class:`SpeedPointer` — the ``CURRENT`` files (the commit points).
+
+Decoding is strict (msgspec): a wrong type is a :class:`lambdalake.exceptions.InvariantViolation` naming the file and
+the field, never a ``KeyError`` somewhere downstream. Unknown keys are ignored, so a file written by a newer release
+stays readable, and every field added since the first release has a default, so files written by an older release
+decode too (``format`` tells them apart; see :func:`BatchManifest.definition_matches`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+from lambdalake.exceptions import InvariantViolation
+
+TP = tuple[str, int]
+MANIFEST_FORMAT = 2  # 1: lambdalake 0.1 (no published_at, legacy fingerprints); 2: definition fingerprints
+SNAPSHOT_FORMAT = 2  # 1: lambdalake 0.1 (no per-view fingerprints)
+
+
+class Positions(Mapping[TP, int]):
+    """Offsets per ``(topic, partition)``: watermarks, archived ends, speed positions. Immutable, sorted.
+
+    A partition that is not listed has position 0 (:meth:`at`).
+    """
+
+    __slots__ = ("_d",)
+
+    def __init__(self, items: Mapping[TP, int] | Iterable[tuple[TP, int]] = ()):
+        pairs = items.items() if isinstance(items, Mapping) else items
+        self._d: dict[TP, int] = {(str(t), int(p)): int(n) for (t, p), n in sorted(pairs)}
+
+    # Mapping ------------------------------------------------------------------------------------------------------
+    def __getitem__(self, key: TP) -> int:
+        return self._d[key]
+
+    def __iter__(self) -> Iterator[TP]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __repr__(self) -> str:
+        return f"Positions({self._d!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Positions):
+            return self._d == other._d
+        if isinstance(other, Mapping):
+            return self._d == dict(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # the domain ---------------------------------------------------------------------------------------------------
+    def at(self, topic: str, partition: int) -> int:
+        """The position of one partition; 0 when it is not listed (nothing of it covered yet)."""
+        return self._d.get((topic, partition), 0)
+
+    def of_topic(self, topic: str) -> dict[int, int]:
+        """``{partition: offset}`` of one topic."""
+        return {p: n for (t, p), n in self._d.items() if t == topic}
+
+    @property
+    def topics(self) -> list[str]:
+        return sorted({t for t, _ in self._d})
+
+    def total(self) -> int:
+        return sum(self._d.values())
+
+    # the wire form ------------------------------------------------------------------------------------------------
+    def nested(self) -> dict[str, dict[str, int]]:
+        """``{topic: {"<partition>": offset}}`` (JSON object keys are strings)."""
+        out: dict[str, dict[str, int]] = {}
+        for (t, p), n in self._d.items():
+            out.setdefault(t, {})[str(p)] = n
+        return out
+
+    @classmethod
+    def from_nested(cls, doc: Mapping[str, Mapping[Any, int]] | None) -> Positions:
+        if not doc:
+            return cls()
+        try:
+            return cls({(str(t), int(p)): int(n) for t, parts in doc.items() for p, n in parts.items()})
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise InvariantViolation(f"positions {doc!r} are not {{topic: {{partition: offset}}}}: {exc}") from exc
+
+    @classmethod
+    def of_topics(cls, doc: Mapping[str, Mapping[int, int]]) -> Positions:
+        """From ``{topic: {partition: offset}}`` with integer partitions (what per-topic code builds)."""
+        return cls({(t, p): n for t, parts in doc.items() for p, n in parts.items()})
+
+
+def utc_now_iso() -> str:
+    """Now as RFC 3339 UTC with microseconds (``2026-11-26T20:00:00.123456Z``): the timestamps of every contract."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_utc(text: str | None) -> datetime | None:
+    """An RFC 3339 timestamp of a contract as an aware UTC datetime (None stays None)."""
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+# --- batch -----------------------------------------------------------------------------------------------------------
+class InputFile(msgspec.Struct, frozen=True):
+    """One master file a batch version read (its lineage entry in the manifest)."""
+
+    path: str  # relative to the lake home
+    source: str
+    partition: int
+    start: int
+    end: int
+    bytes: int
+    sha256: str
+    rows: int
+
+
+class BatchView(msgspec.Struct):
+    """One view inside a batch version: the definition that computed it and its files."""
+
+    fingerprint: str
+    files: list[str] = msgspec.field(default_factory=list)
+    computed_in: str | None = None  # the version that computed the files (a carried-over view keeps its origin)
+
+
+class BatchManifest(msgspec.Struct, kw_only=True):
+    """``views/batch/<version>/manifest.json``: one batch version = every view at one watermark ``W``."""
+
+    version: str | None = None  # filled in by publish
+    pipeline: str
+    watermark: Positions
+    block: int
+    archived: Positions = msgspec.field(default_factory=Positions)
+    inputs: list[InputFile] = msgspec.field(default_factory=list)
+    row_counts: dict[str, int] = msgspec.field(default_factory=dict)
+    events: dict[str, int] = msgspec.field(default_factory=dict)  # deduplicated events per source below W
+    views: dict[str, BatchView] = msgspec.field(default_factory=dict)
+    engine: str = ""
+    spark_master: str | None = None
+    code_version: str = ""
+    started_at: str | None = None
+    finished_at: str | None = None
+    published_at: str | None = None  # set by publish, right before the CURRENT switch
+    duration_s: float = 0.0
+    format: int = 1  # absent in files of the first release
+
+    def fingerprint_of(self, view: str) -> str | None:
+        meta = self.views.get(view)
+        return None if meta is None else meta.fingerprint
+
+    def has_view(self, view: str) -> bool:
+        return view in self.views or view in self.row_counts
+
+    def definition_matches(self, view: str, declared: str, legacy: str | None = None) -> bool:
+        """Whether this version's ``view`` was computed by the declared definition.
+
+        ``legacy`` is the first release's fingerprint of the same declaration: a format-1 manifest recorded only
+        that one, so an upgraded lake keeps serving its unchanged views without a recompute.
+        """
+        got = self.fingerprint_of(view)
+        if got is None:
+            return False
+        return got == declared or (self.format < 2 and legacy is not None and got == legacy)
+
+    @property
+    def published_time(self) -> datetime | None:
+        """When the version became visible (first release: when its computation finished)."""
+        return parse_utc(self.published_at or self.finished_at)
+
+
+class BatchPointer(msgspec.Struct):
+    """``views/batch/CURRENT``."""
+
+    version: str
+
+
+# --- speed -----------------------------------------------------------------------------------------------------------
+class SpeedView(msgspec.Struct):
+    """One view inside a speed snapshot.
+
+    ``rebuilding_from`` is set while the speed layer replays the log for a changed definition: the snapshot then
+    holds the *previous* definition's rows (``fingerprint``) and the new one (``target``) is ``progress`` done.
+    """
+
+    fingerprint: str
+    rows: int = 0
+    target: str | None = None  # the declared definition being rebuilt, None when current
+    progress: float | None = None  # 0..1 while rebuilding
+
+
+class SpeedSnapshotMeta(msgspec.Struct, kw_only=True):
+    """``views/speed/<snapshot>/snapshot.json``: the speed state at positions ``S`` (blocks from ``pruned_to``)."""
+
+    snapshot: str = ""
+    pipeline: str = ""
+    positions: Positions
+    pruned_to: Positions = msgspec.field(default_factory=Positions)
+    block: int
+    created_at: str | None = None
+    created_at_unix: float | None = None
+    batch_version: str | None = None  # the batch version the speed layer had handed off to
+    counters: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
+    rows: dict[str, int] = msgspec.field(default_factory=dict)
+    views: dict[str, SpeedView] = msgspec.field(default_factory=dict)
+    format: int = 1
+
+    def fingerprint_of(self, view: str) -> str | None:
+        meta = self.views.get(view)
+        return None if meta is None else meta.fingerprint
+
+    @property
+    def created_time(self) -> datetime | None:
+        if self.created_at_unix is not None:
+            return datetime.fromtimestamp(self.created_at_unix, UTC)
+        return parse_utc(self.created_at)
+
+
+class SpeedPointer(msgspec.Struct):
+    """``views/speed/CURRENT``."""
+
+    snapshot: str
+
+
+# --- encode / decode -------------------------------------------------------------------------------------------------
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, Positions):
+        return obj.nested()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def _dec_hook(typ: type, obj: Any) -> Any:
+    if typ is Positions:
+        if not isinstance(obj, dict):
+            raise msgspec.ValidationError(f"expected {{topic: {{partition: offset}}}}, got {type(obj).__name__}")
+        return Positions.from_nested(obj)
+    raise NotImplementedError(f"cannot decode {typ}")
+
+
+_ENCODER = msgspec.json.Encoder(enc_hook=_enc_hook)
+C = TypeVar("C")
+_DECODERS: dict[type, msgspec.json.Decoder] = {}
+
+
+def encode(contract: Any) -> bytes:
+    """The JSON bytes of a contract, indented for people reading the lake (keys in declaration order)."""
+    return msgspec.json.format(_ENCODER.encode(contract), indent=1) + b"\n"
+
+
+def decode(data: bytes | str, cls: type[C], what: str = "") -> C:
+    """Strictly decode ``data`` as ``cls``; a broken file is an InvariantViolation naming ``what`` and the field."""
+    dec = _DECODERS.get(cls)
+    if dec is None:
+        dec = _DECODERS[cls] = msgspec.json.Decoder(cls, dec_hook=_dec_hook)
+    try:
+        return dec.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise InvariantViolation(f"{what or cls.__name__} is not a valid {cls.__name__}: {exc}") from exc
+
+
+def read(path: Path, cls: type[C]) -> C:
+    """Decode the contract file at ``path`` (FileNotFoundError propagates: callers decide what absent means)."""
+    return decode(path.read_bytes(), cls, str(path))
+
+
+def to_builtins(contract: Any) -> Any:
+    """Plain dicts/lists (for JSON output of the CLI, Airflow XCom and Asset extras)."""
+    return msgspec.to_builtins(contract, enc_hook=_enc_hook)

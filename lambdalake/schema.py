@@ -1,0 +1,86 @@
+"""The logical schema of everything stored, derived once from the declaration; one small type table per engine.
+
+Logical types are the field types of :mod:`lambdalake.pipeline` (``string``, ``integer``, ``timestamp``) plus
+``int32`` for the partition column. Each engine maps them with its own table and nothing else:
+
+=============  ====================  ==========  ===============
+logical        Arrow (here)          Spark       DuckDB
+=============  ====================  ==========  ===============
+string         string                StringType  VARCHAR
+integer        int64                 LongType    BIGINT
+timestamp      timestamp[us, UTC]    Timestamp   TIMESTAMPTZ
+int32          int32                 IntegerType INTEGER
+=============  ====================  ==========  ===============
+
+(the Spark table is in :mod:`batch.job`, the DuckDB one in :mod:`serving.sql`).
+
+Stored columns:
+
+- master file: the source's fields, ``_partition``, ``_offset``, ``_ingest_time`` (:func:`master_columns`);
+- batch view: keys, ``window_start``, stored aggregates — count/sum are ``integer``, min/max keep the field's type
+  (:func:`view_columns`);
+- speed view: ``_partition``, ``_block_start``, then the batch view's columns (:func:`speed_view_columns`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from lambdalake.pipeline import WINDOW_START, Pipeline, Source, View
+
+PARTITION_COL = "_partition"
+OFFSET_COL = "_offset"
+INGEST_COL = "_ingest_time"
+BLOCK_COL = "_block_start"
+
+TS_TYPE = pa.timestamp("us", tz="UTC")
+ARROW_TYPES: dict[str, pa.DataType] = {"string": pa.string(), "integer": pa.int64(), "timestamp": TS_TYPE,
+                                       "int32": pa.int32()}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One stored column: its name, logical type and whether it can hold null."""
+
+    name: str
+    type: str
+    nullable: bool = True
+
+
+def master_columns(source: Source) -> tuple[Column, ...]:
+    cols = [Column(f.name, f.type, not f.required or f.nullable) for f in source.fields]
+    return (*cols, Column(PARTITION_COL, "int32"), Column(OFFSET_COL, "integer"), Column(INGEST_COL, "timestamp"))
+
+
+def view_columns(source: Source, view: View) -> tuple[Column, ...]:
+    """Stored columns of a view (batch layout; speed adds its position columns in front)."""
+    fields = source.field_map
+    cols = [Column(k, fields[k].type) for k in view.keys]
+    cols.append(Column(WINDOW_START, "timestamp", nullable=False))
+    for a in view.stored_aggregates:
+        if a.kind in ("count", "sum"):
+            cols.append(Column(a.name, "integer", nullable=a.kind != "count"))
+        else:
+            cols.append(Column(a.name, fields[a.column].type))
+    return tuple(cols)
+
+
+def speed_view_columns(source: Source, view: View) -> tuple[Column, ...]:
+    return (Column(PARTITION_COL, "int32", nullable=False), Column(BLOCK_COL, "integer", nullable=False),
+            *view_columns(source, view))
+
+
+def pipeline_view_columns(pipeline: Pipeline, view: View) -> tuple[Column, ...]:
+    return view_columns(pipeline.source_of(view), view)
+
+
+def arrow_type(logical: str) -> pa.DataType:
+    return ARROW_TYPES[logical]
+
+
+def arrow_schema(columns: tuple[Column, ...], *, nullability: bool = True) -> pa.Schema:
+    """Arrow schema of ``columns``; ``nullability=False`` marks every column nullable (what Spark writes)."""
+    return pa.schema([pa.field(c.name, ARROW_TYPES[c.type], nullable=c.nullable or not nullability)
+                      for c in columns])
