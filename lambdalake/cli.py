@@ -1,5 +1,5 @@
-"""The ``lambdalake`` command line. Each layer registers its own commands (``batch.cli``, ``speed.cli``,
-``serving.cli``); this module owns the shared options, the error handling and the foundation commands.
+"""The ``lambdalake`` command line: the foundation commands, and the layers' commands mounted from ``batch.cli``,
+``speed.cli``, ``serving.cli`` and ``lambdalake.orchestration.cli``. Shared options live in :mod:`lambdalake.options`.
 
 Errors a user can act on (:class:`lambdalake.exceptions.LambdalakeError`, Kafka connectivity) print one line
 ``error: ...`` on stderr and exit non-zero — never a traceback.
@@ -7,7 +7,6 @@ Errors a user can act on (:class:`lambdalake.exceptions.LambdalakeError`, Kafka 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -15,12 +14,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from lambdalake.config import Settings, load_settings
+from lambdalake.config import load_settings
 from lambdalake.exceptions import BrokerError, ConfigError, LambdalakeError
-from lambdalake.pipeline import Pipeline, load_pipeline
+from lambdalake.options import BootstrapOpt, Context, HomeOpt, PipelineOpt, console, context, err_console
 
 app = typer.Typer(
     name="lambdalake",
@@ -32,41 +30,11 @@ app = typer.Typer(
 kafka_app = typer.Typer(help="Run the embedded Apache Kafka broker (KRaft, single node).", no_args_is_help=True)
 app.add_typer(kafka_app, name="kafka")
 
-# Piped output (tests, logs, CI) gets a wide console so tables never truncate topic names.
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-
-# Shared options: every command accepts them, each also settable by environment variable.
-PipelineOpt = Annotated[str | None, typer.Option(
-    "--pipeline", "-p", help="Pipeline file (.py) or module path [env LAMBDALAKE_PIPELINE; default: the "
-    "clickstream demo].", show_default=False)]
-HomeOpt = Annotated[Path | None, typer.Option(
-    "--home", help="Lake directory [env LAMBDALAKE_HOME; default ./data].", show_default=False)]
-BootstrapOpt = Annotated[str | None, typer.Option(
-    "--bootstrap", help="Kafka bootstrap servers host:port[,...] [env LAMBDALAKE_BOOTSTRAP; default: the "
-    "embedded broker].", show_default=False)]
-
-
-class Context:
-    """Settings and the loaded pipeline for one command invocation."""
-
-    def __init__(self, settings: Settings, pipeline: Pipeline):
-        self.settings = settings
-        self.pipeline = pipeline
-
-
-def context(pipeline: str | None = None, home: Path | None = None, bootstrap: str | None = None,
-            partitions: int | None = None, spark_master: str | None = None) -> Context:
-    settings = load_settings(home=home, bootstrap=bootstrap, pipeline=pipeline, partitions=partitions,
-                             spark_master=spark_master)
-    return Context(settings, load_pipeline(settings.pipeline))
-
-
 # --- kafka ------------------------------------------------------------------------------------------------------
 def _broker(home: Path | None, port: int, controller_port: int | None):
     from lambdalake.kafka import EmbeddedBroker
 
-    settings = load_settings(home=home, bootstrap="127.0.0.1:1")  # bootstrap unused here
+    settings = load_settings(home=home)
     return EmbeddedBroker(settings.home, port=port, controller_port=controller_port)
 
 
@@ -94,7 +62,7 @@ def kafka_down(home: HomeOpt = None) -> None:
     """Stop the embedded broker (clean shutdown; killed after 30 s)."""
     from lambdalake.kafka import EmbeddedBroker
 
-    settings = load_settings(home=home, bootstrap="127.0.0.1:1")
+    settings = load_settings(home=home)
     stopped = EmbeddedBroker(settings.home).down()
     console.print("Kafka broker stopped" if stopped else "no embedded Kafka broker was running")
 
@@ -104,7 +72,7 @@ def kafka_status(home: HomeOpt = None) -> None:
     """Show whether the embedded broker runs, its pid, address and log file. Exit 1 if it is not running."""
     from lambdalake.kafka import EmbeddedBroker
 
-    settings = load_settings(home=home, bootstrap="127.0.0.1:1")
+    settings = load_settings(home=home)
     st = EmbeddedBroker(settings.home).status()
     if st["running"]:
         console.print(f"running: pid {st['pid']}, bootstrap {st.get('bootstrap')}, "
@@ -218,18 +186,15 @@ def demo(
 
 
 # --- layers ------------------------------------------------------------------------------------------------------
-LAYER_CLIS = ("batch.cli", "speed.cli", "serving.cli", "lambdalake.orchestration.cli")
+def _mount_layers() -> None:
+    """Add each layer's commands (imports are cheap: the layer CLIs import their engines inside the commands)."""
+    from batch.cli import register as batch_commands
+    from lambdalake.orchestration.cli import register as airflow_commands
+    from serving.cli import register as serving_commands
+    from speed.cli import register as speed_commands
 
-
-def _register_layers() -> None:
-    for mod_name in LAYER_CLIS:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == mod_name:
-                continue  # layer not installed
-            raise
-        mod.register(app)
+    for register in (batch_commands, speed_commands, serving_commands, airflow_commands):
+        register(app)
 
 
 def _configure_logging() -> None:
@@ -245,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     from kafka.errors import KafkaError
 
     _configure_logging()
-    _register_layers()
+    _mount_layers()
     try:
         app(args=argv, standalone_mode=True)
     except SystemExit as exc:

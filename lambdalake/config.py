@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 from lambdalake.exceptions import ConfigError
@@ -45,20 +46,57 @@ def env_int(name: str, default: int, minimum: int = 1, why: str = "") -> int:
 
 
 @dataclass(frozen=True)
+class KafkaConnection:
+    """Where the Kafka log is: only commands that talk to Kafka resolve it (:attr:`Settings.kafka`)."""
+
+    bootstrap: str
+    embedded: bool  # the embedded broker of this lake (``lambdalake kafka up``), not a user's cluster
+
+
+def kafka_connection(home: Path, bootstrap: str | None = None) -> KafkaConnection:
+    """Resolve the bootstrap servers: argument > ``LAMBDALAKE_BOOTSTRAP`` > the embedded broker's state file >
+    the embedded default. Raises ConfigError on a malformed address."""
+    boot = bootstrap or os.environ.get("LAMBDALAKE_BOOTSTRAP")
+    embedded = False
+    if not boot:
+        state = embedded_broker_state(home)
+        boot = state["bootstrap"] if state and state.get("bootstrap") else DEFAULT_BOOTSTRAP
+        embedded = True
+    _check_bootstrap(boot)
+    return KafkaConnection(boot, embedded)
+
+
+@dataclass(frozen=True)
 class Settings:
-    """Resolved configuration shared by every layer. Immutable; derive variants with :meth:`with_`."""
+    """Resolved configuration shared by every layer. Immutable; derive variants with :meth:`with_`.
+
+    The lake (``home``, the pipeline, the handoff block, Spark) is resolved eagerly; the Kafka connection lazily,
+    on first use of :attr:`kafka` — so ``batch``, ``sql``, ``catalog`` and friends never need a broker address, and
+    a malformed ``LAMBDALAKE_BOOTSTRAP`` only stops the commands that read the log.
+    """
 
     home: Path
-    bootstrap: str
-    bootstrap_is_embedded: bool
     pipeline: str
     partitions: int = 4
     handoff_block: int = 1000
     spark_master: str = "local[*]"
+    bootstrap_arg: str | None = None  # --bootstrap as given (None: environment, state file or default)
     extra: dict = field(default_factory=dict)
 
     def with_(self, **changes) -> Settings:
         return replace(self, **changes)
+
+    @cached_property
+    def kafka(self) -> KafkaConnection:
+        return kafka_connection(self.home, self.bootstrap_arg)
+
+    @property
+    def bootstrap(self) -> str:
+        return self.kafka.bootstrap
+
+    @property
+    def bootstrap_is_embedded(self) -> bool:
+        return self.kafka.embedded
 
 
 def embedded_broker_state(home: Path) -> dict | None:
@@ -77,34 +115,21 @@ def load_settings(
     partitions: int | None = None,
     spark_master: str | None = None,
 ) -> Settings:
-    """Resolve settings from arguments, environment and the embedded broker's state file."""
+    """Resolve settings from arguments and environment. The Kafka address is checked when first used."""
     home_path = Path(home or os.environ.get("LAMBDALAKE_HOME") or "data").expanduser().resolve()
     if home_path.exists() and not home_path.is_dir():
         raise ConfigError(f"lake directory {home_path} exists but is not a directory; point LAMBDALAKE_HOME elsewhere")
-
-    embedded = False
-    boot = bootstrap or os.environ.get("LAMBDALAKE_BOOTSTRAP")
-    if not boot:
-        state = embedded_broker_state(home_path)
-        if state and state.get("bootstrap"):
-            boot, embedded = state["bootstrap"], True
-        else:
-            boot, embedded = DEFAULT_BOOTSTRAP, True
-    _check_bootstrap(boot)
-
     block = _handoff_block(home_path)
     parts = partitions if partitions is not None else env_int("LAMBDALAKE_PARTITIONS", 4)
     if parts < 1:
         raise ConfigError(f"--partitions {parts} must be >= 1")
-
     return Settings(
         home=home_path,
-        bootstrap=boot,
-        bootstrap_is_embedded=embedded,
         pipeline=pipeline or os.environ.get("LAMBDALAKE_PIPELINE") or DEFAULT_PIPELINE,
         partitions=parts,
         handoff_block=block,
         spark_master=spark_master or os.environ.get("LAMBDALAKE_SPARK_MASTER") or "local[*]",
+        bootstrap_arg=bootstrap,
     )
 
 

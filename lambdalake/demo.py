@@ -42,7 +42,7 @@ def embedded_kafka(home: Path | None, port: int | None, console: Console) -> Ite
         console.print(f"using the Kafka cluster at {settings.bootstrap} (LAMBDALAKE_BOOTSTRAP)")
         yield settings
         return
-    base = load_settings(home=home, bootstrap="127.0.0.1:1")
+    base = load_settings(home=home)
     broker = EmbeddedBroker(base.home)
     if broker.running_pid() is not None:
         settings = load_settings(home=home)
