@@ -1,4 +1,4 @@
-"""CLI commands of the batch layer: ``ingest``, ``compact``, ``batch`` (registered by :mod:`lambdalake.cli`)."""
+"""CLI commands of the batch layer: ``ingest``, ``compact``, ``batch`` (mounted by :mod:`lambdalake.cli`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lambdalake.cli import BootstrapOpt, HomeOpt, PipelineOpt, console, context
+from lambdalake.options import BootstrapOpt, HomeOpt, PipelineOpt, console, context
 
 
 def register(app: typer.Typer) -> None:
@@ -72,7 +72,7 @@ def compact_cmd(
     """Rewrite runs of small adjacent master files into one file each (atomic, recorded under master/_log/)."""
     from batch.compact import compact
 
-    ctx = context(pipeline, home, bootstrap="127.0.0.1:1")  # no Kafka needed
+    ctx = context(pipeline, home)
     report = compact(ctx.settings.home, ctx.pipeline, source=source, partition=partition,
                      target_rows=target_rows, target_bytes=target_bytes)
     console.print(f"compacted {report.files_replaced} files into {report.files_written} "
@@ -98,7 +98,7 @@ def batch_cmd(
     from batch.publish import default_keep
     from batch.publish import rollback as do_rollback
 
-    ctx = context(pipeline, home, bootstrap="127.0.0.1:1", spark_master=spark_master)  # no Kafka needed
+    ctx = context(pipeline, home, spark_master=spark_master)
     if rollback:
         frm, to = do_rollback(ctx.settings.home, force=force)
         console.print(f"rolled back: CURRENT {frm} -> {to}")

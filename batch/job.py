@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spark-master", default=None, help="only when not run by spark-submit")
     args = ap.parse_args(argv)
     try:
-        settings = load_settings(home=args.home, pipeline=args.pipeline, bootstrap="127.0.0.1:1")
+        settings = load_settings(home=args.home, pipeline=args.pipeline)
         pipeline = load_pipeline(settings.pipeline)
         from batch.publish import default_keep
 

@@ -177,7 +177,7 @@ def bench_recompute(n: int, workdir: Path, spark, spark_master: str, block: int,
     t0 = time.monotonic()
     write_master(home, pipeline, n)
     gen_s = time.monotonic() - t0
-    settings = load_settings(home=home, bootstrap="127.0.0.1:1", pipeline=PIPELINE).with_(handoff_block=block)
+    settings = load_settings(home=home, pipeline=PIPELINE).with_(handoff_block=block)
     spark_runs, duck_runs = [], []
     for _ in range(max(1, repeat)):
         t0 = time.monotonic()

@@ -183,7 +183,7 @@ def bench_size(n: int, reps: int, raw_reps: int, workdir: Path | None, keep: boo
         t = time.perf_counter()
         info = synthesize(home, n)
         info["synthesize_s"] = round(time.perf_counter() - t, 2)
-        settings = load_settings(home=home, bootstrap="127.0.0.1:1", pipeline="lambdalake.pipelines.clickstream")
+        settings = load_settings(home=home, pipeline="lambdalake.pipelines.clickstream")
 
         connect_ms, lazy_ms = [], []
         for _ in range(3):

@@ -1,4 +1,4 @@
-"""``lambdalake sql`` and ``lambdalake catalog``: the serving layer's commands (registered by lambdalake.cli)."""
+"""``lambdalake sql`` and ``lambdalake catalog``: the serving layer's commands (mounted by lambdalake.cli)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from lambdalake.cli import HomeOpt, PipelineOpt, console, err_console
+from lambdalake.options import HomeOpt, PipelineOpt, console, err_console
 from serving.exceptions import QueryError
 
 if TYPE_CHECKING:  # imported lazily: every `lambdalake` command loads this module

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lambdalake.cli import BootstrapOpt, HomeOpt, PipelineOpt, console, context, err_console
+from lambdalake.options import BootstrapOpt, HomeOpt, PipelineOpt, console, context, err_console
 
 
 class Format(StrEnum):

@@ -230,7 +230,7 @@ def test_state_equals_oracle_with_restore_in_between(tmp_path_factory, parts, cu
     from speed.consumer import SpeedLayer, SpeedOptions
 
     home = tmp_path_factory.mktemp("lake")
-    s = Settings(home=home, bootstrap="127.0.0.1:1", bootstrap_is_embedded=False, pipeline="x", handoff_block=7)
+    s = Settings(home=home, pipeline="x", handoff_block=7)
     msgs = [LogMessage(EV.topic, p, o, None, v) for p, vals in enumerate(parts) for o, v in enumerate(vals)]
 
     def feed(layer, lo: float, hi: float) -> None:

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from lambdalake.cli import BootstrapOpt, HomeOpt, PipelineOpt, console, context, err_console
+from lambdalake.options import BootstrapOpt, HomeOpt, PipelineOpt, console, context, err_console
 
 
 def register(app: typer.Typer) -> None:
