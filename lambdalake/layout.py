@@ -38,7 +38,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TypeVar
 
 from lambdalake import contracts
