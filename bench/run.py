@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+from lambdalake.procs import stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -160,10 +161,10 @@ def run_bench(bench: Bench, quick: bool, stamp: str, echo: bool) -> Outcome:
         try:
             _pump(proc, log, echo, deadline=t0 + timeout)
         except TimeoutError:
-            _kill_group(proc)
+            stop_group(proc)
             out.status, out.detail = "timeout", f"stopped after {timeout:.0f}s"
         except BaseException:
-            _kill_group(proc)
+            stop_group(proc)
             raise
     out.seconds = round(time.monotonic() - t0, 1)
     if out.status == "timeout":
@@ -201,19 +202,6 @@ def _pump(proc: subprocess.Popen, log, echo: bool, deadline: float) -> None:
                 sys.stdout.flush()
     proc.stdout.close()
     proc.wait(max(1.0, deadline - time.monotonic()))
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    except ProcessLookupError:
-        pass
 
 
 def _tail(path: Path, lines: int = 6) -> str:

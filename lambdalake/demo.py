@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from rich.table import Table
 from lambdalake.config import Settings, fix_handoff_block, load_settings
 from lambdalake.exceptions import LambdalakeError
 from lambdalake.kafka import EmbeddedBroker, end_offsets, ensure_topics, free_port, port_open
+from lambdalake.procs import stop_group
 
 LAMBDALAKE = str(Path(sys.executable).parent / "lambdalake")
 DEMO_HANDOFF_BLOCK = 200
@@ -81,13 +81,7 @@ class Process:
                                   f"last lines of {self.log}:\n{tail}")
 
     def stop(self, timeout: float = 30) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_group(self.proc, timeout)
 
 
 def _env(settings: Settings) -> dict:

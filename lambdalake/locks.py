@@ -47,11 +47,3 @@ class PidLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def lock_holder(path: Path) -> str | None:
-    """The pid text written by the current holder, or None if the lock file is empty or absent."""
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None

@@ -13,8 +13,6 @@ whole log.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import threading
 import time
@@ -23,6 +21,7 @@ import pytest
 
 from lambdalake import connect
 from lambdalake.kafka import end_offsets, ensure_topics
+from lambdalake.procs import kill_group, stop_group
 from lambdalake.produce import demo_messages, send
 from serving.connection import pair_of
 from tests.conftest import LAMBDALAKE
@@ -46,21 +45,13 @@ class Daemon:
         return self
 
     def kill9(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        if self.proc:
+            kill_group(self.proc)
 
     def stop(self, timeout: float = 30) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_group(self.proc, timeout)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
