@@ -42,7 +42,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lambdalake.config import load_settings  # noqa: E402
+from lambdalake.contracts import Positions  # noqa: E402
+from lambdalake.exceptions import InvariantViolation  # noqa: E402
 from lambdalake.kafka import EmbeddedBroker, consumer, end_offsets, ensure_topics, free_port, producer  # noqa: E402
+from lambdalake.layout import Layout, read_speed_snapshot_meta, speed_pointer  # noqa: E402
 from lambdalake.pipeline import load_pipeline  # noqa: E402
 from lambdalake.produce import demo_messages  # noqa: E402
 from lambdalake.validation import Validator  # noqa: E402
@@ -133,7 +136,7 @@ class SnapshotWatcher(threading.Thread):
         super().__init__(daemon=True)
         self.pointer = home / "views" / "speed" / "CURRENT"
         self.home = home
-        self.seen: list[tuple[float, dict]] = []
+        self.seen: list[tuple[float, Positions]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -144,26 +147,31 @@ class SnapshotWatcher(threading.Thread):
                 s = (st.st_ino, st.st_mtime_ns)
                 if s != stamp:
                     now = time.time()
-                    snap = json.loads(self.pointer.read_text())["snapshot"]
-                    meta = json.loads((self.home / "views" / "speed" / snap / "snapshot.json").read_text())
-                    self.seen.append((now, meta["positions"]))
+                    layout = Layout(self.home)
+                    meta = read_speed_snapshot_meta(layout, speed_pointer(layout))
+                    self.seen.append((now, meta.positions))
                     stamp = s
-            except (OSError, ValueError, KeyError):
+            except (OSError, TypeError, InvariantViolation):
                 pass
             time.sleep(0.002)
 
 
-def publish_batch(home: Path, version: str, positions: dict, block: int) -> None:
+def publish_batch(home: Path, version: str, positions: Positions, block: int) -> None:
     """Simulate a batch publish (layout.py contract) at the block boundary below the speed positions, so the speed
     layer hands off and prunes — what keeps its memory bounded in production."""
-    from lambdalake.layout import Layout, write_pointer
+    from lambdalake import contracts
+    from lambdalake.contracts import BatchManifest, BatchPointer
+    from lambdalake.layout import write_contract, write_pointer
 
     layout = Layout(home)
-    wm = {t: {p: int(s) - int(s) % block for p, s in parts.items()} for t, parts in positions.items()}
+    wm = Positions({tp: s - s % block for tp, s in positions.items()})
     d = layout.batch_version(version)
     d.mkdir(parents=True)
-    (d / "manifest.json").write_text(json.dumps({"version": version, "watermark": wm, "block": block}))
-    write_pointer(layout.batch_pointer, {"version": version})
+    write_contract(d / "manifest.json", BatchManifest(version=version, pipeline="bench", watermark=wm, block=block,
+                                                      engine="bench-simulated-batch",
+                                                      published_at=contracts.utc_now_iso(),
+                                                      format=contracts.MANIFEST_FORMAT))
+    write_pointer(layout.batch_pointer, BatchPointer(version))
 
 
 def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: float, interval: float,
@@ -221,7 +229,7 @@ def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: flo
         ends = end_offsets(settings, [s.topic for s in pipe.sources])
         caught = time.monotonic() + 120
         while time.monotonic() < caught:
-            if watcher.seen and all(watcher.seen[-1][1].get(t, {}).get(str(p), 0) >= e for (t, p), e in ends.items()):
+            if watcher.seen and all(watcher.seen[-1][1].at(t, p) >= e for (t, p), e in ends.items()):
                 break
             time.sleep(0.05)
         catch_up_seconds = time.time() - wall0
@@ -238,7 +246,7 @@ def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: flo
     for t_send, fut in samples:
         md = fut.get(30)
         for t_vis, pos in watcher.seen:
-            if pos.get(md.topic, {}).get(str(md.partition), 0) > md.offset:
+            if pos.at(md.topic, md.partition) > md.offset:
                 lat.append(max(0.0, t_vis - t_send))
                 break
     lat.sort()

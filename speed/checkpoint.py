@@ -33,19 +33,22 @@ they agree, removes orphans of a crashed commit, and redoes step 6. The consumer
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lambdalake import contracts
+from lambdalake.contracts import Positions, SpeedSnapshotMeta, SpeedView
 from lambdalake.dedup import DedupWindow
-from lambdalake.layout import Layout, atomic_publish_dir, fsync_dir, read_pointer, tmp_name, write_pointer
+from lambdalake.exceptions import InvariantViolation
+from lambdalake.layout import Layout, atomic_publish_dir, fsync_dir, read_speed_snapshot_meta, tmp_name, write_contract
 from lambdalake.locks import PidLock
 from lambdalake.pipeline import Pipeline
 from speed import publish
@@ -54,7 +57,7 @@ from speed.exceptions import CheckpointCorrupt, SpeedAlreadyRunning
 log = logging.getLogger(__name__)
 
 COMPONENT = "speed"
-FORMAT = 1
+FORMAT = 2  # 1: lambdalake 0.1 (no per-view fingerprints: every view is rebuilt once after an upgrade)
 DEDUP_SCHEMA = pa.schema([("topic", pa.string()), ("partition", pa.int32()), ("offset", pa.int64()),
                           ("event_id", pa.string())])
 # Past this many dedup chunks a checkpoint writes the whole windows instead of a delta (bounds recovery work).
@@ -79,49 +82,48 @@ def _fault(step: int) -> None:
 _FAULT_HITS: dict[int, int] = {}
 
 
-@dataclass
-class DedupChunk:
+class DedupChunk(msgspec.Struct):
     """A dedup chunk file (in checkpoint directory ``checkpoint``) and the largest offset it holds per partition."""
 
     checkpoint: str
-    max_offset: dict[TP, int]
+    max_offset: Positions
 
-    def needed(self, positions: dict[TP, int], span: int) -> bool:
+    def needed(self, positions: Mapping[TP, int], span: int) -> bool:
         """Still needed while any of its ids can be within ``span`` offsets of a partition's next offset."""
         return any(o >= positions.get(tp, 0) - span - 1 for tp, o in self.max_offset.items())
 
-    def to_json(self) -> dict:
-        return {"checkpoint": self.checkpoint, "max_offset": publish.nested(self.max_offset)}
 
-    @classmethod
-    def from_json(cls, doc: dict) -> DedupChunk:
-        return cls(doc["checkpoint"], publish.flat(doc["max_offset"]))
+class CheckpointPointer(msgspec.Struct):
+    """``checkpoints/speed/CURRENT``: the commit point."""
+
+    checkpoint: str
 
 
-@dataclass
-class Checkpoint:
-    """What a restart resumes from."""
+class Checkpoint(msgspec.Struct, kw_only=True):
+    """``checkpoints/speed/<id>/checkpoint.json``: what a restart resumes from (speed-internal, not a published
+    contract). ``views`` records the definition fingerprint of every view's rows in the snapshot (format 2)."""
 
-    id: str
-    positions: dict[TP, int]
-    pruned_to: dict[TP, int]
-    counters: dict[str, dict[str, int]]
+    checkpoint: str
+    snapshot: str = ""
+    pipeline: str = ""
+    positions: Positions
+    pruned_to: Positions = msgspec.field(default_factory=Positions)
+    counters: dict[str, dict[str, int]] = msgspec.field(default_factory=dict)
     dedup_span: int
     block: int
-    batch_version: str | None
-    dedup_chunks: list[DedupChunk] = field(default_factory=list)
+    batch_version: str | None = None
     created_at: float = 0.0
+    dedup_chunks: list[DedupChunk] = msgspec.field(default_factory=list)
+    views: dict[str, SpeedView] = msgspec.field(default_factory=dict)
+    format: int = 1
+
+    @property
+    def id(self) -> str:
+        return self.checkpoint
 
     @property
     def seq(self) -> int:
-        return int(self.id)
-
-    def to_json(self, pipeline: str) -> dict:
-        return {"format": FORMAT, "checkpoint": self.id, "snapshot": self.id, "pipeline": pipeline,
-                "positions": publish.nested(self.positions), "pruned_to": publish.nested(self.pruned_to),
-                "counters": self.counters, "dedup_span": self.dedup_span, "block": self.block,
-                "batch_version": self.batch_version, "created_at": self.created_at,
-                "dedup_chunks": [c.to_json() for c in self.dedup_chunks]}
+        return int(self.checkpoint)
 
 
 @dataclass
@@ -163,8 +165,12 @@ class CheckpointStore:
 
     # recovery -----------------------------------------------------------------------------------------------------
     def current_id(self) -> str | None:
-        ptr = read_pointer(self.pointer)
-        return None if ptr is None else str(ptr["checkpoint"])
+        try:
+            return contracts.read(self.pointer, CheckpointPointer).checkpoint
+        except FileNotFoundError:
+            return None
+        except InvariantViolation as exc:
+            raise CheckpointCorrupt(f"{exc}; remove {self.dir} to rebuild the speed layer from Kafka") from exc
 
     def next_seq(self) -> int:
         """A sequence number above every snapshot/checkpoint on disk (ids must never be reused)."""
@@ -174,7 +180,11 @@ class CheckpointStore:
         return max([s for s in seqs if s is not None], default=0) + 1
 
     def load(self, block: int) -> Restored | None:
-        """The last committed checkpoint, or None if there is none. Cleans up a crashed commit's orphans."""
+        """The last committed checkpoint, or None if there is none. Cleans up a crashed commit's orphans.
+
+        The restored tables are those of the views the checkpoint has rows for (``views`` with a fingerprint);
+        a format-1 checkpoint (lambdalake 0.1) records no fingerprints, so none of its tables is trusted.
+        """
         publish.remove_staging(self.layout)
         self._remove_staging()
         cid = self.current_id()
@@ -182,24 +192,21 @@ class CheckpointStore:
             return None
         cdir = self.dir / cid
         try:
-            doc = json.loads((cdir / "checkpoint.json").read_text())
-        except (OSError, ValueError) as exc:
+            cp = contracts.read(cdir / "checkpoint.json", Checkpoint)
+        except (OSError, InvariantViolation) as exc:
             raise CheckpointCorrupt(f"speed checkpoint {cdir} is unreadable ({exc}); remove {self.dir} to rebuild "
                                     "the speed layer from Kafka") from exc
-        if doc.get("format") != FORMAT or doc.get("pipeline") != self.pipeline.name:
-            raise CheckpointCorrupt(f"speed checkpoint {cdir} is for pipeline {doc.get('pipeline')!r} (format "
-                                    f"{doc.get('format')}), not {self.pipeline.name!r}; use another --home or remove "
+        if cp.format > FORMAT or cp.pipeline != self.pipeline.name:
+            raise CheckpointCorrupt(f"speed checkpoint {cdir} is for pipeline {cp.pipeline!r} (format "
+                                    f"{cp.format}), not {self.pipeline.name!r}; use another --home or remove "
                                     f"{self.dir}")
-        if int(doc["block"]) != block:
-            raise CheckpointCorrupt(f"speed checkpoint {cdir} was written with handoff block {doc['block']}, but "
+        if cp.block != block:
+            raise CheckpointCorrupt(f"speed checkpoint {cdir} was written with handoff block {cp.block}, but "
                                     f"LAMBDALAKE_HANDOFF_BLOCK is {block}; the speed state cannot be re-split. Set it "
                                     f"back or remove {self.dir} to rebuild")
-        cp = Checkpoint(id=cid, positions=publish.flat(doc["positions"]), pruned_to=publish.flat(doc["pruned_to"]),
-                        counters=doc["counters"], dedup_span=int(doc["dedup_span"]), block=int(doc["block"]),
-                        batch_version=doc.get("batch_version"), created_at=float(doc.get("created_at", 0.0)),
-                        dedup_chunks=[DedupChunk.from_json(c) for c in doc["dedup_chunks"]])
-        meta, tables = publish.read_snapshot(self.layout, doc["snapshot"], self.pipeline)
-        if publish.flat(meta["positions"]) != cp.positions:  # paranoid: the two halves of one commit
+        meta, tables = publish.read_snapshot(self.layout, cp.snapshot,
+                                             [n for n, v in cp.views.items() if v.fingerprint])
+        if meta.positions != cp.positions:  # paranoid: the two halves of one commit
             raise CheckpointCorrupt(f"speed checkpoint {cid} and its snapshot disagree on positions; remove "
                                     f"{self.dir} to rebuild")
         windows = self._load_dedup(cp)
@@ -213,8 +220,8 @@ class CheckpointStore:
         if removed:
             log.info("removed %d orphan(s) of an interrupted checkpoint commit: %s", len(removed), removed)
         # 6 (redo): the visible snapshot is the committed one.
-        if publish.visible_snapshot(self.layout) != doc["snapshot"]:
-            publish.make_visible(self.layout, doc["snapshot"])
+        if publish.visible_snapshot(self.layout) != cp.snapshot:
+            publish.make_visible(self.layout, cp.snapshot)
         return Restored(cp, tables, windows)
 
     def _load_dedup(self, cp: Checkpoint) -> dict[TP, DedupWindow]:
@@ -252,7 +259,7 @@ class CheckpointStore:
             return True
         return sum(c.needed(positions, span) for c in previous.dedup_chunks) >= MAX_DEDUP_CHUNKS
 
-    def commit(self, cp: Checkpoint, tables: dict[str, pa.Table], snapshot_meta: dict,
+    def commit(self, cp: Checkpoint, tables: dict[str, pa.Table], snapshot_meta: SpeedSnapshotMeta,
                dedup_rows: dict[TP, list[tuple[int, str]]], full_dedup: bool,
                previous: Checkpoint | None) -> Checkpoint:
         """Run steps 2-6 and 8 of the commit protocol for checkpoint ``cp`` (its ``dedup_chunks`` are computed here).
@@ -270,26 +277,25 @@ class CheckpointStore:
             c for c in previous.dedup_chunks if c.needed(cp.positions, cp.dedup_span)]
         chunk_max = {tp: lst[-1][0] for tp, lst in dedup_rows.items() if lst}
         if chunk_max:
-            chunks.append(DedupChunk(cp.id, chunk_max))
+            chunks.append(DedupChunk(cp.id, Positions(chunk_max)))
         cp.dedup_chunks = chunks
         final = self.dir / cp.id
         staging = tmp_name(final)
         staging.mkdir(parents=True)
         try:
             pq.write_table(_dedup_table(dedup_rows), staging / "dedup.parquet", compression="lz4")
-            (staging / "checkpoint.json").write_text(json.dumps(cp.to_json(self.pipeline.name), indent=1) + "\n")
+            (staging / "checkpoint.json").write_bytes(contracts.encode(cp))
             atomic_publish_dir(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         # 4. Paranoid: both halves exist and agree before anything points at them.
         _fault(4)
-        snap_json = self.layout.speed_snapshot(cp.id) / "snapshot.json"
-        if publish.flat(json.loads(snap_json.read_text())["positions"]) != cp.positions:
-            raise CheckpointCorrupt(f"snapshot {snap_json} does not hold the positions of checkpoint {cp.id}")
+        if read_speed_snapshot_meta(self.layout, cp.snapshot).positions != cp.positions:
+            raise CheckpointCorrupt(f"snapshot {cp.snapshot} does not hold the positions of checkpoint {cp.id}")
         # 5. The commit point.
         _fault(5)
-        write_pointer(self.pointer, {"checkpoint": cp.id})
+        write_contract(self.pointer, CheckpointPointer(cp.id))
         # 6. Visible to the serving layer.
         _fault(6)
         publish.make_visible(self.layout, cp.id)
@@ -306,10 +312,10 @@ class CheckpointStore:
         referenced = set(kept)
         for name in kept:
             try:
-                doc = json.loads((self.dir / name / "checkpoint.json").read_text())
-            except (OSError, ValueError):
+                kept_cp = contracts.read(self.dir / name / "checkpoint.json", Checkpoint)
+            except (OSError, InvariantViolation):
                 continue
-            referenced.update(c["checkpoint"] for c in doc.get("dedup_chunks", []))
+            referenced.update(c.checkpoint for c in kept_cp.dedup_chunks)
         for name in cps:
             if name not in referenced:
                 shutil.rmtree(self.dir / name, ignore_errors=True)

@@ -27,12 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lambdalake.config import Settings, fix_handoff_block
+from lambdalake.contracts import SNAPSHOT_FORMAT, Positions, SpeedSnapshotMeta, SpeedView, utc_now_iso
 from lambdalake.dedup import DedupWindow
 from lambdalake.exceptions import BrokerError, LambdalakeError
 from lambdalake.layout import Layout
 from lambdalake.pipeline import Pipeline
 from lambdalake.validation import Validator
 from speed import publish
+from speed.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from speed.checkpoint import TP, Checkpoint, CheckpointStore
 from speed.exceptions import BrokerUnreachable, CheckpointFailed, SpeedConfigError, SpeedError
 from speed.handoff import NO_BATCH, BatchVersion, BatchWatcher, published_batch
@@ -289,7 +291,7 @@ class SpeedLayer:
         # What the state is already handed off to; the first poll compares it with what is published now, so a
         # batch version published while the speed layer was down is pruned right away.
         watcher.current = BatchVersion(self.batch.version if self.last is None else self.last.batch_version,
-                                       dict(self.pruned_to))
+                                       Positions(self.pruned_to))
         last_cp = time.monotonic()
         last_batch_check = 0.0
         consumer = self._consumer
@@ -461,13 +463,17 @@ class SpeedLayer:
         tables: dict = {}
         for st in self.states.values():
             tables.update(st.view_tables())
-        cp = Checkpoint(id=cid, positions=dict(self.positions), pruned_to=dict(self.pruned_to),
-                        counters={t: dict(c) for t, c in self.counters.items()}, dedup_span=self.options.dedup_span,
-                        block=self.block, batch_version=self.batch.version, created_at=now)
-        meta = {"positions": publish.nested(cp.positions), "block": self.block, "created_at": publish.utc_iso(now),
-                "created_at_unix": now, "pruned_to": publish.nested(cp.pruned_to), "counters": cp.counters,
-                "pipeline": self.pipeline.name, "batch_version": self.batch.version,
-                "rows": {name: t.num_rows for name, t in tables.items()}}
+        views = {name: SpeedView(self.pipeline.fingerprint(name), rows=t.num_rows) for name, t in tables.items()}
+        counters = {t: dict(c) for t, c in self.counters.items()}
+        cp = Checkpoint(checkpoint=cid, snapshot=cid, pipeline=self.pipeline.name, positions=Positions(self.positions),
+                        pruned_to=Positions(self.pruned_to), counters=counters, dedup_span=self.options.dedup_span,
+                        block=self.block, batch_version=self.batch.version, created_at=now, views=views,
+                        format=CHECKPOINT_FORMAT)
+        meta = SpeedSnapshotMeta(pipeline=self.pipeline.name, positions=cp.positions, pruned_to=cp.pruned_to,
+                                 block=self.block, created_at=utc_now_iso(), created_at_unix=now,
+                                 batch_version=self.batch.version, counters=counters,
+                                 rows={name: t.num_rows for name, t in tables.items()}, views=views,
+                                 format=SNAPSHOT_FORMAT)
         full = self._full_dedup or self.store.needs_full_dedup(self.last, cp.positions, cp.dedup_span)
         delta, self.new_ids = self.new_ids, {k: [] for k in self.new_ids}
         dedup_rows = {tp: w.items() for tp, w in self.windows.items()} if full else delta

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from lambdalake.layout import Layout, current_batch_manifest, watermark_of
+from lambdalake.contracts import Positions
+from lambdalake.layout import Layout, current_batch_manifest
 from speed.exceptions import HandoffContractError
 
 
@@ -24,10 +25,10 @@ class BatchVersion:
     """A published batch version as the speed layer needs it."""
 
     version: str | None
-    watermark: dict[tuple[str, int], int]
+    watermark: Positions
 
 
-NO_BATCH = BatchVersion(None, {})
+NO_BATCH = BatchVersion(None, Positions())
 
 
 def published_batch(layout: Layout, block: int) -> BatchVersion:
@@ -35,13 +36,13 @@ def published_batch(layout: Layout, block: int) -> BatchVersion:
     manifest = current_batch_manifest(layout)
     if manifest is None:
         return NO_BATCH
-    version = str(manifest.get("version"))
-    mblock = manifest.get("block")
-    if mblock is None or int(mblock) != block:
+    version = str(manifest.version)
+    mblock = manifest.block
+    if mblock != block:
         raise HandoffContractError(f"batch version {version} was cut at handoff block {mblock}, but the speed "
                                    f"layer uses {block} (LAMBDALAKE_HANDOFF_BLOCK); both sides must agree or the "
                                    "speed state cannot be split exactly at the watermark")
-    watermark = watermark_of(manifest)
+    watermark = manifest.watermark
     for (topic, p), w in watermark.items():
         if w < 0 or w % block:
             raise HandoffContractError(f"batch version {version}: watermark {w} of {topic}[{p}] is not a "

@@ -22,18 +22,26 @@ snapshots stay readable for a while (:func:`retain`) so a query that opened one 
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
-from datetime import UTC, datetime
+from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lambdalake.layout import Layout, atomic_publish_dir, read_pointer, tmp_name, write_pointer
-from lambdalake.pipeline import Pipeline
+from lambdalake import contracts
+from lambdalake.contracts import SpeedPointer, SpeedSnapshotMeta
+from lambdalake.exceptions import InvariantViolation
+from lambdalake.layout import (
+    Layout,
+    atomic_publish_dir,
+    read_speed_snapshot_meta,
+    speed_pointer,
+    tmp_name,
+    write_pointer,
+)
 from speed.exceptions import CheckpointCorrupt
 
 SNAPSHOT_ID = re.compile(r"^(\d{12})$")
@@ -50,23 +58,7 @@ def seq_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def nested(positions: dict[tuple[str, int], int]) -> dict[str, dict[str, int]]:
-    """{(topic, p): n} -> {topic: {"<p>": n}} (the JSON form of positions and watermarks)."""
-    out: dict[str, dict[str, int]] = {}
-    for (t, p), n in sorted(positions.items()):
-        out.setdefault(t, {})[str(p)] = int(n)
-    return out
-
-
-def flat(doc: dict[str, dict[str, int]]) -> dict[tuple[str, int], int]:
-    return {(t, int(p)): int(n) for t, parts in doc.items() for p, n in parts.items()}
-
-
-def utc_iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def write_snapshot(layout: Layout, snap: str, tables: dict[str, pa.Table], meta: dict) -> Path:
+def write_snapshot(layout: Layout, snap: str, tables: dict[str, pa.Table], meta: SpeedSnapshotMeta) -> Path:
     """Write snapshot ``snap`` (not yet visible): staging dir, every ``<view>.parquet`` + ``snapshot.json``,
     fsync, atomic rename to ``views/speed/<snap>``. Returns the final directory."""
     final = layout.speed_snapshot(snap)
@@ -76,8 +68,8 @@ def write_snapshot(layout: Layout, snap: str, tables: dict[str, pa.Table], meta:
     try:
         for name, table in tables.items():
             pq.write_table(table, staging / f"{name}.parquet", **PARQUET_OPTIONS)
-        doc = {"snapshot": snap, **meta}
-        (staging / "snapshot.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        meta.snapshot = snap
+        (staging / "snapshot.json").write_bytes(contracts.encode(meta))
         atomic_publish_dir(staging, final)  # fsyncs every file, renames, fsyncs views/speed
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -87,21 +79,20 @@ def write_snapshot(layout: Layout, snap: str, tables: dict[str, pa.Table], meta:
 
 def make_visible(layout: Layout, snap: str) -> None:
     """Switch ``views/speed/CURRENT`` to ``snap`` (atomic rename of the pointer file)."""
-    write_pointer(layout.speed_pointer, {"snapshot": snap})
+    write_pointer(layout.speed_pointer, SpeedPointer(snap))
 
 
 def visible_snapshot(layout: Layout) -> str | None:
-    ptr = read_pointer(layout.speed_pointer)
-    return None if ptr is None else str(ptr["snapshot"])
+    return speed_pointer(layout)
 
 
-def read_snapshot(layout: Layout, snap: str, pipeline: Pipeline) -> tuple[dict, dict[str, pa.Table]]:
-    """``snapshot.json`` and every view's table of a published snapshot (for restoring a checkpoint)."""
+def read_snapshot(layout: Layout, snap: str, views: Iterable[str]) -> tuple[SpeedSnapshotMeta, dict[str, pa.Table]]:
+    """``snapshot.json`` and the tables of ``views`` of a published snapshot (for restoring a checkpoint)."""
     d = layout.speed_snapshot(snap)
     try:
-        meta = json.loads((d / "snapshot.json").read_text())
-        tables = {v.name: pq.read_table(d / f"{v.name}.parquet") for v in pipeline.views}
-    except (OSError, ValueError, pa.ArrowException) as exc:
+        meta = read_speed_snapshot_meta(layout, snap)
+        tables = {name: pq.read_table(d / f"{name}.parquet") for name in views}
+    except (OSError, InvariantViolation, pa.ArrowException) as exc:
         raise CheckpointCorrupt(f"speed snapshot {d} of the last checkpoint is unreadable ({exc}); remove "
                                 f"{layout.checkpoints('speed')} to rebuild the speed layer from Kafka") from exc
     return meta, tables

@@ -29,11 +29,9 @@ import pyarrow.compute as pc
 
 from lambdalake.exceptions import InvariantViolation
 from lambdalake.handoff import speed_block_prunable
-from lambdalake.pipeline import WINDOW_START, Field, Pipeline, Source, View
+from lambdalake.pipeline import Pipeline, Source, View
+from lambdalake.schema import BLOCK_COL, PARTITION_COL, TS_TYPE, arrow_schema, speed_view_columns
 
-PARTITION_COL = "_partition"
-BLOCK_COL = "_block_start"
-TIMESTAMP_US_UTC = pa.timestamp("us", tz="UTC")
 # Segments of one partition are concatenated into one table once there are this many (bounds per-snapshot work).
 MAX_SEGMENTS_PER_PARTITION = 32
 
@@ -41,21 +39,9 @@ Rows = dict[tuple, list]
 Updater = Callable[[dict, list[Rows]], None]
 
 
-def _arrow_type(f: Field) -> pa.DataType:
-    return {"string": pa.string(), "integer": pa.int64(), "timestamp": TIMESTAMP_US_UTC}[f.type]
-
-
 def view_schema(view: View, source: Source) -> pa.Schema:
-    """Columns of a speed view (layout.py contract): ``_partition``, ``_block_start``, keys, ``window_start``,
-    stored aggregates (int64 for count/sum, the field's type for min/max)."""
-    fields = source.field_map
-    cols = [pa.field(PARTITION_COL, pa.int32(), nullable=False), pa.field(BLOCK_COL, pa.int64(), nullable=False)]
-    cols += [pa.field(k, _arrow_type(fields[k])) for k in view.keys]
-    cols.append(pa.field(WINDOW_START, TIMESTAMP_US_UTC, nullable=False))
-    for a in view.stored_aggregates:
-        t = pa.int64() if a.kind in ("count", "sum") else _arrow_type(fields[a.column])
-        cols.append(pa.field(a.name, t, nullable=a.kind != "count"))
-    return pa.schema(cols)
+    """Arrow schema of a speed view's stored columns (:func:`lambdalake.schema.speed_view_columns`)."""
+    return arrow_schema(speed_view_columns(source, view))
 
 
 def compile_updater(source: Source, views: Iterable[View]) -> Updater:
@@ -143,7 +129,7 @@ class ViewState:
         data = [pa.array([partition] * n, pa.int32()), pa.array([block] * n, pa.int64())]
         try:
             data += [pa.array(keys[i], schema.field(2 + i).type) for i in range(self.n_keys)]
-            data.append(pa.array(keys[self.n_keys], TIMESTAMP_US_UTC))
+            data.append(pa.array(keys[self.n_keys], TS_TYPE))
             base = 3 + self.n_keys
             data += [pa.array(aggs[j], schema.field(base + j).type) for j in range(self.n_aggs)]
         except (OverflowError, pa.ArrowInvalid) as exc:

@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass
 import psutil
 
 from lambdalake.config import Settings
+from lambdalake.contracts import Positions
 from lambdalake.exceptions import BrokerError, InvariantViolation
 from lambdalake.layout import (
     Layout,
     archived_positions,
     current_batch_manifest,
     current_speed_snapshot,
-    watermark_of,
 )
 from lambdalake.pipeline import Pipeline
 from speed.checkpoint import COMPONENT
@@ -91,9 +91,8 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
         snap = current_speed_snapshot(layout)
     except InvariantViolation as exc:
         snap, _ = None, errors.append(str(exc))
-    watermark = watermark_of(manifest)
-    speed_pos = {(t, int(p)): int(s) for t, parts in (snap or {}).get("positions", {}).items()
-                 for p, s in parts.items()}
+    watermark = Positions() if manifest is None else manifest.watermark
+    speed_pos = Positions() if snap is None else snap.positions
     rows: list[PartitionStatus] = []
     dlq_total: dict[str, int | None] = {}
     for src in pipeline.sources:
@@ -116,12 +115,13 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
                 dlq=ends.get((src.dlq_topic, p)) if ends else None))
         dlq_total[src.dlq_topic] = (sum(n for (t, _), n in ends.items() if t == src.dlq_topic)
                                     if kafka_error is None else None)
-    created = (snap or {}).get("created_at_unix")
+    created = None if snap is None else snap.created_time
+    published = None if manifest is None else manifest.published_time
     return Status(
         pipeline=pipeline.name, bootstrap=settings.bootstrap, kafka_error=kafka_error,
-        batch_version=None if manifest is None else str(manifest.get("version")),
-        batch_published_at=None if manifest is None else manifest.get("published_at") or manifest.get("created_at"),
-        speed_snapshot=None if snap is None else snap.get("snapshot"),
-        speed_created_at=None if snap is None else snap.get("created_at"),
-        speed_freshness_seconds=None if created is None else max(0.0, time.time() - float(created)),
+        batch_version=None if manifest is None else manifest.version,
+        batch_published_at=None if published is None else published.isoformat(),
+        speed_snapshot=None if snap is None else snap.snapshot,
+        speed_created_at=None if snap is None else snap.created_at,
+        speed_freshness_seconds=None if created is None else max(0.0, time.time() - created.timestamp()),
         speed_running_pid=speed_pid(layout), partitions=rows, dlq_total=dlq_total, errors=errors)

@@ -27,10 +27,19 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from lambdalake import contracts
 from lambdalake.config import Settings
+from lambdalake.contracts import BatchManifest, BatchPointer, Positions, SpeedSnapshotMeta
 from lambdalake.dedup import DedupWindow
 from lambdalake.kafka import end_offsets, ensure_topics
-from lambdalake.layout import Layout, read_pointer, write_pointer
+from lambdalake.layout import (
+    Layout,
+    batch_pointer,
+    read_speed_snapshot_meta,
+    speed_pointer,
+    write_contract,
+    write_pointer,
+)
 from lambdalake.pipeline import Field, Pipeline, Source, View, count, max_, mean, min_, sum_
 from lambdalake.produce import demo_messages, send
 from tests.conftest import LAMBDALAKE
@@ -39,13 +48,13 @@ from tests.oracle import LogMessage, assert_rows_equal, oracle_counts, oracle_vi
 # --- reading published speed state, independently of engine code -------------------------------------------------
 
 
-def read_speed_snapshot(home: Path, snapshot: str | None = None) -> tuple[dict, dict[str, list[dict]]]:
+def read_speed_snapshot(home: Path, snapshot: str | None = None) -> tuple[SpeedSnapshotMeta, dict[str, list[dict]]]:
     """(snapshot.json, {view: rows as dicts with window_start in epoch µs}) of the visible (or given) snapshot."""
-    base = Path(home) / "views" / "speed"
+    layout = Layout(home)
     if snapshot is None:
-        snapshot = json.loads((base / "CURRENT").read_text())["snapshot"]
-    d = base / snapshot
-    meta = json.loads((d / "snapshot.json").read_text())
+        snapshot = speed_pointer(layout)
+    d = layout.speed_snapshot(snapshot)
+    meta = read_speed_snapshot_meta(layout, snapshot)
     views = {}
     for f in d.glob("*.parquet"):
         t = pq.read_table(f)
@@ -102,8 +111,7 @@ def assert_snapshot_equals_oracle(pipeline: Pipeline, home: Path, messages: list
                                   snapshot: str | None = None) -> dict:
     """The snapshot's merged views == oracle over offsets [pruned_to, S) — and with batch rows below, over [0, S)."""
     meta, views = read_speed_snapshot(home, snapshot)
-    positions = {(t, int(p)): s for t, ps in meta["positions"].items() for p, s in ps.items()}
-    pruned = {(t, int(p)): w for t, ps in meta["pruned_to"].items() for p, w in ps.items()}
+    positions, pruned = meta.positions, meta.pruned_to
     upto = oracle_views(pipeline, messages, below=positions)
     below = oracle_views(pipeline, messages, below=pruned) if pruned else None
     for v in pipeline.views:
@@ -111,7 +119,7 @@ def assert_snapshot_equals_oracle(pipeline: Pipeline, home: Path, messages: list
         rows = views[v.name]
         for r in rows:  # nothing the speed layer handed off may remain
             assert r["_block_start"] >= pruned.get((src.topic, r["_partition"]), 0), (v.name, r)
-            assert r["_block_start"] % meta["block"] == 0
+            assert r["_block_start"] % meta.block == 0
         combined = list(rows)
         if below is not None:  # the "batch" side: oracle rows below W, as stored aggregates
             combined += [dict(zip(v.output_columns, r, strict=True)) for r in below[v.name]]
@@ -119,11 +127,11 @@ def assert_snapshot_equals_oracle(pipeline: Pipeline, home: Path, messages: list
     return meta
 
 
-def all_positions_at_end(meta: dict, ends: dict[tuple[str, int], int], pipeline: Pipeline) -> None:
+def all_positions_at_end(meta: SpeedSnapshotMeta, ends: dict[tuple[str, int], int], pipeline: Pipeline) -> None:
     for s in pipeline.sources:
         for (t, p), end in ends.items():
             if t == s.topic:
-                assert meta["positions"][t][str(p)] == end, (t, p, meta["positions"], end)
+                assert meta.positions.at(t, p) == end, (t, p, meta.positions, end)
 
 
 # --- process helpers ---------------------------------------------------------------------------------------------
@@ -174,13 +182,11 @@ def publish_batch_version(home: Path, version: str, watermark: dict[tuple[str, i
     layout = Layout(home)
     d = layout.batch_version(version)
     d.mkdir(parents=True)
-    wm: dict[str, dict[str, int]] = {}
-    for (t, p), w in watermark.items():
-        assert w % block == 0
-        wm.setdefault(t, {})[str(p)] = w
-    (d / "manifest.json").write_text(json.dumps({"version": version, "watermark": wm, "block": block,
-                                                 "engine": "test-publisher", "inputs": [], "row_counts": {}}))
-    write_pointer(layout.batch_pointer, {"version": version})
+    assert all(w % block == 0 for w in watermark.values())
+    write_contract(d / "manifest.json", BatchManifest(
+        version=version, pipeline="test", watermark=Positions(watermark), block=block, engine="test-publisher",
+        published_at=contracts.utc_now_iso(), format=contracts.MANIFEST_FORMAT))
+    write_pointer(layout.batch_pointer, BatchPointer(version))
 
 
 # --- 1. in-process: generic interpretation, nulls, negative times, restore mid-block ------------------------------
@@ -252,7 +258,7 @@ def test_state_equals_oracle_with_restore_in_between(tmp_path_factory, parts, cu
     second.checkpoint_now()
     meta = assert_snapshot_equals_oracle(EV_PIPE, home, msgs)
     want = oracle_counts(EV_PIPE, msgs)[EV.topic]
-    assert meta["counters"][EV.topic] == {k: want[k] for k in ("valid", "invalid", "duplicates")}
+    assert meta.counters[EV.topic] == {k: want[k] for k in ("valid", "invalid", "duplicates")}
 
 
 # --- 2. the real process against the real broker ------------------------------------------------------------------
@@ -271,7 +277,7 @@ def test_speed_process_equals_oracle_and_resumes(settings, pipeline, run_cli):
     all_positions_at_end(meta, end_offsets(settings, topics(pipeline)), pipeline)
     want = oracle_counts(pipeline, msgs)
     for t in topics(pipeline):
-        assert meta["counters"][t] == {k: want[t][k] for k in ("valid", "invalid", "duplicates")}
+        assert meta.counters[t] == {k: want[t][k] for k in ("valid", "invalid", "duplicates")}
 
     # Kafka's committed group offsets mirror the positions (lag monitoring only; never read back).
     from kafka import KafkaAdminClient
@@ -282,8 +288,7 @@ def test_speed_process_equals_oracle_and_resumes(settings, pipeline, run_cli):
     finally:
         admin.close()
     assert {(tp.topic, tp.partition): om.offset for tp, om in committed[f"lambdalake-speed-{pipeline.name}"].items()
-            if tp.topic in topics(pipeline)} == {(t, int(p)): s for t, ps in meta["positions"].items()
-                                                 for p, s in ps.items()}
+            if tp.topic in topics(pipeline)} == dict(meta.positions)
 
     produce(settings, pipeline, 1500, seed=8, start="2026-01-05T20:00:00Z")  # overlaps buckets of the first run
     run_cli("speed", "--until-caught-up", "--checkpoint-interval", "0.05")
@@ -292,11 +297,11 @@ def test_speed_process_equals_oracle_and_resumes(settings, pipeline, run_cli):
     all_positions_at_end(meta, end_offsets(settings, topics(pipeline)), pipeline)
     want = oracle_counts(pipeline, msgs)
     for t in topics(pipeline):
-        assert meta["counters"][t] == {k: want[t][k] for k in ("valid", "invalid", "duplicates")}
+        assert meta.counters[t] == {k: want[t][k] for k in ("valid", "invalid", "duplicates")}
 
     # Old snapshots stay readable for readers, and the checkpoint directory holds no orphans.
     snaps = [p.name for p in (settings.home / "views" / "speed").iterdir() if p.name.isdigit()]
-    assert meta["snapshot"] in snaps
+    assert meta.snapshot in snaps
     assert not [p for p in (settings.home / "views" / "speed").iterdir() if p.name.endswith(".tmp")]
 
 
@@ -307,7 +312,7 @@ def test_sigterm_writes_final_checkpoint_and_exits_zero(settings, pipeline, cli_
     try:
         ends = end_offsets(settings, topics(pipeline))
         layout = Layout(settings.home)
-        wait_for(lambda: read_pointer(layout.speed_pointer), 60, "a first snapshot")
+        wait_for(lambda: speed_pointer(layout), 60, "a first snapshot")
         time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, (tmp_path / "logs" / "speed-0.out").read_text()
@@ -328,7 +333,7 @@ def test_second_speed_process_is_refused(settings, pipeline, cli_env, run_cli, t
     produce(settings, pipeline, 100, seed=1)
     proc = start_speed(cli_env, tmp_path / "logs")
     try:
-        wait_for(lambda: read_pointer(Layout(settings.home).speed_pointer), 60, "a first snapshot")
+        wait_for(lambda: speed_pointer(Layout(settings.home)), 60, "a first snapshot")
         res = run_cli("speed", "--until-caught-up", check=False)
         assert res.returncode == 5
         assert "another `lambdalake speed`" in res.stderr and str(proc.pid) in res.stderr
@@ -379,8 +384,7 @@ def test_handoff_while_running_is_exact_and_never_double_counts(settings, pipeli
         versions = 0
         while t.is_alive() or versions < 3:
             time.sleep(0.4)
-            snap = json.loads((layout.speed_views / read_pointer(layout.speed_pointer)["snapshot"]
-                               / "snapshot.json").read_text()) if read_pointer(layout.speed_pointer) else None
+            snap = read_speed_snapshot_meta(layout, speed_pointer(layout)) if speed_pointer(layout) else None
             if snap is None:
                 continue
             # The "batch job" chooses W at a block boundary at or below what exists; sometimes ahead of speed.
@@ -389,21 +393,19 @@ def test_handoff_while_running_is_exact_and_never_double_counts(settings, pipeli
             if versions % 3 == 0:  # ahead of the speed layer: everything that exists
                 w = {k: _aligned(e, block) for k, e in ends.items()}
             else:  # at or behind the speed layer's published positions
-                w = {k: _aligned(snap["positions"].get(k[0], {}).get(str(k[1]), 0), block) for k in ends}
+                w = {k: _aligned(snap.positions.at(*k), block) for k in ends}
             version = f"v{versions:03d}"
             publish_batch_version(settings.home, version, w, block)
             # A reader, the serving way: batch CURRENT, then speed CURRENT; retry if speed handed off further.
             msgs = None
             for _ in range(3):
-                bver = read_pointer(layout.batch_pointer)["version"]
-                bw = json.loads((layout.batch_version(bver) / "manifest.json").read_text())["watermark"]
+                bver = batch_pointer(layout)
+                batch_w = contracts.read(layout.batch_version(bver) / "manifest.json", BatchManifest).watermark
                 meta, views = read_speed_snapshot(settings.home)
-                if any(meta["pruned_to"].get(tt, {}).get(p, 0) > bw.get(tt, {}).get(p, 0)
-                       for tt in meta["pruned_to"] for p in meta["pruned_to"][tt]):
+                if any(w > batch_w.at(*k) for k, w in meta.pruned_to.items()):
                     continue
                 msgs = msgs or read_log(settings.bootstrap, topics(pipeline))
-                batch_w = {(tt, int(p)): x for tt, ps in bw.items() for p, x in ps.items()}
-                spos = {(tt, int(p)): x for tt, ps in meta["positions"].items() for p, x in ps.items()}
+                spos = meta.positions
                 upto = {k: max(spos.get(k, 0), batch_w.get(k, 0)) for k in set(spos) | set(batch_w)}
                 expected = oracle_views(pipeline, msgs, below=upto)
                 batch_side = oracle_views(pipeline, msgs, below=batch_w)
@@ -416,7 +418,7 @@ def test_handoff_while_running_is_exact_and_never_double_counts(settings, pipeli
                 checks += 1
                 break
             # The speed layer prunes exactly the covered blocks once it sees the version.
-            wait_for(lambda v=version: read_speed_snapshot(settings.home)[0].get("batch_version") == v,
+            wait_for(lambda v=version: read_speed_snapshot(settings.home)[0].batch_version == v,
                      30, f"speed to hand off to {version}")
             meta, views = read_speed_snapshot(settings.home)
             for v in pipeline.views:
@@ -426,7 +428,7 @@ def test_handoff_while_running_is_exact_and_never_double_counts(settings, pipeli
         t.join()
         assert not producer_error, producer_error
         wait_for(lambda: all(
-            read_speed_snapshot(settings.home)[0]["positions"][tt][str(p)] >= e
+            read_speed_snapshot(settings.home)[0].positions.at(tt, p) >= e
             for (tt, p), e in end_offsets(settings, topics(pipeline)).items()), 60, "speed to catch up")
         assert proc.poll() is None, "the speed layer died"
     finally:
@@ -435,7 +437,7 @@ def test_handoff_while_running_is_exact_and_never_double_counts(settings, pipeli
     assert checks >= 3
     msgs = read_log(settings.bootstrap, topics(pipeline))
     meta = assert_snapshot_equals_oracle(pipeline, settings.home, msgs)
-    assert meta["pruned_to"], "nothing was handed off"
+    assert meta.pruned_to, "nothing was handed off"
 
 
 @pytest.mark.integration
@@ -451,7 +453,7 @@ def test_fresh_start_below_published_watermark_and_batch_rollback(settings, pipe
     run_cli("speed", "--until-caught-up", "--dedup-span", "10000")
     msgs = read_log(settings.bootstrap, topics(pipeline))
     meta = assert_snapshot_equals_oracle(pipeline, settings.home, msgs)
-    assert meta["pruned_to"] == {t: {str(p): w for (tt, p), w in w_high.items() if tt == t} for t in topics(pipeline)}
+    assert meta.pruned_to == Positions(w_high)
     # Straddling duplicates exist in this stream, so the check above really exercised the dedup fill.
     straddling = 0
     for t in topics(pipeline):
@@ -474,7 +476,7 @@ def test_fresh_start_below_published_watermark_and_batch_rollback(settings, pipe
     run_cli("speed", "--until-caught-up", "--dedup-span", "10000")
     msgs = read_log(settings.bootstrap, topics(pipeline))
     meta = assert_snapshot_equals_oracle(pipeline, settings.home, msgs)
-    assert meta["batch_version"] == "v002"
+    assert meta.batch_version == "v002"
     all_positions_at_end(meta, end_offsets(settings, topics(pipeline)), pipeline)
 
 

@@ -5,15 +5,16 @@ the oracle's result. Every snapshot a reader could see in between is exact for i
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
 
 import pytest
 
+from lambdalake import contracts
 from lambdalake.kafka import end_offsets, ensure_topics
-from lambdalake.layout import Layout, read_pointer
+from lambdalake.layout import Layout, read_speed_snapshot_meta, speed_pointer
+from speed.checkpoint import Checkpoint, CheckpointPointer
 from speed.publish import snapshot_id
 from tests.oracle import read_log
 from tests.test_speed import (
@@ -27,11 +28,15 @@ from tests.test_speed import (
 )
 
 
+def committed_checkpoint(layout: Layout) -> str:
+    return contracts.read(layout.checkpoints("speed") / "CURRENT", CheckpointPointer).checkpoint
+
+
 def _no_orphans(home) -> None:
     """After recovery nothing of an interrupted commit is left: no staging dirs, nothing newer than the checkpoint."""
     layout = Layout(home)
-    cp = read_pointer(layout.checkpoints("speed") / "CURRENT")["checkpoint"]
-    assert read_pointer(layout.speed_pointer)["snapshot"] == cp
+    cp = committed_checkpoint(layout)
+    assert speed_pointer(layout) == cp
     for d in (layout.speed_views, layout.checkpoints("speed")):
         names = [p.name for p in d.iterdir()]
         assert not [n for n in names if n.endswith(".tmp")], names
@@ -63,7 +68,7 @@ def test_kill9_at_random_points_of_a_live_stream(settings, pipeline, cli_env, tm
             assert proc.poll() is None, (tmp_path / "logs").glob("*.out")
             kill(proc)  # SIGKILL: no final checkpoint, possibly mid-commit
             kills += 1
-            if read_pointer(layout.speed_pointer) is not None:
+            if speed_pointer(layout) is not None:
                 # Whatever is visible after a crash is exact for its own positions.
                 assert_snapshot_equals_oracle(pipeline, settings.home, read_log(settings.bootstrap, topics(pipeline)))
         t.join()
@@ -91,13 +96,13 @@ def test_kill9_at_each_commit_step(settings, pipeline, cli_env, tmp_path, step):
     proc = start_speed(cli_env, tmp_path / "logs", "--checkpoint-interval", "0.05",
                        env={"LAMBDALAKE_SPEED_FAULT": f"{step}:2"})
     try:
-        wait_for(lambda: read_pointer(layout.speed_pointer), 60, "the first checkpoint")
+        wait_for(lambda: speed_pointer(layout), 60, "the first checkpoint")
         produce(settings, pipeline, 600, seed=32, start="2026-01-05T12:00:00Z")
         assert proc.wait(60) == -9, (tmp_path / "logs" / "speed-0.out").read_text()
     finally:
         kill(proc)
-    visible = read_pointer(layout.speed_pointer)["snapshot"]
-    committed = read_pointer(layout.checkpoints("speed") / "CURRENT")["checkpoint"]
+    visible = speed_pointer(layout)
+    committed = committed_checkpoint(layout)
     # Before step 5 the first checkpoint stays in force; visible state is never ahead of durable state.
     assert committed == snapshot_id(1 if step <= 5 else 2)
     assert visible == snapshot_id(1 if step <= 6 else 2)
@@ -112,8 +117,8 @@ def test_kill9_at_each_commit_step(settings, pipeline, cli_env, tmp_path, step):
     meta = assert_snapshot_equals_oracle(pipeline, settings.home, msgs)
     all_positions_at_end(meta, end_offsets(settings, topics(pipeline)), pipeline)
     _no_orphans(settings.home)
-    cp = json.loads((layout.checkpoints("speed") / meta["snapshot"] / "checkpoint.json").read_text())
-    assert cp["positions"] == meta["positions"]
+    cp = contracts.read(layout.checkpoints("speed") / meta.snapshot / "checkpoint.json", Checkpoint)
+    assert cp.positions == meta.positions
 
 
 @pytest.mark.integration
@@ -146,11 +151,11 @@ def test_broker_outage_mid_run_is_survived(tmp_path, unique_suffix):
 
         def at_end() -> bool:
             ends = end_offsets(settings, topics(pipeline))
-            snap = read_pointer(layout.speed_pointer)
+            snap = speed_pointer(layout)
             if snap is None:
                 return False
-            meta = json.loads((layout.speed_snapshot(snap["snapshot"]) / "snapshot.json").read_text())
-            return all(meta["positions"].get(t, {}).get(str(p), -1) >= e for (t, p), e in ends.items())
+            meta = read_speed_snapshot_meta(layout, snap)
+            return all(meta.positions.get((t, p), -1) >= e for (t, p), e in ends.items())
 
         wait_for(at_end, 60, "speed to consume the first events")
         broker.down(timeout=30)
