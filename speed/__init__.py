@@ -3,9 +3,10 @@
 Modules, one concern each (the folder mirrors the architecture):
 
 - :mod:`speed.state`      incremental aggregates per view, split by ``(partition, block_start)`` (the handoff rule)
-- :mod:`speed.publish`    the speed snapshot the serving layer reads (``views/speed/<snapshot>/``)
+- :mod:`speed.snapshot`   the speed snapshot the serving layer reads (``views/speed/<snapshot>/``)
 - :mod:`speed.checkpoint` the durable checkpoint (snapshot + positions + dedup windows) and its commit protocol
-- :mod:`speed.handoff`    watching published batch versions and pruning what they cover
+- :mod:`speed.prune`      watching published batch versions and pruning what they cover
+- :mod:`speed.rebuild`    replaying the log for views whose definition changed
 - :mod:`speed.consumer`   the run loop (``lambdalake speed``)
 - :mod:`speed.status`     ``lambdalake status``
 - :mod:`speed.cli`        command registration

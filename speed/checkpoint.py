@@ -1,7 +1,7 @@
 """The speed layer's durable checkpoint and its commit protocol.
 
 A checkpoint is three things that must agree: the aggregates (stored as the published speed snapshot, see
-:mod:`speed.publish`), the positions ``S[(topic, p)]`` (next offset to read) and the dedup windows. On disk::
+:mod:`speed.snapshot`), the positions ``S[(topic, p)]`` (next offset to read) and the dedup windows. On disk::
 
     checkpoints/speed/LOCK                       flock'ed by the one running `lambdalake speed`
     checkpoints/speed/CURRENT                    {"checkpoint": "<id>"}  <- the commit point
@@ -9,22 +9,8 @@ A checkpoint is three things that must agree: the aggregates (stored as the publ
     checkpoints/speed/<id>/dedup.parquet         event ids first seen since the previous checkpoint (a delta),
                                                  or the whole windows when the chunk list was compacted
 
-Commit protocol (step 1 in :meth:`speed.consumer.SpeedLayer._checkpoint`, steps 2-6 and 8 in
-:meth:`CheckpointStore.commit` — a writer thread, at most one commit in flight — and step 7 back on the consumer
-thread; the numbers are mirrored by comments in the code):
-
-1. Capture the snapshot's tables (immutable Arrow), positions, counters and dedup rows from the in-memory state.
-2. Write the snapshot to ``views/speed/.<id>.*.tmp``, fsync, rename to ``views/speed/<id>``. Not visible yet.
-3. Write the checkpoint directory (``checkpoint.json`` + dedup chunk) to a staging name, fsync, rename to
-   ``checkpoints/speed/<id>``.
-4. Paranoid check: the snapshot and checkpoint directories exist and agree on positions.
-5. Switch ``checkpoints/speed/CURRENT`` to ``<id>`` — the commit point. A crash before it leaves the previous
-   checkpoint in force; what steps 2-3 wrote is an orphan that recovery deletes.
-6. Switch ``views/speed/CURRENT`` to ``<id>`` — the snapshot becomes visible. Visible state is therefore never
-   ahead of durable state; recovery redoes this step if a crash fell between 5 and 6.
-7. Commit the positions to Kafka's consumer group (lag monitoring only; never read back).
-8. Garbage-collect old snapshots (:func:`speed.publish.retain`) and checkpoint directories no kept checkpoint
-   references.
+The commit protocol is :meth:`CheckpointStore.commit` (its docstring lists the numbered steps; the code mirrors
+them in comments and in the ``LAMBDALAKE_SPEED_FAULT`` crash points).
 
 Recovery (:meth:`CheckpointStore.load`) reads ``CURRENT``, the checkpoint, its snapshot and dedup chunks, checks
 they agree, removes orphans of a crashed commit, and redoes step 6. The consumer then seeks to the positions, so a
@@ -51,7 +37,7 @@ from lambdalake.exceptions import InvariantViolation
 from lambdalake.layout import Layout, atomic_publish_dir, fsync_dir, read_speed_snapshot_meta, tmp_name, write_contract
 from lambdalake.locks import PidLock
 from lambdalake.pipeline import Pipeline
-from speed import publish
+from speed import snapshot as snapshots
 from speed.exceptions import CheckpointCorrupt, SpeedAlreadyRunning
 
 log = logging.getLogger(__name__)
@@ -126,6 +112,22 @@ class Checkpoint(msgspec.Struct, kw_only=True):
         return int(self.checkpoint)
 
 
+@dataclass(frozen=True)
+class Capture:
+    """Step 1 of the commit protocol: everything the writer thread needs, captured from the in-memory state.
+
+    ``dedup_rows``: ids first seen since ``previous`` (the delta), or — with ``full_dedup`` (see
+    :meth:`CheckpointStore.needs_full_dedup`) — every id of the windows. Nothing in it may change afterwards.
+    """
+
+    checkpoint: Checkpoint
+    tables: dict[str, pa.Table]
+    snapshot_meta: SpeedSnapshotMeta
+    dedup_rows: dict[TP, list[tuple[int, str]]]
+    full_dedup: bool
+    previous: Checkpoint | None
+
+
 @dataclass
 class Restored:
     """A loaded checkpoint: the checkpoint, its snapshot's view tables and the rebuilt dedup windows."""
@@ -174,9 +176,9 @@ class CheckpointStore:
 
     def next_seq(self) -> int:
         """A sequence number above every snapshot/checkpoint on disk (ids must never be reused)."""
-        seqs = [publish.seq_of(n) for n in publish.published_snapshots(self.layout)]
+        seqs = [snapshots.seq_of(n) for n in snapshots.published_snapshots(self.layout)]
         if self.dir.is_dir():
-            seqs += [publish.seq_of(p.name) for p in self.dir.iterdir()]
+            seqs += [snapshots.seq_of(p.name) for p in self.dir.iterdir()]
         return max([s for s in seqs if s is not None], default=0) + 1
 
     def load(self, block: int) -> Restored | None:
@@ -185,7 +187,7 @@ class CheckpointStore:
         The restored tables are those of the views the checkpoint has rows for (``views`` with a fingerprint);
         a format-1 checkpoint (lambdalake 0.1) records no fingerprints, so none of its tables is trusted.
         """
-        publish.remove_staging(self.layout)
+        snapshots.remove_staging(self.layout)
         self._remove_staging()
         cid = self.current_id()
         if cid is None:
@@ -204,24 +206,24 @@ class CheckpointStore:
             raise CheckpointCorrupt(f"speed checkpoint {cdir} was written with handoff block {cp.block}, but "
                                     f"LAMBDALAKE_HANDOFF_BLOCK is {block}; the speed state cannot be re-split. Set it "
                                     f"back or remove {self.dir} to rebuild")
-        meta, tables = publish.read_snapshot(self.layout, cp.snapshot,
+        meta, tables = snapshots.read_snapshot(self.layout, cp.snapshot,
                                              [n for n, v in cp.views.items() if v.fingerprint])
         if meta.positions != cp.positions:  # paranoid: the two halves of one commit
             raise CheckpointCorrupt(f"speed checkpoint {cid} and its snapshot disagree on positions; remove "
                                     f"{self.dir} to rebuild")
         windows = self._load_dedup(cp)
         # Orphans of a commit that crashed before step 5 (never visible, never referenced).
-        removed = publish.remove_after(self.layout, cp.seq)
+        removed = snapshots.remove_after(self.layout, cp.seq)
         for p in list(self.dir.iterdir()):
-            s = publish.seq_of(p.name)
+            s = snapshots.seq_of(p.name)
             if s is not None and s > cp.seq:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
         if removed:
             log.info("removed %d orphan(s) of an interrupted checkpoint commit: %s", len(removed), removed)
         # 6 (redo): the visible snapshot is the committed one.
-        if publish.visible_snapshot(self.layout) != cp.snapshot:
-            publish.make_visible(self.layout, cp.snapshot)
+        if snapshots.visible_snapshot(self.layout) != cp.snapshot:
+            snapshots.make_visible(self.layout, cp.snapshot)
         return Restored(cp, tables, windows)
 
     def _load_dedup(self, cp: Checkpoint) -> dict[TP, DedupWindow]:
@@ -259,23 +261,40 @@ class CheckpointStore:
             return True
         return sum(c.needed(positions, span) for c in previous.dedup_chunks) >= MAX_DEDUP_CHUNKS
 
-    def commit(self, cp: Checkpoint, tables: dict[str, pa.Table], snapshot_meta: SpeedSnapshotMeta,
-               dedup_rows: dict[TP, list[tuple[int, str]]], full_dedup: bool,
-               previous: Checkpoint | None) -> Checkpoint:
-        """Run steps 2-6 and 8 of the commit protocol for checkpoint ``cp`` (its ``dedup_chunks`` are computed here).
+    def commit(self, capture: Capture) -> Checkpoint:
+        """THE commit protocol of a speed checkpoint; numbered comments (and ``LAMBDALAKE_SPEED_FAULT`` crash
+        points) mirror the steps:
 
-        ``tables``: step 1's output. ``dedup_rows``: ids first seen since ``previous`` (the delta), or — with
-        ``full_dedup`` (see :meth:`needs_full_dedup`) — every id of the windows. Nothing passed in may be changed
-        by the caller meanwhile (the consumer runs this in a writer thread).
+        1. Capture — on the consumer thread, before this call (:meth:`speed.consumer.SpeedLayer._capture`): the
+           snapshot's tables (immutable Arrow), positions, counters, per-view fingerprints and the dedup rows, as
+           ``capture``; the state may change right after. This method then runs in the single writer thread
+           (``concurrent.futures``), at most one commit in flight, while the consumer keeps consuming.
+        2. Write the snapshot to ``views/speed/.<id>.*.tmp``, fsync, rename to ``views/speed/<id>``. Not visible.
+        3. Write the checkpoint directory (``checkpoint.json`` + dedup chunk: the delta since the previous
+           checkpoint, or the whole windows when compacting) to a staging name, fsync, rename to
+           ``checkpoints/speed/<id>``.
+        4. Paranoid check: the snapshot and checkpoint directories exist and agree on positions.
+        5. Switch ``checkpoints/speed/CURRENT`` to ``<id>`` — the commit point. A crash before it leaves the
+           previous checkpoint in force; what steps 2-3 wrote is an orphan that recovery deletes.
+        6. Switch ``views/speed/CURRENT`` to ``<id>`` — the snapshot becomes visible. Visible state is therefore
+           never ahead of durable state; recovery redoes this step if a crash fell between 5 and 6.
+        7. Report the positions to Kafka's consumer group (lag monitoring only; never read back). kafka-python
+           clients are not thread-safe, so the consumer thread does it when it takes this method's result
+           (``Future.result()`` in :meth:`speed.consumer.SpeedLayer._reap`).
+        8. Garbage-collect old snapshots (:func:`speed.snapshot.retain`) and the checkpoint directories no kept
+           checkpoint references.
+
+        Returns the committed checkpoint (its ``dedup_chunks`` are computed in step 3).
         """
+        cp, previous = capture.checkpoint, capture.previous
         # 2. The snapshot, fully written and renamed, not yet visible.
         _fault(2)
-        publish.write_snapshot(self.layout, cp.id, tables, snapshot_meta)
+        snapshots.write_snapshot(self.layout, cp.id, capture.tables, capture.snapshot_meta)
         # 3. The checkpoint directory: dedup chunk (delta, or everything when compacting) + checkpoint.json.
         _fault(3)
-        chunks = [] if full_dedup or previous is None else [
+        chunks = [] if capture.full_dedup or previous is None else [
             c for c in previous.dedup_chunks if c.needed(cp.positions, cp.dedup_span)]
-        chunk_max = {tp: lst[-1][0] for tp, lst in dedup_rows.items() if lst}
+        chunk_max = {tp: lst[-1][0] for tp, lst in capture.dedup_rows.items() if lst}
         if chunk_max:
             chunks.append(DedupChunk(cp.id, Positions(chunk_max)))
         cp.dedup_chunks = chunks
@@ -283,7 +302,7 @@ class CheckpointStore:
         staging = tmp_name(final)
         staging.mkdir(parents=True)
         try:
-            pq.write_table(_dedup_table(dedup_rows), staging / "dedup.parquet", compression="lz4")
+            pq.write_table(_dedup_table(capture.dedup_rows), staging / "dedup.parquet", compression="lz4")
             (staging / "checkpoint.json").write_bytes(contracts.encode(cp))
             atomic_publish_dir(staging, final)
         except BaseException:
@@ -298,16 +317,16 @@ class CheckpointStore:
         write_contract(self.pointer, CheckpointPointer(cp.id))
         # 6. Visible to the serving layer.
         _fault(6)
-        publish.make_visible(self.layout, cp.id)
-        # 7. (Kafka lag commit: done by the consumer thread when it picks up this result.)
+        snapshots.make_visible(self.layout, cp.id)
+        # 7. Kafka lag commit: by the consumer thread when it takes this result (see the docstring).
         _fault(7)
         # 8. Garbage collection.
         self._gc(cp)
         return cp
 
     def _gc(self, cp: Checkpoint) -> None:
-        publish.retain(self.layout, self.keep_snapshots, self.keep_snapshot_seconds, protect={cp.id})
-        cps = sorted(n for n in (p.name for p in self.dir.iterdir()) if publish.seq_of(n) is not None)
+        snapshots.retain(self.layout, self.keep_snapshots, self.keep_snapshot_seconds, protect={cp.id})
+        cps = sorted(n for n in (p.name for p in self.dir.iterdir()) if snapshots.seq_of(n) is not None)
         kept = set(cps[-self.keep_checkpoints:])
         referenced = set(kept)
         for name in kept:

@@ -9,7 +9,7 @@ Per message of every source topic, in offset order per partition:
 
 Every ``checkpoint_interval`` seconds (and at shutdown) the state is checkpointed and published
 (:mod:`speed.checkpoint`). Published batch versions are watched between polls and pruned as soon as they are
-visible (:mod:`speed.handoff`).
+visible (:mod:`speed.prune`).
 
 Where it starts: from the last checkpoint's positions (``seek``; Kafka's committed offsets are never read). Without
 a checkpoint but with a published batch version of watermark ``W``, from ``max(0, W[p] - dedup_span)`` — offsets
@@ -24,7 +24,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import pyarrow as pa
 
 from lambdalake.config import Settings, fix_handoff_block
 from lambdalake.contracts import SNAPSHOT_FORMAT, Positions, SpeedSnapshotMeta, SpeedView, utc_now_iso
@@ -33,11 +37,11 @@ from lambdalake.exceptions import BrokerError, LambdalakeError
 from lambdalake.layout import Layout
 from lambdalake.pipeline import Pipeline
 from lambdalake.validation import Validator
-from speed import publish
+from speed import snapshot as snapshots
 from speed.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from speed.checkpoint import TP, Checkpoint, CheckpointStore
+from speed.checkpoint import TP, Capture, Checkpoint, CheckpointStore
 from speed.exceptions import BrokerUnreachable, CheckpointFailed, SpeedConfigError, SpeedError
-from speed.handoff import NO_BATCH, BatchVersion, BatchWatcher, published_batch
+from speed.prune import NO_BATCH, BatchVersion, BatchWatcher, published_batch
 from speed.state import SourceState, build_states
 
 log = logging.getLogger(__name__)
@@ -89,16 +93,6 @@ class Stats:
         return self.messages / max(1e-9, time.monotonic() - self.started)
 
 
-class _Done:
-    """Stand-in for a finished writer thread (synchronous commits)."""
-
-    def is_alive(self) -> bool:
-        return False
-
-    def join(self) -> None:
-        return None
-
-
 class SpeedLayer:
     """One running speed layer over one lake. ``run()`` blocks until stopped (signal, :meth:`stop`) or caught up."""
 
@@ -131,8 +125,9 @@ class SpeedLayer:
         self._dirty = True
         self._consumer = None
         self._seq = 0
-        self._inflight: threading.Thread | _Done | None = None
-        self._outcome: tuple[Checkpoint, float] | BaseException | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speed-commit")
+        self._inflight: Future[Checkpoint] | None = None
+        self._inflight_t0 = 0.0
         self._full_dedup = False  # set when the windows were rebuilt: the next checkpoint writes them whole
         self._last_records = self._broker_checked = time.monotonic()
         self._broker_down_since: float | None = None
@@ -158,7 +153,7 @@ class SpeedLayer:
                 self._kafka_commit(self.last.positions, wait=True)
             finally:
                 if self._inflight is not None:  # never leave a commit half-way when an error ends the run
-                    self._inflight.join()
+                    futures.wait([self._inflight])
                 self._consumer.close(autocommit=False)
                 self._consumer = None
         finally:
@@ -448,22 +443,26 @@ class SpeedLayer:
     def _checkpoint(self, force: bool = False) -> bool:
         """Start a checkpoint if the state changed (or ``force``); returns whether one was started.
 
-        Step 1 of the commit protocol (:mod:`speed.checkpoint`) runs here: the snapshot's tables, positions,
-        counters and the dedup rows are captured from the state (immutable Arrow tables and fresh lists, so the
-        state may change right after). Steps 2-6 and 8 run in a writer thread while this thread keeps consuming;
-        at most one commit is in flight. ``force`` (handoff, shutdown) waits for the one in flight first.
+        Step 1 of the commit protocol (:meth:`speed.checkpoint.CheckpointStore.commit`) runs here
+        (:meth:`_capture`); the other steps run in the single writer thread while this thread keeps consuming, at
+        most one commit in flight. ``force`` (handoff, shutdown) waits for the one in flight first.
         """
         self._reap(wait=force)
         if not (self._dirty or force) or self._inflight is not None:
             return False
         t0 = time.monotonic()
+        capture = self._capture()
+        self._inflight = self._writer.submit(self.store.commit, capture)
+        self._inflight_t0 = t0
+        if not self.options.background_commit:
+            self._reap(wait=True)
+        return True
+
+    def _capture(self) -> Capture:
+        """Step 1: the snapshot's tables (immutable Arrow), positions, counters, fingerprints, dedup rows."""
         now = time.time()
-        cid = publish.snapshot_id(self._seq)
-        # 1. The snapshot's tables, from memory.
-        tables: dict = {}
-        for st in self.states.values():
-            tables.update(st.view_tables())
-        views = {name: SpeedView(self.pipeline.fingerprint(name), rows=t.num_rows) for name, t in tables.items()}
+        cid = snapshots.snapshot_id(self._seq)
+        tables, views = self._view_tables()
         counters = {t: dict(c) for t, c in self.counters.items()}
         cp = Checkpoint(checkpoint=cid, snapshot=cid, pipeline=self.pipeline.name, positions=Positions(self.positions),
                         pruned_to=Positions(self.pruned_to), counters=counters, dedup_span=self.options.dedup_span,
@@ -480,43 +479,35 @@ class SpeedLayer:
         self._full_dedup = False
         self._seq += 1
         self._dirty = False
-        args = (cp, tables, meta, dedup_rows, full, self.last, t0)
-        if self.options.background_commit:
-            self._inflight = threading.Thread(target=self._commit, args=args, name="speed-commit", daemon=True)
-            self._inflight.start()
-        else:
-            self._inflight = _Done()
-            self._commit(*args)
-            self._reap(wait=True)
-        return True
+        return Capture(cp, tables, meta, dedup_rows, full, self.last)
 
-    def _commit(self, cp: Checkpoint, tables: dict, meta: dict, dedup_rows: dict, full: bool,
-                previous: Checkpoint | None, t0: float) -> None:
-        """Steps 2-6 and 8 (writer thread). The outcome is picked up by :meth:`_reap` on the consumer thread."""
-        try:
-            self._outcome = (self.store.commit(cp, tables, meta, dedup_rows, full, previous), t0)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer thread, which raises it
-            self._outcome = exc
+    def _view_tables(self) -> tuple[dict[str, pa.Table], dict[str, SpeedView]]:
+        """Every view's rows and the definition that made them."""
+        tables: dict[str, pa.Table] = {}
+        for st in self.states.values():
+            tables.update(st.view_tables())
+        views = {name: SpeedView(self.pipeline.fingerprint(name), rows=t.num_rows) for name, t in tables.items()}
+        return tables, views
 
     def _reap(self, wait: bool = False) -> None:
-        """Pick up a finished commit: remember it as the last checkpoint and do step 7 (Kafka lag commit)."""
-        t = self._inflight
-        if t is None or (t.is_alive() and not wait):
+        """Take the result of the commit in flight (if done, or ``wait``): remember it as the last checkpoint and
+        do step 7 (Kafka lag commit, on this thread: kafka-python clients are not thread-safe)."""
+        fut = self._inflight
+        if fut is None or (not wait and not fut.done()):
             return
-        t.join()
         self._inflight = None
-        outcome, self._outcome = self._outcome, None
-        if isinstance(outcome, LambdalakeError):
-            raise outcome
-        if isinstance(outcome, BaseException):
+        try:
+            cp = fut.result()
+        except LambdalakeError:
+            raise
+        except BaseException as exc:
             raise CheckpointFailed(f"could not write a speed checkpoint under {self.layout.home} "
-                                   f"({type(outcome).__name__}: {outcome}); the last committed checkpoint "
-                                   f"{self.last.id if self.last else '-'} stays in force") from outcome
-        cp, t0 = outcome
+                                   f"({type(exc).__name__}: {exc}); the last committed checkpoint "
+                                   f"{self.last.id if self.last else '-'} stays in force") from exc
         self.last = cp
         self.stats.checkpoints += 1
-        self.stats.last_checkpoint_seconds = time.monotonic() - t0
-        # 7. Lag monitoring only (here: kafka-python clients are not thread-safe).
+        self.stats.last_checkpoint_seconds = time.monotonic() - self._inflight_t0
+        # 7. Lag monitoring only.
         self._kafka_commit(cp.positions)
 
     def _kafka_commit(self, positions: dict[TP, int], wait: bool = False) -> None:

@@ -15,7 +15,7 @@ from lambdalake import contracts
 from lambdalake.kafka import end_offsets, ensure_topics
 from lambdalake.layout import Layout, read_speed_snapshot_meta, speed_pointer
 from speed.checkpoint import Checkpoint, CheckpointPointer
-from speed.publish import snapshot_id
+from speed.snapshot import snapshot_id
 from tests.oracle import read_log
 from tests.test_speed import (
     all_positions_at_end,
