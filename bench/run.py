@@ -1,6 +1,7 @@
 """``make bench``: run the batch, speed and serving benchmarks and summarize them in one table.
 
-Each benchmark is its own script in ``bench/`` (``bench_batch.py``, ``bench_speed.py``, ``bench_serving.py``) and
+Each benchmark is its own script in ``bench/`` (``bench_batch.py``, ``bench_speed.py``, ``bench_validation.py``,
+``bench_serving.py``) and
 is run here as a child process with the sizes of the chosen profile; each writes its own JSON result into
 ``bench/results/``. This runner then collects those results, pulls out every figure next to its baseline (the
 thing the figure should be judged against: raw kafka-python fetch for the speed layer, DuckDB over the same files
@@ -62,6 +63,9 @@ BENCHES = [
           quick=("--quick", "--rates", "5000,20000", "--sustained-duration", "20"),
           full=(),
           timeout_quick=900, timeout_full=3600),
+    Bench("validation", "bench_validation.py", "validation-",
+          quick=("--messages", "30000", "--repeat", "3"), full=(),
+          timeout_quick=600, timeout_full=1800),
     Bench("serving", "bench_serving.py", "serving-",
           quick=("--sizes", "1000000", "--reps", "30", "--raw-reps", "10"),
           full=("--sizes", "1000000,10000000"),
@@ -275,8 +279,20 @@ def serving_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
     return out
 
 
+def validation_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
+    out = []
+    for source, mixes in (r.get("sources") or {}).items():
+        for mix, m in mixes.items():
+            rates = m.get("per_second") or {}
+            for name in ("compiled", "reference"):
+                out.append(Figure("validation", f"{source}, {mix} messages: {name} validator (one core)",
+                                  rates.get(name), "msg/s", "orjson.loads alone (the JSON parse)",
+                                  rates.get("orjson.loads")))
+    return out
+
+
 EXTRACT: dict[str, Callable[[dict, dict[str, dict]], list[Figure]]] = {
-    "batch": batch_figures, "speed": speed_figures, "serving": serving_figures}
+    "batch": batch_figures, "speed": speed_figures, "serving": serving_figures, "validation": validation_figures}
 
 
 # --- report --------------------------------------------------------------------------------------------------------

@@ -68,6 +68,20 @@ def read_log(bootstrap: str, topics: list[str], timeout: float = 60.0) -> list[L
 
 
 # --- the documented validation rules, re-implemented -------------------------------------------------------------
+def _finite_float(text: str) -> float:
+    """Rule 2: every number must fit a double (``1e400`` is not a number of this contract)."""
+    v = float(text)
+    if v in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} overflows a double")
+    return v
+
+
+def _json_int(text: str) -> int | float:
+    """Rule 2: an integer literal is an integer within the 64-bit range (signed or unsigned), else a double."""
+    v = int(text)
+    return v if -2**63 <= v < 2**64 else _finite_float(text)
+
+
 def _no_constants(name: str):
     raise ValueError(f"{name} is not JSON")
 
@@ -100,7 +114,8 @@ def parse_event(source, value: bytes | None) -> dict | None:
     if value is None or len(value) > ONE_MIB:
         return None
     try:
-        doc = json.loads(value.decode("utf-8"), parse_constant=_no_constants)
+        doc = json.loads(value.decode("utf-8"), parse_constant=_no_constants, parse_float=_finite_float,
+                         parse_int=_json_int)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(doc, dict):

@@ -1,7 +1,8 @@
 """Validation: the documented rules, checked on hand-picked cases and by property-based tests.
 
-The property tests cross-check two independent implementations: the engine's (`lambdalake.validation`) and the
-oracle's (`tests/oracle.py`, stdlib json); they must reach the same verdict on any JSON document.
+The property tests cross-check three implementations: the engine's compiled fast path (`Validator`, msgspec), its
+reference path (`ReferenceValidator`, the rules one check at a time) and the oracle's (`tests/oracle.py`, stdlib
+json); they must reach the same verdict and the same parsed values on any document and any bytes.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from hypothesis import strategies as st
 
 from lambdalake.pipeline import load_pipeline
 from lambdalake.produce import demo_messages
-from lambdalake.validation import MAX_MESSAGE_BYTES, Invalid, Valid, Validator, parse_rfc3339_us
+from lambdalake.validation import MAX_MESSAGE_BYTES, Invalid, ReferenceValidator, Valid, Validator, parse_rfc3339_us
 from tests.oracle import parse_event
 
 PIPE = load_pipeline("lambdalake.pipelines.clickstream")
 PV = PIPE.source("pageviews")
 PU = PIPE.source("purchases")
 V_PV, V_PU = Validator(PV), Validator(PU)
+R_PV, R_PU = ReferenceValidator(PV), ReferenceValidator(PU)
 
 
 def pv(**over) -> bytes:
@@ -141,8 +143,69 @@ pageview_docs = st.fixed_dictionaries(
 @settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow], deadline=timedelta(seconds=2))
 @given(pageview_docs)
 def test_engine_and_oracle_agree_on_any_document(doc):
-    raw = json.dumps(doc).encode()
-    engine, oracle = V_PV(raw), parse_event(PV, raw)
-    assert engine.ok == (oracle is not None), (doc, engine)
-    if engine.ok:
-        assert engine.record == oracle
+    _agree(PV, json.dumps(doc).encode())
+
+
+def _agree(source, raw: bytes) -> None:
+    """Fast path, reference path and oracle: same verdict, same values, same reason."""
+    fast, ref = (V_PV, R_PV) if source is PV else (V_PU, R_PU)
+    got, want, oracle = fast(raw), ref(raw), parse_event(source, raw)
+    assert got.ok == want.ok == (oracle is not None), (raw[:200], got, want)
+    if got.ok:
+        assert got.record == want.record == oracle
+        assert list(got.record) == [f.name for f in source.fields]
+    else:
+        assert got.reason == want.reason
+
+
+# Documents built to hit the fast path's edges: unknown fields holding what msgspec skips but orjson checks (huge
+# numbers, deep nesting), timestamps msgspec reads differently (space separator, 7+ fraction digits, offsets),
+# integers at the 64-bit limits, patterns that match only as a search, non-ASCII strings.
+edge_numbers = st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, -2**63, -2**63 - 1, 0, -0.0, 1e308, 10**30])
+edge_times = st.one_of(
+    st.from_regex(r"\A\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d{1,12})?([Zz]|[+-]\d\d:\d\d)?\Z"),
+    st.sampled_from(["2026-02-29T00:00:00Z", "2024-02-29T23:59:59.9999999Z", "2026-01-01T23:59:60Z",
+                     "9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+01:00", "2026-01-01T00:00:00+24:00"]),
+)
+purchase_docs = st.fixed_dictionaries(
+    {"event_id": st.one_of(st.just("e1"), st.text(max_size=3)), "event_time": edge_times,
+     "user_id": st.just("u"), "product_id": st.one_of(st.just("p"), st.text(max_size=3)),
+     "amount_cents": st.one_of(st.integers(-1, 3), edge_numbers, st.integers(999_999_999, 1_000_000_001)),
+     "currency": st.one_of(st.sampled_from(["EUR", "eur", "EURO", "XEURX", "€UR", "EU"]), st.text(max_size=4))},
+    optional={"extra": st.one_of(edge_numbers, st.recursive(st.integers(), lambda c: st.lists(c, max_size=2),
+                                                            max_leaves=3), st.text(max_size=5))},
+)
+
+
+@settings(max_examples=800, suppress_health_check=[HealthCheck.too_slow], deadline=timedelta(seconds=2))
+@given(purchase_docs)
+def test_fast_path_reference_and_oracle_agree_at_the_edges(doc):
+    _agree(PU, json.dumps(doc, ensure_ascii=False).encode())
+
+
+RAW_EDGES = [
+    b'{"x":1e400,' + pv()[1:],  # a number beyond a double in an unknown field
+    b'{"x":"\xff",' + pv()[1:],  # invalid UTF-8 in an unknown field
+    b'{"x":' + b"[" * 1030 + b"]" * 1030 + b"," + pv()[1:],  # nesting past orjson's limit
+    b'{"x":' + b"[" * 900 + b"]" * 900 + b"," + pv()[1:],  # deep but allowed
+    b'{"x":' + b"9" * 400 + b"," + pv()[1:],
+    pv(event_time="2026-01-05 10:00:00Z"), pv(event_time="2026-01-05T10:00:00.9999999Z"),
+    pv(event_time="2026-01-05t10:00:00.5z"), pv(duration_ms=2**64), pv(event_id="e" * 128),
+    pv()[:-1] + b',"event_id":"again"}',  # duplicate key: the last one wins everywhere
+    b"\xef\xbb\xbf" + pv(), b" " + pv() + b"\n",
+]
+
+
+@pytest.mark.parametrize("raw", RAW_EDGES)
+def test_fast_path_reference_and_oracle_agree_on_raw_edges(raw):
+    _agree(PV, raw)
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow], deadline=timedelta(seconds=2))
+@given(st.data())
+def test_fast_path_reference_and_oracle_agree_on_mutated_bytes(data):
+    raw = bytearray(pv(referrer="r", other=[1, {"a": "b"}]))
+    for _ in range(data.draw(st.integers(1, 3))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    _agree(PV, bytes(raw))
