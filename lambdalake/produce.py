@@ -288,14 +288,22 @@ def _file_stream(src: Source, path: Path, suffix: str) -> Iterator[Message]:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
+    # A column declared as a string is sent as a JSON string whatever it looks like ("00042" stays "00042"); other
+    # columns keep the reader's types, so a value that does not fit its declaration reaches the DLQ with a reason.
+    strings = {f.name for f in src.fields if f.type == "string"}
     if suffix == ".parquet":
         reader = pq.ParquetFile(path).iter_batches(batch_size=10_000)
     else:
         opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-        reader = pacsv.open_csv(path, parse_options=opts)
+        header = pacsv.open_csv(path, parse_options=opts).schema.names
+        convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in header if n in strings},
+                                       strings_can_be_null=False)
+        reader = pacsv.open_csv(path, parse_options=opts, convert_options=convert)
     for batch in reader:
         cols = {}
         for name, col in zip(batch.schema.names, batch.columns, strict=True):
+            if name in strings and not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+                col = col.cast(pa.string()) if not pa.types.is_timestamp(col.type) else col
             if pa.types.is_timestamp(col.type):
                 col = col.cast(pa.timestamp("us", tz="UTC")) if col.type.tz else col.cast(pa.timestamp("us"))
                 cols[name] = [None if v is None else v.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

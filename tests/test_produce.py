@@ -85,3 +85,22 @@ def test_load_sends_csv_parquet_and_jsonl_rows(run_cli, settings, pipeline, tmp_
     assert counts == {"messages": 31, "valid": 30, "duplicates": 0, "invalid": 1}
     msgs = read_log(settings.bootstrap, [topic])
     assert {m.key for m in msgs if m.value != b"not json"} == {f"u{i}".encode() for i in range(7)}
+
+
+def test_load_sends_declared_string_columns_as_strings(run_cli, settings, pipeline, tmp_path):
+    # numeric-looking ids in a CSV and an integer id column in Parquet: declared strings, so sent as strings
+    csv = tmp_path / "ids.csv"
+    csv.write_text("event_id,event_time,user_id,product_id,amount_cents,currency\n"
+                   + "".join(f"{100 + i},2026-01-01T10:00:00Z,{i:05d},{7 + i},{10 + i},EUR\n" for i in range(5)))
+    pq.write_table(pa.table({"event_id": [200, 201], "event_time": ["2026-01-01T11:00:00Z"] * 2,
+                             "user_id": [1, 2], "product_id": [3, 4], "amount_cents": [5, 6],
+                             "currency": ["USD", "USD"]}), tmp_path / "ids.parquet")
+    for f in ("ids.csv", "ids.parquet"):
+        run_cli("load", str(tmp_path / f), "--source", "purchases")
+    topic = pipeline.source("purchases").topic
+    msgs = read_log(settings.bootstrap, [topic])
+    counts = oracle_counts(pipeline, msgs)[topic]
+    assert counts == {"messages": 7, "valid": 7, "duplicates": 0, "invalid": 0}
+    docs = [json.loads(m.value) for m in msgs]
+    assert {d["user_id"] for d in docs} >= {"00000", "00004", "1", "2"}  # leading zeros kept
+    assert all(isinstance(d["amount_cents"], int) for d in docs)
