@@ -362,10 +362,11 @@ def _unique(what: str, names: Iterable[str]) -> None:
         seen.add(n)
 
 
-def load_pipeline(spec: str) -> Pipeline:
+def load_pipeline(spec: str, *, fresh: bool = False) -> Pipeline:
     """Load a pipeline from a Python file path (``my/pipeline.py``) or a module path (``pkg.mod``).
 
-    The module must define a module-level ``pipeline`` of type :class:`Pipeline`.
+    The module must define a module-level ``pipeline`` of type :class:`Pipeline`. A file is imported once per
+    process; ``fresh`` imports it again (a running process noticing that the user edited it).
     """
     path = Path(spec)
     if spec.endswith(".py") or path.exists():
@@ -373,6 +374,8 @@ def load_pipeline(spec: str) -> Pipeline:
             raise PipelineError(f"pipeline file {spec!r} not found; pass --pipeline path/to/pipeline.py "
                                 "or a module path like lambdalake.pipelines.clickstream")
         mod_name = f"_lambdalake_pipeline_{abs(hash(str(path.resolve())))}"
+        if fresh:
+            sys.modules.pop(mod_name, None)
         if mod_name in sys.modules:
             module = sys.modules[mod_name]
         else:

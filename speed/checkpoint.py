@@ -51,21 +51,22 @@ MAX_DEDUP_CHUNKS = 32
 TP = tuple[str, int]
 
 
-def _fault(step: int) -> None:
+def fault(step: int | str) -> None:
     """Fault injection for the crash tests: ``LAMBDALAKE_SPEED_FAULT=<step>:<n>`` SIGKILLs this process right before
-    commit step ``<step>`` of its ``<n>``-th checkpoint (so every step boundary can be crashed deterministically)."""
+    commit step ``<step>`` of its ``<n>``-th checkpoint (so every step boundary can be crashed deterministically);
+    ``rebuild:<n>``: before the ``<n>``-th batch of records a rebuild applies (:mod:`speed.rebuild`)."""
     spec = os.environ.get("LAMBDALAKE_SPEED_FAULT")
     if not spec:
         return
     want, _, nth = spec.partition(":")
-    if int(want) != step:
+    if want != str(step):
         return
     _FAULT_HITS[step] = _FAULT_HITS.get(step, 0) + 1
     if _FAULT_HITS[step] >= int(nth or 1):
         os.kill(os.getpid(), 9)
 
 
-_FAULT_HITS: dict[int, int] = {}
+_FAULT_HITS: dict[int | str, int] = {}
 
 
 class DedupChunk(msgspec.Struct):
@@ -288,10 +289,10 @@ class CheckpointStore:
         """
         cp, previous = capture.checkpoint, capture.previous
         # 2. The snapshot, fully written and renamed, not yet visible.
-        _fault(2)
+        fault(2)
         snapshots.write_snapshot(self.layout, cp.id, capture.tables, capture.snapshot_meta)
         # 3. The checkpoint directory: dedup chunk (delta, or everything when compacting) + checkpoint.json.
-        _fault(3)
+        fault(3)
         chunks = [] if capture.full_dedup or previous is None else [
             c for c in previous.dedup_chunks if c.needed(cp.positions, cp.dedup_span)]
         chunk_max = {tp: lst[-1][0] for tp, lst in capture.dedup_rows.items() if lst}
@@ -309,17 +310,17 @@ class CheckpointStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         # 4. Paranoid: both halves exist and agree before anything points at them.
-        _fault(4)
+        fault(4)
         if read_speed_snapshot_meta(self.layout, cp.snapshot).positions != cp.positions:
             raise CheckpointCorrupt(f"snapshot {cp.snapshot} does not hold the positions of checkpoint {cp.id}")
         # 5. The commit point.
-        _fault(5)
+        fault(5)
         write_contract(self.pointer, CheckpointPointer(cp.id))
         # 6. Visible to the serving layer.
-        _fault(6)
+        fault(6)
         snapshots.make_visible(self.layout, cp.id)
         # 7. Kafka lag commit: by the consumer thread when it takes this result (see the docstring).
-        _fault(7)
+        fault(7)
         # 8. Garbage collection.
         self._gc(cp)
         return cp

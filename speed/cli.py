@@ -102,6 +102,13 @@ def register(app: typer.Typer) -> None:
             table.add_row(p.source, str(p.partition), n(p.end_offset), n(p.archived), n(p.speed_position),
                           n(p.batch_watermark), n(p.lag), n(p.dlq))
         console.print(table)
+        views = Table()
+        for col in ("view", "declared", "batch", "speed", "state"):
+            views.add_column(col)
+        for v in st.views:
+            views.add_row(v.view, v.declared, v.batch or "-", v.speed or "-",
+                          v.state + (f" ({v.detail})" if v.detail else ""))
+        console.print(views)
         if st.dlq_total:
             console.print("DLQ totals: " + ", ".join(f"{t} {n(v)}" for t, v in st.dlq_total.items()))
         if st.kafka_error:

@@ -20,6 +20,7 @@ from the beginning of the log.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -35,14 +36,15 @@ from lambdalake.contracts import SNAPSHOT_FORMAT, Positions, SpeedSnapshotMeta, 
 from lambdalake.dedup import DedupWindow
 from lambdalake.exceptions import BrokerError, LambdalakeError
 from lambdalake.layout import Layout
-from lambdalake.pipeline import Pipeline
+from lambdalake.pipeline import Pipeline, load_pipeline
 from lambdalake.validation import Validator
 from speed import snapshot as snapshots
 from speed.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from speed.checkpoint import TP, Capture, Checkpoint, CheckpointStore
 from speed.exceptions import BrokerUnreachable, CheckpointFailed, SpeedConfigError, SpeedError
 from speed.prune import NO_BATCH, BatchVersion, BatchWatcher, published_batch
-from speed.state import SourceState, build_states
+from speed.rebuild import Rebuild, replay_start
+from speed.state import SourceState, apply_records, build_states, prune_table
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class SpeedOptions:
     poll_timeout_ms: int = 100
     max_records: int = 20_000
     batch_check_interval: float = 0.1
+    pipeline_check_interval: float = 2.0  # how often the pipeline file's mtime is checked (changes apply live)
     partition_check_interval: float = 30.0
     background_commit: bool = True  # steps 2-8 of a checkpoint overlap with consuming
 
@@ -111,7 +114,12 @@ class SpeedLayer:
         self.group_id = self.options.group_id or f"lambdalake-speed-{pipeline.name}"
         self.sources = {s.topic: s for s in pipeline.sources}
         self.validators = {s.topic: Validator(s) for s in pipeline.sources}
+        self.fingerprints = pipeline.fingerprints
         self.states: dict[str, SourceState] = build_states(pipeline, self.block)
+        # Views whose rows are not (yet) of their declared definition: {name: (fingerprint of the kept rows or "",
+        # the kept rows or None)}, rebuilt by self.rebuild (speed.rebuild).
+        self.frozen: dict[str, tuple[str, pa.Table | None]] = {}
+        self.rebuild: Rebuild | None = None
         self.positions: dict[TP, int] = {}
         self.pruned_to: dict[TP, int] = {}
         self.windows: dict[TP, DedupWindow] = {}
@@ -131,6 +139,7 @@ class SpeedLayer:
         self._full_dedup = False  # set when the windows were rebuilt: the next checkpoint writes them whole
         self._last_records = self._broker_checked = time.monotonic()
         self._broker_down_since: float | None = None
+        self._pipeline_stamp = self._pipeline_file_stamp()
 
     # lifecycle ----------------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -148,6 +157,8 @@ class SpeedLayer:
             try:
                 self._assign()
                 targets = self._end_offsets() if until_caught_up else None
+                if self.rebuild is not None or (self.last is not None and self._dirty):
+                    self.checkpoint_now()  # publish which views are being rebuilt (or dropped) before replaying
                 self._loop(targets)
                 self.checkpoint_now()
                 self._kafka_commit(self.last.positions, wait=True)
@@ -185,27 +196,59 @@ class SpeedLayer:
             return
         cp = restored.checkpoint
         self.last = cp
-        self.positions = dict(cp.positions)
-        self.pruned_to = dict(cp.pruned_to)
+        self.positions = {tp: n for tp, n in cp.positions.items() if tp[0] in self.sources}
+        self.pruned_to = {tp: n for tp, n in cp.pruned_to.items() if tp[0] in self.sources}
         for t, c in cp.counters.items():
             if t in self.counters:
                 self.counters[t].update(c)
         span = self.options.dedup_span
         self.windows = {tp: (w if w.span == span else DedupWindow.from_items(span, w.items()))
-                        for tp, w in restored.windows.items()}
-        for topic, st in self.states.items():
-            st.restore({v.view.name: restored.tables[v.view.name] for v in st.views},
-                       {p: s for (t, p), s in self.positions.items() if t == topic})
+                        for tp, w in restored.windows.items() if tp[0] in self.sources}
+        if cp.format < 2:
+            self.notify(f"speed checkpoint {cp.id} was written by lambdalake 0.1 (no view fingerprints): rebuilding "
+                        "every view once from the log")
+        self._adopt({name: (sv.fingerprint, restored.tables[name]) for name, sv in cp.views.items()
+                     if sv.fingerprint})
         self._seq = self.store.next_seq()
-        self._dirty = False
+        self._dirty = self.rebuild is not None or set(cp.views) != set(self.fingerprints)
+
+    def _adopt(self, have: dict[str, tuple[str, pa.Table]]) -> None:
+        """Take over the rows ``have`` ({view: (fingerprint, rows)}, at the current positions) for the declared
+        pipeline: views of the declared definition continue, changed and added ones are rebuilt from the log
+        (the old rows are kept, frozen, until then), views no longer declared are dropped."""
+        fps = self.fingerprints
+        current = [n for n, fp in fps.items() if n in have and have[n][0] == fp]
+        changed = [v for v in self.pipeline.views if v.name not in current]
+        self.states = build_states(self.pipeline, self.block, current)
+        for topic, st in self.states.items():
+            st.restore({vs.view.name: have[vs.view.name][1] for vs in st.views},
+                       {p: n for (t, p), n in self.positions.items() if t == topic})
+        self.frozen = {v.name: have.get(v.name, ("", None)) for v in changed}
+        self._cancel_rebuild()
+        if changed:
+            self.rebuild = Rebuild(self.settings, self.pipeline, changed, self.block, self.options.dedup_span,
+                                   self.options.max_records)
+            self.notify("rebuilding " + ", ".join(
+                f"{v.name} ({'new view' if not have.get(v.name) else 'definition changed'})" for v in changed)
+                + " from the log; the other views continue")
+        dropped = sorted(set(have) - set(fps))
+        if dropped:
+            self.notify(f"dropped views no longer declared: {', '.join(dropped)}")
+
+    def _cancel_rebuild(self) -> None:
+        if self.rebuild is not None:
+            self.rebuild.close()
+            self.rebuild = None
 
     def _start_from(self, batch: BatchVersion) -> None:
-        """Empty state positioned just below the batch watermark (dedup fill only below it)."""
-        for st in self.states.values():
-            st.clear()
+        """Empty state positioned just below the batch watermark (dedup fill only below it): every declared view is
+        built from there, so nothing is left to rebuild."""
+        self._cancel_rebuild()
+        self.frozen = {}
+        self.states = build_states(self.pipeline, self.block)
         self.windows.clear()
         self.new_ids.clear()
-        self.positions = {tp: max(0, w - self.options.dedup_span) for tp, w in batch.watermark.items()
+        self.positions = {tp: replay_start(w, self.options.dedup_span) for tp, w in batch.watermark.items()
                           if tp[0] in self.sources}
         self.pruned_to = {tp: w for tp, w in batch.watermark.items() if tp[0] in self.sources}
         for c in self.counters.values():
@@ -287,13 +330,17 @@ class SpeedLayer:
         # batch version published while the speed layer was down is pruned right away.
         watcher.current = BatchVersion(self.batch.version if self.last is None else self.last.batch_version,
                                        Positions(self.pruned_to))
-        last_cp = time.monotonic()
+        last_cp = last_pipeline_check = time.monotonic()
         last_batch_check = 0.0
         consumer = self._consumer
         backoff = 0.5
         while not self._stop.is_set():
             try:
-                polled = consumer.poll(timeout_ms=opts.poll_timeout_ms, max_records=opts.max_records)
+                # While a rebuild replays the log, its poll is the one that may wait.
+                polled = consumer.poll(timeout_ms=0 if self.rebuild is not None else opts.poll_timeout_ms,
+                                       max_records=opts.max_records)
+                if self.rebuild is not None:
+                    self._rebuild_step()
                 backoff = 0.5
             except KafkaError as exc:  # transient (leader moves, broker restarts): back off, never crash-loop
                 self.notify(f"Kafka poll failed ({type(exc).__name__}: {exc}); retrying in {backoff:.1f}s")
@@ -321,7 +368,10 @@ class SpeedLayer:
                 last_cp = now
             if now - self._partitions_checked >= opts.partition_check_interval:
                 self._check_new_partitions()
-            if targets is not None and self._caught_up(targets):
+            if now - last_pipeline_check >= opts.pipeline_check_interval:
+                last_pipeline_check = now
+                self._watch_pipeline()
+            if targets is not None and self.rebuild is None and self._caught_up(targets):
                 self.stats.caught_up = True
                 break
 
@@ -344,6 +394,8 @@ class SpeedLayer:
 
     def _caught_up(self, targets: dict[TP, int]) -> bool:
         for key, end in targets.items():
+            if key not in self._tps:  # a source no longer declared (the pipeline changed while running)
+                continue
             if self.positions.get(key, 0) < end:
                 # Transaction markers occupy offsets without records: trust the consumer's own position then.
                 if self._consumer.position(self._tps[key]) < end:
@@ -353,48 +405,15 @@ class SpeedLayer:
     def _apply(self, topic: str, partition: int, records: list) -> None:
         """The hot loop: validate, dedup, aggregate one partition's batch of records (in offset order)."""
         key = (topic, partition)
-        state = self.states[topic]
-        validate = self.validators[topic]
-        window = self.windows[key]
-        seen = window.seen
-        pending = self.new_ids[key].append
-        eid_field = self.sources[topic].event_id
-        floor = self.pruned_to.get(key, 0)
-        update = state.update
-        block = self.block
-        pos = self.positions[key]
-        rows = None
-        cur_bs = -1
-        valid = invalid = dups = 0
-        for r in records:
-            o = r.offset
-            if o < pos:  # paranoid: a record we already applied must never be applied twice
-                continue
-            v = validate(r.value)
-            if not v.ok:
-                if o >= floor:
-                    invalid += 1
-                continue
-            rec = v.record
-            eid = rec[eid_field]
-            if seen(eid, o):
-                if o >= floor:
-                    dups += 1
-                continue
-            pending((o, eid))
-            if o < floor:
-                continue  # the published batch version counts it; only the dedup window needed it
-            valid += 1
-            bs = o - o % block
-            if bs != cur_bs:
-                rows = state.rows_for(partition, o)
-                cur_bs = bs
-            update(rec, rows)
+        got = apply_records(records, partition=partition, position=self.positions[key],
+                            floor=self.pruned_to.get(key, 0), state=self.states[topic],
+                            validate=self.validators[topic], window=self.windows[key],
+                            pending=self.new_ids[key].append, event_id=self.sources[topic].event_id)
         self.positions[key] = records[-1].offset + 1
         c = self.counters[topic]
-        c["valid"] += valid
-        c["invalid"] += invalid
-        c["duplicates"] += dups
+        c["valid"] += got.valid
+        c["invalid"] += got.invalid
+        c["duplicates"] += got.duplicates
         self.stats.messages += len(records)
         self._dirty = True
 
@@ -427,6 +446,11 @@ class SpeedLayer:
             if tp[0] not in self.states or w <= self.pruned_to.get(tp, 0):
                 continue
             dropped += self.states[tp[0]].prune(tp[1], w)
+            if self.rebuild is not None:
+                self.rebuild.prune(tp, w)
+            for name, (fp, table) in list(self.frozen.items()):
+                if table is not None and self.pipeline.view(name).source == self.sources[tp[0]].name:
+                    self.frozen[name] = (fp, prune_table(table, tp[1], w, self.block))
             self.pruned_to[tp] = w
         self.stats.pruned_rows += dropped
         self.batch = batch
@@ -486,7 +510,16 @@ class SpeedLayer:
         tables: dict[str, pa.Table] = {}
         for st in self.states.values():
             tables.update(st.view_tables())
-        views = {name: SpeedView(self.pipeline.fingerprint(name), rows=t.num_rows) for name, t in tables.items()}
+        views: dict[str, SpeedView] = {}
+        progress = None if self.rebuild is None else round(self.rebuild.progress(self.positions), 4)
+        for name, fp in self.fingerprints.items():
+            if name in tables:
+                views[name] = SpeedView(fp, rows=tables[name].num_rows)
+                continue
+            old_fp, old = self.frozen[name]  # being rebuilt: the old definition's rows, labelled as such
+            if old is not None:
+                tables[name] = old
+            views[name] = SpeedView(old_fp, rows=0 if old is None else old.num_rows, target=fp, progress=progress)
         return tables, views
 
     def _reap(self, wait: bool = False) -> None:
@@ -509,6 +542,113 @@ class SpeedLayer:
         self.stats.last_checkpoint_seconds = time.monotonic() - self._inflight_t0
         # 7. Lag monitoring only.
         self._kafka_commit(cp.positions)
+
+    # rebuilding changed views (speed.rebuild) -----------------------------------------------------------------------
+    def _rebuild_step(self) -> None:
+        """Advance the rebuild; when it is close, finish it while the live positions hold still (the live consumer
+        is not polled meanwhile, at most a few seconds), then swap the rebuilt views in."""
+        rb = self.rebuild
+        if rb.backlog(self.positions) <= self.options.max_records:
+            deadline = time.monotonic() + 5.0
+            while not rb.done(self.positions) and time.monotonic() < deadline and not self._stop.is_set():
+                rb.step(self.positions, self.pruned_to, timeout_ms=self.options.poll_timeout_ms)
+        else:
+            rb.step(self.positions, self.pruned_to, timeout_ms=self.options.poll_timeout_ms)
+        if rb.done(self.positions):
+            self._finish_rebuild()
+
+    def _finish_rebuild(self) -> None:
+        """Swap the rebuilt views in, at once, at the live positions (``R == S``), and checkpoint right away."""
+        rb = self.rebuild
+        for topic, rebuilt in rb.states.items():
+            live = self.states[topic]
+            tables = {**live.view_tables(), **rebuilt.view_tables()}
+            src = self.sources[topic]
+            merged = SourceState(src, [v for v in self.pipeline.views_of(src) if v.name in tables], self.block)
+            merged.restore(tables, {p: n for (t, p), n in self.positions.items() if t == topic})
+            self.states[topic] = merged
+            if not live.views:
+                # Every view of the source was rebuilt (always so when its fields or validation rules changed):
+                # the replay's dedup windows and counters are those of the declared validation.
+                for key, window in rb.windows.items():
+                    if key[0] == topic:
+                        self.windows[key] = window
+                        self.new_ids[key] = []
+                self.counters[topic] = dict(rb.counters[topic])
+                self._full_dedup = True
+        for name in rb.targets:
+            self.frozen.pop(name, None)
+        self.notify(f"rebuilt {', '.join(rb.targets)} for the declared definition ({rb.messages:,} messages "
+                    "replayed)")
+        self._cancel_rebuild()
+        self._dirty = True
+        self._checkpoint(force=True)
+
+    # the pipeline changing while running --------------------------------------------------------------------------
+    def _pipeline_file_stamp(self) -> tuple | None:
+        try:
+            st = os.stat(self.settings.pipeline)
+        except (OSError, TypeError, ValueError):
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def _watch_pipeline(self) -> None:
+        """Apply an edited pipeline file while running (a module path is not watched). A pipeline that fails to
+        load or validate, renames the pipeline or reads a topic that does not exist is reported and ignored: the
+        running one continues."""
+        stamp = self._pipeline_file_stamp()
+        if stamp is None or stamp == self._pipeline_stamp:
+            return
+        self._pipeline_stamp = stamp
+        spec = self.settings.pipeline
+        try:
+            new = load_pipeline(spec, fresh=True)
+        except LambdalakeError as exc:
+            self.notify(f"the pipeline file {spec} changed but cannot be used ({exc}); still running the previous "
+                        "definition")
+            return
+        if new == self.pipeline:
+            return
+        if new.name != self.pipeline.name:
+            self.notify(f"the pipeline file {spec} now declares pipeline {new.name!r}, not {self.pipeline.name!r}; "
+                        "ignored (a different pipeline needs its own --home)")
+            return
+        for s in new.sources:
+            if s.topic not in self.sources and not self._consumer.partitions_for_topic(s.topic):
+                self.notify(f"the pipeline file {spec} changed but topic {s.topic!r} of source {s.name!r} does not "
+                            "exist; ignored (create it with `lambdalake topics`)")
+                return
+        self.notify(f"the pipeline file {spec} changed; applying it")
+        self.apply_pipeline(new)
+
+    def apply_pipeline(self, new: Pipeline) -> None:
+        """Run ``new`` from here on: unchanged views continue, changed and added ones are rebuilt from the log,
+        removed ones are dropped (as on a restart with ``new``, without stopping)."""
+        have: dict[str, tuple[str, pa.Table]] = {}
+        for st in self.states.values():
+            for name, table in st.view_tables().items():
+                have[name] = (self.fingerprints[name], table)
+        for name, (fp, table) in self.frozen.items():
+            if table is not None:
+                have[name] = (fp, table)
+        topics_before = set(self.sources)
+        self.pipeline = self.store.pipeline = new
+        self.fingerprints = new.fingerprints
+        self.sources = {s.topic: s for s in new.sources}
+        self.validators = {s.topic: Validator(s) for s in new.sources}
+        for t in self.sources:
+            self.counters.setdefault(t, {"valid": 0, "invalid": 0, "duplicates": 0})
+        for d in (self.positions, self.pruned_to, self.windows, self.new_ids):
+            for tp in [tp for tp in d if tp[0] not in self.sources]:
+                del d[tp]
+        for t in [t for t in self.counters if t not in self.sources]:
+            del self.counters[t]
+        self._adopt(have)
+        if set(self.sources) != topics_before and self._consumer is not None:
+            self._assign()
+        self._full_dedup = True
+        self._dirty = True
+        self._checkpoint(force=True)
 
     def _kafka_commit(self, positions: dict[TP, int], wait: bool = False) -> None:
         """Step 7: committed group offsets, for lag monitoring tools only (never read back by lambdalake).

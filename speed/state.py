@@ -288,6 +288,63 @@ class SourceState:
             len(r) for rows in self.open_rows.values() for r in rows)
 
 
-def build_states(pipeline: Pipeline, block: int) -> dict[str, SourceState]:
-    """One :class:`SourceState` per source topic that has views (sources without views only advance positions)."""
-    return {s.topic: SourceState(s, pipeline.views_of(s), block) for s in pipeline.sources}
+def build_states(pipeline: Pipeline, block: int, views: Iterable[str] | None = None) -> dict[str, SourceState]:
+    """One :class:`SourceState` per source topic, over the declared views named in ``views`` (default: all of them;
+    a source without views only advances positions)."""
+    names = None if views is None else set(views)
+    return {s.topic: SourceState(s, [v for v in pipeline.views_of(s) if names is None or v.name in names], block)
+            for s in pipeline.sources}
+
+
+@dataclass
+class Applied:
+    """Counts of one batch of records (only offsets at or above the handed-off floor are counted)."""
+
+    valid: int = 0
+    invalid: int = 0
+    duplicates: int = 0
+
+
+def apply_records(records: list, *, partition: int, position: int, floor: int, state: SourceState,
+                  validate: Callable, window, pending: Callable[[tuple[int, str]], None], event_id: str) -> Applied:
+    """The hot loop, shared by the live consumer and a rebuild: validate, dedup, aggregate one partition's records
+    (in offset order). Offsets below ``position`` are skipped (never applied twice); offsets below ``floor`` (the
+    handed-off batch watermark) only fill the dedup window ``window`` (first occurrences go to ``pending`` too)."""
+    seen = window.seen
+    update = state.update
+    block = state.block
+    rows = None
+    cur_bs = -1
+    valid = invalid = dups = 0
+    for r in records:
+        o = r.offset
+        if o < position:  # paranoid: a record already applied must never be applied twice
+            continue
+        v = validate(r.value)
+        if not v.ok:
+            if o >= floor:
+                invalid += 1
+            continue
+        rec = v.record
+        eid = rec[event_id]
+        if seen(eid, o):
+            if o >= floor:
+                dups += 1
+            continue
+        pending((o, eid))
+        if o < floor:
+            continue  # the published batch version counts it; only the dedup window needed it
+        valid += 1
+        bs = o - o % block
+        if bs != cur_bs:
+            rows = state.rows_for(partition, o)
+            cur_bs = bs
+        update(rec, rows)
+    return Applied(valid, invalid, dups)
+
+
+def prune_table(table: pa.Table, partition: int, watermark: int, block: int) -> pa.Table:
+    """Rows of ``table`` (any speed view schema) that a published watermark of ``partition`` does not cover."""
+    covered = pc.and_(pc.equal(table.column(PARTITION_COL), partition),
+                      pc.less_equal(pc.add(table.column(BLOCK_COL), block), watermark))
+    return table.filter(pc.invert(covered))

@@ -1,6 +1,9 @@
 """``lambdalake status``: where every layer stands, per source and partition.
 
-Columns: Kafka end offset, archiver position (end of the master dataset), speed position ``S`` (of the published
+Per view: the declared definition's fingerprint, the batch and speed fingerprints, and the state — ``current`` or
+``rebuilding`` (batch pending / speed rebuild progress).
+
+Per partition: Kafka end offset, archiver position (end of the master dataset), speed position ``S`` (of the published
 snapshot), batch watermark ``W`` (of the published version), speed lag (``end - S``), DLQ messages, plus the
 published batch version and the freshness (age) of the published speed snapshot. Every number is read from the
 published state (pointers and manifests), never from a running process, so it is what a query would see.
@@ -14,7 +17,7 @@ from dataclasses import asdict, dataclass
 import psutil
 
 from lambdalake.config import Settings
-from lambdalake.contracts import Positions
+from lambdalake.contracts import BatchManifest, Positions, SpeedSnapshotMeta
 from lambdalake.exceptions import BrokerError, InvariantViolation
 from lambdalake.layout import (
     Layout,
@@ -41,6 +44,44 @@ class PartitionStatus:
 
 
 @dataclass
+class ViewStatus:
+    """Which definition each side holds of one declared view (DESIGN.md, "Definitions change")."""
+
+    view: str
+    declared: str  # fingerprint of the declared definition
+    batch: str | None  # fingerprint of the view in the published batch version (None: no version, or not in it)
+    speed: str | None  # fingerprint of the rows in the published speed snapshot ("" = none yet)
+    speed_target: str | None  # the definition the speed layer is rebuilding the view for
+    speed_progress: float | None  # 0..1 while it does
+    state: str  # "current" or "rebuilding"
+    detail: str  # e.g. "batch pending, speed 63%"
+
+
+def view_status(pipeline: Pipeline, manifest: BatchManifest | None, snap: SpeedSnapshotMeta | None) -> list[ViewStatus]:
+    """Per declared view: declared, batch and speed fingerprints and whether both sides are of the declared one."""
+    out = []
+    for v in pipeline.views:
+        declared = pipeline.fingerprint(v)
+        batch_ok = manifest is None or manifest.definition_matches(v.name, declared, pipeline.legacy_fingerprint(v))
+        sv = None if snap is None else snap.views.get(v.name)
+        speed_ok = snap is None or (sv is not None and sv.fingerprint == declared and sv.target is None)
+        pending = []
+        if not batch_ok:
+            pending.append("batch pending")
+        if not speed_ok:
+            if sv is not None and sv.target == declared and sv.progress is not None:
+                pending.append(f"speed {sv.progress:.0%}")
+            else:
+                pending.append("speed pending")
+        out.append(ViewStatus(
+            view=v.name, declared=declared, batch=None if manifest is None else manifest.fingerprint_of(v.name),
+            speed=None if sv is None else sv.fingerprint, speed_target=None if sv is None else sv.target,
+            speed_progress=None if sv is None else sv.progress, state="rebuilding" if pending else "current",
+            detail=", ".join(pending)))
+    return out
+
+
+@dataclass
 class Status:
     pipeline: str
     bootstrap: str
@@ -52,6 +93,7 @@ class Status:
     speed_freshness_seconds: float | None
     speed_running_pid: int | None
     partitions: list[PartitionStatus]
+    views: list[ViewStatus]
     dlq_total: dict[str, int | None]
     errors: list[str]
 
@@ -124,4 +166,5 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
         speed_snapshot=None if snap is None else snap.snapshot,
         speed_created_at=None if snap is None else snap.created_at,
         speed_freshness_seconds=None if created is None else max(0.0, time.time() - created.timestamp()),
-        speed_running_pid=speed_pid(layout), partitions=rows, dlq_total=dlq_total, errors=errors)
+        speed_running_pid=speed_pid(layout), partitions=rows, views=view_status(pipeline, manifest, snap),
+        dlq_total=dlq_total, errors=errors)
