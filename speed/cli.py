@@ -1,4 +1,4 @@
-"""Commands of the speed layer: ``lambdalake speed`` and ``lambdalake status``."""
+"""Commands of the speed layer: ``lambdalake speed``, ``lambdalake replay`` and ``lambdalake status``."""
 
 from __future__ import annotations
 
@@ -70,6 +70,24 @@ def register(app: typer.Typer) -> None:
                       + ", ".join(f"{t}: valid {c['valid']}, duplicates {c['duplicates']}, invalid {c['invalid']}"
                                   for t, c in layer.counters.items())
                       + ("" if stats.messages else " (nothing new since the last checkpoint)"), highlight=False)
+
+    @app.command("replay")
+    def replay_cmd(
+        view: Annotated[list[str] | None, typer.Option(
+            "--view", help="Replay only this view (repeatable; at the published version's watermark, the other "
+            "views carried over when unchanged).")] = None,
+        pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
+    ) -> None:
+        """Kappa replay: rebuild views from the Kafka log alone with the speed-layer interpreter (no master, no
+        Spark) up to the block-aligned end of the log, and publish them as a batch version serving can use."""
+        from speed.replay import replay
+
+        ctx = context(pipeline, home, bootstrap)
+        m = replay(ctx.settings, ctx.pipeline, view or None,
+                   notify=lambda msg: err_console.print(f"[yellow]replay:[/] {msg}", highlight=False))
+        console.print(f"replay: published batch version [bold]{m.version}[/] ({m.engine}) at watermark "
+                      f"{m.watermark.total():,} offsets in {m.duration_s:.1f}s; "
+                      + ", ".join(f"{name} {n:,} rows" for name, n in m.row_counts.items()), highlight=False)
 
     @app.command("status")
     def status(
