@@ -15,6 +15,11 @@ Where it starts: from the last checkpoint's positions (``seek``; Kafka's committ
 a checkpoint but with a published batch version of watermark ``W``, from ``max(0, W[p] - dedup_span)`` — offsets
 below ``W[p]`` only fill the dedup window, so ids the batch side already counted are still recognised. Otherwise
 from the beginning of the log.
+
+Definitions change: the checkpoint records the fingerprint of every view's rows. Views whose declared definition
+differs (or that are new) are rebuilt by replaying the log (:mod:`speed.rebuild`) while the others continue; views
+no longer declared are dropped. The pipeline file is re-read when it changes (every ``pipeline_check_interval``
+seconds), so an edit applies without a restart (:meth:`SpeedLayer.apply_pipeline`).
 """
 
 from __future__ import annotations
@@ -204,6 +209,8 @@ class SpeedLayer:
         span = self.options.dedup_span
         self.windows = {tp: (w if w.span == span else DedupWindow.from_items(span, w.items()))
                         for tp, w in restored.windows.items() if tp[0] in self.sources}
+        if any(tp[0] not in self.sources for tp in cp.positions):
+            self._full_dedup = True  # a source was removed: no dedup chunk of its topics may be carried on
         if cp.format < 2:
             self.notify(f"speed checkpoint {cp.id} was written by lambdalake 0.1 (no view fingerprints): rebuilding "
                         "every view once from the log")

@@ -2,12 +2,13 @@
 
 ::
 
-    views/speed/<snapshot>/snapshot.json   {"snapshot", "positions": {topic: {"<p>": S}}, "block": B,
-                                            "created_at", "pruned_to": {topic: {"<p>": W}},
-                                            "counters": {topic: {"valid", "invalid", "duplicates"}}, ...}
+    views/speed/<snapshot>/snapshot.json   lambdalake.contracts.SpeedSnapshotMeta: positions S, pruned_to, block,
+                                            counters, and per view the definition fingerprint of its rows (while
+                                            a changed view is rebuilt: its old rows' fingerprint, the target and
+                                            the progress; a new view has fingerprint "" and no rows file)
     views/speed/<snapshot>/<view>.parquet  _partition int32, _block_start int64, keys, window_start
-                                            timestamp[us, UTC], stored aggregates
-    views/speed/CURRENT                    {"snapshot": "<snapshot>"}
+                                            timestamp[us, UTC], stored aggregates (lambdalake.schema)
+    views/speed/CURRENT                    lambdalake.contracts.SpeedPointer
 
 A snapshot holds, for every view, the aggregates of the valid, deduplicated events at offsets ``[pruned_to[p],
 positions[p])`` of every partition, one row per ``(partition, block_start, keys..., window_start)``: a reader

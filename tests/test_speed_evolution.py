@@ -324,3 +324,35 @@ def test_replay_interpreter_equals_the_oracle_at_the_aligned_end_of_the_log(sett
     below = [m for m in log if m.offset < w[(m.topic, m.partition)]]
     counts = oracle_counts(pipeline, below)
     assert events == {s.name: counts[s.topic]["valid"] for s in pipeline.sources}
+
+
+@pytest.mark.slow
+def test_checkpoint_of_the_previous_release_is_taken_over(settings, pipeline, cli_env, run_cli, tmp_path):
+    """A speed checkpoint written by lambdalake 0.1 (no view fingerprints) is resumed without a manual step: every
+    view is rebuilt once from the log, and the result is exact."""
+    import subprocess
+    import sys
+
+    from tests.test_upgrade import PREVIOUS, REPO
+
+    tree = tmp_path / "previous"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", PREVIOUS], capture_output=True, timeout=120)
+    if archive.returncode != 0:
+        pytest.skip(f"git history without {PREVIOUS}")
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True, timeout=120)
+    produce(settings, pipeline, 2000, seed=121)
+    main = "import sys; from lambdalake.cli import main; sys.exit(main(sys.argv[1:]))"
+    old = subprocess.run([sys.executable, "-c", main, "speed", "--until-caught-up"], cwd=tree,
+                         env={**cli_env, "PYTHONPATH": str(tree)},
+                         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert old.returncode == 0, old.stderr
+    layout = Layout(settings.home)
+    assert read_speed_snapshot_meta(layout, speed_pointer(layout)).format == 1
+    produce(settings, pipeline, 500, seed=122, start="2026-01-05T06:00:00Z")
+    res = run_cli("speed", "--until-caught-up")
+    assert "0.1" in res.stderr and "rebuil" in res.stderr, res.stderr
+    log = read_log(settings.bootstrap, topics(pipeline))
+    meta = assert_snapshot_equals_oracle(pipeline, settings.home, log)
+    all_positions_at_end(meta, end_offsets(settings, topics(pipeline)), pipeline)
+    assert_current(settings.home, pipeline)
