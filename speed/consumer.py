@@ -417,10 +417,7 @@ class SpeedLayer:
                             validate=self.validators[topic], window=self.windows[key],
                             pending=self.new_ids[key].append, event_id=self.sources[topic].event_id)
         self.positions[key] = records[-1].offset + 1
-        c = self.counters[topic]
-        c["valid"] += got.valid
-        c["invalid"] += got.invalid
-        c["duplicates"] += got.duplicates
+        got.add_to(self.counters[topic])
         self.stats.messages += len(records)
         self._dirty = True
 

@@ -130,10 +130,7 @@ class Rebuild:
                                 validate=self.validators[tp.topic], window=self.windows[key],
                                 pending=_ignore, event_id=self.sources[tp.topic].event_id)
             self.positions[key] = records[-1].offset + 1
-            cnt = self.counters[tp.topic]
-            cnt["valid"] += got.valid
-            cnt["invalid"] += got.invalid
-            cnt["duplicates"] += got.duplicates
+            got.add_to(self.counters[tp.topic])
             applied += len(records)
         self.messages += applied
         # Partitions at their live position (also across offsets without records, e.g. transaction markers):

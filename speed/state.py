@@ -304,6 +304,12 @@ class Applied:
     invalid: int = 0
     duplicates: int = 0
 
+    def add_to(self, counters: dict[str, int]) -> None:
+        """Add to a source's counters (the ``counters`` of the snapshot contract)."""
+        counters["valid"] += self.valid
+        counters["invalid"] += self.invalid
+        counters["duplicates"] += self.duplicates
+
 
 def apply_records(records: list, *, partition: int, position: int, floor: int, state: SourceState,
                   validate: Callable, window, pending: Callable[[tuple[int, str]], None], event_id: str) -> Applied:
