@@ -194,8 +194,9 @@ class BatchPointer(msgspec.Struct):
 class SpeedView(msgspec.Struct):
     """One view inside a speed snapshot.
 
-    ``rebuilding_from`` is set while the speed layer replays the log for a changed definition: the snapshot then
-    holds the *previous* definition's rows (``fingerprint``) and the new one (``target``) is ``progress`` done.
+    ``target`` is set while the speed layer replays the log for a changed definition: the snapshot then holds the
+    *previous* definition's rows (``fingerprint``; ``""`` and no rows file for a view new to the pipeline) and the
+    declared one (``target``) is ``progress`` (0..1) done.
     """
 
     fingerprint: str
@@ -223,6 +224,12 @@ class SpeedSnapshotMeta(msgspec.Struct, kw_only=True):
     def fingerprint_of(self, view: str) -> str | None:
         meta = self.views.get(view)
         return None if meta is None else meta.fingerprint
+
+    def definition_matches(self, view: str, declared: str) -> bool:
+        """Whether this snapshot's rows of ``view`` are complete rows of the ``declared`` definition (not being
+        rebuilt). A format-1 snapshot records no definitions: never (the speed layer rebuilds its views once)."""
+        meta = self.views.get(view)
+        return meta is not None and meta.fingerprint == declared and meta.target is None
 
     @property
     def created_time(self) -> datetime | None:

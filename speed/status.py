@@ -64,7 +64,7 @@ def view_status(pipeline: Pipeline, manifest: BatchManifest | None, snap: SpeedS
         declared = pipeline.fingerprint(v)
         batch_ok = manifest is None or manifest.definition_matches(v.name, declared, pipeline.legacy_fingerprint(v))
         sv = None if snap is None else snap.views.get(v.name)
-        speed_ok = snap is None or (sv is not None and sv.fingerprint == declared and sv.target is None)
+        speed_ok = snap is None or snap.definition_matches(v.name, declared)
         pending = []
         if not batch_ok:
             pending.append("batch pending")
