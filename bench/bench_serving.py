@@ -201,8 +201,8 @@ def bench_size(n: int, reps: int, raw_reps: int, workdir: Path | None, keep: boo
                                           "ORDER BY sum(views) DESC LIMIT 50").fetchall()]
         users = [r[0] for r in con.execute("SELECT user_id FROM user_activity_daily GROUP BY user_id "
                                            "ORDER BY sum(pageviews) DESC LIMIT 200").fetchall()]
-        info["batch_rows"] = dict(con.execute("SELECT view, batch_rows FROM lambdalake.views").fetchall())
-        info["speed_rows"] = dict(con.execute("SELECT view, speed_rows FROM lambdalake.views").fetchall())
+        info["batch_rows"] = dict(con.execute("SELECT name, batch_rows FROM lambdalake.views").fetchall())
+        info["speed_rows"] = dict(con.execute("SELECT name, speed_rows FROM lambdalake.views").fetchall())
         rng = random.Random(42)
         results: dict[str, dict] = {}
         for kind in ("one_key_30d", "one_user_30d", "top_n_day"):

@@ -222,8 +222,8 @@ def _show_results(settings: Settings, pipeline, console: Console) -> None:
                 FROM revenue_daily GROUP BY ALL ORDER BY day, currency LIMIT 8""",
                 "revenue per day and currency: FROM revenue_daily"))
         console.print(Rule("5. where each answer came from"))
-        console.print(_table(con, """SELECT view, batch_version, batch_rows, speed_rows, speed_rows_visible
-                                     FROM lambdalake.views ORDER BY view""",
+        console.print(_table(con, """SELECT name AS view, batch_version, batch_rows, speed_rows, speed_rows_visible
+                                     FROM lambdalake.views ORDER BY name""",
                              "rows per side (speed rows below the batch watermark are not visible)"))
         console.print(_table(con, """
             SELECT topic, partition, coalesce(batch_watermark, 0) AS "batch W", speed_position AS "speed S",

@@ -9,7 +9,8 @@ What the file holds, for the (batch version, speed snapshot) pair current when i
 - the speed side *copied* into tables (small; so pruning old speed snapshots never breaks an open session);
 - the batch side as views over the version's parquet files by absolute path (batch versions are retained for the
   last K publishes);
-- ``master.<source>`` as views over a glob of the master directory (immutable files; new ones show up live);
+- ``master.<source>`` as views over the master files valid when it was written (:meth:`Layout.master_files`: an
+  interrupted compaction counts once); files archived or compacted later need a re-run;
 - the merged views and metadata tables.
 
 Staleness rule: the file is a snapshot of one pair. Re-run ``lambdalake catalog`` (publishers may call
@@ -33,24 +34,25 @@ import duckdb
 from lambdalake.config import Settings
 from lambdalake.layout import Layout, fsync_dir, tmp_name
 from lambdalake.pipeline import Pipeline
+from lambdalake.schema import master_columns, speed_view_columns, view_columns
 from serving.connection import (
     _check_speed_blocks,
     _install_metadata,
-    _view_row,
     batch_dataset,
     resolve,
+    side_names,
     speed_table,
+    view_row,
 )
+from serving.definitions import plan_views
 from serving.published import PublishedPair, resolve_pair
 from serving.sql import (
     empty_select,
     ident,
     literal,
-    master_columns,
     merged_view_sql,
-    speed_columns,
+    refusing_select,
     typed_select,
-    view_columns,
 )
 
 CATALOG_NAME = "lake.duckdb"  # not "lambdalake.duckdb": the catalog would shadow the `lambdalake` schema
@@ -61,16 +63,20 @@ def catalog_path(settings: Settings) -> Path:
     return settings.home / CATALOG_NAME
 
 
-def _parquet_list(paths: list[Path]) -> str:
-    return "read_parquet([" + ", ".join(literal(str(p.resolve())) for p in paths) + "])"
+def _parquet_list(paths: list[Path], union_by_name: bool = False) -> str:
+    files = "[" + ", ".join(literal(str(p.resolve())) for p in paths) + "]"
+    return f"read_parquet({files}, union_by_name = true)" if union_by_name else f"read_parquet({files})"
 
 
 def write_catalog(settings: Settings | None = None, pipeline: Pipeline | str | None = None,
-                  home: str | Path | None = None, path: Path | None = None) -> tuple[Path, PublishedPair]:
+                  home: str | Path | None = None, path: Path | None = None,
+                  allow_stale: bool = False) -> tuple[Path, PublishedPair]:
     """Write the catalog file for the currently published pair, atomically; returns (path, pair).
 
     Protocol: 1. resolve one consistent pair; 2. build the database in a temporary file next to the target;
     3. close it (checkpoint, no WAL left) and fsync; 4. rename over the target and fsync the directory.
+    A view being rebuilt for a new definition is refused in the file as in a connection (or, ``allow_stale``,
+    served from an older pair of one earlier definition; see :mod:`serving.definitions`).
     """
     settings, pipe = resolve(settings, pipeline, home)
     final = Path(path) if path is not None else catalog_path(settings)
@@ -84,7 +90,7 @@ def write_catalog(settings: Settings | None = None, pipeline: Pipeline | str | N
         con = duckdb.connect(str(tmp), config={"autoinstall_known_extensions": False,
                                                "autoload_known_extensions": False})
         try:
-            _build(con, pipe, settings, pair, layout)
+            _build(con, pipe, settings, pair, layout, allow_stale)
         finally:
             con.close()  # 3. closing checkpoints the database into the file
         with open(tmp, "rb") as fh:
@@ -99,36 +105,43 @@ def write_catalog(settings: Settings | None = None, pipeline: Pipeline | str | N
 
 
 def _build(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Settings, pair: PublishedPair,
-           layout: Layout) -> None:
+           layout: Layout, allow_stale: bool) -> None:
+    plans = plan_views(pipeline, pair, allow_stale)
     con.execute("BEGIN TRANSACTION")
     for schema in ("_lake", "lambdalake", "master"):
         con.execute(f"CREATE SCHEMA {schema}")
     view_rows = []
     for view in pipeline.views:
-        watermark = pair.topic_watermark(pipeline.source_of(view).topic)
-        batch, speed = f"_lake.{ident('batch_' + view.name)}", f"_lake.{ident('speed_' + view.name)}"
-        dataset = batch_dataset(pipeline, view, pair)  # runs the same paranoid checks as a connection
-        files = pair.batch_files(view)
-        cols = view_columns(pipeline, view)
-        batch_sql = typed_select(cols, _parquet_list(files)) if files else empty_select(cols)
+        plan, source = plans[view.name], pipeline.source_of(view)
+        batch, speed = side_names(view)
+        batch_cols, speed_cols = view_columns(source, view), speed_view_columns(source, view)
+        if plan.pair is None:  # being rebuilt: same columns, every scan refused with the one line
+            con.execute(f"CREATE VIEW {batch} AS {empty_select(batch_cols)}")
+            con.execute(f"CREATE TABLE {speed} AS {empty_select(speed_cols)}")
+            con.execute(f"CREATE VIEW main.{ident(view.name)} AS "
+                        f"{refusing_select(merged_view_sql(view, batch, speed, {}), str(plan.message))}")
+            view_rows.append(view_row(con, pipeline, plan, None, speed))
+            continue
+        served = plan.pair
+        dataset = batch_dataset(pipeline, view, served)  # runs the same paranoid checks as a connection
+        files = served.batch_files(view)
+        batch_sql = typed_select(batch_cols, _parquet_list(files)) if files else empty_select(batch_cols)
         con.execute(f"CREATE VIEW {batch} AS {batch_sql}")
-        con.register("_speed_arrow", speed_table(pipeline, view, pair))
+        con.register("_speed_arrow", speed_table(pipeline, view, served))
         try:
-            con.execute(f"CREATE TABLE {speed} AS {typed_select(speed_columns(pipeline, view), '_speed_arrow')}")
+            con.execute(f"CREATE TABLE {speed} AS {typed_select(speed_cols, '_speed_arrow')}")
         finally:
             con.unregister("_speed_arrow")
-        if pair.block:
-            _check_speed_blocks(con, speed, view, pair)
+        if served.block:
+            _check_speed_blocks(con, speed, view, served)
+        watermark = served.topic_watermark(source.topic)
         con.execute(f"CREATE VIEW main.{ident(view.name)} AS {merged_view_sql(view, batch, speed, watermark)}")
-        view_rows.append(_view_row(con, pipeline, view, pair, dataset.count_rows(), speed, watermark))
+        view_rows.append(view_row(con, pipeline, plan, dataset.count_rows(), speed))
     for source in pipeline.sources:
         cols = master_columns(source)
-        if layout.master_files(source.name):
-            glob = layout.master_source(source.name).resolve() / "p=*" / "*.parquet"
-            rel = f"read_parquet({literal(str(glob))}, union_by_name = true)"
-            sql = typed_select(cols, rel)
-        else:
-            sql = empty_select(cols)
+        files = layout.master_files(source.name)  # THE valid-file rule (an interrupted compaction counts once)
+        sql = typed_select(cols, _parquet_list([m.path for m in files], union_by_name=True)) if files else \
+            empty_select(cols)
         con.execute(f"CREATE VIEW master.{ident(source.name)} AS {sql}")
     _install_metadata(con, pipeline, settings, pair, view_rows)
     con.execute("COMMIT")

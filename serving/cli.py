@@ -14,12 +14,13 @@ import typer
 from rich.table import Table
 
 from lambdalake.options import HomeOpt, PipelineOpt, console, err_console
-from serving.exceptions import QueryError
+from serving.exceptions import QueryError, ViewRebuilding
 
 if TYPE_CHECKING:  # imported lazily: every `lambdalake` command loads this module
     import duckdb
     import pyarrow as pa
 
+    from serving.definitions import ViewPlan
     from serving.published import PublishedPair
 
 NOTHING_PUBLISHED_HINT = ("nothing published yet in {home}: the views are empty until the archiver, a batch run and "
@@ -42,11 +43,16 @@ def run_query(con: duckdb.DuckDBPyConnection, query: str) -> pa.Table | None:
     """Run ``query`` (one or more statements); the last statement's rows, or None if it returns none."""
     import duckdb
 
+    from serving.definitions import REBUILDING_PHRASE
+
     try:
         rel = con.sql(query)
         return None if rel is None else rel.to_arrow_table()
     except duckdb.Error as exc:
-        raise QueryError(_one_line(exc)) from None
+        line = _one_line(exc)
+        if REBUILDING_PHRASE in line:  # our own refusal, raised by the view through DuckDB's error(): no prefix
+            raise ViewRebuilding(line[line.index("view "):] if "view " in line else line) from None
+        raise QueryError(line) from None
 
 
 def _jsonable(v: Any) -> Any:
@@ -105,6 +111,26 @@ def _hint(pair: PublishedPair | None, home) -> None:
                           f"({pair.batch_version})", highlight=False)
 
 
+def _stale_warning(plans: dict[str, ViewPlan], query: str) -> None:
+    """One line on stderr if the query names a view served stale (its declared definition is being rebuilt)."""
+    import re
+
+    from serving.definitions import STALE
+
+    named = [name for name, plan in plans.items()
+             if plan.state == STALE and re.search(rf"(?<![\w$]){re.escape(name)}(?![\w$])", query, re.IGNORECASE)]
+    if named:
+        detail = "; ".join(f"{n} from batch {plans[n].served_pieces[0] or '-'} + speed "
+                           f"{plans[n].served_pieces[1] or '-'} ({plans[n].defs.pending})" for n in named)
+        err_console.print(f"warning: stale answer, the previous definition of {detail}; see lambdalake.views",
+                          highlight=False, soft_wrap=True)
+
+
+AllowStaleOpt = Annotated[bool, typer.Option(
+    "--allow-stale", help="Serve a view whose definition is being rebuilt from the last complete pair of its "
+                          "previous definition (said on stderr and in lambdalake.views) instead of refusing it.")]
+
+
 def register(app: typer.Typer) -> None:
     """Add the serving commands to the ``lambdalake`` CLI."""
 
@@ -114,30 +140,33 @@ def register(app: typer.Typer) -> None:
                                              "Tables: every view, master.<source>, lambdalake.status/"
                                              "watermarks/views.")],
         fmt: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.table,
+        allow_stale: AllowStaleOpt = False,
         pipeline: PipelineOpt = None, home: HomeOpt = None,
     ) -> None:
         """Query the merged views (batch ⊕ speed) with DuckDB; each call reads the newest published pair."""
-        from serving.connection import connect, pair_of, resolve
+        from serving.connection import connect, pair_of, plans_of, resolve
 
         settings, pipe = resolve(None, pipeline, home)
-        con = connect(settings, pipe, materialize=False)  # one query: scan lazily rather than copy everything
+        # one query: scan lazily rather than copy everything
+        con = connect(settings, pipe, materialize=False, allow_stale=allow_stale)
         try:
             _hint(pair_of(con), settings.home)
             result = run_query(con, query)
+            _stale_warning(plans_of(con), query)
         finally:
             con.close()
         if result is not None:
             write_result(result, fmt)
 
     @app.command("catalog")
-    def catalog(pipeline: PipelineOpt = None, home: HomeOpt = None) -> None:
+    def catalog(allow_stale: AllowStaleOpt = False, pipeline: PipelineOpt = None, home: HomeOpt = None) -> None:
         """Write <home>/lake.duckdb for the stock DuckDB CLI (a snapshot of the current pair; re-run to
         refresh)."""
         from serving.catalog import write_catalog
         from serving.connection import resolve
 
         settings, pipe = resolve(None, pipeline, home)
-        path, pair = write_catalog(settings, pipe)
+        path, pair = write_catalog(settings, pipe, allow_stale=allow_stale)
         _hint(pair, settings.home)
         console.print(f"wrote {path} (batch version {pair.batch_version or '-'}, speed snapshot "
                       f"{pair.speed_snapshot or '-'}); open it with: duckdb -readonly {path}", highlight=False)

@@ -5,7 +5,12 @@ What a connection contains (all built from the pipeline declaration, see :mod:`s
 - ``<view>`` (e.g. ``pageviews_hourly``) in the default schema: the merged view, columns ``view.output_columns``.
 - ``master.<source>``: the raw master dataset (declared fields + ``_partition``, ``_offset``, ``_ingest_time``).
 - ``lambdalake.status`` (one row: versions read, freshness), ``lambdalake.watermarks`` (per topic-partition:
-  batch watermark ``W``, speed position ``S``), ``lambdalake.views`` (per view: rows on each side, completeness).
+  batch watermark ``W``, speed position ``S``), ``lambdalake.views`` (per view: state ``current`` / ``rebuilding`` /
+  ``stale``, served and declared definition fingerprints, the pieces read, rows on each side).
+- A view whose declared definition is not what both sides hold yet (:mod:`serving.definitions`) is *rebuilding*:
+  every query on it fails with one line (``view V is being rebuilt for its new definition: batch pending, speed
+  63%``), other views still answer; with ``allow_stale=True`` it is served from an older pair of one earlier
+  definition instead (state ``stale``).
 - ``_lake.batch_<view>`` / ``_lake.speed_<view>``: the typed sides the merge reads (internal).
 
 Build protocol (:func:`connect`):
@@ -38,7 +43,7 @@ from __future__ import annotations
 import itertools
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -50,25 +55,24 @@ import pyarrow.parquet as pq
 from lambdalake.config import Settings, load_settings
 from lambdalake.layout import Layout
 from lambdalake.pipeline import Pipeline, View, load_pipeline
+from lambdalake.schema import arrow_schema, master_columns, speed_view_columns, view_columns
+from serving.definitions import CURRENT, REBUILDING, STALE, ViewPlan, plan_views
 from serving.exceptions import InconsistentPublishedState
 from serving.published import PublishedPair, resolve_pair
 from serving.sql import (
     Columns,
-    arrow_schema,
+    empty_select,
     ident,
     literal,
-    master_columns,
     merged_view_sql,
-    speed_columns,
+    refusing_select,
     speed_visible_predicate,
     typed_select,
-    view_columns,
 )
 
 # Settings a user may still change on a locked connection: display and resource knobs only.
 ALLOWED_CONFIGS = ("TimeZone", "Calendar", "threads", "memory_limit", "enable_progress_bar", "errors_as_json")
 BUILD_ATTEMPTS = 5
-_NO_KAFKA = "127.0.0.1:1"  # serving never talks to Kafka; a well-formed placeholder keeps load_settings happy
 
 
 @dataclass
@@ -76,7 +80,9 @@ class _Binding:
     settings: Settings
     pipeline: Pipeline
     materialize: bool = True
+    allow_stale: bool = False
     pair: PublishedPair | None = None
+    plans: dict[str, ViewPlan] = field(default_factory=dict)
     generation: int = 0
     registered: tuple[str, ...] = ()
 
@@ -90,7 +96,7 @@ def resolve(settings: Settings | None = None, pipeline: Pipeline | str | None = 
     """Settings and pipeline for serving: explicit objects win, then ``home``/env/defaults (never needs Kafka)."""
     if settings is None:
         spec = pipeline if isinstance(pipeline, str) else None
-        settings = load_settings(home=home, bootstrap=_NO_KAFKA, pipeline=spec)
+        settings = load_settings(home=home, pipeline=spec)
     elif home is not None:
         settings = settings.with_(home=Path(home).expanduser().resolve())
     if isinstance(pipeline, Pipeline):
@@ -120,19 +126,23 @@ def open_locked() -> duckdb.DuckDBPyConnection:
 
 
 def connect(settings: Settings | None = None, pipeline: Pipeline | str | None = None,
-            home: str | Path | None = None, materialize: bool = True) -> duckdb.DuckDBPyConnection:
+            home: str | Path | None = None, materialize: bool = True,
+            allow_stale: bool = False) -> duckdb.DuckDBPyConnection:
     """A ready, read-only DuckDB connection over the lake's merged views (see the module docstring).
 
     ``settings`` defaults to :func:`lambdalake.config.load_settings` (``LAMBDALAKE_HOME`` …); ``pipeline`` is a
     :class:`Pipeline`, a pipeline file/module spec, or None for the configured one; ``home`` overrides the lake.
     ``materialize`` copies the batch side into memory (fast queries, slower to open; see step 3 above).
+    ``allow_stale`` serves a view whose declared definition is being rebuilt from the newest kept pair of pieces
+    made by one earlier definition (``lambdalake.views`` says ``stale``) instead of refusing it
+    (:mod:`serving.definitions`).
 
     Query with the returned connection itself: ``master.*`` (and lazy batch views) read Arrow datasets registered
     on this connection, which DuckDB does not share with ``con.cursor()``; open one connection per thread.
     """
     settings, pipe = resolve(settings, pipeline, home)
     con = open_locked()
-    _bindings[con] = _Binding(settings, pipe, materialize)
+    _bindings[con] = _Binding(settings, pipe, materialize, allow_stale)
     try:
         refresh(con)
     except BaseException:
@@ -156,14 +166,16 @@ def refresh(con: duckdb.DuckDBPyConnection) -> PublishedPair:
         pair = resolve_pair(layout.home)
         generation = next(_generations)
         try:
-            registered = _install(con, binding.pipeline, binding.settings, pair, generation, binding.materialize)
+            plans = plan_views(binding.pipeline, pair, binding.allow_stale)
+            registered = _install(con, binding.pipeline, binding.settings, pair, plans, generation,
+                                  binding.materialize)
         except FileNotFoundError as exc:  # a file of the pair was pruned while we read it: resolve again
             last = exc
             time.sleep(0.05)
             continue
         for name in binding.registered:
             con.unregister(name)
-        binding.pair, binding.generation, binding.registered = pair, generation, registered
+        binding.pair, binding.plans, binding.generation, binding.registered = pair, plans, generation, registered
         return pair
     raise InconsistentPublishedState(f"published files kept vanishing while connecting to {layout.home}: {last}")
 
@@ -174,9 +186,15 @@ def pair_of(con: duckdb.DuckDBPyConnection) -> PublishedPair | None:
     return binding.pair if binding else None
 
 
+def plans_of(con: duckdb.DuckDBPyConnection) -> dict[str, ViewPlan]:
+    """Per view, what a connection made by :func:`connect` serves (current, stale or refused)."""
+    binding = _bindings.get(con)
+    return dict(binding.plans) if binding else {}
+
+
 # --- reading the published files (pyarrow; DuckDB itself never opens a file) -------------------------------------
 def _check_columns(schema: pa.Schema, columns: Columns, path: Path, what: str) -> None:
-    missing = [n for n, _ in columns if n not in schema.names]
+    missing = [c.name for c in columns if c.name not in schema.names]
     if missing:
         raise InconsistentPublishedState(
             f"{what} file {path} lacks columns {missing} (has {schema.names}); it does not follow the published "
@@ -185,7 +203,7 @@ def _check_columns(schema: pa.Schema, columns: Columns, path: Path, what: str) -
 
 def batch_dataset(pipeline: Pipeline, view: View, pair: PublishedPair) -> ds.Dataset:
     """Lazy dataset of the batch side of ``view`` (empty, with the contract's schema, if there are no files)."""
-    cols = view_columns(pipeline, view)
+    cols = view_columns(pipeline.source_of(view), view)
     files = pair.batch_files(view)
     if not files:
         expected = pair.batch_row_count(view)
@@ -193,7 +211,7 @@ def batch_dataset(pipeline: Pipeline, view: View, pair: PublishedPair) -> ds.Dat
             raise InconsistentPublishedState(
                 f"batch version {pair.batch_version} says view {view.name!r} has {expected} rows but "
                 f"{pair.layout.batch_version(str(pair.batch_version)) / view.name} holds no parquet file")
-        return ds.dataset(arrow_schema(cols).empty_table())
+        return ds.dataset(arrow_schema(cols, nullability=False).empty_table())
     dataset = ds.dataset([str(f) for f in files], format="parquet")
     _check_columns(dataset.schema, cols, files[0], f"batch view {view.name!r}")
     expected = pair.batch_row_count(view)
@@ -208,10 +226,15 @@ def batch_dataset(pipeline: Pipeline, view: View, pair: PublishedPair) -> ds.Dat
 
 def speed_table(pipeline: Pipeline, view: View, pair: PublishedPair) -> pa.Table:
     """The speed side of ``view`` read into memory (empty with the contract's schema if absent)."""
-    cols = speed_columns(pipeline, view)
+    cols = speed_view_columns(pipeline.source_of(view), view)
     f = pair.speed_file(view)
     if f is None:
-        return arrow_schema(cols).empty_table()
+        sv = None if pair.snapshot is None else pair.snapshot.views.get(view.name)
+        if sv is not None and sv.rows:  # the snapshot promises rows that are not there
+            raise InconsistentPublishedState(
+                f"speed snapshot {pair.speed_snapshot} says view {view.name!r} has {sv.rows} rows but "
+                f"{pair.layout.speed_snapshot(str(pair.speed_snapshot)) / (view.name + '.parquet')} is missing")
+        return arrow_schema(cols, nullability=False).empty_table()
     table = pq.read_table(f)
     _check_columns(table.schema, cols, f, f"speed view {view.name!r}")
     return table
@@ -220,16 +243,24 @@ def speed_table(pipeline: Pipeline, view: View, pair: PublishedPair) -> pa.Table
 def master_dataset(pipeline: Pipeline, source_name: str, layout: Layout) -> ds.Dataset:
     """Lazy dataset over the master files of a source as listed now (immutable files; new ones need refresh)."""
     cols = master_columns(pipeline.source(source_name))
-    files = [str(m.path) for m in layout.master_files(source_name)]
+    files = [str(m.path) for m in layout.master_files(source_name)]  # THE valid-file rule
     if not files:
-        return ds.dataset(arrow_schema(cols).empty_table())
+        return ds.dataset(arrow_schema(cols, nullability=False).empty_table())
     return ds.dataset(files, format="parquet")
 
 
 # --- building the catalog of a connection --------------------------------------------------------------------------
+def side_names(view: View) -> tuple[str, str]:
+    """The internal relations of a view's two sides: ``_lake.batch_<view>``, ``_lake.speed_<view>``."""
+    return f"_lake.{ident('batch_' + view.name)}", f"_lake.{ident('speed_' + view.name)}"
+
+
 def _install(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Settings, pair: PublishedPair,
-             generation: int, materialize: bool) -> tuple[str, ...]:
-    """Steps 3-5: register the pair's data under generation-unique names, then swap every view in one transaction."""
+             plans: dict[str, ViewPlan], generation: int, materialize: bool) -> tuple[str, ...]:
+    """Steps 3-5: register the pair's data under generation-unique names, then swap every view in one transaction.
+
+    A view being rebuilt gets empty sides and a refusing ``main.<view>``; a stale one reads its own older pair.
+    """
     layout = Layout(settings.home)
     registered: list[str] = []
 
@@ -245,10 +276,13 @@ def _install(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setti
     speed_data: dict[str, str] = {}
     try:
         for view in pipeline.views:
-            dataset = batch_dataset(pipeline, view, pair)
+            served = plans[view.name].pair
+            if served is None:
+                continue
+            dataset = batch_dataset(pipeline, view, served)
             batch_rows[view.name] = dataset.count_rows()
             batch_rel[view.name] = register("batch", view.name, dataset)
-            speed_data[view.name] = register("speed", view.name, speed_table(pipeline, view, pair))
+            speed_data[view.name] = register("speed", view.name, speed_table(pipeline, view, served))
         master_rel = {s.name: register("master", s.name, master_dataset(pipeline, s.name, layout))
                       for s in pipeline.sources}
 
@@ -256,18 +290,26 @@ def _install(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setti
         for schema in ("_lake", "lambdalake", "master"):
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
         for view in pipeline.views:
-            topic = pipeline.source_of(view).topic
-            watermark = pair.topic_watermark(topic)
-            batch, speed = f"_lake.{ident('batch_' + view.name)}", f"_lake.{ident('speed_' + view.name)}"
-            con.execute(f"CREATE OR REPLACE {'TABLE' if materialize else 'VIEW'} {batch} AS "
-                        f"{typed_select(view_columns(pipeline, view), batch_rel[view.name])}")
-            con.execute(f"CREATE OR REPLACE TABLE {speed} AS "
-                        f"{typed_select(speed_columns(pipeline, view), speed_data[view.name])}")
-            if pair.block:
-                _check_speed_blocks(con, speed, view, pair)
+            plan = plans[view.name]
+            source = pipeline.source_of(view)
+            batch, speed = side_names(view)
+            batch_cols, speed_cols = view_columns(source, view), speed_view_columns(source, view)
+            kind = "TABLE" if materialize else "VIEW"
+            if plan.pair is None:
+                con.execute(f"CREATE OR REPLACE {kind} {batch} AS {empty_select(batch_cols)}")
+                con.execute(f"CREATE OR REPLACE TABLE {speed} AS {empty_select(speed_cols)}")
+                con.execute(f"CREATE OR REPLACE VIEW main.{ident(view.name)} AS "
+                            f"{refusing_select(merged_view_sql(view, batch, speed, {}), str(plan.message))}")
+                view_rows.append(view_row(con, pipeline, plan, None, speed))
+                continue
+            watermark = plan.pair.topic_watermark(source.topic)
+            con.execute(f"CREATE OR REPLACE {kind} {batch} AS {typed_select(batch_cols, batch_rel[view.name])}")
+            con.execute(f"CREATE OR REPLACE TABLE {speed} AS {typed_select(speed_cols, speed_data[view.name])}")
+            if plan.pair.block:
+                _check_speed_blocks(con, speed, view, plan.pair)
             con.execute(f"CREATE OR REPLACE VIEW main.{ident(view.name)} AS "
                         f"{merged_view_sql(view, batch, speed, watermark)}")
-            view_rows.append(_view_row(con, pipeline, view, pair, batch_rows[view.name], speed, watermark))
+            view_rows.append(view_row(con, pipeline, plan, batch_rows[view.name], speed))
         for source in pipeline.sources:
             con.execute(f"CREATE OR REPLACE VIEW master.{ident(source.name)} AS "
                         f"{typed_select(master_columns(source), master_rel[source.name])}")
@@ -282,8 +324,8 @@ def _install(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setti
             con.unregister(reg)
         raise
     # Sides copied into tables no longer need their arrow registration.
-    for view in pipeline.views:
-        for rel in (speed_data[view.name], *([batch_rel[view.name]] if materialize else [])):
+    for name in speed_data:
+        for rel in (speed_data[name], *([batch_rel[name]] if materialize else [])):
             reg = rel.strip('"')
             con.unregister(reg)
             registered.remove(reg)
@@ -300,34 +342,36 @@ def _check_speed_blocks(con: duckdb.DuckDBPyConnection, speed: str, view: View, 
             f"_block_start {bad[1]}, not a multiple of the block {block}; the snapshot breaks the handoff rule")
 
 
-def _view_row(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, view: View, pair: PublishedPair, batch_rows: int,
-              speed: str, watermark: dict[int, int]) -> tuple:
-    speed_rows, visible = con.execute(
-        f"SELECT count(*), count(*) FILTER (WHERE {speed_visible_predicate(watermark)}) FROM {speed}").fetchone()
-    in_batch = pair.batch_has_view(view)
-    in_speed = pair.speed_file(view) is not None
-    if pair.batch_version is not None and not in_batch:
-        note = (f"batch version {pair.batch_version} does not contain this view (declared after it was computed?): "
-                "events below the watermark are missing until the next batch run")
-    elif pair.speed_snapshot is not None and not in_speed:
-        note = f"speed snapshot {pair.speed_snapshot} has no file for this view: recent events are missing"
-    elif pair.nothing_published:
-        note = "nothing published yet"
-    else:
-        note = ""
-    return (view.name, view.source, pipeline.source_of(view).topic, pair.batch_version, batch_rows,
-            pair.speed_snapshot, speed_rows, visible, note == "", note or None)
+VIEW_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+    ("name", pa.string()), ("source", pa.string()), ("topic", pa.string()), ("state", pa.string()),
+    ("served_fingerprint", pa.string()), ("declared_fingerprint", pa.string()),
+    ("batch_version", pa.string()), ("batch_rows", pa.int64()), ("speed_snapshot", pa.string()),
+    ("speed_rows", pa.int64()), ("speed_rows_visible", pa.int64()), ("complete", pa.bool_()), ("note", pa.string()),
+)
 
 
-def _ts(epoch: float | int | str | None) -> datetime | None:
-    if epoch is None:
-        return None
-    if isinstance(epoch, str):
-        try:
-            return datetime.fromisoformat(epoch.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-    return datetime.fromtimestamp(float(epoch), tz=UTC)
+def view_row(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, plan: ViewPlan, batch_rows: int | None,
+             speed: str) -> tuple:
+    """One row of ``lambdalake.views`` (columns :data:`VIEW_COLUMNS`)."""
+    view, pair = plan.view, plan.pair
+    topic = pipeline.source_of(view).topic
+    speed_rows = visible = None
+    note = plan.message
+    if pair is not None:
+        watermark = pair.topic_watermark(topic)
+        speed_rows, visible = con.execute(
+            f"SELECT count(*), count(*) FILTER (WHERE {speed_visible_predicate(watermark)}) FROM {speed}").fetchone()
+        if plan.state == CURRENT and pair.nothing_published:
+            note = "nothing published yet"
+    batch_version, speed_snapshot = plan.served_pieces
+    return (view.name, view.source, topic, plan.state, plan.served, plan.defs.declared, batch_version, batch_rows,
+            speed_snapshot, speed_rows, visible, plan.state == CURRENT, note)
+
+
+def _utc(moment: datetime | float | None) -> datetime | None:
+    if moment is None or isinstance(moment, datetime):
+        return moment
+    return datetime.fromtimestamp(float(moment), tz=UTC)
 
 
 def _install_metadata(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Settings, pair: PublishedPair,
@@ -355,18 +399,20 @@ STATUS_VIEW = (
 def metadata_tables(pipeline: Pipeline, settings: Settings, pair: PublishedPair,
                     view_rows: list[tuple]) -> dict[str, pa.Table]:
     """The metadata of a pair as Arrow tables (also written into the catalog file)."""
-    manifest, snapshot = pair.manifest or {}, pair.snapshot or {}
+    manifest, snapshot = pair.manifest, pair.snapshot
+    ts = pa.timestamp("us", tz="UTC")
     status = pa.table({
         "pipeline": [pipeline.name],
         "home": [str(settings.home)],
         "batch_version": pa.array([pair.batch_version], pa.string()),
-        "batch_created_at": pa.array([_ts(manifest.get("published_at") or manifest.get("created_at"))],
-                                     pa.timestamp("us", tz="UTC")),
+        "batch_created_at": pa.array([None if manifest is None else manifest.published_time], ts),
         "speed_snapshot": pa.array([pair.speed_snapshot], pa.string()),
-        "speed_created_at": pa.array([_ts(snapshot.get("created_at"))], pa.timestamp("us", tz="UTC")),
-        "handoff_block": pa.array([pair.block or manifest.get("block")], pa.int64()),
-        "resolved_at": pa.array([_ts(pair.resolved_at)], pa.timestamp("us", tz="UTC")),
+        "speed_created_at": pa.array([None if snapshot is None else snapshot.created_time], ts),
+        "handoff_block": pa.array([pair.block or (None if manifest is None else manifest.block)], pa.int64()),
+        "resolved_at": pa.array([_utc(pair.resolved_at)], ts),
         "nothing_published": [pair.nothing_published],
+        "views_rebuilding": pa.array([sum(1 for r in view_rows if r[3] == REBUILDING)], pa.int64()),
+        "views_stale": pa.array([sum(1 for r in view_rows if r[3] == STALE)], pa.int64()),
     })
     w, s, pruned = pair.watermark, pair.positions, pair.pruned_to
     keys = sorted(set(w) | set(s) | set(pruned))
@@ -379,10 +425,5 @@ def metadata_tables(pipeline: Pipeline, settings: Settings, pair: PublishedPair,
         "speed_offsets_beyond_batch": pa.array(
             [max(0, s[k] - w.get(k, 0)) if k in s else None for k in keys], pa.int64()),
     })
-    names = ["view", "source", "topic", "batch_version", "batch_rows", "speed_snapshot", "speed_rows",
-             "speed_rows_visible", "complete", "note"]
-    types = [pa.string(), pa.string(), pa.string(), pa.string(), pa.int64(), pa.string(), pa.int64(), pa.int64(),
-             pa.bool_(), pa.string()]
-    views = pa.table({n: pa.array([r[i] for r in view_rows], t) for i, (n, t) in enumerate(zip(names, types,
-                                                                                                   strict=True))})
+    views = pa.table({name: pa.array([r[i] for r in view_rows], typ) for i, (name, typ) in enumerate(VIEW_COLUMNS)})
     return {"status": status, "watermarks": watermarks, "views": views}

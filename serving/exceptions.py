@@ -14,3 +14,8 @@ class QueryError(ServingError):
 class InconsistentPublishedState(InvariantViolation):
     """The published batch version and speed snapshot cannot be paired without double counting or losing events
     (unaligned watermark, speed pruned past the batch watermark, unexpected columns); refusing to guess."""
+
+
+class ViewRebuilding(ServingError):
+    """A query read a view whose declared definition both layers have not rebuilt yet (and no stale answer was
+    asked for, or none is kept): ``view V is being rebuilt for its new definition: batch pending, speed 63%``."""

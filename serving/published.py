@@ -11,23 +11,37 @@ only afterwards the speed layer prunes to ``W_{v+1}`` and publishes a snapshot w
      cover (a rollback or a publish racing us): retry from 1 a few times, then raise.
    - every ``W[p]`` is a multiple of the snapshot's ``block`` (the handoff rule, :mod:`lambdalake.handoff`);
      a misaligned watermark would split a speed block between both sides and double count.
-   - the batch manifest's ``block`` (if it records one) equals the snapshot's.
+   - the batch manifest's ``block`` equals the snapshot's.
 
 Either side may be absent (nothing published yet): that is a valid state and yields an empty side.
+
+The same pairing rules (:func:`pairing_problems`) choose the *stale* pair of a view whose declared definition is
+being rebuilt (:func:`stale_pair`): among the batch versions and speed snapshots still kept on disk, the newest pair
+made by one and the same earlier definition.
 """
 
 from __future__ import annotations
 
-import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lambdalake.layout import Layout, read_pointer, watermark_of
+from lambdalake.contracts import BatchManifest, Positions, SpeedSnapshotMeta
+from lambdalake.exceptions import InvariantViolation
+from lambdalake.layout import (
+    Layout,
+    batch_pointer,
+    read_batch_manifest,
+    read_speed_snapshot_meta,
+    speed_pointer,
+)
 from lambdalake.pipeline import View
 from serving.exceptions import InconsistentPublishedState
 
 RESOLVE_ATTEMPTS = 5
+_VERSION_DIR = re.compile(r"^v(\d+)$")  # views/batch/v000001 (batch.publish names them)
+_SNAPSHOT_DIR = re.compile(r"^(\d+)$")  # views/speed/000000000001 (speed.snapshot names them)
 
 
 @dataclass(frozen=True)
@@ -36,9 +50,9 @@ class PublishedPair:
 
     home: Path
     batch_version: str | None = None
-    manifest: dict | None = None
+    manifest: BatchManifest | None = None
     speed_snapshot: str | None = None
-    snapshot: dict | None = None
+    snapshot: SpeedSnapshotMeta | None = None
     resolved_at: float = field(default_factory=time.time)
 
     @property
@@ -46,24 +60,24 @@ class PublishedPair:
         return Layout(self.home)
 
     @property
-    def watermark(self) -> dict[tuple[str, int], int]:
-        """{(topic, partition): W} of the batch version (empty without one: every speed row is visible)."""
-        return watermark_of(self.manifest)
+    def watermark(self) -> Positions:
+        """W of the batch version (empty without one: every speed row is visible)."""
+        return self.manifest.watermark if self.manifest is not None else Positions()
 
     @property
-    def positions(self) -> dict[tuple[str, int], int]:
-        """{(topic, partition): S} the speed snapshot covers up to (exclusive)."""
-        return _flat(self.snapshot.get("positions") if self.snapshot else None)
+    def positions(self) -> Positions:
+        """S: the speed snapshot covers offsets up to these (exclusive)."""
+        return self.snapshot.positions if self.snapshot is not None else Positions()
 
     @property
-    def pruned_to(self) -> dict[tuple[str, int], int]:
-        """{(topic, partition): first offset the speed snapshot still holds}."""
-        return _flat(self.snapshot.get("pruned_to") if self.snapshot else None)
+    def pruned_to(self) -> Positions:
+        """The first offset per partition the speed snapshot still holds."""
+        return self.snapshot.pruned_to if self.snapshot is not None else Positions()
 
     @property
     def block(self) -> int | None:
         """Offsets per handoff block, as the speed snapshot records it."""
-        return int(self.snapshot["block"]) if self.snapshot and self.snapshot.get("block") else None
+        return self.snapshot.block if self.snapshot is not None else None
 
     @property
     def nothing_published(self) -> bool:
@@ -71,7 +85,7 @@ class PublishedPair:
 
     def topic_watermark(self, topic: str) -> dict[int, int]:
         """{partition: W} of one topic; partitions not listed have W = 0."""
-        return {p: w for (t, p), w in self.watermark.items() if t == topic}
+        return self.watermark.of_topic(topic)
 
     def batch_files(self, view: View) -> list[Path]:
         """The batch version's parquet files of ``view`` (Spark's ``_SUCCESS``/``.crc`` and hidden files skipped)."""
@@ -84,18 +98,11 @@ class PublishedPair:
 
     def batch_has_view(self, view: View) -> bool:
         """Whether the batch version computed ``view`` (a view declared after the last batch run is missing)."""
-        if self.batch_version is None:
-            return False
-        counts = (self.manifest or {}).get("row_counts")
-        if isinstance(counts, dict) and counts:
-            return view.name in counts
-        return (self.layout.batch_version(self.batch_version) / view.name).is_dir()
+        return self.manifest is not None and self.manifest.has_view(view.name)
 
     def batch_row_count(self, view: View) -> int | None:
         """Rows the manifest says the batch version wrote for ``view`` (None if it does not say)."""
-        counts = (self.manifest or {}).get("row_counts")
-        value = counts.get(view.name) if isinstance(counts, dict) else None
-        return int(value) if isinstance(value, int) else None
+        return None if self.manifest is None else self.manifest.row_counts.get(view.name)
 
     def speed_file(self, view: View) -> Path | None:
         """The speed snapshot's parquet file of ``view``, or None (no snapshot, or no file for this view)."""
@@ -105,56 +112,51 @@ class PublishedPair:
         return f if f.is_file() else None
 
 
-def _flat(nested: dict | None) -> dict[tuple[str, int], int]:
-    if not nested:
-        return {}
-    return {(t, int(p)): int(n) for t, parts in nested.items() for p, n in parts.items()}
-
-
-def _load_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise InconsistentPublishedState(f"{what} {path} is not valid JSON: {exc}") from exc
-
-
 def _read_once(layout: Layout) -> PublishedPair:
     """Steps 1-2 of the protocol; FileNotFoundError if a pointed-to file vanished meanwhile (retry)."""
-    sptr = read_pointer(layout.speed_pointer)
-    snap_id = snapshot = None
-    if sptr is not None:
-        snap_id = str(sptr["snapshot"])
-        snapshot = _load_json(layout.speed_snapshot(snap_id) / "snapshot.json", "speed snapshot")
-    bptr = read_pointer(layout.batch_pointer)
-    version = manifest = None
-    if bptr is not None:
-        version = str(bptr["version"])
-        manifest = _load_json(layout.batch_version(version) / "manifest.json", "batch manifest")
+    snap_id = speed_pointer(layout)
+    snapshot = None if snap_id is None else read_speed_snapshot_meta(layout, snap_id)
+    version = batch_pointer(layout)
+    manifest = None if version is None else read_batch_manifest(layout, version)
     return PublishedPair(layout.home, version, manifest, snap_id, snapshot)
 
 
-def _pruned_past_watermark(pair: PublishedPair) -> list[str]:
-    w = pair.watermark
-    return [f"{t}[{p}]: speed pruned to {n} > batch watermark {w.get((t, p), 0)}"
-            for (t, p), n in sorted(pair.pruned_to.items()) if n > w.get((t, p), 0)]
+def pairing_problems(manifest: BatchManifest | None, snapshot: SpeedSnapshotMeta | None,
+                     topics: set[str] | None = None) -> list[str]:
+    """Why a speed snapshot cannot be merged with a batch version: partitions pruned past the watermark.
+
+    ``topics`` restricts the check (a view reads one topic); None checks every partition.
+    """
+    if snapshot is None:
+        return []
+    w = manifest.watermark if manifest is not None else Positions()
+    return [f"{t}[{p}]: speed pruned to {n} > batch watermark {w.at(t, p)}"
+            for (t, p), n in snapshot.pruned_to.items() if n > w.at(t, p) and (topics is None or t in topics)]
+
+
+def alignment_problem(manifest: BatchManifest | None, snapshot: SpeedSnapshotMeta | None,
+                      version: str | None, snap_id: str | None, topics: set[str] | None = None) -> str | None:
+    """Why a pair breaks the handoff rule (block sizes differ, watermarks not on block boundaries), or None."""
+    if snapshot is None or manifest is None:
+        return None
+    block = snapshot.block
+    if manifest.block != block:
+        return (f"batch version {version} was cut with handoff block {manifest.block} but speed snapshot "
+                f"{snap_id} uses block {block}; both sides must use the same LAMBDALAKE_HANDOFF_BLOCK")
+    bad = {f"{t}[{p}]": w for (t, p), w in manifest.watermark.items()
+           if w % block and (topics is None or t in topics)}
+    if bad:
+        return (f"batch version {version} has watermarks {bad} that are not multiples of the speed snapshot's "
+                f"block {block}; merging would count part of a block twice. Republish the batch version with an "
+                "aligned watermark (lambdalake.handoff.aligned_watermark)")
+    return None
 
 
 def check_alignment(pair: PublishedPair) -> None:
     """Raise if the pair breaks the handoff rule (watermarks not on block boundaries, block sizes differ)."""
-    block = pair.block
-    if block is None:
-        return
-    mblock = (pair.manifest or {}).get("block")
-    if mblock is not None and int(mblock) != block:
-        raise InconsistentPublishedState(
-            f"batch version {pair.batch_version} was cut with handoff block {mblock} but speed snapshot "
-            f"{pair.speed_snapshot} uses block {block}; both sides must use the same LAMBDALAKE_HANDOFF_BLOCK")
-    bad = {f"{t}[{p}]": w for (t, p), w in sorted(pair.watermark.items()) if w % block}
-    if bad:
-        raise InconsistentPublishedState(
-            f"batch version {pair.batch_version} has watermarks {bad} that are not multiples of the speed "
-            f"snapshot's block {block}; merging would count part of a block twice. Republish the batch version "
-            "with an aligned watermark (lambdalake.handoff.aligned_watermark)")
+    problem = alignment_problem(pair.manifest, pair.snapshot, pair.batch_version, pair.speed_snapshot)
+    if problem:
+        raise InconsistentPublishedState(problem)
 
 
 def resolve_pair(home: Path, attempts: int = RESOLVE_ATTEMPTS) -> PublishedPair:
@@ -167,7 +169,7 @@ def resolve_pair(home: Path, attempts: int = RESOLVE_ATTEMPTS) -> PublishedPair:
         except FileNotFoundError as exc:  # pruned between reading the pointer and the file: read again
             problems = [f"{exc.filename} vanished while reading"]
         else:
-            problems = _pruned_past_watermark(pair)
+            problems = pairing_problems(pair.manifest, pair.snapshot)
             if not problems:
                 check_alignment(pair)
                 return pair
@@ -175,3 +177,68 @@ def resolve_pair(home: Path, attempts: int = RESOLVE_ATTEMPTS) -> PublishedPair:
     raise InconsistentPublishedState(
         f"no consistent batch/speed pair in {home} after {attempts} attempts: {'; '.join(problems)}. "
         "Is a batch rollback or publish in progress? Retry, or check `views/batch/CURRENT`")
+
+
+# --- the kept pieces, for serving a view stale ---------------------------------------------------------------------
+def _kept(base: Path, pattern: re.Pattern, contract: str) -> list[str]:
+    """Names of the published directories under ``base`` holding ``contract``, newest first."""
+    if not base.is_dir():
+        return []
+    found = [(int(m.group(1)), d.name) for d in base.iterdir()
+             if (m := pattern.match(d.name)) and (d / contract).is_file()]
+    return [name for _, name in sorted(found, reverse=True)]
+
+
+def kept_batch_versions(layout: Layout) -> list[tuple[str, BatchManifest]]:
+    """Every batch version still on disk with its manifest, newest first (unreadable or vanishing ones skipped)."""
+    out = []
+    for version in _kept(layout.batch_views, _VERSION_DIR, "manifest.json"):
+        try:
+            out.append((version, read_batch_manifest(layout, version)))
+        except (FileNotFoundError, InvariantViolation):
+            continue  # pruned meanwhile, or not a readable version: never served
+    return out
+
+
+def kept_speed_snapshots(layout: Layout) -> list[tuple[str, SpeedSnapshotMeta]]:
+    """Every speed snapshot still on disk with its meta, newest first (unreadable or vanishing ones skipped)."""
+    out = []
+    for snap in _kept(layout.speed_views, _SNAPSHOT_DIR, "snapshot.json"):
+        try:
+            out.append((snap, read_speed_snapshot_meta(layout, snap)))
+        except (FileNotFoundError, InvariantViolation):
+            continue
+    return out
+
+
+def stale_pair(home: Path, view: View, topic: str) -> tuple[PublishedPair, str] | None:
+    """The newest kept (batch version, speed snapshot) pair whose parts of ``view`` were made by ONE definition.
+
+    Returns the pair and that definition's fingerprint, or None. Pairing is the same as :func:`resolve_pair`'s,
+    restricted to the view's topic: ``pruned_to <= W``, watermarks on block boundaries, the same block. A side is
+    left out (None) only if the lake has no piece of that side at all, exactly as for a current pair. Only pieces
+    that record a fingerprint in the current form can be paired (a first-release manifest records the legacy one,
+    a first-release snapshot none: neither tells which definition made it).
+    """
+    layout = Layout(home)
+    versions: list[tuple[str | None, BatchManifest | None]] = list(kept_batch_versions(layout)) or [(None, None)]
+    snaps: list[tuple[str | None, SpeedSnapshotMeta | None]] = list(kept_speed_snapshots(layout)) or [(None, None)]
+    topics = {topic}
+    for snap_id, meta in snaps:
+        sv = None if meta is None else meta.views.get(view.name)
+        if meta is not None and (sv is None or not sv.fingerprint or
+                                 (sv.rows and not (layout.speed_snapshot(snap_id) / f"{view.name}.parquet").is_file())):
+            continue
+        for version, manifest in versions:
+            if manifest is not None and (manifest.format < 2 or not manifest.has_view(view.name)):
+                continue
+            fb = None if manifest is None else manifest.fingerprint_of(view.name)
+            fs = None if sv is None else sv.fingerprint
+            if fb is None and fs is None:
+                continue
+            if fb is not None and fs is not None and fb != fs:
+                continue
+            if pairing_problems(manifest, meta, topics) or alignment_problem(manifest, meta, version, snap_id, topics):
+                continue
+            return PublishedPair(home, version, manifest, snap_id, meta), str(fb or fs)
+    return None

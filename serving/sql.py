@@ -18,19 +18,15 @@ The merge of view ``V`` (batch rows are offsets ``< W``, visible speed rows are 
 
 from __future__ import annotations
 
-import pyarrow as pa
+from collections.abc import Sequence
 
-from lambdalake.pipeline import WINDOW_START, Aggregate, Mean, Pipeline, Source, View
+from lambdalake.pipeline import WINDOW_START, Aggregate, Mean, View
+from lambdalake.schema import BLOCK_COL, PARTITION_COL, Column
 
-DUCKDB_TYPES = {"string": "VARCHAR", "integer": "BIGINT", "timestamp": "TIMESTAMPTZ"}
-ARROW_TYPES = {"string": pa.string(), "integer": pa.int64(), "timestamp": pa.timestamp("us", tz="UTC")}
-SPEED_POSITION_COLUMNS: tuple[tuple[str, str], ...] = (("_partition", "INTEGER"), ("_block_start", "BIGINT"))
-MASTER_POSITION_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("_partition", "INTEGER"), ("_offset", "BIGINT"), ("_ingest_time", "TIMESTAMPTZ"))
-_ARROW_OF_DUCKDB = {"VARCHAR": pa.string(), "BIGINT": pa.int64(), "INTEGER": pa.int32(),
-                    "TIMESTAMPTZ": pa.timestamp("us", tz="UTC")}
+# The DuckDB type of each logical type of lambdalake.schema (the engine's one type table).
+DUCKDB_TYPES = {"string": "VARCHAR", "integer": "BIGINT", "timestamp": "TIMESTAMPTZ", "int32": "INTEGER"}
 
-Columns = list[tuple[str, str]]
+Columns = Sequence[Column]
 
 
 def ident(name: str) -> str:
@@ -43,42 +39,27 @@ def literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def view_columns(pipeline: Pipeline, view: View) -> Columns:
-    """(name, DuckDB type) of a published batch view: keys, window_start, stored aggregates."""
-    fields = pipeline.source_of(view).field_map
-    cols: Columns = [(k, DUCKDB_TYPES[fields[k].type]) for k in view.keys]
-    cols.append((WINDOW_START, "TIMESTAMPTZ"))
-    for a in view.stored_aggregates:
-        kind_type = "BIGINT" if a.kind in ("count", "sum") else DUCKDB_TYPES[fields[a.column].type]
-        cols.append((a.name, kind_type))
-    return cols
-
-
-def speed_columns(pipeline: Pipeline, view: View) -> Columns:
-    """(name, DuckDB type) of a published speed view: ``_partition``, ``_block_start``, then the batch columns."""
-    return [*SPEED_POSITION_COLUMNS, *view_columns(pipeline, view)]
-
-
-def master_columns(source: Source) -> Columns:
-    """(name, DuckDB type) of a master file: declared fields, ``_partition``, ``_offset``, ``_ingest_time``."""
-    return [(f.name, DUCKDB_TYPES[f.type]) for f in source.fields] + list(MASTER_POSITION_COLUMNS)
-
-
-def arrow_schema(columns: Columns) -> pa.Schema:
-    """The Arrow schema of ``columns`` (used for the empty relation of a side that published nothing)."""
-    return pa.schema([(name, _ARROW_OF_DUCKDB[typ]) for name, typ in columns])
+def duckdb_type(column: Column) -> str:
+    return DUCKDB_TYPES[column.type]
 
 
 def typed_select(columns: Columns, relation: str) -> str:
     """SELECT every column of ``relation`` cast to its contract type (published files are checked, not trusted)."""
-    cols = ", ".join(f"CAST({ident(n)} AS {t}) AS {ident(n)}" for n, t in columns)
+    cols = ", ".join(f"CAST({ident(c.name)} AS {duckdb_type(c)}) AS {ident(c.name)}" for c in columns)
     return f"SELECT {cols} FROM {relation}"
 
 
 def empty_select(columns: Columns) -> str:
     """A relation with ``columns`` and no rows."""
-    cols = ", ".join(f"CAST(NULL AS {t}) AS {ident(n)}" for n, t in columns)
+    cols = ", ".join(f"CAST(NULL AS {duckdb_type(c)}) AS {ident(c.name)}" for c in columns)
     return f"SELECT {cols} WHERE false"
+
+
+def refusing_select(relation: str, message: str) -> str:
+    """The columns of ``relation`` (a subquery), but every scan fails with ``message`` (DuckDB's ``error()``): the
+    view of a definition that cannot be served yet. Binding (DESCRIBE, ``LIMIT 0``) still works."""
+    return (f"SELECT answer.* FROM (SELECT 1 AS one WHERE error({literal(message)})) AS refused "
+            f"LEFT JOIN ({relation}) AS answer ON true")
 
 
 def speed_visible_predicate(watermark: dict[int, int]) -> str:
@@ -87,9 +68,9 @@ def speed_visible_predicate(watermark: dict[int, int]) -> str:
     ``watermark`` is {partition: W} of the view's topic in the connection's batch version.
     """
     if not watermark:
-        return "_block_start >= 0"
+        return f"{BLOCK_COL} >= 0"
     cases = " ".join(f"WHEN {int(p)} THEN {int(w)}" for p, w in sorted(watermark.items()))
-    return f"_block_start >= CASE _partition {cases} ELSE 0 END"
+    return f"{BLOCK_COL} >= CASE {PARTITION_COL} {cases} ELSE 0 END"
 
 
 def _merge_expr(a: Aggregate) -> str:

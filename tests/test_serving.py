@@ -1,6 +1,7 @@
 """Serving layer: merge on query, exactness at the watermark, metadata, refresh and safety.
 
-The tests build a synthetic lake the way the publishers do (files per the contracts of ``lambdalake.layout``):
+The tests build a synthetic lake the way the publishers do (files per the contracts of ``lambdalake.layout``,
+manifests and snapshot metas through the classes of ``lambdalake.contracts``):
 a list of events with (topic, partition, offset) is split at each partition's watermark ``W`` into a batch version
 (events ``< W``) and a speed snapshot (events in ``[pruned_to, S)`` aggregated per handoff block, where blocks below
 ``W`` that the speed layer has not pruned yet are present too). The expected answer is computed straight from the
@@ -10,7 +11,6 @@ No Kafka is needed: serving never talks to it.
 
 from __future__ import annotations
 
-import json
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,9 +23,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from lambdalake.config import load_settings
+from lambdalake.contracts import (
+    MANIFEST_FORMAT,
+    SNAPSHOT_FORMAT,
+    BatchManifest,
+    BatchPointer,
+    BatchView,
+    Positions,
+    SpeedPointer,
+    SpeedSnapshotMeta,
+    SpeedView,
+    utc_now_iso,
+)
 from lambdalake.exceptions import InvariantViolation, LambdalakeError
 from lambdalake.handoff import speed_row_visible
-from lambdalake.layout import Layout, write_pointer
+from lambdalake.layout import Layout, read_batch_manifest, write_contract, write_pointer
 from lambdalake.pipeline import (
     Aggregate,
     Field,
@@ -39,6 +51,7 @@ from lambdalake.pipeline import (
     min_,
     sum_,
 )
+from lambdalake.schema import arrow_schema, speed_view_columns, view_columns
 from serving.connection import connect, pair_of, refresh
 from serving.sql import speed_visible_predicate
 
@@ -143,21 +156,20 @@ def expected_view(pipeline: Pipeline, view: View, events: list[Event]) -> set[tu
 
 
 def _schema(pipeline: Pipeline, view: View, speed: bool) -> pa.Schema:
-    fm = pipeline.source_of(view).field_map
-    cols = [("_partition", pa.int32()), ("_block_start", pa.int64())] if speed else []
-    cols += [(k, ARROW[fm[k].type]) for k in view.keys] + [("window_start", ARROW["timestamp"])]
-    cols += [(a.name, pa.int64() if a.kind in ("count", "sum") else ARROW[fm[a.column].type])
-             for a in view.stored_aggregates]
-    return pa.schema(cols)
+    cols = (speed_view_columns if speed else view_columns)(pipeline.source_of(view), view)
+    return arrow_schema(cols, nullability=False)
 
 
 def publish_batch(home: Path, pipeline: Pipeline, version: str, events: list[Event], watermark: dict,
-                  block: int | None = BLOCK, files_per_view: int = 2, point: bool = True) -> None:
-    """A batch version: events with offset < W[topic][p], manifest with watermark/block/row_counts."""
+                  block: int = BLOCK, files_per_view: int = 2, point: bool = True,
+                  fingerprints: dict[str, str] | None = None, manifest_format: int = MANIFEST_FORMAT,
+                  published_at: str | None = None) -> BatchManifest:
+    """A batch version: events with offset < W[topic][p] per view, and its BatchManifest (watermark, block,
+    row_counts, per-view fingerprints — the declared ones unless ``fingerprints`` says otherwise)."""
     layout = Layout(home)
     vdir = layout.batch_version(version)
     covered = [e for e in events if e.offset < watermark.get(e.topic, {}).get(e.partition, 0)]
-    counts = {}
+    counts, views = {}, {}
     for view in pipeline.views:
         rows = stored_rows(pipeline, view, covered)
         counts[view.name] = len(rows)
@@ -167,20 +179,25 @@ def publish_batch(home: Path, pipeline: Pipeline, version: str, events: list[Eve
             pq.write_table(pa.Table.from_pylist(part, schema=_schema(pipeline, view, False)),
                            vdir / view.name / f"part-{i:05d}.parquet")
         (vdir / view.name / "_SUCCESS").write_text("")
-    manifest = {"version": version, "watermark": {t: {str(p): w for p, w in ps.items()} for t, ps in
-                                                  watermark.items()},
-                "row_counts": counts, "created_at": T0.timestamp()}
-    if block is not None:
-        manifest["block"] = block
-    (vdir / "manifest.json").write_text(json.dumps(manifest))
+        fp = (fingerprints or {}).get(view.name) or pipeline.fingerprint(view)
+        views[view.name] = BatchView(fp, files=[f"part-{i:05d}.parquet" for i in range(files_per_view)],
+                                     computed_in=version)
+    manifest = BatchManifest(version=version, pipeline=pipeline.name, watermark=Positions.of_topics(watermark),
+                             block=block, row_counts=counts, views=views, engine="test", format=manifest_format,
+                             finished_at=utc_now_iso(),
+                             published_at=published_at if manifest_format >= 2 else None)
+    write_contract(vdir / "manifest.json", manifest)
     if point:
-        write_pointer(layout.batch_pointer, {"version": version})
+        write_pointer(layout.batch_pointer, BatchPointer(version))
+    return manifest
 
 
 def publish_speed(home: Path, pipeline: Pipeline, snapshot: str, events: list[Event], positions: dict,
                   pruned_to: dict | None = None, block: int = BLOCK, point: bool = True,
-                  created_at: float | None = None) -> None:
-    """A speed snapshot: events in [pruned_to, S) aggregated per (partition, block)."""
+                  created_at: float | None = None, views: dict[str, SpeedView] | None = None,
+                  snapshot_format: int = SNAPSHOT_FORMAT) -> SpeedSnapshotMeta:
+    """A speed snapshot: events in [pruned_to, S) aggregated per (partition, block), and its SpeedSnapshotMeta
+    (per view: the declared fingerprint unless ``views`` says otherwise; none at all for format 1)."""
     layout = Layout(home)
     sdir = layout.speed_snapshot(snapshot)
     sdir.mkdir(parents=True, exist_ok=True)
@@ -191,16 +208,26 @@ def publish_speed(home: Path, pipeline: Pipeline, snapshot: str, events: list[Ev
             e.partition, 0)
 
     part = [e for e in events if held(e)]
+    rows = {}
     for view in pipeline.views:
-        rows = stored_rows(pipeline, view, part, extra=lambda e: (e.partition, e.offset - e.offset % block))
-        pq.write_table(pa.Table.from_pylist(rows, schema=_schema(pipeline, view, True)), sdir / f"{view.name}.parquet")
-    nested = {t: {str(p): s for p, s in ps.items()} for t, ps in positions.items()}
-    (sdir / "snapshot.json").write_text(json.dumps({
-        "snapshot": snapshot, "positions": nested, "block": block,
-        "pruned_to": {t: {str(p): s for p, s in ps.items()} for t, ps in pruned_to.items()},
-        "created_at": created_at if created_at is not None else datetime.now(UTC).timestamp()}))
+        table = pa.Table.from_pylist(stored_rows(pipeline, view, part, extra=lambda e: (e.partition,
+                                                                                          e.offset - e.offset % block)),
+                                     schema=_schema(pipeline, view, True))
+        pq.write_table(table, sdir / f"{view.name}.parquet")
+        rows[view.name] = table.num_rows
+    if snapshot_format < 2:
+        views = {}
+    elif views is None:
+        views = {v.name: SpeedView(pipeline.fingerprint(v), rows=rows[v.name]) for v in pipeline.views}
+    created = created_at if created_at is not None else datetime.now(UTC).timestamp()
+    meta = SpeedSnapshotMeta(snapshot=snapshot, pipeline=pipeline.name, positions=Positions.of_topics(positions),
+                             pruned_to=Positions.of_topics(pruned_to), block=block,
+                             created_at=datetime.fromtimestamp(created, UTC).isoformat().replace("+00:00", "Z"),
+                             created_at_unix=created, rows=rows, views=views, format=snapshot_format)
+    write_contract(sdir / "snapshot.json", meta)
     if point:
-        write_pointer(layout.speed_pointer, {"snapshot": snapshot})
+        write_pointer(layout.speed_pointer, SpeedPointer(snapshot))
+    return meta
 
 
 def ends(events: list[Event]) -> dict[str, dict[int, int]]:
@@ -221,7 +248,7 @@ def query_view(con: duckdb.DuckDBPyConnection, view: View) -> set[tuple]:
 @pytest.fixture
 def serving_settings(home):
     """Settings for a lake without any Kafka (the bootstrap is never contacted by serving)."""
-    return load_settings(home=home, bootstrap="127.0.0.1:1", pipeline="lambdalake.pipelines.clickstream")
+    return load_settings(home=home, pipeline="lambdalake.pipelines.clickstream")
 
 
 def split_lake(home: Path, pipeline: Pipeline, events: list[Event], w_blocks: dict[int, int],
@@ -253,7 +280,7 @@ def test_merged_views_equal_direct_aggregation(home, serving_settings, clickstre
         cols = [d[0] for d in con.execute(f'SELECT * FROM "{view.name}" LIMIT 0').description]
         assert tuple(cols) == view.output_columns
     # Both sides really contributed (the test is not trivially all-batch or all-speed).
-    sides = con.execute("SELECT view, batch_rows, speed_rows, speed_rows_visible FROM lambdalake.views").fetchall()
+    sides = con.execute("SELECT name, batch_rows, speed_rows, speed_rows_visible FROM lambdalake.views").fetchall()
     for _, batch_rows, speed_rows, visible in sides:
         assert batch_rows > 0 and speed_rows > visible > 0
 
@@ -379,7 +406,7 @@ def test_user_pipeline_declared_in_test_works_without_engine_change(home, tmp_pa
     ])
     events = make_events(pipe, 500, partitions=2, seed=3)
     split_lake(home, pipe, events, {0: 7, 1: 2}, pruned_blocks={0: 3})
-    settings = load_settings(home=home, bootstrap="127.0.0.1:1")
+    settings = load_settings(home=home)
     con = connect(settings, pipe)
     for view in pipe.views:
         assert query_view(con, view) == expected_view(pipe, view, events), view.name
@@ -454,19 +481,26 @@ def test_metadata_tables(home, serving_settings, clickstream):
     assert positions == {(t, p): n for t, ps in ends(events).items() for p, n in ps.items()}
 
 
-def test_view_missing_from_batch_version_is_flagged(home, serving_settings, clickstream):
+def test_view_missing_from_batch_version_is_batch_pending(home, serving_settings, clickstream):
+    """A view declared after the batch version was computed is refused (batch pending), the others answer."""
     events = make_events(clickstream, 300)
     split_lake(home, clickstream, events, {0: 2, 1: 2, 2: 2})
-    manifest_path = Layout(home).batch_version("v000001") / "manifest.json"
-    m = json.loads(manifest_path.read_text())
-    del m["row_counts"]["user_activity_daily"]
-    manifest_path.write_text(json.dumps(m))
+    layout = Layout(home)
+    m = read_batch_manifest(layout, "v000001")
+    del m.row_counts["user_activity_daily"], m.views["user_activity_daily"]
+    write_contract(layout.batch_version("v000001") / "manifest.json", m)
     import shutil
 
-    shutil.rmtree(Layout(home).batch_version("v000001") / "user_activity_daily")
+    shutil.rmtree(layout.batch_version("v000001") / "user_activity_daily")
     con = connect(serving_settings, clickstream)
-    flags = dict(con.execute("SELECT view, complete FROM lambdalake.views").fetchall())
-    assert flags == {"pageviews_hourly": True, "revenue_daily": True, "user_activity_daily": False}
+    flags = {r[0]: r[1:] for r in con.execute("SELECT name, complete, state FROM lambdalake.views").fetchall()}
+    assert flags == {"pageviews_hourly": (True, "current"), "revenue_daily": (True, "current"),
+                     "user_activity_daily": (False, "rebuilding")}
+    with pytest.raises(duckdb.Error, match="view user_activity_daily is being rebuilt for its new definition: "
+                                           "batch pending$"):
+        con.execute("SELECT count(*) FROM user_activity_daily").fetchall()
+    view = clickstream.view("pageviews_hourly")
+    assert query_view(con, view) == expected_view(clickstream, view, events)
 
 
 # --- safety -----------------------------------------------------------------------------------------------------------
@@ -527,3 +561,67 @@ def test_errors_are_lambdalake_errors():
 
     assert issubclass(InconsistentPublishedState, InvariantViolation)
     assert issubclass(QueryError, LambdalakeError)
+
+
+# --- a batch version published by the real batch job ---------------------------------------------------------------
+def write_master(home: Path, pipeline: Pipeline, events: list[Event]) -> None:
+    """The master dataset of ``events``: one file per (source, partition) covering its offsets [0, n)."""
+    from lambdalake.schema import master_columns
+
+    layout = Layout(home)
+    for src in pipeline.sources:
+        by_p: dict[int, list[Event]] = defaultdict(list)
+        for e in events:
+            if e.topic == src.topic:
+                by_p[e.partition].append(e)
+        for p, evs in by_p.items():
+            evs.sort(key=lambda e: e.offset)
+            rows = [{**e.fields, "_partition": p, "_offset": e.offset, "_ingest_time": T0} for e in evs]
+            layout.master_partition(src.name, p).mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(master_columns(src), nullability=False)),
+                           layout.master_file(src.name, p, evs[0].offset, evs[-1].offset + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_status_times_of_a_version_published_by_the_batch_job(home, serving_settings, clickstream, spark):
+    """Issue 10: lambdalake.status.batch_created_at / batch_age_seconds come from the real manifest
+    (``published_at``, set by batch publish), not from keys no manifest has."""
+    from batch.job import run_batch
+
+    events = make_events(clickstream, 600)
+    write_master(home, clickstream, events)
+    settings = serving_settings.with_(handoff_block=BLOCK)
+    before = datetime.now(UTC)
+    manifest = run_batch(settings, clickstream, spark=spark)
+    assert isinstance(manifest, BatchManifest) and manifest.published_at
+    con = connect(settings, clickstream)
+    created, age, version = con.execute(
+        "SELECT batch_created_at, batch_age_seconds, batch_version FROM lambdalake.status").fetchone()
+    assert version == manifest.version
+    assert created is not None and before <= created <= datetime.now(UTC)
+    assert created == manifest.published_time
+    assert age is not None and age >= 0
+    # and the version the job wrote answers exactly (no speed snapshot: batch only, whole blocks)
+    covered = [e for e in events if e.offset < manifest.watermark.at(e.topic, e.partition)]
+    for view in clickstream.views:
+        assert query_view(con, view) == expected_view(clickstream, view, covered), view.name
+    states = set(r[0] for r in con.execute("SELECT state FROM lambdalake.views").fetchall())
+    assert states == {"current"}
+
+
+def test_status_times_come_from_the_contracts(home, serving_settings, clickstream):
+    """batch_created_at is the manifest's published_at (format 1: finished_at); speed_created_at the snapshot's."""
+    events = make_events(clickstream, 300)
+    end = ends(events)
+    wm = {t: {p: 20 for p in ps} for t, ps in end.items()}
+    published = "2026-03-01T10:00:00.250000Z"
+    publish_batch(home, clickstream, "v000001", events, wm, published_at=published)
+    meta = publish_speed(home, clickstream, "000000000001", events, {t: dict(ps) for t, ps in end.items()},
+                         created_at=1_772_000_000.5)
+    con = connect(serving_settings, clickstream)
+    batch_at, speed_at, age = con.execute(
+        "SELECT batch_created_at, speed_created_at, batch_age_seconds FROM lambdalake.status").fetchone()
+    assert batch_at == datetime(2026, 3, 1, 10, 0, 0, 250000, tzinfo=UTC)
+    assert speed_at == meta.created_time == datetime.fromtimestamp(1_772_000_000.5, UTC)
+    assert age > 0

@@ -114,7 +114,7 @@ def test_sql_invariant_violation_is_an_error_line(sql_cli, home, clickstream):
 
 # --- catalog file -------------------------------------------------------------------------------------------------
 def test_catalog_file_answers_like_the_connection(home, events, clickstream):
-    settings = load_settings(home=home, bootstrap="127.0.0.1:1", pipeline="lambdalake.pipelines.clickstream")
+    settings = load_settings(home=home, pipeline="lambdalake.pipelines.clickstream")
     path, pair = write_catalog(settings, clickstream)
     assert path == home / "lake.duckdb" and (pair.batch_version, pair.speed_snapshot) == ("v000001", "000000000001")
     assert not [p for p in home.iterdir() if p.name.endswith((".tmp", ".wal"))]
