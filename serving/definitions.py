@@ -65,7 +65,7 @@ def definitions(pipeline: Pipeline, view: View, manifest: BatchManifest | None,
     declared = pipeline.fingerprint(view)
     batch_ok = manifest is None or manifest.definition_matches(view.name, declared, pipeline.legacy_fingerprint(view))
     sv = None if snapshot is None else snapshot.views.get(view.name)
-    speed_ok = snapshot is None or (sv is not None and sv.fingerprint == declared and sv.target is None)
+    speed_ok = snapshot is None or snapshot.definition_matches(view.name, declared)
     progress = None
     if not speed_ok and sv is not None and sv.target == declared and sv.progress is not None:
         progress = sv.progress

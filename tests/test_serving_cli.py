@@ -159,3 +159,69 @@ def test_catalog_of_empty_lake(sql_cli, home):
     con = duckdb.connect(str(home / "lake.duckdb"), read_only=True)
     assert con.execute("SELECT count(*) FROM pageviews_hourly").fetchall() == [(0,)]
     assert con.execute("SELECT count(*) FROM master.purchases").fetchone() == (0,)
+
+
+# --- a view whose definition changed (issue 11) ---------------------------------------------------------------------
+HALF_HOUR = """import dataclasses
+from datetime import timedelta
+
+from lambdalake.pipeline import load_pipeline
+
+_base = load_pipeline("lambdalake.pipelines.clickstream")
+pipeline = dataclasses.replace(_base, views=[
+    dataclasses.replace(v, bucket=timedelta(minutes=30)) if v.name == "pageviews_hourly" else v for v in _base.views])
+"""
+
+
+@pytest.fixture
+def half_hour(tmp_path) -> str:
+    f = tmp_path / "half_hour.py"
+    f.write_text(HALF_HOUR)
+    return str(f)
+
+
+def test_sql_refuses_a_rebuilding_view_with_one_line(sql_cli, events, clickstream, half_hour):
+    res = sql_cli("sql", "SELECT count(*) FROM pageviews_hourly", "--pipeline", half_hour)
+    assert res.returncode != 0 and res.stdout == ""
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert err == ["error: view pageviews_hourly is being rebuilt for its new definition: batch pending, "
+                   "speed pending"], res.stderr
+    # another view of the same lake still answers, silently
+    res = sql_cli("sql", "SELECT sum(orders) AS n FROM revenue_daily", "-f", "json", "--pipeline", half_hour)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    want = sum(r[3] for r in expected_view(clickstream, clickstream.view("revenue_daily"), events))
+    assert json.loads(res.stdout) == [{"n": want}]
+    res = sql_cli("sql", "SELECT name, state FROM lambdalake.views", "-f", "json", "--pipeline", half_hour)
+    assert {r["name"]: r["state"] for r in json.loads(res.stdout)} == {
+        "pageviews_hourly": "rebuilding", "revenue_daily": "current", "user_activity_daily": "current"}
+
+
+def test_sql_allow_stale_answers_and_warns_on_one_line(sql_cli, events, clickstream, half_hour):
+    res = sql_cli("sql", "SELECT url, window_start, views FROM pageviews_hourly", "-f", "json", "--allow-stale",
+                  "--pipeline", half_hour)
+    assert res.returncode == 0, res.stderr
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("warning: stale") and "pageviews_hourly" in err[0], res.stderr
+    got = {(r["url"], datetime.fromisoformat(r["window_start"]), r["views"]) for r in json.loads(res.stdout)}
+    old = expected_view(clickstream, clickstream.view("pageviews_hourly"), events)  # the previous definition's
+    assert got == {r[:3] for r in old}
+    res = sql_cli("sql", "SELECT name, state FROM lambdalake.views WHERE state <> 'current'", "-f", "json",
+                  "--allow-stale", "--pipeline", half_hour)
+    assert json.loads(res.stdout) == [{"name": "pageviews_hourly", "state": "stale"}] and res.stderr == ""
+
+
+def test_catalog_refuses_a_rebuilding_view(sql_cli, home, events, clickstream, half_hour):
+    res = sql_cli("catalog", "--pipeline", half_hour)
+    assert res.returncode == 0, res.stderr
+    con = duckdb.connect(str(home / "lake.duckdb"), read_only=True)
+    with pytest.raises(duckdb.Error, match="view pageviews_hourly is being rebuilt for its new definition"):
+        con.execute("SELECT count(*) FROM pageviews_hourly").fetchall()
+    view = clickstream.view("user_activity_daily")
+    assert query_view(con, view) == expected_view(clickstream, view, events)
+    con.close()
+    res = sql_cli("catalog", "--allow-stale", "--pipeline", half_hour)
+    assert res.returncode == 0, res.stderr
+    con = duckdb.connect(str(home / "lake.duckdb"), read_only=True)
+    assert con.execute("SELECT state FROM lambdalake.views WHERE name = 'pageviews_hourly'").fetchone() == ("stale",)
+    old = expected_view(clickstream, clickstream.view("pageviews_hourly"), events)
+    assert con.execute("SELECT sum(views) FROM pageviews_hourly").fetchone()[0] == sum(r[2] for r in old)
