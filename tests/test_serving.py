@@ -578,7 +578,7 @@ def write_master(home: Path, pipeline: Pipeline, events: list[Event]) -> None:
             evs.sort(key=lambda e: e.offset)
             rows = [{**e.fields, "_partition": p, "_offset": e.offset, "_ingest_time": T0} for e in evs]
             layout.master_partition(src.name, p).mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(master_columns(src), nullability=False)),
+            pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema(master_columns(src))),
                            layout.master_file(src.name, p, evs[0].offset, evs[-1].offset + 1))
 
 
@@ -625,3 +625,37 @@ def test_status_times_come_from_the_contracts(home, serving_settings, clickstrea
     assert batch_at == datetime(2026, 3, 1, 10, 0, 0, 250000, tzinfo=UTC)
     assert speed_at == meta.created_time == datetime.fromtimestamp(1_772_000_000.5, UTC)
     assert age > 0
+
+
+def test_master_counts_once_during_an_interrupted_compaction(home, serving_settings, clickstream, monkeypatch):
+    """Issue 10 item 3: a compaction killed between renaming its merged file into place and recording ``done``
+    leaves the merged file AND the files it replaces on disk; master.<source> (connection and catalog file) reads
+    each offset once (Layout.master_files)."""
+    import os
+
+    from batch.compact import compact
+    from serving.catalog import write_catalog
+
+    events = make_events(clickstream, 400, partitions=1)
+    for chunk in (events[:150], events[150:]):  # two files per source, so a compaction has something to merge
+        write_master(home, clickstream, chunk)
+    layout = Layout(home)
+    assert len(layout.master_files_on_disk("pageviews")) == 2
+    real_replace = os.replace
+
+    def crash_after_rename(src, dst, *a, **kw):
+        real_replace(src, dst, *a, **kw)
+        if str(dst).endswith(".parquet") and "/master/" in str(dst):
+            raise KeyboardInterrupt("killed between rename and the done record")
+
+    monkeypatch.setattr(os, "replace", crash_after_rename)
+    with pytest.raises(KeyboardInterrupt):
+        compact(home, clickstream, source="pageviews", target_rows=10_000)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert len(layout.master_files_on_disk("pageviews")) == 3  # merged + both replaced files
+    want = sum(1 for e in events if e.topic == clickstream.source("pageviews").topic)
+    con = connect(serving_settings, clickstream)
+    assert con.execute("SELECT count(*), count(DISTINCT _offset) FROM master.pageviews").fetchone() == (want, want)
+    path, _ = write_catalog(serving_settings, clickstream)
+    cat = duckdb.connect(str(path), read_only=True)
+    assert cat.execute("SELECT count(*), count(DISTINCT _offset) FROM master.pageviews").fetchone() == (want, want)
