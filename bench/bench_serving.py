@@ -41,7 +41,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lambdalake.config import load_settings  # noqa: E402
-from lambdalake.layout import Layout, write_pointer  # noqa: E402
+from lambdalake.contracts import (  # noqa: E402
+    MANIFEST_FORMAT,
+    SNAPSHOT_FORMAT,
+    BatchManifest,
+    BatchPointer,
+    BatchView,
+    Positions,
+    SpeedPointer,
+    SpeedSnapshotMeta,
+    SpeedView,
+    utc_now_iso,
+)
+from lambdalake.layout import Layout, write_contract, write_pointer  # noqa: E402
 from lambdalake.pipeline import load_pipeline  # noqa: E402
 from serving.connection import connect  # noqa: E402
 
@@ -131,14 +143,18 @@ def _publish_views(home: Path, pipeline, src, wm: dict[int, int], ends: dict[int
                     f"WHERE _offset >= {case_w} GROUP BY {sgroup}) TO '{sdir}/{view.name}.parquet' (FORMAT parquet)")
     counts["revenue_daily"] = 0
     topic = src.topic
-    (layout.batch_version(version) / "manifest.json").write_text(json.dumps({
-        "version": version, "watermark": {topic: {str(p): w for p, w in wm.items()}}, "block": BLOCK,
-        "row_counts": counts, "created_at": time.time()}))
-    (layout.speed_snapshot(snap) / "snapshot.json").write_text(json.dumps({
-        "snapshot": snap, "positions": {topic: {str(p): e for p, e in ends.items()}}, "block": BLOCK,
-        "pruned_to": {topic: {str(p): w for p, w in wm.items()}}, "created_at": time.time()}))
-    write_pointer(layout.batch_pointer, {"version": version})
-    write_pointer(layout.speed_pointer, {"snapshot": snap})
+    fingerprints = pipeline.fingerprints  # the rows are of the declared definitions
+    write_contract(layout.batch_version(version) / "manifest.json", BatchManifest(
+        version=version, pipeline=pipeline.name, watermark=Positions.of_topics({topic: wm}), block=BLOCK,
+        row_counts=counts, views={name: BatchView(fp) for name, fp in fingerprints.items()}, engine="bench (duckdb)",
+        finished_at=utc_now_iso(), published_at=utc_now_iso(), format=MANIFEST_FORMAT))
+    write_contract(layout.speed_snapshot(snap) / "snapshot.json", SpeedSnapshotMeta(
+        snapshot=snap, pipeline=pipeline.name, positions=Positions.of_topics({topic: ends}),
+        pruned_to=Positions.of_topics({topic: wm}), block=BLOCK, created_at=utc_now_iso(),
+        created_at_unix=time.time(), views={name: SpeedView(fp) for name, fp in fingerprints.items()},
+        format=SNAPSHOT_FORMAT))
+    write_pointer(layout.batch_pointer, BatchPointer(version))
+    write_pointer(layout.speed_pointer, SpeedPointer(snap))
 
 
 def queries(rng: random.Random, urls: list[str], users: list[str]) -> dict[str, tuple]:
