@@ -13,6 +13,7 @@ Declarations are built with ``dataclasses.replace`` on the demo pipeline's own o
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -356,3 +357,59 @@ def test_checkpoint_of_the_previous_release_is_taken_over(settings, pipeline, cl
     meta = assert_snapshot_equals_oracle(pipeline, settings.home, log)
     all_positions_at_end(meta, end_offsets(settings, topics(pipeline)), pipeline)
     assert_current(settings.home, pipeline)
+
+
+@pytest.mark.slow
+def test_live_edit_during_a_live_stream_rebuilds_exactly(settings, pipeline, cli_env, tmp_path):
+    """The rebuild chases a moving live position (pause/resume at S, the final catch-up) while events stream in and
+    a batch version is handed off meanwhile; the end result is exact for the new definition."""
+    import threading
+
+    live = tmp_path / "live_pipeline.py"
+    a_file, a = declare(tmp_path, settings.pipeline, "A", None)
+    b_file, b = declare(tmp_path, settings.pipeline, "keys", CHANGES["keys"])
+    live.write_text(Path(a_file).read_text())
+    layout = Layout(settings.home)
+    produce(settings, pipeline, 1500, seed=131)
+    errors: list[BaseException] = []
+
+    def stream() -> None:
+        try:
+            produce(settings, pipeline, 3000, seed=132, rate=500, start="2026-01-05T08:00:00Z")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    proc = start_speed(cli_env, tmp_path / "logs", "--checkpoint-interval", "0.05",
+                       env={"LAMBDALAKE_PIPELINE": str(live)})
+    t = threading.Thread(target=stream)
+    try:
+        wait_for(lambda: speed_pointer(layout), 60, "a first snapshot")
+        t.start()
+        time.sleep(1.5)
+        live.write_text(Path(b_file).read_text())
+        time.sleep(2.5)
+        ends = end_offsets(settings, topics(pipeline))
+        publish_batch_version(settings.home, "v001", {k: _aligned(e // 2, settings.handoff_block)
+                                                      for k, e in ends.items()}, settings.handoff_block)
+        t.join(60)
+        assert not errors, errors
+        ends = end_offsets(settings, topics(pipeline))
+
+        def settled() -> bool:
+            meta = read_speed_snapshot_meta(layout, speed_pointer(layout))
+            return (meta.batch_version == "v001" and all(meta.positions.at(*k) >= e for k, e in ends.items())
+                    and all(meta.definition_matches(v.name, b.fingerprint(v)) for v in b.views))
+
+        wait_for(settled, 60, "speed to rebuild for B and catch up", interval=0.2)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        finally:
+            kill(proc)
+        t.join(60)
+    log = read_log(settings.bootstrap, topics(pipeline))
+    meta = assert_snapshot_equals_oracle(b, settings.home, log)
+    assert any(meta.pruned_to.values())
+    assert_current(settings.home, b)
