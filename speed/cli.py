@@ -56,9 +56,12 @@ def register(app: typer.Typer) -> None:
                 with err_console.status("speed layer starting ...") as st:
                     while not done.wait(0.5):
                         s = layer.stats
+                        rb = layer.rebuild
                         st.update(f"speed: {s.messages:,} messages ({s.rate():,.0f}/s), {s.checkpoints} "
                                   f"checkpoints (last {s.last_checkpoint_seconds * 1000:.0f} ms), snapshot "
-                                  f"{layer.last.id if layer.last else '-'}")
+                                  f"{layer.last.id if layer.last else '-'}"
+                                  + ("" if rb is None else f"; rebuilding {', '.join(rb.targets)} "
+                                     f"{rb.progress(dict(layer.positions)):.0%}"))
 
             threading.Thread(target=progress, daemon=True).start()
         try:
