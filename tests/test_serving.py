@@ -597,7 +597,7 @@ def test_status_times_of_a_version_published_by_the_batch_job(home, serving_sett
     assert isinstance(manifest, BatchManifest) and manifest.published_at
     con = connect(settings, clickstream)
     created, age, version = con.execute(
-        "SELECT batch_created_at, batch_age_seconds, batch_version FROM lambdalake.status").fetchone()
+        "SELECT batch_created_at, batch_age_seconds, batch_version FROM lambdalake.status").fetchall()[0]
     assert version == manifest.version
     assert created is not None and before <= created <= datetime.now(UTC)
     assert created == manifest.published_time
