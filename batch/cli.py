@@ -85,7 +85,8 @@ def batch_cmd(
     spark_master: Annotated[str | None, typer.Option("--spark-master", help="Spark master URL "
                                                      "[env LAMBDALAKE_SPARK_MASTER; default local[*]].")] = None,
     view: Annotated[list[str] | None, typer.Option("--view", help="Recompute only this view (repeatable) at the "
-                                                   "published watermark; other views are carried over.")] = None,
+                                                   "published watermark; other views are carried over if "
+                                                   "their definition is unchanged.")] = None,
     rollback: Annotated[bool, typer.Option("--rollback", help="Re-point CURRENT to the previous version and "
                                            "exit (no Spark).")] = False,
     keep: Annotated[int | None, typer.Option(min=2, help="Versions to keep [env LAMBDALAKE_BATCH_KEEP; "
@@ -94,7 +95,7 @@ def batch_cmd(
                                         "pruned what the previous version needs.")] = False,
     pipeline: PipelineOpt = None, home: HomeOpt = None,
 ) -> None:
-    """Recompute every view with Spark over a snapshot of the master dataset and publish a new batch version."""
+    """Recompute every view with Spark from the master dataset and publish a new batch version."""
     from batch.publish import default_keep
     from batch.publish import rollback as do_rollback
 
@@ -108,9 +109,9 @@ def batch_cmd(
     with console.status(f"computing batch views with Spark ({ctx.settings.spark_master}) ..."):
         manifest = run_batch(ctx.settings, ctx.pipeline, views=view or None, spark_master=spark_master,
                              keep=keep if keep is not None else default_keep())
-    wm = ", ".join(f"{t}: " + " ".join(f"p{p}<{w}" for p, w in sorted(parts.items(), key=lambda x: int(x[0])))
-                   for t, parts in manifest["watermark"].items())
-    console.print(f"published batch version [bold]{manifest['version']}[/] in {manifest['duration_s']:.1f}s "
-                  f"({manifest['engine']}, {manifest['spark_master']})")
+    wm = ", ".join(f"{t}: " + " ".join(f"p{p}<{w}" for p, w in sorted(manifest.watermark.of_topic(t).items()))
+                   for t in manifest.watermark.topics)
+    console.print(f"published batch version [bold]{manifest.version}[/] in {manifest.duration_s:.1f}s "
+                  f"({manifest.engine}, {manifest.spark_master})")
     console.print(f"  watermark: {wm or '(empty)'}", highlight=False)
-    console.print("  rows: " + ", ".join(f"{v} {n}" for v, n in manifest["row_counts"].items()), highlight=False)
+    console.print("  rows: " + ", ".join(f"{v} {n}" for v, n in manifest.row_counts.items()), highlight=False)

@@ -16,17 +16,15 @@ Protocol for one group of files (:func:`compact`), mirrored by numbered comments
 
 A crash leaves either the old files (before the rename in 4) or the merged file plus some old ones (during 4).
 :func:`recover_compactions` — run by ``compact`` and ``ingest`` on start — finishes or aborts every ``started``
-record, and :func:`snapshot_files` lets a reader ignore files a logged, renamed compaction already replaced, so no
-reader ever counts an offset twice.
+record, and :meth:`lambdalake.layout.Layout.master_files` (the one rule every reader uses) ignores files a logged,
+renamed compaction already replaced, so no reader ever counts an offset twice.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,8 +35,9 @@ import pyarrow as pa
 
 from batch.master import check_master_file, sha256_file
 from lambdalake.exceptions import InvariantViolation, LambdalakeError
-from lambdalake.layout import Layout, MasterFile, atomic_write_bytes, contiguous_ranges, fsync_dir, tmp_name
-from lambdalake.pipeline import Pipeline, Source
+from lambdalake.layout import Layout, MasterFile, atomic_write_bytes, compaction_records, fsync_dir, tmp_name
+from lambdalake.locks import flock
+from lambdalake.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -66,65 +65,19 @@ def _lock_path(layout: Layout, name: str) -> Path:
 
 
 @contextmanager
-def _flock(path: Path, mode: int, timeout: float | None, what: str) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise CompactionBusy(f"{what} is held by another process ({path}); try again later") from None
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
 def master_readers_lock(layout: Layout, timeout: float | None = None) -> Iterator[None]:
     """Held (shared) by a batch run while it snapshots and reads master files; compaction takes it exclusively."""
-    with _flock(_lock_path(layout, "readers.lock"), fcntl.LOCK_SH, timeout, "the master readers lock"):
+    with flock(_lock_path(layout, "readers.lock"), shared=True, timeout=timeout, what="the master readers lock",
+               on_busy=CompactionBusy):
         yield
 
 
-# reading through interrupted compactions --------------------------------------------------------------------------
-def _records(layout: Layout) -> list[tuple[Path, dict]]:
-    d = layout.master_log()
-    out = []
-    if d.is_dir():
-        for f in sorted(d.glob("*-compact-*.json")):
-            try:
-                out.append((f, json.loads(f.read_text())))
-            except (OSError, ValueError) as exc:
-                raise InvariantViolation(f"compaction record {f} is unreadable: {exc}") from exc
-    return out
+def _compaction_lock(layout: Layout):
+    """Exclusive, not waited for: one compaction (or recovery) at a time per lake."""
+    return flock(_lock_path(layout, "compact.lock"), timeout=0, what="the compaction lock", on_busy=CompactionBusy)
 
 
-def snapshot_files(layout: Layout, source: Source) -> list[MasterFile]:
-    """Master files of ``source`` a reader should use, sorted, checked to tile without overlap.
-
-    Files replaced by a compaction whose merged file is already in place (a compaction interrupted during step 4)
-    are left out, so the snapshot never holds an offset twice.
-    """
-    files = layout.master_files(source.name)
-    replaced: set[Path] = set()
-    for _, rec in _records(layout):
-        if rec.get("status") != "started" or rec.get("source") != source.name:
-            continue
-        pdir = layout.master_partition(source.name, int(rec["partition"]))
-        if (pdir / rec["merged"]["name"]).exists():
-            replaced |= {pdir / r["name"] for r in rec["replaced"]}
-    files = [f for f in files if f.path not in replaced]
-    list(contiguous_ranges(files))  # raises InvariantViolation on overlap or gap
-    return files
-
-
+# recovery -----------------------------------------------------------------------------------------------------------
 def recover_compactions(layout: Layout, pipeline: Pipeline | None = None) -> list[str]:
     """Finish (merged file in place) or abort (not renamed) every compaction left ``started`` by a crash.
 
@@ -132,8 +85,8 @@ def recover_compactions(layout: Layout, pipeline: Pipeline | None = None) -> lis
     """
     done: list[str] = []
     try:
-        with _flock(_lock_path(layout, "compact.lock"), fcntl.LOCK_EX, 0, "the compaction lock"):
-            for path, rec in _records(layout):
+        with _compaction_lock(layout):
+            for path, rec in compaction_records(layout):
                 if rec.get("status") != "started":
                     continue
                 pdir = layout.master_partition(rec["source"], int(rec["partition"]))
@@ -192,9 +145,9 @@ def compact(settings_home: Path, pipeline: Pipeline, *, source: str | None = Non
     report = CompactReport()
     recover_compactions(layout, pipeline)
     sources = [pipeline.source(source)] if source else list(pipeline.sources)
-    with _flock(_lock_path(layout, "compact.lock"), fcntl.LOCK_EX, 0, "the compaction lock"):
+    with _compaction_lock(layout):
         for src in sources:
-            files = snapshot_files(layout, src)
+            files = layout.master_files(src.name)
             by_p: dict[int, list[MasterFile]] = {}
             for f in files:
                 by_p.setdefault(f.partition, []).append(f)
@@ -230,8 +183,8 @@ def compact(settings_home: Path, pipeline: Pipeline, *, source: str | None = Non
                     rec_path = layout.master_log() / rec_name
                     atomic_write_bytes(rec_path, _dump(rec))
                     # 4. swap under the exclusive readers lock
-                    with _flock(_lock_path(layout, "readers.lock"), fcntl.LOCK_EX, lock_timeout,
-                                "the master readers lock (a batch run is reading)"):
+                    with flock(_lock_path(layout, "readers.lock"), timeout=lock_timeout,
+                               what="the master readers lock (a batch run is reading)", on_busy=CompactionBusy):
                         os.replace(tmp, final)
                         fsync_dir(final.parent)
                         for f in group:

@@ -1,4 +1,4 @@
-"""The batch job: Spark recomputes every view of the pipeline from the master dataset and publishes a new version.
+r"""The batch job: Spark recomputes every view of the pipeline from the master dataset and publishes a new version.
 
 This is the Spark *interpreter* of the view declarations in :mod:`lambdalake.pipeline` — there is no per-view Spark
 code: keys, bucket and the stored aggregates (``view.stored_aggregates``: count/sum -> int64, min/max keep the
@@ -6,13 +6,15 @@ field's type, including the hidden helpers a mean needs) are turned into one ``g
 
 Run protocol (:func:`run_batch`), mirrored by numbered comments in the code:
 
-1. Snapshot, under the shared master readers lock (compaction cannot swap files meanwhile): per source the master
-   files (checked to tile without gap or overlap), the archived end per partition and the watermark
-   ``W[p] = aligned_watermark(end, block)`` (:mod:`lambdalake.handoff`); the inputs are the files that start
-   below ``W`` — recorded with size, rows and sha256.
-2. Read the inputs, keep rows with ``_offset < W[_partition]`` and apply the dedup rule (:mod:`lambdalake.dedup`):
-   the first valid occurrence of an event id per (source, partition), lowest offset wins. Restricting to ``< W``
-   first is exact: an id's first occurrence below ``W`` is its first occurrence overall.
+1. Inputs, under the shared master readers lock (compaction cannot swap files meanwhile): per source the master
+   files (:meth:`lambdalake.layout.Layout.master_files`, checked to tile without gap or overlap), the archived end
+   per partition and the watermark ``W[p] = aligned_watermark(end, block)`` (:mod:`lambdalake.handoff`); the inputs
+   are the files that start below ``W`` — recorded with size, rows and sha256
+   (:class:`lambdalake.contracts.InputFile`).
+2. Read the inputs, keep rows with ``_offset < W[_partition]`` that are valid under the *declared* field rules
+   (:func:`valid_rows`, below), and apply the dedup rule (:mod:`lambdalake.dedup`): the first valid occurrence of an
+   event id per (source, partition), lowest offset wins. Restricting to ``< W`` first is exact: an id's first
+   occurrence below ``W`` is its first occurrence overall.
 3. Per view: ``window_start`` = event time floored to the bucket (UTC), group by keys + window_start, aggregate;
    write ``<staging>/<view>/*.parquet``.
 4. Validate the staged output (:func:`validate_staged`): schema as declared, no null in non-nullable keys, one row
@@ -21,27 +23,50 @@ Run protocol (:func:`run_batch`), mirrored by numbered comments in the code:
    switch, pruning. A failure anywhere before that removes the staging directory and changes nothing served.
 
 ``--view NAME`` recomputes only the named views, at the *published* watermark, and carries the other views over
-from the published version (hard links) when their definition is unchanged, so a version still holds every view
-at one watermark.
+from the published version (hard links) when their definition is unchanged
+(:meth:`lambdalake.contracts.BatchManifest.definition_matches`), so a version still holds every view at one
+watermark. Every version records each view's definition fingerprint
+(:meth:`lambdalake.pipeline.Pipeline.fingerprint`); a view no longer declared is not in the next version.
+
+Field rules at batch time. The master dataset holds the events that were valid under the rules *when they were
+archived*. The batch job re-applies the rules declared *now* to every master row (:func:`valid_rows`, compiled from
+the declaration with the semantics of :mod:`lambdalake.validation`), before dedup: a row invalid under the current
+rules neither counts nor shadows a later valid duplicate of its event id. So a *tightened* rule (lower ``maximum``, a
+new ``pattern``, a field becoming required and non-nullable, ...) drops the master rows it makes invalid. A
+*loosened* rule is not honoured by the batch job: the messages it makes valid are in the dead-letter topic, not in
+the master dataset.
+
+Limits of the compiled rules (the archiver applied the exact rules; these only re-check stored values):
+
+- ``pattern`` is a Python ``re`` pattern; Spark evaluates it with Java's ``java.util.regex`` as
+  ``(?dU)\A(?:<pattern>)\z`` — a full match like ``re.fullmatch``, ``.``/``^``/``$`` treating only ``\n`` as a
+  line break (``UNIX_LINES``) and ``\d``/``\w``/``\s``/``\b`` as Unicode classes (``UNICODE_CHARACTER_CLASS``),
+  as in Python. The two dialects agree on the common syntax (classes, quantifiers, groups, alternation, anchors,
+  ``(?i)``; ``tests/test_batch_job.py`` checks it on the demo patterns and edge strings); Python-only syntax
+  (``(?P<name>...)``, ``(?P=name)``, ``\Z``, conditional groups) is refused with a :class:`PipelineError`, and
+  Unicode class membership can differ for rare code points between Python's and Java's Unicode tables.
+- Length is counted in Unicode code points on both sides (Spark ``length``, Python ``len``).
+- A field that becomes *required but nullable* cannot be re-checked: master stores an absent optional field and an
+  explicit null alike (null), so such rows are kept.
 
 Also runnable with ``spark-submit batch/job.py --home DIR --pipeline SPEC [--view NAME] [--keep K]``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -49,15 +74,18 @@ import pyarrow.parquet as pq
 if __package__ in (None, ""):  # run as a script (spark-submit batch/job.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from batch.compact import master_readers_lock, snapshot_files
+from batch.compact import master_readers_lock
 from batch.exceptions import BatchValidationError, NothingToCompute
-from batch.master import INGEST_COL, OFFSET_COL, PARTITION_COL, TS_TYPE, arrow_type, file_rows, sha256_file
+from batch.master import file_rows, sha256_file
 from batch.publish import DEFAULT_KEEP, new_staging_dir, publish
+from lambdalake import contracts
 from lambdalake.config import Settings, fix_handoff_block
+from lambdalake.contracts import BatchManifest, BatchView, InputFile, Positions
 from lambdalake.exceptions import PipelineError
 from lambdalake.handoff import aligned_watermark
-from lambdalake.layout import Layout, current_batch_manifest, watermark_of
-from lambdalake.pipeline import WINDOW_START, Aggregate, Pipeline, Source, View
+from lambdalake.layout import Layout, current_batch_manifest
+from lambdalake.pipeline import WINDOW_START, Aggregate, Field, Pipeline, Source, View
+from lambdalake.schema import OFFSET_COL, PARTITION_COL, arrow_schema, master_columns, view_columns
 
 log = logging.getLogger(__name__)
 
@@ -69,63 +97,48 @@ SESSION_CONF = {
 }
 
 
-# --- snapshot ------------------------------------------------------------------------------------------------------
+# --- inputs --------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class InputFile:
-    """One master file a version read (its lineage entry in the manifest)."""
+class Inputs:
+    """The master files a run reads (its lineage) and the watermark ``W`` it covers."""
 
-    path: str  # relative to the lake home
-    source: str
-    partition: int
-    start: int
-    end: int
-    bytes: int
-    sha256: str
-    rows: int
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The master files a run reads and the watermark it covers: ``{topic: {partition: W}}``."""
-
-    watermark: dict[str, dict[int, int]]
-    inputs: list[InputFile]
-    archived: dict[str, dict[int, int]]  # topic -> partition -> archived end (W trails it by < block)
+    watermark: Positions
+    archived: Positions  # archived end per partition (W trails it by < block)
+    files: list[InputFile]
 
     def files_of(self, source: Source) -> list[InputFile]:
-        return [f for f in self.inputs if f.source == source.name]
+        return [f for f in self.files if f.source == source.name]
 
 
-def take_snapshot(layout: Layout, pipeline: Pipeline, block: int,
-                  fixed_watermark: dict[tuple[str, int], int] | None = None) -> Snapshot:
+def select_inputs(layout: Layout, pipeline: Pipeline, block: int, fixed_watermark: Positions | None = None) -> Inputs:
     """Step 1 of the run protocol. ``fixed_watermark`` reuses a published one (``--view``)."""
     if block < 1:
         raise PipelineError(f"handoff block {block} must be >= 1 (LAMBDALAKE_HANDOFF_BLOCK)")
-    watermark: dict[str, dict[int, int]] = {}
-    archived: dict[str, dict[int, int]] = {}
+    watermark: dict[tuple[str, int], int] = {}
+    archived: dict[tuple[str, int], int] = {}
     inputs: list[InputFile] = []
     for src in pipeline.sources:
-        files = snapshot_files(layout, src)
+        files = layout.master_files(src.name)
         ends: dict[int, int] = {}
-        for f in files:
+        for f in files:  # sorted by (partition, start): the last file of a partition ends its range
             ends[f.partition] = f.end
-        archived[src.topic] = dict(sorted(ends.items()))
+        archived.update({(src.topic, p): e for p, e in ends.items()})
         if fixed_watermark is None:
             wm = {p: aligned_watermark(end, block) for p, end in ends.items()}
         else:
-            wm = {p: w for (t, p), w in fixed_watermark.items() if t == src.topic}
+            wm = fixed_watermark.of_topic(src.topic)
             short = {p: w for p, w in wm.items() if ends.get(p, 0) < w}
             if short:
                 raise BatchValidationError(f"master dataset of {src.name!r} no longer reaches the published "
                                            f"watermark {short} (archived ends {ends}); run a full batch")
-        watermark[src.topic] = dict(sorted(wm.items()))
+        watermark.update({(src.topic, p): w for p, w in wm.items()})
         for f in files:
             if f.start >= wm.get(f.partition, 0):
                 continue
             st = f.path.stat()
             inputs.append(InputFile(str(f.path.relative_to(layout.home)), src.name, f.partition, f.start, f.end,
                                     st.st_size, sha256_file(f.path), file_rows(f.path)))
-    return Snapshot(watermark, inputs, archived)
+    return Inputs(Positions(watermark), Positions(archived), inputs)
 
 
 # --- Spark ---------------------------------------------------------------------------------------------------------
@@ -152,29 +165,90 @@ def spark_session(master: str | None = None, app_name: str = "lambdalake-batch")
     return builder.getOrCreate()
 
 
+# The Spark type of each logical type (lambdalake.schema): the only type table of this engine.
+SPARK_TYPES = {"string": "StringType", "integer": "LongType", "timestamp": "TimestampType", "int32": "IntegerType"}
+
+
+def spark_type(logical: str):
+    from pyspark.sql import types as T
+
+    return getattr(T, SPARK_TYPES[logical])()
+
+
 def _spark_schema(source: Source):
     from pyspark.sql import types as T
 
-    t = {"string": T.StringType(), "integer": T.LongType(), "timestamp": T.TimestampType()}
-    fields = [T.StructField(f.name, t[f.type], True) for f in source.fields]
-    fields += [T.StructField(PARTITION_COL, T.IntegerType(), True), T.StructField(OFFSET_COL, T.LongType(), True),
-               T.StructField(INGEST_COL, T.TimestampType(), True)]
-    return T.StructType(fields)
+    return T.StructType([T.StructField(c.name, spark_type(c.type), True) for c in master_columns(source)])
 
 
-def deduplicated_events(spark, layout: Layout, source: Source, snapshot: Snapshot, columns: list[str]):
-    """Step 2: valid events of ``source`` below the watermark, first occurrence per (partition, event id)."""
+_PYTHON_ONLY_REGEX = re.compile(r"\(\?P[<=]|\\Z|\(\?\(")
+
+
+def java_pattern(field: Field) -> str:
+    """The Java regex that full-matches like ``re.fullmatch(field.pattern, value)`` (see the module docstring)."""
+    assert field.pattern is not None
+    bad = _PYTHON_ONLY_REGEX.search(field.pattern)
+    if bad:
+        raise PipelineError(f"field {field.name!r}: pattern {field.pattern!r} uses Python-only regex syntax "
+                            f"{bad.group(0)!r}, which the Spark batch job cannot evaluate; write it without it "
+                            "(e.g. (?<name>...) for a named group, $ or \\z instead of \\Z)")
+    return rf"(?dU)\A(?:{field.pattern})\z"
+
+
+def valid_rows(source: Source):
+    """A Spark boolean column: the stored master row is valid under the *declared* field rules (rules 3 and 5 of
+    :mod:`lambdalake.validation`: required/nullable, minimum/maximum, min_length/max_length in code points, pattern
+    as a full match). Master values are already typed, so the type rules need no re-check. None: no rule can reject
+    a row."""
     from pyspark.sql import functions as F
 
-    files = snapshot.files_of(source)
-    wm = snapshot.watermark.get(source.topic, {})
+    conds = []
+    for f in source.fields:
+        col = F.col(f.name)
+        rules = []
+        if f.type == "integer":
+            if f.minimum is not None:
+                rules.append(col >= F.lit(f.minimum))
+            if f.maximum is not None:
+                rules.append(col <= F.lit(f.maximum))
+        elif f.type == "string":
+            if f.min_length is not None and f.min_length > 0:
+                rules.append(F.length(col) >= F.lit(f.min_length))
+            if f.max_length is not None:
+                rules.append(F.length(col) <= F.lit(f.max_length))
+            if f.pattern:
+                rules.append(col.rlike(java_pattern(f)))
+        value_ok = None
+        for r in rules:
+            value_ok = r if value_ok is None else value_ok & r
+        if f.required and not f.nullable:  # null is invalid (absent, or null where null is not allowed)
+            conds.append(col.isNotNull() if value_ok is None else col.isNotNull() & value_ok)
+        elif value_ok is not None:
+            conds.append(col.isNull() | value_ok)
+    out = None
+    for c in conds:
+        out = c if out is None else out & c
+    return out
+
+
+def deduplicated_events(spark, layout: Layout, source: Source, inputs: Inputs, columns: list[str]):
+    """Step 2: events of ``source`` below the watermark, valid under the declared rules, first occurrence per
+    (partition, event id)."""
+    from pyspark.sql import functions as F
+
+    files = inputs.files_of(source)
+    wm = inputs.watermark.of_topic(source.topic)
     schema = _spark_schema(source)
     if not files:
         return spark.createDataFrame([], schema).select(*columns)
     df = spark.read.schema(schema).parquet(*[str(layout.home / f.path) for f in files])
     # W per partition as a literal map: rows of a file straddling W are cut at W
     wm_map = F.create_map(*[x for p, w in sorted(wm.items()) for x in (F.lit(p), F.lit(w).cast("long"))])
-    df = df.where(F.col(OFFSET_COL) < wm_map[F.col(PARTITION_COL)]).select(*columns)
+    df = df.where(F.col(OFFSET_COL) < wm_map[F.col(PARTITION_COL)])
+    valid = valid_rows(source)
+    if valid is not None:  # before dedup: an invalid row neither counts nor shadows a later valid duplicate
+        df = df.where(valid)
+    df = df.select(*columns)
     # Duplicates are rare: find the ids seen more than once (a narrow aggregate that reads only ids and
     # offsets) and drop their later occurrences with a broadcast join, so full rows are never shuffled for dedup.
     # If the repeated ids are too many to broadcast, Spark picks a shuffle join; the result is the same.
@@ -224,12 +298,8 @@ def view_columns_needed(pipeline: Pipeline, source: Source) -> list[str]:
 
 # --- validation ----------------------------------------------------------------------------------------------------
 def expected_schema(pipeline: Pipeline, view: View) -> pa.Schema:
-    """Arrow schema of a batch view as declared (the layout contract)."""
-    fields = pipeline.source_of(view).field_map
-    cols = [pa.field(k, arrow_type(fields[k])) for k in view.keys] + [pa.field(WINDOW_START, TS_TYPE)]
-    for a in view.stored_aggregates:
-        cols.append(pa.field(a.name, pa.int64() if a.kind in ("count", "sum") else arrow_type(fields[a.column])))
-    return pa.schema(cols)
+    """Arrow schema of a batch view as declared (the layout contract; Spark writes every column nullable)."""
+    return arrow_schema(view_columns(pipeline.source_of(view), view), nullability=False)
 
 
 def validate_staged(pipeline: Pipeline, view: View, vdir: Path, events: int | None) -> int:
@@ -288,47 +358,40 @@ def code_version() -> str:
     return f"{ver} (git {sha}{'+dirty' if dirty else ''})" if sha else ver
 
 
-def view_fingerprint(pipeline: Pipeline, view: View) -> str:
-    """Hash of everything a view's rows depend on besides the data: its declaration and its source's."""
-    src = pipeline.source_of(view)
-    text = repr((view.name, view.keys, view.bucket_us, view.stored_aggregates, src.name, src.fields, src.event_id,
-                 src.event_time))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
 # --- the run -------------------------------------------------------------------------------------------------------
 def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: list[str] | None = None, *,
-              spark_master: str | None = None, keep: int | None = None) -> dict:
+              spark_master: str | None = None, keep: int | None = None) -> BatchManifest:
     """Compute and publish a new batch version (the run protocol in the module docstring). Returns its manifest.
 
     ``spark``: an existing SparkSession to use (it is left running); otherwise one is created for
     ``spark_master`` (default ``settings.spark_master``) and stopped at the end.
-    ``views``: names to recompute at the published watermark (others carried over); None = all, new watermark.
+    ``views``: names to recompute at the published watermark (others carried over when their definition is
+    unchanged, else recomputed too); None = all, new watermark.
     """
     layout = Layout(settings.home)
     keep = DEFAULT_KEEP if keep is None else keep
     selected = [pipeline.view(v) for v in views] if views else list(pipeline.views)
     if not pipeline.views:
         raise PipelineError(f"pipeline {pipeline.name!r} declares no views; nothing to compute")
-    started, t0 = _now(), time.monotonic()
+    for src in pipeline.sources:  # refuse a pattern Spark cannot evaluate before anything is read
+        for f in src.fields:
+            if f.pattern:
+                java_pattern(f)
+    started, t0 = contracts.utc_now_iso(), time.monotonic()
 
     published = current_batch_manifest(layout)
     fixed_wm = None
-    carried: dict[str, dict] = {}
+    carried: dict[str, BatchView] = {}
     if views and published is not None:
         # recompute the named views at the published watermark; carry over the others if unchanged
-        fixed_wm = watermark_of(published)
-        old_views = published.get("views", {})
+        fixed_wm = published.watermark
         for v in pipeline.views:
             if v in selected:
                 continue
-            old = old_views.get(v.name)
-            if old and old.get("fingerprint") == view_fingerprint(pipeline, v):
-                carried[v.name] = old
+            declared = pipeline.fingerprint(v)
+            if published.definition_matches(v.name, declared, pipeline.legacy_fingerprint(v)):
+                # a format-1 version matched by its legacy fingerprint: record the current one from now on
+                carried[v.name] = msgspec.structs.replace(published.views[v.name], fingerprint=declared)
             else:
                 selected.append(v)
     elif views:
@@ -339,12 +402,13 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
     published_ok = False
     try:
         with master_readers_lock(layout):
-            # 1. snapshot (before starting Spark: an empty lake fails fast)
-            snap = take_snapshot(layout, pipeline, settings.handoff_block, fixed_wm)
-            if not any(w for parts in snap.watermark.values() for w in parts.values()):
+            # 1. inputs (before starting Spark: an empty lake fails fast)
+            inputs = select_inputs(layout, pipeline, settings.handoff_block, fixed_wm)
+            if not any(inputs.watermark.values()):
                 raise NothingToCompute(
                     f"the master dataset holds no complete block of {settings.handoff_block} offsets yet "
-                    f"(archived ends: {snap.archived}); run `lambdalake ingest` first or wait for more data")
+                    f"(archived ends: {inputs.archived.nested()}); run `lambdalake ingest` first or wait for more "
+                    "data")
             fix_handoff_block(settings.home, settings.handoff_block)  # fixed for the life of the lake from now on
             if own_spark:
                 spark = spark_session(spark_master or settings.spark_master)
@@ -352,8 +416,8 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
             for k, v in SESSION_CONF.items():
                 spark.conf.set(k, v)
             try:
-                # 2-4. read + dedup, aggregate, write, validate
-                row_counts, events, view_meta = _compute(spark, layout, pipeline, snap, selected, staging)
+                # 2-4. read + validate + dedup, aggregate, write, check
+                row_counts, events, view_meta = _compute(spark, layout, pipeline, inputs, selected, staging)
             finally:
                 for k, v in saved.items():
                     if v is None:
@@ -361,28 +425,29 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
                     else:
                         spark.conf.set(k, v)
         engine, master = f"spark {spark.version}", spark.sparkContext.master
-        for name, old in carried.items():
-            _carry_over(layout, published["version"], name, staging)
-            row_counts[name] = published["row_counts"][name]
-            view_meta[name] = {**old}
-        finished = _now()
-        manifest = {
-            "version": None,  # filled in by publish
-            "pipeline": pipeline.name,
-            "watermark": {t: {str(p): w for p, w in parts.items()} for t, parts in snap.watermark.items()},
-            "block": settings.handoff_block,
-            "archived": {t: {str(p): e for p, e in parts.items()} for t, parts in snap.archived.items()},
-            "inputs": [asdict(f) for f in snap.inputs],
-            "row_counts": {v.name: row_counts[v.name] for v in pipeline.views},
-            "events": events,
-            "views": {v.name: view_meta[v.name] for v in pipeline.views},
-            "engine": engine,
-            "spark_master": master,
-            "code_version": code_version(),
-            "started_at": started,
-            "finished_at": finished,
-            "duration_s": round(time.monotonic() - t0, 3),
-        }
+        for name, meta in carried.items():
+            _carry_over(layout, published.version, name, staging)
+            row_counts[name] = published.row_counts[name]
+            view_meta[name] = meta
+        if published is not None and views:
+            events = {**published.events, **events}  # a carried view's source keeps its published count
+        manifest = BatchManifest(
+            pipeline=pipeline.name,
+            watermark=inputs.watermark,
+            block=settings.handoff_block,
+            archived=inputs.archived,
+            inputs=inputs.files,
+            row_counts={v.name: row_counts[v.name] for v in pipeline.views},
+            events={s.name: events[s.name] for s in pipeline.sources if s.name in events},
+            views={v.name: view_meta[v.name] for v in pipeline.views},
+            engine=engine,
+            spark_master=master,
+            code_version=code_version(),
+            started_at=started,
+            finished_at=contracts.utc_now_iso(),
+            duration_s=round(time.monotonic() - t0, 3),
+            format=contracts.MANIFEST_FORMAT,
+        )
         # 5. publish (manifest, atomic dir rename, CURRENT switch, prune)
         manifest = publish(layout, staging, manifest, keep=keep)
         published_ok = True
@@ -394,21 +459,21 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
             spark.stop()
 
 
-def _compute(spark, layout: Layout, pipeline: Pipeline, snap: Snapshot, selected: list[View],
-             staging: Path) -> tuple[dict[str, int], dict[str, int], dict[str, dict]]:
+def _compute(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, selected: list[View],
+             staging: Path) -> tuple[dict[str, int], dict[str, int], dict[str, BatchView]]:
     """Steps 2-4 for the selected views. Returns (row counts, deduplicated events per source, per-view meta)."""
     from pyspark import StorageLevel
 
     row_counts: dict[str, int] = {}
     events: dict[str, int] = {}
-    meta: dict[str, dict] = {}
+    meta: dict[str, BatchView] = {}
     for src in pipeline.sources:
         src_views = [v for v in selected if v.source == src.name]
         if not src_views:
             continue
-        # 2. read below W + dedup (cached: every view of the source reads it)
+        # 2. read below W + validate + dedup (cached: every view of the source reads it)
         t0 = time.monotonic()
-        ev = deduplicated_events(spark, layout, src, snap, view_columns_needed(pipeline, src))
+        ev = deduplicated_events(spark, layout, src, inputs, view_columns_needed(pipeline, src))
         ev = ev.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             events[src.name] = ev.count()
@@ -424,8 +489,8 @@ def _compute(spark, layout: Layout, pipeline: Pipeline, snap: Snapshot, selected
                     junk.unlink(missing_ok=True)
                 # 4. validate before anything can be published
                 row_counts[view.name] = validate_staged(pipeline, view, vdir, events[src.name])
-                meta[view.name] = {"fingerprint": view_fingerprint(pipeline, view), "computed_in": None,
-                                   "files": sorted(f.name for f in vdir.glob("*.parquet"))}
+                meta[view.name] = BatchView(pipeline.fingerprint(view),
+                                            files=sorted(f.name for f in vdir.glob("*.parquet")))
         finally:
             ev.unpersist()
     return row_counts, events, meta
@@ -469,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     except LambdalakeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(json.dumps({k: manifest[k] for k in ("version", "watermark", "row_counts", "duration_s")}))
+    out = contracts.to_builtins(manifest)
+    print(json.dumps({k: out[k] for k in ("version", "watermark", "row_counts", "duration_s")}))
     return 0
 
 

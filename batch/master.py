@@ -3,12 +3,10 @@
 :mod:`lambdalake.layout` owns *where* master files live and how they are named; this module owns *what* is in one
 (the column contract below) and how a file comes into existence (never half-written under its final name).
 
-Columns of ``master/<source>/p=<partition>/<start>-<end>.parquet``, in order:
-
-- every declared field of the source: ``string`` -> ``string``, ``integer`` -> ``int64``,
-  ``timestamp`` -> ``timestamp[us, UTC]``; required non-nullable fields are non-nullable columns;
-- ``_partition`` int32, ``_offset`` int64 (the event's position), ``_ingest_time`` timestamp[us, UTC] (when the
-  archiver consumed it).
+Columns of ``master/<source>/p=<partition>/<start>-<end>.parquet``: :func:`lambdalake.schema.master_columns` in
+Arrow types (:data:`lambdalake.schema.ARROW_TYPES`) — every declared field of the source (required non-nullable
+fields are non-nullable columns), then ``_partition``, ``_offset`` (the event's position) and ``_ingest_time`` (when
+the archiver consumed it).
 
 Rows are in offset order. A file holds the *valid* messages of ``[start, end)``; invalid offsets of the range are in
 the dead-letter topic, so a range may legitimately hold zero rows.
@@ -26,36 +24,24 @@ import pyarrow.parquet as pq
 
 from lambdalake.exceptions import InvariantViolation
 from lambdalake.layout import Layout, MasterFile, fsync_dir, tmp_name
-from lambdalake.pipeline import Field, Source
+from lambdalake.pipeline import Source
+from lambdalake.schema import ARROW_TYPES, INGEST_COL, OFFSET_COL, PARTITION_COL, arrow_schema, master_columns
 
-PARTITION_COL = "_partition"
-OFFSET_COL = "_offset"
-INGEST_COL = "_ingest_time"
-TS_TYPE = pa.timestamp("us", tz="UTC")
 COMPRESSION = "zstd"
-
-
-def arrow_type(f: Field) -> pa.DataType:
-    """Arrow type of a declared field (the master file and batch view contract)."""
-    return {"string": pa.string(), "integer": pa.int64(), "timestamp": TS_TYPE}[f.type]
 
 
 def master_schema(source: Source) -> pa.Schema:
     """Schema of every master file of ``source``."""
-    fields = [pa.field(f.name, arrow_type(f), nullable=not f.required or f.nullable) for f in source.fields]
-    fields += [pa.field(PARTITION_COL, pa.int32(), nullable=False), pa.field(OFFSET_COL, pa.int64(), nullable=False),
-               pa.field(INGEST_COL, TS_TYPE, nullable=False)]
-    return pa.schema(fields)
+    return arrow_schema(master_columns(source))
 
 
 def master_table(source: Source, columns: dict[str, list], partition: int, offsets: list[int],
                  ingest_us: list[int]) -> pa.Table:
     """Build a master table from per-field value lists (timestamps as UTC µs ints) and positions."""
-    schema = master_schema(source)
-    arrays = [pa.array(columns[f.name], type=arrow_type(f)) for f in source.fields]
-    arrays += [pa.array([partition] * len(offsets), type=pa.int32()), pa.array(offsets, type=pa.int64()),
-               pa.array(ingest_us, type=TS_TYPE)]
-    return pa.Table.from_arrays(arrays, schema=schema)
+    values = {**columns, PARTITION_COL: [partition] * len(offsets), OFFSET_COL: offsets, INGEST_COL: ingest_us}
+    cols = master_columns(source)
+    return pa.Table.from_arrays([pa.array(values[c.name], type=ARROW_TYPES[c.type]) for c in cols],
+                                schema=master_schema(source))
 
 
 def write_parquet_atomic(table: pa.Table, final: Path, *, overwrite: bool = False) -> int:

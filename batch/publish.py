@@ -9,7 +9,8 @@ Publish protocol (:func:`publish`), mirrored by numbered comments in the code:
 1. Take the publish lock (``views/batch/.publish.lock``), so versions are numbered and switched one at a time.
 2. Paranoid check: the new watermark is not below the published one in any partition (the speed layer may already
    have pruned what the published version covers; going back would lose those events from serving).
-3. Choose the next version id, write ``manifest.json`` into the staging directory.
+3. Choose the next version id; stamp it, ``published_at`` and each newly computed view's ``computed_in`` into the
+   :class:`~lambdalake.contracts.BatchManifest` and write it as ``manifest.json`` into the staging directory.
 4. fsync every staged file and rename the staging directory to ``views/batch/<version>`` (atomic).
 5. Switch ``CURRENT`` to the new version (atomic rename of a small JSON file) — the commit point: from here on
    new queries read the new version.
@@ -21,8 +22,6 @@ ignored by readers and removed by the next run once its process is gone.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import re
 import shutil
@@ -31,12 +30,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import msgspec
 import psutil
 
 from batch.exceptions import PublishError
+from lambdalake import contracts
 from lambdalake.config import env_int
+from lambdalake.contracts import BatchManifest, BatchPointer
 from lambdalake.exceptions import ConfigError, InvariantViolation
-from lambdalake.layout import Layout, atomic_publish_dir, read_pointer, watermark_of, write_pointer
+from lambdalake.layout import (
+    Layout,
+    atomic_publish_dir,
+    batch_pointer,
+    current_speed_snapshot,
+    read_batch_manifest,
+    write_pointer,
+)
+from lambdalake.locks import flock
 
 VERSION = re.compile(r"^v(\d{6,})$")
 STAGING = re.compile(r"^\.staging-(\d+)-[0-9a-f]+$")
@@ -63,11 +73,6 @@ def list_versions(layout: Layout) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
-def current_version(layout: Layout) -> str | None:
-    ptr = read_pointer(layout.batch_pointer)
-    return None if ptr is None else ptr["version"]
-
-
 def _next_version(layout: Layout) -> str:
     base = layout.batch_views
     highest = 0
@@ -82,14 +87,8 @@ def _next_version(layout: Layout) -> str:
 @contextmanager
 def publish_lock(layout: Layout) -> Iterator[None]:
     """Exclusive lock serialising version numbering, pointer switches, rollback and pruning."""
-    layout.batch_views.mkdir(parents=True, exist_ok=True)
-    fd = os.open(layout.batch_views / ".publish.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with flock(layout.batch_views / ".publish.lock", what="the batch publish lock"):
         yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 
 def new_staging_dir(layout: Layout) -> Path:
@@ -116,17 +115,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def publish(layout: Layout, staging: Path, manifest: dict, keep: int = DEFAULT_KEEP) -> dict:
+def publish(layout: Layout, staging: Path, manifest: BatchManifest, keep: int = DEFAULT_KEEP) -> BatchManifest:
     """Publish a fully written and validated staging directory (see the module docstring). Returns the manifest
-    with its ``version`` filled in."""
+    as published: ``version``, ``published_at`` and every view's ``computed_in`` filled in."""
     # 1. one publisher at a time
     with publish_lock(layout):
         # 2. never move the watermark backwards
-        current = current_version(layout)
+        current = batch_pointer(layout)
         if current is not None:
-            old = watermark_of(_read_manifest(layout, current))
-            new = watermark_of(manifest)
-            behind = {k: (w, new.get(k, 0)) for k, w in old.items() if new.get(k, 0) < w}
+            old = _read_manifest(layout, current).watermark
+            new = manifest.watermark
+            behind = {k: (w, new.at(*k)) for k, w in old.items() if new.at(*k) < w}
             if behind:
                 (t, p), (w_old, w_new) = next(iter(behind.items()))
                 raise InvariantViolation(
@@ -134,26 +133,26 @@ def publish(layout: Layout, staging: Path, manifest: dict, keep: int = DEFAULT_K
                     f"{len(behind)} partitions behind); the master dataset lost data? nothing was published")
         # 3. version id + manifest
         version = _next_version(layout)
-        manifest = {**manifest, "version": version}
-        for meta in manifest.get("views", {}).values():
-            if meta.get("computed_in") is None:
-                meta["computed_in"] = version
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+        views = {name: meta if meta.computed_in is not None else msgspec.structs.replace(meta, computed_in=version)
+                 for name, meta in manifest.views.items()}
+        manifest = msgspec.structs.replace(manifest, version=version, views=views,
+                                           published_at=contracts.utc_now_iso())
+        (staging / "manifest.json").write_bytes(contracts.encode(manifest))
         # 4. staging -> views/batch/<version>, atomically
         atomic_publish_dir(staging, layout.batch_version(version))
         # 5. the commit point: CURRENT -> version
-        write_pointer(layout.batch_pointer, {"version": version})
+        write_pointer(layout.batch_pointer, BatchPointer(version))
         # 6. prune
         _prune_locked(layout, keep)
     return manifest
 
 
-def _read_manifest(layout: Layout, version: str) -> dict:
-    path = layout.batch_version(version) / "manifest.json"
+def _read_manifest(layout: Layout, version: str) -> BatchManifest:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InvariantViolation(f"batch version {version} has no readable manifest {path}: {exc}") from exc
+        return read_batch_manifest(layout, version)
+    except OSError as exc:
+        raise InvariantViolation(f"batch version {version} has no readable manifest "
+                                 f"{layout.batch_version(version) / 'manifest.json'}: {exc}") from exc
 
 
 def rollback(home: Path, *, force: bool = False) -> tuple[str, str]:
@@ -161,12 +160,11 @@ def rollback(home: Path, *, force: bool = False) -> tuple[str, str]:
 
     The previous version has a lower watermark. That is only exact while the speed layer still holds the
     positions between the two watermarks; if the published speed snapshot says it pruned beyond the previous
-    watermark (``snapshot.json`` key ``pruned_to``: {topic: {partition: offset}}), rollback refuses unless
-    ``force``.
+    watermark (:attr:`lambdalake.contracts.SpeedSnapshotMeta.pruned_to`), rollback refuses unless ``force``.
     """
     layout = Layout(home)
     with publish_lock(layout):
-        current = current_version(layout)
+        current = batch_pointer(layout)
         if current is None:
             raise PublishError("nothing is published yet, so there is nothing to roll back; run `lambdalake batch`")
         older = [v for v in list_versions(layout) if int(v[1:]) < int(current[1:])]
@@ -176,26 +174,24 @@ def rollback(home: Path, *, force: bool = False) -> tuple[str, str]:
         target = older[-1]
         if not force:
             _check_speed_covers(layout, _read_manifest(layout, target))
-        write_pointer(layout.batch_pointer, {"version": target})
+        write_pointer(layout.batch_pointer, BatchPointer(target))
     return current, target
 
 
-def _check_speed_covers(layout: Layout, manifest: dict) -> None:
-    from lambdalake.layout import current_speed_snapshot
-
+def _check_speed_covers(layout: Layout, manifest: BatchManifest) -> None:
     try:
         snap = current_speed_snapshot(layout)
     except InvariantViolation:
         snap = None
-    pruned = (snap or {}).get("pruned_to") or {}
-    wm = watermark_of(manifest)
-    for topic, parts in pruned.items():
-        for p, off in parts.items():
-            if int(off) > wm.get((topic, int(p)), 0):
-                raise PublishError(
-                    f"the speed layer already pruned {topic}[{p}] below offset {off}, but version "
-                    f"{manifest['version']} covers only < {wm.get((topic, int(p)), 0)}; rolling back would drop "
-                    "those events from serving. Re-run `lambdalake batch` instead, or pass --force")
+    if snap is None:
+        return
+    wm = manifest.watermark
+    for (topic, p), off in snap.pruned_to.items():
+        if off > wm.at(topic, p):
+            raise PublishError(
+                f"the speed layer already pruned {topic}[{p}] below offset {off}, but version "
+                f"{manifest.version} covers only < {wm.at(topic, p)}; rolling back would drop "
+                "those events from serving. Re-run `lambdalake batch` instead, or pass --force")
 
 
 def prune_versions(home: Path, keep: int = DEFAULT_KEEP) -> list[str]:
@@ -209,7 +205,7 @@ def _prune_locked(layout: Layout, keep: int) -> list[str]:
     if keep < 2:
         raise ConfigError(f"keep={keep} must be >= 2 (the current and the previous version)")
     versions = list_versions(layout)
-    current = current_version(layout)
+    current = batch_pointer(layout)
     protected = set(versions[-keep:])
     if current is not None:
         protected.add(current)

@@ -1,16 +1,63 @@
-"""Single-writer locks: one archiver, one speed layer per lake.
+"""File locks: the one ``flock`` helper (:func:`flock`) and single-writer pid locks (:class:`PidLock`).
 
-An exclusive, non-blocking ``flock`` on a file that also holds the owner's pid (for error messages and
-``lambdalake status``). The OS releases it when the process dies, kill -9 included, so a crash never leaves a
-stale lock; a clean release clears the pid so nobody reports a stopped process as running.
+- :func:`flock` — a shared or exclusive ``flock`` on a lock file, blocking, with an optional timeout (the batch
+  publish lock, the master readers lock, the compaction lock).
+- :class:`PidLock` — one archiver, one speed layer per lake: an exclusive, non-blocking ``flock`` on a file that also
+  holds the owner's pid (for error messages and ``lambdalake status``).
+
+The OS releases a ``flock`` when the process dies, kill -9 included, so a crash never leaves a stale lock; a clean
+release of a :class:`PidLock` clears the pid so nobody reports a stopped process as running.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from lambdalake.exceptions import LambdalakeError
+
+
+class LockBusy(LambdalakeError):
+    """A lock could not be taken within its timeout (another process holds it)."""
+
+    exit_code = 5
+
+
+@contextmanager
+def flock(path: Path, shared: bool = False, timeout: float | None = None, what: str = "",
+          on_busy: Callable[[str], Exception] | None = None) -> Iterator[None]:
+    """Hold a ``flock`` on ``path`` (created if missing) for the ``with`` block: shared or exclusive.
+
+    ``timeout`` None waits as long as it takes; a number (0 = try once) raises ``on_busy(message)`` (default
+    :class:`LockBusy`) when the lock is still held by another process after that many seconds.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if timeout is None:
+            fcntl.flock(fd, mode)
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        msg = f"{what or 'the lock'} is held by another process ({path}); try again later"
+                        raise (on_busy or LockBusy)(msg) from None
+                    time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 class PidLock:

@@ -51,7 +51,8 @@ class Column:
 
 def master_columns(source: Source) -> tuple[Column, ...]:
     cols = [Column(f.name, f.type, not f.required or f.nullable) for f in source.fields]
-    return (*cols, Column(PARTITION_COL, "int32"), Column(OFFSET_COL, "integer"), Column(INGEST_COL, "timestamp"))
+    return (*cols, Column(PARTITION_COL, "int32", nullable=False), Column(OFFSET_COL, "integer", nullable=False),
+            Column(INGEST_COL, "timestamp", nullable=False))
 
 
 def view_columns(source: Source, view: View) -> tuple[Column, ...]:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch.archiver import RollPolicy, ingest
-from batch.compact import compact, snapshot_files
+from batch.compact import compact
 from batch.master import master_schema
 from lambdalake.layout import Layout, archived_positions
 from tests.conftest import LAMBDALAKE
@@ -61,7 +61,7 @@ def actual_master(settings, pipeline) -> dict[str, list[tuple]]:
     out: dict[str, list[tuple]] = {}
     for s in pipeline.sources:
         rows = []
-        files = snapshot_files(layout, s)  # also checks files tile with no gap / overlap
+        files = layout.master_files(s.name)  # also checks files tile with no gap / overlap
         for f in files:
             t = pq.read_table(f.path)
             assert t.schema.equals(master_schema(s), check_metadata=False), f.path
@@ -190,6 +190,65 @@ def test_interrupted_compaction_is_recovered(settings, pipeline, run_cli):
     assert actual_master(settings, pipeline) == before
 
 
+class _Crash(Exception):
+    """Stands for the process dying at this point (nothing after it runs)."""
+
+
+def _sql_master_rows(layout: Layout, source) -> tuple[int, int]:
+    """(rows, distinct (partition, offset)) of the master dataset as a SQL reader sees it: the files of
+    ``Layout.master_files`` read with DuckDB."""
+    import duckdb
+
+    files = [str(f.path) for f in layout.master_files(source.name)]
+    con = duckdb.connect()
+    try:
+        return con.execute("SELECT count(*), count(DISTINCT (_partition, _offset)) FROM read_parquet($files)",
+                           {"files": files}).fetchone()
+    finally:
+        con.close()
+
+
+def test_compaction_killed_between_rename_and_done_counts_every_event_once(settings, pipeline, run_cli, monkeypatch):
+    """The real compaction, stopped right after its rename (merged file in place, replaced files still on disk, the
+    record still ``started``): ``Layout.master_files`` and a SQL reader of those files count every event once."""
+    import batch.compact as compaction
+
+    produce(run_cli, 300)
+    ingest(settings, pipeline, until_caught_up=True, policy=RollPolicy(max_rows=10))
+    layout = Layout(settings.home)
+    before = actual_master(settings, pipeline)
+    src = pipeline.sources[0]
+    n_rows = len(before[src.name])
+    assert _sql_master_rows(layout, src) == (n_rows, n_rows)
+    real_replace = os.replace
+
+    def replace_then_die(a, b):  # the rename of step 4 happens, then the process "dies"
+        real_replace(a, b)
+        if str(b).endswith(".parquet"):
+            raise _Crash
+
+    monkeypatch.setattr(compaction.os, "replace", replace_then_die)
+    with pytest.raises(_Crash):
+        compact(settings.home, pipeline, source=src.name, target_rows=1000)
+    monkeypatch.undo()
+    records = [json.loads(r.read_text()) for r in layout.master_log().glob("*-compact-*.json")]
+    assert [r["status"] for r in records] == ["started"]
+    on_disk = layout.master_files_on_disk(src.name)
+    merged = {f.path.name for f in on_disk} & {records[0]["merged"]["name"]}
+    replaced = {f.path.name for f in on_disk} & {r["name"] for r in records[0]["replaced"]}
+    assert merged and len(replaced) >= 2, "the crash must leave the merged file and the files it replaces"
+    # the one rule hides the replaced files: every event once, for the engine's readers and for SQL
+    assert actual_master(settings, pipeline) == before
+    assert _sql_master_rows(layout, src) == (n_rows, n_rows)
+    on_disk_rows = sum(pq.ParquetFile(f.path).metadata.num_rows for f in on_disk)
+    assert on_disk_rows > n_rows, "reading every file on disk would count some events twice"
+    # recovery (run by the next compaction or ingest) finishes it
+    compact(settings.home, pipeline, target_rows=1)
+    assert [json.loads(r.read_text())["status"] for r in layout.master_log().glob("*-compact-*.json")] == ["done"]
+    assert len(layout.master_files_on_disk(src.name)) == len(layout.master_files(src.name))
+    assert actual_master(settings, pipeline) == before and _sql_master_rows(layout, src) == (n_rows, n_rows)
+
+
 def _start_ingest(cli_env, *args: str, roll_rows: int = 25) -> subprocess.Popen:
     env = {**cli_env, "LAMBDALAKE_ARCHIVE_ROLL_ROWS": str(roll_rows)}
     return subprocess.Popen([LAMBDALAKE, "ingest", *args], env=env, stdout=subprocess.PIPE,
@@ -231,7 +290,7 @@ def test_kill_9_at_several_points_then_restart_is_exact(settings, pipeline, run_
         kills += was_running
         # whatever is on disk after a kill -9 tiles the offset space and is readable
         for s in pipeline.sources:
-            snapshot_files(Layout(settings.home), s)
+            Layout(settings.home).master_files(s.name)
     assert kills >= 2, "the archiver finished before it could be killed; raise the event count"
     # also kill one while temporary files may exist, then leave stray temp files like a crash would
     stray = Layout(settings.home).master_partition(pipeline.sources[0].name, 0) / ".000-stray.parquet.ab.tmp"

@@ -21,7 +21,15 @@ from batch.exceptions import NothingToCompute, PublishError
 from batch.job import run_batch
 from batch.master import sha256_file
 from batch.publish import list_versions, prune_versions, rollback
-from lambdalake.layout import Layout, current_batch_manifest, read_pointer, watermark_of
+from lambdalake.contracts import MANIFEST_FORMAT, BatchManifest, Positions, SpeedPointer, SpeedSnapshotMeta
+from lambdalake.layout import (
+    Layout,
+    batch_pointer,
+    current_batch_manifest,
+    speed_pointer,
+    write_contract,
+    write_pointer,
+)
 from lambdalake.pipeline import Mean, load_pipeline
 from tests.conftest import LAMBDALAKE
 from tests.oracle import assert_rows_equal, oracle_views, read_log
@@ -59,17 +67,19 @@ def version_rows(home: Path, version: str, view, raw: bool = False) -> list[tupl
     return out
 
 
-def below(manifest: dict) -> dict[tuple[str, int], int]:
-    return watermark_of(manifest)
+def below(manifest: BatchManifest) -> dict[tuple[str, int], int]:
+    return dict(manifest.watermark)
 
 
-def assert_version_equals_oracle(settings, pipeline, manifest: dict, log=None) -> None:
+def assert_version_equals_oracle(settings, pipeline, manifest: BatchManifest, log=None) -> None:
     log = log if log is not None else read_log(settings.bootstrap, [s.topic for s in pipeline.sources])
     expected = oracle_views(pipeline, log, below=below(manifest))
+    assert sorted(manifest.views) == sorted(v.name for v in pipeline.views) == sorted(manifest.row_counts)
     for view in pipeline.views:
-        rows = version_rows(settings.home, manifest["version"], view)
+        rows = version_rows(settings.home, manifest.version, view)
         assert_rows_equal(rows, expected[view.name], view.name)
-        assert manifest["row_counts"][view.name] == len(expected[view.name])
+        assert manifest.row_counts[view.name] == len(expected[view.name])
+        assert manifest.views[view.name].fingerprint == pipeline.fingerprint(view)
 
 
 @pytest.fixture
@@ -85,34 +95,33 @@ def test_batch_views_equal_oracle_below_aligned_watermark(archived, pipeline, sp
     settings = archived
     manifest = run_batch(settings, pipeline, spark=spark)
     layout = Layout(settings.home)
-    assert read_pointer(layout.batch_pointer) == {"version": "v000001"}
+    assert batch_pointer(layout) == "v000001"
     assert current_batch_manifest(layout) == manifest
     # watermark: whole blocks only, trailing the archived ends by less than a block, and really trailing somewhere
     block = settings.handoff_block
-    assert manifest["block"] == block
+    assert manifest.block == block
     trailing = 0
-    for s in pipeline.sources:
-        for p, end in manifest["archived"][s.topic].items():
-            w = manifest["watermark"][s.topic][p]
-            assert w % block == 0 and 0 <= end - w < block
-            trailing += end > w
+    for (t, p), end in manifest.archived.items():
+        w = manifest.watermark.at(t, p)
+        assert w % block == 0 and 0 <= end - w < block
+        trailing += end > w
     assert trailing > 0, "the test data should leave partial blocks so W trails the archived data"
     assert_version_equals_oracle(settings, pipeline, manifest)
     # lineage: inputs are real files with the recorded size, checksum and rows; they cover [0, W) exactly
-    for inp in manifest["inputs"]:
-        path = settings.home / inp["path"]
-        assert path.stat().st_size == inp["bytes"] and sha256_file(path) == inp["sha256"]
-        assert pq.ParquetFile(path).metadata.num_rows == inp["rows"]
+    for inp in manifest.inputs:
+        path = settings.home / inp.path
+        assert path.stat().st_size == inp.bytes and sha256_file(path) == inp.sha256
+        assert pq.ParquetFile(path).metadata.num_rows == inp.rows
     for s in pipeline.sources:
-        for p, w in manifest["watermark"][s.topic].items():
-            ranges = sorted((i["start"], i["end"]) for i in manifest["inputs"]
-                            if i["source"] == s.name and i["partition"] == int(p))
+        for p, w in manifest.watermark.of_topic(s.topic).items():
+            ranges = sorted((i.start, i.end) for i in manifest.inputs if i.source == s.name and i.partition == p)
             if w:
                 assert ranges[0][0] == 0 and ranges[-1][1] >= w > ranges[-1][0]
                 assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
-    for key in ("engine", "spark_master", "code_version", "started_at", "finished_at", "duration_s", "pipeline"):
-        assert manifest[key] not in (None, "")
-    assert manifest["engine"].startswith("spark 4.")
+    for key in ("engine", "spark_master", "code_version", "started_at", "finished_at", "published_at", "duration_s",
+                "pipeline", "version"):
+        assert getattr(manifest, key) not in (None, "")
+    assert manifest.engine.startswith("spark 4.") and manifest.format == MANIFEST_FORMAT
 
 
 def test_batch_below_w_plus_rest_above_w_equals_everything(archived, pipeline, spark, run_cli):
@@ -127,12 +136,12 @@ def test_batch_below_w_plus_rest_above_w_equals_everything(archived, pipeline, s
     res = run_cli("speed", "--until-caught-up", check=False, timeout=300)
     assert res.returncode == 0, res.stderr
     layout = Layout(settings.home)
-    ptr = read_pointer(layout.speed_pointer)
+    ptr = speed_pointer(layout)
     assert ptr is not None
-    sdir = layout.speed_snapshot(ptr["snapshot"])
+    sdir = layout.speed_snapshot(ptr)
     everything = oracle_views(pipeline, log)
     for view in pipeline.views:
-        batch_raw = version_rows(settings.home, manifest["version"], view, raw=True)
+        batch_raw = version_rows(settings.home, manifest.version, view, raw=True)
         speed = pq.read_table(sdir / f"{view.name}.parquet")
         topic = pipeline.source_of(view).topic
         keep = [w.get((topic, p), 0) <= b for p, b in zip(speed.column("_partition").to_pylist(),
@@ -182,8 +191,8 @@ def test_rerun_same_snapshot_same_content_and_rollback_and_prune(archived, pipel
     layout = Layout(settings.home)
     m1 = run_batch(settings, pipeline, spark=spark)
     m2 = run_batch(settings, pipeline, spark=spark)
-    assert (m1["version"], m2["version"]) == ("v000001", "v000002")
-    assert m1["watermark"] == m2["watermark"] and m1["inputs"] == m2["inputs"]
+    assert (m1.version, m2.version) == ("v000001", "v000002")
+    assert m1.watermark == m2.watermark and m1.inputs == m2.inputs
     for view in pipeline.views:
         assert sorted(version_rows(settings.home, "v000001", view, raw=True), key=repr) == \
             sorted(version_rows(settings.home, "v000002", view, raw=True), key=repr)
@@ -196,25 +205,23 @@ def test_rerun_same_snapshot_same_content_and_rollback_and_prune(archived, pipel
     # rollback through the real CLI: CURRENT -> v2, the older snapshot, which still equals its oracle
     res = run_cli("batch", "--rollback")
     assert "v000003 -> v000002" in res.stdout
-    assert read_pointer(layout.batch_pointer) == {"version": "v000002"}
+    assert batch_pointer(layout) == "v000002"
     assert_version_equals_oracle(settings, pipeline, current_batch_manifest(layout))
     # rollback again -> v1; a new run numbers after the highest existing version and becomes current
     assert rollback(settings.home) == ("v000002", "v000001")
     m4 = run_batch(settings, pipeline, spark=spark, keep=2)
-    assert m4["version"] == "v000004" and read_pointer(layout.batch_pointer) == {"version": "v000004"}
+    assert m4.version == "v000004" and batch_pointer(layout) == "v000004"
     # keep=2 pruned everything but the newest two (the current one and the one before it)
     assert list_versions(layout) == ["v000003", "v000004"]
     assert prune_versions(settings.home, keep=2) == []
     # the rollback refuses when the speed layer says it pruned beyond the previous watermark
-    layout.speed_views.mkdir(parents=True, exist_ok=True)
-    snap = layout.speed_snapshot("s-test")
-    snap.mkdir()
-    big = {t: {p: w + 10 * settings.handoff_block for p, w in parts.items()} for t, parts in m4["watermark"].items()}
-    (snap / "snapshot.json").write_text(json.dumps({"snapshot": "s-test", "pruned_to": big}))
-    (layout.speed_pointer).write_text(json.dumps({"snapshot": "s-test"}))
+    big = Positions({tp: w + 10 * settings.handoff_block for tp, w in m4.watermark.items()})
+    write_contract(layout.speed_snapshot("s-test") / "snapshot.json",
+                   SpeedSnapshotMeta(snapshot="s-test", positions=big, pruned_to=big, block=settings.handoff_block))
+    write_pointer(layout.speed_pointer, SpeedPointer("s-test"))
     with pytest.raises(PublishError, match="pruned"):
         rollback(settings.home)
-    assert read_pointer(layout.batch_pointer) == {"version": "v000004"}
+    assert batch_pointer(layout) == "v000004"
 
 
 def test_failed_run_changes_nothing_served(archived, pipeline, spark):
@@ -222,7 +229,7 @@ def test_failed_run_changes_nothing_served(archived, pipeline, spark):
     layout = Layout(settings.home)
     m1 = run_batch(settings, pipeline, spark=spark)
     # corrupt one input file in place (same name, garbage content): the Spark read fails
-    victim = settings.home / m1["inputs"][0]["path"]
+    victim = settings.home / m1.inputs[0].path
     good = victim.read_bytes()
     victim.write_bytes(b"PAR1 this is not parquet PAR1")
     try:
@@ -230,7 +237,7 @@ def test_failed_run_changes_nothing_served(archived, pipeline, spark):
             run_batch(settings, pipeline, spark=spark)
     finally:
         victim.write_bytes(good)
-    assert read_pointer(layout.batch_pointer) == {"version": "v000001"}
+    assert batch_pointer(layout) == "v000001"
     assert list_versions(layout) == ["v000001"]
     assert not [d for d in layout.batch_views.iterdir() if d.name.startswith(".staging")]
     assert_version_equals_oracle(settings, pipeline, current_batch_manifest(layout))
@@ -249,17 +256,17 @@ def test_view_option_recomputes_one_view_at_published_watermark(archived, pipeli
     produce(run_cli, 300, seed=13)
     ingest(settings, pipeline, until_caught_up=True)
     m2 = run_batch(settings, pipeline, spark=spark, views=["revenue_daily"])
-    assert m2["watermark"] == m1["watermark"]  # one watermark per version: the published one
+    assert m2.watermark == m1.watermark  # one watermark per version: the published one
     assert_version_equals_oracle(settings, pipeline, m2)
     # unchanged views are carried over as the very same files (hard links), the named one recomputed
     v1, v2 = settings.home / "views/batch/v000001", settings.home / "views/batch/v000002"
     for view in pipeline.views:
         same = all(os.path.samefile(f, v1 / view.name / f.name) for f in (v2 / view.name).glob("*.parquet")
                    if (v1 / view.name / f.name).exists())
-        recomputed = m2["views"][view.name]["computed_in"] == "v000002"
+        recomputed = m2.views[view.name].computed_in == "v000002"
         assert recomputed == (view.name == "revenue_daily")
         if not recomputed:
-            assert same and m2["views"][view.name]["computed_in"] == "v000001"
+            assert same and m2.views[view.name].computed_in == "v000001"
 
 
 SENSORS = '''
@@ -322,7 +329,7 @@ def test_second_pipeline_needs_no_engine_change(kafka_broker, tmp_path, unique_s
     expected = oracle_views(pipeline, log, below=below(manifest))
     assert any(r[0] is None for r in expected["site_15min"]), "the data should produce a null-site group"
     for view in pipeline.views:
-        assert_rows_equal(version_rows(home, manifest["version"], view), expected[view.name], view.name)
+        assert_rows_equal(version_rows(home, manifest.version, view), expected[view.name], view.name)
 
 
 def readings_topic(pipeline) -> str:
@@ -356,10 +363,10 @@ def test_killed_cli_run_changes_nothing_served(archived, pipeline, spark, cli_en
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)
-    assert read_pointer(layout.batch_pointer) == {"version": "v000001"}
+    assert batch_pointer(layout) == "v000001"
     assert list_versions(layout) == ["v000001"]
     m2 = run_batch(settings, pipeline, spark=spark)
-    assert m2["version"] == "v000002" and m2["watermark"] == m1["watermark"]
+    assert m2.version == "v000002" and m2.watermark == m1.watermark
     assert not [d for d in layout.batch_views.iterdir() if d.name.startswith(".staging")]
 
 
@@ -370,7 +377,7 @@ def test_local_cluster_run_via_cli(archived, pipeline, run_cli):
     res = run_cli("batch", "--spark-master", "local-cluster[2,1,1024]", timeout=600)
     assert "published batch version v000001" in res.stdout
     manifest = current_batch_manifest(Layout(settings.home))
-    assert manifest["spark_master"] == "local-cluster[2,1,1024]"
+    assert manifest.spark_master == "local-cluster[2,1,1024]"
     assert_version_equals_oracle(settings, pipeline, manifest)
 
 

@@ -11,19 +11,22 @@ import pytest
 from batch.exceptions import BatchValidationError, PublishError
 from batch.job import expected_schema, validate_staged
 from batch.publish import list_versions, new_staging_dir, prune_versions, publish, rollback
+from lambdalake.contracts import MANIFEST_FORMAT, BatchManifest, BatchView, Positions
 from lambdalake.exceptions import InvariantViolation
-from lambdalake.layout import Layout, read_pointer
+from lambdalake.layout import Layout, batch_pointer, read_batch_manifest
 from lambdalake.pipeline import load_pipeline
 
 PIPE = load_pipeline("lambdalake.pipelines.clickstream")
 TOPIC = "clickstream.pageviews"
 
 
-def _manifest(w: int) -> dict:
-    return {"pipeline": "clickstream", "watermark": {TOPIC: {"0": w}}, "block": 50, "views": {}}
+def _manifest(w: int) -> BatchManifest:
+    view = PIPE.view("pageviews_hourly")
+    return BatchManifest(pipeline="clickstream", watermark=Positions.of_topics({TOPIC: {0: w}}), block=50,
+                         views={view.name: BatchView(PIPE.fingerprint(view))}, format=MANIFEST_FORMAT)
 
 
-def _publish(layout: Layout, w: int, keep: int = 5) -> dict:
+def _publish(layout: Layout, w: int, keep: int = 5) -> BatchManifest:
     staging = new_staging_dir(layout)
     (staging / "pageviews_hourly").mkdir()
     return publish(layout, staging, _manifest(w), keep=keep)
@@ -31,19 +34,23 @@ def _publish(layout: Layout, w: int, keep: int = 5) -> dict:
 
 def test_versions_are_monotonic_pointer_switches_and_prune_keeps_current_and_previous(tmp_path):
     layout = Layout(tmp_path)
-    assert [_publish(layout, 50 * i)["version"] for i in range(1, 5)] == ["v000001", "v000002", "v000003", "v000004"]
-    assert read_pointer(layout.batch_pointer) == {"version": "v000004"}
+    assert [_publish(layout, 50 * i).version for i in range(1, 5)] == ["v000001", "v000002", "v000003", "v000004"]
+    assert batch_pointer(layout) == "v000004"
+    # what publish returns is what it wrote: version, published_at and computed_in stamped in
+    m = read_batch_manifest(layout, "v000004")
+    assert m.version == "v000004" and m.published_at and m.views["pageviews_hourly"].computed_in == "v000004"
+    assert m.watermark == Positions.of_topics({TOPIC: {0: 200}}) and m.format == MANIFEST_FORMAT
     assert rollback(tmp_path) == ("v000004", "v000003")
     assert rollback(tmp_path) == ("v000003", "v000002")
     # keep=2 would keep v3, v4 by age, but v2 is current and v1 its previous: all four survive this prune
     assert prune_versions(tmp_path, keep=2) == []
     m = _publish(layout, 250, keep=2)
-    assert m["version"] == "v000005"
+    assert m.version == "v000005" and m == read_batch_manifest(layout, "v000005")
     assert list_versions(layout) == ["v000004", "v000005"]
     with pytest.raises(PublishError):
         rollback(tmp_path)  # v5 -> v4 is fine ...
         rollback(tmp_path)  # ... but nothing is older than v4 any more
-    assert read_pointer(layout.batch_pointer) == {"version": "v000004"}
+    assert batch_pointer(layout) == "v000004"
 
 
 def test_publish_refuses_a_watermark_below_the_published_one(tmp_path):
@@ -51,7 +58,7 @@ def test_publish_refuses_a_watermark_below_the_published_one(tmp_path):
     _publish(layout, 100)
     with pytest.raises(InvariantViolation, match="below the published"):
         _publish(layout, 50)
-    assert read_pointer(layout.batch_pointer) == {"version": "v000001"}
+    assert batch_pointer(layout) == "v000001"
     assert list_versions(layout) == ["v000001"]
 
 
