@@ -27,3 +27,9 @@ class PublishError(LambdalakeError):
     """A batch version cannot be published, rolled back or pruned as asked."""
 
     exit_code = 7
+
+
+class ArchiverBehind(LambdalakeError):
+    """A running archiver did not archive up to the log's end offsets in time."""
+
+    exit_code = 8

@@ -190,14 +190,14 @@ def bench_recompute(n: int, workdir: Path, spark, spark_master: str, block: int,
         duck_counts = duckdb_views(home, pipeline, block, out)
         duck_runs.append(round(time.monotonic() - t0, 3))
     spark_s, duck_s = min(spark_runs), min(duck_runs)
-    if duck_counts != manifest["row_counts"]:
-        print(f"WARNING: row counts differ: spark {manifest['row_counts']} duckdb {duck_counts}", file=sys.stderr)
+    if duck_counts != manifest.row_counts:
+        print(f"WARNING: row counts differ: spark {manifest.row_counts} duckdb {duck_counts}", file=sys.stderr)
     master_bytes = sum(f.stat().st_size for f in (home / "master").rglob("*.parquet"))
     shutil.rmtree(home, ignore_errors=True)
     return {"events": n, "master_bytes": master_bytes, "generate_seconds": round(gen_s, 2),
             "spark_seconds": spark_s, "duckdb_seconds": duck_s, "spark_runs": spark_runs, "duckdb_runs": duck_runs,
-            "spark_over_duckdb": round(spark_s / duck_s, 2), "row_counts": manifest["row_counts"],
-            "row_counts_match": duck_counts == manifest["row_counts"], "spark_master": spark_master,
+            "spark_over_duckdb": round(spark_s / duck_s, 2), "row_counts": manifest.row_counts,
+            "row_counts_match": duck_counts == manifest.row_counts, "spark_master": spark_master,
             "means_declared": sum(isinstance(a, Mean) for v in pipeline.views for a in v.aggregates)}
 
 

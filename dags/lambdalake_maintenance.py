@@ -1,9 +1,9 @@
 """lambdalake_maintenance: compact small master files, then prune old batch versions (retention).
 
-Thin wiring over :func:`lambdalake.orchestration.tasks.compact_master` (the batch layer's atomic, recorded
-compaction; safe while the batch DAG runs: it waits for the master readers lock) and
-:func:`lambdalake.orchestration.tasks.prune_batch_versions` (keeps the newest ``LAMBDALAKE_BATCH_KEEP`` versions,
-never the current one nor the one before it). Both are idempotent: a second run finds nothing to do.
+Thin wiring over :func:`batch.compact.compact` (the batch layer's atomic, recorded compaction; safe while the batch
+DAG runs: it waits for the master readers lock) and :func:`batch.publish.prune_versions` (keeps the newest
+``LAMBDALAKE_BATCH_KEEP`` versions, never the current one nor the one before it). Both are idempotent: a second run
+finds nothing to do.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pendulum
 from airflow.sdk import dag, task
 
 from lambdalake.orchestration import dagkit
-from lambdalake.orchestration import tasks as lake
+from lambdalake.orchestration import tasks as wiring
 
 
 @dag(
@@ -30,15 +30,22 @@ def lambdalake_maintenance() -> None:
     @task
     def compact() -> dict:
         """Rewrite runs of small adjacent master files into one file each."""
-        settings, pipeline = lake.load(dagkit.run_config())
-        return lake.compact_master(settings, pipeline)
+        from dataclasses import asdict
+
+        from batch.compact import compact
+
+        settings, pipeline = wiring.load(dagkit.run_config())
+        return asdict(compact(settings.home, pipeline))
 
     @task
     def prune_versions() -> list[str]:
         """Delete batch versions beyond the retention."""
+        from batch.publish import default_keep, prune_versions
+
         cfg = dagkit.run_config()
-        settings, _ = lake.load(cfg)
-        return lake.prune_batch_versions(settings, lake.batch_keep(cfg))
+        settings, _ = wiring.load(cfg)
+        keep = wiring.batch_keep(cfg)
+        return prune_versions(settings.home, keep=default_keep() if keep is None else keep)
 
     compact() >> prune_versions()
 

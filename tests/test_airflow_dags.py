@@ -90,8 +90,8 @@ def test_every_dag_file_imports_without_errors(dags):
 def test_batch_dag_graph_and_policy(dags):
     dag = dags["dags"]["lambdalake_batch"]
     assert sorted(map(tuple, dag["edges"])) == sorted([
-        ("archive", "plan"), ("plan", "spark_batch"), ("plan", "validate"), ("spark_batch", "validate"),
-        ("validate", "publish"), ("publish", "speed_handoff"),
+        ("archive", "plan"), ("plan", "spark_batch"), ("plan", "verify"), ("spark_batch", "verify"),
+        ("verify", "announce"), ("announce", "speed_handoff"),
     ])
     assert dag["schedule"] == "0 * * * *"  # hourly by default
     assert dag["catchup"] is False and dag["max_active_runs"] == 1
@@ -102,9 +102,9 @@ def test_batch_dag_graph_and_policy(dags):
     assert spark["application"] == str(REPO / "batch" / "job.py")
     assert spark["conn_id"] == "spark_default"
     assert dag["tasks"]["plan"]["operator"].startswith("_Branch")
-    assert dag["tasks"]["validate"]["trigger_rule"] == "none_failed_min_one_success"
+    assert dag["tasks"]["verify"]["trigger_rule"] == "none_failed_min_one_success"
     assert dag["tasks"]["speed_handoff"]["trigger_rule"] == "none_failed"
-    assert dag["tasks"]["publish"]["outlets"] == ["lambdalake_batch_views"]
+    assert dag["tasks"]["announce"]["outlets"] == ["lambdalake_batch_views"]
 
 
 def test_downstream_dag_is_triggered_by_the_published_views_asset(dags):

@@ -3,15 +3,15 @@
 
 One test, one lake, a sequence of DAG runs:
 
-1. a normal run archives the log, computes and publishes v1, validates and announces it, and runs the (stopped)
+1. a normal run archives the log, computes and publishes v1, verifies and announces it, and runs the (stopped)
    speed layer once so it hands off; the serving layer then returns exactly the independent oracle;
 2. the same run again is a no-op: no new version, the same content served;
 3. a forced run recomputes with Spark: a new version with the same watermark and the same content;
-4. a published but unannounced version is validated and announced without Spark;
+4. a published but unannounced version is verified and announced without Spark;
 5. new events make a new version; 6. ``lambdalake_maintenance`` compacts the master files and prunes old versions,
    and serving still equals the oracle.
 
-Then the validator must reject tampered copies of the published version.
+Then the verifier must reject tampered copies of the published version.
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ import pyarrow.parquet as pq
 import pytest
 
 import lambdalake
+from batch.verify import VerificationFailed, verify_published
 from lambdalake.config import load_settings
 from lambdalake.kafka import free_port
-from lambdalake.layout import Layout, current_batch_manifest, current_speed_snapshot, watermark_of
+from lambdalake.layout import Layout, current_batch_manifest, current_speed_snapshot
 from lambdalake.orchestration.airflow_env import airflow_environment
 from lambdalake.orchestration.standalone import airflow_bin
-from lambdalake.orchestration.tasks import ValidationFailed, announced, validate_published
+from lambdalake.orchestration.tasks import announced
 from tests.oracle import assert_rows_equal, oracle_views, read_log
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1800)]
@@ -97,14 +98,13 @@ def test_dags_test_publishes_what_serving_returns_and_is_idempotent(settings, pi
     # 1. the first run publishes v000001
     airflow(env, "dags", "test", "lambdalake_batch")
     first = current_batch_manifest(layout)
-    assert first is not None and first["version"] == "v000001"
-    assert first["spark_master"].startswith("local"), "computed by spark-submit on the spark_default master"
-    assert announced(settings, "v000001"), "validated and announced through the Asset"
-    watermark = watermark_of(first)
-    assert sum(watermark.values()) > 0
+    assert first is not None and first.version == "v000001"
+    assert first.spark_master.startswith("local"), "computed by spark-submit on the spark_default master"
+    assert announced(settings, "v000001"), "verified and announced through the Asset"
+    watermark = first.watermark
+    assert watermark.total() > 0
     snap = current_speed_snapshot(layout)
-    pruned = {(t, int(p)): int(o) for t, parts in snap["pruned_to"].items() for p, o in parts.items()}
-    assert all(pruned.get(tp, 0) >= w for tp, w in watermark.items()), "the speed layer handed off to v000001"
+    assert all(snap.pruned_to.at(*tp) >= w for tp, w in watermark.items()), "the speed layer handed off to v000001"
 
     messages = read_log(settings.bootstrap, [s.topic for s in pipeline.sources])
     expected_all = oracle_views(pipeline, messages)
@@ -114,12 +114,12 @@ def test_dags_test_publishes_what_serving_returns_and_is_idempotent(settings, pi
         assert_rows_equal(views_v1[view.name], expected_all[view.name], view.name)
 
     states = run_states(env, 1)
-    assert states == dict.fromkeys(["archive", "plan", "spark_batch", "validate", "publish", "speed_handoff"],
+    assert states == dict.fromkeys(["archive", "plan", "spark_batch", "verify", "announce", "speed_handoff"],
                                    "success")
 
     # 2. the same run again: nothing new archived -> no new version, same content
     airflow(env, "dags", "test", "lambdalake_batch")
-    assert current_batch_manifest(layout)["version"] == "v000001"
+    assert current_batch_manifest(layout).version == "v000001"
     assert sorted(p.name for p in layout.batch_views.iterdir() if p.name.startswith("v")) == ["v000001"]
     second = served(settings, pipeline)
     for view in pipeline.views:
@@ -128,30 +128,30 @@ def test_dags_test_publishes_what_serving_returns_and_is_idempotent(settings, pi
     # 3. forced: Spark recomputes the same snapshot -> new version, same watermark, same content
     airflow(env, "dags", "test", "lambdalake_batch", "-c", json.dumps({"force": True}))
     third = current_batch_manifest(layout)
-    assert third["version"] == "v000002" and watermark_of(third) == watermark
-    assert third["row_counts"] == first["row_counts"] and third["events"] == first["events"]
+    assert third.version == "v000002" and third.watermark == watermark
+    assert third.row_counts == first.row_counts and third.events == first.events
     assert announced(settings, "v000002")
     forced = served(settings, pipeline)
     for view in pipeline.views:
         assert_rows_equal(forced[view.name], views_v1[view.name], view.name)
 
     states = run_states(env, 3, nth=2)
-    assert states["spark_batch"] == "skipped" and states["publish"] == "skipped", states
+    assert states["spark_batch"] == "skipped" and states["announce"] == "skipped", states
     assert states["archive"] == states["plan"] == states["speed_handoff"] == "success", states
 
     # 4. a published version nobody announced (published by hand, or a run that failed after publishing) is
-    #    validated and announced by the next run, without Spark
+    #    verified and announced by the next run, without Spark
     (layout.checkpoints("airflow") / "announced" / "v000002.json").unlink()
     airflow(env, "dags", "test", "lambdalake_batch")
-    assert current_batch_manifest(layout)["version"] == "v000002" and announced(settings, "v000002")
+    assert current_batch_manifest(layout).version == "v000002" and announced(settings, "v000002")
     states = run_states(env, 4)
     assert states["spark_batch"] == "skipped", states
-    assert states["validate"] == states["publish"] == states["speed_handoff"] == "success", states
+    assert states["verify"] == states["announce"] == states["speed_handoff"] == "success", states
 
     # 5. new events -> a new version; 6. maintenance compacts the master files and prunes old versions
     run_cli("produce", "--events", "700", "--seed", "12", "--span-hours", "30")
     airflow(env, "dags", "test", "lambdalake_batch")
-    assert current_batch_manifest(layout)["version"] == "v000003"
+    assert current_batch_manifest(layout).version == "v000003"
     files_before = sum(len(layout.master_files(s.name)) for s in pipeline.sources)
     airflow({**env, "LAMBDALAKE_BATCH_KEEP": "2"}, "dags", "test", "lambdalake_maintenance")
     assert sorted(p.name for p in layout.batch_views.iterdir() if p.name.startswith("v")) == ["v000002", "v000003"]
@@ -163,8 +163,8 @@ def test_dags_test_publishes_what_serving_returns_and_is_idempotent(settings, pi
     for view in pipeline.views:
         assert_rows_equal(after[view.name], expected_all[view.name], view.name)
 
-    # the validator is not a rubber stamp: it rejects a published version that lost a row or changed a total
-    assert validate_published(settings, pipeline).version == "v000003"
+    # the verifier is not a rubber stamp: it rejects a published version that lost a row or changed a total
+    assert verify_published(settings, pipeline).version == "v000003"
     view = next(v for v in pipeline.views if any(a.kind == "count" for a in v.stored_aggregates))
     count_col = next(a.name for a in view.stored_aggregates if a.kind == "count")
     for case in ("lost a row", "changed a count"):
@@ -181,5 +181,5 @@ def test_dags_test_publishes_what_serving_returns_and_is_idempotent(settings, pi
             table, match = table.set_column(table.schema.get_field_index(count_col), count_col,
                                             pa.array(counts, pa.int64())), "deduplicated master events"
         pq.write_table(table, victim)
-        with pytest.raises(ValidationFailed, match=match):
-            validate_published(settings.with_(home=copy), pipeline)
+        with pytest.raises(VerificationFailed, match=match):
+            verify_published(settings.with_(home=copy), pipeline)

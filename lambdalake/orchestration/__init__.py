@@ -1,8 +1,9 @@
-"""Airflow orchestration of the batch side: the importable task logic the DAGs in ``dags/`` schedule, and the
-``lambdalake airflow`` launcher.
+"""Airflow orchestration: the environment and launcher of ``lambdalake airflow`` and the thin wiring the DAGs in
+``dags/`` share. The work the DAGs schedule belongs to the layers (``batch.plan``, ``batch/job.py``,
+``batch.verify``, ``batch.compact``, ``batch.publish``), which the DAG files call directly.
 
-- :mod:`lambdalake.orchestration.tasks` — archive, plan, validate, publish (Asset event), speed handoff,
-  compaction and version pruning; plain functions of :class:`lambdalake.config.Settings`, testable without Airflow.
+- :mod:`lambdalake.orchestration.tasks` — run-time lake configuration (Airflow Variables over the environment),
+  the announcement records behind the Asset event, and the speed handoff step; testable without Airflow.
 - :mod:`lambdalake.orchestration.airflow_env` — the environment Airflow runs with: project-local ``AIRFLOW_HOME``,
   the repo's ``dags/`` folder, the ``spark_default`` connection built from ``LAMBDALAKE_SPARK_MASTER``.
 - :mod:`lambdalake.orchestration.standalone` — runs ``airflow standalone`` in its own process group and stops all
