@@ -102,7 +102,8 @@ def replay(settings: Settings, pipeline: Pipeline, views: list[str] | None = Non
         for v in pipeline.views:
             if v in selected:
                 continue
-            if published.definition_matches(v.name, pipeline.fingerprint(v), pipeline.legacy_fingerprint(v)):
+            if v.name in published.views and published.definition_matches(
+                    v.name, pipeline.fingerprint(v), pipeline.legacy_fingerprint(v)):
                 carried.append(v)
             else:
                 selected.append(v)
@@ -136,7 +137,9 @@ def replay(settings: Settings, pipeline: Pipeline, views: list[str] | None = Non
                 except OSError:
                     shutil.copy2(f, staging / v.name / f.name)
             row_counts[v.name] = published.row_counts.get(v.name, 0)
-            view_meta[v.name] = published.views[v.name]
+            old = published.views[v.name]  # (a first-release version matched by its legacy fingerprint: record ours)
+            view_meta[v.name] = BatchView(pipeline.fingerprint(v), files=list(old.files),
+                                          computed_in=old.computed_in or published.version)
         manifest = BatchManifest(
             pipeline=pipeline.name, watermark=watermark, block=block,
             row_counts={v.name: row_counts[v.name] for v in pipeline.views}, events=events,
