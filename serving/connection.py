@@ -43,6 +43,7 @@ from __future__ import annotations
 import itertools
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -81,6 +82,7 @@ class _Binding:
     pipeline: Pipeline
     materialize: bool = True
     allow_stale: bool = False
+    spec: str | None = None  # the pipeline file/module, re-read by refresh() (None: a Pipeline object was given)
     pair: PublishedPair | None = None
     plans: dict[str, ViewPlan] = field(default_factory=dict)
     generation: int = 0
@@ -93,7 +95,10 @@ _generations = itertools.count(1)
 
 def resolve(settings: Settings | None = None, pipeline: Pipeline | str | None = None,
             home: str | Path | None = None) -> tuple[Settings, Pipeline]:
-    """Settings and pipeline for serving: explicit objects win, then ``home``/env/defaults (never needs Kafka)."""
+    """Settings and pipeline for serving: explicit objects win, then ``home``/env/defaults (never needs Kafka).
+
+    A pipeline *file* is read anew each time: what is declared now decides which definition may be served.
+    """
     if settings is None:
         spec = pipeline if isinstance(pipeline, str) else None
         settings = load_settings(home=home, pipeline=spec)
@@ -101,7 +106,7 @@ def resolve(settings: Settings | None = None, pipeline: Pipeline | str | None = 
         settings = settings.with_(home=Path(home).expanduser().resolve())
     if isinstance(pipeline, Pipeline):
         return settings, pipeline
-    return settings, load_pipeline(pipeline if isinstance(pipeline, str) else settings.pipeline)
+    return settings, load_pipeline(pipeline if isinstance(pipeline, str) else settings.pipeline, fresh=True)
 
 
 def lock_down(con: duckdb.DuckDBPyConnection) -> None:
@@ -142,7 +147,8 @@ def connect(settings: Settings | None = None, pipeline: Pipeline | str | None = 
     """
     settings, pipe = resolve(settings, pipeline, home)
     con = open_locked()
-    _bindings[con] = _Binding(settings, pipe, materialize, allow_stale)
+    spec = None if isinstance(pipeline, Pipeline) else (pipeline or settings.pipeline)
+    _bindings[con] = _Binding(settings, pipe, materialize, allow_stale, spec)
     try:
         refresh(con)
     except BaseException:
@@ -154,12 +160,16 @@ def connect(settings: Settings | None = None, pipeline: Pipeline | str | None = 
 def refresh(con: duckdb.DuckDBPyConnection) -> PublishedPair:
     """Move ``con`` to the newest published pair, atomically for its later queries; returns the pair.
 
-    An unfinished result of ``con`` (rows not fetched yet) is discarded first.
+    An unfinished result of ``con`` (rows not fetched yet) is discarded first. A pipeline given as a file or module
+    is read again, so views whose declaration changed since are refused (or served stale) from now on, added views
+    appear and removed ones disappear.
     """
     binding = _bindings.get(con)
     if binding is None:
         raise InconsistentPublishedState("refresh() needs a connection made by lambdalake.connect()")
     con.abort()
+    if binding.spec is not None:
+        binding.pipeline = load_pipeline(binding.spec, fresh=True)
     layout = Layout(binding.settings.home)
     last: Exception | None = None
     for _ in range(BUILD_ATTEMPTS):
@@ -168,7 +178,7 @@ def refresh(con: duckdb.DuckDBPyConnection) -> PublishedPair:
         try:
             plans = plan_views(binding.pipeline, pair, binding.allow_stale)
             registered = _install(con, binding.pipeline, binding.settings, pair, plans, generation,
-                                  binding.materialize)
+                                  binding.materialize, dropped=[v for v in binding.plans if v not in plans])
         except FileNotFoundError as exc:  # a file of the pair was pruned while we read it: resolve again
             last = exc
             time.sleep(0.05)
@@ -256,7 +266,8 @@ def side_names(view: View) -> tuple[str, str]:
 
 
 def _install(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Settings, pair: PublishedPair,
-             plans: dict[str, ViewPlan], generation: int, materialize: bool) -> tuple[str, ...]:
+             plans: dict[str, ViewPlan], generation: int, materialize: bool,
+             dropped: Iterable[str] = ()) -> tuple[str, ...]:
     """Steps 3-5: register the pair's data under generation-unique names, then swap every view in one transaction.
 
     A view being rebuilt gets empty sides and a refusing ``main.<view>``; a stale one reads its own older pair.
@@ -289,6 +300,10 @@ def _install(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setti
         con.execute("BEGIN TRANSACTION")
         for schema in ("_lake", "lambdalake", "master"):
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        for name in dropped:  # no longer declared (refresh after the pipeline changed)
+            con.execute(f"DROP VIEW IF EXISTS main.{ident(name)}")
+            for side in (f"_lake.{ident('batch_' + name)}", f"_lake.{ident('speed_' + name)}"):
+                con.execute(f"DROP {'TABLE' if materialize or 'speed_' in side else 'VIEW'} IF EXISTS {side}")
         for view in pipeline.views:
             plan = plans[view.name]
             source = pipeline.source_of(view)

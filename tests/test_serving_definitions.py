@@ -20,7 +20,7 @@ from lambdalake.config import load_settings
 from lambdalake.contracts import SpeedView
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import Pipeline, min_
-from serving.connection import connect, plans_of
+from serving.connection import connect, plans_of, refresh
 from tests.test_serving import BLOCK, ends, expected_view, make_events, publish_batch, publish_speed, query_view
 
 REBUILT = "is being rebuilt for its new definition"
@@ -245,3 +245,33 @@ def test_first_release_snapshot_is_speed_pending(home, serving_settings, clickst
         con = connect(serving_settings, clickstream, allow_stale=allow_stale)
         with pytest.raises(duckdb.Error, match=f"view pageviews_hourly {REBUILT}: speed pending"):
             con.execute("SELECT count(*) FROM pageviews_hourly").fetchall()
+
+
+def test_refresh_reads_the_edited_pipeline_file(home, serving_settings, clickstream, old_lake, tmp_path):
+    """A long-lived connection over a pipeline file: after the user edits the file, refresh() serves the new
+    declaration — the changed view refused, a removed view gone, an added one present (and refused)."""
+    f = tmp_path / "declared.py"
+    f.write_text("from lambdalake.pipeline import load_pipeline\n"
+                 "pipeline = load_pipeline('lambdalake.pipelines.clickstream')\n")
+    con = connect(serving_settings, str(f))
+    view = clickstream.view("pageviews_hourly")
+    assert query_view(con, view) == expected_view(clickstream, view, old_lake)
+    f.write_text("import dataclasses\nfrom datetime import timedelta\n"
+                 "from lambdalake.pipeline import View, count, load_pipeline\n"
+                 "_base = load_pipeline('lambdalake.pipelines.clickstream')\n"
+                 "views = [dataclasses.replace(v, bucket=timedelta(minutes=30))\n"
+                 "         if v.name == 'pageviews_hourly' else v\n"
+                 "         for v in _base.views if v.name != 'user_activity_daily']\n"
+                 "views.append(View('referrers_daily', source='pageviews', keys=['referrer'],\n"
+                 "                  bucket=timedelta(days=1), aggregates=[count('views')]))\n"
+                 "pipeline = dataclasses.replace(_base, views=views)\n")
+    refresh(con)
+    with pytest.raises(duckdb.Error, match=f"view pageviews_hourly {REBUILT}"):
+        con.execute("SELECT count(*) FROM pageviews_hourly").fetchall()
+    with pytest.raises(duckdb.Error, match="user_activity_daily does not exist"):
+        con.execute("SELECT count(*) FROM user_activity_daily").fetchall()
+    with pytest.raises(duckdb.Error, match=f"view referrers_daily {REBUILT}"):
+        con.execute("SELECT count(*) FROM referrers_daily").fetchall()
+    assert sorted(states(con)) == ["pageviews_hourly", "referrers_daily", "revenue_daily"]
+    rev = clickstream.view("revenue_daily")
+    assert query_view(con, rev) == expected_view(clickstream, rev, old_lake)
