@@ -14,6 +14,10 @@ The merge of view ``V`` (batch rows are offsets ``< W``, visible speed rows are 
                 SELECT keys, window_start, stored FROM speed
                 WHERE _block_start >= CASE _partition WHEN p THEN W[p] ... ELSE 0 END)
           GROUP BY keys, window_start)
+
+Stored columns are :mod:`lambdalake.schema`'s (one logical schema per view); :data:`DUCKDB_TYPES` is this
+engine's only type table. A view that may not be served (its definition is being rebuilt) is
+:func:`refusing_select` over the same merge: same columns, every scan fails with the one-line reason.
 """
 
 from __future__ import annotations
