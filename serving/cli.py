@@ -166,7 +166,15 @@ def register(app: typer.Typer) -> None:
         from serving.connection import resolve
 
         settings, pipe = resolve(None, pipeline, home)
+        from serving.definitions import REBUILDING, STALE, plan_views
+
         path, pair = write_catalog(settings, pipe, allow_stale=allow_stale)
         _hint(pair, settings.home)
+        plans = plan_views(pipe, pair, allow_stale)
+        for state, what in ((REBUILDING, "refused in the file (being rebuilt)"),
+                            (STALE, "served stale (previous definition)")):
+            names = [n for n, p in plans.items() if p.state == state]
+            if names:
+                err_console.print(f"note: {what}: {', '.join(names)}; see lambdalake.views", highlight=False)
         console.print(f"wrote {path} (batch version {pair.batch_version or '-'}, speed snapshot "
                       f"{pair.speed_snapshot or '-'}); open it with: duckdb -readonly {path}", highlight=False)

@@ -213,6 +213,7 @@ def test_sql_allow_stale_answers_and_warns_on_one_line(sql_cli, events, clickstr
 def test_catalog_refuses_a_rebuilding_view(sql_cli, home, events, clickstream, half_hour):
     res = sql_cli("catalog", "--pipeline", half_hour)
     assert res.returncode == 0, res.stderr
+    assert "note: refused in the file (being rebuilt): pageviews_hourly;" in res.stderr
     con = duckdb.connect(str(home / "lake.duckdb"), read_only=True)
     with pytest.raises(duckdb.Error, match="view pageviews_hourly is being rebuilt for its new definition"):
         con.execute("SELECT count(*) FROM pageviews_hourly").fetchall()
@@ -221,6 +222,7 @@ def test_catalog_refuses_a_rebuilding_view(sql_cli, home, events, clickstream, h
     con.close()
     res = sql_cli("catalog", "--allow-stale", "--pipeline", half_hour)
     assert res.returncode == 0, res.stderr
+    assert "note: served stale (previous definition): pageviews_hourly;" in res.stderr
     con = duckdb.connect(str(home / "lake.duckdb"), read_only=True)
     assert con.execute("SELECT state FROM lambdalake.views WHERE name = 'pageviews_hourly'").fetchone() == ("stale",)
     old = expected_view(clickstream, clickstream.view("pageviews_hourly"), events)
