@@ -38,13 +38,14 @@ from lambdalake.schema import master_columns, speed_view_columns, view_columns
 from serving.connection import (
     _check_speed_blocks,
     _install_metadata,
+    absent_columns,
     batch_dataset,
     resolve,
     side_names,
     speed_table,
     view_row,
 )
-from serving.definitions import plan_views
+from serving.definitions import STALE, plan_views
 from serving.published import PublishedPair, resolve_pair
 from serving.sql import (
     empty_select,
@@ -122,21 +123,24 @@ def _build(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setting
                         f"{refusing_select(merged_view_sql(view, batch, speed, {}), str(plan.message))}")
             view_rows.append(view_row(con, pipeline, plan, None, speed))
             continue
-        served = plan.pair
-        dataset = batch_dataset(pipeline, view, served)  # runs the same paranoid checks as a connection
+        served, stale = plan.pair, plan.state == STALE
+        dataset = batch_dataset(pipeline, view, served, stale)  # runs the same paranoid checks as a connection
+        speed_tbl = speed_table(pipeline, view, served, stale)
+        batch_absent = absent_columns(dataset.schema, batch_cols) if stale else frozenset()
+        speed_absent = absent_columns(speed_tbl.schema, speed_cols) if stale else frozenset()
         files = served.batch_files(view)
-        batch_sql = typed_select(batch_cols, _parquet_list(files)) if files else empty_select(batch_cols)
+        batch_sql = typed_select(batch_cols, _parquet_list(files), batch_absent) if files else empty_select(batch_cols)
         con.execute(f"CREATE VIEW {batch} AS {batch_sql}")
-        con.register("_speed_arrow", speed_table(pipeline, view, served))
+        con.register("_speed_arrow", speed_tbl)
         try:
-            con.execute(f"CREATE TABLE {speed} AS {typed_select(speed_cols, '_speed_arrow')}")
+            con.execute(f"CREATE TABLE {speed} AS {typed_select(speed_cols, '_speed_arrow', speed_absent)}")
         finally:
             con.unregister("_speed_arrow")
         if served.block:
             _check_speed_blocks(con, speed, view, served)
         watermark = served.topic_watermark(source.topic)
         con.execute(f"CREATE VIEW main.{ident(view.name)} AS {merged_view_sql(view, batch, speed, watermark)}")
-        view_rows.append(view_row(con, pipeline, plan, dataset.count_rows(), speed))
+        view_rows.append(view_row(con, pipeline, plan, dataset.count_rows(), speed, batch_absent | speed_absent))
     for source in pipeline.sources:
         cols = master_columns(source)
         files = layout.master_files(source.name)  # THE valid-file rule (an interrupted compaction counts once)

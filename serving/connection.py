@@ -55,8 +55,16 @@ import pyarrow.parquet as pq
 
 from lambdalake.config import Settings, load_settings
 from lambdalake.layout import Layout
-from lambdalake.pipeline import Pipeline, View, load_pipeline
-from lambdalake.schema import arrow_schema, master_columns, speed_view_columns, view_columns
+from lambdalake.pipeline import WINDOW_START, Pipeline, View, load_pipeline
+from lambdalake.schema import (
+    ARROW_TYPES,
+    BLOCK_COL,
+    PARTITION_COL,
+    arrow_schema,
+    master_columns,
+    speed_view_columns,
+    view_columns,
+)
 from serving.definitions import CURRENT, REBUILDING, STALE, ViewPlan, plan_views
 from serving.exceptions import InconsistentPublishedState
 from serving.published import PublishedPair, resolve_pair
@@ -74,6 +82,7 @@ from serving.sql import (
 # Settings a user may still change on a locked connection: display and resource knobs only.
 ALLOWED_CONFIGS = ("TimeZone", "Calendar", "threads", "memory_limit", "enable_progress_bar", "errors_as_json")
 BUILD_ATTEMPTS = 5
+POSITION_COLUMNS = frozenset({WINDOW_START, PARTITION_COL, BLOCK_COL})  # where a row belongs: never optional
 
 
 @dataclass
@@ -203,16 +212,28 @@ def plans_of(con: duckdb.DuckDBPyConnection) -> dict[str, ViewPlan]:
 
 
 # --- reading the published files (pyarrow; DuckDB itself never opens a file) -------------------------------------
-def _check_columns(schema: pa.Schema, columns: Columns, path: Path, what: str) -> None:
-    missing = [c.name for c in columns if c.name not in schema.names]
+def _check_columns(schema: pa.Schema, columns: Columns, path: Path, what: str, stale: bool = False) -> None:
+    """Every contract column is in the file; for pieces of an earlier definition (``stale``) only the position
+    columns must be (the others may differ: :func:`absent_columns`)."""
+    required = [c for c in columns if c.name in POSITION_COLUMNS] if stale else columns
+    missing = [c.name for c in required if c.name not in schema.names]
     if missing:
         raise InconsistentPublishedState(
             f"{what} file {path} lacks columns {missing} (has {schema.names}); it does not follow the published "
             "layout contract (lambdalake.layout)")
 
 
-def batch_dataset(pipeline: Pipeline, view: View, pair: PublishedPair) -> ds.Dataset:
-    """Lazy dataset of the batch side of ``view`` (empty, with the contract's schema, if there are no files)."""
+def absent_columns(schema: pa.Schema, columns: Columns) -> frozenset[str]:
+    """The contract columns a file of an earlier definition does not hold as such (missing, or of another type):
+    a stale answer shows them as NULL."""
+    return frozenset(c.name for c in columns
+                     if c.name not in schema.names or schema.field(c.name).type != ARROW_TYPES[c.type])
+
+
+def batch_dataset(pipeline: Pipeline, view: View, pair: PublishedPair, stale: bool = False) -> ds.Dataset:
+    """Lazy dataset of the batch side of ``view`` (empty, with the contract's schema, if there are no files).
+
+    ``stale``: the pair holds pieces of an earlier definition of the view, whose columns may differ."""
     cols = view_columns(pipeline.source_of(view), view)
     files = pair.batch_files(view)
     if not files:
@@ -223,7 +244,7 @@ def batch_dataset(pipeline: Pipeline, view: View, pair: PublishedPair) -> ds.Dat
                 f"{pair.layout.batch_version(str(pair.batch_version)) / view.name} holds no parquet file")
         return ds.dataset(arrow_schema(cols, nullability=False).empty_table())
     dataset = ds.dataset([str(f) for f in files], format="parquet")
-    _check_columns(dataset.schema, cols, files[0], f"batch view {view.name!r}")
+    _check_columns(dataset.schema, cols, files[0], f"batch view {view.name!r}", stale)
     expected = pair.batch_row_count(view)
     if expected is not None:
         actual = dataset.count_rows()
@@ -234,8 +255,9 @@ def batch_dataset(pipeline: Pipeline, view: View, pair: PublishedPair) -> ds.Dat
     return dataset
 
 
-def speed_table(pipeline: Pipeline, view: View, pair: PublishedPair) -> pa.Table:
-    """The speed side of ``view`` read into memory (empty with the contract's schema if absent)."""
+def speed_table(pipeline: Pipeline, view: View, pair: PublishedPair, stale: bool = False) -> pa.Table:
+    """The speed side of ``view`` read into memory (empty with the contract's schema if absent; ``stale`` as for
+    :func:`batch_dataset`)."""
     cols = speed_view_columns(pipeline.source_of(view), view)
     f = pair.speed_file(view)
     if f is None:
@@ -246,7 +268,7 @@ def speed_table(pipeline: Pipeline, view: View, pair: PublishedPair) -> pa.Table
                 f"{pair.layout.speed_snapshot(str(pair.speed_snapshot)) / (view.name + '.parquet')} is missing")
         return arrow_schema(cols, nullability=False).empty_table()
     table = pq.read_table(f)
-    _check_columns(table.schema, cols, f, f"speed view {view.name!r}")
+    _check_columns(table.schema, cols, f, f"speed view {view.name!r}", stale)
     return table
 
 
@@ -285,15 +307,22 @@ def _install(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setti
     batch_rel: dict[str, str] = {}
     batch_rows: dict[str, int] = {}
     speed_data: dict[str, str] = {}
+    absent: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
     try:
         for view in pipeline.views:
-            served = plans[view.name].pair
-            if served is None:
+            plan = plans[view.name]
+            if plan.pair is None:
                 continue
-            dataset = batch_dataset(pipeline, view, served)
+            stale = plan.state == STALE
+            source = pipeline.source_of(view)
+            dataset = batch_dataset(pipeline, view, plan.pair, stale)
+            speed_tbl = speed_table(pipeline, view, plan.pair, stale)
+            absent[view.name] = ((absent_columns(dataset.schema, view_columns(source, view)),
+                                  absent_columns(speed_tbl.schema, speed_view_columns(source, view)))
+                                 if stale else (frozenset(), frozenset()))
             batch_rows[view.name] = dataset.count_rows()
             batch_rel[view.name] = register("batch", view.name, dataset)
-            speed_data[view.name] = register("speed", view.name, speed_table(pipeline, view, served))
+            speed_data[view.name] = register("speed", view.name, speed_tbl)
         master_rel = {s.name: register("master", s.name, master_dataset(pipeline, s.name, layout))
                       for s in pipeline.sources}
 
@@ -318,13 +347,17 @@ def _install(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setti
                 view_rows.append(view_row(con, pipeline, plan, None, speed))
                 continue
             watermark = plan.pair.topic_watermark(source.topic)
-            con.execute(f"CREATE OR REPLACE {kind} {batch} AS {typed_select(batch_cols, batch_rel[view.name])}")
-            con.execute(f"CREATE OR REPLACE TABLE {speed} AS {typed_select(speed_cols, speed_data[view.name])}")
+            batch_absent, speed_absent = absent[view.name]
+            con.execute(f"CREATE OR REPLACE {kind} {batch} AS "
+                        f"{typed_select(batch_cols, batch_rel[view.name], batch_absent)}")
+            con.execute(f"CREATE OR REPLACE TABLE {speed} AS "
+                        f"{typed_select(speed_cols, speed_data[view.name], speed_absent)}")
             if plan.pair.block:
                 _check_speed_blocks(con, speed, view, plan.pair)
             con.execute(f"CREATE OR REPLACE VIEW main.{ident(view.name)} AS "
                         f"{merged_view_sql(view, batch, speed, watermark)}")
-            view_rows.append(view_row(con, pipeline, plan, batch_rows[view.name], speed))
+            view_rows.append(view_row(con, pipeline, plan, batch_rows[view.name], speed,
+                                      absent[view.name][0] | absent[view.name][1]))
         for source in pipeline.sources:
             con.execute(f"CREATE OR REPLACE VIEW master.{ident(source.name)} AS "
                         f"{typed_select(master_columns(source), master_rel[source.name])}")
@@ -366,7 +399,7 @@ VIEW_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
 
 
 def view_row(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, plan: ViewPlan, batch_rows: int | None,
-             speed: str) -> tuple:
+             speed: str, absent: frozenset[str] = frozenset()) -> tuple:
     """One row of ``lambdalake.views`` (columns :data:`VIEW_COLUMNS`)."""
     view, pair = plan.view, plan.pair
     topic = pipeline.source_of(view).topic
@@ -378,6 +411,8 @@ def view_row(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, plan: ViewPlan,
             f"SELECT count(*), count(*) FILTER (WHERE {speed_visible_predicate(watermark)}) FROM {speed}").fetchone()
         if plan.state == CURRENT and pair.nothing_published:
             note = "nothing published yet"
+        if absent:
+            note = f"{note}; NULL: {', '.join(sorted(absent))} (not stored by that definition)"
     batch_version, speed_snapshot = plan.served_pieces
     return (view.name, view.source, topic, plan.state, plan.served, plan.defs.declared, batch_version, batch_rows,
             speed_snapshot, speed_rows, visible, plan.state == CURRENT, note)

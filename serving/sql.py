@@ -47,9 +47,14 @@ def duckdb_type(column: Column) -> str:
     return DUCKDB_TYPES[column.type]
 
 
-def typed_select(columns: Columns, relation: str) -> str:
-    """SELECT every column of ``relation`` cast to its contract type (published files are checked, not trusted)."""
-    cols = ", ".join(f"CAST({ident(c.name)} AS {duckdb_type(c)}) AS {ident(c.name)}" for c in columns)
+def typed_select(columns: Columns, relation: str, absent: frozenset[str] | set[str] = frozenset()) -> str:
+    """SELECT every column of ``relation`` cast to its contract type (published files are checked, not trusted).
+
+    Columns named in ``absent`` are NULL of their type (a stale answer from pieces of an earlier definition that
+    did not store them).
+    """
+    cols = ", ".join(f"CAST({'NULL' if c.name in absent else ident(c.name)} AS {duckdb_type(c)}) AS {ident(c.name)}"
+                     for c in columns)
     return f"SELECT {cols} FROM {relation}"
 
 

@@ -275,3 +275,19 @@ def test_refresh_reads_the_edited_pipeline_file(home, serving_settings, clickstr
     assert sorted(states(con)) == ["pageviews_hourly", "referrers_daily", "revenue_daily"]
     rev = clickstream.view("revenue_daily")
     assert query_view(con, rev) == expected_view(clickstream, rev, old_lake)
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+def test_allow_stale_with_an_added_aggregate_shows_it_null(home, serving_settings, clickstream, old_lake, materialize):
+    """The previous definition did not store the new aggregate: the stale answer has the declared columns, the
+    old definition's values, and NULL for what it never computed (said in lambdalake.views)."""
+    new = with_min(clickstream)
+    con = connect(serving_settings, new, allow_stale=True, materialize=materialize)
+    rows = con.execute("SELECT product_id, currency, window_start, orders, revenue_cents, min_amount_cents, "
+                       "max_amount_cents, min_orders_cents FROM revenue_daily").fetchall()
+    assert {r[:7] for r in rows} == expected_view(clickstream, clickstream.view("revenue_daily"), old_lake)
+    assert {r[7] for r in rows} == {None}
+    state, note = con.execute("SELECT state, note FROM lambdalake.views WHERE name = 'revenue_daily'").fetchall()[0]
+    assert state == "stale" and "NULL: min_orders_cents" in note
+    view = new.view("pageviews_hourly")
+    assert query_view(con, view) == expected_view(new, view, old_lake)
