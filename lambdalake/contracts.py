@@ -203,6 +203,9 @@ class SpeedView(msgspec.Struct):
     rows: int = 0
     target: str | None = None  # the declared definition being rebuilt, None when current
     progress: float | None = None  # 0..1 while rebuilding
+    # While rebuilding: the positions (of the view's topic) the kept old rows cover — they are exact for the old
+    # definition over [pruned_to, positions), not up to the snapshot's own positions. None when current.
+    positions: Positions | None = None
 
 
 class SpeedSnapshotMeta(msgspec.Struct, kw_only=True):

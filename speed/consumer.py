@@ -101,6 +101,16 @@ class Stats:
         return self.messages / max(1e-9, time.monotonic() - self.started)
 
 
+@dataclass
+class KeptRows:
+    """A view's rows made by some definition (``fingerprint``; ``""`` and no table for none), exact for the offsets
+    ``[pruned_to, covers)``: what a checkpoint restores, and what a view being rebuilt keeps meanwhile."""
+
+    fingerprint: str
+    table: pa.Table | None
+    covers: Positions | None
+
+
 class SpeedLayer:
     """One running speed layer over one lake. ``run()`` blocks until stopped (signal, :meth:`stop`) or caught up."""
 
@@ -123,7 +133,7 @@ class SpeedLayer:
         self.states: dict[str, SourceState] = build_states(pipeline, self.block)
         # Views whose rows are not (yet) of their declared definition: {name: (fingerprint of the kept rows or "",
         # the kept rows or None)}, rebuilt by self.rebuild (speed.rebuild).
-        self.frozen: dict[str, tuple[str, pa.Table | None]] = {}
+        self.frozen: dict[str, KeptRows] = {}
         self.rebuild: Rebuild | None = None
         self.positions: dict[TP, int] = {}
         self.pruned_to: dict[TP, int] = {}
@@ -214,23 +224,24 @@ class SpeedLayer:
         if cp.format < 2:
             self.notify(f"speed checkpoint {cp.id} was written by lambdalake 0.1 (no view fingerprints): rebuilding "
                         "every view once from the log")
-        self._adopt({name: (sv.fingerprint, restored.tables[name]) for name, sv in cp.views.items()
-                     if sv.fingerprint})
+        self._adopt({name: KeptRows(sv.fingerprint, restored.tables[name],
+                                    cp.positions if sv.positions is None else sv.positions)
+                     for name, sv in cp.views.items() if sv.fingerprint})
         self._seq = self.store.next_seq()
         self._dirty = self.rebuild is not None or set(cp.views) != set(self.fingerprints)
 
-    def _adopt(self, have: dict[str, tuple[str, pa.Table]]) -> None:
+    def _adopt(self, have: dict[str, KeptRows]) -> None:
         """Take over the rows ``have`` ({view: (fingerprint, rows)}, at the current positions) for the declared
         pipeline: views of the declared definition continue, changed and added ones are rebuilt from the log
         (the old rows are kept, frozen, until then), views no longer declared are dropped."""
         fps = self.fingerprints
-        current = [n for n, fp in fps.items() if n in have and have[n][0] == fp]
+        current = [n for n, fp in fps.items() if n in have and have[n].fingerprint == fp]
         changed = [v for v in self.pipeline.views if v.name not in current]
         self.states = build_states(self.pipeline, self.block, current)
         for topic, st in self.states.items():
-            st.restore({vs.view.name: have[vs.view.name][1] for vs in st.views},
+            st.restore({vs.view.name: have[vs.view.name].table for vs in st.views},
                        {p: n for (t, p), n in self.positions.items() if t == topic})
-        self.frozen = {v.name: have.get(v.name, ("", None)) for v in changed}
+        self.frozen = {v.name: have.get(v.name, KeptRows("", None, None)) for v in changed}
         self._cancel_rebuild()
         if changed:
             self.rebuild = Rebuild(self.settings, self.pipeline, changed, self.block, self.options.dedup_span,
@@ -452,9 +463,9 @@ class SpeedLayer:
             dropped += self.states[tp[0]].prune(tp[1], w)
             if self.rebuild is not None:
                 self.rebuild.prune(tp, w)
-            for name, (fp, table) in list(self.frozen.items()):
-                if table is not None and self.pipeline.view(name).source == self.sources[tp[0]].name:
-                    self.frozen[name] = (fp, prune_table(table, tp[1], w, self.block))
+            for name, kept in self.frozen.items():
+                if kept.table is not None and self.pipeline.source_of(self.pipeline.view(name)).topic == tp[0]:
+                    kept.table = prune_table(kept.table, tp[1], w, self.block)
             self.pruned_to[tp] = w
         self.stats.pruned_rows += dropped
         self.batch = batch
@@ -520,10 +531,14 @@ class SpeedLayer:
             if name in tables:
                 views[name] = SpeedView(fp, rows=tables[name].num_rows)
                 continue
-            old_fp, old = self.frozen[name]  # being rebuilt: the old definition's rows, labelled as such
-            if old is not None:
-                tables[name] = old
-            views[name] = SpeedView(old_fp, rows=0 if old is None else old.num_rows, target=fp, progress=progress)
+            kept = self.frozen[name]  # being rebuilt: the old definition's rows, labelled as such
+            if kept.table is not None:
+                tables[name] = kept.table
+            topic = self.pipeline.source_of(self.pipeline.view(name)).topic
+            views[name] = SpeedView(kept.fingerprint, rows=0 if kept.table is None else kept.table.num_rows,
+                                    target=fp, progress=progress,
+                                    positions=None if kept.covers is None else Positions(
+                                        {tp: n for tp, n in kept.covers.items() if tp[0] == topic}))
         return tables, views
 
     def _reap(self, wait: bool = False) -> None:
@@ -628,13 +643,14 @@ class SpeedLayer:
     def apply_pipeline(self, new: Pipeline) -> None:
         """Run ``new`` from here on: unchanged views continue, changed and added ones are rebuilt from the log,
         removed ones are dropped (as on a restart with ``new``, without stopping)."""
-        have: dict[str, tuple[str, pa.Table]] = {}
+        have: dict[str, KeptRows] = {}
+        now = Positions(self.positions)
         for st in self.states.values():
             for name, table in st.view_tables().items():
-                have[name] = (self.fingerprints[name], table)
-        for name, (fp, table) in self.frozen.items():
-            if table is not None:
-                have[name] = (fp, table)
+                have[name] = KeptRows(self.fingerprints[name], table, now)
+        for name, kept in self.frozen.items():
+            if kept.table is not None:
+                have[name] = kept
         topics_before = set(self.sources)
         self.pipeline = self.store.pipeline = new
         self.fingerprints = new.fingerprints

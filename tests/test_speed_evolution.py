@@ -90,7 +90,8 @@ def assert_current(home: Path, pipeline: Pipeline) -> None:
     assert set(meta.views) == {v.name for v in pipeline.views}, meta.views
     for v in pipeline.views:
         sv = meta.views[v.name]
-        assert (sv.fingerprint, sv.target, sv.progress) == (pipeline.fingerprint(v), None, None), (v.name, sv)
+        assert (sv.fingerprint, sv.target, sv.progress, sv.positions) == (pipeline.fingerprint(v), None, None, None), (
+            v.name, sv)
     files = {f.stem for f in layout.speed_snapshot(meta.snapshot).glob("*.parquet")}
     assert files == {v.name for v in pipeline.views}
 
@@ -152,6 +153,7 @@ def test_kill9_mid_rebuild_then_restart_is_exact(settings, pipeline, run_cli, cl
     log = read_log(settings.bootstrap, topics(pipeline))
     rows_a = snapshot_rows(settings.home)
     layout = Layout(settings.home)
+    positions_a = read_speed_snapshot_meta(layout, speed_pointer(layout)).positions
 
     # B starts rebuilding the pageviews views; the process SIGKILLs itself in the middle of the replay.
     proc = start_speed(cli_env, tmp_path / "logs", "--until-caught-up",
@@ -168,6 +170,9 @@ def test_kill9_mid_rebuild_then_restart_is_exact(settings, pipeline, run_cli, cl
         if v.name in rebuilding:
             assert (sv.fingerprint, sv.target) == (a.fingerprint(v.name), b.fingerprint(v)), (v.name, sv)
             assert sv.progress is not None and 0 <= sv.progress < 1
+            # the kept old rows say which offsets they cover (A's final positions of their topic)
+            topic = b.source_of(v).topic
+            assert sv.positions == {k: n for k, n in positions_a.items() if k[0] == topic}
         else:
             assert (sv.fingerprint, sv.target) == (b.fingerprint(v), None), (v.name, sv)
     assert snapshot_rows(settings.home) == rows_a
