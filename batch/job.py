@@ -42,9 +42,10 @@ Limits of the compiled rules (the archiver applied the exact rules; these only r
   ``(?dU)\A(?:<pattern>)\z`` — a full match like ``re.fullmatch``, ``.``/``^``/``$`` treating only ``\n`` as a
   line break (``UNIX_LINES``) and ``\d``/``\w``/``\s``/``\b`` as Unicode classes (``UNICODE_CHARACTER_CLASS``),
   as in Python. The two dialects agree on the common syntax (classes, quantifiers, groups, alternation, anchors,
-  ``(?i)``; ``tests/test_batch_job.py`` checks it on the demo patterns and edge strings); Python-only syntax
+  ``(?i)``; ``tests/test_batch_evolution.py`` checks it on the demo patterns and edge strings); Python-only syntax
   (``(?P<name>...)``, ``(?P=name)``, ``\Z``, conditional groups) is refused with a :class:`PipelineError`, and
-  Unicode class membership can differ for rare code points between Python's and Java's Unicode tables.
+  Unicode class membership can differ for rare code points: Python's ``\s`` also matches U+001C..U+001F, Java's
+  does not. POSIX bracket classes (``[[:alpha:]]``) are Java syntax; Python reads them as plain characters.
 - Length is counted in Unicode code points on both sides (Spark ``length``, Python ``len``).
 - A field that becomes *required but nullable* cannot be re-checked: master stores an absent optional field and an
   explicit null alike (null), so such rows are kept.

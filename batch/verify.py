@@ -28,6 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from batch.compact import master_readers_lock
 from lambdalake.config import Settings
 from lambdalake.contracts import BatchManifest, Positions
@@ -68,9 +71,6 @@ def _ident(name: str) -> str:
 
 def _pattern_function(con: Any, name: str, pattern: str) -> None:
     """``name(VARCHAR) -> BOOLEAN``: ``re.fullmatch(pattern, value)``, evaluated once per distinct value."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     fullmatch = re.compile(pattern).fullmatch
 
     def matches(values: pa.Array) -> pa.Array:
@@ -157,13 +157,14 @@ def verify_published(settings: Settings, pipeline: Pipeline) -> VerificationRepo
 
     con = duckdb.connect()
     try:
-        con.execute("SET threads = 2")
+        valid = {src.name: valid_predicate(con, src) for src in pipeline.sources}  # registers before any query
+        con.execute("SET threads = 2").fetchall()
         report = VerificationReport(version, manifest.watermark, row_counts, {})
         with master_readers_lock(layout):  # compaction must not swap master files while we read them
             for src in pipeline.sources:
                 wm = manifest.watermark.of_topic(src.topic)
                 masters = [str(f.path) for f in layout.master_files(src.name) if f.start < wm.get(f.partition, 0)]
-                events = master_events_sql(src, masters, wm, valid_predicate(con, src)) if masters else None
+                events = master_events_sql(src, masters, wm, valid[src.name]) if masters else None
                 n_events = con.execute(f"SELECT count(*) FROM ({events})").fetchone()[0] if events else 0
                 recorded = manifest.events.get(src.name, n_events)
                 if recorded != n_events:
