@@ -20,6 +20,7 @@ from batch.archiver import RollPolicy, ingest
 from batch.compact import compact
 from batch.master import master_schema
 from lambdalake.layout import Layout, archived_positions
+from lambdalake.procs import stop_group
 from tests.conftest import LAMBDALAKE
 from tests.oracle import parse_event, read_log
 
@@ -256,16 +257,8 @@ def _start_ingest(cli_env, *args: str, roll_rows: int = 25) -> subprocess.Popen:
 
 
 def _kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    stop_group(proc, timeout=60, first=sig)
+    proc.communicate()  # close the pipes
 
 
 def _file_count(settings, pipeline) -> int:

@@ -17,6 +17,7 @@ from lambdalake.config import load_settings
 from lambdalake.kafka import EmbeddedBroker, end_offsets, free_port
 from lambdalake.layout import Layout, archived_positions
 from lambdalake.pipeline import load_pipeline
+from lambdalake.procs import kill_group
 from tests.conftest import LAMBDALAKE, write_pipeline_copy
 from tests.test_archiver import check_exact
 
@@ -87,7 +88,7 @@ def test_archiver_across_broker_restart(own_broker, tmp_path, unique_suffix):
         # 2. kill -9 the daemon while the broker is down with data in flight; restart both; resume from disk
         cli("produce", "--events", "600", "--seed", "3", "--malformed-fraction", "0.05")
         own_broker.down(timeout=30)
-        os.killpg(procs[0].pid, signal.SIGKILL)
+        kill_group(procs[0])
         procs[0].communicate(timeout=30)
         own_broker.up(timeout=120)
         cli("ingest", "--until-caught-up")
@@ -100,6 +101,5 @@ def test_archiver_across_broker_restart(own_broker, tmp_path, unique_suffix):
         assert procs[1].returncode == 0, err.decode()
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.communicate(timeout=30)
+            kill_group(p)
+            p.communicate(timeout=30)

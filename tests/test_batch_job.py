@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from lambdalake.layout import (
     write_pointer,
 )
 from lambdalake.pipeline import Mean, load_pipeline
+from lambdalake.procs import kill_group
 from tests.conftest import LAMBDALAKE
 from tests.oracle import assert_rows_equal, oracle_views, read_log
 
@@ -360,8 +360,7 @@ def test_killed_cli_run_changes_nothing_served(archived, pipeline, spark, cli_en
 
         assert _wait_for(staged_view, 180), "the batch run never started writing"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)
         proc.communicate(timeout=60)
     assert batch_pointer(layout) == "v000001"
     assert list_versions(layout) == ["v000001"]
