@@ -40,6 +40,7 @@ from serving.connection import (
     _install_metadata,
     absent_columns,
     batch_dataset,
+    install_refused,
     resolve,
     side_names,
     speed_table,
@@ -52,7 +53,6 @@ from serving.sql import (
     ident,
     literal,
     merged_view_sql,
-    refusing_select,
     typed_select,
 )
 
@@ -117,11 +117,7 @@ def _build(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setting
         batch, speed = side_names(view)
         batch_cols, speed_cols = view_columns(source, view), speed_view_columns(source, view)
         if plan.pair is None:  # being rebuilt: same columns, every scan refused with the one line
-            con.execute(f"CREATE VIEW {batch} AS {empty_select(batch_cols)}")
-            con.execute(f"CREATE TABLE {speed} AS {empty_select(speed_cols)}")
-            con.execute(f"CREATE VIEW main.{ident(view.name)} AS "
-                        f"{refusing_select(merged_view_sql(view, batch, speed, {}), str(plan.message))}")
-            view_rows.append(view_row(con, pipeline, plan, None, speed))
+            view_rows.append(install_refused(con, pipeline, plan, "VIEW"))
             continue
         served, stale = plan.pair, plan.state == STALE
         dataset = batch_dataset(pipeline, view, served, stale)  # runs the same paranoid checks as a connection

@@ -340,11 +340,7 @@ def _install(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setti
             batch_cols, speed_cols = view_columns(source, view), speed_view_columns(source, view)
             kind = "TABLE" if materialize else "VIEW"
             if plan.pair is None:
-                con.execute(f"CREATE OR REPLACE {kind} {batch} AS {empty_select(batch_cols)}")
-                con.execute(f"CREATE OR REPLACE TABLE {speed} AS {empty_select(speed_cols)}")
-                con.execute(f"CREATE OR REPLACE VIEW main.{ident(view.name)} AS "
-                            f"{refusing_select(merged_view_sql(view, batch, speed, {}), str(plan.message))}")
-                view_rows.append(view_row(con, pipeline, plan, None, speed))
+                view_rows.append(install_refused(con, pipeline, plan, kind))
                 continue
             watermark = plan.pair.topic_watermark(source.topic)
             batch_absent, speed_absent = absent[view.name]
@@ -378,6 +374,18 @@ def _install(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setti
             con.unregister(reg)
             registered.remove(reg)
     return tuple(registered)
+
+
+def install_refused(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, plan: ViewPlan, batch_kind: str) -> tuple:
+    """A view being rebuilt: empty sides and ``main.<view>`` with the declared columns whose every scan fails with
+    the one-line refusal. Returns its ``lambdalake.views`` row."""
+    view, source = plan.view, pipeline.source_of(plan.view)
+    batch, speed = side_names(view)
+    con.execute(f"CREATE OR REPLACE {batch_kind} {batch} AS {empty_select(view_columns(source, view))}")
+    con.execute(f"CREATE OR REPLACE TABLE {speed} AS {empty_select(speed_view_columns(source, view))}")
+    con.execute(f"CREATE OR REPLACE VIEW main.{ident(view.name)} AS "
+                f"{refusing_select(merged_view_sql(view, batch, speed, {}), str(plan.message))}")
+    return view_row(con, pipeline, plan, None, speed)
 
 
 def _check_speed_blocks(con: duckdb.DuckDBPyConnection, speed: str, view: View, pair: PublishedPair) -> None:

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from lambdalake.contracts import BatchManifest, Positions, SpeedSnapshotMeta
 from lambdalake.exceptions import InvariantViolation
@@ -40,6 +42,7 @@ from lambdalake.pipeline import View
 from serving.exceptions import InconsistentPublishedState
 
 RESOLVE_ATTEMPTS = 5
+C = TypeVar("C")
 _VERSION_DIR = re.compile(r"^v(\d+)$")  # views/batch/v000001 (batch.publish names them)
 _SNAPSHOT_DIR = re.compile(r"^(\d+)$")  # views/speed/000000000001 (speed.snapshot names them)
 
@@ -180,35 +183,30 @@ def resolve_pair(home: Path, attempts: int = RESOLVE_ATTEMPTS) -> PublishedPair:
 
 
 # --- the kept pieces, for serving a view stale ---------------------------------------------------------------------
-def _kept(base: Path, pattern: re.Pattern, contract: str) -> list[str]:
-    """Names of the published directories under ``base`` holding ``contract``, newest first."""
+def _kept(base: Path, pattern: re.Pattern, contract: str, read: Callable[[str], C]) -> list[tuple[str, C]]:
+    """The published directories under ``base`` with their contract, newest first; a directory pruned meanwhile or
+    not readable as a contract is skipped (never served)."""
     if not base.is_dir():
         return []
     found = [(int(m.group(1)), d.name) for d in base.iterdir()
              if (m := pattern.match(d.name)) and (d / contract).is_file()]
-    return [name for _, name in sorted(found, reverse=True)]
-
-
-def kept_batch_versions(layout: Layout) -> list[tuple[str, BatchManifest]]:
-    """Every batch version still on disk with its manifest, newest first (unreadable or vanishing ones skipped)."""
     out = []
-    for version in _kept(layout.batch_views, _VERSION_DIR, "manifest.json"):
+    for _, name in sorted(found, reverse=True):
         try:
-            out.append((version, read_batch_manifest(layout, version)))
-        except (FileNotFoundError, InvariantViolation):
-            continue  # pruned meanwhile, or not a readable version: never served
-    return out
-
-
-def kept_speed_snapshots(layout: Layout) -> list[tuple[str, SpeedSnapshotMeta]]:
-    """Every speed snapshot still on disk with its meta, newest first (unreadable or vanishing ones skipped)."""
-    out = []
-    for snap in _kept(layout.speed_views, _SNAPSHOT_DIR, "snapshot.json"):
-        try:
-            out.append((snap, read_speed_snapshot_meta(layout, snap)))
+            out.append((name, read(name)))
         except (FileNotFoundError, InvariantViolation):
             continue
     return out
+
+
+def kept_batch_versions(layout: Layout) -> list[tuple[str, BatchManifest]]:
+    """Every batch version still on disk with its manifest, newest first."""
+    return _kept(layout.batch_views, _VERSION_DIR, "manifest.json", lambda v: read_batch_manifest(layout, v))
+
+
+def kept_speed_snapshots(layout: Layout) -> list[tuple[str, SpeedSnapshotMeta]]:
+    """Every speed snapshot still on disk with its meta, newest first."""
+    return _kept(layout.speed_views, _SNAPSHOT_DIR, "snapshot.json", lambda s: read_speed_snapshot_meta(layout, s))
 
 
 def stale_pair(home: Path, view: View, topic: str) -> tuple[PublishedPair, str] | None:
