@@ -625,6 +625,16 @@ def test_status_times_come_from_the_contracts(home, serving_settings, clickstrea
     assert batch_at == datetime(2026, 3, 1, 10, 0, 0, 250000, tzinfo=UTC)
     assert speed_at == meta.created_time == datetime.fromtimestamp(1_772_000_000.5, UTC)
     assert age > 0
+    # the catalog file carries the same metadata
+    from serving.catalog import write_catalog
+
+    path, _ = write_catalog(serving_settings, clickstream)
+    cat = duckdb.connect(str(path), read_only=True)
+    assert cat.execute("SELECT batch_created_at, speed_created_at, batch_age_seconds > 0, views_rebuilding "
+                       "FROM lambdalake.status").fetchall() == [(batch_at, speed_at, True, 0)]
+    assert cat.execute("SELECT name, state, served_fingerprint = declared_fingerprint FROM lambdalake.views "
+                       "ORDER BY name").fetchall() == [(v.name, "current", True) for v in
+                                                       sorted(clickstream.views, key=lambda v: v.name)]
 
 
 def test_master_counts_once_during_an_interrupted_compaction(home, serving_settings, clickstream, monkeypatch):
