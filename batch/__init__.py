@@ -8,4 +8,8 @@ Modules:
 - :mod:`batch.compact` — ``lambdalake compact``: atomic, recorded rewrite of small adjacent master files.
 - :mod:`batch.job` — ``lambdalake batch``: the Spark interpreter of the view declarations (also ``spark-submit``).
 - :mod:`batch.publish` — version directories, the ``CURRENT`` pointer switch, rollback and pruning.
+- :mod:`batch.plan` — is the master dataset caught up, and does the published version need a recompute (new data,
+  a changed or missing view definition)? Used by the Airflow DAG.
+- :mod:`batch.verify` — the independent re-check of a published version against the declaration and the master
+  dataset (DuckDB; the seed of ``lambdalake audit``).
 """
