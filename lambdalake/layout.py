@@ -46,6 +46,7 @@ from lambdalake.exceptions import InvariantViolation
 
 C = TypeVar("C")
 
+SPEED_COMPONENT = "speed"  # checkpoints/speed/: the speed layer's checkpoints and its LOCK
 MASTER_FILE = re.compile(r"^(\d{20})-(\d{20})\.parquet$")
 PARTITION_DIR = re.compile(r"^p=(\d+)$")
 

@@ -1,4 +1,5 @@
-"""``lambdalake status``: where every layer stands, per source and partition.
+"""``lambdalake status``: where every layer stands, per source, partition and view (reads only the core's published
+contracts and Kafka end offsets, so it belongs to no layer).
 
 Per view: the declared definition's fingerprint, the batch and speed fingerprints, and the state — ``current`` or
 ``rebuilding`` (batch pending / speed rebuild progress).
@@ -18,15 +19,16 @@ import psutil
 
 from lambdalake.config import Settings
 from lambdalake.contracts import BatchManifest, Positions, SpeedSnapshotMeta
+from lambdalake.definitions import definitions
 from lambdalake.exceptions import BrokerError, InvariantViolation
 from lambdalake.layout import (
+    SPEED_COMPONENT,
     Layout,
     archived_positions,
     current_batch_manifest,
     current_speed_snapshot,
 )
 from lambdalake.pipeline import Pipeline
-from speed.checkpoint import COMPONENT
 
 
 @dataclass
@@ -61,23 +63,12 @@ def view_status(pipeline: Pipeline, manifest: BatchManifest | None, snap: SpeedS
     """Per declared view: declared, batch and speed fingerprints and whether both sides are of the declared one."""
     out = []
     for v in pipeline.views:
-        declared = pipeline.fingerprint(v)
-        batch_ok = manifest is None or manifest.definition_matches(v.name, declared, pipeline.legacy_fingerprint(v))
+        d = definitions(pipeline, v, manifest, snap)
         sv = None if snap is None else snap.views.get(v.name)
-        speed_ok = snap is None or snap.definition_matches(v.name, declared)
-        pending = []
-        if not batch_ok:
-            pending.append("batch pending")
-        if not speed_ok:
-            if sv is not None and sv.target == declared and sv.progress is not None:
-                pending.append(f"speed {sv.progress:.0%}")
-            else:
-                pending.append("speed pending")
         out.append(ViewStatus(
-            view=v.name, declared=declared, batch=None if manifest is None else manifest.fingerprint_of(v.name),
-            speed=None if sv is None else sv.fingerprint, speed_target=None if sv is None else sv.target,
-            speed_progress=None if sv is None else sv.progress, state="rebuilding" if pending else "current",
-            detail=", ".join(pending)))
+            view=v.name, declared=d.declared, batch=d.batch, speed=None if sv is None else sv.fingerprint,
+            speed_target=None if sv is None else sv.target, speed_progress=None if sv is None else sv.progress,
+            state="current" if d.current else "rebuilding", detail=d.pending))
     return out
 
 
@@ -104,7 +95,7 @@ class Status:
 def speed_pid(layout: Layout) -> int | None:
     """Pid of the running ``lambdalake speed`` of this lake, if any (from its lock file; checked to be alive)."""
     try:
-        pid = int((layout.checkpoints(COMPONENT) / "LOCK").read_text().strip())
+        pid = int((layout.checkpoints(SPEED_COMPONENT) / "LOCK").read_text().strip())
         proc = psutil.Process(pid)
         if proc.status() != psutil.STATUS_ZOMBIE:  # the pid is cleared on a clean exit; kill -9 may leave it
             return pid

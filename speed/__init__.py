@@ -9,6 +9,5 @@ Modules, one concern each (the folder mirrors the architecture):
 - :mod:`speed.rebuild`    replaying the log for views whose definition changed
 - :mod:`speed.consumer`   the run loop (``lambdalake speed``)
 - :mod:`speed.replay`     Kappa recompute of views from the log alone (``lambdalake replay``)
-- :mod:`speed.status`     ``lambdalake status``
 - :mod:`speed.cli`        command registration
 """

@@ -34,7 +34,15 @@ from lambdalake import contracts
 from lambdalake.contracts import Positions, SpeedSnapshotMeta, SpeedView
 from lambdalake.dedup import DedupWindow
 from lambdalake.exceptions import InvariantViolation
-from lambdalake.layout import Layout, atomic_publish_dir, fsync_dir, read_speed_snapshot_meta, tmp_name, write_contract
+from lambdalake.layout import (
+    SPEED_COMPONENT,
+    Layout,
+    atomic_publish_dir,
+    fsync_dir,
+    read_speed_snapshot_meta,
+    tmp_name,
+    write_contract,
+)
 from lambdalake.locks import PidLock
 from lambdalake.pipeline import Pipeline
 from speed import snapshot as snapshots
@@ -42,7 +50,7 @@ from speed.exceptions import CheckpointCorrupt, SpeedAlreadyRunning
 
 log = logging.getLogger(__name__)
 
-COMPONENT = "speed"
+COMPONENT = SPEED_COMPONENT
 FORMAT = 2  # 1: lambdalake 0.1 (no per-view fingerprints: every view is rebuilt once after an upgrade)
 DEDUP_SCHEMA = pa.schema([("topic", pa.string()), ("partition", pa.int32()), ("offset", pa.int64()),
                           ("event_id", pa.string())])

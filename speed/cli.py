@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 from enum import StrEnum
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from lambdalake.options import BootstrapOpt, HomeOpt, PipelineOpt, console, context, err_console
 
@@ -92,47 +90,3 @@ def register(app: typer.Typer) -> None:
                       f"{m.watermark.total():,} offsets in {m.duration_s:.1f}s; "
                       + ", ".join(f"{name} {n:,} rows" for name, n in m.row_counts.items()), highlight=False)
 
-    @app.command("status")
-    def status(
-        format: Annotated[Format, typer.Option("--format", "-f", help="table or json.")] = Format.table,
-        pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
-    ) -> None:
-        """Per source and partition: end offset, archiver position, speed position, batch watermark, lag,
-        freshness, DLQ count, current batch version."""
-        from speed.status import collect
-
-        ctx = context(pipeline, home, bootstrap)
-        st = collect(ctx.settings, ctx.pipeline)
-        if format is Format.json:
-            sys.stdout.write(json.dumps(st.to_json(), indent=1) + "\n")
-            return
-        fresh = "-" if st.speed_freshness_seconds is None else f"{st.speed_freshness_seconds:.1f}s ago"
-        console.print(f"pipeline [bold]{st.pipeline}[/] at {st.bootstrap}; batch version "
-                      f"[bold]{st.batch_version or '-'}[/]; speed snapshot [bold]{st.speed_snapshot or '-'}[/] "
-                      f"published {fresh}; speed layer "
-                      + (f"running (pid {st.speed_running_pid})" if st.speed_running_pid else "not running"))
-        table = Table()
-        for col in ("source", "partition", "end offset", "archived", "speed position", "batch watermark", "lag",
-                    "DLQ"):
-            table.add_column(col, justify="left" if col == "source" else "right")
-
-        def n(x: int | None) -> str:
-            return "-" if x is None else f"{x:,}"
-
-        for p in st.partitions:
-            table.add_row(p.source, str(p.partition), n(p.end_offset), n(p.archived), n(p.speed_position),
-                          n(p.batch_watermark), n(p.lag), n(p.dlq))
-        console.print(table)
-        views = Table()
-        for col in ("view", "declared", "batch", "speed", "state"):
-            views.add_column(col)
-        for v in st.views:
-            views.add_row(v.view, v.declared, v.batch or "-", v.speed or "-",
-                          v.state + (f" ({v.detail})" if v.detail else ""))
-        console.print(views)
-        if st.dlq_total:
-            console.print("DLQ totals: " + ", ".join(f"{t} {n(v)}" for t, v in st.dlq_total.items()))
-        if st.kafka_error:
-            console.print(f"[yellow]Kafka:[/] {st.kafka_error}", highlight=False)
-        for e in st.errors:
-            console.print(f"[red]error:[/] {e}", highlight=False)

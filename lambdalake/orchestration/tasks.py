@@ -200,8 +200,8 @@ def speed_handoff(settings: Settings, pipeline: Pipeline, *, wait_timeout: float
     now: nothing to do if the speed layer never ran on this lake; wait for a running one; otherwise run it once
     until caught up (it hands off to the published version on start).
     """
+    from lambdalake.status import speed_pid
     from speed.consumer import SpeedLayer
-    from speed.status import speed_pid
 
     layout = Layout(settings.home)
     manifest = current_batch_manifest(layout)
