@@ -100,8 +100,10 @@ def lambdalake_batch() -> None:
     @task(trigger_rule="none_failed")
     def speed_handoff() -> dict:
         """Make sure the speed layer dropped what the published version covers."""
+        from speed.prune import hand_off_now
+
         settings, pipeline = wiring.load(dagkit.run_config())
-        return wiring.speed_handoff(settings, pipeline).to_dict()
+        return hand_off_now(settings, pipeline).to_dict()
 
     decided = plan()
     verified = verify()

@@ -30,6 +30,12 @@ class HandoffContractError(InvariantViolation):
     """A published batch version breaks the handoff contract (block size mismatch, unaligned watermark)."""
 
 
+class HandoffTimeout(SpeedError):
+    """The speed layer did not hand off to the published batch version in time (the Airflow handoff step)."""
+
+    exit_code = 8
+
+
 class PositionsLost(InvariantViolation):
     """Offsets the speed layer still needs were deleted from Kafka (retention) before it read them."""
 
