@@ -290,7 +290,7 @@ def test_ui_shows_lambdalake_batch_and_its_successful_run(settings, pipeline, ru
         run = api.call("POST", "/dags/lambdalake_batch/dagRuns", {"logical_date": None})
         run = api.wait_for_run("lambdalake_batch", run["dag_run_id"])
         manifest = current_batch_manifest(Layout(settings.home))
-        assert manifest is not None and manifest["version"] == "v000001"
+        assert manifest is not None and manifest.version == "v000001"
         events = [e for e in api.call("GET", "/assets/events")["asset_events"]
                   if e.get("source_dag_id") == "lambdalake_batch"]
         assert [e["extra"].get("version") for e in events] == ["v000001"], events
