@@ -21,6 +21,7 @@ import pytest
 
 from lambdalake import connect
 from lambdalake.kafka import end_offsets, ensure_topics
+from lambdalake.layout import Layout, archived_positions
 from lambdalake.procs import kill_group, stop_group
 from lambdalake.produce import demo_messages, send
 from serving.connection import pair_of
@@ -103,6 +104,15 @@ def test_merged_views_equal_the_oracle_at_every_instant(settings, pipeline, cli_
         producer_thread = threading.Thread(target=send, args=(settings, iter(second)),
                                            kwargs={"rate": 600, "progress": False}, daemon=True)
         producer_thread.start()
+        # the batch job needs one whole handoff block in master (else it refuses, rightly): on a loaded machine
+        # the archiver daemon may still be starting when the first events are sent
+        layout = Layout(settings.home)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(
+                end >= settings.handoff_block for s in pipeline.sources
+                for end in archived_positions(layout, s.name).values()):
+            assert ingest.alive(), "the archiver died; see " + str(tmp_path / "ingest.log")
+            time.sleep(0.2)
         batch = subprocess.run([LAMBDALAKE, "batch"], env=env, capture_output=True, text=True, timeout=300)
         assert batch.returncode == 0, batch.stderr + batch.stdout
 
