@@ -55,6 +55,9 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 WINDOW_START = "window_start"
 US_PER_SECOND = 1_000_000
+# The longest view bucket. Event instants are valid from year 1 + MAX_BUCKET (lambdalake.validation), so every
+# window_start (the event time floored to the bucket) also lies in years 1..9999 UTC and renders everywhere.
+MAX_BUCKET = timedelta(days=365)
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,9 @@ class View:
         bucket_us = self.bucket // timedelta(microseconds=1)
         if bucket_us <= 0 or self.bucket % timedelta(seconds=1):
             raise PipelineError(f"view {self.name!r}: bucket {self.bucket} must be a positive whole number of seconds")
+        if self.bucket > MAX_BUCKET:
+            raise PipelineError(f"view {self.name!r}: bucket {self.bucket} is longer than the maximum "
+                                f"{MAX_BUCKET.days} days; declare a shorter bucket")
         if not self.aggregates:
             raise PipelineError(f"view {self.name!r}: declare at least one aggregate")
         outs = list(self.keys) + [WINDOW_START] + [a.name for a in self.aggregates]

@@ -6,17 +6,22 @@ consumer or the position), so the archiver, the speed layer and any re-run reach
 Rules (documented contract; the test oracle re-implements them independently):
 
 1. The value is present (not a tombstone) and at most :data:`MAX_MESSAGE_BYTES` (1 MiB).
-2. It is UTF-8 JSON (RFC 8259) whose top level is an object. ``NaN``/``Infinity`` are not JSON. Numbers must
-   fit a 64-bit integer or a double anywhere in the document (the parser's range), invalid UTF-8 and lone
-   surrogates are rejected.
+2. It is UTF-8 (reason ``not UTF-8``; encoded surrogates are not UTF-8) and JSON (RFC 8259, reason ``not JSON``)
+   whose top level is an object. ``NaN``/``Infinity`` are not JSON. Numbers must fit a 64-bit integer or a double
+   anywhere in the document (the parser's range); lone surrogate escapes (``"\\ud800"``) are not JSON.
 3. Every required field is present; an optional field that is absent is null.
 4. Types are strict JSON types: an integer is a JSON number without fraction or exponent (``1.0``, ``"1"``,
    ``true`` are not integers); a string is a JSON string.
 5. Strings: length in Unicode code points within [min_length, max_length]; must fully match ``pattern``.
    Integers: within [minimum, maximum].
 6. Timestamps: RFC 3339 ``date-time`` with a mandatory offset (``Z`` or ``±HH:MM``), e.g.
-   ``2026-11-26T10:00:00.123Z``; fractional seconds beyond microseconds are truncated; leap second ``:60`` is
-   rejected. Stored as UTC microseconds since the epoch.
+   ``2026-11-26T10:00:00.123Z``; fractional seconds beyond microseconds (any number of digits) are truncated;
+   leap second ``:60`` is rejected. The instant, in UTC, must lie in the supported range :data:`FIRST_INSTANT`
+   ``0002-01-01T00:00:00Z`` .. :data:`LAST_INSTANT` ``9999-12-31T23:59:59.999999Z``: years 1..9999 are what
+   every layer renders (Python ``datetime``, Spark, DuckDB, JSON/CSV output), and the first year is left out so
+   that a ``window_start`` (the instant floored to a view's bucket, at most
+   :data:`lambdalake.pipeline.MAX_BUCKET` = 365 days) never falls before year 1 either. Stored as UTC
+   microseconds since the epoch.
 7. Unknown extra fields are allowed and ignored.
 
 ``validate`` never raises for any input bytes: it returns :class:`Valid` or :class:`Invalid` (with a reason a
@@ -47,14 +52,28 @@ from typing import Annotated, Any
 import msgspec
 import orjson
 
-from lambdalake.pipeline import Field, Source
+from lambdalake.pipeline import MAX_BUCKET, Field, Source
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _us(dt: datetime) -> int:
+    delta = dt - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+# The supported range of every timestamp (rule 6), decided here once: UTC years 1..9999 minus the longest bucket at
+# the start, so that event times and every window_start derived from them render in every layer.
+FIRST_INSTANT = datetime(1, 1, 1, tzinfo=UTC) + MAX_BUCKET  # 0002-01-01T00:00:00Z
+LAST_INSTANT = datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
+FIRST_INSTANT_US, LAST_INSTANT_US = _us(FIRST_INSTANT), _us(LAST_INSTANT)
+SUPPORTED_RANGE = (f"{FIRST_INSTANT.isoformat(timespec='seconds').replace('+00:00', 'Z')}.."
+                   f"{LAST_INSTANT.isoformat().replace('+00:00', 'Z')}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +98,9 @@ Verdict = Valid | Invalid
 
 
 def parse_rfc3339_us(text: str) -> int | None:
-    """Microseconds since the epoch (UTC) for an RFC 3339 date-time with offset, or None if it is not one."""
+    """Microseconds since the epoch (UTC) for an RFC 3339 date-time with offset, or None if it is not one.
+
+    The supported range (:data:`FIRST_INSTANT_US` .. :data:`LAST_INSTANT_US`) is checked by the caller."""
     m = _RFC3339.fullmatch(text)
     if m is None:
         return None
@@ -94,8 +115,12 @@ def parse_rfc3339_us(text: str) -> int | None:
         return None
     if int(om or 0) > 59:
         return None
-    delta = dt - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return _us(dt)
+
+
+def in_supported_range(us: int) -> bool:
+    """Rule 6: the instant lies in the supported range."""
+    return FIRST_INSTANT_US <= us <= LAST_INSTANT_US
 
 
 def _field_checker(f: Field) -> Callable[[Any], str | None]:
@@ -182,7 +207,11 @@ class ReferenceValidator:
         try:
             doc = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
-            return Invalid(f"not UTF-8 JSON: {str(exc)[:200]}")
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return Invalid(f"not UTF-8: byte 0x{value[bad.start]:02x} at position {bad.start} ({bad.reason})")
+            return Invalid(f"not JSON: {str(exc)[:200]}")
         if type(doc) is not dict:
             return Invalid(f"expected a JSON object, got {_json_type(doc)}")
         record: dict[str, Any] = {}
@@ -205,6 +234,9 @@ class ReferenceValidator:
                 us = parse_rfc3339_us(v)
                 if us is None:
                     return Invalid(f"field {name!r}: {v[:60]!r} is not an RFC 3339 timestamp with timezone")
+                if not FIRST_INSTANT_US <= us <= LAST_INSTANT_US:
+                    return Invalid(f"field {name!r}: {v[:60]!r} is outside the supported range "
+                                   f"{SUPPORTED_RANGE} (UTC)")
                 v = us
             record[name] = v
         return Valid(record)
@@ -271,8 +303,10 @@ class Validator:
                 if ts is not None:
                     if not _msgspec_reads_like_the_rules(ts):
                         return self.reference(value)
-                    d = msgspec.convert(ts, _TZ_DATETIME) - _EPOCH
-                    record[name] = (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
+                    us = _us(msgspec.convert(ts, _TZ_DATETIME))
+                    if not FIRST_INSTANT_US <= us <= LAST_INSTANT_US:
+                        return self.reference(value)
+                    record[name] = us
         except Exception:  # noqa: BLE001 - not accepted by the fast path: the reference path decides and says why
             return self.reference(value)
         for name, fullmatch in self._patterns:

@@ -28,6 +28,9 @@ import pyarrow as pa
 ONE_MIB = 1024 * 1024
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 TS = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)\Z")
+# The documented supported range of an instant, in UTC (README "Validation"): both ends inclusive.
+FIRST_UTC = datetime(2, 1, 1, tzinfo=timezone.utc)
+LAST_UTC = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)
@@ -98,12 +101,12 @@ def _ts_us(text: str) -> int | None:
         if hh > 23 or mm > 59:
             return None
         off = timedelta(hours=hh, minutes=mm) * (1 if tz[0] == "+" else -1)
-    if frac and len(frac) > 10:  # at most 9 fractional digits
-        return None
     micro = int((frac[1:] + "000000")[:6]) if frac else 0
     try:
         dt = datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), micro, tzinfo=timezone(off))
     except ValueError:
+        return None
+    if not FIRST_UTC <= dt <= LAST_UTC:  # aware datetimes compare as instants
         return None
     delta = dt - EPOCH
     return delta.days * 86_400_000_000 + delta.seconds * 1_000_000 + delta.microseconds

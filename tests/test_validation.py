@@ -61,11 +61,19 @@ def test_absent_referrer_means_null_and_extra_fields_are_ignored():
     (pv(event_time="2026-01-05T23:59:60Z"), "not an RFC 3339"),
     (pv(event_time="2026-01-05 10:00:00Z"), "not an RFC 3339"),
     (pv(event_time=1767607200), "expected an RFC 3339 timestamp string"),
-    (b'{"event_id": ', "not UTF-8 JSON"),
-    (b"\xff\xfe\x00garbage", "not UTF-8 JSON"),
+    # outside the supported range once in UTC (issue 14): year 1 (and so year 0), year 10000
+    (pv(event_time="0001-01-01T00:00:00+14:00"), "'event_time': '0001-01-01T00:00:00+14:00' is outside the "
+     "supported range 0002-01-01T00:00:00Z..9999-12-31T23:59:59.999999Z"),
+    (pv(event_time="0001-12-31T23:59:59.999999Z"), "'event_time': '0001-12-31T23:59:59.999999Z' is outside"),
+    (pv(event_time="0002-01-01T00:00:00+00:01"), "is outside the supported range"),
+    (pv(event_time="9999-12-31T23:59:59-12:00"), "'event_time': '9999-12-31T23:59:59-12:00' is outside"),
+    (b'{"event_id": ', "not JSON"),
+    (b"\xff\xfe\x00garbage", "not UTF-8: byte 0xff at position 0"),
+    (b'{"url": "\xed\xa0\x80"}', "not UTF-8: byte 0xed at position 9"),  # an encoded surrogate
+    (b'{"url": "\\ud800"}', "not JSON"),  # a lone surrogate escape
     (b"[1, 2]", "expected a JSON object"),
-    (b'{"duration_ms": NaN}', "not UTF-8 JSON"),
-    (b"", "not UTF-8 JSON"),
+    (b'{"duration_ms": NaN}', "not JSON"),
+    (b"", "not JSON"),
     (None, "tombstone"),
 ])
 def test_rejections_say_why(value, reason):
@@ -90,8 +98,38 @@ def test_size_limit_is_one_mib():
     assert "above the limit" in V_PV(pv(pad="x" * (pad + 1))).reason
 
 
-def test_fractional_seconds_beyond_microseconds_truncate():
+@pytest.mark.parametrize("ts, utc", [
+    ("0002-01-01T00:00:00Z", "0002-01-01T00:00:00Z"),  # FIRST_INSTANT
+    ("0001-12-31T23:59:59-00:01", "0002-01-01T00:00:59Z"),
+    ("0002-01-01T13:59:59+14:00", "0001-12-31T23:59:59Z"),
+    ("9999-12-31T23:59:59.999999Z", "9999-12-31T23:59:59.999999Z"),  # LAST_INSTANT
+    ("9999-12-31T23:59:59.9999999999999Z", "9999-12-31T23:59:59.999999Z"),
+    ("10000-01-01T00:00:00Z", None),
+])
+def test_supported_range_is_decided_in_utc_by_every_implementation(ts, utc):
+    """Issue 14 item 1: inside the range (after conversion to UTC) is valid for the fast path, the reference path
+    and the oracle alike; outside is rejected by all three with the same reason."""
+    raw = pv(event_time=ts)
+    got, ref, oracle = V_PV(raw), R_PV(raw), parse_event(PV, raw)
+    first, last = parse_rfc3339_us("0002-01-01T00:00:00Z"), parse_rfc3339_us("9999-12-31T23:59:59.999999Z")
+    us = None if utc is None else parse_rfc3339_us(utc)
+    inside = us is not None and first <= us <= last
+    assert got.ok == ref.ok == (oracle is not None) == inside, (got, ref, oracle)
+    if inside:
+        assert got.record["event_time"] == ref.record["event_time"] == oracle["event_time"] == us
+    else:
+        assert got.reason == ref.reason and got.reason.startswith("field 'event_time': ")
+
+
+def test_fractional_seconds_of_any_length_are_truncated():
+    """Issue 14 item 5: RFC 3339 allows any number of fraction digits; beyond microseconds they are truncated."""
     assert parse_rfc3339_us("1970-01-01T00:00:00.123456789Z") == 123456
+    assert parse_rfc3339_us("1970-01-01T00:00:00.1234569999999999999999Z") == 123456
+    for ts in ("2026-01-05T10:00:00.1234567891Z", "2026-01-05T12:00:00.99999999999999999999+02:00"):
+        raw = pv(event_time=ts)
+        want = parse_rfc3339_us(ts[:26] + ts[ts.index("Z") if ts.endswith("Z") else -6:])
+        assert V_PV(raw).record["event_time"] == R_PV(raw).record["event_time"] == parse_event(PV, raw)[
+            "event_time"] == want
     assert parse_rfc3339_us("1969-12-31T23:59:59.5Z") == -500_000
     assert parse_rfc3339_us("2026-01-01T00:00:00+24:00") is None
 
@@ -123,7 +161,8 @@ json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st
 timestamps = st.one_of(
     st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat()),
     st.datetimes().map(lambda d: d.isoformat()),
-    st.from_regex(r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)\Z"),
+    st.from_regex(r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,20})?(Z|[+-]\d\d:\d\d)\Z"),
+    st.from_regex(r"\A(000[12]-0[12]|9999-12)-[0-3]\dT[0-2]\d:[0-5]\d:[0-5]\d(\.\d{1,12})?(Z|[+-][01]\d:[0-5]\d)\Z"),
     st.text(max_size=30),
 )
 pageview_docs = st.fixed_dictionaries(
@@ -165,7 +204,10 @@ edge_numbers = st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, -2**63, -2**63 - 1,
 edge_times = st.one_of(
     st.from_regex(r"\A\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d{1,12})?([Zz]|[+-]\d\d:\d\d)?\Z"),
     st.sampled_from(["2026-02-29T00:00:00Z", "2024-02-29T23:59:59.9999999Z", "2026-01-01T23:59:60Z",
-                     "9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+01:00", "2026-01-01T00:00:00+24:00"]),
+                     "9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+01:00", "2026-01-01T00:00:00+24:00",
+                     "0002-01-01T00:00:00Z", "0002-01-01T00:00:00+00:01", "0001-12-31T23:59:59-00:01",
+                     "9999-12-31T23:59:59.999999Z", "9999-12-31T23:59:59.9999999999Z", "9999-12-31T23:59:59.5-00:01",
+                     "9999-12-31T23:00:00-00:59"]),
 )
 purchase_docs = st.fixed_dictionaries(
     {"event_id": st.one_of(st.just("e1"), st.text(max_size=3)), "event_time": edge_times,
