@@ -68,6 +68,17 @@ class Layout:
     def __init__(self, home: Path):
         self.home = Path(home)
 
+    def inside(self, path: Path) -> Path:
+        """``path`` with symlinks resolved, if that lies inside the lake; else InvariantViolation naming both.
+
+        THE rule for readers: nothing placed in the lake (a symlinked master file, ``CURRENT``, version directory
+        or snapshot file) may make them read outside it."""
+        home, real = self.home.resolve(), Path(path).resolve()
+        if real != home and home not in real.parents:
+            raise InvariantViolation(f"{path} resolves to {real}, outside the lake {home}; refusing to read it "
+                                     "(replace the symlink with the file itself)")
+        return real
+
     # master dataset ---------------------------------------------------------------------------------------
     @property
     def master(self) -> Path:
