@@ -20,7 +20,7 @@ from rich.table import Table
 
 from lambdalake.config import load_settings
 from lambdalake.exceptions import BrokerError, ConfigError, LambdalakeError
-from lambdalake.options import BootstrapOpt, Context, HomeOpt, PipelineOpt, console, context, err_console
+from lambdalake.options import BootstrapOpt, Context, HomeOpt, LakeHomeOpt, PipelineOpt, console, context, err_console
 
 app = typer.Typer(
     name="lambdalake",
@@ -103,14 +103,14 @@ def topics(pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: Bootst
 
 
 def print_topic_counts(ctx: Context) -> None:
-    from lambdalake.inspect import count_topics
+    from lambdalake.inspect import count_topics, reason_summary
 
     table = Table(title=f"topics of pipeline {ctx.pipeline.name!r} at {ctx.settings.bootstrap}")
     for col in ("topic", "messages", "valid", "duplicates", "invalid", "invalid by reason"):
         table.add_column(col, justify="left" if col in ("topic", "invalid by reason") else "right")
     for tc in count_topics(ctx.settings, ctx.pipeline):
         is_dlq = tc.topic.endswith(".dlq")
-        reasons = ", ".join(f"{k} {v}" for k, v in tc.reasons.most_common(4))
+        reasons = ", ".join(f"{k} {v}" for k, v in reason_summary(tc.reasons))
         table.add_row(tc.topic, str(tc.messages), "" if is_dlq else str(tc.valid),
                       "" if is_dlq else str(tc.duplicates), "" if is_dlq else str(tc.invalid), reasons)
     console.print(table)
@@ -181,7 +181,7 @@ class Format(StrEnum):
 @app.command("status")
 def status(
     format: Annotated[Format, typer.Option("--format", "-f", help="table or json.")] = Format.table,
-    pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
+    pipeline: PipelineOpt = None, home: LakeHomeOpt = None, bootstrap: BootstrapOpt = None,
 ) -> None:
     """Per source and partition: end offset, archiver position, speed position, batch watermark, lag,
     freshness, DLQ count, current batch version."""

@@ -116,7 +116,7 @@ def load_settings(
     spark_master: str | None = None,
 ) -> Settings:
     """Resolve settings from arguments and environment. The Kafka address is checked when first used."""
-    home_path = Path(home or os.environ.get("LAMBDALAKE_HOME") or "data").expanduser().resolve()
+    home_path = resolve_home(home)
     if home_path.exists() and not home_path.is_dir():
         raise ConfigError(f"lake directory {home_path} exists but is not a directory; point LAMBDALAKE_HOME elsewhere")
     block = _handoff_block(home_path)
@@ -131,6 +131,24 @@ def load_settings(
         spark_master=spark_master or os.environ.get("LAMBDALAKE_SPARK_MASTER") or "local[*]",
         bootstrap_arg=bootstrap,
     )
+
+
+def resolve_home(home: str | Path | None = None) -> Path:
+    """The lake directory: ``home`` > ``LAMBDALAKE_HOME`` > ``./data``, absolute."""
+    return Path(home or os.environ.get("LAMBDALAKE_HOME") or "data").expanduser().resolve()
+
+
+def require_existing_lake(home: str | Path | None = None) -> Path:
+    """The lake directory (as :func:`resolve_home`) of a command that only reads a lake (``sql``, ``catalog``,
+    ``status``): ConfigError if it does not exist, so a mistyped ``--home`` is an error rather than an empty lake.
+    Commands that create a lake (``ingest``, ``speed``, ``batch``, ``demo``, ``kafka up`` ...) do not call this."""
+    path = resolve_home(home)
+    if not path.exists():
+        raise ConfigError(f"lake directory {path} does not exist; pass --home (or set LAMBDALAKE_HOME to) the "
+                          "directory the archiver, batch and speed layers write to")
+    if not path.is_dir():
+        raise ConfigError(f"lake directory {path} exists but is not a directory; point LAMBDALAKE_HOME elsewhere")
+    return path
 
 
 def lake_file(home: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -11,6 +12,24 @@ from lambdalake.dedup import DedupWindow
 from lambdalake.kafka import consumer, end_offsets
 from lambdalake.pipeline import Pipeline
 from lambdalake.validation import Validator
+
+# ``lambdalake topics`` shows this many reason groups by name; the rest are summed as "other" (the column adds up).
+REASON_GROUPS_SHOWN = 5
+
+
+def reason_group(reason: str) -> str:
+    """The group a dead-letter reason counts under: its head (the part before the first ``:``, e.g.
+    ``field 'url'``, ``not UTF-8``, ``not JSON``), numbers replaced by ``N`` (``message is N bytes, ...``)."""
+    return re.sub(r"(?<![\w-])\d+(?!\w)", "N", reason.split(":", 1)[0]).strip() or "?"
+
+
+def reason_summary(reasons: Counter, shown: int = REASON_GROUPS_SHOWN) -> list[tuple[str, int]]:
+    """The ``shown`` largest groups by count (ties by name), then ``("other", n)`` for the rest if any: the
+    counts always sum to ``sum(reasons.values())``."""
+    ordered = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    if len(ordered) <= shown + 1:  # an "other" of one group would hide its name for nothing
+        return ordered
+    return [*ordered[:shown], ("other", sum(n for _, n in ordered[shown:]))]
 
 
 @dataclass
@@ -54,7 +73,7 @@ def count_topics(settings: Settings, pipeline: Pipeline, timeout: float = 120.0)
                             v = validate(r.value)
                             if not v.ok:
                                 tc.invalid += 1
-                                tc.reasons[v.reason.split(":")[0]] += 1
+                                tc.reasons[reason_group(v.reason)] += 1
                             elif windows[tp.partition].seen(v.record[src.event_id], r.offset):
                                 tc.duplicates += 1
                             else:

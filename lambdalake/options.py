@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from lambdalake.config import Settings, load_settings
+from lambdalake.config import Settings, load_settings, require_existing_lake
 from lambdalake.pipeline import Pipeline, load_pipeline
 
 # Piped output (tests, logs, CI) gets a wide console so tables never truncate topic names.
@@ -27,6 +27,17 @@ PipelineOpt = Annotated[str | None, typer.Option(
     "clickstream demo].", show_default=False)]
 HomeOpt = Annotated[Path | None, typer.Option(
     "--home", help="Lake directory [env LAMBDALAKE_HOME; default ./data].", show_default=False)]
+
+
+def _existing_lake(value: Path | None) -> Path | None:
+    require_existing_lake(value)  # the same resolution as load_settings: --home > LAMBDALAKE_HOME > ./data
+    return value
+
+
+# --home of the commands that only read a lake (sql, catalog, status): the lake directory must exist.
+LakeHomeOpt = Annotated[Path | None, typer.Option(
+    "--home", help="Lake directory, which must exist [env LAMBDALAKE_HOME; default ./data].", show_default=False,
+    callback=_existing_lake)]
 BootstrapOpt = Annotated[str | None, typer.Option(
     "--bootstrap", help="Kafka bootstrap servers host:port[,...] [env LAMBDALAKE_BOOTSTRAP; default: the "
     "embedded broker].", show_default=False)]

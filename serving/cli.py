@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from lambdalake.options import HomeOpt, PipelineOpt, console, err_console
+from lambdalake.options import LakeHomeOpt, PipelineOpt, console, err_console
 from serving.exceptions import QueryError, ViewRebuilding
 
 if TYPE_CHECKING:  # imported lazily: every `lambdalake` command loads this module
@@ -141,7 +141,7 @@ def register(app: typer.Typer) -> None:
                                              "watermarks/views.")],
         fmt: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.table,
         allow_stale: AllowStaleOpt = False,
-        pipeline: PipelineOpt = None, home: HomeOpt = None,
+        pipeline: PipelineOpt = None, home: LakeHomeOpt = None,
     ) -> None:
         """Query the merged views (batch ⊕ speed) with DuckDB; each call reads the newest published pair."""
         from serving.connection import connect, pair_of, plans_of, resolve
@@ -159,7 +159,7 @@ def register(app: typer.Typer) -> None:
             write_result(result, fmt)
 
     @app.command("catalog")
-    def catalog(allow_stale: AllowStaleOpt = False, pipeline: PipelineOpt = None, home: HomeOpt = None) -> None:
+    def catalog(allow_stale: AllowStaleOpt = False, pipeline: PipelineOpt = None, home: LakeHomeOpt = None) -> None:
         """Write <home>/lake.duckdb for the stock DuckDB CLI (a snapshot of the current pair; re-run to
         refresh)."""
         from serving.catalog import write_catalog
