@@ -32,7 +32,6 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +50,7 @@ from lambdalake.kafka import producer as make_producer
 from lambdalake.layout import Layout, archived_positions
 from lambdalake.locks import PidLock
 from lambdalake.pipeline import Pipeline, Source
+from lambdalake.session import LogSession, connect, stop_on_signals
 from lambdalake.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -320,11 +320,6 @@ class Archiver:
         """Ask the run loop to finish the current files and return (safe from a signal handler)."""
         self._stop.set()
 
-    def install_signal_handlers(self) -> None:
-        """SIGTERM / SIGINT: finish the current files, then exit cleanly."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop())
-
     # the run --------------------------------------------------------------------------------------------------
     def run(self) -> ArchiveReport:
         """Archive until stopped (daemon) or until the end offsets seen at start (``until_caught_up``)."""
@@ -336,109 +331,92 @@ class Archiver:
             recover_compactions(self.layout, self.pipeline)
             remove_temp_files(self.layout, self.pipeline.sources)
             ensure_topics(self.settings, self.pipeline)
-            c = make_consumer(self.settings, group_id=self.group_id, max_poll_records=5000)
+            session = LogSession(connect(self.settings, group_id=self.group_id, max_poll_records=5000),
+                                 [s.topic for s in self.pipeline.sources], bootstrap=self.settings.bootstrap,
+                                 reader="the archiver", lost_means="they are lost to the master dataset",
+                                 notify=self._warn)
             dlq = DeadLetters(self.settings, self.pipeline)
             try:
-                tps = self._assign(c)
-                dlq.load_high_water(self._partitions(tps))
+                self._assign(session)
+                dlq.load_high_water(self._partitions())
                 if self.until_caught_up:
-                    self._targets = {(tp.topic, tp.partition): end for tp, end in c.end_offsets(tps).items()}
-                self._loop(c, dlq)
+                    self._targets = session.end_offsets()
+                self._loop(session, dlq)
                 # SIGTERM or caught up: finish what is buffered (roll protocol), nothing is left behind
                 for buf in list(self._buffers.values()):
-                    self._roll(buf, c, dlq)
-                self._commit_all(c)
+                    self._roll(buf, session, dlq)
+                session.commit({key: buf.start for key, buf in self._buffers.items()}, wait=True)
             finally:
                 dlq.close()
-                c.close(autocommit=False)
+                session.close()
         self.report.seconds = time.monotonic() - t0
         self.report.positions = {}
         for (topic, p), buf in sorted(self._buffers.items()):
             self.report.positions.setdefault(self._sources[topic].name, {})[p] = buf.end
         return self.report
 
-    def _partitions(self, tps: list) -> dict[str, list[int]]:
+    def _partitions(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
-        for tp in tps:
-            out.setdefault(tp.topic, []).append(tp.partition)
+        for topic, p in sorted(self._buffers):
+            out.setdefault(topic, []).append(p)
         return out
 
-    def _assign(self, c) -> list:
-        """Assign every partition of every source topic and seek each to the end of its master files."""
-        from kafka import TopicPartition
+    def _warn(self, msg: str) -> None:
+        log.error(msg)
+        self.report.warnings.append(msg)
 
-        tps = []
-        for src in self.pipeline.sources:
-            parts = c.partitions_for_topic(src.topic)
-            if not parts:
-                raise DeadLetterError(f"source topic {src.topic!r} has no partitions visible at "
-                                      f"{self.settings.bootstrap}")
-            tps += [TopicPartition(src.topic, p) for p in sorted(parts)]
-        new = [tp for tp in tps if (tp.topic, tp.partition) not in self._buffers]
+    def _assign(self, session: LogSession) -> list:
+        """Assign every partition of every source topic, each at the end of its master files (new partitions: at
+        the end of their files on disk, or the log start). Returns the partitions new to this run."""
+        keys = session.partitions()
+        new = [k for k in keys if k not in self._buffers]
         if not new:
-            return tps
-        positions = {s.topic: archived_positions(self.layout, s.name) for s in self.pipeline.sources}
-        beginnings = c.beginning_offsets(new)
-        c.assign(tps)
-        for tp in tps:
-            key = (tp.topic, tp.partition)
-            if key in self._buffers:
-                c.seek(tp, self._buffers[key].end)  # re-assignment may forget positions; ours are authoritative
-                continue
-            archived = positions[tp.topic].get(tp.partition)
-            first = beginnings[tp]
-            if archived is None:
-                start = first
-            else:
-                start = archived
-                if archived < first:
-                    msg = (f"{tp.topic}[{tp.partition}]: offsets [{archived}, {first}) were deleted by Kafka "
-                           "retention before they were archived; they are lost to the master dataset")
-                    log.error(msg)
-                    self.report.warnings.append(msg)
-            self._buffers[key] = _Buffer(self._sources[tp.topic], tp.partition, start)
-            c.seek(tp, start)
-        return tps
+            return []
+        archived = {s.topic: archived_positions(self.layout, s.name) for s in self.pipeline.sources
+                    if any(t == s.topic for t, _ in new)}
+        wanted = {k: b.end for k, b in self._buffers.items()}
+        wanted.update({(t, p): archived[t][p] for t, p in new if p in archived[t]})
+        starts = session.assign(wanted, partitions=keys)
+        for key in new:
+            # The files must tile the offsets: a range deleted by retention is covered by the first file (empty).
+            self._buffers[key] = _Buffer(self._sources[key[0]], key[1], wanted.get(key, starts[key]))
+        return new
 
-    def _loop(self, c, dlq: DeadLetters) -> None:
+    def _loop(self, session: LogSession, dlq: DeadLetters) -> None:
         last_refresh = time.monotonic()
         last_progress = 0.0
         while not self._stop.is_set():
-            if self.until_caught_up and self._caught_up(c):
+            if self.until_caught_up and self._caught_up(session):
                 return
-            batch = c.poll(timeout_ms=self.POLL_MS)
+            batch = session.consumer.poll(timeout_ms=self.POLL_MS)
             now_us = time.time_ns() // 1000
             for tp, records in batch.items():
                 buf = self._buffers[(tp.topic, tp.partition)]
                 i = 0
                 while i < len(records):
-                    i = self._append(buf, records, i, now_us, c, tp)
+                    i = self._append(buf, records, i, now_us, session.consumer, tp)
                     if self._full(buf):
-                        self._roll(buf, c, dlq)
+                        self._roll(buf, session, dlq)
             now = time.monotonic()
             for buf in self._buffers.values():
                 if not buf.empty and now - buf.opened >= self.policy.max_seconds:
-                    self._roll(buf, c, dlq)
+                    self._roll(buf, session, dlq)
             if not self.until_caught_up and now - last_refresh >= self.REFRESH_PARTITIONS_S:
                 last_refresh = now
-                known = set(self._buffers)
-                self._assign(c)
-                for topic, p in set(self._buffers) - known:  # partitions added to a topic while running
-                    dlq.reload_high_water(self._sources[topic], p)
+                if session.new_partitions():
+                    for topic, p in self._assign(session):  # partitions added to a topic while running
+                        dlq.reload_high_water(self._sources[topic], p)
             if self.on_progress is not None and now - last_progress >= 0.5:
                 last_progress = now
                 self.on_progress(self.report)
 
-    def _caught_up(self, c) -> bool:
+    def _caught_up(self, session: LogSession) -> bool:
         done = True
         for key, target in self._targets.items():
             buf = self._buffers[key]
             if buf.end >= target:
                 continue
-            from kafka import TopicPartition
-
-            tp = TopicPartition(*key)
-            if tp not in c.paused() and c.position(tp) >= target:
+            if session.reached(key, target):
                 buf.end = target  # only control markers / compacted-away offsets remain before the target
                 continue
             done = False
@@ -484,7 +462,7 @@ class Archiver:
     def _full(self, buf: _Buffer) -> bool:
         return buf.rows >= self.policy.max_rows or buf.nbytes >= self.policy.max_bytes
 
-    def _roll(self, buf: _Buffer, c, dlq: DeadLetters) -> None:
+    def _roll(self, buf: _Buffer, session: LogSession, dlq: DeadLetters) -> None:
         """Turn the buffer into one master file (the numbered roll protocol in the module docstring)."""
         if buf.empty:
             return
@@ -503,7 +481,7 @@ class Archiver:
         # 4. advance; tell Kafka for lag monitoring only (never read back)
         end = buf.end
         buf.reset(end)
-        self._commit(c, src.topic, p, end)
+        session.commit({(src.topic, p): end})
 
     def _send_dead_letters(self, buf: _Buffer, dlq: DeadLetters) -> tuple[int, int]:
         """Step 1 with retries: after a failure the producer is dropped and the partition's DLQ high-water mark is
@@ -527,25 +505,6 @@ class Archiver:
                 dlq.reset()
                 time.sleep(delay)
 
-    def _commit_all(self, c) -> None:
-        from kafka import TopicPartition
-        from kafka.structs import OffsetAndMetadata
-
-        offsets = {TopicPartition(t, p): OffsetAndMetadata(b.start, "", -1) for (t, p), b in self._buffers.items()}
-        try:
-            c.commit(offsets, timeout_ms=5000)
-        except Exception as exc:  # noqa: BLE001 - monitoring only
-            log.debug("final offset commit for lag monitoring failed: %s", exc)
-
-    def _commit(self, c, topic: str, partition: int, end: int) -> None:
-        from kafka import TopicPartition
-        from kafka.structs import OffsetAndMetadata
-
-        try:
-            c.commit_async({TopicPartition(topic, partition): OffsetAndMetadata(end, "", -1)})
-        except Exception as exc:  # noqa: BLE001 - monitoring only; positions live in the master files
-            log.debug("offset commit for lag monitoring failed: %s", exc)
-
 
 def _warn_if_slow_crc() -> None:
     """kafka-python checks record CRC32C in pure Python unless the ``crc32c`` package is installed (~10x slower)."""
@@ -564,6 +523,7 @@ def ingest(settings: Settings, pipeline: Pipeline, *, until_caught_up: bool = Fa
            on_progress: Callable[[ArchiveReport], None] | None = None) -> ArchiveReport:
     """Run the archiver once (importable entry point for the CLI, Airflow and the demo)."""
     archiver = Archiver(settings, pipeline, policy, until_caught_up=until_caught_up, on_progress=on_progress)
-    if handle_signals:
-        archiver.install_signal_handlers()
-    return archiver.run()
+    if not handle_signals:
+        return archiver.run()
+    with stop_on_signals(archiver.stop):
+        return archiver.run()

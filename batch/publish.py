@@ -48,7 +48,6 @@ from lambdalake.layout import (
 )
 from lambdalake.locks import flock
 
-VERSION = re.compile(r"^v(\d{6,})$")
 STAGING = re.compile(r"^\.staging-(\d+)-[0-9a-f]+$")
 TRASH_PREFIX = ".trash-"
 DEFAULT_KEEP = 5
@@ -63,25 +62,10 @@ def version_id(n: int) -> str:
     return f"v{n:06d}"
 
 
-def list_versions(layout: Layout) -> list[str]:
-    """Published version directories (complete, with a manifest), oldest first."""
-    base = layout.batch_views
-    if not base.is_dir():
-        return []
-    found = [(int(m.group(1)), d.name) for d in base.iterdir()
-             if (m := VERSION.match(d.name)) and d.is_dir() and (d / "manifest.json").is_file()]
-    return [name for _, name in sorted(found)]
-
-
 def _next_version(layout: Layout) -> str:
-    base = layout.batch_views
-    highest = 0
-    if base.is_dir():
-        for d in base.iterdir():
-            m = VERSION.match(d.name)
-            if m:
-                highest = max(highest, int(m.group(1)))
-    return version_id(highest + 1)
+    """Never reuses a number, even of a version whose manifest is missing (an interrupted removal)."""
+    names = layout.batch_versions(complete=False)
+    return version_id(int(names[-1][1:]) + 1 if names else 1)
 
 
 @contextmanager
@@ -167,10 +151,10 @@ def rollback(home: Path, *, force: bool = False) -> tuple[str, str]:
         current = batch_pointer(layout)
         if current is None:
             raise PublishError("nothing is published yet, so there is nothing to roll back; run `lambdalake batch`")
-        older = [v for v in list_versions(layout) if int(v[1:]) < int(current[1:])]
+        older = [v for v in layout.batch_versions() if int(v[1:]) < int(current[1:])]
         if not older:
             raise PublishError(f"batch version {current} has no older version left to roll back to "
-                               f"(kept: {list_versions(layout)})")
+                               f"(kept: {layout.batch_versions()})")
         target = older[-1]
         if not force:
             _check_speed_covers(layout, _read_manifest(layout, target))
@@ -204,7 +188,7 @@ def prune_versions(home: Path, keep: int = DEFAULT_KEEP) -> list[str]:
 def _prune_locked(layout: Layout, keep: int) -> list[str]:
     if keep < 2:
         raise ConfigError(f"keep={keep} must be >= 2 (the current and the previous version)")
-    versions = list_versions(layout)
+    versions = layout.batch_versions()
     current = batch_pointer(layout)
     protected = set(versions[-keep:])
     if current is not None:

@@ -35,7 +35,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -49,6 +49,8 @@ C = TypeVar("C")
 SPEED_COMPONENT = "speed"  # checkpoints/speed/: the speed layer's checkpoints and its LOCK
 MASTER_FILE = re.compile(r"^(\d{20})-(\d{20})\.parquet$")
 PARTITION_DIR = re.compile(r"^p=(\d+)$")
+BATCH_VERSION_DIR = re.compile(r"^v(\d{6,})$")  # views/batch/v000042
+SPEED_SNAPSHOT_DIR = re.compile(r"^(\d{12})$")  # views/speed/000000000042
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,15 @@ class Layout:
     def speed_pointer(self) -> Path:
         return self.speed_views / "CURRENT"
 
+    def batch_versions(self, complete: bool = True) -> list[str]:
+        """Batch version directories on disk, oldest first; ``complete``: only those with their manifest."""
+        return _numbered_dirs(self.batch_views, BATCH_VERSION_DIR, "manifest.json" if complete else None)
+
+    def speed_snapshots(self, complete: bool = True) -> list[str]:
+        """Speed snapshot directories on disk, oldest first (staging directories never match); ``complete``: only
+        those with their ``snapshot.json`` (an interrupted removal may leave a directory without it)."""
+        return _numbered_dirs(self.speed_views, SPEED_SNAPSHOT_DIR, "snapshot.json" if complete else None)
+
     def checkpoints(self, component: str) -> Path:
         return self.home / "checkpoints" / component
 
@@ -169,6 +180,14 @@ class Layout:
     @property
     def kafka(self) -> Path:
         return self.home / "kafka"
+
+
+def _numbered_dirs(base: Path, pattern: re.Pattern, contract: str | None) -> list[str]:
+    if not base.is_dir():
+        return []
+    found = [(int(m.group(1)), d.name) for d in base.iterdir()
+             if (m := pattern.match(d.name)) and d.is_dir() and (contract is None or (d / contract).is_file())]
+    return [name for _, name in sorted(found)]
 
 
 def compaction_records(layout: Layout) -> list[tuple[Path, dict]]:
@@ -279,6 +298,27 @@ def read_batch_manifest(layout: Layout, version: str) -> BatchManifest:
 def read_speed_snapshot_meta(layout: Layout, snapshot: str) -> SpeedSnapshotMeta:
     """``snapshot.json`` of speed snapshot ``snapshot`` (FileNotFoundError if it is gone)."""
     return contracts.read(layout.speed_snapshot(snapshot) / "snapshot.json", SpeedSnapshotMeta)
+
+
+def kept_batch_versions(layout: Layout) -> list[tuple[str, BatchManifest]]:
+    """Every batch version still on disk with its manifest, newest first; one pruned meanwhile or unreadable is
+    skipped (never served)."""
+    return _kept(layout.batch_versions(), lambda v: read_batch_manifest(layout, v))
+
+
+def kept_speed_snapshots(layout: Layout) -> list[tuple[str, SpeedSnapshotMeta]]:
+    """Every speed snapshot still on disk with its meta, newest first (skipped as in :func:`kept_batch_versions`)."""
+    return _kept(layout.speed_snapshots(), lambda s: read_speed_snapshot_meta(layout, s))
+
+
+def _kept(names: list[str], read: Callable[[str], C]) -> list[tuple[str, C]]:
+    out = []
+    for name in reversed(names):
+        try:
+            out.append((name, read(name)))
+        except (FileNotFoundError, InvariantViolation):
+            continue
+    return out
 
 
 # reading published state (every layer and `lambdalake status` use these) -----------------------------------------

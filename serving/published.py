@@ -22,18 +22,16 @@ made by one and the same earlier definition.
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 from lambdalake.contracts import BatchManifest, Positions, SpeedSnapshotMeta
-from lambdalake.exceptions import InvariantViolation
 from lambdalake.layout import (
     Layout,
     batch_pointer,
+    kept_batch_versions,
+    kept_speed_snapshots,
     read_batch_manifest,
     read_speed_snapshot_meta,
     speed_pointer,
@@ -42,9 +40,6 @@ from lambdalake.pipeline import View
 from serving.exceptions import InconsistentPublishedState
 
 RESOLVE_ATTEMPTS = 5
-C = TypeVar("C")
-_VERSION_DIR = re.compile(r"^v(\d+)$")  # views/batch/v000001 (batch.publish names them)
-_SNAPSHOT_DIR = re.compile(r"^(\d+)$")  # views/speed/000000000001 (speed.snapshot names them)
 
 
 @dataclass(frozen=True)
@@ -94,10 +89,14 @@ class PublishedPair:
         """The batch version's parquet files of ``view`` (Spark's ``_SUCCESS``/``.crc`` and hidden files skipped)."""
         if self.batch_version is None:
             return []
-        d = self.layout.batch_version(self.batch_version) / view.name
+        layout = self.layout
+        d = layout.batch_version(self.batch_version) / view.name
         if not d.is_dir():
             return []
-        return sorted(f for f in d.glob("*.parquet") if f.is_file() and not f.name.startswith((".", "_")))
+        files = sorted(f for f in d.glob("*.parquet") if f.is_file() and not f.name.startswith((".", "_")))
+        for f in files:
+            layout.inside(f)  # a symlink out of the lake is refused, naming it
+        return files
 
     def batch_has_view(self, view: View) -> bool:
         """Whether the batch version computed ``view`` (a view declared after the last batch run is missing)."""
@@ -112,14 +111,24 @@ class PublishedPair:
         if self.speed_snapshot is None:
             return None
         f = self.layout.speed_snapshot(self.speed_snapshot) / f"{view.name}.parquet"
+        if f.is_symlink() or f.is_file():
+            self.layout.inside(f)
         return f if f.is_file() else None
 
 
 def _read_once(layout: Layout) -> PublishedPair:
-    """Steps 1-2 of the protocol; FileNotFoundError if a pointed-to file vanished meanwhile (retry)."""
+    """Steps 1-2 of the protocol; FileNotFoundError if a pointed-to file vanished meanwhile (retry). A pointer,
+    version directory or contract file resolving outside the lake (symlink) is refused (:meth:`Layout.inside`)."""
+    for pointer in (layout.speed_pointer, layout.batch_pointer):
+        if pointer.is_symlink() or pointer.exists():
+            layout.inside(pointer)
     snap_id = speed_pointer(layout)
+    if snap_id is not None:
+        layout.inside(layout.speed_snapshot(snap_id) / "snapshot.json")
     snapshot = None if snap_id is None else read_speed_snapshot_meta(layout, snap_id)
     version = batch_pointer(layout)
+    if version is not None:
+        layout.inside(layout.batch_version(version) / "manifest.json")
     manifest = None if version is None else read_batch_manifest(layout, version)
     return PublishedPair(layout.home, version, manifest, snap_id, snapshot)
 
@@ -183,32 +192,6 @@ def resolve_pair(home: Path, attempts: int = RESOLVE_ATTEMPTS) -> PublishedPair:
 
 
 # --- the kept pieces, for serving a view stale ---------------------------------------------------------------------
-def _kept(base: Path, pattern: re.Pattern, contract: str, read: Callable[[str], C]) -> list[tuple[str, C]]:
-    """The published directories under ``base`` with their contract, newest first; a directory pruned meanwhile or
-    not readable as a contract is skipped (never served)."""
-    if not base.is_dir():
-        return []
-    found = [(int(m.group(1)), d.name) for d in base.iterdir()
-             if (m := pattern.match(d.name)) and (d / contract).is_file()]
-    out = []
-    for _, name in sorted(found, reverse=True):
-        try:
-            out.append((name, read(name)))
-        except (FileNotFoundError, InvariantViolation):
-            continue
-    return out
-
-
-def kept_batch_versions(layout: Layout) -> list[tuple[str, BatchManifest]]:
-    """Every batch version still on disk with its manifest, newest first."""
-    return _kept(layout.batch_views, _VERSION_DIR, "manifest.json", lambda v: read_batch_manifest(layout, v))
-
-
-def kept_speed_snapshots(layout: Layout) -> list[tuple[str, SpeedSnapshotMeta]]:
-    """Every speed snapshot still on disk with its meta, newest first."""
-    return _kept(layout.speed_views, _SNAPSHOT_DIR, "snapshot.json", lambda s: read_speed_snapshot_meta(layout, s))
-
-
 def stale_pair(home: Path, view: View, topic: str) -> tuple[PublishedPair, str] | None:
     """The newest kept (batch version, speed snapshot) pair whose parts of ``view`` were made by ONE definition.
 

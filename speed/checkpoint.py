@@ -185,7 +185,7 @@ class CheckpointStore:
 
     def next_seq(self) -> int:
         """A sequence number above every snapshot/checkpoint on disk (ids must never be reused)."""
-        seqs = [snapshots.seq_of(n) for n in snapshots.published_snapshots(self.layout)]
+        seqs = [snapshots.seq_of(n) for n in self.layout.speed_snapshots(complete=False)]
         if self.dir.is_dir():
             seqs += [snapshots.seq_of(p.name) for p in self.dir.iterdir()]
         return max([s for s in seqs if s is not None], default=0) + 1

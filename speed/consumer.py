@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -39,14 +38,15 @@ import pyarrow as pa
 from lambdalake.config import Settings, fix_handoff_block
 from lambdalake.contracts import SNAPSHOT_FORMAT, Positions, SpeedSnapshotMeta, SpeedView, utc_now_iso
 from lambdalake.dedup import DedupWindow
-from lambdalake.exceptions import BrokerError, LambdalakeError
+from lambdalake.exceptions import LambdalakeError
 from lambdalake.layout import Layout
 from lambdalake.pipeline import Pipeline, load_pipeline
+from lambdalake.session import LogSession, connect, stop_on_signals
 from lambdalake.validation import Validator
 from speed import snapshot as snapshots
 from speed.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from speed.checkpoint import TP, Capture, Checkpoint, CheckpointStore
-from speed.exceptions import BrokerUnreachable, CheckpointFailed, SpeedConfigError, SpeedError
+from speed.exceptions import CheckpointFailed, SpeedConfigError
 from speed.prune import NO_BATCH, BatchVersion, BatchWatcher, published_batch
 from speed.rebuild import Rebuild, replay_start
 from speed.state import SourceState, apply_records, build_states, prune_table
@@ -146,7 +146,7 @@ class SpeedLayer:
         self.stats = Stats()
         self._stop = threading.Event()
         self._dirty = True
-        self._consumer = None
+        self._session: LogSession | None = None
         self._seq = 0
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speed-commit")
         self._inflight: Future[Checkpoint] | None = None
@@ -164,41 +164,27 @@ class SpeedLayer:
     def run(self, until_caught_up: bool = False) -> Stats:
         """Consume, checkpoint and publish until stopped; with ``until_caught_up`` stop at the end offsets seen at
         start-up. Always ends with a final checkpoint (unless killed)."""
-        restore = self._install_signal_handlers()
-        self.store.lock()
-        try:
-            self._recover()
-            self._consumer = self._connect()
+        with stop_on_signals(self._stop.set):
+            self.store.lock()
             try:
-                self._assign()
-                targets = self._end_offsets() if until_caught_up else None
-                if self.rebuild is not None or (self.last is not None and self._dirty):
-                    self.checkpoint_now()  # publish which views are being rebuilt (or dropped) before replaying
-                self._loop(targets)
-                self.checkpoint_now()
-                self._kafka_commit(self.last.positions, wait=True)
+                self._recover()
+                self._session = self._connect()
+                try:
+                    self._assign()
+                    targets = self._session.end_offsets() if until_caught_up else None
+                    if self.rebuild is not None or (self.last is not None and self._dirty):
+                        self.checkpoint_now()  # publish which views are being rebuilt (or dropped) before replaying
+                    self._loop(targets)
+                    self.checkpoint_now()
+                    self._session.commit(self.last.positions, wait=True)
+                finally:
+                    if self._inflight is not None:  # never leave a commit half-way when an error ends the run
+                        futures.wait([self._inflight])
+                    self._session.close()
+                    self._session = None
             finally:
-                if self._inflight is not None:  # never leave a commit half-way when an error ends the run
-                    futures.wait([self._inflight])
-                self._consumer.close(autocommit=False)
-                self._consumer = None
-        finally:
-            self.store.unlock()
-            restore()
+                self.store.unlock()
         return self.stats
-
-    def _install_signal_handlers(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-        for s in previous:
-            signal.signal(s, lambda *_: self._stop.set())
-
-        def restore() -> None:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-        return restore
 
     # start-up -----------------------------------------------------------------------------------------------------
     def _recover(self) -> None:
@@ -274,69 +260,25 @@ class SpeedLayer:
         self._full_dedup = True  # older dedup chunks hold ids above the new positions: never reuse them
         self._dirty = True
 
-    def _connect(self):
-        """A consumer, retrying with exponential backoff while Kafka is unreachable (up to ``broker_timeout``)."""
-        from lambdalake.kafka import consumer
-
-        deadline = time.monotonic() + self.options.broker_timeout
-        delay, attempt = 0.5, 0
-        while True:
-            attempt += 1
-            per_attempt_ms = int(1000 * min(5.0, max(1.0, (deadline - time.monotonic()) / 2)))
-            try:
-                return consumer(self.settings, group_id=self.group_id, fetch_max_wait_ms=100,
-                                max_poll_records=self.options.max_records, check_crcs=False,
-                                bootstrap_timeout_ms=per_attempt_ms)
-            except BrokerError as exc:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
-                    raise BrokerUnreachable(f"{exc} (gave up after {attempt} attempt(s) in "
-                                            f"{self.options.broker_timeout:.0f}s; raise --broker-timeout to wait "
-                                            "longer)") from exc
-                wait = min(delay, left)
-                self.notify(f"Kafka at {self.settings.bootstrap} is unreachable (attempt {attempt}); retrying in "
-                            f"{wait:.1f}s")
-                self._stop.wait(wait)
-                delay = min(delay * 2, 30.0)
-
-    def _partitions(self) -> dict[str, list[int]]:
-        out = {}
-        for topic in self.sources:
-            parts = self._consumer.partitions_for_topic(topic)
-            if not parts:
-                raise SpeedError(f"topic {topic!r} of pipeline {self.pipeline.name!r} does not exist at "
-                                 f"{self.settings.bootstrap}; create it with `lambdalake topics`")
-            out[topic] = sorted(parts)
-        return out
+    def _connect(self) -> LogSession:
+        """The log session: a consumer, retrying with backoff while Kafka is unreachable (up to broker_timeout)."""
+        consumer = connect(self.settings, group_id=self.group_id, timeout=self.options.broker_timeout,
+                           stop=self._stop, notify=self.notify, fetch_max_wait_ms=100,
+                           max_poll_records=self.options.max_records, check_crcs=False)
+        return LogSession(consumer, self.sources, bootstrap=self.settings.bootstrap, reader="the speed layer",
+                          lost_means="they stay missing until a batch version covers them", notify=self.notify)
 
     def _assign(self) -> None:
-        from kafka import TopicPartition
-
-        tps = [TopicPartition(t, p) for t, parts in self._partitions().items() for p in parts]
-        for tp in tps:
-            key = (tp.topic, tp.partition)
+        """Every partition of the sources' topics, each at its position (new partitions: the log start)."""
+        session = self._session
+        session.topics = list(self.sources)
+        keys = session.partitions()
+        for key in keys:
             self.positions.setdefault(key, 0)
             self.windows.setdefault(key, DedupWindow(self.options.dedup_span))
             self.new_ids.setdefault(key, [])
-        self._consumer.assign(tps)
-        begins = self._consumer.beginning_offsets(tps)
-        for tp in tps:
-            key = (tp.topic, tp.partition)
-            first = begins.get(tp, 0)
-            if self.positions[key] < first:
-                covered = self.pruned_to.get(key, 0)
-                if covered < first:
-                    self.notify(f"{tp.topic}[{tp.partition}]: offsets [{max(covered, self.positions[key])}, {first}) "
-                                "were deleted by Kafka retention before the speed layer read them; they stay "
-                                "missing until a batch version covers them")
-                self.positions[key] = first
-            self._consumer.seek(tp, self.positions[key])
-        self._tps = {(tp.topic, tp.partition): tp for tp in tps}
+        self.positions.update(session.assign(self.positions, covered=self.pruned_to, partitions=keys))
         self._partitions_checked = time.monotonic()
-
-    def _end_offsets(self) -> dict[TP, int]:
-        ends = self._consumer.end_offsets(list(self._tps.values()))
-        return {(tp.topic, tp.partition): off for tp, off in ends.items()}
 
     # the loop -----------------------------------------------------------------------------------------------------
     def _loop(self, targets: dict[TP, int] | None) -> None:
@@ -350,7 +292,7 @@ class SpeedLayer:
                                        Positions(self.pruned_to))
         last_cp = last_pipeline_check = time.monotonic()
         last_batch_check = 0.0
-        consumer = self._consumer
+        consumer = self._session.consumer
         backoff = 0.5
         while not self._stop.is_set():
             try:
@@ -398,7 +340,7 @@ class SpeedLayer:
         with exponential backoff by itself) and again when it is back. The published snapshot stays valid meanwhile."""
         self._broker_checked = now
         try:  # kafka-python has no public connectivity API; read its client state, never depend on it
-            client = self._consumer._client
+            client = self._session.consumer._client
             up = any(client.connected(b.node_id) for b in client.cluster.brokers())
         except Exception:  # noqa: BLE001
             return
@@ -412,12 +354,10 @@ class SpeedLayer:
 
     def _caught_up(self, targets: dict[TP, int]) -> bool:
         for key, end in targets.items():
-            if key not in self._tps:  # a source no longer declared (the pipeline changed while running)
+            if key not in self._session.tps:  # a source no longer declared (the pipeline changed while running)
                 continue
-            if self.positions.get(key, 0) < end:
-                # Transaction markers occupy offsets without records: trust the consumer's own position then.
-                if self._consumer.position(self._tps[key]) < end:
-                    return False
+            if self.positions.get(key, 0) < end and not self._session.reached(key, end):
+                return False
         return True
 
     def _apply(self, topic: str, partition: int, records: list) -> None:
@@ -434,12 +374,9 @@ class SpeedLayer:
 
     def _check_new_partitions(self) -> None:
         self._partitions_checked = time.monotonic()
-        try:
-            current = {(t, p) for t, parts in self._partitions().items() for p in parts}
-        except SpeedError:
-            return
-        if current - set(self._tps):
-            self.notify(f"new partitions {sorted(current - set(self._tps))}; assigning them")
+        new = self._session.new_partitions()
+        if new:
+            self.notify(f"new partitions {sorted(new)}; assigning them")
             self._assign()
 
     # handoff ------------------------------------------------------------------------------------------------------
@@ -560,7 +497,8 @@ class SpeedLayer:
         self.stats.checkpoints += 1
         self.stats.last_checkpoint_seconds = time.monotonic() - self._inflight_t0
         # 7. Lag monitoring only.
-        self._kafka_commit(cp.positions)
+        if self._session is not None:
+            self._session.commit(cp.positions)
 
     # rebuilding changed views (speed.rebuild) -----------------------------------------------------------------------
     def _rebuild_step(self) -> None:
@@ -633,7 +571,7 @@ class SpeedLayer:
                         "ignored (a different pipeline needs its own --home)")
             return
         for s in new.sources:
-            if s.topic not in self.sources and not self._consumer.partitions_for_topic(s.topic):
+            if s.topic not in self.sources and not self._session.consumer.partitions_for_topic(s.topic):
                 self.notify(f"the pipeline file {spec} changed but topic {s.topic!r} of source {s.name!r} does not "
                             "exist; ignored (create it with `lambdalake topics`)")
                 return
@@ -664,27 +602,11 @@ class SpeedLayer:
         for t in [t for t in self.counters if t not in self.sources]:
             del self.counters[t]
         self._adopt(have)
-        if set(self.sources) != topics_before and self._consumer is not None:
+        if set(self.sources) != topics_before and self._session is not None:
             self._assign()
         self._full_dedup = True
         self._dirty = True
         self._checkpoint(force=True)
-
-    def _kafka_commit(self, positions: dict[TP, int], wait: bool = False) -> None:
-        """Step 7: committed group offsets, for lag monitoring tools only (never read back by lambdalake).
-        Asynchronous while running; ``wait`` (at shutdown) so the last positions reach Kafka before close."""
-        from kafka.structs import OffsetAndMetadata
-
-        if self._consumer is None:
-            return
-        offsets = {self._tps[k]: OffsetAndMetadata(s, "", -1) for k, s in positions.items() if k in self._tps}
-        try:
-            if wait:
-                self._consumer.commit(offsets, timeout_ms=3000)
-            else:
-                self._consumer.commit_async(offsets)
-        except Exception as exc:  # noqa: BLE001 - monitoring only; never let it stop the speed layer
-            log.debug("lag-monitoring commit failed: %s", exc)
 
     # introspection ------------------------------------------------------------------------------------------------
     def state_rows(self) -> int:

@@ -1,7 +1,7 @@
 """Errors of the speed layer. All are :class:`lambdalake.exceptions.LambdalakeError` subclasses, so the CLI prints
 one actionable line instead of a traceback."""
 
-from lambdalake.exceptions import BrokerError, ConfigError, InvariantViolation, LambdalakeError
+from lambdalake.exceptions import ConfigError, InvariantViolation, LambdalakeError
 
 
 class SpeedError(LambdalakeError):
@@ -38,7 +38,3 @@ class HandoffTimeout(SpeedError):
 
 class PositionsLost(InvariantViolation):
     """Offsets the speed layer still needs were deleted from Kafka (retention) before it read them."""
-
-
-class BrokerUnreachable(BrokerError):
-    """Kafka stayed unreachable for longer than the configured broker timeout."""

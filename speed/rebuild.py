@@ -29,6 +29,7 @@ import logging
 from lambdalake.config import Settings
 from lambdalake.dedup import DedupWindow
 from lambdalake.pipeline import Pipeline, View
+from lambdalake.session import LogSession, connect
 from lambdalake.validation import Validator
 from speed.checkpoint import TP, fault
 from speed.state import SourceState, apply_records, build_states
@@ -62,45 +63,39 @@ class Rebuild:
         self.windows: dict[TP, DedupWindow] = {}
         self.counters = {t: {"valid": 0, "invalid": 0, "duplicates": 0} for t in self.states}
         self.messages = 0
-        self._consumer = None
-        self._tps: dict = {}
+        self._session: LogSession | None = None
         self._paused: set[TP] = set()
 
     # lifecycle ----------------------------------------------------------------------------------------------------
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close(autocommit=False)
-            self._consumer = None
+        if self._session is not None:
+            self._session.close()
+            self._session = None
 
-    def _connect(self):
-        from lambdalake.kafka import consumer
-
-        return consumer(self.settings, group_id=None, fetch_max_wait_ms=100, max_poll_records=self.max_records,
-                        check_crcs=False, client_id="lambdalake-speed-rebuild")
+    def _connect(self) -> LogSession:
+        consumer = connect(self.settings, group_id=None, fetch_max_wait_ms=100, max_poll_records=self.max_records,
+                           check_crcs=False, client_id="lambdalake-speed-rebuild")
+        # Offsets deleted by retention: the live side (or the replay's caller) already said so.
+        return LogSession(consumer, self.states, bootstrap=self.settings.bootstrap, reader="the rebuild",
+                          lost_means="", notify=None)
 
     def _track(self, live: dict[TP, int], pruned_to: dict[TP, int]) -> None:
         """Start replaying every live partition of the rebuilt views' topics not tracked yet."""
-        from kafka import TopicPartition
-
         new = [tp for tp in live if tp[0] in self.states and tp not in self.positions]
         if not new:
             return
-        if self._consumer is None:
-            self._consumer = self._connect()
+        if self._session is None:
+            self._session = self._connect()
         for key in new:
             r0 = min(live[key], replay_start(pruned_to.get(key, 0), self.dedup_span))
             self.start[key] = self.positions[key] = r0
             self.windows[key] = DedupWindow(self.dedup_span)
-            self._tps[key] = TopicPartition(*key)
-        self._consumer.assign(list(self._tps.values()))
-        begins = self._consumer.beginning_offsets([self._tps[k] for k in new])
+        starts = self._session.assign(self.positions, partitions=list(self.positions))
         for key in new:
-            first = begins.get(self._tps[key], 0)
-            if self.positions[key] < first:  # deleted by retention: the live side warned about it already
-                self.start[key] = self.positions[key] = min(first, live[key])
-            self._consumer.seek(self._tps[key], self.positions[key])
+            if starts[key] > self.positions[key]:  # deleted by retention
+                self.start[key] = self.positions[key] = min(starts[key], live[key])
         if self._paused:
-            self._consumer.pause(*(self._tps[k] for k in self._paused))
+            self._session.consumer.pause(*(self._session.tps[k] for k in self._paused))
 
     # the replay ---------------------------------------------------------------------------------------------------
     def step(self, live: dict[TP, int], pruned_to: dict[TP, int], timeout_ms: int) -> int:
@@ -109,10 +104,11 @@ class Rebuild:
         self._track(live, pruned_to)
         if not self.positions:
             return 0
-        c = self._consumer
+        c = self._session.consumer
+        tps = self._session.tps
         resume = [k for k in self._paused if live.get(k, 0) > self.positions[k]]
         if resume:
-            c.resume(*(self._tps[k] for k in resume))
+            c.resume(*(tps[k] for k in resume))
             self._paused.difference_update(resume)
         if len(self._paused) == len(self.positions):
             return 0
@@ -135,7 +131,7 @@ class Rebuild:
         self.messages += applied
         # Partitions at their live position (also across offsets without records, e.g. transaction markers):
         # drop whatever was fetched beyond it and pause until the live consumer moves on.
-        for key, tp in self._tps.items():
+        for key, tp in tps.items():
             if key in self._paused:
                 continue
             limit = live.get(key, 0)

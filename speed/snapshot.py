@@ -23,7 +23,6 @@ snapshots stay readable for a while (:func:`retain`) so a query that opened one 
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from collections.abc import Iterable
@@ -36,6 +35,7 @@ from lambdalake import contracts
 from lambdalake.contracts import SpeedPointer, SpeedSnapshotMeta
 from lambdalake.exceptions import InvariantViolation
 from lambdalake.layout import (
+    SPEED_SNAPSHOT_DIR,
     Layout,
     atomic_publish_dir,
     read_speed_snapshot_meta,
@@ -45,7 +45,6 @@ from lambdalake.layout import (
 )
 from speed.exceptions import CheckpointCorrupt
 
-SNAPSHOT_ID = re.compile(r"^(\d{12})$")
 PARQUET_OPTIONS = dict(compression="lz4", write_statistics=True, row_group_size=256 * 1024)
 
 
@@ -55,7 +54,7 @@ def snapshot_id(seq: int) -> str:
 
 
 def seq_of(name: str) -> int | None:
-    m = SNAPSHOT_ID.match(name)
+    m = SPEED_SNAPSHOT_DIR.match(name)
     return int(m.group(1)) if m else None
 
 
@@ -99,14 +98,6 @@ def read_snapshot(layout: Layout, snap: str, views: Iterable[str]) -> tuple[Spee
     return meta, tables
 
 
-def published_snapshots(layout: Layout) -> list[str]:
-    """Ids of the snapshot directories on disk, oldest first (staging directories excluded)."""
-    base = layout.speed_views
-    if not base.is_dir():
-        return []
-    return sorted(p.name for p in base.iterdir() if p.is_dir() and SNAPSHOT_ID.match(p.name))
-
-
 def remove_staging(layout: Layout) -> None:
     """Remove staging directories left by a crash while writing a snapshot (never visible to anyone)."""
     base = layout.speed_views
@@ -120,7 +111,7 @@ def remove_after(layout: Layout, seq: int) -> list[str]:
     """Remove snapshots newer than ``seq``: written by a run that crashed before its checkpoint committed, so
     ``CURRENT`` never pointed at them (commit step 5 comes before step 6)."""
     removed = []
-    for name in published_snapshots(layout):
+    for name in layout.speed_snapshots(complete=False):
         n = seq_of(name)
         if n is not None and n > seq:
             shutil.rmtree(layout.speed_snapshot(name), ignore_errors=True)
@@ -131,7 +122,7 @@ def remove_after(layout: Layout, seq: int) -> list[str]:
 def retain(layout: Layout, keep: int, keep_seconds: float, protect: set[str]) -> list[str]:
     """Delete old snapshots: those beyond the newest ``keep`` that are also older than ``keep_seconds``
     (a reader that opened one within that time keeps a consistent view). ``protect`` is never deleted."""
-    names = published_snapshots(layout)
+    names = layout.speed_snapshots(complete=False)
     now = time.time()
     removed = []
     for name in names[:-keep] if keep > 0 else names:

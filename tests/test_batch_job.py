@@ -19,7 +19,7 @@ from batch.archiver import RollPolicy, ingest
 from batch.exceptions import NothingToCompute, PublishError
 from batch.job import run_batch
 from batch.master import sha256_file
-from batch.publish import list_versions, prune_versions, rollback
+from batch.publish import prune_versions, rollback
 from lambdalake.contracts import MANIFEST_FORMAT, BatchManifest, Positions, SpeedPointer, SpeedSnapshotMeta
 from lambdalake.layout import (
     Layout,
@@ -212,7 +212,7 @@ def test_rerun_same_snapshot_same_content_and_rollback_and_prune(archived, pipel
     m4 = run_batch(settings, pipeline, spark=spark, keep=2)
     assert m4.version == "v000004" and batch_pointer(layout) == "v000004"
     # keep=2 pruned everything but the newest two (the current one and the one before it)
-    assert list_versions(layout) == ["v000003", "v000004"]
+    assert layout.batch_versions() == ["v000003", "v000004"]
     assert prune_versions(settings.home, keep=2) == []
     # the rollback refuses when the speed layer says it pruned beyond the previous watermark
     big = Positions({tp: w + 10 * settings.handoff_block for tp, w in m4.watermark.items()})
@@ -238,7 +238,7 @@ def test_failed_run_changes_nothing_served(archived, pipeline, spark):
     finally:
         victim.write_bytes(good)
     assert batch_pointer(layout) == "v000001"
-    assert list_versions(layout) == ["v000001"]
+    assert layout.batch_versions() == ["v000001"]
     assert not [d for d in layout.batch_views.iterdir() if d.name.startswith(".staging")]
     assert_version_equals_oracle(settings, pipeline, current_batch_manifest(layout))
 
@@ -363,7 +363,7 @@ def test_killed_cli_run_changes_nothing_served(archived, pipeline, spark, cli_en
         kill_group(proc)
         proc.communicate(timeout=60)
     assert batch_pointer(layout) == "v000001"
-    assert list_versions(layout) == ["v000001"]
+    assert layout.batch_versions() == ["v000001"]
     m2 = run_batch(settings, pipeline, spark=spark)
     assert m2.version == "v000002" and m2.watermark == m1.watermark
     assert not [d for d in layout.batch_views.iterdir() if d.name.startswith(".staging")]

@@ -10,7 +10,7 @@ import pytest
 
 from batch.exceptions import BatchValidationError, PublishError
 from batch.job import expected_schema, validate_staged
-from batch.publish import list_versions, new_staging_dir, prune_versions, publish, rollback
+from batch.publish import new_staging_dir, prune_versions, publish, rollback
 from lambdalake.contracts import MANIFEST_FORMAT, BatchManifest, BatchView, Positions
 from lambdalake.exceptions import InvariantViolation
 from lambdalake.layout import Layout, batch_pointer, read_batch_manifest
@@ -46,7 +46,7 @@ def test_versions_are_monotonic_pointer_switches_and_prune_keeps_current_and_pre
     assert prune_versions(tmp_path, keep=2) == []
     m = _publish(layout, 250, keep=2)
     assert m.version == "v000005" and m == read_batch_manifest(layout, "v000005")
-    assert list_versions(layout) == ["v000004", "v000005"]
+    assert layout.batch_versions() == ["v000004", "v000005"]
     with pytest.raises(PublishError):
         rollback(tmp_path)  # v5 -> v4 is fine ...
         rollback(tmp_path)  # ... but nothing is older than v4 any more
@@ -59,7 +59,7 @@ def test_publish_refuses_a_watermark_below_the_published_one(tmp_path):
     with pytest.raises(InvariantViolation, match="below the published"):
         _publish(layout, 50)
     assert batch_pointer(layout) == "v000001"
-    assert list_versions(layout) == ["v000001"]
+    assert layout.batch_versions() == ["v000001"]
 
 
 def test_dead_runs_staging_dirs_are_removed(tmp_path):
