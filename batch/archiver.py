@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +41,7 @@ import orjson
 
 from batch.exceptions import ArchiverLocked, DeadLetterError
 from batch.master import master_table, remove_temp_files, write_parquet_atomic
-from lambdalake.config import Settings
+from lambdalake.config import Settings, env_float, env_int
 from lambdalake.exceptions import BrokerError, ConfigError, InvariantViolation
 from lambdalake.kafka import consumer as make_consumer
 from lambdalake.kafka import ensure_topics
@@ -77,19 +76,10 @@ class RollPolicy:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> RollPolicy:
-        def env(name: str, conv: Callable[[str], Any], default: Any) -> Any:
-            raw = os.environ.get(name)
-            if not raw:
-                return default
-            try:
-                return conv(raw)
-            except ValueError:
-                raise ConfigError(f"{name}={raw!r} is not a number") from None
-
         d = cls()
-        values = dict(max_rows=env("LAMBDALAKE_ARCHIVE_ROLL_ROWS", int, d.max_rows),
-                      max_bytes=env("LAMBDALAKE_ARCHIVE_ROLL_BYTES", int, d.max_bytes),
-                      max_seconds=env("LAMBDALAKE_ARCHIVE_ROLL_SECONDS", float, d.max_seconds))
+        values = dict(max_rows=env_int("LAMBDALAKE_ARCHIVE_ROLL_ROWS", d.max_rows),
+                      max_bytes=env_int("LAMBDALAKE_ARCHIVE_ROLL_BYTES", d.max_bytes),
+                      max_seconds=env_float("LAMBDALAKE_ARCHIVE_ROLL_SECONDS", d.max_seconds, minimum=0.001))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

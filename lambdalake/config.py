@@ -31,18 +31,30 @@ DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 DEFAULT_HANDOFF_BLOCK = 1000
 
 
-def env_int(name: str, default: int, minimum: int = 1, why: str = "") -> int:
-    """An integer environment variable (``default`` if unset), with an actionable error if it is not one."""
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
+def parse_number(name: str, raw: str, kind: type[int] | type[float] = int, minimum: float | None = None,
+                 why: str = "", where: str = "") -> int | float:
+    """The one rule for a number given as text (environment variable, Airflow Variable): ``name`` and ``where``
+    (e.g. `` (or Airflow Variable x)``) word the actionable error."""
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer; set it to a whole number like {default}") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={value} must be >= {minimum}{why}")
+        what = "an integer; set it to a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name}={raw!r}{where} is not {what}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={value}{where} must be >= {minimum}{why}")
     return value
+
+
+def env_int(name: str, default: int, minimum: int = 1, why: str = "") -> int:
+    """An integer environment variable (``default`` if unset or empty), with an actionable error if it is not one."""
+    raw = os.environ.get(name)
+    return default if not raw else parse_number(name, raw, int, minimum, why)
+
+
+def env_float(name: str, default: float, minimum: float | None = None, why: str = "") -> float:
+    """A number environment variable (``default`` if unset or empty)."""
+    raw = os.environ.get(name)
+    return default if not raw else parse_number(name, raw, float, minimum, why)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 from airflow.sdk import Asset
 
+from lambdalake.config import env_int
 from lambdalake.orchestration.tasks import ASSET_NAME
 
 #: The published batch version of the lake. Downstream DAGs use ``schedule=[BATCH_VIEWS]``; each event's extra
@@ -37,7 +38,7 @@ def schedule(env_name: str, default: str) -> str | None:
 
 def default_args() -> dict[str, Any]:
     """Retries with exponential backoff (30 s, 1 min, 2 min, ... at most 10 min)."""
-    retries = int(os.environ.get("LAMBDALAKE_AIRFLOW_RETRIES", "2"))
+    retries = env_int("LAMBDALAKE_AIRFLOW_RETRIES", 2, minimum=0)
     return {
         "owner": "lambdalake",
         "retries": retries,

@@ -30,8 +30,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lambdalake.config import Settings, load_settings
-from lambdalake.exceptions import ConfigError, LambdalakeError
+from lambdalake.config import Settings, load_settings, parse_number
+from lambdalake.exceptions import LambdalakeError
 from lambdalake.layout import Layout, atomic_write_bytes
 from lambdalake.pipeline import Pipeline, load_pipeline
 
@@ -85,15 +85,8 @@ def lake_config(variables: Callable[[str], str | None] | None = _airflow_variabl
 
 def _int(cfg: Mapping[str, str], name: str, minimum: int = 1, why: str = "") -> int | None:
     raw = cfg.get(name)
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} (or Airflow Variable {name.lower()}) is not an integer") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={value} (or Airflow Variable {name.lower()}) must be >= {minimum}{why}")
-    return value
+    return None if raw is None else parse_number(name, raw, int, minimum, why,
+                                                 where=f" (or Airflow Variable {name.lower()})")
 
 
 def settings_from(cfg: Mapping[str, str]) -> Settings:
