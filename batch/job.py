@@ -87,6 +87,7 @@ from lambdalake.handoff import aligned_watermark
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import WINDOW_START, Aggregate, Field, Pipeline, Source, View
 from lambdalake.schema import OFFSET_COL, PARTITION_COL, arrow_schema, master_columns, view_columns
+from lambdalake.validation import FIRST_INSTANT_US, LAST_INSTANT_US
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,9 @@ def java_pattern(field: Field) -> str:
 def valid_rows(source: Source):
     """A Spark boolean column: the stored master row is valid under the *declared* field rules (rules 3 and 5 of
     :mod:`lambdalake.validation`: required/nullable, minimum/maximum, min_length/max_length in code points, pattern
-    as a full match). Master values are already typed, so the type rules need no re-check. None: no rule can reject
-    a row."""
+    as a full match) and the supported timestamp range of rule 6 (which rows archived before that rule existed may
+    break). Master values are already typed, so the type rules need no re-check. None: no rule can reject a
+    row."""
     from pyspark.sql import functions as F
 
     conds = []
@@ -219,6 +221,8 @@ def valid_rows(source: Source):
                 rules.append(F.length(col) <= F.lit(f.max_length))
             if f.pattern:
                 rules.append(col.rlike(java_pattern(f)))
+        elif f.type == "timestamp":
+            rules.append(F.unix_micros(col).between(F.lit(FIRST_INSTANT_US), F.lit(LAST_INSTANT_US)))
         value_ok = None
         for r in rules:
             value_ok = r if value_ok is None else value_ok & r

@@ -77,10 +77,38 @@ def _text(v: Any) -> str:
     return str(v)
 
 
+def _values(column: pa.ChunkedArray) -> list:
+    """Python values of a result column. A value Python cannot hold (a date or timestamp outside years 1..9999,
+    which user SQL can make, e.g. ``window_start - INTERVAL 9000 YEAR``; the lake itself holds none: see
+    ``lambdalake.validation`` rule 6) is rendered as Arrow's text of it instead of failing the whole command."""
+    import pyarrow as pa
+
+    try:
+        return column.to_pylist()
+    except (OverflowError, ValueError):
+        pass
+    out: list = []
+    for chunk in column.chunks:
+        for i in range(len(chunk)):
+            try:
+                out.append(chunk[i].as_py())
+            except (OverflowError, ValueError):
+                try:
+                    out.append(chunk.slice(i, 1).cast(pa.string())[0].as_py())
+                except (pa.ArrowException, OverflowError, ValueError):
+                    out.append(f"<{chunk.type} value out of range>")
+    return out
+
+
+def _rows(table: pa.Table) -> list[dict]:
+    names = table.column_names
+    return [dict(zip(names, vals, strict=True)) for vals in zip(*(_values(c) for c in table.columns), strict=True)]
+
+
 def write_result(table: pa.Table, fmt: OutputFormat) -> None:
     import pyarrow as pa
 
-    rows = table.to_pylist()
+    rows = _rows(table)
     if fmt is OutputFormat.json:
         sys.stdout.write(json.dumps([_jsonable(r) for r in rows], ensure_ascii=False) + "\n")
     elif fmt is OutputFormat.csv:

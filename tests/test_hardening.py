@@ -337,3 +337,16 @@ def test_every_reading_command_refuses_a_missing_lake_and_creating_ones_do_not(t
     # a command that creates a lake still may: the embedded broker's status reads <home>/kafka without the rule
     res = runner.invoke(root, ["kafka", "status", "--home", str(missing)])
     assert res.exit_code == 1 and "not running" in res.stdout
+
+
+def test_sql_output_never_crashes_on_instants_python_cannot_hold(tmp_path):
+    """The lake holds none (rule 6), but user SQL can compute any instant: shown as Arrow's text, exit 0."""
+    query = ("SELECT TIMESTAMPTZ '2026-01-01 10:00:00+00' - INTERVAL 2030 YEAR AS t, DATE '0000-06-01' AS d "
+             "UNION ALL SELECT TIMESTAMPTZ '2026-01-01 10:00:00+00', DATE '2020-01-01'")
+    runner = CliRunner()
+    for fmt in ("json", "csv", "table"):
+        res = runner.invoke(serving_cli(), ["sql", query, "-f", fmt, "--home", str(tmp_path),
+                                            "--pipeline", "lambdalake.pipelines.clickstream"])
+        assert res.exit_code == 0 and res.exception is None, (fmt, res.output)
+        assert "-0004-01-01 10:00:00" in res.stdout and "0000-06-01" in res.stdout, res.stdout
+        assert "2026-01-01T10:00:00+00:00" in res.stdout and "2020-01-01" in res.stdout
