@@ -35,7 +35,7 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check lambdalake batch speed serving dags tests bench
+	$(BIN)/ruff check lambdalake batch speed serving audit dags tests bench
 
 bench: install  # batch, speed and serving benchmarks (never part of make test); BENCH_ARGS=--quick for a short run
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

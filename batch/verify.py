@@ -19,6 +19,10 @@ points, as :mod:`lambdalake.validation` does) are SQL predicates; a ``pattern`` 
 (the validator's own dialect) in a DuckDB function over the distinct values.
 
 Raises :class:`VerificationFailed` naming the first disagreement.
+
+:func:`view_sql` and :func:`output_sql` are the same declaration interpreted row by row (every stored row of a view,
+and its output columns): ``lambdalake audit`` (:mod:`audit.check`) recomputes the batch side, the speed side and the
+merged answer with them.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from lambdalake.contracts import BatchManifest, Positions
 from lambdalake.exceptions import InvariantViolation
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import WINDOW_START, Pipeline, Source, View
-from lambdalake.schema import OFFSET_COL, PARTITION_COL, view_columns
+from lambdalake.schema import BLOCK_COL, OFFSET_COL, PARTITION_COL, view_columns
 
 FOLD = {"sum": "sum", "min": "min", "max": "max"}  # SQL of each merge rule (Aggregate.merge)
 
@@ -115,6 +119,39 @@ def master_events_sql(source: Source, files: list[str], watermark: dict[int, int
     return (f"SELECT * FROM read_parquet({_sql_list(files)}) WHERE {below} AND {valid} "
             f"QUALIFY row_number() OVER (PARTITION BY {PARTITION_COL}, {_ident(source.event_id)} "
             f"ORDER BY {OFFSET_COL}) = 1")
+
+
+def view_sql(source: Source, view: View, events: str, block: int | None = None) -> str:
+    """The stored rows of ``view`` computed over ``events`` (a relation of master-schema rows: valid, deduplicated
+    events), one row per group: keys, ``window_start``, stored aggregates — the batch layout; with ``block``, grouped
+    by ``_partition`` and ``_block_start`` (offset floored to the block) too, in front — the speed layout.
+
+    The independent interpretation of a view (DuckDB): :mod:`audit` recomputes batch views from master and speed
+    rows from the log with it. ``window_start`` is the event time floored to the bucket (floor also before 1970),
+    a UTC ``TIMESTAMPTZ``; count and sum are BIGINT, min/max keep the field's type.
+    """
+    t, b = f"epoch_us({_ident(source.event_time)})", view.bucket_us
+    cols = [_ident(k) for k in view.keys]
+    cols.append(f"make_timestamptz({t} - ((({t} % {b}) + {b}) % {b})) AS {_ident(WINDOW_START)}")
+    if block:
+        cols = [PARTITION_COL, f"({OFFSET_COL} - {OFFSET_COL} % {int(block)}) AS {BLOCK_COL}", *cols]
+    for a in view.stored_aggregates:
+        expr = {"count": "count(*)", "sum": f"CAST(sum({_ident(a.column or '')}) AS BIGINT)",
+                "min": f"min({_ident(a.column or '')})", "max": f"max({_ident(a.column or '')})"}[a.kind]
+        cols.append(f"{expr} AS {_ident(a.name)}")
+    return f"SELECT {', '.join(cols)} FROM ({events}) AS events GROUP BY ALL"
+
+
+def output_sql(view: View, stored: str) -> str:
+    """The output columns of ``view`` (``view.output_columns``) over ``stored`` (one row per group, stored columns):
+    declared aggregates as stored; a mean is its stored sum over its stored count, as DOUBLE."""
+    means = {m.name: m for m in view.means}
+    cols = [_ident(k) for k in view.keys] + [_ident(WINDOW_START)]
+    for a in view.aggregates:
+        m = means.get(a.name)
+        cols.append(_ident(a.name) if m is None else
+                    f"CAST({_ident(m.sum_name)} AS DOUBLE) / NULLIF({_ident(m.count_name)}, 0) AS {_ident(m.name)}")
+    return f"SELECT {', '.join(cols)} FROM ({stored}) AS stored"
 
 
 def verify_published(settings: Settings, pipeline: Pipeline) -> VerificationReport | None:

@@ -1,9 +1,10 @@
-"""lambdalake_maintenance: compact small master files, then prune old batch versions (retention).
+"""lambdalake_maintenance: compact small master files, prune old batch versions (retention), then audit the lake.
 
 Thin wiring over :func:`batch.compact.compact` (the batch layer's atomic, recorded compaction; safe while the batch
-DAG runs: it waits for the master readers lock) and :func:`batch.publish.prune_versions` (keeps the newest
-``LAMBDALAKE_BATCH_KEEP`` versions, never the current one nor the one before it). Both are idempotent: a second run
-finds nothing to do.
+DAG runs: it waits for the master readers lock), :func:`batch.publish.prune_versions` (keeps the newest
+``LAMBDALAKE_BATCH_KEEP`` versions, never the current one nor the one before it) and :func:`audit.check.audit`
+(``lambdalake audit``: log vs master, master vs batch, log vs speed, served vs recomputed). The first two are
+idempotent: a second run finds nothing to do. The audit fails the task, without retries, on any difference.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from lambdalake.orchestration import tasks as wiring
 
 @dag(
     dag_id="lambdalake_maintenance",
-    description="Compact small master files and prune old batch versions",
+    description="Compact small master files, prune old batch versions, audit the lake end to end",
     schedule=dagkit.schedule("LAMBDALAKE_MAINTENANCE_SCHEDULE", "@daily"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
@@ -47,7 +48,23 @@ def lambdalake_maintenance() -> None:
         keep = wiring.batch_keep(cfg)
         return prune_versions(settings.home, keep=default_keep() if keep is None else keep)
 
-    compact() >> prune_versions()
+    @task
+    def audit() -> dict:
+        """``lambdalake audit`` at the served pair; any difference fails the run loudly (no retry)."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from audit.check import audit as audit_lake
+
+        settings, pipeline = wiring.load(dagkit.run_config())
+        report = audit_lake(settings, pipeline)
+        if not report.ok:
+            listed = "; ".join(str(d) for d in report.differences)
+            raise AirflowFailException(f"lambdalake audit found {report.total_differences} differences in "
+                                       f"{settings.home} (batch version {report.batch_version}, speed snapshot "
+                                       f"{report.speed_snapshot}): {listed}")
+        return report.to_dict()
+
+    compact() >> prune_versions() >> audit()
 
 
 lambdalake_maintenance()

@@ -1,5 +1,6 @@
 """The ``lambdalake`` command line: the foundation commands, and the layers' commands mounted from ``batch.cli``,
-``speed.cli``, ``serving.cli`` and ``lambdalake.orchestration.cli``. Shared options live in :mod:`lambdalake.options`.
+``speed.cli``, ``serving.cli``, ``lambdalake.orchestration.cli`` and ``audit.cli``. Shared options live in
+:mod:`lambdalake.options`.
 
 Errors a user can act on (:class:`lambdalake.exceptions.LambdalakeError`, Kafka connectivity) print one line
 ``error: ...`` on stderr and exit non-zero — never a traceback.
@@ -241,12 +242,13 @@ def demo(
 # --- layers ------------------------------------------------------------------------------------------------------
 def _mount_layers() -> None:
     """Add each layer's commands (imports are cheap: the layer CLIs import their engines inside the commands)."""
+    from audit.cli import register as audit_commands
     from batch.cli import register as batch_commands
     from lambdalake.orchestration.cli import register as airflow_commands
     from serving.cli import register as serving_commands
     from speed.cli import register as speed_commands
 
-    for register in (batch_commands, speed_commands, serving_commands, airflow_commands):
+    for register in (batch_commands, speed_commands, serving_commands, airflow_commands, audit_commands):
         register(app)
 
 
