@@ -42,6 +42,7 @@ from lambdalake.exceptions import InvariantViolation
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import WINDOW_START, Pipeline, Source, View
 from lambdalake.schema import BLOCK_COL, OFFSET_COL, PARTITION_COL, view_columns
+from lambdalake.validation import FIRST_INSTANT_US, LAST_INSTANT_US
 
 FOLD = {"sum": "sum", "min": "min", "max": "max"}  # SQL of each merge rule (Aggregate.merge)
 
@@ -104,6 +105,8 @@ def valid_predicate(con: Any, source: Source) -> str:
                 fn = f"lambdalake_match_{source.name}_{f.name}"
                 _pattern_function(con, fn, f.pattern)
                 rules.append(f"{fn}({col})")
+        elif f.type == "timestamp":  # the supported range (lambdalake.validation rule 6)
+            rules.append(f"epoch_us({col}) BETWEEN {FIRST_INSTANT_US} AND {LAST_INSTANT_US}")
         value_ok = " AND ".join(rules) or "TRUE"
         if f.required and not f.nullable:
             conds.append(f"({col} IS NOT NULL AND {value_ok})")
