@@ -369,3 +369,32 @@ def test_sql_output_never_crashes_on_instants_python_cannot_hold(tmp_path):
         assert res.exit_code == 0 and res.exception is None, (fmt, res.output)
         assert "-0004-01-01 10:00:00" in res.stdout and "0000-06-01" in res.stdout, res.stdout
         assert "2026-01-01T10:00:00+00:00" in res.stdout and "2020-01-01" in res.stdout
+
+
+def test_an_older_lake_with_out_of_range_master_rows_verifies_and_renders(tmp_path, pipe_file):
+    """Before the range rule an archiver stored UTC year 0 / 10000 instants. The batch side re-checks the rule (the
+    Spark job's ``valid_rows`` and the independent ``batch.verify``, here), and ``sql`` over master renders them."""
+    from batch.verify import verify_published
+
+    home = tmp_path / "lake"
+    home.mkdir()
+    times = ["2026-01-05T10:00:00Z", "0001-01-01T00:00:00+14:00", "2026-01-05T11:00:00Z",
+             "9999-12-31T23:59:59-12:00", "2026-01-05T12:00:00Z", "2026-01-05T13:00:00Z"]
+    msgs = [message(i, t, None) for i, t in enumerate(times)]
+    records = build_lake(home, pipe_file, msgs)
+    assert len(records) == 4
+    pipeline = load_pipeline(str(pipe_file))
+    source = pipeline.sources[0]
+    year1 = (datetime(1, 1, 1, tzinfo=UTC) - EPOCH) // timedelta(microseconds=1)
+    old = {1: year1 - 14 * 3600 * 10**6, 3: LAST_INSTANT_US - 999_999 + 12 * 3600 * 10**6}  # as stored then
+    rows = sorted([(i, {**json.loads(msgs[i]), "event_time": us, "seen_at": None}) for i, us in old.items()]
+                  + [(int(r["event_id"][1:]), r) for r in records])
+    cols = {f.name: [r[f.name] for _, r in rows] for f in source.fields}
+    write_parquet_atomic(master_table(source, cols, 0, [o for o, _ in rows], [0] * len(rows)),
+                         Layout(home).master_file(source.name, 0, 0, len(msgs)), overwrite=True)
+    assert verify_published(load_settings(home=home, pipeline=str(pipe_file)), pipeline).version == "v000001"
+    res = CliRunner().invoke(serving_cli(), ["sql", "SELECT event_time FROM master.ticks ORDER BY _offset", "-f",
+                                             "csv", "--home", str(home), "--pipeline", str(pipe_file)])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[2:5] == ["0000-12-31 10:00:00.000000Z", "2026-01-05T11:00:00+00:00",
+                                            "10000-01-01 11:59:59.000000Z"], res.stdout
