@@ -102,6 +102,7 @@ def test_untouched_lake_passes_and_reports_what_it_compared(lake):
     assert checks[LOG_MASTER]["compared"]["messages_revalidated"] == checks[LOG_MASTER]["compared"]["log_messages"]
     assert checks[LOG_MASTER]["compared"]["dlq_records"] > 0 and checks[LOG_MASTER]["compared"]["log_bytes"] > 0
     assert checks[MASTER_BATCH]["compared"]["batch_rows"] > 0 and checks[MASTER_BATCH]["compared"]["master_events"] > 0
+    assert checks[MASTER_BATCH]["compared"]["inputs_checksummed"] > 0
     assert checks[LOG_SPEED]["compared"]["speed_rows"] > 0
     assert checks[MERGED]["compared"]["served_rows"] > 0
     assert all(c["positions"] for c in (checks[n]["compared"] for n in (LOG_MASTER, MASTER_BATCH, LOG_SPEED)))
@@ -130,6 +131,7 @@ def test_audit_catches_a_tampered_master_batch_and_speed_file(lake):
     where = f"pageviews[{f.partition}]@{offsets[row]}"
     assert _named(report, LOG_MASTER, where, f"duration_ms={old + 1}", f"(log: {old})"), report.differences
     assert _named(report, MASTER_BATCH, "pageviews_hourly"), report.differences
+    assert _named(report, MASTER_BATCH, f.path.name, "changed since the batch version read it"), report.differences
 
     # batch: one row's count in a view file of the published version
     view = pipeline.view("pageviews_hourly")
