@@ -22,6 +22,10 @@ batch files and must re-open. ``window_start`` is a TIMESTAMPTZ: the CLI shows i
 
 The stock CLI is the user's own shell, so the lock-down of :func:`serving.connection.connect` does not apply to
 it; open it with ``-readonly`` (and ``-safe`` is not usable, as the views must read the lake's files).
+
+CLI versions: the file is written with ``storage_compatibility_version`` :data:`STORAGE_COMPATIBILITY` (storage
+version 64), so DuckDB 1.0 and later read it; tested with the DuckDB CLI 1.5.6 (``pip install duckdb-cli``, pinned
+in the ``test`` extra) and DuckDB 2.0.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ from serving.sql import (
 )
 
 CATALOG_NAME = "lake.duckdb"  # not "lambdalake.duckdb": the catalog would shadow the `lambdalake` schema
+# The file is written in the oldest storage format DuckDB 2.0 can write (storage version 64, read by every DuckDB
+# since 1.0), not 2.0's own (69): the stable CLI users install (`pip install duckdb-cli`, 1.5.6) reads 64-68 only.
+STORAGE_COMPATIBILITY = "v1.0.0"
 
 
 def catalog_path(settings: Settings) -> Path:
@@ -89,7 +96,8 @@ def write_catalog(settings: Settings | None = None, pipeline: Pipeline | str | N
     tmp = tmp_name(final)
     try:
         con = duckdb.connect(str(tmp), config={"autoinstall_known_extensions": False,
-                                               "autoload_known_extensions": False})
+                                               "autoload_known_extensions": False,
+                                               "storage_compatibility_version": STORAGE_COMPATIBILITY})
         try:
             _build(con, pipe, settings, pair, layout, allow_stale)
         finally:
@@ -140,6 +148,8 @@ def _build(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setting
     for source in pipeline.sources:
         cols = master_columns(source)
         files = layout.master_files(source.name)  # THE valid-file rule (an interrupted compaction counts once)
+        for m in files:
+            layout.inside(m.path)  # never a symlink out of the lake
         sql = typed_select(cols, _parquet_list([m.path for m in files], union_by_name=True)) if files else \
             empty_select(cols)
         con.execute(f"CREATE VIEW master.{ident(source.name)} AS {sql}")

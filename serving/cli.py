@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from lambdalake.options import LakeHomeOpt, PipelineOpt, console, err_console
-from serving.exceptions import QueryError, ViewRebuilding
+from serving.exceptions import QueryError, QueryTimeout, ViewRebuilding
 
 if TYPE_CHECKING:  # imported lazily: every `lambdalake` command loads this module
     import duckdb
@@ -43,15 +43,24 @@ def run_query(con: duckdb.DuckDBPyConnection, query: str) -> pa.Table | None:
     """Run ``query`` (one or more statements); the last statement's rows, or None if it returns none."""
     import duckdb
 
+    from serving.connection import limits_of, timed_out
     from serving.definitions import REBUILDING_PHRASE
 
     try:
         rel = con.sql(query)
         return None if rel is None else rel.to_arrow_table()
+    except duckdb.InterruptException:
+        if timed_out(con):
+            limits = limits_of(con)
+            raise QueryTimeout(f"query stopped by the statement timeout after {limits.timeout:g} s (raise it with "
+                               "--timeout SECONDS)") from None
+        raise QueryError("query interrupted") from None
     except duckdb.Error as exc:
         line = _one_line(exc)
         if REBUILDING_PHRASE in line:  # our own refusal, raised by the view through DuckDB's error(): no prefix
             raise ViewRebuilding(line[line.index("view "):] if "view " in line else line) from None
+        if "attached in read-only mode" in line:
+            line += " (the lake's views and tables are read-only; CREATE TEMP TABLE / TEMP VIEW for your own)"
         raise QueryError(line) from None
 
 
@@ -154,6 +163,14 @@ def _stale_warning(plans: dict[str, ViewPlan], query: str) -> None:
                           highlight=False, soft_wrap=True)
 
 
+TimeoutOpt = Annotated[float, typer.Option(
+    "--timeout", min=0.001, help="Statement timeout in seconds: a longer query is stopped (one line, exit 124).")]
+MemoryLimitOpt = Annotated[str | None, typer.Option(
+    "--memory-limit", help="DuckDB memory limit, e.g. 2GB (default: a quarter of RAM; never spills to disk).")]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    "--threads", min=1, help="DuckDB worker threads (default: min(4, CPUs)).")]
+DEFAULT_SQL_TIMEOUT_S = 60.0
+
 AllowStaleOpt = Annotated[bool, typer.Option(
     "--allow-stale", help="Serve a view whose definition is being rebuilt from the last complete pair of its "
                           "previous definition (said on stderr and in lambdalake.views) instead of refusing it.")]
@@ -169,14 +186,19 @@ def register(app: typer.Typer) -> None:
                                              "watermarks/views.")],
         fmt: Annotated[OutputFormat, typer.Option("--format", "-f", help="Output format.")] = OutputFormat.table,
         allow_stale: AllowStaleOpt = False,
+        timeout: TimeoutOpt = DEFAULT_SQL_TIMEOUT_S, memory_limit: MemoryLimitOpt = None, threads: ThreadsOpt = None,
         pipeline: PipelineOpt = None, home: LakeHomeOpt = None,
     ) -> None:
-        """Query the merged views (batch ⊕ speed) with DuckDB; each call reads the newest published pair."""
+        """Query the merged views (batch ⊕ speed) with DuckDB; each call reads the newest published pair.
+
+        Read-only: statements that would change what the lake serves are refused by DuckDB; resources are bounded
+        (--timeout, --memory-limit, --threads; SET cannot raise them)."""
         from serving.connection import connect, pair_of, plans_of, resolve
 
         settings, pipe = resolve(None, pipeline, home)
         # one query: scan lazily rather than copy everything
-        con = connect(settings, pipe, materialize=False, allow_stale=allow_stale)
+        con = connect(settings, pipe, materialize=False, allow_stale=allow_stale, timeout=timeout,
+                      memory_limit=memory_limit, threads=threads)
         try:
             _hint(pair_of(con), settings.home)
             result = run_query(con, query)

@@ -15,35 +15,49 @@ What a connection contains (all built from the pipeline declaration, see :mod:`s
 
 Build protocol (:func:`connect`):
 
-1. Open an in-memory DuckDB and lock it down *first* (:func:`lock_down`): no external access at all (DuckDB never
-   opens a file or URL: no COPY TO, EXPORT, ATTACH, read_csv('/etc/passwd'), INSTALL/LOAD), no extension
-   auto-install/auto-load, no spilling to disk, configuration locked (only display/resource knobs stay settable).
+1. Open an in-memory DuckDB with the connection's resource limits (:class:`Limits`: threads, memory) and lock it
+   down *first* (:func:`lock_down`): no external access (no COPY TO, EXPORT, read_csv('/etc/passwd'), INSTALL/LOAD,
+   URLs), no extension auto-install/auto-load, no spilling to disk, configuration locked (only display knobs stay
+   settable: ``SET memory_limit``/``threads`` are refused). The only directory DuckDB may touch is the connection's
+   own private scratch directory (where step 5 builds its catalog; removed with the connection).
 2. Resolve ONE consistent (batch version, speed snapshot) pair (:func:`serving.published.resolve_pair`).
-3. Hand DuckDB the published files through pyarrow (so the lock-down never needs an allow-list: DuckDB's
-   ``allowed_paths`` would also let ``COPY ... TO`` overwrite those very files). Speed views are copied into
-   memory (small). Batch views are copied into memory too by default (``materialize=True``: queries then run on
-   native DuckDB tables, ~10x faster than scanning Arrow, and the connection is immune to pruning of old
-   versions); with ``materialize=False`` they stay lazy pyarrow datasets scanned per query (cheap to open: what
-   one-shot ``lambdalake sql`` uses). ``master.<source>`` is always a lazy dataset.
-4. Paranoid checks: every file has the contract's columns, batch row counts equal the manifest's, speed rows lie
-   on block boundaries; any failure raises :class:`serving.exceptions.InconsistentPublishedState`.
-5. Create the merged views and metadata in one transaction. If a speed file vanished meanwhile (pruned after we
-   read the pointer), start again from 2.
+3. Hand DuckDB the published files through pyarrow (so DuckDB itself never opens a lake file: an allow-list of
+   lake paths would also let ``COPY ... TO`` overwrite them). Batch views and ``master.<source>`` are lazy pyarrow
+   datasets scanned per query (opening costs the file listing and footers, not the rows: constant in view size);
+   the speed side is copied (small). ``materialize=True`` copies the batch side too (the connection then never
+   reads the files again and survives pruning of old versions; slower to open).
+4. Paranoid checks: every file has the contract's columns, lies inside the lake (no symlink out,
+   :meth:`Layout.inside`), batch row counts equal the manifest's, speed rows lie on block boundaries; any failure
+   raises :class:`serving.exceptions.InconsistentPublishedState` (or ``InvariantViolation``).
+5. Build the whole catalog of the pair — speed tables, ``_lake.batch_<view>`` (views over the registered datasets,
+   each guarded so that a dropped or replaced registration fails the query instead of answering), the merged
+   views, ``master.*``, ``lambdalake.*`` — in a database file in the scratch directory, then re-attach that file
+   READ_ONLY and make it the default database (``USE lake_g<N>``). User SQL can therefore not UPDATE, DROP or
+   replace anything the lake serves: DuckDB refuses with ``Cannot execute statement of type "UPDATE" on database
+   "lake_g1" which is attached in read-only mode!``. Temporary objects of the user's own (``CREATE TEMP TABLE``)
+   still work; they live in ``temp`` and, as in any DuckDB session, a temp object named like a view shadows it
+   for that session only. If a speed file vanished meanwhile (pruned after we read the pointer), start again
+   from 2.
+6. Every statement is bounded by the statement timeout (a watchdog thread interrupts a statement that runs
+   longer; ``duckdb.InterruptException``; ``lambdalake sql`` prints one line and exits 124).
 
 Staleness rule: a connection keeps the pair it resolved until :func:`refresh` (or a new :func:`connect`). Queries
 on it never mix pairs, so they are exact for that pair, but newer data is invisible; ``lambdalake.status`` shows
-the pair and its age. A materialized connection never depends on the files again; a lazy one
-(``materialize=False``) reads the batch version's files, which the batch layer retains for its last K versions —
-after K more publishes it gets "file not found" and must be refreshed. ``lambdalake sql`` opens a fresh lazy
-connection per call, so each call reads the newest pair.
+the pair and its age. A lazy connection (the default) reads the batch version's files, which the batch layer
+retains for its last K versions — after K more publishes it gets "file not found" and must be refreshed; a
+materialized one never depends on the files again. ``lambdalake sql`` opens a fresh connection per call, so each
+call reads the newest pair.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import tempfile
+import threading
 import time
 import weakref
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +68,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from lambdalake.config import Settings, load_settings
+from lambdalake.exceptions import ConfigError
 from lambdalake.layout import Layout
 from lambdalake.pipeline import WINDOW_START, Pipeline, View, load_pipeline
 from lambdalake.schema import (
@@ -69,6 +84,7 @@ from serving.definitions import CURRENT, REBUILDING, STALE, ViewPlan, plan_views
 from serving.exceptions import InconsistentPublishedState
 from serving.published import PublishedPair, resolve_pair
 from serving.sql import (
+    FN,
     Columns,
     empty_select,
     ident,
@@ -79,22 +95,95 @@ from serving.sql import (
     typed_select,
 )
 
-# Settings a user may still change on a locked connection: display and resource knobs only.
-ALLOWED_CONFIGS = ("TimeZone", "Calendar", "threads", "memory_limit", "enable_progress_bar", "errors_as_json")
+# Settings a user may still change on a locked connection: display knobs only. Resources (threads, memory_limit)
+# are fixed when the connection is opened (Limits) and refused from SQL.
+ALLOWED_CONFIGS = ("TimeZone", "Calendar", "errors_as_json")
 BUILD_ATTEMPTS = 5
 POSITION_COLUMNS = frozenset({WINDOW_START, PARTITION_COL, BLOCK_COL})  # where a row belongs: never optional
+WATCH_INTERVAL_S = 0.05  # how often the statement-timeout watchdog looks at a connection
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_THREADS = max(1, min(4, os.cpu_count() or 1))
+TAMPERED = "an internal relation of this connection was dropped or replaced; reconnect (lambdalake.connect())"
+
+
+def _default_memory_limit() -> str:
+    """A quarter of the machine's RAM (DuckDB's own default is 80%), at least 256 MB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return "1GB"
+    return f"{max(256, total // 4 // 2**20)}MB"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one serving connection may use: ``timeout`` seconds per statement (None: unbounded), DuckDB's
+    ``memory_limit`` (e.g. ``"2GB"``; no spilling, a query over it fails) and worker ``threads``. Fixed at connect
+    time; SQL cannot change them."""
+
+    timeout: float | None = DEFAULT_TIMEOUT_S
+    memory_limit: str = field(default_factory=_default_memory_limit)
+    threads: int = DEFAULT_THREADS
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError(f"timeout {self.timeout!r} must be a positive number of seconds (or None)")
+        if not isinstance(self.threads, int) or self.threads < 1:
+            raise ConfigError(f"threads {self.threads!r} must be a positive integer")
+
+
+class _Watchdog(threading.Thread):
+    """Interrupts a statement of ``con`` that runs longer than ``timeout`` seconds.
+
+    DuckDB has no statement timeout of its own; its progress report (-1 when idle) tells when a statement runs, and
+    a drop of the progress marks the next statement. The thread ends when the connection is closed or collected.
+    """
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, timeout: float):
+        super().__init__(name="lambdalake-statement-timeout", daemon=True)
+        self._con = weakref.ref(con)
+        self.timeout = timeout
+        self.fired = 0  # statements interrupted so far
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        since: float | None = None
+        last = -1.0
+        while not self.stopped.wait(WATCH_INTERVAL_S):
+            con = self._con()
+            if con is None:
+                return
+            try:
+                progress = con.query_progress()
+            except (duckdb.Error, RuntimeError):
+                return  # closed
+            now = time.monotonic()
+            if progress < 0:
+                since = None
+            elif since is None or progress < last:
+                since = now
+            last = progress
+            if since is not None and now - since >= self.timeout:
+                self.fired += 1
+                con.interrupt()
+                since = None
+            del con
 
 
 @dataclass
 class _Binding:
     settings: Settings
     pipeline: Pipeline
-    materialize: bool = True
+    scratch: Path
+    materialize: bool = False
     allow_stale: bool = False
     spec: str | None = None  # the pipeline file/module, re-read by refresh() (None: a Pipeline object was given)
+    limits: Limits = field(default_factory=Limits)
+    watchdog: _Watchdog | None = None
     pair: PublishedPair | None = None
     plans: dict[str, ViewPlan] = field(default_factory=dict)
     generation: int = 0
+    catalog: str | None = None  # the attached read-only database the connection serves from (lake_g<N>)
     registered: tuple[str, ...] = ()
 
 
@@ -118,52 +207,92 @@ def resolve(settings: Settings | None = None, pipeline: Pipeline | str | None = 
     return settings, load_pipeline(pipeline if isinstance(pipeline, str) else settings.pipeline, fresh=True)
 
 
-def lock_down(con: duckdb.DuckDBPyConnection) -> None:
-    """Make ``con`` unable to touch the file system, the network or extensions, for good (step 1)."""
+def lock_down(con: duckdb.DuckDBPyConnection, scratch: Path | None = None) -> None:
+    """Make ``con`` unable to touch the file system (but its own ``scratch`` directory), the network or extensions,
+    or to change its configuration (but display knobs), for good (step 1)."""
     con.execute("SET TimeZone = 'UTC'")  # window_start is UTC; users may still change the display zone
-    con.execute("SET temp_directory = ''")  # never spill to disk: the connection writes no file at all
+    con.execute("SET temp_directory = ''")  # never spill to disk
+    # the statement-timeout watchdog reads the progress report; nothing is printed
+    con.execute("SET enable_progress_bar = true")
+    con.execute("SET enable_progress_bar_print = false")
+    con.execute("SET progress_bar_time = 0")
+    if scratch is not None:
+        con.execute(f"SET allowed_directories = [{literal(str(scratch) + os.sep)}]")
     con.execute(f"SET allowed_configs = [{', '.join(literal(c) for c in ALLOWED_CONFIGS)}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
 
 
-def open_locked() -> duckdb.DuckDBPyConnection:
-    """A fresh in-memory DuckDB connection with extensions frozen and external access disabled."""
-    con = duckdb.connect(":memory:", config={
-        "autoinstall_known_extensions": False,
-        "autoload_known_extensions": False,
-        "allow_community_extensions": False,
-        "allow_unsigned_extensions": False,
-    })
-    lock_down(con)
+def open_locked(scratch: Path | None = None, limits: Limits | None = None) -> duckdb.DuckDBPyConnection:
+    """A fresh in-memory DuckDB connection with extensions frozen, resources bounded and external access disabled."""
+    limits = limits or Limits()
+    try:
+        con = duckdb.connect(":memory:", config={
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "allow_community_extensions": False,
+            "allow_unsigned_extensions": False,
+            "threads": limits.threads,
+            "memory_limit": limits.memory_limit,
+        })
+    except duckdb.Error as exc:
+        raise ConfigError(f"cannot open a serving connection with {limits}: {str(exc).splitlines()[0]}") from None
+    lock_down(con, scratch)
     return con
 
 
 def connect(settings: Settings | None = None, pipeline: Pipeline | str | None = None,
-            home: str | Path | None = None, materialize: bool = True,
-            allow_stale: bool = False) -> duckdb.DuckDBPyConnection:
+            home: str | Path | None = None, materialize: bool = False, allow_stale: bool = False,
+            timeout: float | None = DEFAULT_TIMEOUT_S, memory_limit: str | None = None,
+            threads: int | None = None) -> duckdb.DuckDBPyConnection:
     """A ready, read-only DuckDB connection over the lake's merged views (see the module docstring).
 
     ``settings`` defaults to :func:`lambdalake.config.load_settings` (``LAMBDALAKE_HOME`` …); ``pipeline`` is a
     :class:`Pipeline`, a pipeline file/module spec, or None for the configured one; ``home`` overrides the lake.
-    ``materialize`` copies the batch side into memory (fast queries, slower to open; see step 3 above).
+    ``materialize`` copies the batch side into the connection (slower to open, never reads the files again).
     ``allow_stale`` serves a view whose declared definition is being rebuilt from the newest kept pair of pieces
     made by one earlier definition (``lambdalake.views`` says ``stale``) instead of refusing it
     (:mod:`serving.definitions`).
+    Limits (fixed for the connection's life, not changeable from SQL): ``timeout`` seconds per statement (None: no
+    limit; a statement over it raises ``duckdb.InterruptException``), ``memory_limit`` (DuckDB size, default a
+    quarter of RAM) and ``threads`` (default min(4, CPUs)).
 
-    Query with the returned connection itself: ``master.*`` (and lazy batch views) read Arrow datasets registered
-    on this connection, which DuckDB does not share with ``con.cursor()``; open one connection per thread.
+    Query with the returned connection itself: batch views and ``master.*`` read Arrow datasets registered on this
+    connection, which DuckDB does not share with ``con.cursor()``; open one connection per thread.
     """
+    limits = Limits(timeout, _default_memory_limit() if memory_limit is None else memory_limit,
+                    DEFAULT_THREADS if threads is None else threads)
     settings, pipe = resolve(settings, pipeline, home)
-    con = open_locked()
+    scratch = Path(os.path.realpath(tempfile.mkdtemp(prefix="lambdalake-serving-")))
+    try:
+        con = open_locked(scratch, limits)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    weakref.finalize(con, shutil.rmtree, str(scratch), True)
     spec = None if isinstance(pipeline, Pipeline) else (pipeline or settings.pipeline)
-    _bindings[con] = _Binding(settings, pipe, materialize, allow_stale, spec)
+    binding = _Binding(settings, pipe, scratch, materialize, allow_stale, spec, limits)
+    _bindings[con] = binding
     try:
         refresh(con)
     except BaseException:
         con.close()
         raise
+    if limits.timeout is not None:
+        binding.watchdog = _Watchdog(con, limits.timeout)
+        binding.watchdog.start()
     return con
+
+
+def timed_out(con: duckdb.DuckDBPyConnection) -> int:
+    """How many statements of ``con`` the statement timeout interrupted so far."""
+    binding = _bindings.get(con)
+    return binding.watchdog.fired if binding and binding.watchdog else 0
+
+
+def limits_of(con: duckdb.DuckDBPyConnection) -> Limits | None:
+    binding = _bindings.get(con)
+    return binding.limits if binding else None
 
 
 def refresh(con: duckdb.DuckDBPyConnection) -> PublishedPair:
@@ -171,7 +300,7 @@ def refresh(con: duckdb.DuckDBPyConnection) -> PublishedPair:
 
     An unfinished result of ``con`` (rows not fetched yet) is discarded first. A pipeline given as a file or module
     is read again, so views whose declaration changed since are refused (or served stale) from now on, added views
-    appear and removed ones disappear.
+    appear and removed ones disappear. Temp tables of the user's own survive.
     """
     binding = _bindings.get(con)
     if binding is None:
@@ -186,15 +315,23 @@ def refresh(con: duckdb.DuckDBPyConnection) -> PublishedPair:
         generation = next(_generations)
         try:
             plans = plan_views(binding.pipeline, pair, binding.allow_stale)
-            registered = _install(con, binding.pipeline, binding.settings, pair, plans, generation,
-                                  binding.materialize, dropped=[v for v in binding.plans if v not in plans])
+            catalog, registered = _install(con, binding, pair, plans, generation)
         except FileNotFoundError as exc:  # a file of the pair was pruned while we read it: resolve again
             last = exc
             time.sleep(0.05)
             continue
-        for name in binding.registered:
+        old_catalog, old_registered = binding.catalog, binding.registered
+        if old_catalog is not None:
+            con.execute(f"DETACH {ident(old_catalog)}")
+        else:
+            try:  # the writable in-memory default: nothing of ours lives there; leave the user only `temp`
+                con.execute("DETACH memory")
+            except duckdb.Error:
+                pass
+        for name in old_registered:
             con.unregister(name)
-        binding.pair, binding.plans, binding.generation, binding.registered = pair, plans, generation, registered
+        binding.pair, binding.plans, binding.generation = pair, plans, generation
+        binding.catalog, binding.registered = catalog, registered
         return pair
     raise InconsistentPublishedState(f"published files kept vanishing while connecting to {layout.home}: {last}")
 
@@ -247,7 +384,7 @@ def batch_dataset(pipeline: Pipeline, view: View, pair: PublishedPair, stale: bo
     _check_columns(dataset.schema, cols, files[0], f"batch view {view.name!r}", stale)
     expected = pair.batch_row_count(view)
     if expected is not None:
-        actual = dataset.count_rows()
+        actual = dataset.count_rows()  # footers only
         if actual != expected:
             raise InconsistentPublishedState(
                 f"batch version {pair.batch_version}, view {view.name!r}: manifest says {expected} rows, "
@@ -275,40 +412,52 @@ def speed_table(pipeline: Pipeline, view: View, pair: PublishedPair, stale: bool
 def master_dataset(pipeline: Pipeline, source_name: str, layout: Layout) -> ds.Dataset:
     """Lazy dataset over the master files of a source as listed now (immutable files; new ones need refresh)."""
     cols = master_columns(pipeline.source(source_name))
-    files = [str(m.path) for m in layout.master_files(source_name)]  # THE valid-file rule
+    files = [str(layout.inside(m.path)) for m in layout.master_files(source_name)]  # THE valid-file rule
     if not files:
         return ds.dataset(arrow_schema(cols, nullability=False).empty_table())
     return ds.dataset(files, format="parquet")
 
 
 # --- building the catalog of a connection --------------------------------------------------------------------------
-def side_names(view: View) -> tuple[str, str]:
-    """The internal relations of a view's two sides: ``_lake.batch_<view>``, ``_lake.speed_<view>``."""
-    return f"_lake.{ident('batch_' + view.name)}", f"_lake.{ident('speed_' + view.name)}"
+def side_names(view: View, catalog: str | None = None) -> tuple[str, str]:
+    """The internal relations of a view's two sides: ``[<catalog>.]_lake.batch_<view>``, ``…speed_<view>``."""
+    db = f"{ident(catalog)}." if catalog else ""
+    return f"{db}_lake.{ident('batch_' + view.name)}", f"{db}_lake.{ident('speed_' + view.name)}"
 
 
-def _install(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Settings, pair: PublishedPair,
-             plans: dict[str, ViewPlan], generation: int, materialize: bool,
-             dropped: Iterable[str] = ()) -> tuple[str, ...]:
-    """Steps 3-5: register the pair's data under generation-unique names, then swap every view in one transaction.
+def _guarded(con: duckdb.DuckDBPyConnection, reg: str) -> str:
+    """A subquery over the registered dataset ``reg`` that fails (:data:`TAMPERED`) unless ``reg`` is still the
+    registration made here: the temp catalog is the user's, so a registration could be dropped and replaced."""
+    text = con.execute("SELECT sql FROM duckdb_views() WHERE database_name = 'temp' AND view_name = ?",
+                       [reg]).fetchone()[0]
+    guard = (f"EXISTS (SELECT 1 FROM {FN}duckdb_views() WHERE database_name = 'temp' AND view_name = {literal(reg)} "
+             f"AND sql = {literal(text)}) OR {FN}error({literal(TAMPERED)})")
+    return f"(SELECT * FROM temp.main.{ident(reg)} WHERE {guard}) AS {ident(reg)}"
+
+
+def _install(con: duckdb.DuckDBPyConnection, binding: _Binding, pair: PublishedPair, plans: dict[str, ViewPlan],
+             generation: int) -> tuple[str, tuple[str, ...]]:
+    """Steps 3-5: register the pair's datasets under generation-unique names, build the catalog ``lake_g<N>`` in a
+    scratch file, re-attach it read-only and make it the default. Returns (catalog, registered names).
 
     A view being rebuilt gets empty sides and a refusing ``main.<view>``; a stale one reads its own older pair.
     """
+    pipeline, settings, materialize = binding.pipeline, binding.settings, binding.materialize
     layout = Layout(settings.home)
+    catalog = f"lake_g{generation}"
+    path = binding.scratch / f"{catalog}.duckdb"
     registered: list[str] = []
+    transient: list[str] = []
 
-    def register(kind: str, name: str, obj) -> str:
+    def register(kind: str, name: str, obj, keep: bool = True) -> str:
         reg = f"_g{generation}_{kind}_{name}"
         con.register(reg, obj)
-        registered.append(reg)
-        return ident(reg)
+        (registered if keep else transient).append(reg)
+        return reg
 
-    view_rows: list[tuple] = []
-    batch_rel: dict[str, str] = {}
-    batch_rows: dict[str, int] = {}
-    speed_data: dict[str, str] = {}
-    absent: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+    attached = False
     try:
+        sides = {}
         for view in pipeline.views:
             plan = plans[view.name]
             if plan.pair is None:
@@ -317,73 +466,76 @@ def _install(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setti
             source = pipeline.source_of(view)
             dataset = batch_dataset(pipeline, view, plan.pair, stale)
             speed_tbl = speed_table(pipeline, view, plan.pair, stale)
-            absent[view.name] = ((absent_columns(dataset.schema, view_columns(source, view)),
-                                  absent_columns(speed_tbl.schema, speed_view_columns(source, view)))
-                                 if stale else (frozenset(), frozenset()))
-            batch_rows[view.name] = dataset.count_rows()
-            batch_rel[view.name] = register("batch", view.name, dataset)
-            speed_data[view.name] = register("speed", view.name, speed_tbl)
-        master_rel = {s.name: register("master", s.name, master_dataset(pipeline, s.name, layout))
-                      for s in pipeline.sources}
+            absent = ((absent_columns(dataset.schema, view_columns(source, view)),
+                       absent_columns(speed_tbl.schema, speed_view_columns(source, view)))
+                      if stale else (frozenset(), frozenset()))
+            sides[view.name] = (register("batch", view.name, dataset, keep=not materialize),
+                                register("speed", view.name, speed_tbl, keep=False), absent,
+                                plan.pair.batch_row_count(view) if plan.pair.batch_row_count(view) is not None
+                                else dataset.count_rows())
+        masters = {s.name: register("master", s.name, master_dataset(pipeline, s.name, layout))
+                   for s in pipeline.sources}
 
-        con.execute("BEGIN TRANSACTION")
+        con.execute(f"ATTACH {literal(str(path))} AS {ident(catalog)}")
+        attached = True
+        db = ident(catalog)
         for schema in ("_lake", "lambdalake", "master"):
-            con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-        for name in dropped:  # no longer declared (refresh after the pipeline changed)
-            con.execute(f"DROP VIEW IF EXISTS main.{ident(name)}")
-            for side in (f"_lake.{ident('batch_' + name)}", f"_lake.{ident('speed_' + name)}"):
-                con.execute(f"DROP {'TABLE' if materialize or 'speed_' in side else 'VIEW'} IF EXISTS {side}")
+            con.execute(f"CREATE SCHEMA {db}.{schema}")
+        view_rows: list[tuple] = []
         for view in pipeline.views:
             plan = plans[view.name]
             source = pipeline.source_of(view)
-            batch, speed = side_names(view)
+            batch, speed = side_names(view, catalog)
             batch_cols, speed_cols = view_columns(source, view), speed_view_columns(source, view)
-            kind = "TABLE" if materialize else "VIEW"
             if plan.pair is None:
-                view_rows.append(install_refused(con, pipeline, plan, kind))
+                view_rows.append(install_refused(con, pipeline, plan, "VIEW", catalog))
                 continue
+            batch_reg, speed_reg, (batch_absent, speed_absent), batch_rows = sides[view.name]
             watermark = plan.pair.topic_watermark(source.topic)
-            batch_absent, speed_absent = absent[view.name]
-            con.execute(f"CREATE OR REPLACE {kind} {batch} AS "
-                        f"{typed_select(batch_cols, batch_rel[view.name], batch_absent)}")
-            con.execute(f"CREATE OR REPLACE TABLE {speed} AS "
-                        f"{typed_select(speed_cols, speed_data[view.name], speed_absent)}")
+            batch_src = ident(batch_reg) if materialize else _guarded(con, batch_reg)
+            con.execute(f"CREATE {'TABLE' if materialize else 'VIEW'} {batch} AS "
+                        f"{typed_select(batch_cols, batch_src, batch_absent)}")
+            con.execute(f"CREATE TABLE {speed} AS {typed_select(speed_cols, ident(speed_reg), speed_absent)}")
             if plan.pair.block:
                 _check_speed_blocks(con, speed, view, plan.pair)
-            con.execute(f"CREATE OR REPLACE VIEW main.{ident(view.name)} AS "
+            con.execute(f"CREATE VIEW {db}.main.{ident(view.name)} AS "
                         f"{merged_view_sql(view, batch, speed, watermark)}")
-            view_rows.append(view_row(con, pipeline, plan, batch_rows[view.name], speed,
-                                      absent[view.name][0] | absent[view.name][1]))
+            view_rows.append(view_row(con, pipeline, plan, batch_rows, speed, batch_absent | speed_absent))
         for source in pipeline.sources:
-            con.execute(f"CREATE OR REPLACE VIEW master.{ident(source.name)} AS "
-                        f"{typed_select(master_columns(source), master_rel[source.name])}")
-        _install_metadata(con, pipeline, settings, pair, view_rows)
-        con.execute("COMMIT")
+            con.execute(f"CREATE VIEW {db}.master.{ident(source.name)} AS "
+                        f"{typed_select(master_columns(source), _guarded(con, masters[source.name]))}")
+        _install_metadata(con, pipeline, settings, pair, view_rows, catalog)
+        con.execute(f"DETACH {db}")
+        attached = False
+        con.execute(f"ATTACH {literal(str(path))} AS {db} (READ_ONLY)")
+        con.execute(f"USE {db}")
     except BaseException:
-        try:
-            con.execute("ROLLBACK")
-        except duckdb.Error:
-            pass  # no transaction open yet
+        if attached:
+            try:
+                con.execute(f"DETACH {ident(catalog)}")
+            except duckdb.Error:
+                pass
         for reg in registered:
             con.unregister(reg)
         raise
-    # Sides copied into tables no longer need their arrow registration.
-    for name in speed_data:
-        for rel in (speed_data[name], *([batch_rel[name]] if materialize else [])):
-            reg = rel.strip('"')
+    finally:
+        for reg in transient:
             con.unregister(reg)
-            registered.remove(reg)
-    return tuple(registered)
+        for leftover in (path, path.with_name(path.name + ".wal")):
+            leftover.unlink(missing_ok=True)  # DuckDB keeps the attached file open; nothing else may open it
+    return catalog, tuple(registered)
 
 
-def install_refused(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, plan: ViewPlan, batch_kind: str) -> tuple:
+def install_refused(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, plan: ViewPlan, batch_kind: str,
+                    catalog: str | None = None) -> tuple:
     """A view being rebuilt: empty sides and ``main.<view>`` with the declared columns whose every scan fails with
     the one-line refusal. Returns its ``lambdalake.views`` row."""
     view, source = plan.view, pipeline.source_of(plan.view)
-    batch, speed = side_names(view)
+    batch, speed = side_names(view, catalog)
+    db = f"{ident(catalog)}." if catalog else ""
     con.execute(f"CREATE OR REPLACE {batch_kind} {batch} AS {empty_select(view_columns(source, view))}")
     con.execute(f"CREATE OR REPLACE TABLE {speed} AS {empty_select(speed_view_columns(source, view))}")
-    con.execute(f"CREATE OR REPLACE VIEW main.{ident(view.name)} AS "
+    con.execute(f"CREATE OR REPLACE VIEW {db}main.{ident(view.name)} AS "
                 f"{refusing_select(merged_view_sql(view, batch, speed, {}), str(plan.message))}")
     return view_row(con, pipeline, plan, None, speed)
 
@@ -433,24 +585,25 @@ def _utc(moment: datetime | float | None) -> datetime | None:
 
 
 def _install_metadata(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Settings, pair: PublishedPair,
-                      view_rows: list[tuple]) -> None:
+                      view_rows: list[tuple], catalog: str | None = None) -> None:
     """``lambdalake.status`` / ``lambdalake.watermarks`` / ``lambdalake.views`` (see :func:`metadata_tables`)."""
+    db = f"{ident(catalog)}." if catalog else ""
     for name, table in metadata_tables(pipeline, settings, pair, view_rows).items():
         reg = f"_meta_{name}"
         con.register(reg, table)
         try:
-            con.execute(f"CREATE OR REPLACE TABLE _lake.{ident(name)} AS SELECT * FROM {ident(reg)}")
+            con.execute(f"CREATE OR REPLACE TABLE {db}_lake.{ident(name)} AS SELECT * FROM {ident(reg)}")
         finally:
             con.unregister(reg)
-    con.execute(STATUS_VIEW)
-    con.execute("CREATE OR REPLACE VIEW lambdalake.watermarks AS SELECT * FROM _lake.watermarks")
-    con.execute("CREATE OR REPLACE VIEW lambdalake.views AS SELECT * FROM _lake.views")
+    con.execute(STATUS_VIEW.format(db=db, fn=FN))
+    con.execute(f"CREATE OR REPLACE VIEW {db}lambdalake.watermarks AS SELECT * FROM {db}_lake.watermarks")
+    con.execute(f"CREATE OR REPLACE VIEW {db}lambdalake.views AS SELECT * FROM {db}_lake.views")
 
 
 STATUS_VIEW = (
-    "CREATE OR REPLACE VIEW lambdalake.status AS SELECT *, "
-    "round(epoch(now()) - epoch(speed_created_at), 3) AS speed_age_seconds, "
-    "round(epoch(now()) - epoch(batch_created_at), 3) AS batch_age_seconds FROM _lake.status"
+    "CREATE OR REPLACE VIEW {db}lambdalake.status AS SELECT *, "
+    "{fn}round({fn}epoch({fn}now()) - {fn}epoch(speed_created_at), 3) AS speed_age_seconds, "
+    "{fn}round({fn}epoch({fn}now()) - {fn}epoch(batch_created_at), 3) AS batch_age_seconds FROM {db}_lake.status"
 )
 
 

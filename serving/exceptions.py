@@ -19,3 +19,9 @@ class InconsistentPublishedState(InvariantViolation):
 class ViewRebuilding(ServingError):
     """A query read a view whose declared definition both layers have not rebuilt yet (and no stale answer was
     asked for, or none is kept): ``view V is being rebuilt for its new definition: batch pending, speed 63%``."""
+
+
+class QueryTimeout(QueryError):
+    """A statement ran longer than the connection's statement timeout and was stopped."""
+
+    exit_code = 124

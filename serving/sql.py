@@ -31,6 +31,9 @@ from lambdalake.schema import BLOCK_COL, PARTITION_COL, Column
 DUCKDB_TYPES = {"string": "VARCHAR", "integer": "BIGINT", "timestamp": "TIMESTAMPTZ", "int32": "INTEGER"}
 
 Columns = Sequence[Column]
+# Functions in generated SQL are qualified with the built-in catalog: a user's TEMP MACRO named like one (``sum``)
+# cannot change what a view computes.
+FN = "system.main."
 
 
 def ident(name: str) -> str:
@@ -67,7 +70,7 @@ def empty_select(columns: Columns) -> str:
 def refusing_select(relation: str, message: str) -> str:
     """The columns of ``relation`` (a subquery), but every scan fails with ``message`` (DuckDB's ``error()``): the
     view of a definition that cannot be served yet. Binding (DESCRIBE, ``LIMIT 0``) still works."""
-    return (f"SELECT answer.* FROM (SELECT 1 AS one WHERE error({literal(message)})) AS refused "
+    return (f"SELECT answer.* FROM (SELECT 1 AS one WHERE {FN}error({literal(message)})) AS refused "
             f"LEFT JOIN ({relation}) AS answer ON true")
 
 
@@ -85,14 +88,14 @@ def speed_visible_predicate(watermark: dict[int, int]) -> str:
 def _merge_expr(a: Aggregate) -> str:
     col = ident(a.name)
     if a.merge == "sum":  # DuckDB widens sum(BIGINT) to HUGEINT; partial counts/sums are int64 by contract
-        return f"CAST(sum({col}) AS BIGINT) AS {col}"
-    return f"{a.merge}({col}) AS {col}"
+        return f"CAST({FN}sum({col}) AS BIGINT) AS {col}"
+    return f"{FN}{a.merge}({col}) AS {col}"
 
 
 def _output_expr(a: Aggregate | Mean, means: dict[str, Mean]) -> str:
     if isinstance(a, Mean):
         m = means[a.name]
-        return (f"CAST({ident(m.sum_name)} AS DOUBLE) / NULLIF({ident(m.count_name)}, 0) AS {ident(m.name)}")
+        return (f"CAST({ident(m.sum_name)} AS DOUBLE) / {FN}nullif({ident(m.count_name)}, 0) AS {ident(m.name)}")
     return ident(a.name)
 
 

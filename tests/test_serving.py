@@ -455,7 +455,7 @@ def test_connection_keeps_its_pair_until_refresh(home, serving_settings, clickst
 def test_materialized_connection_survives_batch_prune_lazy_one_does_not(home, serving_settings, clickstream):
     events = make_events(clickstream, 300)
     split_lake(home, clickstream, events, {0: 2, 1: 3, 2: 1})
-    eager = connect(serving_settings, clickstream)
+    eager = connect(serving_settings, clickstream, materialize=True)
     lazy = connect(serving_settings, clickstream, materialize=False)
     import shutil
 
@@ -669,3 +669,121 @@ def test_master_counts_once_during_an_interrupted_compaction(home, serving_setti
     path, _ = write_catalog(serving_settings, clickstream)
     cat = duckdb.connect(str(path), read_only=True)
     assert cat.execute("SELECT count(*), count(DISTINCT _offset) FROM master.pageviews").fetchone() == (want, want)
+
+
+# --- read-only, bounded, inside the lake (issue 14 items 2-4) -------------------------------------------------------
+def _answers(con, clickstream) -> dict[str, set[tuple]]:
+    return {v.name: query_view(con, v) for v in clickstream.views}
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE _lake.speed_pageviews_hourly SET views = views * 1000",
+    "DELETE FROM _lake.speed_pageviews_hourly",
+    "INSERT INTO _lake.speed_pageviews_hourly SELECT * FROM _lake.speed_pageviews_hourly",
+    "DROP TABLE _lake.speed_pageviews_hourly",
+    "DROP VIEW pageviews_hourly",
+    "DROP VIEW _lake.batch_pageviews_hourly",
+    "CREATE OR REPLACE VIEW pageviews_hourly AS SELECT 1 AS views",
+    "CREATE OR REPLACE VIEW _lake.batch_pageviews_hourly AS SELECT * FROM _lake.batch_pageviews_hourly LIMIT 0",
+    "ALTER VIEW pageviews_hourly RENAME TO gone",
+    "CREATE TABLE mine AS SELECT 1 AS x",
+    "DROP SCHEMA master CASCADE",
+    "UPDATE _lake.status SET batch_version = 'v999999'",
+    "USE memory",
+])
+def test_internal_relations_cannot_be_changed(safe_con, clickstream, statement):
+    """Issue 14 item 2: user SQL cannot write, drop or replace anything the connection serves."""
+    before = _answers(safe_con, clickstream)
+    with pytest.raises(duckdb.Error, match="read-only mode|named \"memory\" found"):
+        safe_con.execute(statement)
+    assert _answers(safe_con, clickstream) == before
+
+
+def test_a_replaced_registration_fails_the_query_instead_of_answering(safe_con, clickstream):
+    """The batch side is an Arrow registration (a temp view, the one part of the temp catalog that is ours): a user
+    who drops and replaces it gets an error, never an answer from their relation."""
+    reg = safe_con.execute("SELECT view_name FROM duckdb_views() WHERE database_name = 'temp' "
+                           "AND view_name LIKE '%batch_pageviews_hourly'").fetchone()[0]
+    safe_con.execute(f'DROP VIEW "{reg}"')
+    safe_con.execute(f'CREATE TEMP VIEW "{reg}" AS SELECT * FROM _lake.speed_pageviews_hourly')
+    with pytest.raises(duckdb.Error, match="dropped or replaced"):
+        safe_con.execute("SELECT sum(views) FROM pageviews_hourly").fetchall()
+
+
+def test_own_temp_objects_work_and_cannot_change_the_views(safe_con, clickstream):
+    before = _answers(safe_con, clickstream)
+    safe_con.execute("CREATE TEMP TABLE mine AS SELECT url, sum(views) AS v FROM pageviews_hourly GROUP BY url")
+    assert safe_con.execute("SELECT count(*) FROM mine").fetchone()[0] > 0
+    safe_con.execute("CREATE TEMP MACRO sum(x) AS 42")  # shadows the function for the user's own SQL only
+    safe_con.execute("CREATE TEMP MACRO max(x) AS 42")
+    assert _answers(safe_con, clickstream) == before
+
+
+def test_refresh_keeps_the_connection_read_only(home, serving_settings, clickstream):
+    events = make_events(clickstream, 200)
+    split_lake(home, clickstream, events, {0: 1, 1: 1, 2: 1})
+    con = connect(serving_settings, clickstream)
+    con.execute("CREATE TEMP TABLE mine AS SELECT 1 AS x")
+    refresh(con)
+    assert con.execute("SELECT x FROM mine").fetchall() == [(1,)]  # the user's temp objects survive
+    with pytest.raises(duckdb.Error, match="read-only mode"):
+        con.execute("UPDATE _lake.speed_pageviews_hourly SET views = 0")
+    assert query_view(con, clickstream.view("pageviews_hourly")) == \
+        expected_view(clickstream, clickstream.view("pageviews_hourly"), events)
+
+
+@pytest.mark.parametrize("statement", ["SET memory_limit = '10TB'", "SET threads = 1000", "RESET memory_limit",
+                                       "SET enable_progress_bar = false"])
+def test_limits_cannot_be_changed_from_sql(home, serving_settings, clickstream, statement):
+    con = connect(serving_settings, clickstream, memory_limit="512MB", threads=1)
+    with pytest.raises(duckdb.Error, match="configuration has been locked"):
+        con.execute(statement)
+    assert con.execute("SELECT current_setting('threads'), current_setting('memory_limit')").fetchone() == \
+        (1, "488.2 MiB")
+
+
+def test_statement_timeout_interrupts_and_the_connection_stays_usable(home, serving_settings, clickstream):
+    import time
+
+    con = connect(serving_settings, clickstream, timeout=0.3)
+    t = time.monotonic()
+    with pytest.raises(duckdb.InterruptException):
+        con.execute("SELECT count(*) FROM range(1000000) a, range(1000000) b WHERE a.range + b.range = 7").fetchall()
+    assert time.monotonic() - t < 30
+    for _ in range(20):  # back-to-back short statements are not mistaken for one long one
+        assert con.execute("SELECT count(*) FROM pageviews_hourly").fetchone()[0] == 0
+
+
+def test_bad_limits_are_config_errors(serving_settings, clickstream):
+    from lambdalake.exceptions import ConfigError
+
+    for kwargs in ({"timeout": 0}, {"threads": 0}, {"memory_limit": "lots"}):
+        with pytest.raises(ConfigError):
+            connect(serving_settings, clickstream, **kwargs)
+
+
+@pytest.mark.parametrize("target", ["master", "batch_file", "batch_pointer", "batch_version", "speed_file",
+                                    "speed_pointer"])
+def test_a_lake_file_resolving_outside_the_lake_is_refused(home, serving_settings, clickstream, tmp_path, target):
+    """Issue 14 item 4: a symlink inside the lake pointing outside it is never followed; the error names it."""
+    import shutil
+
+    events = make_events(clickstream, 200)
+    split_lake(home, clickstream, events, {0: 1, 1: 1, 2: 1})
+    write_master(home, clickstream, events)
+    layout = Layout(home)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = {
+        "master": layout.master_files("pageviews")[0].path,
+        "batch_file": next((layout.batch_version("v000001") / "pageviews_hourly").glob("*.parquet")),
+        "batch_pointer": layout.batch_pointer,
+        "batch_version": layout.batch_version("v000001"),
+        "speed_file": layout.speed_snapshot("000000000001") / "pageviews_hourly.parquet",
+        "speed_pointer": layout.speed_pointer,
+    }[target]
+    moved = outside / link.name
+    shutil.move(link, moved)  # the very same content, only now outside the lake
+    link.symlink_to(moved, target_is_directory=moved.is_dir())
+    with pytest.raises(InvariantViolation, match=f"{link}.*outside the lake"):
+        connect(serving_settings, clickstream)

@@ -227,3 +227,47 @@ def test_catalog_refuses_a_rebuilding_view(sql_cli, home, events, clickstream, h
     assert con.execute("SELECT state FROM lambdalake.views WHERE name = 'pageviews_hourly'").fetchone() == ("stale",)
     old = expected_view(clickstream, clickstream.view("pageviews_hourly"), events)
     assert con.execute("SELECT sum(views) FROM pageviews_hourly").fetchone()[0] == sum(r[2] for r in old)
+
+
+def test_sql_timeout_is_one_line_and_exit_124(sql_cli, events):
+    res = sql_cli("sql", "--timeout", "0.5",
+                  "SELECT count(*) FROM range(1000000) a, range(1000000) b WHERE a.range + b.range = 7")
+    assert res.returncode == 124, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "statement timeout after 0.5 s" in lines[0], res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+
+
+@pytest.mark.parametrize("query, message", [
+    ("DROP VIEW pageviews_hourly", "read-only mode! (the lake's views and tables are read-only"),
+    ("UPDATE _lake.speed_pageviews_hourly SET views = views * 1000", "read-only mode"),
+    ("CREATE OR REPLACE VIEW pageviews_hourly AS SELECT 1", "read-only mode"),
+    ("SET threads = 1000", "configuration has been locked"),
+])
+def test_sql_refuses_changes_with_one_line(sql_cli, events, query, message):
+    res = sql_cli("sql", query)
+    assert res.returncode == 1
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], res.stderr
+
+
+def test_the_installable_stable_duckdb_cli_opens_the_catalog(home, events, clickstream):
+    """Issue 16: the DuckDB CLI a user gets from `pip install duckdb-cli` (pinned in the test extra; 1.5.6 reads
+    storage versions 64-68 only) opens the catalog read-only and answers like the connection, every view."""
+    cli = Path(sys.executable).with_name("duckdb")
+    assert cli.is_file(), "the DuckDB CLI is missing: pip install -e '.[test]' (duckdb-cli)"
+    version = subprocess.run([str(cli), "--version"], capture_output=True, text=True, timeout=30).stdout
+    assert version.startswith("v1."), version  # the stable CLI, not the 2.0 Python package writing the file
+    path, _ = write_catalog(load_settings(home=home, pipeline="lambdalake.pipelines.clickstream"), clickstream)
+    for view in clickstream.views:
+        cols = ", ".join(f'"{c}"' for c in view.output_columns)
+        out = subprocess.run([str(cli), "-readonly", "-json", str(path), "-c",
+                              f"SET TimeZone = 'UTC'; SELECT {cols} FROM {view.name}"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        rows = json.loads(out.stdout or "[]")
+        got = {tuple(round(v, 9) if isinstance(v, float) else v for v in r.values()) for r in rows}
+        want = {tuple(round(v, 9) if isinstance(v, float) else
+                      (v.strftime("%Y-%m-%d %H:%M:%S+00") if isinstance(v, datetime) else v) for v in r)
+                for r in expected_view(clickstream, view, events)}
+        assert got == want and want, view.name
