@@ -14,7 +14,10 @@ Roll protocol (one file, :meth:`Archiver._roll`) — the rename in step 3 is the
 
 1. Dead-letter the range's invalid messages that the DLQ does not hold yet (source offset above the partition's
    DLQ high-water mark), flush the producer and check every record was acknowledged. A failure stops here: no file,
-   and a restart re-reads the range.
+   and a restart re-reads the range. Then keep the range's invalid messages in the lake too, atomically: the
+   *rejected file* ``rejected/<source>/p=<p>/<start>-<end>.parquet`` (:mod:`batch.master`), which counts only once
+   step 3 made the range archived; a crash before that leaves it beyond the archived end, and the restart removes
+   it before re-reading the range.
 2. Write the valid rows to a temporary file in the partition directory and fsync it.
 3. Rename it to ``<start>-<end>.parquet`` and fsync the directory.
 4. Advance the in-memory position and DLQ high-water mark; commit ``end`` to Kafka (monitoring only).
@@ -40,7 +43,13 @@ from typing import Any
 import orjson
 
 from batch.exceptions import ArchiverLocked, DeadLetterError
-from batch.master import master_table, remove_temp_files, write_parquet_atomic
+from batch.master import (
+    master_table,
+    rejected_table,
+    remove_temp_files,
+    remove_uncommitted_rejected,
+    write_parquet_atomic,
+)
 from lambdalake.config import Settings, env_float, env_int
 from lambdalake.exceptions import BrokerError, ConfigError, InvariantViolation
 from lambdalake.kafka import consumer as make_consumer
@@ -320,6 +329,7 @@ class Archiver:
         with ArchiverLock(self.layout):
             recover_compactions(self.layout, self.pipeline)
             remove_temp_files(self.layout, self.pipeline.sources)
+            remove_uncommitted_rejected(self.layout, self.pipeline.sources)
             ensure_topics(self.settings, self.pipeline)
             session = LogSession(connect(self.settings, group_id=self.group_id, max_poll_records=5000),
                                  [s.topic for s in self.pipeline.sources], bootstrap=self.settings.bootstrap,
@@ -461,6 +471,11 @@ class Archiver:
         sent, skipped = self._send_dead_letters(buf, dlq)
         self.report.dead_lettered += sent
         self.report.dlq_skipped += skipped
+        if buf.invalid:
+            rejected = rejected_table(src, p, [r.offset for r, _ in buf.invalid], [r.value for r, _ in buf.invalid],
+                                      [reason for _, reason in buf.invalid], time.time_ns() // 1000)
+            write_parquet_atomic(rejected, self.layout.rejected_file(src.name, p, buf.start, buf.end),
+                                 overwrite=True)
         # 2 + 3. temp file + fsync, then rename to the final name (the commit point) + fsync dir
         final = self.layout.master_file(src.name, p, buf.start, buf.end)
         table = master_table(src, buf.columns, p, buf.offsets, buf.ingest)

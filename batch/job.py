@@ -33,8 +33,10 @@ archived*. The batch job re-applies the rules declared *now* to every master row
 the declaration with the semantics of :mod:`lambdalake.validation`), before dedup: a row invalid under the current
 rules neither counts nor shadows a later valid duplicate of its event id. So a *tightened* rule (lower ``maximum``, a
 new ``pattern``, a field becoming required and non-nullable, ...) drops the master rows it makes invalid. A
-*loosened* rule is not honoured by the batch job: the messages it makes valid are in the dead-letter topic, not in
-the master dataset.
+*loosened* rule makes some rejected messages valid: the archiver keeps every range's invalid messages in the lake
+(rejected files), and step 2 judges those recorded under other rules again with the product's validator
+(:mod:`batch.rejected`) and reads the now-valid ones with the master rows, before dedup. The manifest records them
+(``rejected_inputs``, ``revalidated``). Messages dead-lettered by a release without rejected files stay out.
 
 Limits of the compiled rules (the archiver applied the exact rules; these only re-check stored values):
 
@@ -79,12 +81,13 @@ from batch.compact import master_readers_lock
 from batch.exceptions import BatchValidationError, NothingToCompute
 from batch.master import file_rows, sha256_file
 from batch.publish import DEFAULT_KEEP, new_staging_dir, publish
+from batch.rejected import rejudged_files, revalidated_rows
 from lambdalake import contracts
 from lambdalake.config import Settings, fix_handoff_block
 from lambdalake.contracts import BatchManifest, BatchView, InputFile, Positions
 from lambdalake.exceptions import PipelineError
 from lambdalake.handoff import aligned_watermark
-from lambdalake.layout import Layout, current_batch_manifest
+from lambdalake.layout import Layout, MasterFile, current_batch_manifest
 from lambdalake.pipeline import WINDOW_START, Aggregate, Field, Pipeline, Source, View
 from lambdalake.schema import OFFSET_COL, PARTITION_COL, arrow_schema, master_columns, view_columns
 from lambdalake.validation import FIRST_INSTANT_US, LAST_INSTANT_US
@@ -107,6 +110,8 @@ class Inputs:
     watermark: Positions
     archived: Positions  # archived end per partition (W trails it by < block)
     files: list[InputFile]
+    rejudged: dict[str, list[MasterFile]]  # per source: rejected files to judge again (batch.rejected)
+    rejected_files: list[InputFile]  # the same, as lineage
 
     def files_of(self, source: Source) -> list[InputFile]:
         return [f for f in self.files if f.source == source.name]
@@ -119,6 +124,8 @@ def select_inputs(layout: Layout, pipeline: Pipeline, block: int, fixed_watermar
     watermark: dict[tuple[str, int], int] = {}
     archived: dict[tuple[str, int], int] = {}
     inputs: list[InputFile] = []
+    rejudged: dict[str, list[MasterFile]] = {}
+    rejected: list[InputFile] = []
     for src in pipeline.sources:
         files = layout.master_files(src.name)
         ends: dict[int, int] = {}
@@ -137,10 +144,15 @@ def select_inputs(layout: Layout, pipeline: Pipeline, block: int, fixed_watermar
         for f in files:
             if f.start >= wm.get(f.partition, 0):
                 continue
-            st = f.path.stat()
-            inputs.append(InputFile(str(f.path.relative_to(layout.home)), src.name, f.partition, f.start, f.end,
-                                    st.st_size, sha256_file(f.path), file_rows(f.path)))
-    return Inputs(Positions(watermark), Positions(archived), inputs)
+            inputs.append(_input_file(layout, f))
+        rejudged[src.name] = rejudged_files(layout, src, wm)
+        rejected += [_input_file(layout, f) for f in rejudged[src.name]]
+    return Inputs(Positions(watermark), Positions(archived), inputs, rejudged, rejected)
+
+
+def _input_file(layout: Layout, f: MasterFile) -> InputFile:
+    return InputFile(str(f.path.relative_to(layout.home)), f.source, f.partition, f.start, f.end,
+                     f.path.stat().st_size, sha256_file(f.path), file_rows(f.path))
 
 
 # --- Spark ---------------------------------------------------------------------------------------------------------
@@ -168,7 +180,8 @@ def spark_session(master: str | None = None, app_name: str = "lambdalake-batch")
 
 
 # The Spark type of each logical type (lambdalake.schema): the only type table of this engine.
-SPARK_TYPES = {"string": "StringType", "integer": "LongType", "timestamp": "TimestampType", "int32": "IntegerType"}
+SPARK_TYPES = {"string": "StringType", "integer": "LongType", "timestamp": "TimestampType", "int32": "IntegerType",
+               "binary": "BinaryType"}
 
 
 def spark_type(logical: str):
@@ -236,17 +249,21 @@ def valid_rows(source: Source):
     return out
 
 
-def deduplicated_events(spark, layout: Layout, source: Source, inputs: Inputs, columns: list[str]):
+def deduplicated_events(spark, layout: Layout, source: Source, inputs: Inputs, columns: list[str],
+                        revalidated: Path | None = None):
     """Step 2: events of ``source`` below the watermark, valid under the declared rules, first occurrence per
-    (partition, event id)."""
+    (partition, event id). ``revalidated``: a file of rejected messages now valid (:mod:`batch.rejected`), read
+    with the master files."""
     from pyspark.sql import functions as F
 
-    files = inputs.files_of(source)
+    files = [str(layout.home / f.path) for f in inputs.files_of(source)]
+    if revalidated is not None:
+        files.append(str(revalidated))
     wm = inputs.watermark.of_topic(source.topic)
     schema = _spark_schema(source)
     if not files:
         return spark.createDataFrame([], schema).select(*columns)
-    df = spark.read.schema(schema).parquet(*[str(layout.home / f.path) for f in files])
+    df = spark.read.schema(schema).parquet(*files)
     # W per partition as a literal map: rows of a file straddling W are cut at W
     wm_map = F.create_map(*[x for p, w in sorted(wm.items()) for x in (F.lit(p), F.lit(w).cast("long"))])
     df = df.where(F.col(OFFSET_COL) < wm_map[F.col(PARTITION_COL)])
@@ -292,6 +309,23 @@ def view_frame(events, source: Source, view: View):
     return (events.groupBy(*[F.col(k) for k in view.keys], window_start.alias(WINDOW_START))
             .agg(*[_agg_expr(a) for a in stored])
             .select(*view.keys, WINDOW_START, *[a.name for a in stored]))
+
+
+# Row groups of ~1 MiB (parquet-mr's default is 128 MiB: one group per file): with files sorted by the view's keys,
+# a point lookup reads the statistics of every group and the rows of one or two.
+LOOKUP_ROW_GROUP_BYTES = 1 << 20
+
+
+def write_for_lookups(frame, view: View, vdir: Path) -> None:
+    """Step 3's write: the view's rows sorted by its keys then ``window_start`` (a global sort, so files hold
+    disjoint key ranges) in small row groups whose min/max statistics let readers (DuckDB, pyarrow) skip all but
+    the few groups of a key. Sorting changes no row: the answer of every query is the same."""
+    from pyspark.sql import functions as F
+
+    (frame.orderBy(*[F.col(k) for k in view.keys], F.col(WINDOW_START))
+     .write.mode("errorifexists")
+     .option("parquet.block.size", LOOKUP_ROW_GROUP_BYTES)
+     .parquet(str(vdir)))
 
 
 def view_columns_needed(pipeline: Pipeline, source: Source) -> list[str]:
@@ -422,7 +456,8 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
                 spark.conf.set(k, v)
             try:
                 # 2-4. read + validate + dedup, aggregate, write, check
-                row_counts, events, view_meta = _compute(spark, layout, pipeline, inputs, selected, staging)
+                row_counts, events, view_meta, revalidated = _compute(spark, layout, pipeline, inputs, selected,
+                                                                      staging)
             finally:
                 for k, v in saved.items():
                     if v is None:
@@ -442,6 +477,8 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
             block=settings.handoff_block,
             archived=inputs.archived,
             inputs=inputs.files,
+            rejected_inputs=inputs.rejected_files,
+            revalidated=revalidated,
             row_counts={v.name: row_counts[v.name] for v in pipeline.views},
             events={s.name: events[s.name] for s in pipeline.sources if s.name in events},
             views={v.name: view_meta[v.name] for v in pipeline.views},
@@ -465,40 +502,63 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
 
 
 def _compute(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, selected: list[View],
-             staging: Path) -> tuple[dict[str, int], dict[str, int], dict[str, BatchView]]:
-    """Steps 2-4 for the selected views. Returns (row counts, deduplicated events per source, per-view meta)."""
-    from pyspark import StorageLevel
+             staging: Path) -> tuple[dict[str, int], dict[str, int], dict[str, BatchView], dict[str, int]]:
+    """Steps 2-4 for the selected views. Returns (row counts, deduplicated events per source, per-view meta,
+    rejected messages now valid per source)."""
 
     row_counts: dict[str, int] = {}
     events: dict[str, int] = {}
     meta: dict[str, BatchView] = {}
-    for src in pipeline.sources:
-        src_views = [v for v in selected if v.source == src.name]
-        if not src_views:
-            continue
-        # 2. read below W + validate + dedup (cached: every view of the source reads it)
-        t0 = time.monotonic()
-        ev = deduplicated_events(spark, layout, src, inputs, view_columns_needed(pipeline, src))
-        ev = ev.persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            events[src.name] = ev.count()
-            log.info("source %s: %d deduplicated events below W in %.2fs", src.name, events[src.name],
-                     time.monotonic() - t0)
-            for view in src_views:
-                # 3. aggregate + write to staging
-                t0 = time.monotonic()
-                vdir = staging / view.name
-                view_frame(ev, src, view).write.mode("errorifexists").parquet(str(vdir))
-                log.info("view %s computed and written in %.2fs", view.name, time.monotonic() - t0)
-                for junk in [*vdir.glob(".*.crc"), vdir / "_SUCCESS"]:
-                    junk.unlink(missing_ok=True)
-                # 4. validate before anything can be published
-                row_counts[view.name] = validate_staged(pipeline, view, vdir, events[src.name])
-                meta[view.name] = BatchView(pipeline.fingerprint(view),
-                                            files=sorted(f.name for f in vdir.glob("*.parquet")))
-        finally:
-            ev.unpersist()
-    return row_counts, events, meta
+    revalidated: dict[str, int] = {}
+    scratch = staging / "_revalidated"  # removed before publishing: never part of a version
+    try:
+        for src in pipeline.sources:
+            src_views = [v for v in selected if v.source == src.name]
+            if src_views:
+                _compute_source(spark, layout, pipeline, inputs, src, src_views, staging, scratch,
+                                row_counts, events, meta, revalidated)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return row_counts, events, meta, revalidated
+
+
+def _compute_source(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, src: Source, src_views: list[View],
+                    staging: Path, scratch: Path, row_counts: dict[str, int], events: dict[str, int],
+                    meta: dict[str, BatchView], revalidated: dict[str, int]) -> None:
+    from pyspark import StorageLevel
+
+    # 2. read below W + validate + dedup (cached: every view of the source reads it); rejected messages valid
+    # under the declared rules join the master rows (batch.rejected)
+    t0 = time.monotonic()
+    extra = None
+    if inputs.rejudged.get(src.name):
+        rows = revalidated_rows(src, inputs.rejudged[src.name], inputs.watermark.of_topic(src.topic))
+        revalidated[src.name] = rows.num_rows
+        log.info("source %s: %d rejected messages valid under the declared rules", src.name, rows.num_rows)
+        if rows.num_rows:
+            scratch.mkdir(exist_ok=True)
+            extra = scratch / f"{src.name}.parquet"
+            pq.write_table(rows, extra)
+    ev = deduplicated_events(spark, layout, src, inputs, view_columns_needed(pipeline, src), extra)
+    ev = ev.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        events[src.name] = ev.count()
+        log.info("source %s: %d deduplicated events below W in %.2fs", src.name, events[src.name],
+                 time.monotonic() - t0)
+        for view in src_views:
+            # 3. aggregate + write to staging
+            t0 = time.monotonic()
+            vdir = staging / view.name
+            write_for_lookups(view_frame(ev, src, view), view, vdir)
+            log.info("view %s computed and written in %.2fs", view.name, time.monotonic() - t0)
+            for junk in [*vdir.glob(".*.crc"), vdir / "_SUCCESS"]:
+                junk.unlink(missing_ok=True)
+            # 4. validate before anything can be published
+            row_counts[view.name] = validate_staged(pipeline, view, vdir, events[src.name])
+            meta[view.name] = BatchView(pipeline.fingerprint(view),
+                                        files=sorted(f.name for f in vdir.glob("*.parquet")))
+    finally:
+        ev.unpersist()
 
 
 def _carry_over(layout: Layout, version: str, view: str, staging: Path) -> None:

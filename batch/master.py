@@ -10,6 +10,13 @@ the archiver consumed it).
 
 Rows are in offset order. A file holds the *valid* messages of ``[start, end)``; invalid offsets of the range are in
 the dead-letter topic, so a range may legitimately hold zero rows.
+
+The invalid messages of a range are also kept in the lake, as the log holds them: a *rejected file*
+``rejected/<source>/p=<partition>/<start>-<end>.parquet`` (:func:`lambdalake.schema.rejected_columns`; written only
+when the range has some), whose Parquet key-value metadata ``lambdalake.rules`` is the
+:func:`lambdalake.validation.rules_fingerprint` they were judged by. The master dataset is thus every message of the
+log, valid or not, and a definition whose rules are looser can count messages rejected under older rules (the batch
+job re-validates them; :mod:`batch.job`). Which rejected files count is :meth:`lambdalake.layout.Layout.rejected_files`.
 """
 
 from __future__ import annotations
@@ -25,9 +32,19 @@ import pyarrow.parquet as pq
 from lambdalake.exceptions import InvariantViolation
 from lambdalake.layout import Layout, MasterFile, fsync_dir, tmp_name
 from lambdalake.pipeline import Source
-from lambdalake.schema import ARROW_TYPES, INGEST_COL, OFFSET_COL, PARTITION_COL, arrow_schema, master_columns
+from lambdalake.schema import (
+    ARROW_TYPES,
+    INGEST_COL,
+    OFFSET_COL,
+    PARTITION_COL,
+    arrow_schema,
+    master_columns,
+    rejected_columns,
+)
+from lambdalake.validation import rules_fingerprint
 
 COMPRESSION = "zstd"
+RULES_KEY = b"lambdalake.rules"  # rejected files: the rules fingerprint their messages were judged by
 
 
 def master_schema(source: Source) -> pa.Schema:
@@ -42,6 +59,37 @@ def master_table(source: Source, columns: dict[str, list], partition: int, offse
     cols = master_columns(source)
     return pa.Table.from_arrays([pa.array(values[c.name], type=ARROW_TYPES[c.type]) for c in cols],
                                 schema=master_schema(source))
+
+
+def rejected_table(source: Source, partition: int, offsets: list[int], values: list[bytes | None],
+                   reasons: list[str], ingest_us: int) -> pa.Table:
+    """The rejected file of one range: its invalid messages, tagged with the rules they were judged by."""
+    cols = rejected_columns()
+    arrays = [pa.array([partition] * len(offsets), pa.int32()), pa.array(offsets, pa.int64()),
+              pa.array([ingest_us] * len(offsets), ARROW_TYPES["timestamp"]), pa.array(values, pa.binary()),
+              pa.array(reasons, pa.string())]
+    schema = arrow_schema(cols).with_metadata({RULES_KEY: rules_fingerprint(source).encode()})
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def rejected_rules(path: Path) -> str | None:
+    """The rules fingerprint a rejected file's messages were judged by (footer only)."""
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(RULES_KEY)
+    return None if raw is None else raw.decode()
+
+
+def remove_uncommitted_rejected(layout: Layout, sources: Iterable[Source]) -> list[Path]:
+    """Archiver start-up: delete rejected files a roll wrote before crashing ahead of its master file (their range
+    lies beyond the partition's archived end, and will be archived again, maybe with other boundaries)."""
+    removed: list[Path] = []
+    for s in sources:
+        counted = {f.path for f in layout.rejected_files(s.name)}
+        for f in layout.rejected_files_on_disk(s.name):
+            if f.path not in counted:
+                f.path.unlink(missing_ok=True)
+                removed.append(f.path)
+    return removed
 
 
 def write_parquet_atomic(table: pa.Table, final: Path, *, overwrite: bool = False) -> int:
@@ -76,12 +124,12 @@ def remove_temp_files(layout: Layout, sources: Iterable[Source]) -> list[Path]:
     """Delete temporary files a killed writer left in the master partitions (never visible to readers)."""
     removed: list[Path] = []
     for s in sources:
-        base = layout.master_source(s.name)
-        if not base.is_dir():
-            continue
-        for tmp in base.glob("p=*/.*.tmp"):
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp)
+        for base in (layout.master_source(s.name), layout.rejected / s.name):
+            if not base.is_dir():
+                continue
+            for tmp in base.glob("p=*/.*.tmp"):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
     return removed
 
 

@@ -148,6 +148,9 @@ class BatchManifest(msgspec.Struct, kw_only=True):
     block: int
     archived: Positions = msgspec.field(default_factory=Positions)
     inputs: list[InputFile] = msgspec.field(default_factory=list)
+    # rejected files judged again under the declared rules (batch.rejected) and the messages now valid, per source
+    rejected_inputs: list[InputFile] = msgspec.field(default_factory=list)
+    revalidated: dict[str, int] = msgspec.field(default_factory=dict)
     row_counts: dict[str, int] = msgspec.field(default_factory=dict)
     events: dict[str, int] = msgspec.field(default_factory=dict)  # deduplicated events per source below W
     views: dict[str, BatchView] = msgspec.field(default_factory=dict)

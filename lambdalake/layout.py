@@ -103,21 +103,27 @@ class Layout:
         Readers want :meth:`master_files` instead: during an interrupted compaction both a merged file and the
         files it replaces are on disk.
         """
-        out: list[MasterFile] = []
-        base = self.master_source(source)
-        if not base.is_dir():
-            return out
-        for pdir in base.iterdir():
-            pm = PARTITION_DIR.match(pdir.name)
-            if not pm or not pdir.is_dir():
-                continue
-            p = int(pm.group(1))
-            for f in pdir.iterdir():
-                fm = MASTER_FILE.match(f.name)
-                if fm:
-                    out.append(MasterFile(f, source, p, int(fm.group(1)), int(fm.group(2))))
-        out.sort(key=lambda m: (m.partition, m.start))
-        return out
+        return _range_files(self.master_source(source), source)
+
+    # rejected messages: the invalid messages of each archived range, kept for re-validation ---------------------
+    @property
+    def rejected(self) -> Path:
+        return self.home / "rejected"
+
+    def rejected_file(self, source: str, partition: int, start: int, end: int) -> Path:
+        """``rejected/<source>/p=<p>/<start>-<end>.parquet``: the invalid messages of master range [start, end)."""
+        return self.rejected / source / self.master_file(source, partition, start, end).relative_to(
+            self.master_source(source))
+
+    def rejected_files_on_disk(self, source: str) -> list[MasterFile]:
+        return _range_files(self.rejected / source, source)
+
+    def rejected_files(self, source: str) -> list[MasterFile]:
+        """THE rule for which rejected files count: those whose range lies within the archived range of their
+        partition (a file beyond it was written by a roll that crashed before its master file: the range is
+        archived again, and the archiver removes such leftovers on start)."""
+        ends = dict(contiguous_ranges(self.master_files(source)))
+        return [f for f in self.rejected_files_on_disk(source) if f.end <= ends.get(f.partition, -1)]
 
     def master_files(self, source: str) -> list[MasterFile]:
         """THE rule for which master files hold a source's events: every reader (batch job, ``master.<source>`` in
@@ -180,6 +186,24 @@ class Layout:
     @property
     def kafka(self) -> Path:
         return self.home / "kafka"
+
+
+def _range_files(base: Path, source: str) -> list[MasterFile]:
+    """Files named ``p=<p>/<start>-<end>.parquet`` under ``base``, sorted by (partition, start)."""
+    out: list[MasterFile] = []
+    if not base.is_dir():
+        return out
+    for pdir in base.iterdir():
+        pm = PARTITION_DIR.match(pdir.name)
+        if not pm or not pdir.is_dir():
+            continue
+        p = int(pm.group(1))
+        for f in pdir.iterdir():
+            fm = MASTER_FILE.match(f.name)
+            if fm:
+                out.append(MasterFile(f, source, p, int(fm.group(1)), int(fm.group(2))))
+    out.sort(key=lambda m: (m.partition, m.start))
+    return out
 
 
 def _numbered_dirs(base: Path, pattern: re.Pattern, contract: str | None) -> list[str]:

@@ -10,6 +10,7 @@ string         string                StringType  VARCHAR
 integer        int64                 LongType    BIGINT
 timestamp      timestamp[us, UTC]    Timestamp   TIMESTAMPTZ
 int32          int32                 IntegerType INTEGER
+binary         binary                BinaryType  (not served)
 =============  ====================  ==========  ===============
 
 (the Spark table is in :mod:`batch.job`, the DuckDB one in :mod:`serving.sql`).
@@ -19,7 +20,9 @@ Stored columns:
 - master file: the source's fields, ``_partition``, ``_offset``, ``_ingest_time`` (:func:`master_columns`);
 - batch view: keys, ``window_start``, stored aggregates — count/sum are ``integer``, min/max keep the field's type
   (:func:`view_columns`);
-- speed view: ``_partition``, ``_block_start``, then the batch view's columns (:func:`speed_view_columns`).
+- speed view: ``_partition``, ``_block_start``, then the batch view's columns (:func:`speed_view_columns`);
+- rejected file: ``_partition``, ``_offset``, ``_ingest_time``, ``_value`` (binary), ``_reason``
+  (:func:`rejected_columns`).
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ PARTITION_COL = "_partition"
 OFFSET_COL = "_offset"
 INGEST_COL = "_ingest_time"
 BLOCK_COL = "_block_start"
+VALUE_COL = "_value"  # rejected files: the message bytes as in the log
+REASON_COL = "_reason"  # rejected files: why the archiver found the message invalid
 
 TS_TYPE = pa.timestamp("us", tz="UTC")
 ARROW_TYPES: dict[str, pa.DataType] = {"string": pa.string(), "integer": pa.int64(), "timestamp": TS_TYPE,
-                                       "int32": pa.int32()}
+                                       "int32": pa.int32(), "binary": pa.binary()}
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,14 @@ def master_columns(source: Source) -> tuple[Column, ...]:
     cols = [Column(f.name, f.type, not f.required or f.nullable) for f in source.fields]
     return (*cols, Column(PARTITION_COL, "int32", nullable=False), Column(OFFSET_COL, "integer", nullable=False),
             Column(INGEST_COL, "timestamp", nullable=False))
+
+
+def rejected_columns() -> tuple[Column, ...]:
+    """A rejected file: the invalid messages of one archived range, as the log holds them (``_value`` is null for
+    a message without a value), with the archiver's reason."""
+    return (Column(PARTITION_COL, "int32", nullable=False), Column(OFFSET_COL, "integer", nullable=False),
+            Column(INGEST_COL, "timestamp", nullable=False), Column(VALUE_COL, "binary"),
+            Column(REASON_COL, "string", nullable=False))
 
 
 def view_columns(source: Source, view: View) -> tuple[Column, ...]:

@@ -43,9 +43,11 @@ invalid messages, extra fields — takes the reference path, so extra fields cos
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -55,6 +57,17 @@ import orjson
 from lambdalake.pipeline import MAX_BUCKET, Field, Source
 
 MAX_MESSAGE_BYTES = 1024 * 1024
+# The meaning of the rules above, as a number: raise it whenever a change of this module can turn a verdict (as
+# 2 did: any number of fraction digits accepted, the supported instant range). Part of :func:`rules_fingerprint`.
+RULES_VERSION = 2
+
+
+def rules_fingerprint(source: Source) -> str:
+    """Identity of the rules a message of ``source`` is judged by: its declared fields (types and every rule) and
+    :data:`RULES_VERSION`. The archiver records it with each range's rejected messages; the batch job re-validates
+    rejected messages only where the declared fingerprint differs (a loosened rule can make them valid)."""
+    doc = {"rules": RULES_VERSION, "fields": [asdict(f) for f in source.fields]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"

@@ -4,8 +4,10 @@ Against the real broker and real Spark. Every changed pipeline is built from the
 ``dataclasses.replace`` on its own ``View``/``Source``/``Pipeline`` objects; every result is compared with the
 independent oracle (``tests/oracle.py``) computed with the *new* definition. Covered here: bucket, keys, an added
 aggregate, a removed view, tightened field rules (lower ``maximum``, a new ``pattern``, an optional field becoming
-required) — including an invalid first occurrence that must not shadow a later valid duplicate — the plan the
-Airflow DAG follows, ``--view`` carry-over, the independent verification, and reverting to the original results.
+required) — including an invalid first occurrence that must not shadow a later valid duplicate —, a loosened rule
+(a higher ``maximum``: a rejected message, kept in the lake's rejected files, counts and wins over its duplicate),
+the plan the Airflow DAG follows, ``--view`` carry-over, the independent verification, and reverting to the
+original results.
 """
 
 from __future__ import annotations
@@ -85,7 +87,13 @@ def tightened(pipeline: Pipeline) -> Pipeline:
     return replace_fields(p, "purchases", currency={"pattern": r"EUR|USD"})
 
 
+def loosened(pipeline: Pipeline) -> Pipeline:
+    """A higher maximum (duration): messages rejected under the original rules become valid."""
+    return replace_fields(pipeline, "pageviews", duration_ms={"maximum": 200_000_000})
+
+
 SHADOW_ID = "shadow-event-1"
+LOOSE_ID = "loose-event-1"
 
 
 def shadow_messages(pipeline: Pipeline) -> list[Message]:
@@ -94,8 +102,12 @@ def shadow_messages(pipeline: Pipeline) -> list[Message]:
     topic = pipeline.source("pageviews").topic
     doc = {"event_id": SHADOW_ID, "event_time": "2026-01-05T10:15:00Z", "user_id": "user-shadow",
            "url": "https://shop.example/shadow", "referrer": "https://www.example.org/", "duration_ms": 70_000}
+    loose = {**doc, "event_id": LOOSE_ID, "url": "https://shop.example/loose", "duration_ms": 100_000_000}
     return [Message(topic, b"user-shadow", json.dumps(doc).encode(), "valid"),
-            Message(topic, b"user-shadow", json.dumps({**doc, "duration_ms": 500}).encode(), "duplicate")]
+            Message(topic, b"user-shadow", json.dumps({**doc, "duration_ms": 500}).encode(), "duplicate"),
+            # rejected (above the original maximum), then a valid duplicate: loosened, the first must win
+            Message(topic, b"user-shadow", json.dumps(loose).encode(), "invalid"),
+            Message(topic, b"user-shadow", json.dumps({**loose, "duration_ms": 600}).encode(), "valid")]
 
 
 @pytest.fixture
@@ -134,7 +146,7 @@ def test_changed_definitions_are_recomputed_exactly_and_revert_restores(evolving
     assert plan_batch(settings, pipeline).action == "none"
     # the shadow pair is below W, and under the original rules its first (long) occurrence wins
     shadow = [m for m in log if m.key == b"user-shadow"]
-    assert len(shadow) == 2 and all(m.offset < original.watermark.at(m.topic, m.partition) for m in shadow)
+    assert len(shadow) == 4 and all(m.offset < original.watermark.at(m.topic, m.partition) for m in shadow)
     pv = next(v for v in pipeline.views if v.name == "pageviews_hourly")
     shadow_rows = [r for r in version_rows(settings.home, original.version, pv) if r[0].endswith("/shadow")]
     assert [r[3] for r in shadow_rows] == [70_000]
@@ -147,6 +159,8 @@ def test_changed_definitions_are_recomputed_exactly_and_revert_restores(evolving
             *pipeline.view("revenue_daily").aggregates, min_("min_orders_cents", "amount_cents"))),
             ["revenue_daily"]),
         "tightened": (tightened(pipeline), ["pageviews_hourly", "revenue_daily", "user_activity_daily"]),
+        "loosened": (loosened(pipeline), [v.name for v in pipeline.views
+                                          if v.source == "pageviews" or v.name == "revenue_daily"]),
     }
     for kind, (declared, changed) in changes.items():
         plan = plan_batch(settings, declared)
@@ -166,6 +180,13 @@ def test_changed_definitions_are_recomputed_exactly_and_revert_restores(evolving
             assert [r[3] for r in rows] == [500]
             assert manifest.events["pageviews"] < original.events["pageviews"]
             assert manifest.events["purchases"] < original.events["purchases"]
+        if kind == "loosened":
+            # the rejected message is valid now, read from the rejected files, and wins over its later duplicate
+            rows = [r for r in version_rows(settings.home, manifest.version, declared.view("pageviews_hourly"))
+                    if r[0].endswith("/loose")]
+            assert [r[3] for r in rows] == [100_000_000]
+            assert manifest.revalidated["pageviews"] >= 1 and manifest.rejected_inputs
+            assert manifest.events["pageviews"] >= original.events["pageviews"]  # the exact count: the oracle above
 
     # reverting the declaration restores the original results exactly
     plan = plan_batch(settings, pipeline)
