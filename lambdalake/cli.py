@@ -262,6 +262,11 @@ def _configure_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: runs the CLI, turning actionable errors into one line on stderr."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] in (["sql"], ["catalog"]):  # start fast: no Kafka, Spark, Airflow or audit imports (serving.cli)
+        from serving.cli import main as serving_main
+
+        return serving_main(args)
     from kafka.errors import KafkaError
 
     _configure_logging()

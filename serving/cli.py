@@ -228,3 +228,49 @@ def register(app: typer.Typer) -> None:
                 err_console.print(f"note: {what}: {', '.join(names)}; see lambdalake.views", highlight=False)
         console.print(f"wrote {path} (batch version {pair.batch_version or '-'}, speed snapshot "
                       f"{pair.speed_snapshot or '-'}); open it with: duckdb -readonly {path}", highlight=False)
+
+
+class _WithoutPandas:
+    """Import hook for the one-shot commands: pyarrow's dataset module probes for pandas when it is imported
+    (~0.5-1.5 s here) although nothing on the serving path converts to pandas. While active, ``import pandas``
+    fails, so pyarrow records "no pandas" for this process. Never used when pandas is already imported."""
+
+    def find_spec(self, name, path=None, target=None):  # noqa: ARG002 (importlib protocol)
+        if name == "pandas" or name.startswith("pandas."):
+            raise ModuleNotFoundError(f"No module named {name!r} (not needed by `lambdalake sql`)")
+        return None
+
+
+def main(argv: list[str]) -> int:
+    """``lambdalake sql|catalog ...`` started fast (the root CLI hands these commands here): only typer, rich,
+    DuckDB, pyarrow and the core are imported; no Kafka, Spark, Airflow or audit module, and not pandas."""
+    import logging
+    import os
+
+    from lambdalake.exceptions import LambdalakeError
+
+    logging.basicConfig(level=getattr(logging, os.environ.get("LAMBDALAKE_LOG", "WARNING").upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    hook = None
+    if "pandas" not in sys.modules:
+        hook = _WithoutPandas()
+        sys.meta_path.insert(0, hook)
+    try:
+        import pyarrow.dataset  # noqa: F401  (probes pandas once, now, while the hook refuses it)
+    finally:
+        if hook is not None:
+            sys.meta_path.remove(hook)
+    app = typer.Typer(name="lambdalake", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+    register(app)
+    try:
+        app(args=argv, prog_name="lambdalake", standalone_mode=True)
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except LambdalakeError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    return 0
