@@ -1,18 +1,23 @@
-"""Serving latency: merged views (batch ⊕ speed, ``lambdalake.connect()``) vs the raw master dataset in DuckDB.
+"""Serving latency: merged views (batch ⊕ speed, ``lambdalake.connect()``) vs a raw master scan and vs the ceiling.
 
 Not a test. For each size it synthesizes a lake of the clickstream pipeline's ``pageviews`` directly on disk, per
 the published contracts (no Kafka, no Spark): master parquet files per partition/offset range; a batch version
-with the views aggregated over offsets ``< W`` (W aligned to the handoff block); a speed snapshot with the
-partitions' remaining offsets aggregated per (partition, block). Then it times typical queries:
+with the views aggregated over offsets ``< W`` (W aligned to the handoff block), written the way the Spark job
+writes them (sorted by the view's keys then ``window_start``, small row groups: ``batch.job.write_for_lookups``);
+a speed snapshot with the partitions' remaining offsets aggregated per (partition, block). Then it times:
 
-- ``one_key_30d``:  one url's hourly views over 30 days          (``pageviews_hourly``)
-- ``one_user_30d``: one user's daily activity over 30 days        (``user_activity_daily``)
-- ``top_n_day``:    top-10 urls of one day by views              (``pageviews_hourly``)
+- ``connect()``: the default, lazy connection (views over the files) and ``materialize=True`` (batch copied);
+- ``one_key_30d``:  one url's hourly views over 30 days (point lookup, ``pageviews_hourly``)
+- ``one_user_30d``: one user's daily activity over 30 days (point lookup, ``user_activity_daily``)
+- ``top_n_day``:    top-10 urls of one day by views (``pageviews_hourly``)
+- ``rollup_urls``:  views per url over everything (full roll-up of ``pageviews_hourly``)
+- ``rollup_users``: total pageviews over everything (full roll-up of ``user_activity_daily``)
 
-each against (a) the serving connection (``lambdalake.connect()``, batch side materialized) and (b) the same
-answer computed from the raw master files with ``read_parquet`` in a plain DuckDB connection (the "traditional
-database" baseline), checks both agree, and reports p50/p99 and the raw/merged ratio.
-Results: ``bench/results/serving-<utc time>.json``.
+each against (a) the serving connection, (b) the same answer computed from the raw master files with
+``read_parquet`` in a plain DuckDB connection (the "no views" baseline) and (c) the same SQL over plain in-memory
+DuckDB tables holding the merged views' rows (the ceiling: what the query costs with no merge, no files, no Arrow);
+answers must agree. Also ``lambdalake sql`` wall time for a point lookup (process start to first byte of output,
+and to exit). Results: ``bench/results/serving-<utc time>.json``.
 
     .venv/bin/python bench/bench_serving.py --sizes 1000000            # quick
     .venv/bin/python bench/bench_serving.py --sizes 1000000,10000000   # both, ratios in one run
@@ -22,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,6 +70,8 @@ SPAN_DAYS = 60
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 CHUNK = 1_000_000
 SPEED_SHARE = 0.02  # the newest ~2% of every partition is still in the speed layer
+ROW_GROUP_ROWS = 20_000  # about batch.job.LOOKUP_ROW_GROUP_BYTES (1 MiB) of view rows
+LAMBDALAKE = Path(sys.executable).with_name("lambdalake")
 
 
 def synthesize(home: Path, n: int, seed: int = 1) -> dict:
@@ -133,8 +142,9 @@ def _publish_views(home: Path, pipeline, src, wm: dict[int, int], ends: dict[int
         group = ", ".join(keys + ["window_start"])
         vdir = layout.batch_version(version) / view.name
         vdir.mkdir(parents=True)
-        con.execute(f"COPY (SELECT {sel} FROM {master} WHERE _offset < {case_w} GROUP BY {group}) "
-                    f"TO '{vdir}/part-00000.parquet' (FORMAT parquet)")
+        order = ", ".join(keys + ["window_start"])  # as batch.job.write_for_lookups: sorted, small row groups
+        con.execute(f"COPY (SELECT {sel} FROM {master} WHERE _offset < {case_w} GROUP BY {group} ORDER BY {order}) "
+                    f"TO '{vdir}/part-00000.parquet' (FORMAT parquet, ROW_GROUP_SIZE {ROW_GROUP_ROWS})")
         counts[view.name] = con.execute(f"SELECT count(*) FROM '{vdir}/part-00000.parquet'").fetchone()[0]
         sdir = layout.speed_snapshot(snap)
         sdir.mkdir(parents=True, exist_ok=True)
@@ -183,6 +193,12 @@ def queries(rng: random.Random, urls: list[str], users: list[str]) -> dict[str, 
             f"AND window_start < '{hi1}' GROUP BY url ORDER BY v DESC, url LIMIT 10",
             f"SELECT url, count(*) AS v FROM {raw} WHERE event_time >= '{lo1}' AND event_time < '{hi1}' "
             f"GROUP BY url ORDER BY v DESC, url LIMIT 10"),
+        "rollup_urls": (
+            "SELECT url, sum(views) AS v FROM pageviews_hourly GROUP BY url ORDER BY url",
+            f"SELECT url, count(*) AS v FROM {raw} GROUP BY url ORDER BY url"),
+        "rollup_users": (
+            "SELECT sum(pageviews) FROM user_activity_daily",
+            f"SELECT count(*) FROM {raw}"),
     }
 
 
@@ -191,7 +207,35 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def bench_size(n: int, reps: int, raw_reps: int, workdir: Path | None, keep: bool) -> dict:
+def _timed(con, sql: str) -> tuple[float, list]:
+    t = time.perf_counter()
+    rows = con.execute(sql).fetchall()
+    return (time.perf_counter() - t) * 1000, rows
+
+
+def _stats(xs: list[float]) -> tuple[float, float]:
+    return round(statistics.median(xs), 3), round(_pct(xs, 0.99), 3)
+
+
+def cli_times(home: Path, sql: str, runs: int) -> dict:
+    """``lambdalake sql`` for one query: ms from process start to the first byte of stdout, and to exit."""
+    env = {**os.environ, "LAMBDALAKE_HOME": str(home), "LAMBDALAKE_PIPELINE": "lambdalake.pipelines.clickstream"}
+    first, total = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        proc = subprocess.Popen([str(LAMBDALAKE), "sql", sql, "--format", "csv"], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env=env)
+        proc.stdout.read(1)
+        first.append((time.perf_counter() - t) * 1000)
+        proc.stdout.read()
+        if proc.wait() != 0:
+            raise SystemExit(f"lambdalake sql failed for {sql}")
+        total.append((time.perf_counter() - t) * 1000)
+    return {"first_byte_ms_p50": round(statistics.median(first), 1), "exit_ms_p50": round(statistics.median(total), 1),
+            "runs": runs}
+
+
+def bench_size(n: int, reps: int, raw_reps: int, cli_runs: int, workdir: Path | None, keep: bool) -> dict:
     base = Path(tempfile.mkdtemp(prefix=f"bench-serving-{n}-", dir=workdir))
     home = base / "lake"
     home.mkdir()
@@ -202,17 +246,23 @@ def bench_size(n: int, reps: int, raw_reps: int, workdir: Path | None, keep: boo
         settings = load_settings(home=home, pipeline="lambdalake.pipelines.clickstream")
 
         connect_ms, lazy_ms = [], []
-        for _ in range(3):
+        for _ in range(5):
             for materialize, sink in ((True, connect_ms), (False, lazy_ms)):
                 t = time.perf_counter()
                 c = connect(settings, materialize=materialize)
                 sink.append((time.perf_counter() - t) * 1000)
                 c.close()
-        con = connect(settings)
+        con = connect(settings)  # the default: lazy, views over the files
         raw = duckdb.connect()
         raw.execute("SET TimeZone = 'UTC'")
         raw.execute(f"CREATE VIEW master_raw AS SELECT * FROM "
                     f"read_parquet('{Layout(home).master_source('pageviews')}/p=*/*.parquet')")
+        ceiling = duckdb.connect()  # plain in-memory tables of the merged views' rows: no merge, no files
+        ceiling.execute("SET TimeZone = 'UTC'")
+        for name in ("pageviews_hourly", "user_activity_daily"):
+            ceiling.register("_rows", con.sql(f"SELECT * FROM {name}").to_arrow_table())
+            ceiling.execute(f"CREATE TABLE {name} AS SELECT * FROM _rows")
+            ceiling.unregister("_rows")
         urls = [r[0] for r in con.execute("SELECT url FROM pageviews_hourly GROUP BY url "
                                           "ORDER BY sum(views) DESC LIMIT 50").fetchall()]
         users = [r[0] for r in con.execute("SELECT user_id FROM user_activity_daily GROUP BY user_id "
@@ -220,36 +270,43 @@ def bench_size(n: int, reps: int, raw_reps: int, workdir: Path | None, keep: boo
         info["batch_rows"] = dict(con.execute("SELECT name, batch_rows FROM lambdalake.views").fetchall())
         info["speed_rows"] = dict(con.execute("SELECT name, speed_rows FROM lambdalake.views").fetchall())
         rng = random.Random(42)
+        one_key = queries(rng, urls, users)["one_key_30d"][0]
+        info["explain_point_lookup"] = [ln.strip() for ln in con.execute(f"EXPLAIN {one_key}").fetchall()[0][1]
+                                        .splitlines() if "Filters" in ln or "url" in ln][:6]
         results: dict[str, dict] = {}
-        for kind in ("one_key_30d", "one_user_30d", "top_n_day"):
+        for kind in ("one_key_30d", "one_user_30d", "top_n_day", "rollup_urls", "rollup_users"):
             m_sql, r_sql = queries(rng, urls, users)[kind]
-            con.execute(m_sql).fetchall()  # one untimed warm-up per side (OS page cache, parquet metadata)
-            raw.execute(r_sql).fetchall()
-            merged_ms, raw_ms = [], []
+            for c, q in ((con, m_sql), (raw, r_sql), (ceiling, m_sql)):
+                c.execute(q).fetchall()  # one untimed warm-up per side (OS page cache, parquet metadata)
+            merged_ms, raw_ms, ceil_ms = [], [], []
             for i in range(reps):
                 m_sql, r_sql = queries(rng, urls, users)[kind]
-                t = time.perf_counter()
-                got = con.execute(m_sql).fetchall()
-                merged_ms.append((time.perf_counter() - t) * 1000)
+                ms, got = _timed(con, m_sql)
+                merged_ms.append(ms)
+                ms, top = _timed(ceiling, m_sql)
+                ceil_ms.append(ms)
+                if got != top:
+                    raise SystemExit(f"{kind}: merged view disagrees with the in-memory ceiling for {m_sql}")
                 if i < raw_reps:
-                    t = time.perf_counter()
-                    want = raw.execute(r_sql).fetchall()
-                    raw_ms.append((time.perf_counter() - t) * 1000)
+                    ms, want = _timed(raw, r_sql)
+                    raw_ms.append(ms)
                     if got != want:
                         raise SystemExit(f"{kind}: merged view disagrees with the raw master for {m_sql}")
+            (mp50, mp99), (rp50, rp99), (cp50, cp99) = _stats(merged_ms), _stats(raw_ms), _stats(ceil_ms)
             results[kind] = {
-                "merged_p50_ms": round(statistics.median(merged_ms), 3),
-                "merged_p99_ms": round(_pct(merged_ms, 0.99), 3),
-                "raw_p50_ms": round(statistics.median(raw_ms), 3),
-                "raw_p99_ms": round(_pct(raw_ms, 0.99), 3),
-                "ratio_p50": round(statistics.median(raw_ms) / statistics.median(merged_ms), 1),
+                "merged_p50_ms": mp50, "merged_p99_ms": mp99, "raw_p50_ms": rp50, "raw_p99_ms": rp99,
+                "ceiling_p50_ms": cp50, "ceiling_p99_ms": cp99,
+                "ratio_p50": round(rp50 / mp50, 1), "merged_over_ceiling_p50": round(mp50 / cp50, 1),
                 "merged_runs": len(merged_ms), "raw_runs": len(raw_ms),
             }
         con.close()
         raw.close()
-        info["connect_ms_p50"] = round(statistics.median(connect_ms), 1)
-        info["connect_lazy_ms_p50"] = round(statistics.median(lazy_ms), 1)
+        ceiling.close()
+        info["connect_ms_p50"] = round(statistics.median(connect_ms), 1)  # materialize=True (batch copied)
+        info["connect_lazy_ms_p50"] = round(statistics.median(lazy_ms), 1)  # the default
         info["queries"] = results
+        if cli_runs:
+            info["cli_point_lookup"] = cli_times(home, queries(rng, urls, users)["one_key_30d"][0], cli_runs)
         return info
     finally:
         if not keep:
@@ -261,6 +318,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000000", help="comma-separated event counts (e.g. 1000000,10000000)")
     ap.add_argument("--reps", type=int, default=60, help="timed runs per merged query kind")
     ap.add_argument("--raw-reps", type=int, default=15, help="timed runs per raw-master query kind")
+    ap.add_argument("--cli-runs", type=int, default=5, help="timed `lambdalake sql` runs (0: skip)")
     ap.add_argument("--workdir", type=Path, default=None, help="where to synthesize lakes (default: $TMPDIR)")
     ap.add_argument("--keep", action="store_true", help="keep the synthesized lakes")
     args = ap.parse_args()
@@ -270,12 +328,13 @@ def main() -> None:
            "cpus": __import__("os").cpu_count(), "sizes": {}}
     for n in sizes:
         print(f"size {n:,}: synthesizing and timing ...", file=sys.stderr, flush=True)
-        run["sizes"][str(n)] = r = bench_size(n, args.reps, args.raw_reps, args.workdir, args.keep)
-        print(f"size {n:,} (connect p50 {r['connect_ms_p50']} ms, lazy {r['connect_lazy_ms_p50']} ms; "
-              f"batch rows {r['batch_rows']}):")
+        run["sizes"][str(n)] = r = bench_size(n, args.reps, args.raw_reps, args.cli_runs, args.workdir, args.keep)
+        print(f"size {n:,}: connect p50 {r['connect_lazy_ms_p50']} ms (materialized {r['connect_ms_p50']} ms); "
+              f"batch rows {r['batch_rows']}; lambdalake sql point lookup {r.get('cli_point_lookup')}")
         for kind, q in r["queries"].items():
             print(f"  {kind:13s} merged p50 {q['merged_p50_ms']:8.2f} ms  p99 {q['merged_p99_ms']:8.2f} ms | "
-                  f"raw p50 {q['raw_p50_ms']:9.2f} ms  p99 {q['raw_p99_ms']:9.2f} ms | raw/merged x{q['ratio_p50']}")
+                  f"raw p50 {q['raw_p50_ms']:9.2f} ms (x{q['ratio_p50']}) | ceiling p50 {q['ceiling_p50_ms']:7.2f} ms "
+                  f"(merged/ceiling x{q['merged_over_ceiling_p50']})")
     out_dir = REPO / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"serving-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"

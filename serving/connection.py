@@ -106,6 +106,12 @@ DEFAULT_THREADS = max(1, min(4, os.cpu_count() or 1))
 TAMPERED = "an internal relation of this connection was dropped or replaced; reconnect (lambdalake.connect())"
 
 
+def _scratch_root() -> str | None:
+    """Where connections build their catalog file: a RAM file system if there is one (no fsync cost), else $TMPDIR."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
 def _default_memory_limit() -> str:
     """A quarter of the machine's RAM (DuckDB's own default is 80%), at least 256 MB."""
     try:
@@ -263,7 +269,7 @@ def connect(settings: Settings | None = None, pipeline: Pipeline | str | None = 
     limits = Limits(timeout, _default_memory_limit() if memory_limit is None else memory_limit,
                     DEFAULT_THREADS if threads is None else threads)
     settings, pipe = resolve(settings, pipeline, home)
-    scratch = Path(os.path.realpath(tempfile.mkdtemp(prefix="lambdalake-serving-")))
+    scratch = Path(os.path.realpath(tempfile.mkdtemp(prefix="lambdalake-serving-", dir=_scratch_root())))
     try:
         con = open_locked(scratch, limits)
     except BaseException:
@@ -425,11 +431,10 @@ def side_names(view: View, catalog: str | None = None) -> tuple[str, str]:
     return f"{db}_lake.{ident('batch_' + view.name)}", f"{db}_lake.{ident('speed_' + view.name)}"
 
 
-def _guarded(con: duckdb.DuckDBPyConnection, reg: str) -> str:
+def _guarded(reg: str, text: str) -> str:
     """A subquery over the registered dataset ``reg`` that fails (:data:`TAMPERED`) unless ``reg`` is still the
-    registration made here: the temp catalog is the user's, so a registration could be dropped and replaced."""
-    text = con.execute("SELECT sql FROM duckdb_views() WHERE database_name = 'temp' AND view_name = ?",
-                       [reg]).fetchone()[0]
+    registration made here (whose definition is ``text``): the temp catalog is the user's, so a registration could
+    be dropped and replaced."""
     guard = (f"EXISTS (SELECT 1 FROM {FN}duckdb_views() WHERE database_name = 'temp' AND view_name = {literal(reg)} "
              f"AND sql = {literal(text)}) OR {FN}error({literal(TAMPERED)})")
     return f"(SELECT * FROM temp.main.{ident(reg)} WHERE {guard}) AS {ident(reg)}"
@@ -476,6 +481,7 @@ def _install(con: duckdb.DuckDBPyConnection, binding: _Binding, pair: PublishedP
         masters = {s.name: register("master", s.name, master_dataset(pipeline, s.name, layout))
                    for s in pipeline.sources}
 
+        texts = dict(con.execute("SELECT view_name, sql FROM duckdb_views() WHERE database_name = 'temp'").fetchall())
         con.execute(f"ATTACH {literal(str(path))} AS {ident(catalog)}")
         attached = True
         db = ident(catalog)
@@ -492,7 +498,7 @@ def _install(con: duckdb.DuckDBPyConnection, binding: _Binding, pair: PublishedP
                 continue
             batch_reg, speed_reg, (batch_absent, speed_absent), batch_rows = sides[view.name]
             watermark = plan.pair.topic_watermark(source.topic)
-            batch_src = ident(batch_reg) if materialize else _guarded(con, batch_reg)
+            batch_src = ident(batch_reg) if materialize else _guarded(batch_reg, texts[batch_reg])
             con.execute(f"CREATE {'TABLE' if materialize else 'VIEW'} {batch} AS "
                         f"{typed_select(batch_cols, batch_src, batch_absent)}")
             con.execute(f"CREATE TABLE {speed} AS {typed_select(speed_cols, ident(speed_reg), speed_absent)}")
@@ -502,8 +508,9 @@ def _install(con: duckdb.DuckDBPyConnection, binding: _Binding, pair: PublishedP
                         f"{merged_view_sql(view, batch, speed, watermark)}")
             view_rows.append(view_row(con, pipeline, plan, batch_rows, speed, batch_absent | speed_absent))
         for source in pipeline.sources:
+            reg = masters[source.name]
             con.execute(f"CREATE VIEW {db}.master.{ident(source.name)} AS "
-                        f"{typed_select(master_columns(source), _guarded(con, masters[source.name]))}")
+                        f"{typed_select(master_columns(source), _guarded(reg, texts[reg]))}")
         _install_metadata(con, pipeline, settings, pair, view_rows, catalog)
         con.execute(f"DETACH {db}")
         attached = False

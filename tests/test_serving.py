@@ -608,6 +608,13 @@ def test_status_times_of_a_version_published_by_the_batch_job(home, serving_sett
         assert query_view(con, view) == expected_view(clickstream, view, covered), view.name
     states = set(r[0] for r in con.execute("SELECT state FROM lambdalake.views").fetchall())
     assert states == {"current"}
+    # issue 16: the job writes each view sorted by its keys then window_start, across its files (in name order)
+    layout = Layout(home)
+    for view in clickstream.views:
+        files = sorted((layout.batch_version(manifest.version) / view.name).glob("*.parquet"))
+        rows = [r for f in files for r in pq.read_table(f, columns=[*view.keys, "window_start"]).to_pylist()]
+        order = [tuple((v is not None, v) for v in r.values()) for r in rows]  # Spark sorts NULLs first
+        assert rows and order == sorted(order), view.name
 
 
 def test_status_times_come_from_the_contracts(home, serving_settings, clickstream):
