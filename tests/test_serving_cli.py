@@ -238,17 +238,29 @@ def test_sql_timeout_is_one_line_and_exit_124(sql_cli, events):
     assert "Traceback" not in res.stderr and res.stdout == ""
 
 
-@pytest.mark.parametrize("query, message", [
-    ("DROP VIEW pageviews_hourly", "read-only mode! (the lake's views and tables are read-only"),
-    ("UPDATE _lake.speed_pageviews_hourly SET views = views * 1000", "read-only mode"),
-    ("CREATE OR REPLACE VIEW pageviews_hourly AS SELECT 1", "read-only mode"),
-    ("SET threads = 1000", "configuration has been locked"),
-])
-def test_sql_refuses_changes_with_one_line(sql_cli, events, query, message):
-    res = sql_cli("sql", query)
+def test_sql_refuses_changes_with_one_line(sql_cli, events):
+    res = sql_cli("sql", "DROP VIEW pageviews_hourly")
     assert res.returncode == 1
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], res.stderr
+    assert len(errors) == 1 and "read-only mode! (the lake's views and tables are read-only" in errors[0], res.stderr
+
+
+@pytest.mark.parametrize("query, message", [
+    ("UPDATE _lake.speed_pageviews_hourly SET views = views * 1000", "read-only mode! (the lake's"),
+    ("CREATE OR REPLACE VIEW pageviews_hourly AS SELECT 1", "read-only mode! (the lake's"),
+    ("SET threads = 1000", "configuration has been locked"),
+    ("SET memory_limit = '10TB'", "configuration has been locked"),
+])
+def test_sql_query_errors_are_one_line_lambdalake_errors(home, events, clickstream, query, message):
+    """What `lambdalake sql` prints (run_query's QueryError, one line), without a subprocess per statement."""
+    from serving.cli import run_query
+    from serving.connection import connect
+    from serving.exceptions import QueryError
+
+    con = connect(load_settings(home=home, pipeline="lambdalake.pipelines.clickstream"), clickstream)
+    with pytest.raises(QueryError) as err:
+        run_query(con, query)
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_the_installable_stable_duckdb_cli_opens_the_catalog(home, events, clickstream):
