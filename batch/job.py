@@ -144,10 +144,23 @@ def select_inputs(layout: Layout, pipeline: Pipeline, block: int, fixed_watermar
         for f in files:
             if f.start >= wm.get(f.partition, 0):
                 continue
+            _check_fields(src, f)
             inputs.append(_input_file(layout, f))
         rejudged[src.name] = rejudged_files(layout, src, wm)
         rejected += [_input_file(layout, f) for f in rejudged[src.name]]
     return Inputs(Positions(watermark), Positions(archived), inputs, rejudged, rejected)
+
+
+def _check_fields(source: Source, f: MasterFile) -> None:
+    """A field declared after a master file was archived is not in it (the archiver stores declared fields only):
+    its values, and which events it makes valid, cannot be recomputed from master. Refused, never read as null."""
+    stored = set(pq.read_schema(f.path).names)
+    missing = [x.name for x in source.fields if x.name not in stored]
+    if missing:
+        raise PipelineError(
+            f"source {source.name!r}: field(s) {', '.join(map(repr, missing))} are not in master file "
+            f"{f.path.name} of partition {f.partition} (archived before they were declared), so the batch job cannot "
+            "recompute views with them; rebuild from the log with `lambdalake replay` (Kappa) instead")
 
 
 def _input_file(layout: Layout, f: MasterFile) -> InputFile:

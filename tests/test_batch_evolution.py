@@ -222,3 +222,14 @@ def test_view_option_carries_over_only_matching_definitions_and_removed_views_va
     assert_equals_oracle(settings, removed, v3, log)
     for f in (layout.batch_version(v3.version) / "revenue_daily").glob("*.parquet"):
         assert pq.ParquetFile(f).schema_arrow.names[0] == "currency"
+    # a field declared after the files were archived is not in master: refused with the way out, nothing published
+    from lambdalake.exceptions import PipelineError
+    from lambdalake.layout import batch_pointer
+
+    src = removed.source("purchases")
+    with_field = dataclasses.replace(removed, sources=[
+        dataclasses.replace(s, fields=(*s.fields, Field.string("coupon", required=False, nullable=True)))
+        if s.name == src.name else s for s in removed.sources])
+    with pytest.raises(PipelineError, match=r"'coupon' are not in master file .*lambdalake replay"):
+        run_batch(settings, with_field, spark=spark)
+    assert batch_pointer(layout) == v3.version
