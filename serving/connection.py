@@ -52,6 +52,7 @@ call reads the newest pair.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import shutil
 import tempfile
@@ -100,6 +101,8 @@ from serving.sql import (
 ALLOWED_CONFIGS = ("TimeZone", "Calendar", "errors_as_json")
 BUILD_ATTEMPTS = 5
 POSITION_COLUMNS = frozenset({WINDOW_START, PARTITION_COL, BLOCK_COL})  # where a row belongs: never optional
+log = logging.getLogger(__name__)
+_said_no_timeout = False
 WATCH_INTERVAL_S = 0.05  # how often the statement-timeout watchdog looks at a connection
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -213,20 +216,27 @@ def resolve(settings: Settings | None = None, pipeline: Pipeline | str | None = 
     return settings, load_pipeline(pipeline if isinstance(pipeline, str) else settings.pipeline, fresh=True)
 
 
-def lock_down(con: duckdb.DuckDBPyConnection, scratch: Path | None = None) -> None:
+def lock_down(con: duckdb.DuckDBPyConnection, scratch: Path | None = None) -> bool:
     """Make ``con`` unable to touch the file system (but its own ``scratch`` directory), the network or extensions,
-    or to change its configuration (but display knobs), for good (step 1)."""
+    or to change its configuration (but display knobs), for good (step 1). Returns whether DuckDB's progress report
+    (what the statement-timeout watchdog reads) is available."""
     con.execute("SET TimeZone = 'UTC'")  # window_start is UTC; users may still change the display zone
     con.execute("SET temp_directory = ''")  # never spill to disk
-    # the statement-timeout watchdog reads the progress report; nothing is printed
-    con.execute("SET enable_progress_bar = true")
-    con.execute("SET enable_progress_bar_print = false")
-    con.execute("SET progress_bar_time = 0")
+    # the statement-timeout watchdog reads the progress report; nothing is printed. Inside a Jupyter kernel DuckDB
+    # refuses every progress-bar setting unless ipywidgets is installed: no watchdog there (connect() says so).
+    try:
+        con.execute("SET enable_progress_bar = true")
+        con.execute("SET enable_progress_bar_print = false")
+        con.execute("SET progress_bar_time = 0")
+        progress = True
+    except duckdb.Error:
+        progress = False
     if scratch is not None:
         con.execute(f"SET allowed_directories = [{literal(str(scratch) + os.sep)}]")
     con.execute(f"SET allowed_configs = [{', '.join(literal(c) for c in ALLOWED_CONFIGS)}]")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
+    return progress
 
 
 def open_locked(scratch: Path | None = None, limits: Limits | None = None) -> duckdb.DuckDBPyConnection:
@@ -243,7 +253,11 @@ def open_locked(scratch: Path | None = None, limits: Limits | None = None) -> du
         })
     except duckdb.Error as exc:
         raise ConfigError(f"cannot open a serving connection with {limits}: {str(exc).splitlines()[0]}") from None
-    lock_down(con, scratch)
+    global _said_no_timeout
+    if not lock_down(con, scratch) and limits.timeout is not None and not _said_no_timeout:
+        _said_no_timeout = True  # once per process
+        log.warning("statement timeout not enforced on this connection: DuckDB refuses its progress report here "
+                    "(inside Jupyter it needs the ipywidgets package); memory and thread limits still hold")
     return con
 
 
