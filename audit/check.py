@@ -174,6 +174,11 @@ def _row_text(names: list[str], row: tuple) -> str:
     return "(" + ", ".join(f"{n}={_fmt(v)}" for n, v in zip(names, row, strict=True)) + ")"
 
 
+def _scalar(con: Any, sql: str) -> Any:
+    """The one value of ``sql``, the result consumed (DuckDB refuses ``register`` while a result is unfinished)."""
+    return con.execute(sql).fetchall()[0][0]
+
+
 def _sql_list(paths: list[str]) -> str:
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
@@ -197,8 +202,8 @@ def compare_rows(report: AuditReport, check: str, subject: str, con: Any, actual
     Rows of the same group (``group`` columns) on both sides are reported as one changed row naming the columns
     that differ. Returns (rows of actual, rows of expected).
     """
-    n_actual = con.execute(f"SELECT count(*) FROM ({actual})").fetchone()[0]
-    n_expected = con.execute(f"SELECT count(*) FROM ({expected})").fetchone()[0]
+    n_actual = _scalar(con, f"SELECT count(*) FROM ({actual})")
+    n_expected = _scalar(con, f"SELECT count(*) FROM ({expected})")
     cur = con.execute(f"SELECT * FROM ({actual}) EXCEPT ALL SELECT * FROM ({expected})")
     names = [d[0] for d in cur.description]
     extra = cur.fetchall()
@@ -446,7 +451,7 @@ def check_master_batch(report: AuditReport, con: Any, pipeline: Pipeline, source
         con.execute(f"CREATE OR REPLACE TEMP TABLE master_events AS "
                     f"SELECT * FROM {_empty_master(con, source)}")
     _check_lineage(report, pair, source)
-    n_events = con.execute("SELECT count(*) FROM master_events").fetchone()[0]
+    n_events = _scalar(con, "SELECT count(*) FROM master_events")
     res.add("master_events", n_events)
     recorded = manifest.events.get(source.name)
     if recorded is not None and recorded != n_events:
@@ -508,7 +513,7 @@ def _empty_master(con: Any, source: Source) -> str:
 
 # --- 3. log <-> speed -----------------------------------------------------------------------------------------------
 def check_log_speed(report: AuditReport, con: Any, pipeline: Pipeline, source: Source, pair: PublishedPair,
-                    views: list[View], events: str) -> None:
+                    views: list[View], events: str, speed: dict[str, pa.Table]) -> None:
     check = LOG_SPEED
     res = report.checks[check]
     snapshot = pair.snapshot
@@ -521,7 +526,7 @@ def check_log_speed(report: AuditReport, con: Any, pipeline: Pipeline, source: S
     res.compared.setdefault("positions", []).extend(
         f"{source.name}[{p}] [{lower[p]}, {n})" for p, n in sorted(s.items()) if n > lower[p])
     window = f"SELECT * FROM ({events}) WHERE {_below_sql(s, lower)}"
-    res.add("log_events", con.execute(f"SELECT count(*) FROM ({window})").fetchone()[0])
+    res.add("log_events", _scalar(con, f"SELECT count(*) FROM ({window})"))
     for view in views:
         subject = f"speed {pair.speed_snapshot}/{view.name}"
         if not snapshot.definition_matches(view.name, pipeline.fingerprint(view)):
@@ -529,17 +534,22 @@ def check_log_speed(report: AuditReport, con: Any, pipeline: Pipeline, source: S
                              "rebuilt); not compared")
             continue
         cols = speed_view_columns(source, view)
-        f = pair.speed_file(view)
-        visible = speed_visible_predicate(w)
-        if f is None:
+        table = speed.get(view.name)
+        reg = f"_speed_{view.name}"
+        if table is None:
             actual = typed_select(cols, "(SELECT 1) WHERE FALSE", {c.name for c in cols})
         else:
-            res.add("speed_bytes", f.stat().st_size)
-            actual = f"SELECT * FROM ({typed_select(cols, f'read_parquet({_sql_list([str(f)])})')}) WHERE {visible}"
+            res.add("speed_bytes", table.nbytes)
+            con.register(reg, table)
+            actual = f"SELECT * FROM ({typed_select(cols, ident(reg))}) WHERE {speed_visible_predicate(w)}"
         expected = typed_select(cols, f"({view_sql(source, view, window, block=snapshot.block)})")
         group = [PARTITION_COL, BLOCK_COL, *view.keys, "window_start"]
-        n_actual, _ = compare_rows(report, check, subject, con, actual, expected, group, "speed",
-                                   "recomputation from the log")
+        try:
+            n_actual, _ = compare_rows(report, check, subject, con, actual, expected, group, "speed",
+                                       "recomputation from the log")
+        finally:
+            if table is not None:
+                con.unregister(reg)
         res.add("speed_rows", n_actual)
 
 
@@ -570,23 +580,35 @@ def check_merged(report: AuditReport, con: Any, serving: Any, source: Source, pa
 
 
 # --- the audit ------------------------------------------------------------------------------------------------------
-def _served_pair(settings: Settings, pipeline: Pipeline, report: AuditReport) -> tuple[Any, PublishedPair, dict]:
-    """A serving connection (what ``lambdalake sql`` opens) and the pair it reads; which views it serves current."""
+def _served_pair(settings: Settings, pipeline: Pipeline, report: AuditReport
+                 ) -> tuple[Any, PublishedPair, dict[str, bool], dict[str, pa.Table]]:
+    """A serving connection (what ``lambdalake sql`` opens), the pair it reads, which views it serves current, and
+    the pair's speed rows read at once (a running speed layer deletes older snapshots a few seconds later)."""
     from serving.connection import connect, pair_of, plans_of
     from serving.definitions import CURRENT
     from serving.exceptions import InconsistentPublishedState
     from serving.published import resolve_pair
 
-    try:
-        con = connect(settings=settings, pipeline=pipeline, materialize=False)
-    except InconsistentPublishedState as exc:
-        report.checks.setdefault(MERGED, CheckResult(MERGED))
-        report.differ(MERGED, "serving", f"serving refuses the published pair: {exc}")
-        return None, resolve_pair(settings.home), {}
-    pair = pair_of(con)
-    assert pair is not None
-    served = {name: plan.state == CURRENT and plan.pair is not None for name, plan in plans_of(con).items()}
-    return con, pair, served
+    for attempt in range(3):
+        try:
+            con = connect(settings=settings, pipeline=pipeline, materialize=False)
+        except InconsistentPublishedState as exc:
+            report.differ(MERGED, "serving", f"serving refuses the published pair: {exc}")
+            con, pair, served = None, resolve_pair(settings.home), {}
+        else:
+            pair = pair_of(con)
+            assert pair is not None
+            served = {name: plan.state == CURRENT and plan.pair is not None for name, plan in plans_of(con).items()}
+        try:
+            speed = {v.name: pq.read_table(f) for v in pipeline.views if (f := pair.speed_file(v)) is not None}
+        except FileNotFoundError:  # pruned since the pair was resolved: take the newer pair
+            if con is not None:
+                con.close()
+            if attempt == 2:
+                raise
+            continue
+        return con, pair, served, speed
+    raise AssertionError("unreachable")
 
 
 def audit(settings: Settings, pipeline: Pipeline, views: list[str] | None = None, sample: float = 1.0,
@@ -610,7 +632,7 @@ def audit(settings: Settings, pipeline: Pipeline, views: list[str] | None = None
     report = AuditReport(str(settings.home), pipeline.name, sample=sample, views=[v.name for v in selected])
     for name in CHECKS:
         report.checks[name] = CheckResult(name)
-    serving, pair, served = _served_pair(settings, pipeline, report)
+    serving, pair, served, speed = _served_pair(settings, pipeline, report)
     report.batch_version, report.speed_snapshot = pair.batch_version, pair.speed_snapshot
     report.watermark, report.positions = pair.watermark.nested(), pair.positions.nested()
     con = duckdb.connect()
@@ -620,7 +642,7 @@ def audit(settings: Settings, pipeline: Pipeline, views: list[str] | None = None
         con.execute("SET threads = 2")
         with master_readers_lock(layout):  # compaction must not swap master files while we read them
             for src in sources:
-                _audit_source(report, con, serving, settings, pipeline, layout, src, pair, served,
+                _audit_source(report, con, serving, settings, pipeline, layout, src, pair, served, speed,
                               [v for v in selected if v.source == src.name], valid[src.name], sample, log_timeout)
     finally:
         con.close()
@@ -631,8 +653,9 @@ def audit(settings: Settings, pipeline: Pipeline, views: list[str] | None = None
 
 
 def _audit_source(report: AuditReport, con: Any, serving: Any, settings: Settings, pipeline: Pipeline,
-                  layout: Layout, src: Source, pair: PublishedPair, served: dict[str, bool], views: list[View],
-                  valid: str, sample: float, log_timeout: float) -> None:
+                  layout: Layout, src: Source, pair: PublishedPair, served: dict[str, bool],
+                  speed: dict[str, pa.Table], views: list[View], valid: str, sample: float, log_timeout: float
+                  ) -> None:
     gone = erased(layout, src)
     files = layout.master_files(src.name)
     archived: dict[int, int] = {}
@@ -659,7 +682,7 @@ def _audit_source(report: AuditReport, con: Any, serving: Any, settings: Setting
         check_master_batch(report, con, pipeline, src, pair, files, views, valid, gone)
     with timed(report, LOG_SPEED) as res:
         res.seconds += events_seconds / 2
-        check_log_speed(report, con, pipeline, src, pair, views, "SELECT * FROM log_events")
+        check_log_speed(report, con, pipeline, src, pair, views, "SELECT * FROM log_events", speed)
     with timed(report, MERGED) as res:
         res.seconds += events_seconds / 2
         if serving is not None:

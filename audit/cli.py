@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
 
 
 def audit_cmd(
-    view: Annotated[list[str] | None, typer.Option("--view", "-v", help="Audit only this view (repeatable); the "
+    view: Annotated[list[str] | None, typer.Option("--view", help="Audit only this view (repeatable); the "
                                                    "log/master check then covers only its source.")] = None,
     sample: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of the archived offsets re-validated from "
                                           "the log and compared field by field (deterministic; 1 = all). Offset "
