@@ -68,7 +68,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from lambdalake.config import Settings, load_settings
+from lambdalake.config import Settings, load_settings, require_existing_lake
 from lambdalake.exceptions import ConfigError
 from lambdalake.layout import Layout
 from lambdalake.pipeline import WINDOW_START, Pipeline, View, load_pipeline
@@ -208,9 +208,9 @@ def resolve(settings: Settings | None = None, pipeline: Pipeline | str | None = 
     """
     if settings is None:
         spec = pipeline if isinstance(pipeline, str) else None
-        settings = load_settings(home=home, pipeline=spec)
+        settings = load_settings(home=require_existing_lake(home), pipeline=spec)
     elif home is not None:
-        settings = settings.with_(home=Path(home).expanduser().resolve())
+        settings = settings.with_(home=require_existing_lake(home))
     if isinstance(pipeline, Pipeline):
         return settings, pipeline
     return settings, load_pipeline(pipeline if isinstance(pipeline, str) else settings.pipeline, fresh=True)

@@ -353,6 +353,11 @@ def test_every_reading_command_refuses_a_missing_lake_and_creating_ones_do_not(t
         res = runner.invoke(app, args)
         assert isinstance(res.exception, ConfigError) and str(res.exception) == missing_lake_error(missing), args
     assert not missing.exists()
+    # the Python API too
+    from lambdalake import connect
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        connect(home=missing, pipeline="lambdalake.pipelines.clickstream")
     # a command that creates a lake still may: the embedded broker's status reads <home>/kafka without the rule
     res = runner.invoke(root, ["kafka", "status", "--home", str(missing)])
     assert res.exit_code == 1 and "not running" in res.stdout
