@@ -62,6 +62,13 @@ fields = [dataclasses.replace(f, maximum=60_000) if f.name == "duration_ms" else
 sources = [dataclasses.replace(s, fields=fields) if s.name == "pageviews" else s for s in _base.sources]
 views = _base.views
 """,
+    "loosened_rule": """
+src = _base.source("pageviews")
+fields = [dataclasses.replace(f, minimum=-1_000, maximum=200_000_000) if f.name == "duration_ms" else f
+          for f in src.fields]
+sources = [dataclasses.replace(s, fields=fields) if s.name == "pageviews" else s for s in _base.sources]
+views = _base.views
+""",
 }
 
 
