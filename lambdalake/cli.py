@@ -9,7 +9,6 @@ Errors a user can act on (:class:`lambdalake.exceptions.LambdalakeError`, Kafka 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from enum import StrEnum
@@ -21,7 +20,18 @@ from rich.table import Table
 
 from lambdalake.config import load_settings
 from lambdalake.exceptions import BrokerError, ConfigError, LambdalakeError
-from lambdalake.options import BootstrapOpt, Context, HomeOpt, LakeHomeOpt, PipelineOpt, console, context, err_console
+from lambdalake.options import (
+    BootstrapOpt,
+    Context,
+    HomeOpt,
+    LakeHomeOpt,
+    PipelineOpt,
+    configure_logging,
+    console,
+    context,
+    err_console,
+    run_app,
+)
 
 app = typer.Typer(
     name="lambdalake",
@@ -252,14 +262,6 @@ def _mount_layers() -> None:
         register(app)
 
 
-def _configure_logging() -> None:
-    level = os.environ.get("LAMBDALAKE_LOG", "WARNING").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # kafka-python logs every reconnect attempt at WARNING/ERROR; our own errors say what matters.
-    logging.getLogger("kafka").setLevel(logging.CRITICAL if level != "DEBUG" else logging.DEBUG)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: runs the CLI, turning actionable errors into one line on stderr."""
     args = sys.argv[1:] if argv is None else list(argv)
@@ -269,24 +271,14 @@ def main(argv: list[str] | None = None) -> int:
         return serving_main(args)
     from kafka.errors import KafkaError
 
-    _configure_logging()
+    def kafka_error(exc: Exception) -> LambdalakeError | None:
+        if not isinstance(exc, KafkaError):
+            return None
+        return BrokerError(f"Kafka: {type(exc).__name__}: {exc}; is the broker at the configured bootstrap up?")
+
+    configure_logging()
     _mount_layers()
-    try:
-        app(args=argv, standalone_mode=True)
-    except SystemExit as exc:
-        code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    except LambdalakeError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        return exc.exit_code
-    except KafkaError as exc:
-        err = BrokerError(f"Kafka: {type(exc).__name__}: {exc}; is the broker at the configured bootstrap up?")
-        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
-        return err.exit_code
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        return 130
-    return 0
+    return run_app(app, argv, translate=kafka_error)
 
 
 __all__ = ["app", "main", "context", "Context", "ConfigError"]

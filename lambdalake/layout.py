@@ -123,11 +123,15 @@ class Layout:
         partition (a file beyond it was written by a roll that crashed before its master file: the range is
         archived again, and the archiver removes such leftovers on start)."""
         ends = dict(contiguous_ranges(self.master_files(source)))
-        return [f for f in self.rejected_files_on_disk(source) if f.end <= ends.get(f.partition, -1)]
+        files = [f for f in self.rejected_files_on_disk(source) if f.end <= ends.get(f.partition, -1)]
+        for f in files:
+            self.inside(f.path)
+        return files
 
     def master_files(self, source: str) -> list[MasterFile]:
         """THE rule for which master files hold a source's events: every reader (batch job, ``master.<source>`` in
-        SQL, status, audit) uses it. Sorted by (partition, start) and checked to tile without overlap.
+        SQL, status, audit) uses it. Sorted by (partition, start), checked to tile without overlap and to lie
+        inside the lake (:meth:`inside`).
 
         Files replaced by a compaction whose merged file is already in place (a compaction interrupted between its
         rename and its ``done`` record, see :mod:`batch.compact`) are left out, so no offset is ever read twice.
@@ -142,6 +146,8 @@ class Layout:
                 replaced |= {pdir / r["name"] for r in rec["replaced"]}
         files = [f for f in files if f.path not in replaced]
         list(contiguous_ranges(files))  # raises InvariantViolation on overlap or gap
+        for f in files:  # a symlink to a file outside the lake is never read as master data
+            self.inside(f.path)
         return files
 
     def master_log(self) -> Path:

@@ -8,6 +8,7 @@ root back.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +16,7 @@ import typer
 from rich.console import Console
 
 from lambdalake.config import Settings, load_settings, require_existing_lake
+from lambdalake.exceptions import LambdalakeError
 from lambdalake.pipeline import Pipeline, load_pipeline
 
 # Piped output (tests, logs, CI) gets a wide console so tables never truncate topic names.
@@ -56,3 +58,40 @@ def context(pipeline: str | None = None, home: Path | None = None, bootstrap: st
     settings = load_settings(home=home, bootstrap=bootstrap, pipeline=pipeline, partitions=partitions,
                              spark_master=spark_master)
     return Context(settings, load_pipeline(settings.pipeline))
+
+
+# --- running a CLI app: the one place errors become one line and an exit code -----------------------------------
+def configure_logging() -> None:
+    """``LAMBDALAKE_LOG`` (default WARNING) on stderr. kafka-python logs every reconnect attempt at WARNING/ERROR;
+    our own errors say what matters, so its logger is quiet unless DEBUG."""
+    import logging
+    import os
+
+    level = os.environ.get("LAMBDALAKE_LOG", "WARNING").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("kafka").setLevel(logging.CRITICAL if level != "DEBUG" else logging.DEBUG)
+
+
+def run_app(app: typer.Typer, argv: list[str] | None, *, prog_name: str | None = None,
+            translate: Callable[[Exception], LambdalakeError | None] | None = None) -> int:
+    """Run ``app``; an actionable error (:class:`LambdalakeError`, or what ``translate`` turns into one, e.g. a
+    Kafka client error) prints ``error: ...`` on one line and returns its exit code — never a traceback."""
+    try:
+        app(args=argv, prog_name=prog_name, standalone_mode=True)
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except LambdalakeError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as exc:
+        err = translate(exc) if translate is not None else None
+        if err is None:
+            raise
+        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        return err.exit_code
+    return 0

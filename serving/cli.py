@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from lambdalake.options import LakeHomeOpt, PipelineOpt, console, err_console
+from lambdalake.options import LakeHomeOpt, PipelineOpt, configure_logging, console, err_console, run_app
 from serving.exceptions import QueryError, QueryTimeout, ViewRebuilding
 
 if TYPE_CHECKING:  # imported lazily: every `lambdalake` command loads this module
@@ -244,13 +244,7 @@ class _WithoutPandas:
 def main(argv: list[str]) -> int:
     """``lambdalake sql|catalog ...`` started fast (the root CLI hands these commands here): only typer, rich,
     DuckDB, pyarrow and the core are imported; no Kafka, Spark, Airflow or audit module, and not pandas."""
-    import logging
-    import os
-
-    from lambdalake.exceptions import LambdalakeError
-
-    logging.basicConfig(level=getattr(logging, os.environ.get("LAMBDALAKE_LOG", "WARNING").upper(), logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging()
     hook = None
     if "pandas" not in sys.modules:
         hook = _WithoutPandas()
@@ -262,15 +256,4 @@ def main(argv: list[str]) -> int:
             sys.meta_path.remove(hook)
     app = typer.Typer(name="lambdalake", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
     register(app)
-    try:
-        app(args=argv, prog_name="lambdalake", standalone_mode=True)
-    except SystemExit as exc:
-        code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    except LambdalakeError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        return 130
-    return 0
+    return run_app(app, argv, prog_name="lambdalake")

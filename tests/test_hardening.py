@@ -403,3 +403,18 @@ def test_an_older_lake_with_out_of_range_master_rows_verifies_and_renders(tmp_pa
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines()[2:5] == ["0000-12-31 10:00:00.000000Z", "2026-01-05T11:00:00+00:00",
                                             "10000-01-01 11:59:59.000000Z"], res.stdout
+
+
+def test_layout_refuses_master_files_resolving_outside_the_lake(tmp_path):
+    """The rule is the core's (Layout.master_files): the batch job, verify and audit refuse as serving does."""
+    from lambdalake.exceptions import InvariantViolation
+    from lambdalake.layout import Layout
+
+    layout = Layout(tmp_path / "lake")
+    outside = tmp_path / "outside.parquet"
+    outside.write_bytes(b"PAR1")
+    link = layout.master_file("pageviews", 0, 0, 10)
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside)
+    with pytest.raises(InvariantViolation, match="outside the lake"):
+        layout.master_files("pageviews")
