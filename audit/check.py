@@ -7,9 +7,12 @@ The pair is the one a serving connection reads (:func:`serving.connection.connec
 1. **log ↔ master** (:func:`check_log_master`): every offset of the log below the archived end (and still in the
    log: retention) is in exactly one of master / DLQ / erased; every master row is a message of the log, re-validated
    from the log bytes with :mod:`lambdalake.validation` and compared field by field (``sample``: a deterministic
-   share of the offsets); a DLQ'd message must still be invalid under the declared rules.
-2. **master ↔ batch** (:func:`check_master_batch`): each view of the batch version equals the view recomputed with
-   DuckDB from the valid, deduplicated master events below ``W`` (:func:`batch.verify.view_sql`, not Spark).
+   share of the offsets); a rejected file's message (the lake's copy of a DLQ'd one) has the log's bytes; a DLQ'd
+   message valid under the declared rules (a loosened rule) must be kept in a rejected file.
+2. **master ↔ batch** (:func:`check_master_batch`): the batch version's input files are unchanged (size, sha256)
+   and each of its views equals the view recomputed with DuckDB from the valid, deduplicated master events below
+   ``W`` — rejected messages now valid included, as the batch job reads them (:func:`batch.verify.view_sql`, not
+   Spark).
 3. **log ↔ speed** (:func:`check_log_speed`): the speed rows at blocks ``>= W`` equal the same recomputation over
    the valid events read from the log, deduplicated over the whole log, at offsets in ``[W, S)``.
 4. **merged** (:func:`check_merged`): what serving answers for each view equals the view recomputed from the log
@@ -27,11 +30,13 @@ consults (offsets accounted as erased, subjects skipped by every recomputation) 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -39,6 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from audit.logread import DeadLetters, PartitionLog, read_dead_letters, read_source
+from batch.rejected import revalidated_file
 from batch.verify import master_events_sql, output_sql, valid_predicate, view_sql
 from lambdalake.config import Settings
 from lambdalake.contracts import Positions
@@ -49,6 +55,7 @@ from lambdalake.schema import (
     BLOCK_COL,
     OFFSET_COL,
     PARTITION_COL,
+    VALUE_COL,
     arrow_schema,
     master_columns,
     speed_view_columns,
@@ -324,8 +331,21 @@ def dedup_sql(source: Source, relation: str) -> str:
 
 
 # --- 1. log <-> master ------------------------------------------------------------------------------------------------
+def read_rejected(files: list[MasterFile]) -> tuple[dict[int, dict[int, bytes | None]], int]:
+    """The messages of the rejected files (``{partition: {offset: value bytes}}``) and the bytes of the files."""
+    out: dict[int, dict[int, bytes | None]] = {}
+    nbytes = 0
+    for f in files:
+        nbytes += f.path.stat().st_size
+        t = pq.read_table(f.path, columns=[OFFSET_COL, VALUE_COL])
+        out.setdefault(f.partition, {}).update(zip(t.column(OFFSET_COL).to_pylist(), t.column(VALUE_COL).to_pylist(),
+                                                   strict=True))
+    return out, nbytes
+
+
 def check_log_master(report: AuditReport, source: Source, files: list[MasterFile], logs: dict[int, PartitionLog],
-                     dlq: DeadLetters, gone: Erased, sample: float) -> None:
+                     dlq: DeadLetters, gone: Erased, sample: float,
+                     rejected: dict[int, dict[int, bytes | None]] | None = None) -> None:
     check = LOG_MASTER
     res = report.checks[check]
     table, nbytes = read_master(files, source)
@@ -352,7 +372,7 @@ def check_log_master(report: AuditReport, source: Source, files: list[MasterFile
             report.differ(check, f"{source.name}[{p}]@{o}", "the master dataset holds this offset twice")
         held[o] = i
     ranges = []
-    compared = rejected_now = 0
+    compared = rejected_now = revalidated = 0
     for p in sorted(set(ends) | set(logs) | set(rows_by_p)):
         first_file, archived_end = ends.get(p, (0, 0))
         log = logs.get(p)
@@ -374,6 +394,7 @@ def check_log_master(report: AuditReport, source: Source, files: list[MasterFile
         for o in dlq.offsets.get(p, ()):
             in_dlq[o] = in_dlq.get(o, 0) + 1
         gone_p = gone.offsets.get(p, frozenset())
+        rejected_p = (rejected or {}).get(p, {})
         checked_from = log.first
         stop = min(archived_end, log.stop)
         if log.first > 0:
@@ -394,6 +415,8 @@ def check_log_master(report: AuditReport, source: Source, files: list[MasterFile
                 kinds = [k for k, c in (("master", o in held), (f"DLQ x{n_dlq}", n_dlq), ("erased", o in gone_p))
                          if c]
                 report.differ(check, where, f"offset is in more than one place: {', '.join(kinds)}")
+            if o in rejected_p and not n_dlq:  # a rejected file copies the invalid messages the DLQ holds
+                report.differ(check, where, "in a rejected file but not in the DLQ")
             if not sampled(p, o, sample):
                 continue
             compared += 1
@@ -411,10 +434,16 @@ def check_log_master(report: AuditReport, source: Source, files: list[MasterFile
                 if not validate(v).ok:
                     rejected_now += 1
             elif n_dlq:
-                verdict = validate(v)
-                if verdict.ok:
-                    report.differ(check, where, "dead-lettered, but the message is valid under the declared rules "
-                                                "(a loosened rule? see README, Known limits)")
+                kept = o in rejected_p
+                if kept and rejected_p[o] != v:
+                    report.differ(check, where, "the rejected file holds other bytes than the log message")
+                if validate(v).ok:
+                    if kept:
+                        revalidated += 1  # a loosened rule: the batch job re-validates it from the rejected file
+                    else:
+                        report.differ(check, where, "dead-lettered, but the message is valid under the declared "
+                                                    "rules and no rejected file keeps it for the batch job (a "
+                                                    "loosened rule over a range archived before rejected files)")
         for o in sorted(set(held) - seen_log):
             if o >= checked_from and o < log.stop:
                 report.differ(check, f"{subject}@{o}", "master row has no message at this offset in the log")
@@ -425,6 +454,9 @@ def check_log_master(report: AuditReport, source: Source, files: list[MasterFile
                                  if o < stop))
     res.compared.setdefault("positions", []).extend(ranges)
     res.add("messages_revalidated", compared)
+    if revalidated:
+        res.notes.append(f"{source.name}: {revalidated} dead-lettered messages are valid under the declared rules (a "
+                         "loosened rule): the batch job counts them from the rejected files")
     if rejected_now:
         res.notes.append(f"{source.name}: {rejected_now} master rows are invalid under the declared rules (a "
                          "tightened rule): the batch job and the recomputations drop them")
@@ -444,12 +476,19 @@ def check_master_batch(report: AuditReport, con: Any, pipeline: Pipeline, source
     res.compared.setdefault("positions", []).extend(f"{source.name}[{p}] [0, {w})" for p, w in sorted(wm.items()))
     res.add("master_files_read", len(masters))
     res.add("master_bytes_read", sum(f.path.stat().st_size for f in files if f.start < wm.get(f.partition, 0)))
-    if masters:
-        events = master_events_sql(source, masters, wm, f"({valid}) AND {_not_erased_sql(source, gone)}")
-        con.execute(f"CREATE OR REPLACE TEMP TABLE master_events AS {events}")
-    else:
-        con.execute(f"CREATE OR REPLACE TEMP TABLE master_events AS "
-                    f"SELECT * FROM {_empty_master(con, source)}")
+    with tempfile.TemporaryDirectory() as scratch:
+        # rejected messages valid under the declared rules count too (a loosened rule): as the batch job reads them
+        extra = revalidated_file(pair.layout, source, wm, Path(scratch))
+        if extra is not None:
+            masters.append(str(extra))
+            res.notes.append(f"{source.name}: rejected messages now valid under the declared rules (a loosened "
+                             "rule) are counted with the master rows")
+        if masters:
+            events = master_events_sql(source, masters, wm, f"({valid}) AND {_not_erased_sql(source, gone)}")
+            con.execute(f"CREATE OR REPLACE TEMP TABLE master_events AS {events}")
+        else:
+            con.execute(f"CREATE OR REPLACE TEMP TABLE master_events AS "
+                        f"SELECT * FROM {_empty_master(con, source)}")
     _check_lineage(report, pair, source)
     n_events = _scalar(con, "SELECT count(*) FROM master_events")
     res.add("master_events", n_events)
@@ -670,7 +709,9 @@ def _audit_source(report: AuditReport, con: Any, serving: Any, settings: Setting
         dlq = read_dead_letters(settings, src, timeout=log_timeout)
         res.notes.append(f"{src.name}: read {sum(len(g.offsets) for g in logs.values())} messages and "
                          f"{dlq.records} DLQ records in {time.monotonic() - t_read:.2f}s")
-        check_log_master(report, src, files, logs, dlq, gone, sample)
+        rejected, rejected_bytes = read_rejected(layout.rejected_files(src.name))
+        res.add("rejected_bytes", rejected_bytes)
+        check_log_master(report, src, files, logs, dlq, gone, sample, rejected)
     t_events = time.monotonic()
     table, _ = events_table(src, logs, gone)
     reg = f"_log_{src.name}"

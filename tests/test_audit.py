@@ -101,6 +101,7 @@ def test_untouched_lake_passes_and_reports_what_it_compared(lake):
     checks = report["checks"]
     assert checks[LOG_MASTER]["compared"]["messages_revalidated"] == checks[LOG_MASTER]["compared"]["log_messages"]
     assert checks[LOG_MASTER]["compared"]["dlq_records"] > 0 and checks[LOG_MASTER]["compared"]["log_bytes"] > 0
+    assert checks[LOG_MASTER]["compared"]["rejected_bytes"] > 0  # the lake's copies of the DLQ'd messages
     assert checks[MASTER_BATCH]["compared"]["batch_rows"] > 0 and checks[MASTER_BATCH]["compared"]["master_events"] > 0
     assert checks[MASTER_BATCH]["compared"]["inputs_checksummed"] > 0
     assert checks[LOG_SPEED]["compared"]["speed_rows"] > 0
