@@ -169,3 +169,45 @@ def test_audit_that_cannot_reach_the_broker_exits_2_with_one_line(lake):
     assert res.returncode == 2, res.stdout + res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: audit could not run") and "Kafka" in lines[0], res.stderr
+
+
+def test_offset_accounting_without_a_broker(tmp_path, clickstream):
+    """log <-> master on a lake the archiver's own writers build from the demo stream (no broker, no Spark): every
+    archived offset in exactly one place, rejected files agree with the log; each break is a named difference."""
+    from audit.check import AuditReport, CheckResult, Erased, check_log_master, read_rejected
+    from audit.logread import DeadLetters, PartitionLog
+    from batch.master import master_table, rejected_table, write_parquet_atomic
+    from lambdalake.validation import Validator
+
+    src = clickstream.source("pageviews")
+    msgs = [m for m in demo_messages(clickstream, 60, malformed_fraction=0.2, duplicate_fraction=0.1, seed=5)
+            if m.topic == src.topic]
+    log = PartitionLog(first=0, end=len(msgs), stop=len(msgs), offsets=list(range(len(msgs))),
+                       values=[m.value for m in msgs])
+    validate = Validator(src)
+    verdicts = [validate(m.value) for m in msgs]
+    ok = [o for o, v in enumerate(verdicts) if v.ok]
+    bad = [o for o, v in enumerate(verdicts) if not v.ok]
+    assert ok and bad
+    layout = Layout(tmp_path)
+    cols = {f.name: [verdicts[o].record[f.name] for o in ok] for f in src.fields}
+    write_parquet_atomic(master_table(src, cols, 0, ok, [0] * len(ok)), layout.master_file(src.name, 0, 0, len(msgs)))
+    write_parquet_atomic(rejected_table(src, 0, bad, [msgs[o].value for o in bad], [verdicts[o].reason for o in bad],
+                                        0), layout.rejected_file(src.name, 0, 0, len(msgs)))
+    rejected, _ = read_rejected(layout.rejected_files(src.name))
+    assert set(rejected[0]) == set(bad)
+
+    def run(dlq_offsets: list[int], kept: dict) -> AuditReport:
+        report = AuditReport(str(tmp_path), clickstream.name)
+        report.checks["log-master"] = CheckResult("log-master")
+        check_log_master(report, src, layout.master_files(src.name), {0: log}, DeadLetters({0: dlq_offsets}),
+                         Erased(), 1.0, kept)
+        return report
+
+    assert run(bad, rejected).ok
+    assert run(bad[1:], {}).differences[0].detail == "archived offset is in none of master, DLQ, erased"
+    assert run(bad[1:], rejected).ok  # its DLQ record is gone but the lake keeps it: noted, accounted for
+    twice = run([*bad, bad[0], ok[0]], rejected)
+    assert {d.subject for d in twice.differences} == {f"pageviews[0]@{bad[0]}", f"pageviews[0]@{ok[0]}"}
+    other = {0: {**rejected[0], bad[0]: b"{}"}}
+    assert run(bad, other).differences[0].detail == "the rejected file holds other bytes than the log message"
