@@ -220,29 +220,27 @@ def compare_rows(report: AuditReport, check: str, subject: str, con: Any, actual
     gi = [names.index(g) for g in group]
     want = {tuple(r[i] for i in gi): r for r in missing}
     shown = 0
+
+    def differ(text: str) -> None:  # the first ROW_EXAMPLES are listed, all are counted
+        nonlocal shown
+        if shown < ROW_EXAMPLES:
+            report.differ(check, subject, text)
+        else:
+            report.total_differences += 1
+            report.checks[check].differences += 1
+        shown += 1
+
     for row in extra:
         key = tuple(row[i] for i in gi)
         other = want.pop(key, None)
         if other is not None:
             cols = [f"{n}={_fmt(a)} ({expected_name}: {_fmt(b)})" for n, a, b in zip(names, row, other, strict=True)
                     if a != b]
-            text = f"{actual_name} row {_row_text(group, key)} has " + ", ".join(cols)
+            differ(f"{actual_name} row {_row_text(group, key)} has " + ", ".join(cols))
         else:
-            text = f"{actual_name} has a row {expected_name} does not: {_row_text(names, row)}"
-        if shown < ROW_EXAMPLES:
-            report.differ(check, subject, text)
-        else:
-            report.total_differences += 1
-            report.checks[check].differences += 1
-        shown += 1
+            differ(f"{actual_name} has a row {expected_name} does not: {_row_text(names, row)}")
     for row in want.values():
-        text = f"{actual_name} lacks a row of {expected_name}: {_row_text(names, row)}"
-        if shown < ROW_EXAMPLES:
-            report.differ(check, subject, text)
-        else:
-            report.total_differences += 1
-            report.checks[check].differences += 1
-        shown += 1
+        differ(f"{actual_name} lacks a row of {expected_name}: {_row_text(names, row)}")
     report.checks[check].notes.append(f"{subject}: {len(extra)} rows of {actual_name} and {len(missing)} of "
                                       f"{expected_name} differ ({n_actual} vs {n_expected} rows)")
     return n_actual, n_expected
