@@ -79,9 +79,9 @@ if __package__ in (None, ""):  # run as a script (spark-submit batch/job.py): ma
 
 from batch.compact import master_readers_lock
 from batch.exceptions import BatchValidationError, NothingToCompute
-from batch.master import file_rows, sha256_file
+from batch.master import sha256_file
 from batch.publish import DEFAULT_KEEP, new_staging_dir, publish
-from batch.rejected import rejudged_files, revalidated_rows
+from batch.rejected import rejudged_files, write_revalidated
 from lambdalake import contracts
 from lambdalake.config import Settings, fix_handoff_block
 from lambdalake.contracts import BatchManifest, BatchView, InputFile, Positions
@@ -144,28 +144,26 @@ def select_inputs(layout: Layout, pipeline: Pipeline, block: int, fixed_watermar
         for f in files:
             if f.start >= wm.get(f.partition, 0):
                 continue
-            _check_fields(src, f)
-            inputs.append(_input_file(layout, f))
+            inputs.append(_input_file(layout, f, src))
         rejudged[src.name] = rejudged_files(layout, src, wm)
         rejected += [_input_file(layout, f) for f in rejudged[src.name]]
     return Inputs(Positions(watermark), Positions(archived), inputs, rejudged, rejected)
 
 
-def _check_fields(source: Source, f: MasterFile) -> None:
-    """A field declared after a master file was archived is not in it (the archiver stores declared fields only):
-    its values, and which events it makes valid, cannot be recomputed from master. Refused, never read as null."""
-    stored = set(pq.read_schema(f.path).names)
-    missing = [x.name for x in source.fields if x.name not in stored]
+def _input_file(layout: Layout, f: MasterFile, source: Source | None = None) -> InputFile:
+    """The lineage entry of ``f`` (one footer read); with ``source``, a master file, checked to hold every declared
+    field: a field declared after the file was archived is not in it (the archiver stores declared fields only),
+    so its values, and which events it makes valid, cannot be recomputed from master. Refused, never read as
+    null."""
+    meta = pq.ParquetFile(f.path).metadata
+    missing = [] if source is None else [x.name for x in source.fields if x.name not in set(meta.schema.names)]
     if missing:
         raise PipelineError(
             f"source {source.name!r}: field(s) {', '.join(map(repr, missing))} are not in master file "
             f"{f.path.name} of partition {f.partition} (archived before they were declared), so the batch job cannot "
             "recompute views with them; rebuild from the log with `lambdalake replay` (Kappa) instead")
-
-
-def _input_file(layout: Layout, f: MasterFile) -> InputFile:
     return InputFile(str(f.path.relative_to(layout.home)), f.source, f.partition, f.start, f.end,
-                     f.path.stat().st_size, sha256_file(f.path), file_rows(f.path))
+                     f.path.stat().st_size, sha256_file(f.path), meta.num_rows)
 
 
 # --- Spark ---------------------------------------------------------------------------------------------------------
@@ -545,13 +543,9 @@ def _compute_source(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, s
     t0 = time.monotonic()
     extra = None
     if inputs.rejudged.get(src.name):
-        rows = revalidated_rows(src, inputs.rejudged[src.name], inputs.watermark.of_topic(src.topic))
-        revalidated[src.name] = rows.num_rows
-        log.info("source %s: %d rejected messages valid under the declared rules", src.name, rows.num_rows)
-        if rows.num_rows:
-            scratch.mkdir(exist_ok=True)
-            extra = scratch / f"{src.name}.parquet"
-            pq.write_table(rows, extra)
+        extra, revalidated[src.name] = write_revalidated(src, inputs.rejudged[src.name],
+                                                         inputs.watermark.of_topic(src.topic), scratch)
+        log.info("source %s: %d rejected messages valid under the declared rules", src.name, revalidated[src.name])
     ev = deduplicated_events(spark, layout, src, inputs, view_columns_needed(pipeline, src), extra)
     ev = ev.persist(StorageLevel.MEMORY_AND_DISK)
     try:

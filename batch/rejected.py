@@ -62,13 +62,19 @@ def revalidated_rows(source: Source, files: list[MasterFile], watermark: Mapping
     return pa.concat_tables(tables)
 
 
-def revalidated_file(layout: Layout, source: Source, watermark: Mapping[int, int], directory: Path) -> Path | None:
-    """:func:`revalidated_rows` of every file to judge again, written to ``directory/<source>.parquet`` (master
-    schema, readable with the master files); None when there are none."""
-    files = rejudged_files(layout, source, watermark)
+def write_revalidated(source: Source, files: list[MasterFile], watermark: Mapping[int, int],
+                      directory: Path) -> tuple[Path | None, int]:
+    """:func:`revalidated_rows` of ``files`` written to ``directory/<source>.parquet`` (master schema, readable with
+    the master files): (that path or None when no message is valid now, how many are)."""
     rows = revalidated_rows(source, files, watermark) if files else None
     if rows is None or not rows.num_rows:
-        return None
+        return None, 0
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{source.name}.parquet"
     pq.write_table(rows, path)
-    return path
+    return path, rows.num_rows
+
+
+def revalidated_file(layout: Layout, source: Source, watermark: Mapping[int, int], directory: Path) -> Path | None:
+    """:func:`write_revalidated` of every rejected file of ``source`` to judge again below ``watermark``."""
+    return write_revalidated(source, rejudged_files(layout, source, watermark), watermark, directory)[0]
