@@ -27,7 +27,12 @@ invalid messages already dead-lettered, because the DLQ high-water mark is re-re
 partition on start (:class:`DeadLetters`). A crash after step 3 resumes at ``end``. Hence: no gap, no duplicate row,
 no duplicate DLQ record.
 
-Only one archiver may write a lake's master dataset; a lock file under ``checkpoints/archiver/`` enforces it.
+Workers: every step above is per partition (files, DLQ partition ``p`` for source partition ``p``, high-water
+marks), so the archiver scales out by partition (:mod:`lambdalake.ownership`): ``lambdalake ingest --workers N``
+starts N processes with shares ``0/N .. N-1/N`` (:func:`ingest_workers`), and ``--share i/N`` / ``--partitions``
+run one worker, e.g. one per machine on a shared lake. Each partition has exactly one writer at a time: a worker
+holds ``checkpoints/archiver/partitions/<topic>-<p>.lock`` for every partition it archives and cleans up only after
+its own partitions. A partition that changes owner continues from its files on disk, like any restart.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from lambdalake.kafka import consumer as make_consumer
 from lambdalake.kafka import ensure_topics
 from lambdalake.kafka import producer as make_producer
 from lambdalake.layout import Layout, archived_positions
-from lambdalake.locks import PidLock
+from lambdalake.ownership import PartitionLocks, Share
 from lambdalake.pipeline import Pipeline, Source
 from lambdalake.session import LogSession, connect, stop_on_signals
 from lambdalake.validation import Validator
@@ -281,13 +286,11 @@ class DeadLetters:
             self._producer = None
 
 
-class ArchiverLock(PidLock):
-    """An exclusive lock on ``checkpoints/archiver/lock``: one archiver per lake (released if it dies)."""
-
-    def __init__(self, layout: Layout):
-        super().__init__(layout.checkpoints("archiver") / "lock", lambda holder: ArchiverLocked(
-            f"another archiver (pid {holder}) is writing the master dataset of {layout.home}; "
-            "stop it first (one archiver per lake)"))
+def archiver_locks(layout: Layout) -> PartitionLocks:
+    """The per-partition writer locks of one archiver worker (released by the OS if it dies)."""
+    return PartitionLocks(layout, "archiver", lambda key, holder: ArchiverLocked(
+        f"another archiver (pid {holder}) is writing partition {key[1]} of {key[0]!r} in {layout.home}; stop it "
+        "first, or give each archiver worker its own partitions (--share I/N or --partitions)"))
 
 
 class Archiver:
@@ -299,8 +302,10 @@ class Archiver:
     REFRESH_PARTITIONS_S = 30.0
 
     def __init__(self, settings: Settings, pipeline: Pipeline, policy: RollPolicy | None = None, *,
-                 until_caught_up: bool = False, on_progress: Callable[[ArchiveReport], None] | None = None):
+                 until_caught_up: bool = False, on_progress: Callable[[ArchiveReport], None] | None = None,
+                 share: Share | None = None):
         self.settings = settings
+        self.share = share or Share()
         self.pipeline = pipeline
         self.layout = Layout(settings.home)
         self.policy = policy or RollPolicy.from_env()
@@ -326,15 +331,13 @@ class Archiver:
 
         t0 = time.monotonic()
         _warn_if_slow_crc()
-        with ArchiverLock(self.layout):
+        with archiver_locks(self.layout) as self._locks:
             recover_compactions(self.layout, self.pipeline)
-            remove_temp_files(self.layout, self.pipeline.sources)
-            remove_uncommitted_rejected(self.layout, self.pipeline.sources)
             ensure_topics(self.settings, self.pipeline)
             session = LogSession(connect(self.settings, group_id=self.group_id, max_poll_records=5000),
                                  [s.topic for s in self.pipeline.sources], bootstrap=self.settings.bootstrap,
                                  reader="the archiver", lost_means="they are lost to the master dataset",
-                                 notify=self._warn)
+                                 notify=self._warn, share=self.share)
             dlq = DeadLetters(self.settings, self.pipeline)
             try:
                 self._assign(session)
@@ -372,6 +375,10 @@ class Archiver:
         new = [k for k in keys if k not in self._buffers]
         if not new:
             return []
+        # Own them first; only then clean up after a crashed writer of these partitions (never another worker's).
+        self._locks.acquire(new)
+        remove_temp_files(self.layout, self.pipeline.sources, new)
+        remove_uncommitted_rejected(self.layout, self.pipeline.sources, new)
         archived = {s.topic: archived_positions(self.layout, s.name) for s in self.pipeline.sources
                     if any(t == s.topic for t, _ in new)}
         wanted = {k: b.end for k, b in self._buffers.items()}
@@ -525,10 +532,45 @@ def _warn_if_slow_crc() -> None:
 
 def ingest(settings: Settings, pipeline: Pipeline, *, until_caught_up: bool = False,
            policy: RollPolicy | None = None, handle_signals: bool = False,
-           on_progress: Callable[[ArchiveReport], None] | None = None) -> ArchiveReport:
-    """Run the archiver once (importable entry point for the CLI, Airflow and the demo)."""
-    archiver = Archiver(settings, pipeline, policy, until_caught_up=until_caught_up, on_progress=on_progress)
+           on_progress: Callable[[ArchiveReport], None] | None = None, share: Share | None = None) -> ArchiveReport:
+    """Run the archiver once (importable entry point for the CLI, Airflow and the demo); ``share``: this worker's
+    partitions (default all)."""
+    archiver = Archiver(settings, pipeline, policy, until_caught_up=until_caught_up, on_progress=on_progress,
+                        share=share)
     if not handle_signals:
         return archiver.run()
     with stop_on_signals(archiver.stop):
         return archiver.run()
+
+
+def ingest_workers(settings: Settings, pipeline: Pipeline, workers: int, *, until_caught_up: bool = False,
+                   policy: RollPolicy | None = None) -> ArchiveReport:
+    """Run ``workers`` archiver processes with shares ``0/N .. N-1/N`` until they all return; one report.
+
+    SIGTERM/SIGINT to this process are passed on to the workers, which finish their files and exit. If a worker
+    fails, the others are stopped too and the first error is raised.
+    """
+    from lambdalake.procs import run_workers
+
+    t0 = time.monotonic()
+    reports = run_workers(_ingest_share, [(settings, pipeline, share, until_caught_up, policy)
+                                          for share in Share.split(workers)])
+    return merge_reports(reports, time.monotonic() - t0)
+
+
+def _ingest_share(settings: Settings, pipeline: Pipeline, share: Share, until_caught_up: bool,
+                  policy: RollPolicy | None) -> ArchiveReport:
+    return ingest(settings, pipeline, until_caught_up=until_caught_up, policy=policy, handle_signals=True,
+                  share=share)
+
+
+def merge_reports(reports: list[ArchiveReport], seconds: float) -> ArchiveReport:
+    """The workers' reports as one (their partitions are disjoint)."""
+    out = ArchiveReport(seconds=seconds)
+    for r in reports:
+        for name in ("messages", "valid", "invalid", "dead_lettered", "dlq_skipped", "files", "bytes"):
+            setattr(out, name, getattr(out, name) + getattr(r, name))
+        for src, parts in r.positions.items():
+            out.positions.setdefault(src, {}).update(parts)
+        out.warnings.extend(r.warnings)
+    return out

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from lambdalake.options import BootstrapOpt, HomeOpt, PipelineOpt, console, context
+from lambdalake.exceptions import ConfigError
+from lambdalake.options import (
+    BootstrapOpt,
+    HomeOpt,
+    PartitionsOpt,
+    PipelineOpt,
+    ShareOpt,
+    WorkersOpt,
+    console,
+    context,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -25,19 +35,31 @@ def ingest_cmd(
                                                    "[env LAMBDALAKE_ARCHIVE_ROLL_BYTES; default 128 MiB].")] = None,
     roll_seconds: Annotated[float | None, typer.Option(min=0.001, help="... or this age in seconds "
                                                        "[env LAMBDALAKE_ARCHIVE_ROLL_SECONDS; default 60].")] = None,
+    workers: WorkersOpt = 1, share: ShareOpt = None, partitions: PartitionsOpt = None,
     pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
 ) -> None:
     """Archive the source topics into the master dataset (Parquet), exactly once; invalid messages to the DLQ.
 
-    Resumes from the master files on disk. SIGTERM/SIGINT finish the current files and exit.
+    Resumes from the master files on disk. SIGTERM/SIGINT finish the current files and exit. Scales out by
+    partition: --workers N here, or one --share I/N (or --partitions) per process on several machines.
     """
     from rich.live import Live
     from rich.text import Text
 
-    from batch.archiver import ArchiveReport, RollPolicy, ingest
+    from batch.archiver import ArchiveReport, RollPolicy, ingest, ingest_workers
+    from lambdalake.ownership import Share
 
     ctx = context(pipeline, home, bootstrap)
     policy = RollPolicy.from_env(max_rows=roll_rows, max_bytes=roll_bytes, max_seconds=roll_seconds)
+    owned = Share.parse(partitions, share)
+    if workers > 1:
+        if not owned.everything:
+            raise ConfigError("--workers starts its own shares 0/N..N-1/N; do not combine it with --share or "
+                              "--partitions (run one process per share instead)")
+        report = ingest_workers(ctx.settings, ctx.pipeline, workers, until_caught_up=until_caught_up,
+                                policy=policy)
+        _print_ingest(report)
+        return
     live = Live(Text(""), console=console, transient=True, auto_refresh=False) if sys.stdout.isatty() else None
 
     def progress(r: ArchiveReport) -> None:
@@ -49,10 +71,14 @@ def ingest_cmd(
         live.start()
     try:
         report = ingest(ctx.settings, ctx.pipeline, until_caught_up=until_caught_up, policy=policy,
-                        handle_signals=True, on_progress=progress)
+                        handle_signals=True, on_progress=progress, share=owned)
     finally:
         if live is not None:
             live.stop()
+    _print_ingest(report)
+
+
+def _print_ingest(report) -> None:
     console.print(f"archived {report.messages} messages ({report.valid} valid, {report.invalid} invalid: "
                   f"{report.dead_lettered} dead-lettered, {report.dlq_skipped} already in the DLQ) into "
                   f"{report.files} files in {report.seconds:.1f}s")

@@ -79,13 +79,18 @@ def rejected_rules(path: Path) -> str | None:
     return None if raw is None else raw.decode()
 
 
-def remove_uncommitted_rejected(layout: Layout, sources: Iterable[Source]) -> list[Path]:
+def remove_uncommitted_rejected(layout: Layout, sources: Iterable[Source],
+                                partitions: Iterable[tuple[str, int]] | None = None) -> list[Path]:
     """Archiver start-up: delete rejected files a roll wrote before crashing ahead of its master file (their range
-    lies beyond the partition's archived end, and will be archived again, maybe with other boundaries)."""
+    lies beyond the partition's archived end, and will be archived again, maybe with other boundaries). Only in
+    ``partitions`` ((topic, p); default all): an archiver worker cleans up after its own partitions only."""
     removed: list[Path] = []
+    only = None if partitions is None else set(partitions)
     for s in sources:
         counted = {f.path for f in layout.rejected_files(s.name)}
         for f in layout.rejected_files_on_disk(s.name):
+            if only is not None and (s.topic, f.partition) not in only:
+                continue
             if f.path not in counted:
                 f.path.unlink(missing_ok=True)
                 removed.append(f.path)
@@ -120,17 +125,30 @@ def write_parquet_atomic(table: pa.Table, final: Path, *, overwrite: bool = Fals
     return size
 
 
-def remove_temp_files(layout: Layout, sources: Iterable[Source]) -> list[Path]:
-    """Delete temporary files a killed writer left in the master partitions (never visible to readers)."""
+def remove_temp_files(layout: Layout, sources: Iterable[Source],
+                      partitions: Iterable[tuple[str, int]] | None = None) -> list[Path]:
+    """Delete temporary files a killed writer left in the master partitions (never visible to readers); only in
+    ``partitions`` ((topic, p); default all)."""
     removed: list[Path] = []
+    only = None if partitions is None else set(partitions)
     for s in sources:
         for base in (layout.master_source(s.name), layout.rejected / s.name):
             if not base.is_dir():
                 continue
             for tmp in base.glob("p=*/.*.tmp"):
+                if only is not None and (s.topic, _partition_of(tmp.parent)) not in only:
+                    continue
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp)
     return removed
+
+
+def _partition_of(pdir: Path) -> int | None:
+    """``p=3`` -> 3 (None for a directory that is not a partition)."""
+    try:
+        return int(pdir.name.removeprefix("p="))
+    except ValueError:
+        return None
 
 
 def sha256_file(path: Path, chunk: int = 4 * 1024 * 1024) -> str:

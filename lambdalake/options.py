@@ -44,6 +44,16 @@ BootstrapOpt = Annotated[str | None, typer.Option(
     "--bootstrap", help="Kafka bootstrap servers host:port[,...] [env LAMBDALAKE_BOOTSTRAP; default: the "
     "embedded broker].", show_default=False)]
 
+# Partition-parallel workers (archiver, speed layer): lambdalake.ownership.
+WorkersOpt = Annotated[int, typer.Option(
+    "--workers", min=1, max=64, help="Run this many worker processes, each owning its share of the partitions.")]
+ShareOpt = Annotated[str | None, typer.Option(
+    "--share", help="Run ONE worker owning partitions p with p % N == I (I/N, e.g. 1/4): one per process or "
+    "machine.", show_default=False)]
+PartitionsOpt = Annotated[str | None, typer.Option(
+    "--partitions", help="Run ONE worker owning exactly these partitions of every source topic (e.g. 0,2,5).",
+    show_default=False)]
+
 
 class Context:
     """Settings and the loaded pipeline for one command invocation."""

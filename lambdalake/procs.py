@@ -1,11 +1,22 @@
-"""Stopping child processes: the one way lambdalake (demo, bench, tests) ends a process group it started."""
+"""Child processes: the one way lambdalake (demo, bench, tests) ends a process group it started (:func:`stop_group`),
+and how a command runs N workers of itself (:func:`run_workers`)."""
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import subprocess
+from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
+
+from lambdalake.exceptions import LambdalakeError
+
+T = TypeVar("T")
 
 
 def stop_group(proc: subprocess.Popen, timeout: float = 30.0, kill_timeout: float = 10.0,
@@ -27,3 +38,42 @@ def stop_group(proc: subprocess.Popen, timeout: float = 30.0, kill_timeout: floa
 def kill_group(proc: subprocess.Popen) -> int | None:
     """SIGKILL the process group of ``proc`` at once (crash tests) and reap it."""
     return stop_group(proc, timeout=10.0, first=signal.SIGKILL)
+
+
+def run_workers(fn: Callable[..., T], calls: list[tuple]) -> list[T]:
+    """Run ``fn(*args)`` for each ``args`` in ``calls``, each in its own process, and return their results in order.
+
+    The workers are *spawned* (a fresh interpreter: nothing of this process's threads, Kafka clients or JVM is
+    inherited). SIGTERM/SIGINT to this process are passed on to every worker (which handle them as a clean stop).
+    If a worker raises, the other workers are asked to stop and the first error is raised here; a worker that dies
+    (kill -9, out of memory) raises :class:`WorkerDied`.
+    """
+    from lambdalake.session import stop_on_signals
+
+    if not calls:
+        return []
+    ctx = multiprocessing.get_context("spawn")
+
+    def stop_all() -> None:
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+
+    with ProcessPoolExecutor(max_workers=len(calls), mp_context=ctx) as pool, stop_on_signals(stop_all):
+        futs = [pool.submit(fn, *args) for args in calls]
+        done, _ = futures.wait(futs, return_when=futures.FIRST_EXCEPTION)
+        if any(f.exception() is not None for f in done):
+            stop_all()
+        futures.wait(futs)
+        for i, f in enumerate(futs):
+            exc = f.exception()
+            if isinstance(exc, BrokenProcessPool):
+                raise WorkerDied(f"worker {i} of {len(calls)} died ({exc}); run the command again: every worker "
+                                 "resumes from its own durable state") from exc
+            if exc is not None:
+                raise exc
+        return [f.result() for f in futs]
+
+
+class WorkerDied(LambdalakeError):
+    """A worker process ended without a result (killed, out of memory)."""

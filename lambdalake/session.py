@@ -27,6 +27,7 @@ from contextlib import contextmanager
 
 from lambdalake.config import Settings
 from lambdalake.exceptions import BrokerError, LambdalakeError
+from lambdalake.ownership import Share
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ def connect(settings: Settings, *, group_id: str | None, timeout: float = 0.0,
 
 
 class LogSession:
-    """Manual assignment of every partition of ``topics`` on one consumer, positioned by the reader's own positions.
+    """Manual assignment of every partition of ``topics`` that the reader's ``share`` owns (default: all) on one
+    consumer, positioned by the reader's own positions (:mod:`lambdalake.ownership`).
 
     ``reader`` and ``lost_means`` word the retention message: ``"{topic}[{p}]: offsets [a, b) were deleted by Kafka
     retention before {reader} read them; {lost_means}"``, sent to ``notify`` (``None``: say nothing, e.g. a replay
@@ -100,8 +102,9 @@ class LogSession:
     """
 
     def __init__(self, consumer, topics: Iterable[str], *, bootstrap: str, reader: str, lost_means: str,
-                 notify: Callable[[str], None] | None):
+                 notify: Callable[[str], None] | None, share: Share | None = None):
         self.consumer = consumer
+        self.share = share or Share()
         self.topics = list(topics)
         self.bootstrap = bootstrap
         self.reader = reader
@@ -110,14 +113,14 @@ class LogSession:
         self.tps: dict[TP, object] = {}  # what is assigned: (topic, partition) -> kafka TopicPartition
 
     def partitions(self) -> list[TP]:
-        """Every partition of the topics, as the broker sees them now. Raises :class:`TopicMissing`."""
+        """Every partition of the topics the share owns, as the broker sees them now. Raises :class:`TopicMissing`."""
         out: list[TP] = []
         for topic in self.topics:
             parts = self.consumer.partitions_for_topic(topic)
             if not parts:
                 raise TopicMissing(f"topic {topic!r} does not exist at {self.bootstrap}; create it with "
                                    "`lambdalake topics`")
-            out += [(topic, p) for p in sorted(parts)]
+            out += [(topic, p) for p in sorted(parts) if self.share.owns(p)]
         return out
 
     def assign(self, positions: Mapping[TP, int], covered: Mapping[TP, int] | None = None,

@@ -310,18 +310,6 @@ def test_sigterm_finishes_current_file(settings, pipeline, run_cli, cli_env):
     check_exact(settings, pipeline)
 
 
-def test_second_archiver_is_refused(settings, pipeline, run_cli, cli_env):
-    produce(run_cli, 50)
-    proc = _start_ingest(cli_env)
-    try:
-        time.sleep(4)
-        assert proc.poll() is None
-        res = run_cli("ingest", "--until-caught-up", check=False)
-        assert res.returncode != 0 and "another archiver" in res.stderr and "Traceback" not in res.stderr
-    finally:
-        _kill(proc, signal.SIGTERM)
-
-
 def test_crash_between_dlq_flush_and_rename_sends_no_dlq_duplicate(settings, pipeline, run_cli, monkeypatch):
     """Deterministic version of the worst kill -9 window: DLQ records acknowledged, master file not renamed."""
     import batch.archiver as archiver
@@ -354,3 +342,28 @@ def test_crash_between_dlq_flush_and_rename_sends_no_dlq_duplicate(settings, pip
     report = ingest(settings, pipeline, until_caught_up=True, policy=RollPolicy(max_rows=30))
     assert report.dlq_skipped > 0, "the rerun should have found the crashed range's invalid messages in the DLQ"
     check_exact(settings, pipeline)
+
+
+def test_workers_own_disjoint_partitions_and_resplit_exactly(settings, pipeline, run_cli, cli_env):
+    """Partition-parallel archiving: a daemon worker owning share 0/2, a second worker 1/2 beside it, an
+    overlapping worker refused (naming the partition), then a re-split into 3 workers after more data — each
+    partition continues from its files under its new owner: master and DLQ stay exact."""
+    produce(run_cli, 600, malformed_fraction=0.05, duplicate_fraction=0.05)
+    daemon = _start_ingest(cli_env, "--share", "0/2")
+    try:
+        res = run_cli("ingest", "--until-caught-up", "--share", "1/2")
+        assert "archived" in res.stdout
+        busy = run_cli("ingest", "--until-caught-up", "--partitions", "2,3", check=False)
+        assert busy.returncode != 0 and "another archiver" in busy.stderr and "partition 2 of" in busy.stderr
+        assert "Traceback" not in busy.stderr
+        assert daemon.poll() is None
+    finally:
+        _kill(daemon, signal.SIGTERM)
+    assert daemon.returncode == 0
+    check_exact(settings, pipeline)
+    produce(run_cli, 400, seed=9, malformed_fraction=0.05, duplicate_fraction=0.05)
+    res = run_cli("ingest", "--until-caught-up", "--workers", "3")
+    assert "archived" in res.stdout
+    check_exact(settings, pipeline)
+    bad = run_cli("ingest", "--share", "2/2", check=False)
+    assert bad.returncode != 0 and "--share '2/2'" in bad.stderr and "Traceback" not in bad.stderr
