@@ -624,7 +624,7 @@ def _served_pair(settings: Settings, pipeline: Pipeline, report: AuditReport
                  ) -> tuple[Any, PublishedPair, dict[str, bool], dict[str, pa.Table]]:
     """A serving connection (what ``lambdalake sql`` opens), the pair it reads, which views it serves current, and
     the pair's speed rows read at once (a running speed layer deletes older snapshots a few seconds later)."""
-    from serving.connection import connect, pair_of, plans_of
+    from serving.connection import connect, pair_of, plans_of, speed_table
     from serving.definitions import CURRENT
     from serving.exceptions import InconsistentPublishedState
     from serving.published import resolve_pair
@@ -640,7 +640,8 @@ def _served_pair(settings: Settings, pipeline: Pipeline, report: AuditReport
             assert pair is not None
             served = {name: plan.state == CURRENT and plan.pair is not None for name, plan in plans_of(con).items()}
         try:
-            speed = {v.name: pq.read_table(f) for v in pipeline.views if (f := pair.speed_file(v)) is not None}
+            speed = {v.name: speed_table(pipeline, v, pair) for v in pipeline.views
+                     if pair.speed_files(v, pipeline.source_of(v).topic)}
         except FileNotFoundError:  # pruned since the pair was resolved: take the newer pair
             if con is not None:
                 con.close()

@@ -115,6 +115,31 @@ def raw_fetch(settings, pipe, validate: bool) -> dict:
     return {"messages": n, "seconds": round(dt, 3), "per_second": round(n / dt)}
 
 
+def cli_run(settings, *args: str) -> float:
+    """Wall seconds of one ``lambdalake`` command on ``settings``' lake (process start to exit)."""
+    env = {**os.environ, "LAMBDALAKE_HOME": str(settings.home), "LAMBDALAKE_BOOTSTRAP": settings.bootstrap,
+           "LAMBDALAKE_PIPELINE": settings.pipeline, "LAMBDALAKE_HANDOFF_BLOCK": str(settings.handoff_block)}
+    t0 = time.perf_counter()
+    subprocess.run([LAMBDALAKE, *args], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - t0
+
+
+def workers_scaling(work: Path, settings, pipe, messages: int, workers: list[int]) -> list[dict]:
+    """``lambdalake ingest|speed --until-caught-up --workers N`` over the same topics, each on a fresh lake: wall
+    time from process start to exit (Python start-up and spawning the workers included)."""
+    out = []
+    for command in ("ingest", "speed"):
+        for n in workers:
+            home = work / f"lake-{command}-{n}-{uuid.uuid4().hex[:6]}"
+            home.mkdir()
+            run = settings.with_(home=home)
+            seconds = cli_run(run, command, "--until-caught-up", "--workers", str(n))
+            out.append({"command": command, "workers": n, "messages": messages, "seconds": round(seconds, 2),
+                        "per_second": round(messages / seconds)})
+            print(f"{command} --workers {n}: {out[-1]}", flush=True)
+    return out
+
+
 def speed_in_process(settings, pipe, interval: float) -> dict:
     from speed.consumer import SpeedLayer, SpeedOptions
 
@@ -276,6 +301,7 @@ def main() -> None:
     ap.add_argument("--sustained-duration", type=float, default=60.0)
     ap.add_argument("--handoff-every", type=float, default=5.0)
     ap.add_argument("--only-sustained", action="store_true")
+    ap.add_argument("--workers", default="1,2", help="worker counts of the scale-out runs (ingest and speed)")
     ap.add_argument("--dedup-span", type=int, default=100_000,
                     help="dedup span of the sustained run (its windows fill after span offsets per partition)")
     args = ap.parse_args()
@@ -311,6 +337,8 @@ def main() -> None:
             out["speed"] = speed_in_process(settings, pipe, args.checkpoint_interval)
             print(f"speed layer (in-process, checkpoint every {args.checkpoint_interval}s): {out['speed']}",
                   flush=True)
+            out["workers"] = workers_scaling(work, settings, pipe, out["produce"]["messages"],
+                                             [int(n) for n in args.workers.split(",") if n])
             out["freshness"] = []
             for rate in [float(r) for r in args.rates.split(",") if r]:
                 res = freshness(work, bootstrap, args.block, rate, args.duration, args.checkpoint_interval)

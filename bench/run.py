@@ -245,6 +245,17 @@ def speed_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
     if "fetch_validate" in r:
         out.append(Figure("speed", "fetch + validate only", _rate(r["fetch_validate"]), "msg/s",
                           "raw kafka-python fetch", raw))
+    one = {w["command"]: w for w in r.get("workers", []) if w["workers"] == 1}
+    for w in r.get("workers", []):
+        what = "archiver" if w["command"] == "ingest" else "speed layer"
+        base = one.get(w["command"])
+        if w["workers"] == 1:
+            out.append(Figure("speed", f"{what} CLI, 1 worker (process start to exit)", w["per_second"], "msg/s",
+                              "raw kafka-python fetch (one process)", raw))
+        elif base is not None:
+            out.append(Figure("speed", f"{what} CLI, {w['workers']} workers (process start to exit)",
+                              w["per_second"], "msg/s", "the same with 1 worker", base["per_second"],
+                              f"{w['messages']:,} messages; {os.cpu_count()} cores shared with the broker"))
     interval_ms = 1000 * float((r.get("args") or {}).get("checkpoint_interval") or 0) or None
     runs = [(f"@ {f['target_rate']:,.0f} msg/s", f) for f in r.get("freshness", [])]
     if "sustained_with_handoff" in r:

@@ -226,6 +226,11 @@ class SpeedSnapshotMeta(msgspec.Struct, kw_only=True):
     rows: dict[str, int] = msgspec.field(default_factory=dict)
     views: dict[str, SpeedView] = msgspec.field(default_factory=dict)
     format: int = 1
+    # Speed workers (lambdalake.ownership): the worker that wrote it ("" = the one owning every partition) and its
+    # ownership epoch per partition; serving takes each partition from the snapshot with the highest epoch
+    # (absent: 0, e.g. every snapshot written before workers existed).
+    worker: str = ""
+    epochs: Positions = msgspec.field(default_factory=Positions)
 
     def fingerprint_of(self, view: str) -> str | None:
         meta = self.views.get(view)

@@ -13,7 +13,11 @@
       views/speed/<snapshot>/snapshot.json                   speed positions S[p] of the snapshot
       views/speed/<snapshot>/<view>.parquet
       views/speed/CURRENT                                    {"snapshot": ...}; replaced atomically
-      checkpoints/<component>/                                consumers' durable state
+      views/speed/workers/<worker>/...                       the same, per speed worker owning a share of the
+                                                             partitions (lambdalake.ownership); the root above
+                                                             is the worker owning every partition
+      checkpoints/<component>/                                consumers' durable state (speed workers:
+                                                             checkpoints/speed/workers/<worker>/)
       kafka/                                                  the embedded broker (data, log, pid, state)
 
 Master file columns: the source's declared fields (timestamps as ``timestamp[us, UTC]``), then ``_partition``
@@ -51,6 +55,7 @@ MASTER_FILE = re.compile(r"^(\d{20})-(\d{20})\.parquet$")
 PARTITION_DIR = re.compile(r"^p=(\d+)$")
 BATCH_VERSION_DIR = re.compile(r"^v(\d{6,})$")  # views/batch/v000042
 SPEED_SNAPSHOT_DIR = re.compile(r"^(\d{12})$")  # views/speed/000000000042
+SPEED_WORKER_DIR = re.compile(r"^[0-9]+-of-[0-9]+$|^p[0-9]+(-[0-9]+)*$")  # views/speed/workers/1-of-4, p0-2-5
 
 
 @dataclass(frozen=True)
@@ -65,10 +70,25 @@ class MasterFile:
 
 
 class Layout:
-    """Paths of one lake rooted at ``home``."""
+    """Paths of one lake rooted at ``home``. ``speed_worker`` scopes the speed layer's paths (snapshots, pointer,
+    checkpoints) to one worker (``""``: the worker owning every partition, at the root)."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, speed_worker: str = ""):
         self.home = Path(home)
+        self.speed_worker = speed_worker
+
+    def for_speed_worker(self, worker: str) -> Layout:
+        return Layout(self.home, worker)
+
+    def speed_workers(self) -> list[str]:
+        """Every speed worker with a directory on disk: ``""`` (the root) first, then those under
+        ``views/speed/workers/`` or ``checkpoints/speed/workers/``."""
+        names: set[str] = set()
+        for base in (self.home / "views" / "speed" / "workers",
+                     self.home / "checkpoints" / SPEED_COMPONENT / "workers"):
+            if base.is_dir():
+                names.update(d.name for d in base.iterdir() if SPEED_WORKER_DIR.match(d.name))
+        return ["", *sorted(names)]
 
     def inside(self, path: Path) -> Path:
         """``path`` with symlinks resolved, if that lies inside the lake; else InvariantViolation naming both.
@@ -167,7 +187,8 @@ class Layout:
 
     @property
     def speed_views(self) -> Path:
-        return self.home / "views" / "speed"
+        base = self.home / "views" / "speed"
+        return base / "workers" / self.speed_worker if self.speed_worker else base
 
     def speed_snapshot(self, snapshot: str) -> Path:
         return self.speed_views / snapshot
@@ -186,7 +207,8 @@ class Layout:
         return _numbered_dirs(self.speed_views, SPEED_SNAPSHOT_DIR, "snapshot.json" if complete else None)
 
     def checkpoints(self, component: str) -> Path:
-        return self.home / "checkpoints" / component
+        base = self.home / "checkpoints" / component
+        return base / "workers" / self.speed_worker if self.speed_worker and component == SPEED_COMPONENT else base
 
     # kafka ------------------------------------------------------------------------------------------------
     @property
@@ -364,14 +386,20 @@ def current_batch_manifest(layout: Layout) -> BatchManifest | None:
 
 
 def current_speed_snapshot(layout: Layout) -> SpeedSnapshotMeta | None:
-    """``snapshot.json`` of the published speed snapshot (``views/speed/CURRENT``), or None."""
-    snap = speed_pointer(layout)
-    if snap is None:
-        return None
-    try:
-        return read_speed_snapshot_meta(layout, snap)
-    except OSError as exc:
-        raise InvariantViolation(f"published speed snapshot {snap} is unreadable: {exc}") from exc
+    """The published speed state as one snapshot meta: ``snapshot.json`` of ``views/speed/CURRENT``, or with
+    several speed workers the union of theirs (:mod:`lambdalake.speedset`); None before the first snapshot."""
+    from lambdalake.speedset import read_speed_set
+
+    for attempt in range(5):
+        try:
+            found = read_speed_set(layout)
+            return None if found is None else found.meta
+        except FileNotFoundError as exc:  # a worker pruned the snapshot between its pointer and its meta
+            if attempt == 4:
+                raise InvariantViolation(f"published speed snapshot {exc.filename} is unreadable: {exc}") from exc
+        except OSError as exc:
+            raise InvariantViolation(f"a published speed snapshot is unreadable: {exc}") from exc
+    return None
 
 
 def archived_positions(layout: Layout, source: str) -> dict[int, int]:

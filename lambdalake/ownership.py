@@ -51,6 +51,14 @@ class Share:
         return [k for k in keys if self.owns(k[1])]
 
     @property
+    def worker(self) -> str:
+        """The worker's name in paths (``views/speed/workers/<name>``): ``""`` for every partition, ``1-of-4``,
+        ``p0-2-5``."""
+        if self.explicit is not None:
+            return "p" + "-".join(str(p) for p in sorted(self.explicit))
+        return "" if self.count == 1 else f"{self.index}-of-{self.count}"
+
+    @property
     def label(self) -> str:
         """``all``, ``1/4`` or ``p0,2,5``: how logs, reports and worker names refer to the share."""
         if self.explicit is not None:

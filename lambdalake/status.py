@@ -93,14 +93,17 @@ class Status:
 
 
 def speed_pid(layout: Layout) -> int | None:
-    """Pid of the running ``lambdalake speed`` of this lake, if any (from its lock file; checked to be alive)."""
-    try:
-        pid = int((layout.checkpoints(SPEED_COMPONENT) / "LOCK").read_text().strip())
-        proc = psutil.Process(pid)
-        if proc.status() != psutil.STATUS_ZOMBIE:  # the pid is cleared on a clean exit; kill -9 may leave it
-            return pid
-    except (OSError, ValueError, psutil.Error):
-        pass
+    """Pid of a running ``lambdalake speed`` (any worker) of this lake, if any (from the lock files; checked to be
+    alive: the pid is cleared on a clean exit, kill -9 may leave it)."""
+    root = Layout(layout.home)
+    for worker in root.speed_workers():
+        lock = root.for_speed_worker(worker).checkpoints(SPEED_COMPONENT) / "LOCK"
+        try:
+            pid = int(lock.read_text().strip())
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return pid
+        except (OSError, ValueError, psutil.Error):
+            pass
     return None
 
 

@@ -415,18 +415,22 @@ def batch_dataset(pipeline: Pipeline, view: View, pair: PublishedPair, stale: bo
 def speed_table(pipeline: Pipeline, view: View, pair: PublishedPair, stale: bool = False) -> pa.Table:
     """The speed side of ``view`` read into memory (empty with the contract's schema if absent; ``stale`` as for
     :func:`batch_dataset`)."""
-    cols = speed_view_columns(pipeline.source_of(view), view)
-    f = pair.speed_file(view)
-    if f is None:
+    source = pipeline.source_of(view)
+    cols = speed_view_columns(source, view)
+    files = pair.speed_files(view, source.topic)
+    if not files:
         sv = None if pair.snapshot is None else pair.snapshot.views.get(view.name)
         if sv is not None and sv.rows:  # the snapshot promises rows that are not there
             raise InconsistentPublishedState(
                 f"speed snapshot {pair.speed_snapshot} says view {view.name!r} has {sv.rows} rows but "
-                f"{pair.layout.speed_snapshot(str(pair.speed_snapshot)) / (view.name + '.parquet')} is missing")
+                f"{pair.speed_dir()} holds no {view.name}.parquet")
         return arrow_schema(cols, nullability=False).empty_table()
-    table = pq.read_table(f)
-    _check_columns(table.schema, cols, f, f"speed view {view.name!r}", stale)
-    return table
+    tables = []
+    for f, parts in files:  # several speed workers: each file gives the partitions its worker holds
+        table = pq.read_table(f, filters=None if parts is None else [("_partition", "in", sorted(parts))])
+        _check_columns(table.schema, cols, f, f"speed view {view.name!r}", stale)
+        tables.append(table)
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
 def master_dataset(pipeline: Pipeline, source_name: str, layout: Layout) -> ds.Dataset:

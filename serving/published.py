@@ -33,10 +33,10 @@ from lambdalake.layout import (
     kept_batch_versions,
     kept_speed_snapshots,
     read_batch_manifest,
-    read_speed_snapshot_meta,
     speed_pointer,
 )
 from lambdalake.pipeline import View
+from lambdalake.speedset import SpeedSet, read_speed_set
 from serving.exceptions import InconsistentPublishedState
 
 RESOLVE_ATTEMPTS = 5
@@ -52,6 +52,7 @@ class PublishedPair:
     speed_snapshot: str | None = None
     snapshot: SpeedSnapshotMeta | None = None
     resolved_at: float = field(default_factory=time.time)
+    speed: SpeedSet | None = None  # the worker snapshots behind ``snapshot`` (None: the snapshot named above alone)
 
     @property
     def layout(self) -> Layout:
@@ -106,31 +107,58 @@ class PublishedPair:
         """Rows the manifest says the batch version wrote for ``view`` (None if it does not say)."""
         return None if self.manifest is None else self.manifest.row_counts.get(view.name)
 
-    def speed_file(self, view: View) -> Path | None:
-        """The speed snapshot's parquet file of ``view``, or None (no snapshot, or no file for this view)."""
+    def speed_files(self, view: View, topic: str) -> list[tuple[Path, frozenset[int] | None]]:
+        """The speed snapshot's parquet files of ``view`` (a view of ``topic``), each with the partitions to read
+        from it (None: all): one file, or with several speed workers one per worker holding some of the topic's
+        partitions (:mod:`lambdalake.speedset`). Empty without a snapshot or file."""
         if self.speed_snapshot is None:
-            return None
-        f = self.layout.speed_snapshot(self.speed_snapshot) / f"{view.name}.parquet"
+            return []
+        if self.speed is None or self.speed.single:
+            worker = "" if self.speed is None else self.speed.parts[0].worker
+            snap = self.speed_snapshot if self.speed is None else self.speed.parts[0].snapshot
+            found = [(self._speed_file(worker, snap, view), None)]
+        else:
+            found = [(self._speed_file(part.worker, part.snapshot, view), parts)
+                     for part, parts in self.speed.parts_of(view.name, topic)]
+        return [(f, parts) for f, parts in found if f is not None]
+
+    def _speed_file(self, worker: str, snap: str, view: View) -> Path | None:
+        f = self.layout.for_speed_worker(worker).speed_snapshot(snap) / f"{view.name}.parquet"
         if f.is_symlink() or f.is_file():
             self.layout.inside(f)
         return f if f.is_file() else None
+
+    def speed_dir(self) -> Path | None:
+        """Where the speed snapshot lives (for messages): its directory, or the workers' parent directory."""
+        if self.speed_snapshot is None:
+            return None
+        if self.speed is None or self.speed.single:
+            part = None if self.speed is None else self.speed.parts[0]
+            return self.layout.for_speed_worker(part.worker if part else "").speed_snapshot(
+                part.snapshot if part else self.speed_snapshot)
+        return self.layout.speed_views / "workers"
 
 
 def _read_once(layout: Layout) -> PublishedPair:
     """Steps 1-2 of the protocol; FileNotFoundError if a pointed-to file vanished meanwhile (retry). A pointer,
     version directory or contract file resolving outside the lake (symlink) is refused (:meth:`Layout.inside`)."""
-    for pointer in (layout.speed_pointer, layout.batch_pointer):
-        if pointer.is_symlink() or pointer.exists():
-            layout.inside(pointer)
-    snap_id = speed_pointer(layout)
-    if snap_id is not None:
-        layout.inside(layout.speed_snapshot(snap_id) / "snapshot.json")
-    snapshot = None if snap_id is None else read_speed_snapshot_meta(layout, snap_id)
+    for worker in layout.speed_workers():
+        wl = layout.for_speed_worker(worker)
+        if wl.speed_pointer.is_symlink() or wl.speed_pointer.exists():
+            layout.inside(wl.speed_pointer)
+            snap_id = speed_pointer(wl)
+            if snap_id is not None:
+                layout.inside(wl.speed_snapshot(snap_id) / "snapshot.json")
+    if layout.batch_pointer.is_symlink() or layout.batch_pointer.exists():
+        layout.inside(layout.batch_pointer)
+    speed = read_speed_set(layout)
     version = batch_pointer(layout)
     if version is not None:
         layout.inside(layout.batch_version(version) / "manifest.json")
     manifest = None if version is None else read_batch_manifest(layout, version)
-    return PublishedPair(layout.home, version, manifest, snap_id, snapshot)
+    if speed is None:
+        return PublishedPair(layout.home, version, manifest)
+    return PublishedPair(layout.home, version, manifest, speed.id, speed.meta, speed=speed)
 
 
 def pairing_problems(manifest: BatchManifest | None, snapshot: SpeedSnapshotMeta | None,

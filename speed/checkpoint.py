@@ -111,6 +111,7 @@ class Checkpoint(msgspec.Struct, kw_only=True):
     dedup_chunks: list[DedupChunk] = msgspec.field(default_factory=list)
     views: dict[str, SpeedView] = msgspec.field(default_factory=dict)
     format: int = 1
+    epochs: Positions = msgspec.field(default_factory=Positions)  # ownership epoch per partition (lambdalake.speedset)
 
     @property
     def id(self) -> str:

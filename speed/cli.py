@@ -9,7 +9,18 @@ from typing import Annotated
 
 import typer
 
-from lambdalake.options import BootstrapOpt, HomeOpt, PipelineOpt, console, context, err_console
+from lambdalake.exceptions import ConfigError
+from lambdalake.options import (
+    BootstrapOpt,
+    HomeOpt,
+    PartitionsOpt,
+    PipelineOpt,
+    ShareOpt,
+    WorkersOpt,
+    console,
+    context,
+    err_console,
+)
 
 
 class Format(StrEnum):
@@ -36,16 +47,30 @@ def register(app: typer.Typer) -> None:
             min=0.0, help="Seconds to keep retrying (with backoff) while Kafka is unreachable at start.")] = 120.0,
         group_id: Annotated[str | None, typer.Option(
             help="Consumer group for lag monitoring [default: lambdalake-speed-<pipeline>].")] = None,
+        workers: WorkersOpt = 1, share: ShareOpt = None, partitions: PartitionsOpt = None,
         pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
     ) -> None:
         """Run the speed layer: consume the log, keep incremental views, checkpoint and publish them, hand off
-        to published batch versions. Stops with a final checkpoint on SIGTERM/Ctrl-C."""
-        from speed.consumer import SpeedLayer, SpeedOptions
+        to published batch versions. Stops with a final checkpoint on SIGTERM/Ctrl-C. Scales out by partition:
+        --workers N here, or one --share I/N (or --partitions) per process on several machines; serving reads
+        the union of the workers' snapshots."""
+        from lambdalake.ownership import Share
+        from speed.consumer import SpeedLayer, SpeedOptions, run_speed_workers
 
         ctx = context(pipeline, home, bootstrap)
+        owned = Share.parse(partitions, share)
         opts = SpeedOptions(checkpoint_interval=checkpoint_interval, dedup_span=dedup_span,
                             keep_snapshots=keep_snapshots, keep_snapshot_seconds=keep_snapshot_seconds,
-                            broker_timeout=broker_timeout, group_id=group_id)
+                            broker_timeout=broker_timeout, group_id=group_id, share=owned)
+        if workers > 1:
+            if not owned.everything:
+                raise ConfigError("--workers starts its own shares 0/N..N-1/N; do not combine it with --share or "
+                                  "--partitions (run one process per share instead)")
+            results = run_speed_workers(ctx.settings, ctx.pipeline, opts, workers, until_caught_up=until_caught_up)
+            for label, messages, checkpoints, snapshot in results:
+                console.print(f"speed worker {label}: consumed {messages:,} messages in {checkpoints} checkpoints; "
+                              f"snapshot {snapshot}", highlight=False)
+            return
         layer = SpeedLayer(ctx.settings, ctx.pipeline, opts,
                            notify=lambda msg: err_console.print(f"[yellow]speed:[/] {msg}", highlight=False))
         done = threading.Event()

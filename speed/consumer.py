@@ -39,14 +39,15 @@ from lambdalake.config import Settings, fix_handoff_block
 from lambdalake.contracts import SNAPSHOT_FORMAT, Positions, SpeedSnapshotMeta, SpeedView, utc_now_iso
 from lambdalake.dedup import DedupWindow
 from lambdalake.exceptions import LambdalakeError
-from lambdalake.layout import Layout
+from lambdalake.layout import SPEED_COMPONENT, Layout
+from lambdalake.ownership import PartitionLocks, Share
 from lambdalake.pipeline import Pipeline, load_pipeline
 from lambdalake.session import LogSession, connect, stop_on_signals
 from lambdalake.validation import Validator
 from speed import snapshot as snapshots
 from speed.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from speed.checkpoint import TP, Capture, Checkpoint, CheckpointStore
-from speed.exceptions import CheckpointFailed, SpeedConfigError
+from speed.exceptions import CheckpointFailed, SpeedAlreadyRunning, SpeedConfigError
 from speed.prune import NO_BATCH, BatchVersion, BatchWatcher, published_batch
 from speed.rebuild import Rebuild, replay_start
 from speed.state import SourceState, apply_records, build_states, prune_table
@@ -73,6 +74,7 @@ class SpeedOptions:
     pipeline_check_interval: float = 2.0  # how often the pipeline file's mtime is checked (changes apply live)
     partition_check_interval: float = 30.0
     background_commit: bool = True  # steps 2-8 of a checkpoint overlap with consuming
+    share: Share = field(default_factory=Share)  # the partitions this worker owns (lambdalake.ownership)
 
     def validate(self) -> None:
         if not 0.001 <= self.checkpoint_interval <= 1.0:
@@ -121,7 +123,14 @@ class SpeedLayer:
         self.options = options or SpeedOptions()
         self.options.validate()
         self.block = settings.handoff_block
-        self.layout = Layout(settings.home)
+        self.share = self.options.share
+        self.worker = self.share.worker
+        self.layout = Layout(settings.home).for_speed_worker(self.worker)  # this worker's snapshots, checkpoints
+        self.locks = PartitionLocks(Layout(settings.home), SPEED_COMPONENT, lambda key, holder: SpeedAlreadyRunning(
+            f"another speed worker (pid {holder}) owns partition {key[1]} of {key[0]!r} in {settings.home}; stop "
+            "it first, or give each speed worker its own partitions (--share I/N or --partitions)"))
+        self.epochs: dict[TP, int] = {}  # ownership epoch of each partition this worker holds
+        self._published_epochs: dict[TP, int] = {}
         fix_handoff_block(settings.home, self.block)  # batch and speed must agree on it for the life of the lake
         self.store = CheckpointStore(self.layout, pipeline, keep_snapshots=self.options.keep_snapshots,
                                      keep_snapshot_seconds=self.options.keep_snapshot_seconds)
@@ -167,9 +176,10 @@ class SpeedLayer:
         with stop_on_signals(self._stop.set):
             self.store.lock()
             try:
-                self._recover()
                 self._session = self._connect()
                 try:
+                    self._own(self._session.partitions())
+                    self._recover()
                     self._assign()
                     targets = self._session.end_offsets() if until_caught_up else None
                     if self.rebuild is not None or (self.last is not None and self._dirty):
@@ -183,22 +193,57 @@ class SpeedLayer:
                     self._session.close()
                     self._session = None
             finally:
+                self.locks.release()
                 self.store.unlock()
         return self.stats
 
     # start-up -----------------------------------------------------------------------------------------------------
+    def _own(self, keys: list[TP]) -> None:
+        """Take the owner lock of ``keys`` (this worker's partitions) and note the highest ownership epoch any
+        published snapshot holds for each: a partition this worker takes over gets one more
+        (:mod:`lambdalake.speedset`)."""
+        from lambdalake.speedset import best_epochs, worker_snapshots
+
+        self.locks.acquire(keys)
+        for attempt in range(5):
+            try:
+                self._published_epochs = best_epochs(worker_snapshots(self.layout))
+                break
+            except FileNotFoundError:  # another worker pruned a snapshot meanwhile: read again
+                if attempt == 4:
+                    raise
+
+    def _claim(self, keys) -> None:
+        for key in keys:
+            if key not in self.epochs:
+                self.epochs[key] = self._published_epochs.get(key, -1) + 1
+
     def _recover(self) -> None:
-        """Load the last checkpoint, or start fresh from the published batch version (module docstring)."""
+        """Load the last checkpoint, or start fresh from the published batch version (module docstring). A checkpoint
+        holding a partition that another worker took over since (a higher published epoch) is outdated: the worker
+        starts fresh from the batch version instead, like a new worker."""
         restored = self.store.load(self.block)
         self.batch = published_batch(self.layout, self.block)
+        owned = set(self.locks.held)
+        if restored is not None:
+            cp = restored.checkpoint
+            mine = {tp: (cp.epochs.get(tp, 0) if tp in cp.positions else -1) for tp in owned}
+            moved = sorted(tp for tp in owned if self._published_epochs.get(tp, -1) > mine[tp])
+            if moved:
+                self.notify(f"partitions {moved} were taken over by another speed worker after checkpoint {cp.id}; "
+                            "starting this worker from the published batch version instead")
+                restored = None
         if restored is None:
+            self.epochs = {}
+            self._claim(owned)
             self._start_from(self.batch)
             self._seq = self.store.next_seq()
             return
+        self.epochs = {tp: mine[tp] for tp in owned}
         cp = restored.checkpoint
         self.last = cp
-        self.positions = {tp: n for tp, n in cp.positions.items() if tp[0] in self.sources}
-        self.pruned_to = {tp: n for tp, n in cp.pruned_to.items() if tp[0] in self.sources}
+        self.positions = {tp: n for tp, n in cp.positions.items() if tp[0] in self.sources and self.share.owns(tp[1])}
+        self.pruned_to = {tp: n for tp, n in cp.pruned_to.items() if tp[0] in self.sources and self.share.owns(tp[1])}
         for t, c in cp.counters.items():
             if t in self.counters:
                 self.counters[t].update(c)
@@ -253,8 +298,9 @@ class SpeedLayer:
         self.windows.clear()
         self.new_ids.clear()
         self.positions = {tp: replay_start(w, self.options.dedup_span) for tp, w in batch.watermark.items()
-                          if tp[0] in self.sources}
-        self.pruned_to = {tp: w for tp, w in batch.watermark.items() if tp[0] in self.sources}
+                          if tp[0] in self.sources and self.share.owns(tp[1])}
+        self.pruned_to = {tp: w for tp, w in batch.watermark.items()
+                          if tp[0] in self.sources and self.share.owns(tp[1])}
         for c in self.counters.values():
             c.update(valid=0, invalid=0, duplicates=0)
         self._full_dedup = True  # older dedup chunks hold ids above the new positions: never reuse them
@@ -266,13 +312,17 @@ class SpeedLayer:
                            stop=self._stop, notify=self.notify, fetch_max_wait_ms=100,
                            max_poll_records=self.options.max_records, check_crcs=False)
         return LogSession(consumer, self.sources, bootstrap=self.settings.bootstrap, reader="the speed layer",
-                          lost_means="they stay missing until a batch version covers them", notify=self.notify)
+                          lost_means="they stay missing until a batch version covers them", notify=self.notify,
+                          share=self.share)
 
     def _assign(self) -> None:
         """Every partition of the sources' topics, each at its position (new partitions: the log start)."""
         session = self._session
         session.topics = list(self.sources)
         keys = session.partitions()
+        if any(k not in self.locks.held for k in keys):  # partitions added while running: own them first
+            self._own([k for k in keys if k not in self.locks.held])
+        self._claim(keys)
         for key in keys:
             self.positions.setdefault(key, 0)
             self.windows.setdefault(key, DedupWindow(self.options.dedup_span))
@@ -395,7 +445,7 @@ class SpeedLayer:
             return
         dropped = 0
         for tp, w in batch.watermark.items():
-            if tp[0] not in self.states or w <= self.pruned_to.get(tp, 0):
+            if tp[0] not in self.states or w <= self.pruned_to.get(tp, 0) or tp not in self.positions:
                 continue
             dropped += self.states[tp[0]].prune(tp[1], w)
             if self.rebuild is not None:
@@ -443,12 +493,13 @@ class SpeedLayer:
         cp = Checkpoint(checkpoint=cid, snapshot=cid, pipeline=self.pipeline.name, positions=Positions(self.positions),
                         pruned_to=Positions(self.pruned_to), counters=counters, dedup_span=self.options.dedup_span,
                         block=self.block, batch_version=self.batch.version, created_at=now, views=views,
-                        format=CHECKPOINT_FORMAT)
+                        format=CHECKPOINT_FORMAT,
+                        epochs=Positions({tp: e for tp, e in self.epochs.items() if tp in self.positions}))
         meta = SpeedSnapshotMeta(pipeline=self.pipeline.name, positions=cp.positions, pruned_to=cp.pruned_to,
                                  block=self.block, created_at=utc_now_iso(), created_at_unix=now,
                                  batch_version=self.batch.version, counters=counters,
                                  rows={name: t.num_rows for name, t in tables.items()}, views=views,
-                                 format=SNAPSHOT_FORMAT)
+                                 format=SNAPSHOT_FORMAT, worker=self.worker, epochs=cp.epochs)
         full = self._full_dedup or self.store.needs_full_dedup(self.last, cp.positions, cp.dedup_span)
         delta, self.new_ids = self.new_ids, {k: [] for k in self.new_ids}
         dedup_rows = {tp: w.items() for tp, w in self.windows.items()} if full else delta
@@ -611,3 +662,27 @@ class SpeedLayer:
     # introspection ------------------------------------------------------------------------------------------------
     def state_rows(self) -> int:
         return sum(st.rows() for st in self.states.values())
+
+
+def run_speed_workers(settings: Settings, pipeline: Pipeline, options: SpeedOptions, workers: int, *,
+                      until_caught_up: bool = False) -> list[tuple[str, int, int, str]]:
+    """``lambdalake speed --workers N``: N worker processes with shares ``0/N .. N-1/N`` (each a
+    :class:`SpeedLayer`), until they all stop; (share, messages, checkpoints, last snapshot) per worker."""
+    import dataclasses
+
+    from lambdalake.procs import run_workers
+
+    calls = [(settings, pipeline, dataclasses.replace(options, share=share), until_caught_up)
+             for share in Share.split(workers)]
+    return run_workers(_run_worker, calls)
+
+
+def _run_worker(settings: Settings, pipeline: Pipeline, options: SpeedOptions,
+                until_caught_up: bool) -> tuple[str, int, int, str]:
+    import sys
+
+    label = options.share.label
+    layer = SpeedLayer(settings, pipeline, options,
+                       notify=lambda msg: print(f"speed worker {label}: {msg}", file=sys.stderr, flush=True))
+    stats = layer.run(until_caught_up=until_caught_up)
+    return label, stats.messages, stats.checkpoints, layer.last.id if layer.last else "-"
