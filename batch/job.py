@@ -88,7 +88,17 @@ from lambdalake.contracts import BatchManifest, BatchView, InputFile, Positions
 from lambdalake.exceptions import PipelineError
 from lambdalake.handoff import aligned_watermark
 from lambdalake.layout import Layout, MasterFile, current_batch_manifest
-from lambdalake.pipeline import WINDOW_START, Aggregate, Field, Pipeline, Source, View
+from lambdalake.pipeline import (
+    DECIMAL_DIGITS,
+    WINDOW_START,
+    Aggregate,
+    Field,
+    Pipeline,
+    Predicate,
+    Source,
+    View,
+    resolve_predicate,
+)
 from lambdalake.schema import OFFSET_COL, PARTITION_COL, arrow_schema, master_columns, view_columns
 from lambdalake.validation import FIRST_INSTANT_US, LAST_INSTANT_US
 
@@ -192,7 +202,7 @@ def spark_session(master: str | None = None, app_name: str = "lambdalake-batch")
 
 # The Spark type of each logical type (lambdalake.schema): the only type table of this engine.
 SPARK_TYPES = {"string": "StringType", "integer": "LongType", "timestamp": "TimestampType", "int32": "IntegerType",
-               "binary": "BinaryType"}
+               "binary": "BinaryType", "decimal": "LongType", "boolean": "BooleanType", "number": "DoubleType"}
 
 
 def spark_type(logical: str):
@@ -247,6 +257,8 @@ def valid_rows(source: Source):
                 rules.append(col.rlike(java_pattern(f)))
         elif f.type == "timestamp":
             rules.append(F.unix_micros(col).between(F.lit(FIRST_INSTANT_US), F.lit(LAST_INSTANT_US)))
+        elif f.type == "decimal":  # the scaled integer has at most 18 digits (rule 7)
+            rules.append(F.abs(col) < F.lit(10 ** DECIMAL_DIGITS).cast("long"))
         value_ok = None
         for r in rules:
             value_ok = r if value_ok is None else value_ok & r
@@ -296,13 +308,14 @@ def deduplicated_events(spark, layout: Layout, source: Source, inputs: Inputs, c
             .select(*columns))
 
 
-def _agg_expr(a: Aggregate):
+def _agg_expr(a: Aggregate, source: Source):
     from pyspark.sql import functions as F
 
     if a.kind == "count":
         return F.count(F.lit(1)).cast("long").alias(a.name)
-    if a.kind == "sum":
-        return F.sum(F.col(a.column)).cast("long").alias(a.name)
+    if a.kind == "sum":  # integer and decimal (scaled integer): exact long sums; number: a double sum
+        kind = "double" if source.field_map[a.column or ""].type == "number" else "long"
+        return F.sum(F.col(a.column)).cast(kind).alias(a.name)
     if a.kind == "min":
         return F.min(F.col(a.column)).alias(a.name)
     if a.kind == "max":
@@ -310,15 +323,46 @@ def _agg_expr(a: Aggregate):
     raise PipelineError(f"aggregate {a.name!r}: unknown kind {a.kind!r}")
 
 
+def where_column(pred: Predicate, source: Source):
+    """A Spark boolean column of a resolved view filter (:meth:`lambdalake.pipeline.Pipeline.where`): a comparison
+    or ``in`` on a null field is false (never null), ``and``/``or`` are two-valued; timestamps compare as UTC µs,
+    decimals as their scaled integers (how master stores them)."""
+    from functools import reduce
+
+    from pyspark.sql import functions as F
+
+    if pred.op in ("and", "or"):
+        parts = [where_column(a, source) for a in pred.args]
+        return reduce((lambda x, y: x & y) if pred.op == "and" else (lambda x, y: x | y), parts)
+    f = source.field_map[pred.field or ""]
+    col = F.col(f.name)
+    if pred.op == "is_null":
+        return col.isNull()
+    if pred.op == "not_null":
+        return col.isNotNull()
+    value = F.unix_micros(col) if f.type == "timestamp" else col
+    lits = [F.lit(v).cast({"timestamp": "long", "decimal": "long", "integer": "long", "number": "double"}[f.type])
+            if f.type in ("timestamp", "decimal", "integer", "number") else F.lit(v) for v in pred.values]
+    if pred.op == "in":
+        test = value.isin(*lits)
+    else:
+        test = {"eq": value == lits[0], "ne": value != lits[0], "lt": value < lits[0], "le": value <= lits[0],
+                "gt": value > lits[0], "ge": value >= lits[0]}[pred.op]
+    return col.isNotNull() & F.coalesce(test, F.lit(False))
+
+
 def view_frame(events, source: Source, view: View):
-    """Step 3: the stored columns of ``view`` (keys, window_start, stored aggregates) from deduplicated events."""
+    """Step 3: the stored columns of ``view`` (keys, window_start, stored aggregates) from deduplicated events
+    (those its filter holds for, if it has one)."""
     from pyspark.sql import functions as F
 
     et_us = F.unix_micros(F.col(source.event_time))
     window_start = F.timestamp_micros(et_us - F.pmod(et_us, F.lit(view.bucket_us).cast("long")))
     stored = view.stored_aggregates
+    if view.where is not None:
+        events = events.where(where_column(resolve_predicate(view.where, source, f"view {view.name!r}"), source))
     return (events.groupBy(*[F.col(k) for k in view.keys], window_start.alias(WINDOW_START))
-            .agg(*[_agg_expr(a) for a in stored])
+            .agg(*[_agg_expr(a, source) for a in stored])
             .select(*view.keys, WINDOW_START, *[a.name for a in stored]))
 
 
@@ -342,7 +386,7 @@ def write_for_lookups(frame, view: View, vdir: Path) -> None:
 def view_columns_needed(pipeline: Pipeline, source: Source) -> list[str]:
     cols = [PARTITION_COL, source.event_id, OFFSET_COL, source.event_time]
     for v in pipeline.views_of(source):
-        cols += list(v.keys) + [a.column for a in v.stored_aggregates if a.column]
+        cols += list(v.input_fields)  # keys, aggregated and filtered fields
     return list(dict.fromkeys(cols))
 
 
@@ -354,7 +398,8 @@ def expected_schema(pipeline: Pipeline, view: View) -> pa.Schema:
 
 def validate_staged(pipeline: Pipeline, view: View, vdir: Path, events: int | None) -> int:
     """Step 4 for one view: schema, null keys, row counts (the count aggregate sums to the deduplicated events
-    read; a non-empty input yields rows), and no duplicate (keys, window_start). Returns the row count."""
+    read — at most that many for a filtered view, which may also be empty; a non-empty input yields rows), and no
+    duplicate (keys, window_start). Returns the row count."""
     files = sorted(vdir.glob("*.parquet"))
     want = expected_schema(pipeline, view)
     rows = 0
@@ -383,10 +428,11 @@ def validate_staged(pipeline: Pipeline, view: View, vdir: Path, events: int | No
     if groups and pa.concat_tables(groups).group_by(group_cols).aggregate([]).num_rows != rows:
         raise BatchValidationError(f"view {view.name!r}: some (keys, window_start) appear in more than one row; "
                                    "nothing was published")
-    if events and not rows:
+    filtered = view.where is not None
+    if events and not rows and not filtered:
         raise BatchValidationError(f"view {view.name!r}: {events} events were read but no rows were written; "
                                    "nothing was published")
-    if count_col and events is not None and counted != events:
+    if count_col and events is not None and (counted > events if filtered else counted != events):
         raise BatchValidationError(f"view {view.name!r}: counts sum to {counted} but {events} deduplicated events "
                                    "were read; nothing was published")
     return rows

@@ -43,7 +43,7 @@ from lambdalake.config import Settings
 from lambdalake.contracts import BatchManifest, Positions
 from lambdalake.exceptions import InvariantViolation
 from lambdalake.layout import Layout, current_batch_manifest
-from lambdalake.pipeline import WINDOW_START, Pipeline, Source, View
+from lambdalake.pipeline import WINDOW_START, Pipeline, Predicate, Source, View, resolve_predicate
 from lambdalake.schema import BLOCK_COL, OFFSET_COL, PARTITION_COL, view_columns
 from lambdalake.validation import FIRST_INSTANT_US, LAST_INSTANT_US
 
@@ -141,22 +141,67 @@ def view_sql(source: Source, view: View, events: str, block: int | None = None) 
     cols.append(f"make_timestamptz({t} - ((({t} % {b}) + {b}) % {b})) AS {_ident(WINDOW_START)}")
     if block:
         cols = [PARTITION_COL, f"({OFFSET_COL} - {OFFSET_COL} % {int(block)}) AS {BLOCK_COL}", *cols]
+    types = {f.name: f.type for f in source.fields}
     for a in view.stored_aggregates:
-        expr = {"count": "count(*)", "sum": f"CAST(sum({_ident(a.column or '')}) AS BIGINT)",
+        total = "DOUBLE" if types.get(a.column or "") == "number" else "BIGINT"  # decimals: scaled integers
+        expr = {"count": "count(*)", "sum": f"CAST(sum({_ident(a.column or '')}) AS {total})",
                 "min": f"min({_ident(a.column or '')})", "max": f"max({_ident(a.column or '')})"}[a.kind]
         cols.append(f"{expr} AS {_ident(a.name)}")
-    return f"SELECT {', '.join(cols)} FROM ({events}) AS events GROUP BY ALL"
+    where = "" if view.where is None else \
+        f" WHERE {where_sql(resolve_predicate(view.where, source, f'view {view.name!r}'), source)}"
+    return f"SELECT {', '.join(cols)} FROM ({events}) AS events{where} GROUP BY ALL"
 
 
-def output_sql(view: View, stored: str) -> str:
+def where_sql(pred: Predicate, source: Source) -> str:
+    """DuckDB SQL of a resolved view filter over master-typed rows: a comparison or ``in`` on a null field is false,
+    and/or are two-valued; timestamps compare as UTC µs, decimals as their stored scaled integers."""
+    if pred.op in ("and", "or"):
+        return "(" + f" {pred.op.upper()} ".join(where_sql(a, source) for a in pred.args) + ")"
+    f = source.field_map[pred.field or ""]
+    col = _ident(f.name)
+    if pred.op in ("is_null", "not_null"):
+        return f"({col} IS {'NOT ' if pred.op == 'not_null' else ''}NULL)"
+    value = f"epoch_us({col})" if f.type == "timestamp" else col
+
+    def lit(v: object) -> str:
+        if isinstance(v, bool):
+            return "TRUE" if v else "FALSE"
+        if isinstance(v, str):
+            return "'" + v.replace("'", "''") + "'"
+        if isinstance(v, float):
+            return f"CAST('{v!r}' AS DOUBLE)"
+        return str(int(v))  # type: ignore[call-overload]
+
+    if pred.op == "in":
+        return f"({col} IS NOT NULL AND {value} IN ({', '.join(lit(v) for v in pred.values)}))"
+    op = {"eq": "=", "ne": "<>", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}[pred.op]
+    return f"({col} IS NOT NULL AND {value} {op} {lit(pred.values[0])})"
+
+
+def output_sql(view: View, stored: str, source: Source | None = None) -> str:
     """The output columns of ``view`` (``view.output_columns``) over ``stored`` (one row per group, stored columns):
-    declared aggregates as stored; a mean is its stored sum over its stored count, as DOUBLE."""
+    declared aggregates as stored; a mean is its stored sum over its stored count, as DOUBLE. With ``source``,
+    decimals as served (``DECIMAL(18|38, scale)``; a mean's decimal sum divided by 10^scale)."""
+    from serving.sql import present
+
     means = {m.name: m for m in view.means}
-    cols = [_ident(k) for k in view.keys] + [_ident(WINDOW_START)]
+    columns = {c.name: c for c in view_columns(source, view)} if source is not None else {}
+
+    def shown(name: str) -> str:
+        c = columns.get(name)
+        return _ident(name) if c is None else f"{present(_ident(name), c)} AS {_ident(name)}"
+
+    cols = [shown(k) for k in view.keys] + [_ident(WINDOW_START)]
     for a in view.aggregates:
         m = means.get(a.name)
-        cols.append(_ident(a.name) if m is None else
-                    f"CAST({_ident(m.sum_name)} AS DOUBLE) / NULLIF({_ident(m.count_name)}, 0) AS {_ident(m.name)}")
+        if m is None:
+            cols.append(shown(a.name))
+            continue
+        c = columns.get(m.sum_name)
+        total = f"CAST({_ident(m.sum_name)} AS DOUBLE)"
+        if c is not None and c.type == "decimal" and c.scale:
+            total = f"({total} / 1e{int(c.scale)})"
+        cols.append(f"{total} / NULLIF({_ident(m.count_name)}, 0) AS {_ident(m.name)}")
     return f"SELECT {', '.join(cols)} FROM ({stored}) AS stored"
 
 

@@ -9,11 +9,35 @@ Public API (stable names):
 - :func:`lambdalake.connect` — a ready, read-only DuckDB connection over the merged views (serving layer).
 """
 
-from lambdalake.pipeline import Field, Pipeline, Source, View, count, max_, mean, min_, sum_
+from lambdalake.pipeline import (
+    Field,
+    Pipeline,
+    Predicate,
+    Source,
+    View,
+    and_,
+    between,
+    count,
+    eq,
+    ge,
+    gt,
+    in_,
+    is_null,
+    le,
+    lt,
+    max_,
+    mean,
+    min_,
+    ne,
+    not_null,
+    or_,
+    sum_,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["Field", "Pipeline", "Source", "View", "count", "sum_", "min_", "max_", "mean", "connect", "__version__"]
+__all__ = ["Field", "Pipeline", "Source", "View", "count", "sum_", "min_", "max_", "mean", "connect", "__version__",
+           "Predicate", "eq", "ne", "lt", "le", "gt", "ge", "between", "in_", "is_null", "not_null", "and_", "or_"]
 
 
 def connect(*args, **kwargs):

@@ -172,12 +172,25 @@ def load(
     file: Annotated[Path, typer.Argument(help="CSV, TSV, Parquet or JSON-lines file.")],
     source: Annotated[str, typer.Option("--source", "-s", help="Source name in the pipeline.")],
     rate: Annotated[float | None, typer.Option(min=0.001, help="Messages per second.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Dry run: convert and validate every row, send nothing; "
+                                        "list the rows that would be refused (exit 1 if any).")] = False,
     pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
 ) -> None:
-    """Send the rows of a file to a source's topic (backfill or replay); consumers validate them as usual."""
+    """Send the rows of a file to a source's topic (backfill or replay). CSV, TSV and Parquet columns are converted
+    to the declared field types and the whole file is checked first: if a row cannot be converted or is invalid,
+    nothing is sent. JSON lines are sent as they are (consumers dead-letter invalid ones)."""
     from lambdalake.kafka import ensure_topics
-    from lambdalake.produce import file_messages, send
+    from lambdalake.produce import check_file, file_messages, send
 
+    if check:
+        ctx = context(pipeline, home, bootstrap)
+        result = check_file(ctx.pipeline, file, source)
+        for where, reason in result.problems:
+            console.print(f"{file.name} {where}: {reason}", markup=False, highlight=False)
+        shown = "" if result.bad_rows == len(result.problems) else f" (first {len(result.problems)} listed)"
+        console.print(f"checked {result.rows} rows of {file.name}: {result.rows - result.bad_rows} ok, "
+                      f"{result.bad_rows} refused{shown}; nothing was sent", markup=False, highlight=False)
+        raise typer.Exit(1 if result.bad_rows else 0)
     ctx = context(pipeline, home, bootstrap)
     messages = file_messages(ctx.pipeline, file, source)
     ensure_topics(ctx.settings, ctx.pipeline)

@@ -42,13 +42,14 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
 from lambdalake.exceptions import PipelineError
 
-FieldType = Literal["string", "integer", "timestamp"]
+FieldType = Literal["string", "integer", "timestamp", "decimal", "boolean", "number"]
 AggKind = Literal["count", "sum", "min", "max"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -77,6 +78,21 @@ class Field:
     minimum: int | None = None
     maximum: int | None = None
     pattern: str | None = None
+    # Fractional digits of a decimal field (None for every other type). Not in repr: the legacy fingerprint of a
+    # lambdalake 0.1 manifest is a repr of the fields and must not change.
+    scale: int | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.type not in FIELD_TYPES:
+            raise PipelineError(f"field {self.name!r}: unknown type {self.type!r}; one of {', '.join(FIELD_TYPES)}")
+        if (self.scale is not None) != (self.type == "decimal"):
+            raise PipelineError(f"field {self.name!r}: scale is for decimal fields only, and a decimal needs one")
+        if self.scale is not None and not (isinstance(self.scale, int) and 0 <= self.scale <= MAX_SCALE):
+            raise PipelineError(f"field {self.name!r}: scale {self.scale!r} must be an integer in 0..{MAX_SCALE}")
+        if self.type in ("decimal", "boolean", "number") and (
+                self.minimum is not None or self.maximum is not None or self.pattern is not None
+                or self.min_length is not None or self.max_length is not None):
+            raise PipelineError(f"field {self.name!r}: a {self.type} field takes no range, length or pattern rule")
 
     @classmethod
     def string(cls, name: str, *, min_length: int = 1, max_length: int | None = None, pattern: str | None = None,
@@ -93,6 +109,38 @@ class Field:
     def timestamp(cls, name: str, *, required: bool = True, nullable: bool = False) -> Field:
         """An RFC 3339 string with a timezone; stored as a UTC timestamp with microsecond precision."""
         return cls(name, "timestamp", required=required, nullable=nullable)
+
+    @classmethod
+    def decimal(cls, name: str, *, scale: int, required: bool = True, nullable: bool = False) -> Field:
+        """A JSON number whose value has at most ``scale`` fractional digits (``12.5`` and ``12.50`` at scale 2; not
+        ``12.505``) and at most 18 digits in all; stored exactly as the integer value x 10^scale (``12.5`` -> 1250),
+        so sums are exact. Served as ``DECIMAL(18, scale)`` (sums ``DECIMAL(38, scale)``)."""
+        return cls(name, "decimal", required=required, nullable=nullable, scale=scale)
+
+    @classmethod
+    def boolean(cls, name: str, *, required: bool = True, nullable: bool = False) -> Field:
+        """JSON ``true`` / ``false`` only (not ``1``, not ``"true"``)."""
+        return cls(name, "boolean", required=required, nullable=nullable)
+
+    @classmethod
+    def number(cls, name: str, *, required: bool = True, nullable: bool = False) -> Field:
+        """Any JSON number, stored as a float64 (an integer literal beyond 2^53 is rounded to the nearest double)."""
+        return cls(name, "number", required=required, nullable=nullable)
+
+
+FIELD_TYPES = ("string", "integer", "timestamp", "decimal", "boolean", "number")
+NUMERIC_TYPES = ("integer", "decimal", "number")  # sum_ and mean read these
+MAX_SCALE = 18
+DECIMAL_DIGITS = 18  # a decimal's stored integer has at most this many digits (it fits int64 and DECIMAL(18, s))
+
+
+def field_doc(f: Field) -> dict:
+    """A field's declaration as a JSON-able dict for fingerprints: ``scale`` only where it is set, so the
+    fingerprint of a view whose source declares no decimal is the same as before decimals existed."""
+    doc = asdict(f)
+    if doc["scale"] is None:
+        del doc["scale"]
+    return doc
 
 
 @dataclass(frozen=True)
@@ -137,6 +185,204 @@ def max_(name: str, column: str) -> Aggregate:
 
 def mean(name: str, column: str) -> Mean:
     return Mean(name, column)
+
+
+# --- filters -------------------------------------------------------------------------------------------------------
+COMPARISONS = ("eq", "ne", "lt", "le", "gt", "ge")
+PREDICATE_OPS = (*COMPARISONS, "in", "is_null", "not_null", "and", "or")
+_RANGE_TYPES = ("string", "integer", "timestamp", "decimal", "number")
+
+
+@dataclass(frozen=True)
+class Predicate:
+    """One node of a view filter (``View(where=...)``): a comparison of a field with constants, a null check, or
+    ``and``/``or`` of predicates. Build it with :func:`eq`, :func:`ne`, :func:`lt`, :func:`le`, :func:`gt`,
+    :func:`ge`, :func:`between`, :func:`in_`, :func:`is_null`, :func:`not_null`, :func:`and_`, :func:`or_` (or
+    ``p & q``, ``p | q``).
+
+    Semantics, the same in every engine: a comparison or ``in`` is *false* when the field is null (never unknown),
+    so ``and``/``or`` are plain two-valued logic; ``is_null`` is true for a null (or absent optional) field.
+    Constants are given as the field's JSON type would read: a timestamp as an RFC 3339 string with offset (or an
+    aware ``datetime``), a decimal as a ``str``/``Decimal``/``int`` with at most ``scale`` fractional digits.
+    """
+
+    op: str
+    field: str | None = None
+    values: tuple = ()
+    args: tuple[Predicate, ...] = ()
+
+    def __and__(self, other: Predicate) -> Predicate:
+        return and_(self, other)
+
+    def __or__(self, other: Predicate) -> Predicate:
+        return or_(self, other)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Every field the predicate reads, in first-use order."""
+        if self.field is not None:
+            return (self.field,)
+        return tuple(dict.fromkeys(f for a in self.args for f in a.fields))
+
+    def doc(self) -> list:
+        """JSON-able form (fingerprints)."""
+        if self.op in ("and", "or"):
+            return [self.op, [a.doc() for a in self.args]]
+        return [self.op, self.field, list(self.values)]
+
+
+def eq(field: str, value: object) -> Predicate:
+    return Predicate("eq", field, (value,))
+
+
+def ne(field: str, value: object) -> Predicate:
+    return Predicate("ne", field, (value,))
+
+
+def lt(field: str, value: object) -> Predicate:
+    return Predicate("lt", field, (value,))
+
+
+def le(field: str, value: object) -> Predicate:
+    return Predicate("le", field, (value,))
+
+
+def gt(field: str, value: object) -> Predicate:
+    return Predicate("gt", field, (value,))
+
+
+def ge(field: str, value: object) -> Predicate:
+    return Predicate("ge", field, (value,))
+
+
+def between(field: str, low: object, high: object) -> Predicate:
+    """``low <= field <= high`` (both ends inclusive, as SQL BETWEEN)."""
+    return and_(ge(field, low), le(field, high))
+
+
+def in_(field: str, values: Iterable[object]) -> Predicate:
+    return Predicate("in", field, tuple(values))
+
+
+def is_null(field: str) -> Predicate:
+    return Predicate("is_null", field)
+
+
+def not_null(field: str) -> Predicate:
+    return Predicate("not_null", field)
+
+
+def and_(*preds: Predicate) -> Predicate:
+    return Predicate("and", args=tuple(preds))
+
+
+def or_(*preds: Predicate) -> Predicate:
+    return Predicate("or", args=tuple(preds))
+
+
+def decimal_units(value: object, scale: int) -> int | None:
+    """The stored integer of a decimal constant (``value`` x 10^scale) or None if it has more than ``scale``
+    fractional digits or more than 18 digits in all."""
+    if isinstance(value, bool) or not isinstance(value, (int, str, Decimal)):
+        return None
+    try:
+        d = Decimal(value) if not isinstance(value, Decimal) else value
+    except ArithmeticError:
+        return None
+    if not d.is_finite():
+        return None
+    sign, digits, exp = d.as_tuple()
+    assert isinstance(exp, int)
+    cut = len(digits)
+    while cut and digits[cut - 1] == 0:  # trailing zeros do not count (1.50 is 1.5)
+        cut -= 1
+    if cut > DECIMAL_DIGITS + 1:
+        return None
+    exp += len(digits) - cut
+    n = int("".join(map(str, digits[:cut])) or "0")
+    shift = exp + scale
+    if shift < 0:
+        if shift < -400 or n % 10 ** -shift:
+            return None
+        n //= 10 ** -shift
+    elif n:
+        if shift > DECIMAL_DIGITS:
+            return None
+        n *= 10 ** shift
+    if n >= 10 ** DECIMAL_DIGITS:
+        return None
+    return -n if sign else n
+
+
+def _resolve_value(f: Field, value: object, where: str) -> object:
+    """A filter constant as the engines store the field (timestamps: UTC µs; decimals: scaled integer)."""
+    bad = PipelineError(f"{where}: {value!r} is not a valid {f.type} constant for field {f.name!r}")
+    if f.type == "string":
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if f.type == "integer":
+        if isinstance(value, bool) or not isinstance(value, int) or not -2**63 <= value < 2**63:
+            raise bad
+        return value
+    if f.type == "boolean":
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if f.type == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or \
+                value in (float("inf"), float("-inf")):
+            raise bad
+        return float(value)
+    if f.type == "decimal":
+        assert f.scale is not None
+        units = decimal_units(value, f.scale)
+        if units is None:
+            raise PipelineError(f"{where}: {value!r} is not a decimal with at most {f.scale} fractional digits (and "
+                                f"{DECIMAL_DIGITS} digits in all) for field {f.name!r}; give a str or Decimal")
+        return units
+    # timestamp
+    from lambdalake.validation import FIRST_INSTANT_US, LAST_INSTANT_US, parse_rfc3339_us
+
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise PipelineError(f"{where}: datetime {value!r} for field {f.name!r} has no timezone")
+        us = parse_rfc3339_us(value.isoformat())
+    elif isinstance(value, str):
+        us = parse_rfc3339_us(value)
+    else:
+        raise bad
+    if us is None or not FIRST_INSTANT_US <= us <= LAST_INSTANT_US:
+        raise PipelineError(f"{where}: {value!r} is not an RFC 3339 timestamp with timezone in the supported range "
+                            f"for field {f.name!r}")
+    return us
+
+
+def resolve_predicate(pred: Predicate, source: Source, where: str) -> Predicate:
+    """``pred`` checked against ``source``'s fields, its constants converted to stored values (see
+    :func:`_resolve_value`). Raises :class:`PipelineError` for an unknown field, operator or a bad constant."""
+    if not isinstance(pred, Predicate):
+        raise PipelineError(f"{where}: {pred!r} is not a predicate; build one with eq, in_, between, and_, ...")
+    if pred.op in ("and", "or"):
+        if not pred.args:
+            raise PipelineError(f"{where}: {pred.op}_ needs at least one predicate")
+        return Predicate(pred.op, args=tuple(resolve_predicate(a, source, where) for a in pred.args))
+    if pred.op not in PREDICATE_OPS:
+        raise PipelineError(f"{where}: unknown operator {pred.op!r}; one of {', '.join(PREDICATE_OPS)}")
+    f = source.field_map.get(pred.field or "")
+    if f is None:
+        raise PipelineError(f"{where}: filter reads unknown field {pred.field!r} of source {source.name!r}")
+    if pred.op in ("is_null", "not_null"):
+        if pred.values:
+            raise PipelineError(f"{where}: {pred.op} takes no value")
+        return pred
+    if pred.op in ("lt", "le", "gt", "ge") and f.type not in _RANGE_TYPES:
+        raise PipelineError(f"{where}: {f.type} field {f.name!r} has no order; use eq, ne or in_")
+    if pred.op == "in" and not pred.values:
+        raise PipelineError(f"{where}: in_ needs at least one value")
+    if pred.op != "in" and len(pred.values) != 1:
+        raise PipelineError(f"{where}: {pred.op} takes exactly one value")
+    return Predicate(pred.op, pred.field, tuple(_resolve_value(f, v, where) for v in pred.values))
 
 
 @dataclass(frozen=True)
@@ -192,6 +438,7 @@ class View:
     keys: Sequence[str]
     bucket: timedelta
     aggregates: Sequence[Aggregate | Mean]
+    where: Predicate | None = None  # only events for which it holds count (see Predicate)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keys", tuple(self.keys))
@@ -213,6 +460,12 @@ class View:
     @property
     def bucket_us(self) -> int:
         return self.bucket // timedelta(microseconds=1)
+
+    @property
+    def input_fields(self) -> tuple[str, ...]:
+        """Fields the view reads besides the event time: keys, aggregated columns, filtered fields."""
+        cols = [*self.keys, *(a.column for a in self.stored_aggregates if a.column)]
+        return tuple(dict.fromkeys([*cols, *(self.where.fields if self.where is not None else ())]))
 
     @property
     def means(self) -> tuple[Mean, ...]:
@@ -273,6 +526,11 @@ class Pipeline:
                     raise PipelineError(f"view {v.name!r}: key {k!r} is not a field of source {src.name!r}")
                 if fields[k].type == "timestamp":
                     raise PipelineError(f"view {v.name!r}: key {k!r} is a timestamp; bucket by event time instead")
+                if fields[k].type == "number":
+                    raise PipelineError(f"view {v.name!r}: key {k!r} is a float number; group by a decimal, "
+                                        "integer or string field instead")
+            if v.where is not None:
+                resolve_predicate(v.where, src, f"view {v.name!r}")
             for a in v.aggregates:
                 col = a.column
                 if col is None:
@@ -285,9 +543,9 @@ class Pipeline:
                     raise PipelineError(f"view {v.name!r}: mean {a.name!r} over optional field {col!r} is not "
                                         "supported; make the field required or declare sum_ and count instead")
                 numeric_only = isinstance(a, Mean) or a.kind == "sum"
-                if numeric_only and f.type != "integer":
-                    raise PipelineError(f"view {v.name!r}: aggregate {a.name!r} needs an integer field; "
-                                        f"{col!r} is {f.type}")
+                if numeric_only and f.type not in NUMERIC_TYPES:
+                    raise PipelineError(f"view {v.name!r}: aggregate {a.name!r} needs an integer, decimal or number "
+                                        f"field; {col!r} is {f.type}")
                 if f.type == "timestamp":
                     raise PipelineError(f"view {v.name!r}: aggregate {a.name!r} over timestamp {col!r} "
                                         "is not supported")
@@ -325,12 +583,22 @@ class Pipeline:
     def views_of(self, source: Source) -> tuple[View, ...]:
         return tuple(v for v in self.views if v.source == source.name)
 
+    def where(self, view: View | str) -> Predicate | None:
+        """The view's filter with its constants as stored values (timestamps in UTC µs, decimals as scaled
+        integers); None: every event counts. What the engines interpret."""
+        view = self.view(view) if isinstance(view, str) else view
+        if view.where is None:
+            return None
+        return resolve_predicate(view.where, self.source_of(view), f"view {view.name!r}")
+
     def fingerprint(self, view: View | str) -> str:
         """The identity of a view's *definition*: a hash of everything its rows depend on besides the data.
 
         It covers the view (name, keys, bucket, every aggregate with its kind and column, means included) and its
         source (topic, event id, event time, key, and every field with its type and validation rules: a changed
-        ``maximum`` of any field changes which events are valid, hence the view). Every stored piece of a view
+        ``maximum`` of any field changes which events are valid, hence the view), and the view's filter (with its
+        constants as stored values). A view without a filter, over fields of the first three types, has the
+        fingerprint it had before filters and the decimal/boolean/number types existed. Every stored piece of a view
         (batch version, speed state and snapshot) records the fingerprint that made it; serving pairs only pieces
         whose fingerprint equals the declared one (DESIGN.md, "Definitions change").
         """
@@ -341,8 +609,11 @@ class Pipeline:
                      "aggregates": [[type(a).__name__, a.name, getattr(a, "kind", "mean"), a.column]
                                     for a in view.aggregates]},
             "source": {"name": src.name, "topic": src.topic, "event_id": src.event_id, "event_time": src.event_time,
-                       "key": src.key, "fields": [asdict(f) for f in src.fields]},
+                       "key": src.key, "fields": [field_doc(f) for f in src.fields]},
         }
+        where = self.where(view)
+        if where is not None:
+            doc["view"]["where"] = where.doc()
         text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

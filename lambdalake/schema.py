@@ -1,7 +1,8 @@
 """The logical schema of everything stored, derived once from the declaration; one small type table per engine.
 
-Logical types are the field types of :mod:`lambdalake.pipeline` (``string``, ``integer``, ``timestamp``) plus
-``int32`` for the partition column. Each engine maps them with its own table and nothing else:
+Logical types are the field types of :mod:`lambdalake.pipeline` (``string``, ``integer``, ``timestamp``,
+``decimal``, ``boolean``, ``number``) plus ``int32`` for the partition column. Each engine maps them with its own
+table and nothing else:
 
 =============  ====================  ==========  ===============
 logical        Arrow (here)          Spark       DuckDB
@@ -9,17 +10,23 @@ logical        Arrow (here)          Spark       DuckDB
 string         string                StringType  VARCHAR
 integer        int64                 LongType    BIGINT
 timestamp      timestamp[us, UTC]    Timestamp   TIMESTAMPTZ
+decimal        int64 (x 10^scale)    LongType    BIGINT (served as DECIMAL(18|38, scale))
+boolean        bool                  BooleanType BOOLEAN
+number         float64               DoubleType  DOUBLE
 int32          int32                 IntegerType INTEGER
 binary         binary                BinaryType  (not served)
 =============  ====================  ==========  ===============
+
+A decimal is stored as its scaled integer (``12.34`` at scale 2 is 1234) in every file, so every engine sums it
+exactly as an integer; :attr:`Column.scale` says how to read it, and serving presents it as a SQL decimal.
 
 (the Spark table is in :mod:`batch.job`, the DuckDB one in :mod:`serving.sql`).
 
 Stored columns:
 
 - master file: the source's fields, ``_partition``, ``_offset``, ``_ingest_time`` (:func:`master_columns`);
-- batch view: keys, ``window_start``, stored aggregates — count/sum are ``integer``, min/max keep the field's type
-  (:func:`view_columns`);
+- batch view: keys, ``window_start``, stored aggregates — count is ``integer``, sum/min/max keep the field's type
+  (a sum of a decimal is the scaled integer sum) (:func:`view_columns`);
 - speed view: ``_partition``, ``_block_start``, then the batch view's columns (:func:`speed_view_columns`);
 - rejected file: ``_partition``, ``_offset``, ``_ingest_time``, ``_value`` (binary), ``_reason``
   (:func:`rejected_columns`).
@@ -42,7 +49,8 @@ REASON_COL = "_reason"  # rejected files: why the archiver found the message inv
 
 TS_TYPE = pa.timestamp("us", tz="UTC")
 ARROW_TYPES: dict[str, pa.DataType] = {"string": pa.string(), "integer": pa.int64(), "timestamp": TS_TYPE,
-                                       "int32": pa.int32(), "binary": pa.binary()}
+                                       "int32": pa.int32(), "binary": pa.binary(), "decimal": pa.int64(),
+                                       "boolean": pa.bool_(), "number": pa.float64()}
 
 
 @dataclass(frozen=True)
@@ -52,10 +60,12 @@ class Column:
     name: str
     type: str
     nullable: bool = True
+    scale: int | None = None  # decimal: the stored integer is the value x 10^scale
+    total: bool = False  # a sum (served wider: DECIMAL(38, scale) rather than DECIMAL(18, scale))
 
 
 def master_columns(source: Source) -> tuple[Column, ...]:
-    cols = [Column(f.name, f.type, not f.required or f.nullable) for f in source.fields]
+    cols = [Column(f.name, f.type, not f.required or f.nullable, f.scale) for f in source.fields]
     return (*cols, Column(PARTITION_COL, "int32", nullable=False), Column(OFFSET_COL, "integer", nullable=False),
             Column(INGEST_COL, "timestamp", nullable=False))
 
@@ -71,13 +81,16 @@ def rejected_columns() -> tuple[Column, ...]:
 def view_columns(source: Source, view: View) -> tuple[Column, ...]:
     """Stored columns of a view (batch layout; speed adds its position columns in front)."""
     fields = source.field_map
-    cols = [Column(k, fields[k].type) for k in view.keys]
+    cols = [Column(k, fields[k].type, scale=fields[k].scale) for k in view.keys]
     cols.append(Column(WINDOW_START, "timestamp", nullable=False))
     for a in view.stored_aggregates:
-        if a.kind in ("count", "sum"):
-            cols.append(Column(a.name, "integer", nullable=a.kind != "count"))
+        if a.kind == "count":
+            cols.append(Column(a.name, "integer", nullable=False))
+        elif a.kind == "sum":  # an integer or decimal sum is an int64 (decimal: scaled), a number sum a float64
+            f = fields[a.column]
+            cols.append(Column(a.name, f.type, scale=f.scale, total=True))
         else:
-            cols.append(Column(a.name, fields[a.column].type))
+            cols.append(Column(a.name, fields[a.column].type, scale=fields[a.column].scale))
     return tuple(cols)
 
 

@@ -22,7 +22,12 @@ Rules (documented contract; the test oracle re-implements them independently):
    that a ``window_start`` (the instant floored to a view's bucket, at most
    :data:`lambdalake.pipeline.MAX_BUCKET` = 365 days) never falls before year 1 either. Stored as UTC
    microseconds since the epoch.
-7. Unknown extra fields are allowed and ignored.
+7. Decimals (``Field.decimal(name, scale=s)``): a JSON number (not a string) whose exact value, read from the
+   number as written (``1.5e1`` is 15), has at most ``s`` fractional digits (trailing zeros do not count: ``1.50``
+   is valid at scale 1, ``1.55`` is not) and at most 18 digits in all once scaled; stored as the integer
+   value x 10^s. Booleans: JSON ``true``/``false`` only. Numbers (``Field.number``): any JSON number (integer or
+   not), stored as the nearest float64.
+8. Unknown extra fields are allowed and ignored.
 
 ``validate`` never raises for any input bytes: it returns :class:`Valid` or :class:`Invalid` (with a reason a
 human can act on).
@@ -47,26 +52,26 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
 import orjson
 
-from lambdalake.pipeline import MAX_BUCKET, Field, Source
+from lambdalake.pipeline import DECIMAL_DIGITS, MAX_BUCKET, Field, Source, decimal_units, field_doc
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 # The meaning of the rules above, as a number: raise it whenever a change of this module can turn a verdict (as
 # 2 did: any number of fraction digits accepted, the supported instant range). Part of :func:`rules_fingerprint`.
-RULES_VERSION = 2
+RULES_VERSION = 2  # decimal/boolean/number (rule 7) added no verdict to fields of the older types
 
 
 def rules_fingerprint(source: Source) -> str:
     """Identity of the rules a message of ``source`` is judged by: its declared fields (types and every rule) and
     :data:`RULES_VERSION`. The archiver records it with each range's rejected messages; the batch job re-validates
     rejected messages only where the declared fingerprint differs (a loosened rule can make them valid)."""
-    doc = {"rules": RULES_VERSION, "fields": [asdict(f) for f in source.fields]}
+    doc = {"rules": RULES_VERSION, "fields": [field_doc(f) for f in source.fields]}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 _RFC3339 = re.compile(
@@ -169,6 +174,19 @@ def _field_checker(f: Field) -> Callable[[Any], str | None]:
             return None
 
         return check_str
+    if f.type == "boolean":
+
+        def check_bool(v: Any) -> str | None:
+            return None if type(v) is bool else f"field {name!r}: expected boolean, got {_json_type(v)}"
+
+        return check_bool
+    if f.type in ("number", "decimal"):
+        what = "number" if f.type == "number" else "decimal number"
+
+        def check_num(v: Any) -> str | None:
+            return None if type(v) in (int, float) else f"field {name!r}: expected {what}, got {_json_type(v)}"
+
+        return check_num
     if f.type == "timestamp":
 
         def check_ts(v: Any) -> str | None:
@@ -178,6 +196,11 @@ def _field_checker(f: Field) -> Callable[[Any], str | None]:
 
         return check_ts
     raise AssertionError(f"unknown field type {f.type}")
+
+
+def decimal_reason(name: str, text: str, scale: int) -> str:
+    return (f"field {name!r}: {text[:40]} is not a decimal with at most {scale} fractional digits and "
+            f"{DECIMAL_DIGITS} digits in all")
 
 
 def _json_type(v: Any) -> str:
@@ -205,6 +228,8 @@ class ReferenceValidator:
         self.source = source
         self._fields = [(f.name, f.required, f.nullable, f.type == "timestamp", _field_checker(f))
                         for f in source.fields]
+        self._scales = {f.name: f.scale for f in source.fields if f.type == "decimal"}
+        self._numbers = frozenset(f.name for f in source.fields if f.type == "number")
 
     def __call__(self, value: bytes | None) -> Verdict:
         try:
@@ -228,6 +253,7 @@ class ReferenceValidator:
         if type(doc) is not dict:
             return Invalid(f"expected a JSON object, got {_json_type(doc)}")
         record: dict[str, Any] = {}
+        raw: dict[str, msgspec.Raw] | None = None
         for name, required, nullable, is_ts, check in self._fields:
             if name not in doc:
                 if required:
@@ -251,6 +277,18 @@ class ReferenceValidator:
                     return Invalid(f"field {name!r}: {v[:60]!r} is outside the supported range "
                                    f"{SUPPORTED_RANGE} (UTC)")
                 v = us
+            elif name in self._scales:
+                if type(v) is float and (v != v or v in (float("inf"), float("-inf"))):
+                    return Invalid(f"field {name!r}: not a finite number")
+                if raw is None:  # the number as written: orjson's float has lost the exact digits
+                    raw = msgspec.json.decode(value, type=dict[str, msgspec.Raw])
+                text = bytes(raw[name]).decode()
+                units = decimal_units(text, self._scales[name])  # type: ignore[arg-type]
+                if units is None:
+                    return Invalid(decimal_reason(name, text, self._scales[name]))  # type: ignore[arg-type]
+                v = units
+            elif type(v) is int and name in self._numbers:
+                v = float(v)
             record[name] = v
         return Valid(record)
 
@@ -265,6 +303,12 @@ def _field_type(f: Field) -> Any:
     elif f.type == "string":
         # patterns are checked after decoding: msgspec searches, the rules fully match
         t = Annotated[str, msgspec.Meta(min_length=f.min_length, max_length=f.max_length)]
+    elif f.type == "boolean":
+        t = bool
+    elif f.type == "number":
+        t = float  # msgspec reads an integer literal as the nearest double too, and refuses one beyond a double
+    elif f.type == "decimal":
+        return msgspec.Raw  # the number as written (null included), read after decoding (Validator)
     else:
         t = str  # parsed after decoding, where msgspec's RFC 3339 reading equals the rules' (see below)
     return t | None if (f.nullable or not f.required) else t
@@ -289,6 +333,9 @@ def _msgspec_reads_like_the_rules(ts: str) -> bool:
     return end - dot - 1 <= 6
 
 
+_NUMBER_START = frozenset(b"-0123456789"[i:i + 1] for i in range(11))
+
+
 class Validator:
     """Compiled validator for one source; call it with the message value bytes (see the module docstring).
 
@@ -305,6 +352,8 @@ class Validator:
         self._decode = msgspec.json.Decoder(self.struct).decode
         self._patterns = [(f.name, re.compile(f.pattern).fullmatch) for f in source.fields if f.pattern]
         self._timestamps = [f.name for f in source.fields if f.type == "timestamp"]
+        self._decimals = [(f.name, f.scale, f.nullable or not f.required) for f in source.fields
+                          if f.type == "decimal"]
 
     def __call__(self, value: bytes | None) -> Verdict:
         try:
@@ -320,6 +369,22 @@ class Validator:
                     if not FIRST_INSTANT_US <= us <= LAST_INSTANT_US:
                         return self.reference(value)
                     record[name] = us
+            for name, scale, null_ok in self._decimals:
+                r = record[name]
+                if r is None:
+                    continue
+                text = bytes(r)
+                if text == b"null":
+                    if not null_ok:
+                        return self.reference(value)
+                    record[name] = None
+                    continue
+                if text[:1] not in _NUMBER_START:
+                    return self.reference(value)
+                units = decimal_units(text.decode(), scale)
+                if units is None:
+                    return self.reference(value)
+                record[name] = units
         except Exception:  # noqa: BLE001 - not accepted by the fast path: the reference path decides and says why
             return self.reference(value)
         for name, fullmatch in self._patterns:

@@ -143,15 +143,15 @@ def _build(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setting
         if served.block:
             _check_speed_blocks(con, speed, view, served)
         watermark = served.topic_watermark(source.topic)
-        con.execute(f"CREATE VIEW main.{ident(view.name)} AS {merged_view_sql(view, batch, speed, watermark)}")
+        con.execute(f"CREATE VIEW main.{ident(view.name)} AS {merged_view_sql(view, batch, speed, watermark, source)}")
         view_rows.append(view_row(con, pipeline, plan, dataset.count_rows(), speed, batch_absent | speed_absent))
     for source in pipeline.sources:
         cols = master_columns(source)
         files = layout.master_files(source.name)  # THE valid-file rule (an interrupted compaction counts once)
         for m in files:
             layout.inside(m.path)  # never a symlink out of the lake
-        sql = typed_select(cols, _parquet_list([m.path for m in files], union_by_name=True)) if files else \
-            empty_select(cols)
+        sql = typed_select(cols, _parquet_list([m.path for m in files], union_by_name=True), presented=True) \
+            if files else empty_select(cols, presented=True)
         con.execute(f"CREATE VIEW master.{ident(source.name)} AS {sql}")
     _install_metadata(con, pipeline, settings, pair, view_rows)
     con.execute("COMMIT")

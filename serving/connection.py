@@ -523,12 +523,12 @@ def _install(con: duckdb.DuckDBPyConnection, binding: _Binding, pair: PublishedP
             if plan.pair.block:
                 _check_speed_blocks(con, speed, view, plan.pair)
             con.execute(f"CREATE VIEW {db}.main.{ident(view.name)} AS "
-                        f"{merged_view_sql(view, batch, speed, watermark)}")
+                        f"{merged_view_sql(view, batch, speed, watermark, source)}")
             view_rows.append(view_row(con, pipeline, plan, batch_rows, speed, batch_absent | speed_absent))
         for source in pipeline.sources:
             reg = masters[source.name]
             con.execute(f"CREATE VIEW {db}.master.{ident(source.name)} AS "
-                        f"{typed_select(master_columns(source), _guarded(reg, texts[reg]))}")
+                        f"{typed_select(master_columns(source), _guarded(reg, texts[reg]), presented=True)}")
         _install_metadata(con, pipeline, settings, pair, view_rows, catalog)
         con.execute(f"DETACH {db}")
         attached = False
@@ -561,7 +561,7 @@ def install_refused(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, plan: Vi
     con.execute(f"CREATE OR REPLACE {batch_kind} {batch} AS {empty_select(view_columns(source, view))}")
     con.execute(f"CREATE OR REPLACE TABLE {speed} AS {empty_select(speed_view_columns(source, view))}")
     con.execute(f"CREATE OR REPLACE VIEW {db}main.{ident(view.name)} AS "
-                f"{refusing_select(merged_view_sql(view, batch, speed, {}), str(plan.message))}")
+                f"{refusing_select(merged_view_sql(view, batch, speed, {}, source), str(plan.message))}")
     return view_row(con, pipeline, plan, None, speed)
 
 

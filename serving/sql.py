@@ -24,11 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lambdalake.pipeline import WINDOW_START, Aggregate, Mean, View
-from lambdalake.schema import BLOCK_COL, PARTITION_COL, Column
+from lambdalake.pipeline import WINDOW_START, Aggregate, Mean, Source, View
+from lambdalake.schema import BLOCK_COL, PARTITION_COL, Column, view_columns
 
 # The DuckDB type of each logical type of lambdalake.schema (the engine's one type table).
-DUCKDB_TYPES = {"string": "VARCHAR", "integer": "BIGINT", "timestamp": "TIMESTAMPTZ", "int32": "INTEGER"}
+DUCKDB_TYPES = {"string": "VARCHAR", "integer": "BIGINT", "timestamp": "TIMESTAMPTZ", "int32": "INTEGER",
+                "decimal": "BIGINT", "boolean": "BOOLEAN", "number": "DOUBLE"}
 
 Columns = Sequence[Column]
 # Functions in generated SQL are qualified with the built-in catalog: a user's TEMP MACRO named like one (``sum``)
@@ -50,20 +51,24 @@ def duckdb_type(column: Column) -> str:
     return DUCKDB_TYPES[column.type]
 
 
-def typed_select(columns: Columns, relation: str, absent: frozenset[str] | set[str] = frozenset()) -> str:
+def typed_select(columns: Columns, relation: str, absent: frozenset[str] | set[str] = frozenset(), *,
+                 presented: bool = False) -> str:
     """SELECT every column of ``relation`` cast to its contract type (published files are checked, not trusted).
 
     Columns named in ``absent`` are NULL of their type (a stale answer from pieces of an earlier definition that
-    did not store them).
+    did not store them). ``presented``: as served to users (decimals as SQL decimals, :func:`present`).
     """
-    cols = ", ".join(f"CAST({'NULL' if c.name in absent else ident(c.name)} AS {duckdb_type(c)}) AS {ident(c.name)}"
-                     for c in columns)
+    shown = present if presented else _as_is
+    cols = ", ".join(
+        shown(f"CAST({'NULL' if c.name in absent else ident(c.name)} AS {duckdb_type(c)})", c) + f" AS {ident(c.name)}"
+        for c in columns)
     return f"SELECT {cols} FROM {relation}"
 
 
-def empty_select(columns: Columns) -> str:
-    """A relation with ``columns`` and no rows."""
-    cols = ", ".join(f"CAST(NULL AS {duckdb_type(c)}) AS {ident(c.name)}" for c in columns)
+def empty_select(columns: Columns, *, presented: bool = False) -> str:
+    """A relation with ``columns`` and no rows (``presented``: typed as served, see :func:`typed_select`)."""
+    shown = present if presented else _as_is
+    cols = ", ".join(shown(f"CAST(NULL AS {duckdb_type(c)})", c) + f" AS {ident(c.name)}" for c in columns)
     return f"SELECT {cols} WHERE false"
 
 
@@ -85,31 +90,55 @@ def speed_visible_predicate(watermark: dict[int, int]) -> str:
     return f"{BLOCK_COL} >= CASE {PARTITION_COL} {cases} ELSE 0 END"
 
 
-def _merge_expr(a: Aggregate) -> str:
+def present(expr: str, column: Column) -> str:
+    """How a stored column is served: a decimal (stored as its scaled integer) as ``DECIMAL(18, scale)`` — a sum as
+    ``DECIMAL(38, scale)`` — computed exactly (integer times a decimal unit); every other type as stored."""
+    if column.type != "decimal":
+        return expr
+    p, s = (38 if column.total else 18), int(column.scale or 0)
+    unit = "1" if s == 0 else "0." + "0" * (s - 1) + "1"
+    return f"CAST(CAST({expr} AS DECIMAL({p}, 0)) * CAST({literal(unit)} AS DECIMAL({p}, {s})) AS DECIMAL({p}, {s}))"
+
+
+def _as_is(expr: str, column: Column) -> str:
+    return expr
+
+
+def _merge_expr(a: Aggregate, column: Column) -> str:
     col = ident(a.name)
+    if a.merge == "sum" and column.type == "number":  # float64 partial sums add as DOUBLE
+        return f"{FN}sum({col}) AS {col}"
     if a.merge == "sum":  # DuckDB widens sum(BIGINT) to HUGEINT; partial counts/sums are int64 by contract
         return f"CAST({FN}sum({col}) AS BIGINT) AS {col}"
     return f"{FN}{a.merge}({col}) AS {col}"
 
 
-def _output_expr(a: Aggregate | Mean, means: dict[str, Mean]) -> str:
+def _output_expr(a: Aggregate | Mean, means: dict[str, Mean], columns: dict[str, Column]) -> str:
     if isinstance(a, Mean):
         m = means[a.name]
-        return (f"CAST({ident(m.sum_name)} AS DOUBLE) / {FN}nullif({ident(m.count_name)}, 0) AS {ident(m.name)}")
-    return ident(a.name)
+        total = f"CAST({ident(m.sum_name)} AS DOUBLE)"
+        scale = columns[m.sum_name].scale if columns[m.sum_name].type == "decimal" else 0
+        if scale:  # a decimal sum is stored scaled
+            total = f"({total} / 1e{int(scale)})"
+        return f"{total} / {FN}nullif({ident(m.count_name)}, 0) AS {ident(m.name)}"
+    return f"{present(ident(a.name), columns[a.name])} AS {ident(a.name)}"
 
 
-def merged_view_sql(view: View, batch: str, speed: str, watermark: dict[int, int]) -> str:
-    """The SELECT of a merged view over the typed relations ``batch`` and ``speed`` (names or subqueries).
+def merged_view_sql(view: View, batch: str, speed: str, watermark: dict[int, int], source: Source) -> str:
+    """The SELECT of a merged view over the typed relations ``batch`` and ``speed`` (names or subqueries) of
+    ``source``'s view: partial aggregates merge as stored (decimals as scaled integers), then decimals are
+    presented as SQL decimals (:func:`present`).
 
     Output columns are exactly ``view.output_columns``, in order.
     """
+    columns = {c.name: c for c in view_columns(source, view)}
     group = [ident(k) for k in view.keys] + [ident(WINDOW_START)]
     stored = [ident(a.name) for a in view.stored_aggregates]
     part_cols = ", ".join(group + stored)
-    merged = ", ".join(group + [_merge_expr(a) for a in view.stored_aggregates])
+    merged = ", ".join(group + [_merge_expr(a, columns[a.name]) for a in view.stored_aggregates])
     means = {m.name: m for m in view.means}
-    outs = ", ".join(group + [_output_expr(a, means) for a in view.aggregates])
+    outs = ", ".join([f"{present(ident(k), columns[k])} AS {ident(k)}" for k in view.keys] + [ident(WINDOW_START)]
+                     + [_output_expr(a, means, columns) for a in view.aggregates])
     return (
         f"SELECT {outs} FROM (\n"
         f"  SELECT {merged} FROM (\n"

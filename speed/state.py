@@ -16,7 +16,9 @@ and a snapshot re-encodes sealed blocks from columnar memory instead of rebuildi
 
 Aggregate semantics (the same as SQL, which the batch and oracle engines use): ``count`` counts events; ``sum``,
 ``min`` and ``max`` ignore nulls and stay null while every value seen is null. Window start is the event time floored
-to the view's bucket (floor also for times before 1970).
+to the view's bucket (floor also for times before 1970). A view's filter (``View.where``) is compiled into the
+same generated code: an event it does not hold for changes nothing of that view. Decimals are added as their scaled
+integers (exact); numbers as Python floats (float64, in offset order).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import pyarrow.compute as pc
 
 from lambdalake.exceptions import InvariantViolation
 from lambdalake.handoff import speed_block_prunable
-from lambdalake.pipeline import Pipeline, Source, View
+from lambdalake.pipeline import Pipeline, Predicate, Source, View, resolve_predicate
 from lambdalake.schema import BLOCK_COL, PARTITION_COL, TS_TYPE, arrow_schema, speed_view_columns
 
 # Segments of one partition are concatenated into one table once there are this many (bounds per-snapshot work).
@@ -44,18 +46,39 @@ def view_schema(view: View, source: Source) -> pa.Schema:
     return arrow_schema(speed_view_columns(source, view))
 
 
+def predicate_code(pred: Predicate, var: dict[str, str]) -> str:
+    """A Python expression of a resolved filter (:meth:`lambdalake.pipeline.Pipeline.where`) over the local
+    variables ``var[field]``: a comparison or ``in`` on a null field is False, ``and``/``or`` are two-valued.
+    Constants are stored values (ints, floats, bools, strings) written with ``repr``."""
+    if pred.op in ("and", "or"):
+        return "(" + f" {pred.op} ".join(predicate_code(a, var) for a in pred.args) + ")"
+    x = var[pred.field]  # type: ignore[index]
+    if pred.op == "is_null":
+        return f"({x} is None)"
+    if pred.op == "not_null":
+        return f"({x} is not None)"
+    for c in pred.values:
+        if type(c) not in (int, float, bool, str):
+            raise InvariantViolation(f"filter constant {c!r} of field {pred.field!r} is not a stored value")
+    if pred.op == "in":  # a tuple, not a set: True == 1 and 1.0 == 1 would merge in a set of mixed constants
+        return f"({x} is not None and {x} in {tuple(pred.values)!r})"
+    op = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}[pred.op]
+    return f"({x} is not None and {x} {op} {pred.values[0]!r})"
+
+
 def compile_updater(source: Source, views: Iterable[View]) -> Updater:
     """Build ``update(record, rows_per_view)`` for all views of ``source`` from their declarations.
 
     ``record`` is a validated event (:class:`lambdalake.validation.Valid` ``.record``); ``rows_per_view[i]`` is the
     open-block dict of view ``i``. Field names are inserted with ``repr`` (and match a strict identifier pattern
-    already, see :mod:`lambdalake.pipeline`), so the generated code cannot be injected into.
+    already, see :mod:`lambdalake.pipeline`), so the generated code cannot be injected into. A view with a filter
+    (``View.where``, its constants resolved to stored values against ``source``) only sees the events it holds for.
     """
     views = list(views)
     fields = source.field_map
     needed: list[str] = []
     for v in views:
-        for name in (*v.keys, *(a.column for a in v.stored_aggregates if a.column)):
+        for name in v.input_fields:
             if name not in needed:
                 needed.append(name)
     var = {name: f"f{i}" for i, name in enumerate(needed)}
@@ -84,9 +107,15 @@ def compile_updater(source: Source, views: Iterable[View]) -> Updater:
                 cond = (f"{x} is not None and (a[{j}] is None or {x} {op} a[{j}])" if maybe_null[a.column]
                         else f"{x} {op} a[{j}]")
                 merge += [f"if {cond}:", f"    a[{j}] = {x}"]
-        lines += [f"    d = rows[{vi}]", f"    k = {key}", "    a = d.get(k)", "    if a is None:",
-                  f"        d[k] = [{', '.join(init)}]", "    else:"]
-        lines += ["        " + m for m in merge]
+        body = [f"d = rows[{vi}]", f"k = {key}", "a = d.get(k)", "if a is None:",
+                f"    d[k] = [{', '.join(init)}]", "else:"]
+        body += ["    " + m for m in merge]
+        indent = "    "
+        if v.where is not None:
+            where = resolve_predicate(v.where, source, f"view {v.name!r}")
+            lines.append(f"    if {predicate_code(where, var)}:")
+            indent = "        "
+        lines += [indent + b for b in body]
     code = "\n".join(lines) + "\n"
     namespace: dict = {}
     exec(compile(code, f"<speed updater for source {source.name}>", "exec"), namespace)  # noqa: S102

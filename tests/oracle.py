@@ -21,6 +21,8 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from fractions import Fraction
 
 import duckdb
 import pyarrow as pa
@@ -71,12 +73,31 @@ def read_log(bootstrap: str, topics: list[str], timeout: float = 60.0) -> list[L
 
 
 # --- the documented validation rules, re-implemented -------------------------------------------------------------
+class _Literal(float):
+    """A JSON number that is not a 64-bit integer, remembering how it was written (decimal fields read that)."""
+
+    text: str
+
+
 def _finite_float(text: str) -> float:
     """Rule 2: every number must fit a double (``1e400`` is not a number of this contract)."""
     v = float(text)
     if v in (float("inf"), float("-inf")):
         raise ValueError(f"number {text[:20]} overflows a double")
-    return v
+    lit = _Literal(v)
+    lit.text = text
+    return lit
+
+
+def decimal_units(v, scale: int) -> int | None:
+    """Rule 7 (decimals): the JSON number ``v`` times 10^scale if that is an integer of at most 18 digits."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    exact = Fraction(v) if isinstance(v, int) else Fraction(Decimal(v.text))
+    units = exact * 10 ** scale
+    if units.denominator != 1 or abs(units.numerator) >= 10 ** 18:
+        return None
+    return units.numerator
 
 
 def _json_int(text: str) -> int | float:
@@ -159,6 +180,19 @@ def parse_event(source, value: bytes | None) -> dict | None:
             v = _ts_us(v)
             if v is None:
                 return None
+        elif f.type == "boolean":
+            if not isinstance(v, bool):
+                return None
+        elif f.type == "number":
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                return None
+            v = float(v)
+        elif f.type == "decimal":
+            v = decimal_units(v, f.scale)
+            if v is None:
+                return None
+        else:
+            raise AssertionError(f"oracle: unknown field type {f.type}")
         out[f.name] = v
     return out
 
@@ -174,10 +208,14 @@ def _events_table(con, source, messages: list[LogMessage], below: dict | None) -
         ev = parse_event(source, m.value)
         if ev is None:
             continue
-        rows.append([m.partition, m.offset] + [ev[f.name] for f in source.fields])
-    types = {"integer": pa.int64(), "string": pa.string(), "timestamp": pa.int64()}
+        rows.append([m.partition, m.offset] + [
+            Decimal(ev[f.name]).scaleb(-f.scale) if f.type == "decimal" and ev[f.name] is not None else ev[f.name]
+            for f in source.fields])
+    types = {"integer": pa.int64(), "string": pa.string(), "timestamp": pa.int64(), "boolean": pa.bool_(),
+             "number": pa.float64()}
     schema = pa.schema([("_partition", pa.int32()), ("_offset", pa.int64())]
-                       + [(f.name, types[f.type]) for f in source.fields])
+                       + [(f.name, pa.decimal128(38, f.scale) if f.type == "decimal" else types[f.type])
+                          for f in source.fields])
     arrow = pa.Table.from_arrays([pa.array([r[i] for r in rows], schema.field(i).type) for i in range(len(cols))],
                                  schema=schema)
     con.register(f"arrow_{source.name}", arrow)
@@ -201,7 +239,8 @@ def oracle_views(pipeline, messages: list[LogMessage], below: dict[tuple[str, in
     """Rows of every view (columns ``view.output_columns``, sorted), over valid deduplicated events.
 
     ``below``: only events at offsets < W[(topic, partition)] (partitions not listed contribute nothing).
-    ``window_start`` is returned as microseconds since the epoch (UTC); means as floats.
+    ``window_start`` is returned as microseconds since the epoch (UTC); means as floats; decimals as ``Decimal``.
+    A view's filter is read from its declaration and written as SQL here (:func:`_where_sql`).
     """
     con = duckdb.connect()
     tables = {s.name: _events_table(con, s, messages, below) for s in pipeline.sources}
@@ -214,14 +253,52 @@ def oracle_views(pipeline, messages: list[LogMessage], below: dict[tuple[str, in
         for a in v.aggregates:
             kind = getattr(a, "kind", "mean")
             col = f'"{a.column}"' if a.column else None
-            expr = {"count": "count(*)", "sum": f"sum({col})::BIGINT", "min": f"min({col})", "max": f"max({col})",
+            ftype = src.field_map[a.column].type if a.column else None
+            total = {"integer": f"sum({col})::BIGINT", "number": f"sum({col})::DOUBLE"}.get(ftype, f"sum({col})")
+            expr = {"count": "count(*)", "sum": total, "min": f"min({col})", "max": f"max({col})",
                     "mean": f"avg({col})::DOUBLE"}[kind]
             sel.append(f'{expr} AS "{a.name}"')
         keys = ", ".join([f'"{k}"' for k in v.keys] + ["window_start"])
-        sql = f"SELECT {', '.join(sel)} FROM {tables[src.name]} GROUP BY {keys} ORDER BY {keys}"
+        where = "" if v.where is None else f"WHERE {_where_sql(v.where, src)}"
+        sql = f"SELECT {', '.join(sel)} FROM {tables[src.name]} {where} GROUP BY {keys} ORDER BY {keys}"
         out[v.name] = [tuple(r) for r in con.execute(sql).fetchall()]
     con.close()
     return out
+
+
+def _constant_sql(field, value) -> str:
+    """A filter constant of the declaration as SQL over the oracle's events table."""
+    if field.type == "timestamp":
+        text = value.isoformat() if isinstance(value, datetime) else value
+        us = _ts_us(text)
+        assert us is not None, f"oracle: bad timestamp constant {value!r}"
+        return str(us)
+    if field.type == "decimal":
+        return f"CAST('{Decimal(value)}' AS DECIMAL(38, {field.scale}))"
+    if field.type == "string":
+        return "'" + value.replace("'", "''") + "'"
+    if field.type == "boolean":
+        return "TRUE" if value else "FALSE"
+    if field.type == "number":
+        return f"CAST('{float(value)!r}' AS DOUBLE)"
+    return str(int(value))
+
+
+def _where_sql(pred, source) -> str:
+    """The documented filter semantics: a comparison or ``in`` on a null field is false; and/or are two-valued."""
+    if pred.op in ("and", "or"):
+        return "(" + f" {pred.op.upper()} ".join(_where_sql(a, source) for a in pred.args) + ")"
+    f = source.field_map[pred.field]
+    col = f'"{f.name}"'
+    if pred.op == "is_null":
+        return f"({col} IS NULL)"
+    if pred.op == "not_null":
+        return f"({col} IS NOT NULL)"
+    vals = [_constant_sql(f, x) for x in pred.values]
+    if pred.op == "in":
+        return f"({col} IS NOT NULL AND {col} IN ({', '.join(vals)}))"
+    op = {"eq": "=", "ne": "<>", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}[pred.op]
+    return f"({col} IS NOT NULL AND {col} {op} {vals[0]})"
 
 
 def oracle_counts(pipeline, messages: list[LogMessage]) -> dict[str, dict[str, int]]:
@@ -265,9 +342,18 @@ def normalize_rows(rows) -> list[tuple]:
     return sorted((tuple(_norm(x) for x in r) for r in rows), key=lambda r: tuple((x is None, x) for x in r))
 
 
+def _close(x, y) -> bool:
+    if isinstance(x, float) and isinstance(y, float):
+        return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
+    return x == y
+
+
 def assert_rows_equal(actual, expected, view: str = "") -> None:
+    """Equal rows; floats (float sums, means) equal within a relative 1e-9: engines sum in different orders."""
     a, e = normalize_rows(actual), normalize_rows(expected)
     if a == e:
+        return
+    if len(a) == len(e) and all(len(x) == len(y) and all(map(_close, x, y)) for x, y in zip(a, e, strict=True)):
         return
     sa, se = set(a), set(e)
     missing, extra = sorted(se - sa, key=str)[:5], sorted(sa - se, key=str)[:5]

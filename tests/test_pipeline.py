@@ -42,7 +42,7 @@ def test_mean_without_declared_sum_and_count_adds_hidden_stored_columns():
     (View("v", source="events", keys=["color"], bucket=timedelta(hours=1), aggregates=[count("n")]),
      "not a field"),
     (View("v", source="events", keys=["kind"], bucket=timedelta(hours=1), aggregates=[sum_("s", "kind")]),
-     "needs an integer field"),
+     "needs an integer, decimal or number field"),
     (View("v", source="events", keys=["ts"], bucket=timedelta(hours=1), aggregates=[count("n")]), "timestamp"),
     (View("events", source="events", keys=["kind"], bucket=timedelta(hours=1), aggregates=[count("n")]),
      "duplicate"),
