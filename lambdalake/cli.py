@@ -38,6 +38,7 @@ app = typer.Typer(
     help="Lambda-architecture engine: Kafka log -> Parquet master + Spark batch views + speed layer -> DuckDB.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts show "[env NAME; default X]" literally (not as rich markup)
     add_completion=False,
 )
 kafka_app = typer.Typer(help="Run the embedded Apache Kafka broker (KRaft, single node).", no_args_is_help=True)

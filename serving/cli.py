@@ -254,6 +254,7 @@ def main(argv: list[str]) -> int:
     finally:
         if hook is not None:
             sys.meta_path.remove(hook)
-    app = typer.Typer(name="lambdalake", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+    app = typer.Typer(name="lambdalake", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                      rich_markup_mode=None)
     register(app)
     return run_app(app, argv, prog_name="lambdalake")
