@@ -8,10 +8,13 @@ object; none of them hard-codes a view.
 Mergeable aggregates (the closed set)::
 
     count()            number of events                      merge: add
-    sum_(column)       sum of an integer column              merge: add
+    sum_(column)       sum of an integer/decimal/number      merge: add (decimals as scaled integers: exact)
     min_(column)       minimum                               merge: min
     max_(column)       maximum                               merge: max
     mean(column)       derived: sum / count, never stored    recomputed after merging
+
+A view may keep only some events with a declarative filter (``where=``, see :class:`Predicate`). Field types:
+string, integer, timestamp, decimal (exact, stored as a scaled integer), boolean, number (float64).
 
 A view's *stored* columns are its mergeable aggregates plus hidden ones a mean needs (``__sum_<col>``,
 ``__count``) when the view does not declare them itself. Its *output* columns are the keys, ``window_start``

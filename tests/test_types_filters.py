@@ -241,7 +241,7 @@ json_value = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.
                        allow_infinity=False).map(repr), st.text(max_size=6).map(json.dumps))
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=timedelta(seconds=2))
+@settings(max_examples=250, suppress_health_check=[HealthCheck.too_slow], deadline=timedelta(seconds=2))
 @given(st.data())
 def test_fast_path_reference_and_oracle_agree_on_the_new_types(data):
     doc = order_docs(1, seed=data.draw(st.integers(0, 50)))[0]
@@ -319,10 +319,10 @@ def merged_rows(pipeline: Pipeline, log: list[LogMessage], batch_below: dict[int
 
 
 def test_speed_state_merged_with_batch_rows_equals_the_oracle():
-    log = as_log(order_values(1500), OL.topic)
+    log = as_log(order_values(900), OL.topic)
     expected = oracle_views(ORDERS, log)
     assert len(expected["sales_q1_daily"]) > 50 and len(expected["lines_by_flag_hourly"]) > 50
-    for below in ({0: 0, 1: 0}, {0: 300, 1: 500}, {0: 10_000, 1: 10_000}):  # speed only, a split, batch only
+    for below in ({0: 0, 1: 0}, {0: 300, 1: 200}, {0: 10_000, 1: 10_000}):  # speed only, a split, batch only
         got = merged_rows(ORDERS, log, below, block=100)
         for v in ORDERS.views:
             assert_rows_equal(got[v.name], expected[v.name], v.name)
@@ -435,6 +435,7 @@ def test_load_converts_parquet_columns_to_the_declared_types(tmp_path):
 # --- one integration test: real broker, archiver, Spark batch job, speed layer, serving --------------------------
 @pytest.mark.integration
 def test_order_lines_through_every_engine_equal_the_oracle(kafka_broker, lake, tmp_path, unique_suffix, spark):
+    from audit.check import audit
     from batch.archiver import ingest
     from batch.job import run_batch
     from lambdalake import connect
@@ -475,3 +476,6 @@ def test_order_lines_through_every_engine_equal_the_oracle(kafka_broker, lake, t
         assert types["weight_kg"] == "DOUBLE"
     finally:
         con.close()
+    # the audit's independent DuckDB recomputation agrees too (filters, decimals as served, float sums)
+    report = audit(cfg, pipe)
+    assert report.ok, report.to_dict()["differences"]

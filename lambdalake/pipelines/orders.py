@@ -2,7 +2,7 @@
 
 The README's example of a source declared directly with the richer field types (issue 15)::
 
-    lambdalake produce-file order_lines.csv --pipeline lambdalake.pipelines.orders --source order_lines
+    lambdalake load order_lines.csv --source order_lines --pipeline lambdalake.pipelines.orders
 """
 
 from datetime import timedelta
