@@ -23,8 +23,9 @@ Validity and dedup are the declared rules (:mod:`lambdalake.validation` for log 
 with the Airflow ``verify`` step). Views the pair does not serve under their declared definition (being rebuilt)
 are skipped with a note.
 
-Erasure (issue 13 §2, ``lambdalake forget``) does not exist yet: :func:`erased` is the hook every check already
-consults (offsets accounted as erased, subjects skipped by every recomputation) and returns nothing today.
+Erasure (``lambdalake forget``): :func:`erased` is what every check consults — offsets a master rewrite removed are
+accounted as erased (their copy in the DLQ topic stays until its retention: not a second place, but a rejected file
+still holding one is), and every recomputation skips the erased subjects.
 """
 
 from __future__ import annotations
@@ -147,10 +148,11 @@ class Erased:
 
 
 def erased(layout: Layout, source: Source) -> Erased:
-    """The erasures recorded for ``source``. Hook for ``lambdalake forget`` (issue 13 §2), which does not exist yet:
-    nothing is erased, so this returns nothing; once erasures are recorded, read them here and every check honours
-    them (log ↔ master accounting, and every recomputation skips the subjects)."""
-    return Erased()
+    """The erasures recorded for ``source`` (``lambdalake forget``, :mod:`lambdalake.erasure`): the offsets whose
+    message a master rewrite removed (accounted as erased), and the subjects every recomputation skips."""
+    from lambdalake.erasure import erased_offsets, erased_subjects
+
+    return Erased(offsets=erased_offsets(layout, source.name), subjects=erased_subjects(layout, source.name))
 
 
 def _not_erased_sql(source: Source, gone: Erased) -> str:
@@ -415,7 +417,8 @@ def check_log_master(report: AuditReport, source: Source, files: list[MasterFile
             n_dlq = in_dlq.get(o, 0)
             if not n_dlq and o in rejected_p:  # kept in the lake, its DLQ record is gone (DLQ retention?)
                 dlq_gone += 1
-            places = (o in held) + (n_dlq or o in rejected_p) + (o in gone_p)
+            erased_here = o in gone_p  # its DLQ record may remain (the topic's retention): not a second place
+            places = (o in held) + ((0 if erased_here else n_dlq) or (o in rejected_p)) + erased_here
             if places == 0:
                 report.differ(check, where, "archived offset is in none of master, DLQ, erased")
                 continue
@@ -439,7 +442,7 @@ def check_log_master(report: AuditReport, source: Source, files: list[MasterFile
                     report.differ(check, where, "master row differs from the log message: " + ", ".join(diffs))
                 if not validate(v).ok:
                     rejected_now += 1
-            elif n_dlq or o in rejected_p:
+            elif (n_dlq or o in rejected_p) and not erased_here:
                 kept = o in rejected_p
                 if kept and rejected_p[o] != v:
                     report.differ(check, where, "the rejected file holds other bytes than the log message")
@@ -533,8 +536,9 @@ def _check_lineage(report: AuditReport, pair: PublishedPair, source: Source) -> 
     from batch.master import sha256_file
 
     res = report.checks[MASTER_BATCH]
-    gone = 0
+    gone = rewritten = 0
     assert pair.manifest is not None
+    erased_inputs = _erased_inputs(pair.layout)
     for inp in pair.manifest.inputs:
         if inp.source != source.name:
             continue
@@ -544,13 +548,28 @@ def _check_lineage(report: AuditReport, pair: PublishedPair, source: Source) -> 
             continue
         res.add("inputs_checksummed", 1)
         size = path.stat().st_size
-        if size != inp.bytes or sha256_file(path) != inp.sha256:
+        if (inp.path, inp.sha256) in erased_inputs:
+            rewritten += 1
+        elif size != inp.bytes or sha256_file(path) != inp.sha256:
             report.differ(MASTER_BATCH, f"{pair.batch_version}/{source.name}",
                           f"master file {inp.path} changed since the batch version read it (now {size} bytes, "
                           f"the manifest recorded {inp.bytes} bytes and its sha256)")
+    if rewritten:
+        report.differ(MASTER_BATCH, f"{pair.batch_version}/{source.name}",
+                      f"{rewritten} master files batch version {pair.batch_version} read were rewritten by "
+                      "`lambdalake forget` since: its views still count the erased subjects until the next batch "
+                      "version")
     if gone:
         res.notes.append(f"{source.name}: {gone} master files batch version {pair.batch_version} read were "
                          "replaced by a compaction since (not checksummed; their rows are compared)")
+
+
+def _erased_inputs(layout: Layout) -> set[tuple[str, str]]:
+    """(path, sha256) of every master file version an erasure rewrote (``master/_log/*-erase-*``)."""
+    from lambdalake.erasure import erase_records, record_file
+
+    return {(str(record_file(layout, rec).relative_to(layout.home)), rec["old"]["sha256"])
+            for _, rec in erase_records(layout) if rec.get("status") == "done"}
 
 
 def _empty_master(con: Any, source: Source) -> str:

@@ -1,4 +1,5 @@
-"""CLI commands of the batch layer: ``ingest``, ``compact``, ``batch`` (mounted by :mod:`lambdalake.cli`)."""
+"""CLI commands of the batch layer: ``ingest``, ``compact``, ``batch``, ``forget`` (mounted by
+:mod:`lambdalake.cli`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def register(app: typer.Typer) -> None:
     app.command("ingest")(ingest_cmd)
     app.command("compact")(compact_cmd)
     app.command("batch")(batch_cmd)
+    app.command("forget")(forget_cmd)
 
 
 def ingest_cmd(
@@ -105,6 +107,57 @@ def compact_cmd(
                   f"({report.rows} rows, {report.groups} groups)")
     for r in report.records:
         console.print(f"  recorded {r}", highlight=False)
+
+
+def forget_cmd(
+    subjects: Annotated[list[str] | None, typer.Argument(metavar="VALUE...", help="Values of the source's key field "
+                                                         "(e.g. user ids) to forget.", show_default=False)] = None,
+    source: Annotated[str | None, typer.Option("--source", "-s", help="The source whose key field the values "
+                                               "are (required).", show_default=False)] = None,
+    pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
+) -> None:
+    """Forget subjects: record the request (topic lambdalake.erasures + the lake), rewrite the master files holding
+    their events without them (atomic, recorded under master/_log/), hide their rows from serving at once; the next
+    batch version and the speed layer correct the aggregates. Idempotent: run it again to resume. Prints how long
+    the log itself keeps the raw messages (its retention)."""
+    from batch.erase import forget
+    from lambdalake.config import require_existing_lake
+    from lambdalake.erasure import log_dropped_by
+
+    if not source:
+        raise ConfigError("--source is required: the source whose key field the values are, e.g. "
+                          "`lambdalake forget --source pageviews u42`")
+    if not subjects:
+        raise ConfigError("no subject given; pass one or more key values, e.g. `lambdalake forget --source "
+                          f"{source} u42`")
+    require_existing_lake(home)
+    ctx = context(pipeline, home, bootstrap)
+    report = forget(ctx.settings, ctx.pipeline, source, subjects)
+    key = ctx.pipeline.source(source).key
+    for rec in report.recovered:
+        console.print(f"recovered an interrupted rewrite: {rec}", highlight=False)
+    for r in report.requests:
+        what = (f"{r.messages_erased} archived messages erased" if r.messages_erased
+                else "no archived event of it: nothing rewritten (the request is recorded, so its events not "
+                     "archived yet are skipped too)")
+        console.print(f"forgot {key}={r.subject!r} of source {source!r}: {what}; stage: {r.stage}", highlight=False)
+    if report.files_rewritten:
+        console.print(f"rewrote {len(report.files_rewritten)} files ({report.master_rows} master rows, "
+                      f"{report.rejected_messages} rejected messages), recorded under master/_log/",
+                      highlight=False)
+    console.print("served rows of views keyed by the subject are gone now; aggregates are corrected by the next "
+                  "batch version and the speed layer's rebuild (see `lambdalake status`)", highlight=False)
+    if report.retention_error:
+        console.print(f"[yellow]warning:[/] could not read the topics' retention ({report.retention_error})")
+    for topic, conf in report.retention.items():
+        until = log_dropped_by(conf)
+        if until is None:
+            console.print(f"[yellow]the log keeps the raw messages:[/] topic {topic!r} has no retention limit "
+                          "(retention.ms=-1): Kafka never deletes them; set retention.ms on the topic (README, "
+                          "Forgetting a subject)", highlight=False)
+        else:
+            console.print(f"topic {topic!r}: retention.ms={conf['retention.ms']} -> Kafka will have deleted the raw "
+                          f"messages by {until.isoformat(timespec='seconds')}", highlight=False)
 
 
 def batch_cmd(

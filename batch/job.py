@@ -85,6 +85,7 @@ from batch.rejected import rejudged_files, write_revalidated
 from lambdalake import contracts
 from lambdalake.config import Settings, fix_handoff_block
 from lambdalake.contracts import BatchManifest, BatchView, InputFile, Positions
+from lambdalake.erasure import erased_subjects
 from lambdalake.exceptions import PipelineError
 from lambdalake.handoff import aligned_watermark
 from lambdalake.layout import Layout, MasterFile, current_batch_manifest
@@ -290,6 +291,9 @@ def deduplicated_events(spark, layout: Layout, source: Source, inputs: Inputs, c
     # W per partition as a literal map: rows of a file straddling W are cut at W
     wm_map = F.create_map(*[x for p, w in sorted(wm.items()) for x in (F.lit(p), F.lit(w).cast("long"))])
     df = df.where(F.col(OFFSET_COL) < wm_map[F.col(PARTITION_COL)])
+    gone = erased_subjects(layout, source.name)
+    if gone:  # forgotten subjects (lambdalake forget): never counted, also events archived after the request
+        df = df.where(F.col(source.key).isNull() | ~F.col(source.key).isin(sorted(gone)))
     valid = valid_rows(source)
     if valid is not None:  # before dedup: an invalid row neither counts nor shadows a later valid duplicate
         df = df.where(valid)
@@ -590,7 +594,8 @@ def _compute_source(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, s
     extra = None
     if inputs.rejudged.get(src.name):
         extra, revalidated[src.name] = write_revalidated(src, inputs.rejudged[src.name],
-                                                         inputs.watermark.of_topic(src.topic), scratch)
+                                                         inputs.watermark.of_topic(src.topic), scratch,
+                                                         skip=erased_subjects(layout, src.name))
         log.info("source %s: %d rejected messages valid under the declared rules", src.name, revalidated[src.name])
     ev = deduplicated_events(spark, layout, src, inputs, view_columns_needed(pipeline, src), extra)
     ev = ev.persist(StorageLevel.MEMORY_AND_DISK)

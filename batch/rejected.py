@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch.master import master_schema, master_table, rejected_rules
+from lambdalake.erasure import erased_subjects
 from lambdalake.layout import Layout, MasterFile
 from lambdalake.pipeline import Source
 from lambdalake.schema import INGEST_COL, OFFSET_COL, VALUE_COL
@@ -35,9 +36,11 @@ def rejudged_files(layout: Layout, source: Source, watermark: Mapping[int, int])
             if f.start < watermark.get(f.partition, 0) and rejected_rules(f.path) != declared]
 
 
-def revalidated_rows(source: Source, files: list[MasterFile], watermark: Mapping[int, int]) -> pa.Table:
+def revalidated_rows(source: Source, files: list[MasterFile], watermark: Mapping[int, int],
+                     skip: frozenset[str] = frozenset()) -> pa.Table:
     """Master rows (:func:`batch.master.master_schema`) of the messages in ``files`` below ``watermark`` that are
-    valid under ``source``'s declared rules, in (partition, offset) order."""
+    valid under ``source``'s declared rules, in (partition, offset) order; events of the subjects ``skip`` (erased:
+    :mod:`lambdalake.erasure`) left out."""
     validate = Validator(source)
     names = [f.name for f in source.fields]
     tables = [master_schema(source).empty_table()]
@@ -52,7 +55,7 @@ def revalidated_rows(source: Source, files: list[MasterFile], watermark: Mapping
             if off >= w:
                 break
             verdict = validate(value)
-            if verdict.ok:
+            if verdict.ok and verdict.record[source.key] not in skip:
                 for n in names:
                     cols[n].append(verdict.record[n])
                 offsets.append(off)
@@ -63,10 +66,10 @@ def revalidated_rows(source: Source, files: list[MasterFile], watermark: Mapping
 
 
 def write_revalidated(source: Source, files: list[MasterFile], watermark: Mapping[int, int],
-                      directory: Path) -> tuple[Path | None, int]:
+                      directory: Path, skip: frozenset[str] = frozenset()) -> tuple[Path | None, int]:
     """:func:`revalidated_rows` of ``files`` written to ``directory/<source>.parquet`` (master schema, readable with
     the master files): (that path or None when no message is valid now, how many are)."""
-    rows = revalidated_rows(source, files, watermark) if files else None
+    rows = revalidated_rows(source, files, watermark, skip) if files else None
     if rows is None or not rows.num_rows:
         return None, 0
     directory.mkdir(parents=True, exist_ok=True)
@@ -77,4 +80,5 @@ def write_revalidated(source: Source, files: list[MasterFile], watermark: Mappin
 
 def revalidated_file(layout: Layout, source: Source, watermark: Mapping[int, int], directory: Path) -> Path | None:
     """:func:`write_revalidated` of every rejected file of ``source`` to judge again below ``watermark``."""
-    return write_revalidated(source, rejudged_files(layout, source, watermark), watermark, directory)[0]
+    return write_revalidated(source, rejudged_files(layout, source, watermark), watermark, directory,
+                             erased_subjects(layout, source.name))[0]

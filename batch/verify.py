@@ -41,6 +41,7 @@ from batch.compact import master_readers_lock
 from batch.rejected import revalidated_file
 from lambdalake.config import Settings
 from lambdalake.contracts import BatchManifest, Positions
+from lambdalake.erasure import erased_subjects, not_erased_sql
 from lambdalake.exceptions import InvariantViolation
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import WINDOW_START, Pipeline, Predicate, Source, View, resolve_predicate
@@ -255,7 +256,8 @@ def verify_published(settings: Settings, pipeline: Pipeline) -> VerificationRepo
                 # rejected messages valid under the declared rules count too (a loosened rule, batch.rejected)
                 extra = revalidated_file(layout, src, wm, Path(scratch))
                 masters += [str(extra)] if extra else []
-                events = master_events_sql(src, masters, wm, valid[src.name]) if masters else None
+                keep = f"({valid[src.name]}) AND {not_erased_sql(_ident(src.key), erased_subjects(layout, src.name))}"
+                events = master_events_sql(src, masters, wm, keep) if masters else None
                 n_events = con.execute(f"SELECT count(*) FROM ({events})").fetchone()[0] if events else 0
                 recorded = manifest.events.get(src.name, n_events)
                 if recorded != n_events:

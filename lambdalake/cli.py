@@ -241,6 +241,13 @@ def status(
         views.add_row(v.view, v.declared, v.batch or "-", v.speed or "-",
                       v.state + (f" ({v.detail})" if v.detail else ""))
     console.print(views)
+    if st.erasures:  # lambdalake forget requests
+        forgotten = Table(title="erasures (lambdalake forget)")
+        for col in ("source", "subject", "requested", "stage", "messages erased"):
+            forgotten.add_column(col, justify="right" if col == "messages erased" else "left")
+        for e in st.erasures:
+            forgotten.add_row(e.source, e.subject, e.requested_at, e.stage, f"{e.messages_erased:,}")
+        console.print(forgotten)
     if st.dlq_total:
         console.print("DLQ totals: " + ", ".join(f"{t} {n(v)}" for t, v in st.dlq_total.items()))
     if st.kafka_error:

@@ -255,6 +255,32 @@ class SpeedPointer(msgspec.Struct):
     snapshot: str
 
 
+# --- erasure (lambdalake forget, :mod:`lambdalake.erasure`) ---------------------------------------------------------
+ERASURE_STAGES = ("received", "master rewritten", "batch corrected", "speed corrected", "complete")
+
+
+class ErasureRequest(msgspec.Struct, kw_only=True):
+    """``checkpoints/erasures/<source>/<id>.json``, and the value of the ``lambdalake.erasures`` record keyed
+    ``<source>/<subject>`` (a compacted topic): one subject (a value of the source's key field) to forget.
+
+    Written (stage ``received``) before anything is rewritten; ``master_rewritten_at`` once the master and rejected
+    files held no event of the subject; ``speed_corrected_at`` once the speed layer checkpointed state rebuilt without
+    it. "batch corrected" is derived (the published batch version read no master file the erasure rewrote).
+    """
+
+    id: str
+    source: str
+    subject: str
+    requested_at: str
+    requested_at_unix: float
+    master_rewritten_at: str | None = None
+    files_rewritten: list[str] = msgspec.field(default_factory=list)  # relative to the lake home
+    messages_erased: int = 0  # master rows + rejected messages removed
+    speed_corrected_at: str | None = None  # when every speed worker had (the last one to)
+    speed_workers_corrected: dict[str, str] = msgspec.field(default_factory=dict)  # worker ("" = root) -> when
+    stage: str = "received"  # as last recorded (lambdalake status derives the current one)
+
+
 # --- encode / decode -------------------------------------------------------------------------------------------------
 def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, Positions):

@@ -13,7 +13,7 @@ published state (pointers and manifests), never from a running process, so it is
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import psutil
 
@@ -73,6 +73,25 @@ def view_status(pipeline: Pipeline, manifest: BatchManifest | None, snap: SpeedS
 
 
 @dataclass
+class ErasureStatus:
+    """One ``lambdalake forget`` request and its stage (:mod:`lambdalake.erasure`)."""
+
+    id: str
+    source: str
+    subject: str
+    requested_at: str
+    stage: str  # received, master rewritten, batch corrected, speed corrected, complete
+    messages_erased: int
+
+
+def erasure_status(layout: Layout, manifest: BatchManifest | None) -> list[ErasureStatus]:
+    from lambdalake.erasure import read_requests, stage
+
+    return [ErasureStatus(r.id, r.source, r.subject, r.requested_at, stage(layout, r, manifest), r.messages_erased)
+            for r in read_requests(layout)]
+
+
+@dataclass
 class Status:
     pipeline: str
     bootstrap: str
@@ -87,6 +106,7 @@ class Status:
     views: list[ViewStatus]
     dlq_total: dict[str, int | None]
     errors: list[str]
+    erasures: list[ErasureStatus] = field(default_factory=list)  # lambdalake forget requests, oldest first
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -161,4 +181,4 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
         speed_created_at=None if snap is None else snap.created_at,
         speed_freshness_seconds=None if created is None else max(0.0, time.time() - created.timestamp()),
         speed_running_pid=speed_pid(layout), partitions=rows, views=view_status(pipeline, manifest, snap),
-        dlq_total=dlq_total, errors=errors)
+        dlq_total=dlq_total, errors=errors, erasures=erasure_status(layout, manifest))

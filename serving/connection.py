@@ -69,6 +69,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from lambdalake.config import Settings, load_settings, require_existing_lake
+from lambdalake.erasure import erased_subjects, not_erased_sql
 from lambdalake.exceptions import ConfigError
 from lambdalake.layout import Layout
 from lambdalake.pipeline import WINDOW_START, Pipeline, View, load_pipeline
@@ -522,13 +523,17 @@ def _install(con: duckdb.DuckDBPyConnection, binding: _Binding, pair: PublishedP
             con.execute(f"CREATE TABLE {speed} AS {typed_select(speed_cols, ident(speed_reg), speed_absent)}")
             if plan.pair.block:
                 _check_speed_blocks(con, speed, view, plan.pair)
-            con.execute(f"CREATE VIEW {db}.main.{ident(view.name)} AS "
-                        f"{merged_view_sql(view, batch, speed, watermark, source)}")
+            merged = merged_view_sql(view, batch, speed, watermark, source)
+            if source.key in view.keys and (gone := erased_subjects(layout, source.name)):
+                merged = f"SELECT * FROM ({merged}) WHERE {not_erased_sql(ident(source.key), gone)}"  # forgotten
+            con.execute(f"CREATE VIEW {db}.main.{ident(view.name)} AS {merged}")
             view_rows.append(view_row(con, pipeline, plan, batch_rows, speed, batch_absent | speed_absent))
         for source in pipeline.sources:
             reg = masters[source.name]
+            gone = erased_subjects(layout, source.name)  # events archived after a forget request: hidden too
             con.execute(f"CREATE VIEW {db}.master.{ident(source.name)} AS "
-                        f"{typed_select(master_columns(source), _guarded(reg, texts[reg]), presented=True)}")
+                        f"{typed_select(master_columns(source), _guarded(reg, texts[reg]), presented=True)}"
+                        + (f" WHERE {not_erased_sql(ident(source.key), gone)}" if gone else ""))
         _install_metadata(con, pipeline, settings, pair, view_rows, catalog)
         con.execute(f"DETACH {db}")
         attached = False

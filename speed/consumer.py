@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +38,7 @@ import pyarrow as pa
 from lambdalake.config import Settings, fix_handoff_block
 from lambdalake.contracts import SNAPSHOT_FORMAT, Positions, SpeedSnapshotMeta, SpeedView, utc_now_iso
 from lambdalake.dedup import DedupWindow
+from lambdalake.erasure import ErasureWatch
 from lambdalake.exceptions import LambdalakeError
 from lambdalake.layout import SPEED_COMPONENT, Layout
 from lambdalake.ownership import PartitionLocks, Share
@@ -164,6 +165,7 @@ class SpeedLayer:
         self._last_records = self._broker_checked = time.monotonic()
         self._broker_down_since: float | None = None
         self._pipeline_stamp = self._pipeline_file_stamp()
+        self.erasures = ErasureWatch(self.layout, pipeline)  # forgotten subjects: skipped, their views rebuilt
 
     # lifecycle ----------------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -261,12 +263,12 @@ class SpeedLayer:
         self._seq = self.store.next_seq()
         self._dirty = self.rebuild is not None or set(cp.views) != set(self.fingerprints)
 
-    def _adopt(self, have: dict[str, KeptRows]) -> None:
+    def _adopt(self, have: dict[str, KeptRows], force: Iterable[str] = ()) -> None:
         """Take over the rows ``have`` ({view: (fingerprint, rows)}, at the current positions) for the declared
         pipeline: views of the declared definition continue, changed and added ones are rebuilt from the log
         (the old rows are kept, frozen, until then), views no longer declared are dropped."""
         fps = self.fingerprints
-        current = [n for n, fp in fps.items() if n in have and have[n].fingerprint == fp]
+        current = [n for n, fp in fps.items() if n in have and have[n].fingerprint == fp and n not in force]
         changed = [v for v in self.pipeline.views if v.name not in current]
         self.states = build_states(self.pipeline, self.block, current)
         for topic, st in self.states.items():
@@ -381,6 +383,8 @@ class SpeedLayer:
             if now - last_pipeline_check >= opts.pipeline_check_interval:
                 last_pipeline_check = now
                 self._watch_pipeline()
+            if forgotten := self.erasures.poll(self.pipeline, rebuilding=self.rebuild is not None):
+                self.apply_pipeline(self.pipeline, rebuild=forgotten)  # lambdalake.erasure: replay without them
             if targets is not None and self.rebuild is None and self._caught_up(targets):
                 self.stats.caught_up = True
                 break
@@ -416,7 +420,8 @@ class SpeedLayer:
         got = apply_records(records, partition=partition, position=self.positions[key],
                             floor=self.pruned_to.get(key, 0), state=self.states[topic],
                             validate=self.validators[topic], window=self.windows[key],
-                            pending=self.new_ids[key].append, event_id=self.sources[topic].event_id)
+                            pending=self.new_ids[key].append, event_id=self.sources[topic].event_id,
+                            erased=self.erasures.subjects(topic))
         self.positions[key] = records[-1].offset + 1
         got.add_to(self.counters[topic])
         self.stats.messages += len(records)
@@ -545,6 +550,7 @@ class SpeedLayer:
                                    f"({type(exc).__name__}: {exc}); the last committed checkpoint "
                                    f"{self.last.id if self.last else '-'} stays in force") from exc
         self.last = cp
+        self.erasures.committed(cp)
         self.stats.checkpoints += 1
         self.stats.last_checkpoint_seconds = time.monotonic() - self._inflight_t0
         # 7. Lag monitoring only.
@@ -629,7 +635,7 @@ class SpeedLayer:
         self.notify(f"the pipeline file {spec} changed; applying it")
         self.apply_pipeline(new)
 
-    def apply_pipeline(self, new: Pipeline) -> None:
+    def apply_pipeline(self, new: Pipeline, rebuild: Iterable[str] = ()) -> None:
         """Run ``new`` from here on: unchanged views continue, changed and added ones are rebuilt from the log,
         removed ones are dropped (as on a restart with ``new``, without stopping)."""
         have: dict[str, KeptRows] = {}
@@ -652,7 +658,7 @@ class SpeedLayer:
                 del d[tp]
         for t in [t for t in self.counters if t not in self.sources]:
             del self.counters[t]
-        self._adopt(have)
+        self._adopt(have, force=rebuild)
         if set(self.sources) != topics_before and self._session is not None:
             self._assign()
         self._full_dedup = True

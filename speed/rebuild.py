@@ -28,6 +28,8 @@ import logging
 
 from lambdalake.config import Settings
 from lambdalake.dedup import DedupWindow
+from lambdalake.erasure import erased_subjects
+from lambdalake.layout import Layout
 from lambdalake.pipeline import Pipeline, View
 from lambdalake.session import LogSession, connect
 from lambdalake.validation import Validator
@@ -58,6 +60,8 @@ class Rebuild:
                                                if st.views}
         self.sources = {t: pipeline.source_for_topic(t) for t in self.states}
         self.validators = {t: Validator(s) for t, s in self.sources.items()}
+        layout = Layout(settings.home)  # forgotten subjects are never replayed (lambdalake.erasure)
+        self.erased = {t: erased_subjects(layout, s.name) for t, s in self.sources.items()}
         self.start: dict[TP, int] = {}
         self.positions: dict[TP, int] = {}
         self.windows: dict[TP, DedupWindow] = {}
@@ -124,7 +128,8 @@ class Rebuild:
             got = apply_records(records, partition=tp.partition, position=self.positions[key],
                                 floor=pruned_to.get(key, 0), state=self.states[tp.topic],
                                 validate=self.validators[tp.topic], window=self.windows[key],
-                                pending=_ignore, event_id=self.sources[tp.topic].event_id)
+                                pending=_ignore, event_id=self.sources[tp.topic].event_id,
+                                erased=self.erased[tp.topic])
             self.positions[key] = records[-1].offset + 1
             got.add_to(self.counters[tp.topic])
             applied += len(records)

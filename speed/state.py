@@ -341,10 +341,14 @@ class Applied:
 
 
 def apply_records(records: list, *, partition: int, position: int, floor: int, state: SourceState,
-                  validate: Callable, window, pending: Callable[[tuple[int, str]], None], event_id: str) -> Applied:
+                  validate: Callable, window, pending: Callable[[tuple[int, str]], None], event_id: str,
+                  erased: frozenset[str] = frozenset()) -> Applied:
     """The hot loop, shared by the live consumer and a rebuild: validate, dedup, aggregate one partition's records
     (in offset order). Offsets below ``position`` are skipped (never applied twice); offsets below ``floor`` (the
-    handed-off batch watermark) only fill the dedup window ``window`` (first occurrences go to ``pending`` too)."""
+    handed-off batch watermark) only fill the dedup window ``window`` (first occurrences go to ``pending`` too).
+    Events of the subjects ``erased`` (forgotten, :mod:`lambdalake.erasure`) are skipped before dedup, as the batch
+    side (whose master no longer holds them) skips them."""
+    subject = state.source.key
     seen = window.seen
     update = state.update
     block = state.block
@@ -361,6 +365,8 @@ def apply_records(records: list, *, partition: int, position: int, floor: int, s
                 invalid += 1
             continue
         rec = v.record
+        if erased and rec[subject] in erased:
+            continue
         eid = rec[event_id]
         if seen(eid, o):
             if o >= floor:

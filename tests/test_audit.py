@@ -211,3 +211,11 @@ def test_offset_accounting_without_a_broker(tmp_path, clickstream):
     assert {d.subject for d in twice.differences} == {f"pageviews[0]@{bad[0]}", f"pageviews[0]@{ok[0]}"}
     other = {0: {**rejected[0], bad[0]: b"{}"}}
     assert run(bad, other).differences[0].detail == "the rejected file holds other bytes than the log message"
+
+
+def test_forget_then_audit_passes(lake, spark, monkeypatch, capfd):
+    """LAST in this module (it changes the lake): ``lambdalake forget`` on this lake, then the next batch and speed
+    rebuild, and the audit passes with the erased offsets accounted (tests/test_forget.py)."""
+    from tests.test_forget import forget_scenario
+
+    forget_scenario(*lake, spark, monkeypatch, capfd)
