@@ -26,7 +26,9 @@ from batch.erase import forget
 from batch.job import run_batch
 from lambdalake import erasure
 from lambdalake.cli import main
+from lambdalake.config import load_settings
 from lambdalake.layout import Layout, current_batch_manifest
+from lambdalake.produce import demo_messages
 from lambdalake.schema import VALUE_COL
 from lambdalake.status import erasure_status
 from serving.connection import connect, speed_table
@@ -182,3 +184,89 @@ def test_forget_unknown_source_cli(tmp_path):
     assert res.returncode != 0 and "unknown source 'nope'" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr + res.stdout and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "checkpoints").exists()
+
+
+def _small_lake(tmp_path, clickstream):
+    """One master file and one rejected file of pageviews, written by the archiver's own writers from the demo
+    stream (no broker): (layout, source, log messages, verdicts)."""
+    from batch.master import master_table, rejected_table, write_parquet_atomic
+    from lambdalake.validation import Validator
+
+    src = clickstream.source("pageviews")
+    msgs = [m for m in demo_messages(clickstream, 80, malformed_fraction=0.2, duplicate_fraction=0.1, seed=5)
+            if m.topic == src.topic]
+    validate = Validator(src)
+    verdicts = [validate(m.value) for m in msgs]
+    ok = [o for o, v in enumerate(verdicts) if v.ok]
+    bad = [o for o, v in enumerate(verdicts) if not v.ok]
+    layout = Layout(tmp_path)
+    cols = {f.name: [verdicts[o].record[f.name] for o in ok] for f in src.fields}
+    write_parquet_atomic(master_table(src, cols, 0, ok, [0] * len(ok)), layout.master_file(src.name, 0, 0, len(msgs)))
+    write_parquet_atomic(rejected_table(src, 0, bad, [msgs[o].value for o in bad], [verdicts[o].reason for o in bad],
+                                        0), layout.rejected_file(src.name, 0, 0, len(msgs)))
+    return layout, src, msgs, verdicts
+
+
+class Crash(BaseException):
+    """What a SIGKILL leaves on disk, without killing the test process: nothing after the fault point runs."""
+
+
+def test_forget_resumes_after_a_crash_and_accounts_erased_offsets(tmp_path, clickstream, monkeypatch):
+    """The resumable steps without a broker: a crash after recording the request, then one between the intent
+    record and the rename; each rerun completes; the audit's offset accounting counts the removed offsets as
+    erased (a DLQ record of one may remain; a rejected file or master row still holding one is a difference)."""
+    import batch.erase
+    from audit.check import AuditReport, CheckResult, check_log_master, read_rejected
+    from audit.logread import DeadLetters, PartitionLog
+
+    layout, src, msgs, verdicts = _small_lake(tmp_path, clickstream)
+    settings = load_settings(home=tmp_path, pipeline="lambdalake.pipelines.clickstream")
+    user = Counter(v.record["user_id"] for v in verdicts if v.ok).most_common(1)[0][0]
+    gone_offsets = {o for o, v in enumerate(verdicts) if v.ok and v.record["user_id"] == user}
+    gone_offsets |= {o for o, v in enumerate(verdicts) if not v.ok and erasure.subject_of(msgs[o].value, "user_id")
+                     == BAD}
+    assert len(gone_offsets) > 2
+
+    def crash_at(step):
+        def fault(at):
+            if at == step:
+                raise Crash(at)
+        monkeypatch.setattr(batch.erase, "fault", fault)
+
+    crash_at("recorded")
+    with pytest.raises(Crash):
+        forget(settings, clickstream, "pageviews", [user, BAD], publish=False)
+    assert erasure.erased_subjects(layout, src.name) == {user, BAD}  # skipped by every reader from now on
+    assert not erased(layout, src).offsets and _master_subjects(layout, src)[user]  # nothing rewritten yet
+    crash_at("rewrite")
+    with pytest.raises(Crash):
+        forget(settings, clickstream, "pageviews", [user], publish=False)
+    assert [rec["status"] for _, rec in erasure.erase_records(layout)] == ["started"]
+    assert not erased(layout, src).offsets and _master_subjects(layout, src)[user]
+    crash_at(None)
+    report = forget(settings, clickstream, "pageviews", [user], publish=False)
+    assert report.recovered and "aborted" in report.recovered[0]
+    assert not _master_subjects(layout, src).keys() & {user, BAD}
+    assert not _rejected_subjects(layout, src).keys() & {user, BAD}  # the pending BAD request was resumed too
+    got = erased(layout, src).offsets
+    assert set(got[0]) == gone_offsets
+    assert all(r.stage == "master rewritten" for r in erasure.read_requests(layout, src.name))
+    again = forget(settings, clickstream, "pageviews", [user], publish=False)
+    assert again.erased == 0 and not again.files_rewritten  # idempotent
+
+    log = PartitionLog(first=0, end=len(msgs), stop=len(msgs), offsets=list(range(len(msgs))),
+                       values=[m.value for m in msgs])
+    bad = [o for o, v in enumerate(verdicts) if not v.ok]
+
+    def run(kept) -> AuditReport:
+        report = AuditReport(str(tmp_path), clickstream.name)
+        report.checks["log-master"] = CheckResult("log-master")
+        check_log_master(report, src, layout.master_files(src.name), {0: log}, DeadLetters({0: bad}), erased(layout,
+                         src), 1.0, kept)
+        return report
+
+    rejected, _ = read_rejected(layout.rejected_files(src.name))
+    assert run(rejected).ok, run(rejected).differences  # DLQ records of erased messages remain: accounted
+    dlq_erased = sorted(gone_offsets & set(bad))[0]
+    stale = run({0: {**rejected[0], dlq_erased: msgs[dlq_erased].value}})
+    assert [d.subject for d in stale.differences] == [f"pageviews[0]@{dlq_erased}"]
