@@ -53,14 +53,16 @@ def run_workers(fn: Callable[..., T], calls: list[tuple]) -> list[T]:
     if not calls:
         return []
     ctx = multiprocessing.get_context("spawn")
+    pids: list[int] = []
 
-    def stop_all() -> None:
-        for child in multiprocessing.active_children():
+    def stop_all() -> None:  # runs in a signal handler: only os calls, on pids captured beforehand
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGTERM)
 
     with ProcessPoolExecutor(max_workers=len(calls), mp_context=ctx) as pool, stop_on_signals(stop_all):
         futs = [pool.submit(fn, *args) for args in calls]
+        pids.extend(child.pid for child in multiprocessing.active_children() if child.pid is not None)
         done, _ = futures.wait(futs, return_when=futures.FIRST_EXCEPTION)
         if any(f.exception() is not None for f in done):
             stop_all()
