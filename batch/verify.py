@@ -111,6 +111,8 @@ def valid_predicate(con: Any, source: Source) -> str:
                 rules.append(f"{fn}({col})")
         elif f.type == "timestamp":  # the supported range (lambdalake.validation rule 6)
             rules.append(f"epoch_us({col}) BETWEEN {FIRST_INSTANT_US} AND {LAST_INSTANT_US}")
+        elif f.type == "decimal":  # the scaled integer has at most 18 digits (rule 7)
+            rules.append(f"abs({col}) < {10 ** 18}")
         value_ok = " AND ".join(rules) or "TRUE"
         if f.required and not f.nullable:
             conds.append(f"({col} IS NOT NULL AND {value_ok})")

@@ -479,3 +479,22 @@ def test_order_lines_through_every_engine_equal_the_oracle(kafka_broker, lake, t
     # the audit's independent DuckDB recomputation agrees too (filters, decimals as served, float sums)
     report = audit(cfg, pipe)
     assert report.ok, report.to_dict()["differences"]
+
+
+def test_load_check_is_a_dry_run_listing_refused_lines(tmp_path):
+    from typer.testing import CliRunner
+
+    from lambdalake.cli import app
+
+    csv = tmp_path / "chk.csv"
+    csv.write_text(HEADER + "l0,2026-02-01T10:00:00Z,o0,A-1,EUR,1,1.505,,0.1,false,\n"
+                   "l1,2026-02-01T10:00:00Z,o1,A-1,EUR,1,1.5,,0.1,false,\n")
+    # no broker is reachable at this address: a dry run never connects
+    args = ["load", str(csv), "--source", "order_lines", "--check", "--pipeline", "lambdalake.pipelines.orders",
+            "--home", str(tmp_path / "lake"), "--bootstrap", "127.0.0.1:1"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 1, res.output
+    assert "chk.csv line 2: column 'price': 1.505 is not a decimal" in res.output
+    assert "checked 2 rows of chk.csv: 1 ok, 1 refused; nothing was sent" in res.output
+    csv.write_text(HEADER + "l1,2026-02-01T10:00:00Z,o1,A-1,EUR,1,1.5,,0.1,false,\n")
+    assert CliRunner().invoke(app, args).exit_code == 0
