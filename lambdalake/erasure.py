@@ -331,7 +331,7 @@ def ensure_erasures_topic(settings: Any) -> None:
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    from lambdalake.kafka import admin_client
+    from lambdalake.kafka import _replication, admin_client
 
     admin = admin_client(settings)
     try:
@@ -339,8 +339,7 @@ def ensure_erasures_topic(settings: Any) -> None:
             return
         try:
             admin.create_topics([NewTopic(ERASURES_TOPIC, 1, 1 if settings.bootstrap_is_embedded else
-                                          min(3, len(admin.describe_cluster().get("brokers", [])) or 1),
-                                          topic_configs={"cleanup.policy": "compact"})])
+                                          _replication(admin), topic_configs={"cleanup.policy": "compact"})])
         except TopicAlreadyExistsError:
             pass
     finally:
@@ -363,6 +362,8 @@ def retention(settings: Any, topics: Iterable[str]) -> dict[str, dict[str, int |
     out: dict[str, dict[str, int | None]] = {}
     for t in topics:
         conf = _topic_configs(got, t)
+        if "retention.ms" not in conf:  # never claim "kept forever" from an answer we could not read
+            raise ValueError(f"the broker's describe_configs answer has no retention.ms for topic {t!r}")
         ms = _int(conf.get("retention.ms"))
         out[t] = {"retention.ms": None if ms is None or ms < 0 else ms, "segment.ms": _int(conf.get("segment.ms"))}
     return out
