@@ -1,9 +1,10 @@
 """The test that matters most: the merged view equals the independent oracle at every instant.
 
-Real broker, real archiver and speed processes (`lambdalake ingest`, `lambdalake speed`), real Spark
-(`lambdalake batch`), DuckDB serving. A stream with late, duplicated and malformed events flows while a batch
-version is computed and published mid-stream and the speed process is killed (-9) and restarted; meanwhile a
-reader keeps querying the serving layer.
+Real broker, real archiver and speed processes, each partition-parallel (`lambdalake ingest --workers 2`, two
+`lambdalake speed --share I/2` workers), real Spark (`lambdalake batch`), DuckDB serving. A stream with late,
+duplicated and malformed events flows while a batch version is computed and published mid-stream; one speed
+worker is killed (-9) mid-stream and its partitions are taken over by a new worker (`--partitions 1,3`) while the
+batch job runs and the workers prune; meanwhile a reader keeps querying the serving layer.
 
 Every sampled query is checked afterwards, exactly: its merged rows must equal the oracle over the events at
 positions below ``max(W[p], S[p])`` of the very (batch version, speed snapshot) pair it read — so nothing was
@@ -24,6 +25,7 @@ from lambdalake.kafka import end_offsets, ensure_topics
 from lambdalake.layout import Layout, archived_positions
 from lambdalake.procs import kill_group, stop_group
 from lambdalake.produce import demo_messages, send
+from lambdalake.speedset import read_speed_set
 from serving.connection import pair_of
 from tests.conftest import LAMBDALAKE
 from tests.oracle import assert_rows_equal, oracle_views, read_log
@@ -75,9 +77,10 @@ def test_merged_views_equal_the_oracle_at_every_instant(settings, pipeline, cli_
     ensure_topics(settings, pipeline)
     topics = [s.topic for s in pipeline.sources]
     env = {**cli_env, "LAMBDALAKE_SPARK_MASTER": "local[2]"}
-    ingest = Daemon(["ingest", "--roll-seconds", "0.5"], env, tmp_path / "ingest.log")
+    ingest = Daemon(["ingest", "--roll-seconds", "0.5", "--workers", "2"], env, tmp_path / "ingest.log")
     speed_args = ["speed", "--checkpoint-interval", "0.2"]
-    speed = Daemon(speed_args, env, tmp_path / "speed.log")
+    speed = Daemon([*speed_args, "--share", "0/2"], env, tmp_path / "speed-0.log")
+    other = Daemon([*speed_args, "--share", "1/2"], env, tmp_path / "speed-1.log")
     samples: list[dict] = []
     stop_reading = threading.Event()
     reader_errors: list[BaseException] = []
@@ -97,6 +100,7 @@ def test_merged_views_equal_the_oracle_at_every_instant(settings, pipeline, cli_
     try:
         ingest.start()
         speed.start()
+        other.start()
         reader_thread.start()
         send(settings, iter(first), rate=2500, progress=False)
 
@@ -113,13 +117,12 @@ def test_merged_views_equal_the_oracle_at_every_instant(settings, pipeline, cli_
                 for end in archived_positions(layout, s.name).values()):
             assert ingest.alive(), "the archiver died; see " + str(tmp_path / "ingest.log")
             time.sleep(0.2)
+        # crash one speed worker mid-stream; a new worker takes its partitions over while the batch job runs
+        other.kill9()
+        assert not other.alive()
+        other = Daemon([*speed_args, "--partitions", "1,3"], env, tmp_path / "speed-p1-3.log").start()
         batch = subprocess.run([LAMBDALAKE, "batch"], env=env, capture_output=True, text=True, timeout=300)
         assert batch.returncode == 0, batch.stderr + batch.stdout
-
-        # crash the speed layer mid-stream and bring it back
-        speed.kill9()
-        assert not speed.alive()
-        speed = Daemon(speed_args, env, tmp_path / "speed.log").start()
         producer_thread.join(120)
         assert not producer_thread.is_alive()
 
@@ -132,13 +135,13 @@ def test_merged_views_equal_the_oracle_at_every_instant(settings, pipeline, cli_
         while time.monotonic() < deadline and any(final["covered"].get(k, 0) < e for k, e in ends.items() if e):
             time.sleep(0.3)
             final = _snapshot(settings, pipeline)
-        assert ingest.alive() and speed.alive(), "a daemon died; see logs in " + str(tmp_path)
+        assert ingest.alive() and speed.alive() and other.alive(), "a daemon died; see logs in " + str(tmp_path)
     finally:
         stop_reading.set()
         reader_thread.join(30) if reader_thread.is_alive() else None
-        rc_speed, rc_ingest = speed.stop(), ingest.stop()
+        rc_speed, rc_other, rc_ingest = speed.stop(), other.stop(), ingest.stop()
 
-    assert rc_speed == 0 and rc_ingest == 0, (rc_speed, rc_ingest)  # graceful shutdown on SIGTERM
+    assert (rc_speed, rc_other, rc_ingest) == (0, 0, 0)  # graceful shutdown on SIGTERM
     assert not reader_errors, reader_errors[:3]
     log = read_log(settings.bootstrap, topics)
 
@@ -148,6 +151,11 @@ def test_merged_views_equal_the_oracle_at_every_instant(settings, pipeline, cli_
     for v in pipeline.views:
         assert_rows_equal(final["rows"][v.name], expected_all[v.name], v.name)
     assert final["W"] and any(w > 0 for w in final["W"].values()), "the batch layer published nothing"
+    # the served speed side is the union of the two live workers: partitions 1 and 3 from their new owner
+    found = read_speed_set(Layout(settings.home))
+    assert found is not None
+    held = {key: part.worker for part in found.parts for key in part.partitions}
+    assert held == {(t, p): ("p1-3" if p in (1, 3) else "0-of-2") for t in topics for p in range(4)}, held
 
     # every instant: each sample equals the oracle at the positions its pair covered
     assert len(samples) >= 10
