@@ -10,10 +10,12 @@ Run protocol (:func:`run_batch`), mirrored by numbered comments in the code:
    files (:meth:`lambdalake.layout.Layout.master_files`, checked to tile without gap or overlap), the archived end
    per partition and the watermark ``W[p] = aligned_watermark(end, block)`` (:mod:`lambdalake.handoff`); the inputs
    are the files that start below ``W`` — recorded with size, rows and sha256
-   (:class:`lambdalake.contracts.InputFile`).
+   (:class:`lambdalake.contracts.InputFile`; a sha256 the published version recorded for the same, unchanged file
+   is reused instead of hashing it again: :class:`KnownChecksums`).
 2. Read the inputs, keep rows with ``_offset < W[_partition]`` that are valid under the *declared* field rules
    (:func:`valid_rows`, below), and apply the dedup rule (:mod:`lambdalake.dedup`): the first valid occurrence of an
-   event id per (source, partition), lowest offset wins. Restricting to ``< W`` first is exact: an id's first
+   event id per (source, partition), lowest offset wins (:func:`first_occurrences`: one scan of master and one
+   shuffle per source, cached for every view of the source). Restricting to ``< W`` first is exact: an id's first
    occurrence below ``W`` is its first occurrence overall.
 3. Per view: ``window_start`` = event time floored to the bucket (UTC), group by keys + window_start, aggregate;
    write ``<staging>/<view>/*.parquet``.
@@ -66,6 +68,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +109,6 @@ from lambdalake.validation import FIRST_INSTANT_US, LAST_INSTANT_US
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-BROADCAST_REPEATED_MAX = 2_000_000  # repeated event ids (with their first offset) small enough to broadcast
 SESSION_CONF = {
     "spark.sql.session.timeZone": "UTC",  # window_start is a UTC instant; never the JVM's zone
     "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",  # not INT96: readable as timestamp[us, UTC]
@@ -128,8 +130,10 @@ class Inputs:
         return [f for f in self.files if f.source == source.name]
 
 
-def select_inputs(layout: Layout, pipeline: Pipeline, block: int, fixed_watermark: Positions | None = None) -> Inputs:
-    """Step 1 of the run protocol. ``fixed_watermark`` reuses a published one (``--view``)."""
+def select_inputs(layout: Layout, pipeline: Pipeline, block: int, fixed_watermark: Positions | None = None,
+                  known: KnownChecksums | None = None) -> Inputs:
+    """Step 1 of the run protocol. ``fixed_watermark`` reuses a published one (``--view``); ``known``: the
+    checksums the published version recorded (:class:`KnownChecksums`), reused for files unchanged since."""
     if block < 1:
         raise PipelineError(f"handoff block {block} must be >= 1 (LAMBDALAKE_HANDOFF_BLOCK)")
     watermark: dict[tuple[str, int], int] = {}
@@ -155,14 +159,52 @@ def select_inputs(layout: Layout, pipeline: Pipeline, block: int, fixed_watermar
         for f in files:
             if f.start >= wm.get(f.partition, 0):
                 continue
-            inputs.append(_input_file(layout, f, src))
+            inputs.append(_input_file(layout, f, src, known))
         rejudged[src.name] = rejudged_files(layout, src, wm)
-        rejected += [_input_file(layout, f) for f in rejudged[src.name]]
+        rejected += [_input_file(layout, f, known=known) for f in rejudged[src.name]]
     return Inputs(Positions(watermark), Positions(archived), inputs, rejudged, rejected)
 
 
-def _input_file(layout: Layout, f: MasterFile, source: Source | None = None) -> InputFile:
-    """The lineage entry of ``f`` (one footer read); with ``source``, a master file, checked to hold every declared
+# A file modified less than this before a run started is hashed again by the next run (mtime granularity, clocks).
+CHECKSUM_REUSE_MARGIN_S = 2.0
+
+
+@dataclass(frozen=True)
+class KnownChecksums:
+    """The input checksums a published version recorded, reusable by the next run (master and rejected files are
+    immutable: written once under a name of their offset range, replaced only by files of other names).
+
+    A recorded sha256 is reused for a file at the same path with the same offset range and size whose mtime is
+    older than that run's start (minus :data:`CHECKSUM_REUSE_MARGIN_S`): the run that recorded it hashed those very
+    bytes. Any other file is hashed. The audit (``audit.check``) still re-hashes every input independently, so a
+    file changed in place behind an unchanged mtime is reported there, never hidden."""
+
+    files: dict[str, InputFile]
+    before_ns: int  # files last modified before this instant (ns since the epoch) are unchanged since hashed
+
+    @classmethod
+    def of(cls, manifest: BatchManifest | None) -> KnownChecksums | None:
+        if manifest is None or not manifest.started_at:
+            return None
+        try:
+            started = datetime.fromisoformat(manifest.started_at.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        before_ns = int((started.timestamp() - CHECKSUM_REUSE_MARGIN_S) * 1e9)
+        return cls({f.path: f for f in [*manifest.inputs, *manifest.rejected_inputs]}, before_ns)
+
+    def sha256(self, rel: str, f: MasterFile, st: os.stat_result) -> str | None:
+        rec = self.files.get(rel)
+        if (rec is None or rec.bytes != st.st_size or st.st_mtime_ns >= self.before_ns
+                or (rec.partition, rec.start, rec.end) != (f.partition, f.start, f.end)):
+            return None
+        return rec.sha256
+
+
+def _input_file(layout: Layout, f: MasterFile, source: Source | None = None,
+                known: KnownChecksums | None = None) -> InputFile:
+    """The lineage entry of ``f`` (one footer read; the sha256 reused from ``known`` when the file is unchanged
+    since a published run hashed it); with ``source``, a master file, checked to hold every declared
     field: a field declared after the file was archived is not in it (the archiver stores declared fields only),
     so its values, and which events it makes valid, cannot be recomputed from master. Refused, never read as
     null."""
@@ -173,8 +215,10 @@ def _input_file(layout: Layout, f: MasterFile, source: Source | None = None) -> 
             f"source {source.name!r}: field(s) {', '.join(map(repr, missing))} are not in master file "
             f"{f.path.name} of partition {f.partition} (archived before they were declared), so the batch job cannot "
             "recompute views with them; rebuild from the log with `lambdalake replay` (Kappa) instead")
-    return InputFile(str(f.path.relative_to(layout.home)), f.source, f.partition, f.start, f.end,
-                     f.path.stat().st_size, sha256_file(f.path), meta.num_rows)
+    rel, st = str(f.path.relative_to(layout.home)), f.path.stat()
+    digest = known.sha256(rel, f, st) if known is not None else None
+    return InputFile(rel, f.source, f.partition, f.start, f.end, st.st_size, digest or sha256_file(f.path),
+                     meta.num_rows)
 
 
 # --- Spark ---------------------------------------------------------------------------------------------------------
@@ -193,6 +237,9 @@ def spark_session(master: str | None = None, app_name: str = "lambdalake-batch")
     builder = builder.config("spark.ui.showConsoleProgress", "false")  # the CLI shows its own status
     builder = builder.config("spark.sql.shuffle.partitions",
                              os.environ.get("LAMBDALAKE_SPARK_SHUFFLE_PARTITIONS", "16"))
+    # the heap of a local run (executors live in the driver JVM): Spark's 1g default spills the dedup shuffle of
+    # a few million events to disk. Only applies when this call starts the JVM (spark-submit sets its own).
+    builder = builder.config("spark.driver.memory", os.environ.get("LAMBDALAKE_SPARK_DRIVER_MEMORY", "2g"))
     if master and master.startswith("local-cluster"):
         # executors are separate JVMs started from pyspark's own jars
         import pyspark
@@ -297,19 +344,20 @@ def deduplicated_events(spark, layout: Layout, source: Source, inputs: Inputs, c
     valid = valid_rows(source)
     if valid is not None:  # before dedup: an invalid row neither counts nor shadows a later valid duplicate
         df = df.where(valid)
-    df = df.select(*columns)
-    # Duplicates are rare: find the ids seen more than once (a narrow aggregate that reads only ids and
-    # offsets) and drop their later occurrences with a broadcast join, so full rows are never shuffled for dedup.
-    # If the repeated ids are too many to broadcast, Spark picks a shuffle join; the result is the same.
-    repeated = (df.groupBy(PARTITION_COL, source.event_id)
-                .agg(F.min(OFFSET_COL).alias("_first"), F.count(F.lit(1)).alias("_n"))
-                .where(F.col("_n") > 1).drop("_n"))
-    repeated = repeated.localCheckpoint(eager=True)  # computed once, reused by the count and the join
-    if repeated.count() <= BROADCAST_REPEATED_MAX:
-        repeated = F.broadcast(repeated)
-    return (df.join(repeated, [PARTITION_COL, source.event_id], "left")
-            .where(F.col("_first").isNull() | (F.col(OFFSET_COL) == F.col("_first")))
-            .select(*columns))
+    return first_occurrences(df.select(*columns), source, columns)
+
+
+def first_occurrences(df, source: Source, columns: list[str]):
+    """The dedup rule over ``df`` (valid rows): per (partition, event id) the row of the lowest offset, in one
+    pass — one shuffle of the rows by (partition, event id) and one aggregate keeping the row whose offset is the
+    minimum (``min`` of a struct led by ``_offset``: offsets are unique within a partition, so exactly one row
+    wins and its other fields ride along). No second scan of master, no join."""
+    from pyspark.sql import functions as F
+
+    key = [PARTITION_COL, source.event_id]
+    rest = [OFFSET_COL, *[c for c in columns if c not in (*key, OFFSET_COL)]]  # the struct is ordered by offset
+    first = df.groupBy(*key).agg(F.min(F.struct(*rest)).alias("_first"))
+    return first.select(*key, *[F.col(f"_first.{c}").alias(c) for c in rest]).select(*columns)
 
 
 def _agg_expr(a: Aggregate, source: Source):
@@ -503,7 +551,9 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
     try:
         with master_readers_lock(layout):
             # 1. inputs (before starting Spark: an empty lake fails fast)
-            inputs = select_inputs(layout, pipeline, settings.handoff_block, fixed_wm)
+            t1 = time.monotonic()
+            inputs = select_inputs(layout, pipeline, settings.handoff_block, fixed_wm, KnownChecksums.of(published))
+            log.info("inputs: %d master files selected in %.2fs", len(inputs.files), time.monotonic() - t1)
             if not any(inputs.watermark.values()):
                 raise NothingToCompute(
                     f"the master dataset holds no complete block of {settings.handoff_block} offsets yet "
@@ -612,7 +662,9 @@ def _compute_source(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, s
             for junk in [*vdir.glob(".*.crc"), vdir / "_SUCCESS"]:
                 junk.unlink(missing_ok=True)
             # 4. validate before anything can be published
+            t0 = time.monotonic()
             row_counts[view.name] = validate_staged(pipeline, view, vdir, events[src.name])
+            log.info("view %s validated in %.2fs", view.name, time.monotonic() - t0)
             meta[view.name] = BatchView(pipeline.fingerprint(view),
                                         files=sorted(f.name for f in vdir.glob("*.parquet")))
     finally:

@@ -6,7 +6,7 @@
    schema and layout as the archiver's, 2 % duplicates, late events) and compute every view
 
    - with the Spark job (:func:`batch.job.run_batch`: snapshot + checksums, dedup, aggregate, write, validate,
-     publish) on a warm session, and
+     publish) on a warm session (``--steps`` logs its step timings), and
    - with DuckDB SQL over the same files (same dedup rule, same watermark, each view written to Parquet),
 
    reporting wall times and the Spark/DuckDB ratio.
@@ -14,7 +14,7 @@
 Results: one JSON file under ``bench/results/`` (git-ignored) and a table on stdout. Example::
 
     .venv/bin/python bench/bench_batch.py --sizes 1000000 --archiver-events 1000000
-    .venv/bin/python bench/bench_batch.py --sizes 1000000 10000000 --skip-archiver
+    .venv/bin/python bench/bench_batch.py --sizes 1000000 10000000 --skip-archiver --steps
 """
 
 from __future__ import annotations
@@ -210,7 +210,13 @@ def main() -> int:
     ap.add_argument("--block", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=2, help="runs per engine and size; the best is the figure")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch directory [a temp dir]")
+    ap.add_argument("--steps", action="store_true", help="log the batch job's step timings (stderr)")
     args = ap.parse_args()
+    if args.steps:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+        logging.getLogger("batch.job").setLevel(logging.INFO)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lambdalake-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     result: dict = {"bench": "batch", "at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -392,3 +392,43 @@ def test_spark_submit_entry_point(archived, pipeline, cli_env):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["version"] == "v000001"
     assert_version_equals_oracle(settings, pipeline, current_batch_manifest(Layout(settings.home)))
+
+
+def test_input_checksums_reused_only_for_files_unchanged_since_the_published_run(tmp_path):
+    """Step 1 takes an input's sha256 from the published manifest only when path, range and size match and the file
+    is older than that run's start; anything else is hashed again (no Spark, no broker)."""
+    from datetime import UTC, datetime, timedelta
+
+    from batch.job import KnownChecksums, select_inputs
+    from batch.master import master_table, write_parquet_atomic
+    from lambdalake.contracts import InputFile
+
+    pipeline = load_pipeline("lambdalake.pipelines.clickstream")
+    src = pipeline.source("purchases")
+    layout = Layout(tmp_path / "lake")
+    t0 = 1_767_571_200_000_000
+    cols = {"event_id": ["e1", "e2"], "event_time": [t0, t0 + 1], "user_id": ["u", "u"], "product_id": ["p", "p"],
+            "amount_cents": [5, 6], "currency": ["EUR", "EUR"]}
+    path = layout.master_file(src.name, 0, 0, 2)
+    write_parquet_atomic(master_table(src, cols, 0, [0, 1], [t0, t0]), path)
+    first = select_inputs(layout, pipeline, 1).files_of(src)
+    assert [i.sha256 for i in first] == [sha256_file(path)]
+
+    def known(started: datetime, **change) -> KnownChecksums:
+        rec = InputFile(**{**{f: getattr(first[0], f) for f in first[0].__struct_fields__}, "sha256": "0" * 64,
+                           **change})
+        m = BatchManifest(pipeline=pipeline.name, watermark=Positions({}), block=1, archived=Positions({}),
+                          inputs=[rec], started_at=started.isoformat().replace("+00:00", "Z"))
+        k = KnownChecksums.of(m)
+        assert k is not None
+        return k
+
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    def sha(k: KnownChecksums) -> str:
+        return select_inputs(layout, pipeline, 1, known=k).files_of(src)[0].sha256
+
+    assert sha(known(later)) == "0" * 64  # unchanged since that run: the recorded checksum is reused
+    assert sha(known(datetime.now(UTC) - timedelta(minutes=5))) == sha256_file(path)  # modified after: hashed
+    assert sha(known(later, bytes=first[0].bytes + 1)) == sha256_file(path)  # other size: hashed
+    assert sha(known(later, end=3)) == sha256_file(path)  # other range: hashed
+    assert KnownChecksums.of(None) is None
