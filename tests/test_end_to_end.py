@@ -60,7 +60,7 @@ class Daemon:
         return self.proc is not None and self.proc.poll() is None
 
 
-def _snapshot(settings, pipeline) -> dict:
+def served_snapshot(settings, pipeline) -> dict:
     """One query round on a fresh serving connection: every view + the pair's positions."""
     con = connect(settings=settings, pipeline=pipeline)
     try:
@@ -88,7 +88,7 @@ def test_merged_views_equal_the_oracle_at_every_instant(settings, pipeline, cli_
     def reader() -> None:
         while not stop_reading.is_set():
             try:
-                samples.append(_snapshot(settings, pipeline))
+                samples.append(served_snapshot(settings, pipeline))
             except Exception as exc:  # noqa: BLE001 - reported by the test below
                 reader_errors.append(exc)
             time.sleep(0.15)
@@ -131,10 +131,10 @@ def test_merged_views_equal_the_oracle_at_every_instant(settings, pipeline, cli_
         assert batch2.returncode == 0, batch2.stderr + batch2.stdout
         ends = end_offsets(settings, topics)
         deadline = time.monotonic() + 90
-        final = _snapshot(settings, pipeline)
+        final = served_snapshot(settings, pipeline)
         while time.monotonic() < deadline and any(final["covered"].get(k, 0) < e for k, e in ends.items() if e):
             time.sleep(0.3)
-            final = _snapshot(settings, pipeline)
+            final = served_snapshot(settings, pipeline)
         assert ingest.alive() and speed.alive() and other.alive(), "a daemon died; see logs in " + str(tmp_path)
     finally:
         stop_reading.set()

@@ -14,9 +14,9 @@ import pytest
 from lambdalake.kafka import end_offsets
 from lambdalake.layout import Layout
 from lambdalake.speedset import read_speed_set
-from serving.connection import connect, pair_of
 from tests.conftest import LAMBDALAKE
 from tests.oracle import assert_rows_equal, oracle_views, read_log
+from tests.test_end_to_end import served_snapshot
 from tests.test_speed import produce, topics
 
 pytestmark = pytest.mark.integration
@@ -25,18 +25,11 @@ pytestmark = pytest.mark.integration
 def served_equals_oracle(settings, pipeline) -> dict:
     """A fresh serving connection answers every view exactly as the oracle over offsets < max(W, S) per
     partition; returns the speed positions S it served."""
-    con = connect(settings=settings, pipeline=pipeline)
-    try:
-        pair = pair_of(con)
-        rows = {v.name: con.execute(f"SELECT * FROM {v.name}").fetchall() for v in pipeline.views}
-        w, s = dict(pair.watermark), dict(pair.positions)
-    finally:
-        con.close()
-    covered = {k: max(w.get(k, 0), s.get(k, 0)) for k in set(w) | set(s)}
-    want = oracle_views(pipeline, read_log(settings.bootstrap, topics(pipeline)), below=covered)
+    got = served_snapshot(settings, pipeline)
+    want = oracle_views(pipeline, read_log(settings.bootstrap, topics(pipeline)), below=got["covered"])
     for v in pipeline.views:
-        assert_rows_equal(rows[v.name], want[v.name], v.name)
-    return s
+        assert_rows_equal(got["rows"][v.name], want[v.name], v.name)
+    return got["S"]
 
 
 def holders(home) -> dict[tuple[str, int], str]:
