@@ -172,9 +172,12 @@ def batch_cmd(
                                              "default 5].")] = None,
     force: Annotated[bool, typer.Option("--force", help="With --rollback: even if the speed layer may have "
                                         "pruned what the previous version needs.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Recompute every view from all master data, even when the "
+                                       "published version could be extended incrementally.")] = False,
     pipeline: PipelineOpt = None, home: HomeOpt = None,
 ) -> None:
-    """Recompute every view with Spark from the master dataset and publish a new batch version."""
+    """Compute every view with Spark and publish a new batch version: incrementally (the published version merged
+    with the events archived since) when possible, else a full recompute from the master dataset."""
     from batch.publish import default_keep
     from batch.publish import rollback as do_rollback
 
@@ -187,10 +190,11 @@ def batch_cmd(
 
     with console.status(f"computing batch views with Spark ({ctx.settings.spark_master}) ..."):
         manifest = run_batch(ctx.settings, ctx.pipeline, views=view or None, spark_master=spark_master,
-                             keep=keep if keep is not None else default_keep())
+                             keep=keep if keep is not None else default_keep(), full=full)
     wm = ", ".join(f"{t}: " + " ".join(f"p{p}<{w}" for p, w in sorted(manifest.watermark.of_topic(t).items()))
                    for t in manifest.watermark.topics)
     console.print(f"published batch version [bold]{manifest.version}[/] in {manifest.duration_s:.1f}s "
                   f"({manifest.engine}, {manifest.spark_master})")
+    console.print(f"  {manifest.mode}: {manifest.mode_reason}", highlight=False)
     console.print(f"  watermark: {wm or '(empty)'}", highlight=False)
     console.print("  rows: " + ", ".join(f"{v} {n}" for v, n in manifest.row_counts.items()), highlight=False)

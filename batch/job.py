@@ -54,11 +54,12 @@ Limits of the compiled rules (the archiver applied the exact rules; these only r
 - A field that becomes *required but nullable* cannot be re-checked: master stores an absent optional field and an
   explicit null alike (null), so such rows are kept.
 
-Also runnable with ``spark-submit batch/job.py --home DIR --pipeline SPEC [--view NAME] [--keep K]``.
+Also runnable with ``spark-submit batch/job.py --home DIR --pipeline SPEC [--view NAME] [--keep K] [--full]``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -67,8 +68,8 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,8 @@ from batch.master import sha256_file
 from batch.publish import DEFAULT_KEEP, new_staging_dir, publish
 from batch.rejected import rejudged_files, write_revalidated
 from lambdalake import contracts
-from lambdalake.config import Settings, fix_handoff_block
-from lambdalake.contracts import BatchManifest, BatchView, InputFile, Positions
+from lambdalake.config import Settings, env_float, fix_handoff_block
+from lambdalake.contracts import BatchManifest, BatchView, IdIndex, InputFile, Positions
 from lambdalake.erasure import erased_subjects
 from lambdalake.exceptions import PipelineError
 from lambdalake.handoff import aligned_watermark
@@ -321,13 +322,16 @@ def valid_rows(source: Source):
 
 
 def deduplicated_events(spark, layout: Layout, source: Source, inputs: Inputs, columns: list[str],
-                        revalidated: Path | None = None):
+                        revalidated: Path | None = None, since: dict[int, int] | None = None):
     """Step 2: events of ``source`` below the watermark, valid under the declared rules, first occurrence per
     (partition, event id). ``revalidated``: a file of rejected messages now valid (:mod:`batch.rejected`), read
-    with the master files."""
+    with the master files. ``since`` (an incremental run): only offsets ``>= since[p]`` (0 for a partition not
+    listed) are read — the files reaching beyond it, cut there — so the first occurrence is among those rows only
+    (the caller drops the ids counted before, :func:`_compute_source_incremental`)."""
     from pyspark.sql import functions as F
 
-    files = [str(layout.home / f.path) for f in inputs.files_of(source)]
+    lo = since or {}
+    files = [str(layout.home / f.path) for f in inputs.files_of(source) if f.end > lo.get(f.partition, 0)]
     if revalidated is not None:
         files.append(str(revalidated))
     wm = inputs.watermark.of_topic(source.topic)
@@ -338,6 +342,9 @@ def deduplicated_events(spark, layout: Layout, source: Source, inputs: Inputs, c
     # W per partition as a literal map: rows of a file straddling W are cut at W
     wm_map = F.create_map(*[x for p, w in sorted(wm.items()) for x in (F.lit(p), F.lit(w).cast("long"))])
     df = df.where(F.col(OFFSET_COL) < wm_map[F.col(PARTITION_COL)])
+    if since is not None and any(lo.values()):
+        lo_map = F.create_map(*[x for p, w in sorted(lo.items()) for x in (F.lit(p), F.lit(w).cast("long"))])
+        df = df.where(F.col(OFFSET_COL) >= F.coalesce(lo_map[F.col(PARTITION_COL)], F.lit(0).cast("long")))
     gone = erased_subjects(layout, source.name)
     if gone:  # forgotten subjects (lambdalake forget): never counted, also events archived after the request
         df = df.where(F.col(source.key).isNull() | ~F.col(source.key).isin(sorted(gone)))
@@ -373,6 +380,48 @@ def _agg_expr(a: Aggregate, source: Source):
     if a.kind == "max":
         return F.max(F.col(a.column)).alias(a.name)
     raise PipelineError(f"aggregate {a.name!r}: unknown kind {a.kind!r}")
+
+
+def _merge_expr(a: Aggregate):
+    """The aggregate folding the stored column ``a.name`` of several rows of one (keys, window_start) into one —
+    an incremental run merges the published rows with the new events' rows with it. One place maps each merge rule
+    (:attr:`lambdalake.pipeline.Aggregate.merge`) to Spark: count and sum add (a sum over only null values stays
+    null, as a recompute gives), min and max keep the least and the greatest (nulls ignored). A row alone in its
+    group folds to itself."""
+    from pyspark.sql import functions as F
+
+    col = F.col(a.name)
+    if a.merge == "sum":
+        return F.sum(col).alias(a.name)
+    if a.merge == "min":
+        return F.min(col).alias(a.name)
+    if a.merge == "max":
+        return F.max(col).alias(a.name)
+    if a.merge == "union":  # approx_distinct: the union of the HLL sketches (lambdalake.sketches)
+        return F.hll_union_agg(col).alias(a.name)
+    raise PipelineError(f"aggregate {a.name!r}: no merge rule for kind {a.kind!r} (merge {a.merge!r})")
+
+
+def merged_rows(published, increment, source: Source, view: View):
+    """The stored rows of ``view`` over the events of the published rows plus those of ``increment`` (both in the
+    stored columns): rows of the same (keys, window_start) folded with :func:`_merge_expr` (null keys match null,
+    as in a group-by); a row alone in its group is kept as it was (its very values: a published row no new event
+    touched is carried over unchanged, a sketch included)."""
+    from pyspark.sql import functions as F
+
+    stored = view.stored_aggregates
+    alone = F.count(F.lit(1)) == 1
+    out = (published.unionByName(increment)
+           .groupBy(*[F.col(k) for k in view.keys], F.col(WINDOW_START))
+           .agg(*[F.when(alone, F.first(F.col(a.name))).otherwise(_merge_expr(a)).alias(a.name)
+                  for a in stored]))
+    types = {c.name: spark_type(c.type) for c in view_columns(source, view)}
+
+    def typed(a: Aggregate):  # as a recompute writes it (a count column is not nullable there)
+        col = F.col(a.name).cast(types[a.name])
+        return (F.coalesce(col, F.lit(0).cast(types[a.name])) if a.kind == "count" else col).alias(a.name)
+
+    return out.select(*view.keys, WINDOW_START, *[typed(a) for a in stored])
 
 
 def where_column(pred: Predicate, source: Source):
@@ -506,15 +555,94 @@ def code_version() -> str:
     return f"{ver} (git {sha}{'+dirty' if dirty else ''})" if sha else ver
 
 
+# --- incremental runs ----------------------------------------------------------------------------------------------
+FULL_ENV = "LAMBDALAKE_BATCH_FULL"  # =1: the spark-submit entry point recomputes in full (the DAG's "full" param)
+FULL_EVERY_ENV = "LAMBDALAKE_BATCH_FULL_EVERY"  # hours; the age of the last full recompute that forces the next one
+DEFAULT_FULL_EVERY_H = 24.0
+IDS_DIR = "_ids"  # <version>/_ids/<source>/<segment>/*.parquet: the version's event-id index (IdIndex)
+
+
+def full_every_hours() -> float:
+    """``LAMBDALAKE_BATCH_FULL_EVERY`` (hours, default 24; 0: never by age)."""
+    return env_float(FULL_EVERY_ENV, DEFAULT_FULL_EVERY_H, minimum=0.0)
+
+
+def erased_digest(layout: Layout, source: str) -> str:
+    """A digest of the subjects of ``source`` forgotten so far (what a version skipped; "" when none)."""
+    gone = sorted(erased_subjects(layout, source))
+    return hashlib.sha256("\n".join(gone).encode()).hexdigest()[:16] if gone else ""
+
+
+def incremental_base(layout: Layout, pipeline: Pipeline, published: BatchManifest | None, inputs: Inputs, block: int,
+                     *, full: bool = False, full_every_h: float | None = None,
+                     now: datetime | None = None) -> tuple[BatchManifest | None, str]:
+    """Whether a run may build on the published version: (that version or None for a full recompute, why).
+
+    Incremental only when every one of these holds (README, "Batch runs: incremental or full"): a version is
+    published, of this pipeline and handoff block, with every declared view at the declared definition and an
+    event-id index of every source with views (:class:`lambdalake.contracts.IdIndex`) taken with the same forgotten
+    subjects as now; every master and rejected file it read is still a valid file with the same range, size and
+    sha256 (a compaction or a ``forget`` rewrote none); and its full recompute is younger than ``full_every_h``
+    hours. ``full`` (``--full``) forces a full recompute."""
+    if full:
+        return None, "full recompute requested (--full)"
+    if published is None:
+        return None, "nothing is published yet"
+    v = published.version
+    if published.pipeline != pipeline.name or published.block != block:
+        return None, f"{v} is of pipeline {published.pipeline!r} block {published.block}"
+    for view in pipeline.views:
+        if published.fingerprint_of(view.name) != pipeline.fingerprint(view):
+            return None, f"view {view.name!r} is new or its definition changed since {v}"
+    for src in pipeline.sources:
+        if not pipeline.views_of(src):
+            continue
+        idx = published.id_index.get(src.name)
+        if idx is None:
+            return None, f"{v} keeps no event-id index of source {src.name!r} (written before incremental runs)"
+        if idx.rows != published.events.get(src.name):
+            return None, f"{v}: the event-id index of {src.name!r} holds {idx.rows} ids, not its event count"
+        if idx.erased != erased_digest(layout, src.name):
+            return None, f"subjects of source {src.name!r} were forgotten since {v}"
+        now_files = {f.path: f for f in [*inputs.files_of(src), *inputs.rejected_files] if f.source == src.name}
+        for f in [*published.inputs, *published.rejected_inputs]:
+            if f.source == src.name and now_files.get(f.path) != f:
+                return None, f"{f.path} (read by {v}) was rewritten or removed since (compaction or forget)"
+    behind = [tp for tp, w in published.watermark.items() if inputs.watermark.at(*tp) < w]
+    if behind:
+        return None, f"the master dataset is behind {v}'s watermark in {behind[0][0]}[{behind[0][1]}]"
+    every = full_every_hours() if full_every_h is None else full_every_h
+    last_full = contracts.parse_utc(published.full_at)
+    if last_full is None:
+        return None, f"{v} records no full recompute"
+    age_h = ((now or datetime.now(UTC)) - last_full).total_seconds() / 3600
+    if every and age_h >= every:
+        return None, f"the last full recompute ({published.full_at}) is {age_h:.1f} h old (every {every:g} h: " \
+                     f"{FULL_EVERY_ENV})"
+    return published, f"merged {v} with the events archived since"
+
+
 # --- the run -------------------------------------------------------------------------------------------------------
+@dataclass
+class _Computed:
+    """What steps 2-4 produced for the computed views and their sources."""
+
+    row_counts: dict[str, int] = field(default_factory=dict)
+    events: dict[str, int] = field(default_factory=dict)
+    meta: dict[str, BatchView] = field(default_factory=dict)
+    revalidated: dict[str, int] = field(default_factory=dict)
+    index: dict[str, IdIndex] = field(default_factory=dict)
+
+
 def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: list[str] | None = None, *,
-              spark_master: str | None = None, keep: int | None = None) -> BatchManifest:
+              spark_master: str | None = None, keep: int | None = None, full: bool = False) -> BatchManifest:
     """Compute and publish a new batch version (the run protocol in the module docstring). Returns its manifest.
 
     ``spark``: an existing SparkSession to use (it is left running); otherwise one is created for
     ``spark_master`` (default ``settings.spark_master``) and stopped at the end.
     ``views``: names to recompute at the published watermark (others carried over when their definition is
-    unchanged, else recomputed too); None = all, new watermark.
+    unchanged, else recomputed too); None = all, new watermark — incrementally from the published version when
+    :func:`incremental_base` allows it, unless ``full``.
     """
     layout = Layout(settings.home)
     keep = DEFAULT_KEEP if keep is None else keep
@@ -560,15 +688,20 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
                     f"(archived ends: {inputs.archived.nested()}); run `lambdalake ingest` first or wait for more "
                     "data")
             fix_handoff_block(settings.home, settings.handoff_block)  # fixed for the life of the lake from now on
+            if views:
+                base, reason = None, "recompute of the named views at the published watermark (--view)"
+            else:
+                base, reason = incremental_base(layout, pipeline, published, inputs, settings.handoff_block,
+                                                full=full)
+            log.info("%s run: %s", "incremental" if base is not None else "full", reason)
             if own_spark:
                 spark = spark_session(spark_master or settings.spark_master)
             saved = {k: spark.conf.get(k, None) for k in SESSION_CONF}
             for k, v in SESSION_CONF.items():
                 spark.conf.set(k, v)
             try:
-                # 2-4. read + validate + dedup, aggregate, write, check
-                row_counts, events, view_meta, revalidated = _compute(spark, layout, pipeline, inputs, selected,
-                                                                      staging)
+                # 2-4. read + validate + dedup, aggregate (+ merge), write, check
+                done = _compute(spark, layout, pipeline, inputs, selected, staging, base)
             finally:
                 for k, v in saved.items():
                     if v is None:
@@ -578,10 +711,16 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
         engine, master = f"spark {spark.version}", spark.sparkContext.master
         for name, meta in carried.items():
             _carry_over(layout, published.version, name, staging)
-            row_counts[name] = published.row_counts[name]
-            view_meta[name] = meta
+            done.row_counts[name] = published.row_counts[name]
+            done.meta[name] = meta
+        events = done.events
         if published is not None and views:
             events = {**published.events, **events}  # a carried view's source keeps its published count
+            for src in pipeline.sources:  # a source none of whose views was computed keeps its index
+                idx = published.id_index.get(src.name)
+                if src.name not in done.index and idx is not None:
+                    _carry_index(layout, published.version, src.name, idx, staging)
+                    done.index[src.name] = idx
         manifest = BatchManifest(
             pipeline=pipeline.name,
             watermark=inputs.watermark,
@@ -589,10 +728,10 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
             archived=inputs.archived,
             inputs=inputs.files,
             rejected_inputs=inputs.rejected_files,
-            revalidated=revalidated,
-            row_counts={v.name: row_counts[v.name] for v in pipeline.views},
+            revalidated=done.revalidated,
+            row_counts={v.name: done.row_counts[v.name] for v in pipeline.views},
             events={s.name: events[s.name] for s in pipeline.sources if s.name in events},
-            views={v.name: view_meta[v.name] for v in pipeline.views},
+            views={v.name: done.meta[v.name] for v in pipeline.views},
             engine=engine,
             spark_master=master,
             code_version=code_version(),
@@ -600,6 +739,13 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
             finished_at=contracts.utc_now_iso(),
             duration_s=round(time.monotonic() - t0, 3),
             format=contracts.MANIFEST_FORMAT,
+            mode="full" if base is None else "incremental",
+            based_on=None if base is None else base.version,
+            mode_reason=reason,
+            full_at=(base.full_at if base is not None
+                     else (published.full_at or published.started_at) if carried and published is not None
+                     else started),
+            id_index=done.index,
         )
         # 5. publish (manifest, atomic dir rename, CURRENT switch, prune)
         manifest = publish(layout, staging, manifest, keep=keep)
@@ -613,29 +759,28 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
 
 
 def _compute(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, selected: list[View],
-             staging: Path) -> tuple[dict[str, int], dict[str, int], dict[str, BatchView], dict[str, int]]:
-    """Steps 2-4 for the selected views. Returns (row counts, deduplicated events per source, per-view meta,
-    rejected messages now valid per source)."""
-
-    row_counts: dict[str, int] = {}
-    events: dict[str, int] = {}
-    meta: dict[str, BatchView] = {}
-    revalidated: dict[str, int] = {}
+             staging: Path, base: BatchManifest | None = None) -> _Computed:
+    """Steps 2-4 for the selected views, from all master below W or, with ``base``, incrementally from that
+    version (:func:`_compute_source_incremental`)."""
+    done = _Computed()
     scratch = staging / "_revalidated"  # removed before publishing: never part of a version
     try:
         for src in pipeline.sources:
             src_views = [v for v in selected if v.source == src.name]
-            if src_views:
-                _compute_source(spark, layout, pipeline, inputs, src, src_views, staging, scratch,
-                                row_counts, events, meta, revalidated)
+            if not src_views:
+                continue
+            if base is None:
+                _compute_source(spark, layout, pipeline, inputs, src, src_views, staging, scratch, done)
+            else:
+                _compute_source_incremental(spark, layout, pipeline, inputs, src, src_views, staging, scratch,
+                                            base, done)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return row_counts, events, meta, revalidated
+    return done
 
 
 def _compute_source(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, src: Source, src_views: list[View],
-                    staging: Path, scratch: Path, row_counts: dict[str, int], events: dict[str, int],
-                    meta: dict[str, BatchView], revalidated: dict[str, int]) -> None:
+                    staging: Path, scratch: Path, done: _Computed) -> None:
     from pyspark import StorageLevel
 
     # 2. read below W + validate + dedup (cached: every view of the source reads it); rejected messages valid
@@ -643,44 +788,161 @@ def _compute_source(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, s
     t0 = time.monotonic()
     extra = None
     if inputs.rejudged.get(src.name):
-        extra, revalidated[src.name] = write_revalidated(src, inputs.rejudged[src.name],
-                                                         inputs.watermark.of_topic(src.topic), scratch,
-                                                         skip=erased_subjects(layout, src.name))
-        log.info("source %s: %d rejected messages valid under the declared rules", src.name, revalidated[src.name])
+        extra, done.revalidated[src.name] = write_revalidated(src, inputs.rejudged[src.name],
+                                                              inputs.watermark.of_topic(src.topic), scratch,
+                                                              skip=erased_subjects(layout, src.name))
+        log.info("source %s: %d rejected messages valid under the declared rules", src.name,
+                 done.revalidated[src.name])
     ev = deduplicated_events(spark, layout, src, inputs, view_columns_needed(pipeline, src), extra)
     ev = ev.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        events[src.name] = ev.count()
-        log.info("source %s: %d deduplicated events below W in %.2fs", src.name, events[src.name],
-                 time.monotonic() - t0)
+        done.events[src.name] = n = ev.count()
+        log.info("source %s: %d deduplicated events below W in %.2fs", src.name, n, time.monotonic() - t0)
+        _write_index_segment(ev, src, staging, [], n, layout, done)
         for view in src_views:
-            # 3. aggregate + write to staging
-            t0 = time.monotonic()
-            vdir = staging / view.name
-            write_for_lookups(view_frame(ev, src, view), view, vdir)
-            log.info("view %s computed and written in %.2fs", view.name, time.monotonic() - t0)
-            for junk in [*vdir.glob(".*.crc"), vdir / "_SUCCESS"]:
-                junk.unlink(missing_ok=True)
-            # 4. validate before anything can be published
-            t0 = time.monotonic()
-            row_counts[view.name] = validate_staged(pipeline, view, vdir, events[src.name])
-            log.info("view %s validated in %.2fs", view.name, time.monotonic() - t0)
-            meta[view.name] = BatchView(pipeline.fingerprint(view),
-                                        files=sorted(f.name for f in vdir.glob("*.parquet")))
+            _write_view(pipeline, view_frame(ev, src, view), src, view, staging, n, done)
     finally:
         ev.unpersist()
 
 
-def _carry_over(layout: Layout, version: str, view: str, staging: Path) -> None:
-    """Hard-link (or copy) an unchanged view's files from the published version into the staging directory."""
-    src_dir = layout.batch_version(version) / view
-    dst = staging / view
-    dst.mkdir()
+def _compute_source_incremental(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, src: Source,
+                                src_views: list[View], staging: Path, scratch: Path, base: BatchManifest,
+                                done: _Computed) -> None:
+    """Steps 2-4 of an incremental run for one source: the new events are the valid rows at offsets
+    ``[base W[p], W[p])`` (first occurrence among them) whose (partition, event id) is not in ``base``'s id index
+    (an id counted before keeps its first occurrence there: the same rule as a full recompute); each view's
+    rows are ``base``'s rows merged with the new events' rows (:func:`merged_rows`); the index gains a segment of
+    the new ids."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    since = base.watermark.of_topic(src.topic)
+    prev_index = base.id_index[src.name]
+    prev_events = base.events.get(src.name, 0)
+    t0 = time.monotonic()
+    extra, n_extra = None, 0
+    rejudged = [f for f in inputs.rejudged.get(src.name, []) if f.end > since.get(f.partition, 0)]
+    if rejudged:
+        extra, _ = write_revalidated(src, rejudged, inputs.watermark.of_topic(src.topic), scratch,
+                                     skip=erased_subjects(layout, src.name))
+        if extra is not None:
+            pos = pq.read_table(extra, columns=[PARTITION_COL, OFFSET_COL]).to_pydict()
+            n_extra = sum(o >= since.get(p, 0) for p, o in zip(pos[PARTITION_COL], pos[OFFSET_COL], strict=True))
+    done.revalidated[src.name] = base.revalidated.get(src.name, 0) + n_extra
+    key = [PARTITION_COL, src.event_id]
+    base_dir = layout.batch_version(str(base.version))
+    if all(w <= since.get(p, 0) for p, w in inputs.watermark.of_topic(src.topic).items()):
+        fresh = new = None  # nothing archived since: the published views and index as they are
+    else:
+        fresh = deduplicated_events(spark, layout, src, inputs, view_columns_needed(pipeline, src), extra,
+                                    since=since).persist(StorageLevel.MEMORY_AND_DISK)
+        # ids counted before: the index rows matching a new id (the new ids broadcast: the index is scanned once,
+        # never shuffled), then the new rows without them
+        id_files = [str(f) for s in prev_index.segments for f in sorted((base_dir / IDS_DIR / src.name / s)
+                                                                        .glob("*.parquet"))]
+        ids = (spark.read.schema(_index_schema(src)).parquet(*id_files) if id_files
+               else spark.createDataFrame([], _index_schema(src)))
+        seen = ids.join(F.broadcast(fresh.select(*key)), key, "left_semi")
+        new = fresh.join(seen, key, "left_anti").persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        n_new = 0 if new is None else new.count()
+        total = prev_events + n_new
+        done.events[src.name] = total
+        log.info("source %s: %d new deduplicated events in [%s, W) in %.2fs (%d before)", src.name, n_new,
+                 since, time.monotonic() - t0, prev_events)
+        _write_index_segment(new, src, staging, prev_index.segments, total, layout, done,
+                             carry_from=base_dir, write=n_new > 0)
+        for view in src_views:
+            files = [str(base_dir / view.name / f)
+                     for f in base.views[view.name].files]
+            if not n_new:
+                frame = None
+            elif files:
+                increment = view_frame(new, src, view)
+                frame = merged_rows(spark.read.schema(_view_schema(src, view)).parquet(*files), increment, src,
+                                    view)
+            else:
+                frame = view_frame(new, src, view)
+            if frame is None:  # nothing new: the published rows as they are
+                _carry_over(layout, str(base.version), view.name, staging)
+                _validated(pipeline, view, staging / view.name, total, done, t0=time.monotonic())
+            else:
+                _write_view(pipeline, frame, src, view, staging, total, done)
+    finally:
+        for df in (new, fresh):
+            if df is not None:
+                df.unpersist()
+
+
+def _index_schema(src: Source):
+    from pyspark.sql import types as T
+
+    return T.StructType([T.StructField(PARTITION_COL, T.IntegerType(), True),
+                         T.StructField(src.event_id, T.StringType(), True)])
+
+
+def _view_schema(src: Source, view: View):
+    from pyspark.sql import types as T
+
+    return T.StructType([T.StructField(c.name, spark_type(c.type), True) for c in view_columns(src, view)])
+
+
+def _write_index_segment(events, src: Source, staging: Path, carried: list[str], total: int, layout: Layout,
+                         done: _Computed, carry_from: Path | None = None, write: bool = True) -> None:
+    """The source's id index in the staged version: ``carried`` segments hard-linked from ``carry_from``, plus
+    one segment of the (partition, event id) of ``events`` (unless ``write`` is false)."""
+    base = staging / IDS_DIR / src.name
+    segments = list(carried)
+    for s in carried:
+        _link_dir(carry_from / IDS_DIR / src.name / s, base / s)  # type: ignore[operator]
+    if write:
+        name = f"s{len(carried):06d}"
+        t0 = time.monotonic()
+        events.select(PARTITION_COL, src.event_id).write.mode("errorifexists").parquet(str(base / name))
+        for junk in [*(base / name).glob(".*.crc"), base / name / "_SUCCESS"]:
+            junk.unlink(missing_ok=True)
+        segments.append(name)
+        log.info("source %s: id index segment %s written in %.2fs", src.name, name, time.monotonic() - t0)
+    done.index[src.name] = IdIndex(segments, total, erased_digest(layout, src.name))
+
+
+def _write_view(pipeline: Pipeline, frame, src: Source, view: View, staging: Path, events: int,
+                done: _Computed) -> None:
+    # 3. aggregate (+ merge) + write to staging
+    t0 = time.monotonic()
+    vdir = staging / view.name
+    write_for_lookups(frame, view, vdir)
+    log.info("view %s computed and written in %.2fs", view.name, time.monotonic() - t0)
+    for junk in [*vdir.glob(".*.crc"), vdir / "_SUCCESS"]:
+        junk.unlink(missing_ok=True)
+    _validated(pipeline, view, vdir, events, done, time.monotonic())
+
+
+def _validated(pipeline: Pipeline, view: View, vdir: Path, events: int, done: _Computed, t0: float) -> None:
+    # 4. validate before anything can be published
+    done.row_counts[view.name] = validate_staged(pipeline, view, vdir, events)
+    log.info("view %s validated in %.2fs", view.name, time.monotonic() - t0)
+    done.meta[view.name] = BatchView(pipeline.fingerprint(view), files=sorted(f.name for f in vdir.glob("*.parquet")))
+
+
+def _link_dir(src_dir: Path, dst: Path) -> None:
+    """Hard-link (or copy) the parquet files of ``src_dir`` into a new directory ``dst``."""
+    dst.mkdir(parents=True)
     for f in src_dir.glob("*.parquet"):
         try:
             os.link(f, dst / f.name)
         except OSError:
             shutil.copy2(f, dst / f.name)
+
+
+def _carry_over(layout: Layout, version: str, view: str, staging: Path) -> None:
+    """Hard-link (or copy) an unchanged view's files from the published version into the staging directory."""
+    _link_dir(layout.batch_version(version) / view, staging / view)
+
+
+def _carry_index(layout: Layout, version: str, source: str, index: IdIndex, staging: Path) -> None:
+    for s in index.segments:
+        _link_dir(layout.batch_version(version) / IDS_DIR / source / s, staging / IDS_DIR / source / s)
 
 
 # --- spark-submit entry point --------------------------------------------------------------------------------------
@@ -698,6 +960,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--view", action="append", default=None, help="recompute only this view (repeatable)")
     ap.add_argument("--keep", type=int, default=None, help="versions to keep [default 5]")
     ap.add_argument("--spark-master", default=None, help="only when not run by spark-submit")
+    ap.add_argument("--full", action="store_true", default=os.environ.get(FULL_ENV, "") in ("1", "true"),
+                    help=f"recompute from all master data, never incrementally [env {FULL_ENV}=1]")
     args = ap.parse_args(argv)
     try:
         settings = load_settings(home=args.home, pipeline=args.pipeline)
@@ -705,12 +969,13 @@ def main(argv: list[str] | None = None) -> int:
         from batch.publish import default_keep
 
         manifest = run_batch(settings, pipeline, views=args.view, spark_master=args.spark_master,
-                             keep=args.keep if args.keep is not None else default_keep())
+                             keep=args.keep if args.keep is not None else default_keep(), full=args.full)
     except LambdalakeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     out = contracts.to_builtins(manifest)
-    print(json.dumps({k: out[k] for k in ("version", "watermark", "row_counts", "duration_s")}))
+    print(json.dumps({k: out[k] for k in ("version", "mode", "mode_reason", "watermark", "row_counts",
+                                          "duration_s")}))
     return 0
 
 

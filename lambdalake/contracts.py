@@ -139,6 +139,17 @@ class BatchView(msgspec.Struct):
     computed_in: str | None = None  # the version that computed the files (a carried-over view keeps its origin)
 
 
+class IdIndex(msgspec.Struct):
+    """Per source of a batch version: the (partition, event id) of every event it counted, the set an incremental
+    run checks new events against (``<version>/_ids/<source>/<segment>/*.parquet``, columns ``_partition`` and the
+    event id; :mod:`batch.job`). ``rows`` equals the version's ``events[source]``; ``erased`` is the digest of the
+    forgotten subjects the version skipped (:func:`lambdalake.erasure.erased_subjects`)."""
+
+    segments: list[str] = msgspec.field(default_factory=list)
+    rows: int = 0
+    erased: str = ""
+
+
 class BatchManifest(msgspec.Struct, kw_only=True):
     """``views/batch/<version>/manifest.json``: one batch version = every view at one watermark ``W``."""
 
@@ -162,6 +173,14 @@ class BatchManifest(msgspec.Struct, kw_only=True):
     published_at: str | None = None  # set by publish, right before the CURRENT switch
     duration_s: float = 0.0
     format: int = 1  # absent in files of the first release
+    # Incremental runs (absent before them: "full", no index). ``mode``: "full" (every view from all master below W)
+    # or "incremental" (the views of ``based_on`` merged with the events in [based_on's W, W)); ``mode_reason``:
+    # why; ``full_at``: ``started_at`` of the full run the version's rows descend from; ``id_index`` per source.
+    mode: str = "full"
+    based_on: str | None = None
+    mode_reason: str = ""
+    full_at: str | None = None
+    id_index: dict[str, IdIndex] = msgspec.field(default_factory=dict)
 
     def fingerprint_of(self, view: str) -> str | None:
         meta = self.views.get(view)
