@@ -8,9 +8,11 @@ from datetime import timedelta
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+from lambdalake.kafka import ensure_topics
 from lambdalake.pipeline import load_pipeline
-from lambdalake.produce import LATE_MAX, demo_messages
+from lambdalake.produce import LATE_MAX, Message, demo_messages, send
 from lambdalake.validation import parse_rfc3339_us
 from tests.oracle import oracle_counts, read_log
 
@@ -104,3 +106,45 @@ def test_load_sends_declared_string_columns_as_strings(run_cli, settings, pipeli
     docs = [json.loads(m.value) for m in msgs]
     assert {d["user_id"] for d in docs} >= {"00000", "00004", "1", "2"}  # leading zeros kept
     assert all(isinstance(d["amount_cents"], int) for d in docs)
+
+
+def test_send_keeps_each_key_in_order_on_the_partition_kafka_clients_choose(settings, pipeline):
+    """The producer of `produce`/`load` (librdkafka) puts a key where Kafka's Java client and kafka-python do
+    (murmur2), so a subject's events share a partition whoever sent them, and keeps their order."""
+    from kafka.partitioner.default import murmur2
+
+    ensure_topics(settings, pipeline)
+    msgs = list(demo_messages(pipeline, 3000, seed=5))
+    report = send(settings, iter(msgs), progress=False)
+    assert report.total == len(msgs) == sum(report.per_topic.values())
+    topics = [s.topic for s in pipeline.sources]
+    log = read_log(settings.bootstrap, topics)
+    assert len(log) == len(msgs)
+    sent_order: dict[tuple[str, bytes], list[bytes]] = {}
+    for m in msgs:
+        sent_order.setdefault((m.topic, m.key), []).append(m.value)
+    logged: dict[tuple[str, bytes], list[bytes]] = {}
+    for r in sorted(log, key=lambda r: (r.topic, r.partition, r.offset)):
+        assert r.partition == (murmur2(r.key) & 0x7FFFFFFF) % 4, r
+        logged.setdefault((r.topic, r.key), []).append(r.value)
+    assert logged == sent_order
+
+
+def test_a_message_the_broker_refuses_fails_the_send(settings, unique_suffix):
+    """Delivery is checked: a message the broker does not acknowledge (here: above the topic's size limit) makes
+    `send` raise a BrokerError, so `lambdalake produce` / `load` exit with an error."""
+    from kafka.admin import NewTopic
+
+    from lambdalake.exceptions import BrokerError
+    from lambdalake.kafka import admin_client
+
+    topic = f"small.{unique_suffix}"
+    admin = admin_client(settings)
+    try:
+        admin.create_topics([NewTopic(topic, 1, 1, topic_configs={"max.message.bytes": "2000"})])
+    finally:
+        admin.close()
+    assert send(settings, iter([Message(topic, b"k", b"small", "row")]), progress=False).total == 1
+    with pytest.raises(BrokerError, match="1 messages were not acknowledged by Kafka; first error: .*SIZE_TOO_LARGE"):
+        send(settings, iter([Message(topic, b"k", b"x" * 20_000, "row")]), progress=False)
+    assert [m.value for m in read_log(settings.bootstrap, [topic])] == [b"small"]
