@@ -48,6 +48,7 @@ import pyarrow.parquet as pq
 from audit.logread import DeadLetters, PartitionLog, read_dead_letters, read_source
 from batch.rejected import revalidated_file
 from batch.verify import master_events_sql, output_sql, valid_predicate, view_sql
+from lambdalake import sketches
 from lambdalake.config import Settings
 from lambdalake.contracts import Positions
 from lambdalake.kafka import end_offsets
@@ -518,9 +519,9 @@ def check_master_batch(report: AuditReport, con: Any, pipeline: Pipeline, source
         paths = pair.batch_files(view)
         batch_files = [str(f) for f in paths]
         res.add("batch_bytes", sum(f.stat().st_size for f in paths))
-        actual = (typed_select(cols, f"read_parquet({_sql_list(batch_files)})") if batch_files
-                  else typed_select(cols, "(SELECT 1) WHERE FALSE", {c.name for c in cols}))
-        expected = typed_select(cols, f"({view_sql(source, view, 'SELECT * FROM master_events')})")
+        actual = (typed_select(cols, f"read_parquet({_sql_list(batch_files)})", estimates=True) if batch_files
+                  else typed_select(cols, "(SELECT 1) WHERE FALSE", {c.name for c in cols}, estimates=True))
+        expected = typed_select(cols, f"({view_sql(source, view, 'SELECT * FROM master_events')})", estimates=True)
         group = [*view.keys, "window_start"]
         n_actual, _ = compare_rows(report, check, subject, con, actual, expected, group, "batch",
                                    "recomputation from master")
@@ -604,12 +605,13 @@ def check_log_speed(report: AuditReport, con: Any, pipeline: Pipeline, source: S
         table = speed.get(view.name)
         reg = f"_speed_{view.name}"
         if table is None:
-            actual = typed_select(cols, "(SELECT 1) WHERE FALSE", {c.name for c in cols})
+            actual = typed_select(cols, "(SELECT 1) WHERE FALSE", {c.name for c in cols}, estimates=True)
         else:
             res.add("speed_bytes", table.nbytes)
             con.register(reg, table)
-            actual = f"SELECT * FROM ({typed_select(cols, ident(reg))}) WHERE {speed_visible_predicate(w)}"
-        expected = typed_select(cols, f"({view_sql(source, view, window, block=snapshot.block)})")
+            actual = (f"SELECT * FROM ({typed_select(cols, ident(reg), estimates=True)}) "
+                      f"WHERE {speed_visible_predicate(w)}")
+        expected = typed_select(cols, f"({view_sql(source, view, window, block=snapshot.block)})", estimates=True)
         group = [PARTITION_COL, BLOCK_COL, *view.keys, "window_start"]
         try:
             n_actual, _ = compare_rows(report, check, subject, con, actual, expected, group, "speed",
@@ -705,6 +707,7 @@ def audit(settings: Settings, pipeline: Pipeline, views: list[str] | None = None
     report.watermark, report.positions = pair.watermark.nested(), pair.positions.nested()
     con = duckdb.connect()
     try:
+        sketches.register(con)  # approx_distinct: sketches compare by their canonical estimates
         con.execute("SET TimeZone = 'UTC'")
         valid = {src.name: valid_predicate(con, src) for src in sources}  # registers functions before any query
         con.execute("SET threads = 2")

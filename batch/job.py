@@ -251,7 +251,8 @@ def spark_session(master: str | None = None, app_name: str = "lambdalake-batch")
 
 # The Spark type of each logical type (lambdalake.schema): the only type table of this engine.
 SPARK_TYPES = {"string": "StringType", "integer": "LongType", "timestamp": "TimestampType", "int32": "IntegerType",
-               "binary": "BinaryType", "decimal": "LongType", "boolean": "BooleanType", "number": "DoubleType"}
+               "binary": "BinaryType", "decimal": "LongType", "boolean": "BooleanType", "number": "DoubleType",
+               "sketch": "BinaryType"}
 
 
 def spark_type(logical: str):
@@ -379,6 +380,8 @@ def _agg_expr(a: Aggregate, source: Source):
         return F.min(F.col(a.column)).alias(a.name)
     if a.kind == "max":
         return F.max(F.col(a.column)).alias(a.name)
+    if a.kind == "approx_distinct":  # DataSketches HLL_8, nulls skipped: what lambdalake.sketches reads and unions
+        return F.hll_sketch_agg(F.col(a.column), a.lg_k).alias(a.name)
     raise PipelineError(f"aggregate {a.name!r}: unknown kind {a.kind!r}")
 
 

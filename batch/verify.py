@@ -39,16 +39,36 @@ import pyarrow.compute as pc
 
 from batch.compact import master_readers_lock
 from batch.rejected import revalidated_file
+from lambdalake import sketches
 from lambdalake.config import Settings
 from lambdalake.contracts import BatchManifest, Positions
 from lambdalake.erasure import erased_subjects, not_erased_sql
 from lambdalake.exceptions import InvariantViolation
 from lambdalake.layout import Layout, current_batch_manifest
-from lambdalake.pipeline import WINDOW_START, Pipeline, Predicate, Source, View, resolve_predicate
+from lambdalake.pipeline import WINDOW_START, Aggregate, Pipeline, Predicate, Source, View, resolve_predicate
 from lambdalake.schema import BLOCK_COL, OFFSET_COL, PARTITION_COL, view_columns
 from lambdalake.validation import FIRST_INSTANT_US, LAST_INSTANT_US
 
-FOLD = {"sum": "sum", "min": "min", "max": "max"}  # SQL of each merge rule (Aggregate.merge)
+FOLD = {"sum": "sum", "min": "min", "max": "max", "union": "union"}  # each merge rule (Aggregate.merge) in words
+
+
+def _fold_sql(a: Aggregate) -> str:
+    """SQL folding a stored aggregate over all rows with its merge rule (a sketch: the estimate of the union)."""
+    col = _ident(a.name)
+    return f"hll_count(list({col}))" if a.merge == "union" else f"{FOLD[a.merge]}({col})"
+
+
+def _aggregate_sql(a: Aggregate, source: Source) -> str:
+    """SQL of a stored aggregate over events (valid, deduplicated, filtered): what one group's row stores."""
+    col = _ident(a.column or "")
+    if a.kind == "count":
+        return "count(*)"
+    if a.kind == "sum":
+        total = "DOUBLE" if source.field_map[a.column or ""].type == "number" else "BIGINT"  # decimals: scaled ints
+        return f"CAST(sum({col}) AS {total})"
+    if a.kind == "approx_distinct":
+        return sketches.sketch_sql(f"list({col})", source.field_map[a.column or ""].type, a.lg_k or 0)
+    return f"{a.kind}({col})"
 
 
 class VerificationFailed(InvariantViolation):
@@ -144,12 +164,8 @@ def view_sql(source: Source, view: View, events: str, block: int | None = None) 
     cols.append(f"make_timestamptz({t} - ((({t} % {b}) + {b}) % {b})) AS {_ident(WINDOW_START)}")
     if block:
         cols = [PARTITION_COL, f"({OFFSET_COL} - {OFFSET_COL} % {int(block)}) AS {BLOCK_COL}", *cols]
-    types = {f.name: f.type for f in source.fields}
     for a in view.stored_aggregates:
-        total = "DOUBLE" if types.get(a.column or "") == "number" else "BIGINT"  # decimals: scaled integers
-        expr = {"count": "count(*)", "sum": f"CAST(sum({_ident(a.column or '')}) AS {total})",
-                "min": f"min({_ident(a.column or '')})", "max": f"max({_ident(a.column or '')})"}[a.kind]
-        cols.append(f"{expr} AS {_ident(a.name)}")
+        cols.append(f"{_aggregate_sql(a, source)} AS {_ident(a.name)}")
     where = "" if view.where is None else \
         f" WHERE {where_sql(resolve_predicate(view.where, source, f'view {view.name!r}'), source)}"
     return f"SELECT {', '.join(cols)} FROM ({events}) AS events{where} GROUP BY ALL"
@@ -197,6 +213,9 @@ def output_sql(view: View, stored: str, source: Source | None = None) -> str:
     cols = [shown(k) for k in view.keys] + [_ident(WINDOW_START)]
     for a in view.aggregates:
         m = means.get(a.name)
+        if isinstance(a, Aggregate) and a.kind == "approx_distinct":
+            cols.append(f"hll_count(list_value({_ident(a.name)})) AS {_ident(a.name)}")
+            continue
         if m is None:
             cols.append(shown(a.name))
             continue
@@ -248,6 +267,7 @@ def verify_published(settings: Settings, pipeline: Pipeline) -> VerificationRepo
 
     con = duckdb.connect()
     try:
+        sketches.register(con)
         valid = {src.name: valid_predicate(con, src) for src in pipeline.sources}  # registers before any query
         con.execute("SET threads = 2").fetchall()
         report = VerificationReport(version, manifest.watermark, row_counts, {})
@@ -285,7 +305,8 @@ def _check_definition(manifest: BatchManifest, pipeline: Pipeline, view: View,
 def _check_view(con: Any, pipeline: Pipeline, view: View, files: list[str], events_sql: str | None,
                 fail: Callable[[str], VerificationFailed]) -> dict[str, Any]:
     """Steps 2 and 3 for one view; returns the totals it compared."""
-    fields = pipeline.source_of(view).field_map
+    source = pipeline.source_of(view)
+    fields = source.field_map
     strict = [k for k in view.keys if fields[k].required and not fields[k].nullable] + [WINDOW_START]
     stored = view.stored_aggregates
     if not files:
@@ -300,13 +321,13 @@ def _check_view(con: Any, pipeline: Pipeline, view: View, files: list[str], even
             raise fail(f"view {view.name!r} has {n} null values in key {k!r}")
     if not stored:
         return {}
-    view_totals = con.execute("SELECT " + ", ".join(f"{FOLD[a.merge]}({_ident(a.name)})" for a in stored)
-                              + f" FROM {rel}").fetchone()
+    view_totals = con.execute("SELECT " + ", ".join(_fold_sql(a) for a in stored) + f" FROM {rel}").fetchone()
     if events_sql is None:
         master_totals: tuple = tuple(0 if a.kind == "count" else None for a in stored)
     else:
         master_totals = con.execute("SELECT " + ", ".join(
-            "count(*)" if a.kind == "count" else f"{a.kind}({_ident(a.column or '')})" for a in stored)
+            f"hll_count(list_value({_aggregate_sql(a, source)}))" if a.merge == "union"
+            else "count(*)" if a.kind == "count" else f"{a.kind}({_ident(a.column or '')})" for a in stored)
             + f" FROM ({events_sql})").fetchone()
     totals: dict[str, Any] = {}
     for a, got, want in zip(stored, view_totals, master_totals, strict=True):

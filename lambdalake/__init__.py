@@ -4,7 +4,7 @@ speed layer, DuckDB merge-on-query).
 Public API (stable names):
 
 - :class:`lambdalake.pipeline.Pipeline`, :class:`Source`, :class:`Field`, :class:`View`, aggregates
-  :func:`count`, :func:`sum_`, :func:`min_`, :func:`max_`, :func:`mean` — declare a pipeline.
+  :func:`count`, :func:`sum_`, :func:`min_`, :func:`max_`, :func:`mean`, :func:`approx_distinct` — declare a pipeline.
 - :func:`lambdalake.config.load_settings` — resolve configuration.
 - :func:`lambdalake.connect` — a ready, read-only DuckDB connection over the merged views (serving layer).
 """
@@ -16,6 +16,7 @@ from lambdalake.pipeline import (
     Source,
     View,
     and_,
+    approx_distinct,
     between,
     count,
     eq,
@@ -36,7 +37,8 @@ from lambdalake.pipeline import (
 
 __version__ = "0.1.0"
 
-__all__ = ["Field", "Pipeline", "Source", "View", "count", "sum_", "min_", "max_", "mean", "connect", "__version__",
+__all__ = ["Field", "Pipeline", "Source", "View", "count", "sum_", "min_", "max_", "mean", "approx_distinct", "connect",
+           "__version__",
            "Predicate", "eq", "ne", "lt", "le", "gt", "ge", "between", "in_", "is_null", "not_null", "and_", "or_"]
 
 

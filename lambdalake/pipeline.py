@@ -12,6 +12,9 @@ Mergeable aggregates (the closed set)::
     min_(column)       minimum                               merge: min
     max_(column)       maximum                               merge: max
     mean(column)       derived: sum / count, never stored    recomputed after merging
+    approx_distinct(column, lg_k=12)
+                       HLL sketch of the distinct values     merge: union; served as the estimate
+                       (lambdalake.sketches: the same DataSketches format and estimate on every engine)
 
 A view may keep only some events with a declarative filter (``where=``, see :class:`Predicate`). Field types:
 string, integer, timestamp, decimal (exact, stored as a scaled integer), boolean, number (float64).
@@ -53,7 +56,8 @@ from typing import Literal
 from lambdalake.exceptions import PipelineError
 
 FieldType = Literal["string", "integer", "timestamp", "decimal", "boolean", "number"]
-AggKind = Literal["count", "sum", "min", "max"]
+AggKind = Literal["count", "sum", "min", "max", "approx_distinct"]
+MergeKind = Literal["sum", "min", "max", "union"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
@@ -133,6 +137,7 @@ class Field:
 
 FIELD_TYPES = ("string", "integer", "timestamp", "decimal", "boolean", "number")
 NUMERIC_TYPES = ("integer", "decimal", "number")  # sum_ and mean read these
+SKETCH_TYPES = ("string", "integer", "decimal")  # approx_distinct hashes these (a decimal as its scaled integer)
 MAX_SCALE = 18
 DECIMAL_DIGITS = 18  # a decimal's stored integer has at most this many digits (it fits int64 and DECIMAL(18, s))
 
@@ -153,10 +158,14 @@ class Aggregate:
     name: str
     kind: AggKind
     column: str | None = None
+    # approx_distinct only: log2 of the sketch's registers. Not in repr: the 0.1 fingerprint hashed the repr.
+    lg_k: int | None = field(default=None, repr=False)
 
     @property
-    def merge(self) -> AggKind:
-        """How two partial results combine: counts and sums add, min/max fold."""
+    def merge(self) -> MergeKind:
+        """How two partial results combine: counts and sums add, min/max fold, sketches union."""
+        if self.kind == "approx_distinct":
+            return "union"
         return "sum" if self.kind in ("count", "sum") else self.kind
 
 
@@ -188,6 +197,13 @@ def max_(name: str, column: str) -> Aggregate:
 
 def mean(name: str, column: str) -> Mean:
     return Mean(name, column)
+
+
+def approx_distinct(name: str, column: str, lg_k: int = 12) -> Aggregate:
+    """Approximate number of distinct non-null values of a string, integer or decimal ``column`` per row: an HLL
+    sketch with 2^lg_k registers (relative standard error ~1.04/sqrt(2^lg_k): 1.6% at 12), merged by union across
+    batch and speed and across rows (:mod:`lambdalake.sketches`)."""
+    return Aggregate(name, "approx_distinct", column, lg_k)
 
 
 # --- filters -------------------------------------------------------------------------------------------------------
@@ -545,6 +561,13 @@ class Pipeline:
                     # sum skips nulls but the count counts every event: the quotient would not be a mean
                     raise PipelineError(f"view {v.name!r}: mean {a.name!r} over optional field {col!r} is not "
                                         "supported; make the field required or declare sum_ and count instead")
+                if isinstance(a, Aggregate) and a.kind == "approx_distinct":
+                    if f.type not in SKETCH_TYPES:
+                        raise PipelineError(f"view {v.name!r}: approx_distinct {a.name!r} needs a string, integer or "
+                                            f"decimal field; {col!r} is {f.type}")
+                    if not isinstance(a.lg_k, int) or not 4 <= a.lg_k <= 21:
+                        raise PipelineError(f"view {v.name!r}: approx_distinct {a.name!r}: lg_k must be an integer "
+                                            f"from 4 to 21, not {a.lg_k!r}")
                 numeric_only = isinstance(a, Mean) or a.kind == "sum"
                 if numeric_only and f.type not in NUMERIC_TYPES:
                     raise PipelineError(f"view {v.name!r}: aggregate {a.name!r} needs an integer, decimal or number "
@@ -609,7 +632,8 @@ class Pipeline:
         src = self.source_of(view)
         doc = {
             "view": {"name": view.name, "source": view.source, "keys": list(view.keys), "bucket_us": view.bucket_us,
-                     "aggregates": [[type(a).__name__, a.name, getattr(a, "kind", "mean"), a.column]
+                     "aggregates": [[type(a).__name__, a.name, getattr(a, "kind", "mean"), a.column,
+                                     *([a.lg_k] if getattr(a, "kind", "") == "approx_distinct" else [])]
                                     for a in view.aggregates]},
             "source": {"name": src.name, "topic": src.topic, "event_id": src.event_id, "event_time": src.event_time,
                        "key": src.key, "fields": [field_doc(f) for f in src.fields]},

@@ -15,6 +15,7 @@ boolean        bool                  BooleanType BOOLEAN
 number         float64               DoubleType  DOUBLE
 int32          int32                 IntegerType INTEGER
 binary         binary                BinaryType  (not served)
+sketch         binary                BinaryType  BLOB (served as its estimate, lambdalake.sketches)
 =============  ====================  ==========  ===============
 
 A decimal is stored as its scaled integer (``12.34`` at scale 2 is 1234) in every file, so every engine sums it
@@ -25,8 +26,8 @@ exactly as an integer; :attr:`Column.scale` says how to read it, and serving pre
 Stored columns:
 
 - master file: the source's fields, ``_partition``, ``_offset``, ``_ingest_time`` (:func:`master_columns`);
-- batch view: keys, ``window_start``, stored aggregates — count is ``integer``, sum/min/max keep the field's type
-  (a sum of a decimal is the scaled integer sum) (:func:`view_columns`);
+- batch view: keys, ``window_start``, stored aggregates — count is ``integer``, approx_distinct a ``sketch``,
+  sum/min/max keep the field's type (a sum of a decimal is the scaled integer sum) (:func:`view_columns`);
 - speed view: ``_partition``, ``_block_start``, then the batch view's columns (:func:`speed_view_columns`);
 - rejected file: ``_partition``, ``_offset``, ``_ingest_time``, ``_value`` (binary), ``_reason``
   (:func:`rejected_columns`).
@@ -50,7 +51,8 @@ REASON_COL = "_reason"  # rejected files: why the archiver found the message inv
 TS_TYPE = pa.timestamp("us", tz="UTC")
 ARROW_TYPES: dict[str, pa.DataType] = {"string": pa.string(), "integer": pa.int64(), "timestamp": TS_TYPE,
                                        "int32": pa.int32(), "binary": pa.binary(), "decimal": pa.int64(),
-                                       "boolean": pa.bool_(), "number": pa.float64()}
+                                       "boolean": pa.bool_(), "number": pa.float64(),
+                                       "sketch": pa.binary()}
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ def view_columns(source: Source, view: View) -> tuple[Column, ...]:
     for a in view.stored_aggregates:
         if a.kind == "count":
             cols.append(Column(a.name, "integer", nullable=False))
+        elif a.kind == "approx_distinct":  # an HLL sketch of the column's values (lambdalake.sketches)
+            cols.append(Column(a.name, "sketch"))
         elif a.kind == "sum":  # an integer or decimal sum is an int64 (decimal: scaled), a number sum a float64
             f = fields[a.column]
             cols.append(Column(a.name, f.type, scale=f.scale, total=True))

@@ -125,7 +125,7 @@ def _build(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setting
         batch, speed = side_names(view)
         batch_cols, speed_cols = view_columns(source, view), speed_view_columns(source, view)
         if plan.pair is None:  # being rebuilt: same columns, every scan refused with the one line
-            view_rows.append(install_refused(con, pipeline, plan, "VIEW"))
+            view_rows.append(install_refused(con, pipeline, plan, "VIEW", sketch_functions=False))
             continue
         served, stale = plan.pair, plan.state == STALE
         dataset = batch_dataset(pipeline, view, served, stale)  # runs the same paranoid checks as a connection
@@ -143,7 +143,8 @@ def _build(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setting
         if served.block:
             _check_speed_blocks(con, speed, view, served)
         watermark = served.topic_watermark(source.topic)
-        con.execute(f"CREATE VIEW main.{ident(view.name)} AS {merged_view_sql(view, batch, speed, watermark, source)}")
+        merged = merged_view_sql(view, batch, speed, watermark, source, sketch_functions=False)  # no hll_* in a CLI
+        con.execute(f"CREATE VIEW main.{ident(view.name)} AS {merged}")
         view_rows.append(view_row(con, pipeline, plan, dataset.count_rows(), speed, batch_absent | speed_absent))
     for source in pipeline.sources:
         cols = master_columns(source)

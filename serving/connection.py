@@ -3,6 +3,9 @@
 What a connection contains (all built from the pipeline declaration, see :mod:`serving.sql`):
 
 - ``<view>`` (e.g. ``pageviews_hourly``) in the default schema: the merged view, columns ``view.output_columns``.
+- ``sketches.<view>`` (views with ``approx_distinct``): keys, ``window_start`` and each approx_distinct's merged HLL
+  sketch (BLOB), to roll up further: ``SELECT page, hll_count(list(unique_users)) FROM sketches.pageviews_hourly
+  GROUP BY page`` (functions ``hll_count``/``hll_union``, :mod:`lambdalake.sketches`).
 - ``master.<source>``: the raw master dataset (declared fields + ``_partition``, ``_offset``, ``_ingest_time``).
 - ``lambdalake.status`` (one row: versions read, freshness), ``lambdalake.watermarks`` (per topic-partition:
   batch watermark ``W``, speed position ``S``), ``lambdalake.views`` (per view: state ``current`` / ``rebuilding`` /
@@ -68,6 +71,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from lambdalake import sketches
 from lambdalake.config import Settings, load_settings, require_existing_lake
 from lambdalake.erasure import erased_subjects, not_erased_sql
 from lambdalake.exceptions import ConfigError
@@ -254,6 +258,7 @@ def open_locked(scratch: Path | None = None, limits: Limits | None = None) -> du
         })
     except duckdb.Error as exc:
         raise ConfigError(f"cannot open a serving connection with {limits}: {str(exc).splitlines()[0]}") from None
+    sketches.register(con)  # approx_distinct's functions, before the lock-down
     global _said_no_timeout
     if not lock_down(con, scratch) and limits.timeout is not None and not _said_no_timeout:
         _said_no_timeout = True  # once per process
@@ -504,7 +509,7 @@ def _install(con: duckdb.DuckDBPyConnection, binding: _Binding, pair: PublishedP
         con.execute(f"ATTACH {literal(str(path))} AS {ident(catalog)}")
         attached = True
         db = ident(catalog)
-        for schema in ("_lake", "lambdalake", "master"):
+        for schema in ("_lake", "lambdalake", "master", "sketches"):
             con.execute(f"CREATE SCHEMA {db}.{schema}")
         view_rows: list[tuple] = []
         for view in pipeline.views:
@@ -523,10 +528,14 @@ def _install(con: duckdb.DuckDBPyConnection, binding: _Binding, pair: PublishedP
             con.execute(f"CREATE TABLE {speed} AS {typed_select(speed_cols, ident(speed_reg), speed_absent)}")
             if plan.pair.block:
                 _check_speed_blocks(con, speed, view, plan.pair)
-            merged = merged_view_sql(view, batch, speed, watermark, source)
-            if source.key in view.keys and (gone := erased_subjects(layout, source.name)):
-                merged = f"SELECT * FROM ({merged}) WHERE {not_erased_sql(ident(source.key), gone)}"  # forgotten
-            con.execute(f"CREATE VIEW {db}.main.{ident(view.name)} AS {merged}")
+            gone = erased_subjects(layout, source.name) if source.key in view.keys else None
+            for schema, sketched in (("main", False), ("sketches", True)):
+                if sketched and not any(a.merge == "union" for a in view.stored_aggregates):
+                    continue
+                merged = merged_view_sql(view, batch, speed, watermark, source, sketches=sketched)
+                if gone:
+                    merged = f"SELECT * FROM ({merged}) WHERE {not_erased_sql(ident(source.key), gone)}"  # forgotten
+                con.execute(f"CREATE VIEW {db}.{schema}.{ident(view.name)} AS {merged}")
             view_rows.append(view_row(con, pipeline, plan, batch_rows, speed, batch_absent | speed_absent))
         for source in pipeline.sources:
             reg = masters[source.name]
@@ -557,7 +566,7 @@ def _install(con: duckdb.DuckDBPyConnection, binding: _Binding, pair: PublishedP
 
 
 def install_refused(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, plan: ViewPlan, batch_kind: str,
-                    catalog: str | None = None) -> tuple:
+                    catalog: str | None = None, sketch_functions: bool = True) -> tuple:
     """A view being rebuilt: empty sides and ``main.<view>`` with the declared columns whose every scan fails with
     the one-line refusal. Returns its ``lambdalake.views`` row."""
     view, source = plan.view, pipeline.source_of(plan.view)
@@ -565,8 +574,8 @@ def install_refused(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, plan: Vi
     db = f"{ident(catalog)}." if catalog else ""
     con.execute(f"CREATE OR REPLACE {batch_kind} {batch} AS {empty_select(view_columns(source, view))}")
     con.execute(f"CREATE OR REPLACE TABLE {speed} AS {empty_select(speed_view_columns(source, view))}")
-    con.execute(f"CREATE OR REPLACE VIEW {db}main.{ident(view.name)} AS "
-                f"{refusing_select(merged_view_sql(view, batch, speed, {}, source), str(plan.message))}")
+    merged = merged_view_sql(view, batch, speed, {}, source, sketch_functions=sketch_functions)
+    con.execute(f"CREATE OR REPLACE VIEW {db}main.{ident(view.name)} AS {refusing_select(merged, str(plan.message))}")
     return view_row(con, pipeline, plan, None, speed)
 
 

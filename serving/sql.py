@@ -8,7 +8,8 @@ Nothing here knows a particular view: every statement is derived from :class:`la
 The merge of view ``V`` (batch rows are offsets ``< W``, visible speed rows are blocks ``>= W``)::
 
     SELECT keys, window_start, declared aggregates (means = sum / count, as DOUBLE)
-    FROM (SELECT keys, window_start, merge(stored) ...            -- count/sum: sum, min: min, max: max
+    FROM (SELECT keys, window_start, merge(stored) ...            -- count/sum: sum, min: min, max: max,
+                                                                  -- sketch: list, estimated as hll_count(list)
           FROM (SELECT keys, window_start, stored FROM batch
                 UNION ALL
                 SELECT keys, window_start, stored FROM speed
@@ -29,7 +30,7 @@ from lambdalake.schema import BLOCK_COL, PARTITION_COL, Column, view_columns
 
 # The DuckDB type of each logical type of lambdalake.schema (the engine's one type table).
 DUCKDB_TYPES = {"string": "VARCHAR", "integer": "BIGINT", "timestamp": "TIMESTAMPTZ", "int32": "INTEGER",
-                "decimal": "BIGINT", "boolean": "BOOLEAN", "number": "DOUBLE"}
+                "decimal": "BIGINT", "boolean": "BOOLEAN", "number": "DOUBLE", "sketch": "BLOB"}
 
 Columns = Sequence[Column]
 # Functions in generated SQL are qualified with the built-in catalog: a user's TEMP MACRO named like one (``sum``)
@@ -52,13 +53,18 @@ def duckdb_type(column: Column) -> str:
 
 
 def typed_select(columns: Columns, relation: str, absent: frozenset[str] | set[str] = frozenset(), *,
-                 presented: bool = False) -> str:
+                 presented: bool = False, estimates: bool = False) -> str:
     """SELECT every column of ``relation`` cast to its contract type (published files are checked, not trusted).
 
     Columns named in ``absent`` are NULL of their type (a stale answer from pieces of an earlier definition that
     did not store them). ``presented``: as served to users (decimals as SQL decimals, :func:`present`).
+    ``estimates``: sketches as their estimates (:func:`estimate_sql`): how two relations holding sketches of the
+    same values built by different engines compare equal (their bytes may differ).
     """
     shown = present if presented else _as_is
+    if estimates:
+        def shown(expr: str, c: Column, _shown=shown) -> str:
+            return estimate_sql(f"{FN}list_value({expr})") if c.type == "sketch" else _shown(expr, c)
     cols = ", ".join(
         shown(f"CAST({'NULL' if c.name in absent else ident(c.name)} AS {duckdb_type(c)})", c) + f" AS {ident(c.name)}"
         for c in columns)
@@ -104,8 +110,16 @@ def _as_is(expr: str, column: Column) -> str:
     return expr
 
 
+def estimate_sql(sketch_list: str) -> str:
+    """The canonical estimate of the union of a LIST of sketches (:func:`lambdalake.sketches.estimate`; a function
+    :func:`lambdalake.sketches.register` adds to the connection)."""
+    return f"{FN}hll_count({sketch_list})"
+
+
 def _merge_expr(a: Aggregate, column: Column) -> str:
     col = ident(a.name)
+    if a.merge == "union":  # the parts' sketches; the output estimates their union
+        return f"{FN}list({col}) FILTER (WHERE {col} IS NOT NULL) AS {col}"
     if a.merge == "sum" and column.type == "number":  # float64 partial sums add as DOUBLE
         return f"{FN}sum({col}) AS {col}"
     if a.merge == "sum":  # DuckDB widens sum(BIGINT) to HUGEINT; partial counts/sums are int64 by contract
@@ -113,7 +127,12 @@ def _merge_expr(a: Aggregate, column: Column) -> str:
     return f"{FN}{a.merge}({col}) AS {col}"
 
 
-def _output_expr(a: Aggregate | Mean, means: dict[str, Mean], columns: dict[str, Column]) -> str:
+def _output_expr(a: Aggregate | Mean, means: dict[str, Mean], columns: dict[str, Column], sketch_functions: bool
+                 ) -> str:
+    if isinstance(a, Aggregate) and a.kind == "approx_distinct":
+        # without the sketch functions (the stock DuckDB CLI) the estimate is absent, never guessed
+        value = estimate_sql(ident(a.name)) if sketch_functions else "CAST(NULL AS BIGINT)"
+        return f"{value} AS {ident(a.name)}"
     if isinstance(a, Mean):
         m = means[a.name]
         total = f"CAST({ident(m.sum_name)} AS DOUBLE)"
@@ -124,12 +143,15 @@ def _output_expr(a: Aggregate | Mean, means: dict[str, Mean], columns: dict[str,
     return f"{present(ident(a.name), columns[a.name])} AS {ident(a.name)}"
 
 
-def merged_view_sql(view: View, batch: str, speed: str, watermark: dict[int, int], source: Source) -> str:
+def merged_view_sql(view: View, batch: str, speed: str, watermark: dict[int, int], source: Source, *,
+                    sketch_functions: bool = True, sketches: bool = False) -> str:
     """The SELECT of a merged view over the typed relations ``batch`` and ``speed`` (names or subqueries) of
-    ``source``'s view: partial aggregates merge as stored (decimals as scaled integers), then decimals are
-    presented as SQL decimals (:func:`present`).
+    ``source``'s view: partial aggregates merge as stored (decimals as scaled integers; sketches by union), then
+    decimals are presented as SQL decimals (:func:`present`) and sketches as their estimates.
 
-    Output columns are exactly ``view.output_columns``, in order.
+    Output columns are exactly ``view.output_columns``, in order. ``sketch_functions``: the connection has
+    :func:`lambdalake.sketches.register`'s functions (False: ``approx_distinct`` columns are NULL). ``sketches``:
+    instead, the keys, ``window_start`` and each ``approx_distinct``'s merged sketch (a BLOB to roll up further).
     """
     columns = {c.name: c for c in view_columns(source, view)}
     group = [ident(k) for k in view.keys] + [ident(WINDOW_START)]
@@ -138,7 +160,9 @@ def merged_view_sql(view: View, batch: str, speed: str, watermark: dict[int, int
     merged = ", ".join(group + [_merge_expr(a, columns[a.name]) for a in view.stored_aggregates])
     means = {m.name: m for m in view.means}
     outs = ", ".join([f"{present(ident(k), columns[k])} AS {ident(k)}" for k in view.keys] + [ident(WINDOW_START)]
-                     + [_output_expr(a, means, columns) for a in view.aggregates])
+                     + ([f"{FN}hll_union({ident(a.name)}) AS {ident(a.name)}" for a in view.stored_aggregates
+                         if a.merge == "union"] if sketches else
+                        [_output_expr(a, means, columns, sketch_functions) for a in view.aggregates]))
     return (
         f"SELECT {outs} FROM (\n"
         f"  SELECT {merged} FROM (\n"

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lambdalake import contracts
+from lambdalake import contracts, sketches
 from lambdalake.config import Settings, fix_handoff_block
 from lambdalake.contracts import BatchManifest, BatchView, Positions
 from lambdalake.exceptions import PipelineError
@@ -39,7 +39,7 @@ from speed.rebuild import Rebuild
 log = logging.getLogger(__name__)
 
 ENGINE = "kappa-replay (speed interpreter)"
-_MERGE = {"count": "sum", "sum": "sum", "min": "min", "max": "max"}
+_MERGE = {"sum": "sum", "min": "min", "max": "max", "union": "list"}  # Aggregate.merge -> Arrow hash aggregate
 
 
 class NothingToReplay(SpeedError):
@@ -48,14 +48,17 @@ class NothingToReplay(SpeedError):
 
 def batch_table(pipeline: Pipeline, view: View, speed_rows: pa.Table) -> pa.Table:
     """Merge speed rows (one per partition, block, keys, window) into the batch layout: one row per (keys, window),
-    stored aggregates merged by their kind (counts and sums add, min/max fold, nulls skipped)."""
+    stored aggregates merged by their kind (counts and sums add, min/max fold, nulls skipped, sketches union)."""
     schema = arrow_schema(view_columns(pipeline.source_of(view), view), nullability=False)
     group = [*view.keys, WINDOW_START]
     if speed_rows.num_rows == 0:
         return schema.empty_table()
     stored = view.stored_aggregates
-    merged = speed_rows.group_by(group, use_threads=False).aggregate([(a.name, _MERGE[a.kind]) for a in stored])
-    cols = [merged.column(k) for k in group] + [merged.column(f"{a.name}_{_MERGE[a.kind]}") for a in stored]
+    merged = speed_rows.group_by(group, use_threads=False).aggregate([(a.name, _MERGE[a.merge]) for a in stored])
+    cols = [merged.column(k) for k in group] + [merged.column(f"{a.name}_{_MERGE[a.merge]}") for a in stored]
+    for i, a in enumerate(stored, start=len(group)):
+        if a.merge == "union":
+            cols[i] = pa.array([sketches.union_bytes(parts) for parts in cols[i].to_pylist()], pa.binary())
     return pa.Table.from_arrays([c.cast(f.type) for c, f in zip(cols, schema, strict=True)], schema=schema)
 
 

@@ -18,7 +18,8 @@ Aggregate semantics (the same as SQL, which the batch and oracle engines use): `
 ``min`` and ``max`` ignore nulls and stay null while every value seen is null. Window start is the event time floored
 to the view's bucket (floor also for times before 1970). A view's filter (``View.where``) is compiled into the
 same generated code: an event it does not hold for changes nothing of that view. Decimals are added as their scaled
-integers (exact); numbers as Python floats (float64, in offset order).
+integers (exact); numbers as Python floats (float64, in offset order). An ``approx_distinct`` value is a DataSketches
+HLL sketch object in the open block, updated with each non-null value, and its compact bytes once sealed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from lambdalake import sketches
 from lambdalake.exceptions import InvariantViolation
 from lambdalake.handoff import speed_block_prunable
 from lambdalake.pipeline import Pipeline, Predicate, Source, View, resolve_predicate
@@ -96,6 +98,11 @@ def compile_updater(source: Source, views: Iterable[View]) -> Updater:
                 merge.append(f"a[{j}] += 1")
                 continue
             x = var[a.column]
+            if a.kind == "approx_distinct":  # a DataSketches HLL sketch object, serialized when sealed
+                init.append(f"_hll({int(a.lg_k)}, {x})")
+                merge += ([f"if {x} is not None:", f"    a[{j}].update({x})"] if maybe_null[a.column]
+                          else [f"a[{j}].update({x})"])
+                continue
             init.append(x)  # the first value, None if null (SQL: an aggregate of only nulls is null)
             if a.kind == "sum":
                 if maybe_null[a.column]:
@@ -117,11 +124,18 @@ def compile_updater(source: Source, views: Iterable[View]) -> Updater:
             indent = "        "
         lines += [indent + b for b in body]
     code = "\n".join(lines) + "\n"
-    namespace: dict = {}
+    namespace: dict = {"_hll": _new_sketch}
     exec(compile(code, f"<speed updater for source {source.name}>", "exec"), namespace)  # noqa: S102
     update = namespace["update"]
     update.__source_code__ = code  # for debugging: print(update.__source_code__)
     return update
+
+
+def _new_sketch(lg_k: int, value: object):
+    s = sketches.new(lg_k)
+    if value is not None:
+        s.update(value)
+    return s
 
 
 @dataclass
@@ -143,6 +157,7 @@ class ViewState:
         self.schema = view_schema(view, source)
         self.n_keys = len(view.keys)
         self.n_aggs = len(view.stored_aggregates)
+        self.sketch_aggs = [j for j, a in enumerate(view.stored_aggregates) if a.kind == "approx_distinct"]
         self.sealed: dict[int, list[Segment]] = {}
 
     # conversion --------------------------------------------------------------------------------------------------
@@ -155,6 +170,8 @@ class ViewState:
         # Columns as lists: pyarrow converts a tuple of ints ~40x slower than a list.
         keys = [list(c) for c in zip(*rows.keys(), strict=True)]
         aggs = [list(c) for c in zip(*rows.values(), strict=True)]
+        for j in self.sketch_aggs:
+            aggs[j] = [sketches.to_bytes(x) for x in aggs[j]]
         data = [pa.array([partition] * n, pa.int32()), pa.array([block] * n, pa.int64())]
         try:
             data += [pa.array(keys[i], schema.field(2 + i).type) for i in range(self.n_keys)]
@@ -171,6 +188,8 @@ class ViewState:
         cols = [table.column(i) for i in range(2, table.num_columns)]
         ws = self.n_keys  # index of window_start within cols
         pycols = [c.cast(pa.int64()).to_pylist() if i == ws else c.to_pylist() for i, c in enumerate(cols)]
+        for j in self.sketch_aggs:
+            pycols[ws + 1 + j] = [sketches.from_bytes(b) for b in pycols[ws + 1 + j]]
         nk = self.n_keys + 1
         return {tuple(r[:nk]): list(r[nk:]) for r in zip(*pycols, strict=True)} if pycols else {}
 

@@ -234,13 +234,15 @@ def _events_table(con, source, messages: list[LogMessage], below: dict | None) -
     return table
 
 
-def oracle_views(pipeline, messages: list[LogMessage], below: dict[tuple[str, int], int] | None = None
-                 ) -> dict[str, list[tuple]]:
+def oracle_views(pipeline, messages: list[LogMessage], below: dict[tuple[str, int], int] | None = None,
+                 sketches: bool = False) -> dict[str, list[tuple]]:
     """Rows of every view (columns ``view.output_columns``, sorted), over valid deduplicated events.
 
     ``below``: only events at offsets < W[(topic, partition)] (partitions not listed contribute nothing).
     ``window_start`` is returned as microseconds since the epoch (UTC); means as floats; decimals as ``Decimal``.
     A view's filter is read from its declaration and written as SQL here (:func:`_where_sql`).
+    An ``approx_distinct`` is its estimate (:func:`distinct_estimate`); with ``sketches``, the sketch's bytes
+    (:func:`distinct_sketch`), to merge with stored rows of an engine (:func:`parts_estimate`).
     """
     con = duckdb.connect()
     tables = {s.name: _events_table(con, s, messages, below) for s in pipeline.sources}
@@ -256,14 +258,60 @@ def oracle_views(pipeline, messages: list[LogMessage], below: dict[tuple[str, in
             ftype = src.field_map[a.column].type if a.column else None
             total = {"integer": f"sum({col})::BIGINT", "number": f"sum({col})::DOUBLE"}.get(ftype, f"sum({col})")
             expr = {"count": "count(*)", "sum": total, "min": f"min({col})", "max": f"max({col})",
-                    "mean": f"avg({col})::DOUBLE"}[kind]
+                    "mean": f"avg({col})::DOUBLE", "approx_distinct": f"list({col})"}[kind]
             sel.append(f'{expr} AS "{a.name}"')
         keys = ", ".join([f'"{k}"' for k in v.keys] + ["window_start"])
         where = "" if v.where is None else f"WHERE {_where_sql(v.where, src)}"
         sql = f"SELECT {', '.join(sel)} FROM {tables[src.name]} {where} GROUP BY {keys} ORDER BY {keys}"
-        out[v.name] = [tuple(r) for r in con.execute(sql).fetchall()]
+        rows = [list(r) for r in con.execute(sql).fetchall()]
+        for i, a in enumerate(v.aggregates, start=len(v.keys) + 1):
+            if getattr(a, "kind", "") == "approx_distinct":
+                scale = src.field_map[a.column].scale or 0
+                fn = distinct_sketch if sketches else distinct_estimate
+                for r in rows:
+                    r[i] = fn([x if not isinstance(x, Decimal) else int(x.scaleb(scale)) for x in r[i]], a.lg_k)
+        out[v.name] = [tuple(r) for r in rows]
     con.close()
     return out
+
+
+def _sketch(values: list, lg_k: int):
+    import datasketches
+
+    sketch = datasketches.hll_sketch(lg_k, datasketches.tgt_hll_type.HLL_8)
+    for x in values:
+        if x is not None:
+            sketch.update(x)
+    return sketch
+
+
+def distinct_sketch(values: list, lg_k: int) -> bytes:
+    """An Apache DataSketches HLL sketch (HLL_8, ``lg_k``) of the non-null values — strings as UTF-8, integers and
+    decimals' scaled integers as 64-bit integers — as compact bytes."""
+    return _sketch(values, lg_k).serialize_compact()
+
+
+def parts_estimate(parts: list) -> int:
+    """The documented meaning of an ``approx_distinct`` value (README "Approximate distinct counts"): the union of the
+    parts' sketches, fed twice to a fresh union (so that it is estimated from its registers alone — the composite
+    estimate — never with the order-dependent HIP one), rounded."""
+    import datasketches
+
+    sketches = [datasketches.hll_sketch.deserialize(bytes(p)) for p in parts if p is not None]
+    lg_k = min((s.lg_config_k for s in sketches), default=12)
+    union = datasketches.hll_union(lg_k)
+    for s in sketches:
+        union.update(s)
+    merged = union.get_result(datasketches.tgt_hll_type.HLL_8)
+    canon = datasketches.hll_union(lg_k)
+    canon.update(merged)
+    canon.update(merged)
+    return round(canon.get_estimate())
+
+
+def distinct_estimate(values: list, lg_k: int) -> int:
+    """An ``approx_distinct`` value computed from the values themselves (not from an engine's sketches)."""
+    return parts_estimate([distinct_sketch(values, lg_k)])
 
 
 def _constant_sql(field, value) -> str:

@@ -32,7 +32,7 @@ from lambdalake.layout import (
 from lambdalake.pipeline import Mean, load_pipeline
 from lambdalake.procs import kill_group
 from tests.conftest import LAMBDALAKE
-from tests.oracle import assert_rows_equal, oracle_views, read_log
+from tests.oracle import assert_rows_equal, oracle_views, parts_estimate, read_log
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +61,8 @@ def version_rows(home: Path, version: str, view, raw: bool = False) -> list[tupl
                 m = means[a.name]
                 s, c = cols[m.sum_name][i], cols[m.count_name][i]
                 row.append(None if s is None or not c else s / c)
+            elif a.kind == "approx_distinct":  # Spark's sketch, estimated as the oracle defines it
+                row.append(parts_estimate([cols[a.name][i]]))
             else:
                 row.append(cols[a.name][i])
         out.append(tuple(row))
@@ -160,12 +162,14 @@ def merge_stored(view, rows: list[tuple]) -> list[tuple]:
     for r in rows:
         key, vals = r[:nk], list(r[nk:])
         if key not in acc:
-            acc[key] = vals
+            acc[key] = [[v] if a.merge == "union" else v for a, v in zip(stored, vals, strict=True)]
             continue
         cur = acc[key]
         for i, a in enumerate(stored):
             x, y = cur[i], vals[i]
-            if x is None or y is None:
+            if a.merge == "union":  # sketch parts, estimated below
+                cur[i] = [*x, y]
+            elif x is None or y is None:
                 cur[i] = y if x is None else x
             elif a.merge == "sum":
                 cur[i] = x + y
@@ -180,6 +184,8 @@ def merge_stored(view, rows: list[tuple]) -> list[tuple]:
             if isinstance(a, Mean):
                 m = means[a.name]
                 row.append(vals[idx[m.sum_name]] / vals[idx[m.count_name]])
+            elif a.kind == "approx_distinct":
+                row.append(parts_estimate(vals[idx[a.name]]))
             else:
                 row.append(vals[idx[a.name]])
         out.append(tuple(row))

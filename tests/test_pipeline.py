@@ -18,7 +18,7 @@ def test_demo_pipeline_matches_the_contract():
     p = load_pipeline("lambdalake.pipelines.clickstream")
     assert [s.topic for s in p.sources] == ["clickstream.pageviews", "clickstream.purchases"]
     assert p.view("pageviews_hourly").output_columns == (
-        "url", "window_start", "views", "total_duration_ms", "max_duration_ms", "mean_duration_ms")
+        "url", "window_start", "views", "total_duration_ms", "max_duration_ms", "mean_duration_ms", "unique_users")
     assert p.view("revenue_daily").output_columns == (
         "product_id", "currency", "window_start", "orders", "revenue_cents", "min_amount_cents", "max_amount_cents")
     assert p.view("user_activity_daily").output_columns == (

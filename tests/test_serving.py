@@ -54,6 +54,7 @@ from lambdalake.pipeline import (
 from lambdalake.schema import arrow_schema, speed_view_columns, view_columns
 from serving.connection import connect, pair_of, refresh
 from serving.sql import speed_visible_predicate
+from tests.oracle import distinct_estimate, distinct_sketch
 
 BLOCK = 10
 T0 = datetime(2026, 1, 5, tzinfo=UTC)
@@ -110,6 +111,8 @@ def _stored_value(a: Aggregate, evs: list[Event]):
     if a.kind == "count":
         return len(evs)
     vals = [e.fields[a.column] for e in evs if e.fields[a.column] is not None]
+    if a.kind == "approx_distinct":
+        return distinct_sketch(vals, a.lg_k)
     if a.kind == "sum":
         return sum(vals)
     if not vals:
@@ -149,6 +152,8 @@ def expected_view(pipeline: Pipeline, view: View, events: list[Event]) -> set[tu
         for a in view.aggregates:
             if isinstance(a, Mean):
                 vals.append(round(sum(e.fields[a.column] or 0 for e in evs) / len(evs), 9))
+            elif a.kind == "approx_distinct":
+                vals.append(distinct_estimate([e.fields[a.column] for e in evs], a.lg_k))
             else:
                 vals.append(_stored_value(a, evs))
         out.add((*key, *vals))
@@ -388,7 +393,8 @@ def test_empty_lake_has_every_table_with_the_right_schema(home, serving_settings
     assert status == (None, None, True)
     types = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE pageviews_hourly)").fetchall())
     assert types == {"url": "VARCHAR", "window_start": "TIMESTAMP WITH TIME ZONE", "views": "BIGINT",
-                     "total_duration_ms": "BIGINT", "max_duration_ms": "BIGINT", "mean_duration_ms": "DOUBLE"}
+                     "total_duration_ms": "BIGINT", "max_duration_ms": "BIGINT", "mean_duration_ms": "DOUBLE",
+                     "unique_users": "BIGINT"}
 
 
 def test_user_pipeline_declared_in_test_works_without_engine_change(home, tmp_path):

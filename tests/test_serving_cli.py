@@ -113,6 +113,13 @@ def test_sql_invariant_violation_is_an_error_line(sql_cli, home, clickstream):
 
 
 # --- catalog file -------------------------------------------------------------------------------------------------
+def catalog_view(pipeline, view, events) -> set[tuple]:
+    """What the catalog file answers without lambdalake's sketch functions: approx_distinct estimates are NULL."""
+    gone = {i for i, a in enumerate(view.aggregates, start=len(view.keys) + 1)
+            if getattr(a, "kind", "") == "approx_distinct"}
+    return {tuple(None if i in gone else x for i, x in enumerate(r)) for r in expected_view(pipeline, view, events)}
+
+
 def test_catalog_file_answers_like_the_connection(home, events, clickstream):
     settings = load_settings(home=home, pipeline="lambdalake.pipelines.clickstream")
     path, pair = write_catalog(settings, clickstream)
@@ -120,7 +127,7 @@ def test_catalog_file_answers_like_the_connection(home, events, clickstream):
     assert not [p for p in home.iterdir() if p.name.endswith((".tmp", ".wal"))]
     con = duckdb.connect(str(path), read_only=True)  # as the stock DuckDB CLI would open it
     for view in clickstream.views:
-        assert query_view(con, view) == expected_view(clickstream, view, events)
+        assert query_view(con, view) == catalog_view(clickstream, view, events)
     assert con.execute("SELECT batch_version, speed_snapshot FROM lambdalake.status").fetchall() == [
         ("v000001", "000000000001")]
 
@@ -130,7 +137,7 @@ def test_catalog_file_answers_like_the_connection(home, events, clickstream):
                version="v000002", snapshot="000000000002")
     shutil.rmtree(Layout(home).speed_snapshot("000000000001"))
     for view in clickstream.views:
-        assert query_view(con, view) == expected_view(clickstream, view, events)
+        assert query_view(con, view) == catalog_view(clickstream, view, events)
     # ... and re-writing the catalog moves new sessions to the new pair, atomically.
     # (A new session must be another process: DuckDB caches an open database file per path within a process.)
     write_catalog(settings, clickstream)
@@ -141,7 +148,7 @@ def test_catalog_file_answers_like_the_connection(home, events, clickstream):
     want = expected_view(clickstream, clickstream.view("pageviews_hourly"), more)
     assert out.stdout.strip() == str((len(want), sum(r[2] for r in want), sum(r[3] for r in want),
                                       max(r[4] for r in want))), out.stderr
-    assert query_view(con, clickstream.views[0]) == expected_view(clickstream, clickstream.views[0], events)
+    assert query_view(con, clickstream.views[0]) == catalog_view(clickstream, clickstream.views[0], events)
 
 
 def test_catalog_command(sql_cli, home, events, clickstream):
@@ -281,5 +288,5 @@ def test_the_installable_stable_duckdb_cli_opens_the_catalog(home, events, click
         got = {tuple(round(v, 9) if isinstance(v, float) else v for v in r.values()) for r in rows}
         want = {tuple(round(v, 9) if isinstance(v, float) else
                       (v.strftime("%Y-%m-%d %H:%M:%S+00") if isinstance(v, datetime) else v) for v in r)
-                for r in expected_view(clickstream, view, events)}
+                for r in catalog_view(clickstream, view, events)}  # no approx_distinct estimates in a stock CLI
         assert got == want and want, view.name

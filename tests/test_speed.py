@@ -43,7 +43,7 @@ from lambdalake.layout import (
 from lambdalake.pipeline import Field, Pipeline, Source, View, count, max_, mean, min_, sum_
 from lambdalake.produce import demo_messages, send
 from tests.conftest import LAMBDALAKE
-from tests.oracle import LogMessage, assert_rows_equal, oracle_counts, oracle_views, read_log
+from tests.oracle import LogMessage, assert_rows_equal, oracle_counts, oracle_views, parts_estimate, read_log
 
 # --- reading published speed state, independently of engine code -------------------------------------------------
 
@@ -68,6 +68,8 @@ def read_speed_snapshot(home: Path, snapshot: str | None = None) -> tuple[SpeedS
 
 
 def _merge(kind: str, a, b):
+    if kind == "union":  # sketches: collect the parts, estimated at the end (tests.oracle.parts_estimate)
+        return [*a, b]
     if a is None:
         return b
     if b is None:
@@ -83,7 +85,7 @@ def merge_stored(view: View, rows: Iterable[dict]) -> list[tuple]:
         k = tuple(r[c] for c in view.keys) + (r["window_start"],)
         cur = acc.get(k)
         if cur is None:
-            acc[k] = {a.name: r[a.name] for a in stored}
+            acc[k] = {a.name: [r[a.name]] if a.merge == "union" else r[a.name] for a in stored}
         else:
             for a in stored:
                 cur[a.name] = _merge(a.merge, cur[a.name], r[a.name])
@@ -96,6 +98,8 @@ def merge_stored(view: View, rows: Iterable[dict]) -> list[tuple]:
                 m = means[a.name]
                 s, c = vals[m.sum_name], vals[m.count_name]
                 row.append(None if s is None or not c else s / c)
+            elif getattr(a, "kind", "") == "approx_distinct":
+                row.append(parts_estimate(vals[a.name]))
             else:
                 row.append(vals[a.name])
         out.append(tuple(row))
@@ -113,7 +117,7 @@ def assert_snapshot_equals_oracle(pipeline: Pipeline, home: Path, messages: list
     meta, views = read_speed_snapshot(home, snapshot)
     positions, pruned = meta.positions, meta.pruned_to
     upto = oracle_views(pipeline, messages, below=positions)
-    below = oracle_views(pipeline, messages, below=pruned) if pruned else None
+    below = oracle_views(pipeline, messages, below=pruned, sketches=True) if pruned else None
     for v in pipeline.views:
         src = pipeline.source_of(v)
         rows = views[v.name]
@@ -122,7 +126,7 @@ def assert_snapshot_equals_oracle(pipeline: Pipeline, home: Path, messages: list
             assert r["_block_start"] % meta.block == 0
         combined = list(rows)
         if below is not None:  # the "batch" side: oracle rows below W, as stored aggregates
-            combined += [dict(zip(v.output_columns, r, strict=True)) for r in below[v.name]]
+            combined += [dict(zip(v.output_columns, r, strict=True)) for r in below[v.name]]  # sketches as stored
         assert_rows_equal(merge_stored(v, combined), upto[v.name], v.name)
     return meta
 
@@ -408,7 +412,7 @@ def test_handoff_while_running_is_exact_and_never_double_counts(settings, pipeli
                 spos = meta.positions
                 upto = {k: max(spos.get(k, 0), batch_w.get(k, 0)) for k in set(spos) | set(batch_w)}
                 expected = oracle_views(pipeline, msgs, below=upto)
-                batch_side = oracle_views(pipeline, msgs, below=batch_w)
+                batch_side = oracle_views(pipeline, msgs, below=batch_w, sketches=True)
                 for v in pipeline.views:
                     src = pipeline.source_of(v)
                     wt = {p: x for (tt, p), x in batch_w.items() if tt == src.topic}

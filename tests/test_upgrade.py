@@ -41,6 +41,20 @@ def previous_release(tmp_path_factory) -> Path:
     return tree
 
 
+@pytest.fixture
+def settings(settings, tmp_path):
+    """The demo pipeline as lambdalake 0.1 declared it (without the later ``unique_users``), loadable by both
+    releases: this test is about formats; a changed definition is test_view_evolution's."""
+    f = tmp_path / "pipeline_0_1.py"
+    f.write_text(
+        "from lambdalake.pipeline import Pipeline, View, load_pipeline\n"
+        f"_p = load_pipeline({settings.pipeline!r})\n"
+        "pipeline = Pipeline(_p.name, sources=_p.sources, views=[View(name=v.name, source=v.source, keys=v.keys, "
+        "bucket=v.bucket, aggregates=[a for a in v.aggregates if getattr(a, 'kind', '') != 'approx_distinct']) "
+        "for v in _p.views])\n")
+    return settings.with_(pipeline=str(f))
+
+
 def _old_cli(tree: Path, env: dict, *args: str) -> None:
     # cwd and PYTHONPATH are the old tree, so its packages shadow this checkout's editable install
     res = subprocess.run([sys.executable, "-c", "import sys; from lambdalake.cli import main; "

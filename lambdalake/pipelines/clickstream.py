@@ -2,7 +2,7 @@
 
 from datetime import timedelta
 
-from lambdalake.pipeline import Field, Pipeline, Source, View, count, max_, mean, min_, sum_
+from lambdalake.pipeline import Field, Pipeline, Source, View, approx_distinct, count, max_, mean, min_, sum_
 
 pageviews = Source(
     name="pageviews",
@@ -50,6 +50,7 @@ pipeline = Pipeline(
                 sum_("total_duration_ms", "duration_ms"),
                 max_("max_duration_ms", "duration_ms"),
                 mean("mean_duration_ms", "duration_ms"),
+                approx_distinct("unique_users", "user_id"),  # an HLL sketch per row (lambdalake.sketches)
             ],
         ),
         View(
