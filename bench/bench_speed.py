@@ -7,17 +7,20 @@ Measures, against a real Kafka broker (the embedded one on a free port, or ``--b
 2. ``fetch_validate`` — the same plus :class:`lambdalake.validation.Validator` on every message.
 3. ``speed``          — the speed layer in-process (``SpeedLayer.run(until_caught_up=True)``: validate, dedup,
                         aggregate, checkpoint + publish every ``--checkpoint-interval``), events/s.
-4. ``freshness``      — for each ``--rates`` value: a real ``lambdalake speed`` process while a producer sends at
-                        that rate for ``--duration`` s; produce -> visible (the first published snapshot whose
-                        position is past the message's offset) p50/p99/max over sampled messages; the speed
-                        process's RSS every 0.5 s.
+0. ``produce``        — ``lambdalake produce``'s sender (librdkafka) over pre-generated messages, next to the
+                        previous one (a kafka-python producer) on ``--kafka-python-events`` of them.
+4. ``freshness``      — for each ``--freshness-workers`` count and ``--rates`` value: a real ``lambdalake speed
+                        --workers N`` process while the librdkafka producer sends at that rate for ``--duration``
+                        s; produce -> visible (the first moment the union of the workers' published snapshots
+                        is past the message's offset) p50/p99/max over sampled messages; the speed processes' RSS
+                        every 0.5 s; the highest offered rate with p99 <= 1 s.
 5. ``sustained_with_handoff`` — the same at ``--sustained-rate`` for ``--sustained-duration`` s while a simulated
                         batch layer publishes a version every ``--handoff-every`` s (watermark = the speed layer's
                         positions, block-aligned): the speed layer prunes, so its RSS should stay flat.
 
 Results go to ``bench/results/speed-<UTC time>.json`` (git-ignored) and a summary is printed.
 
-    .venv/bin/python bench/bench_speed.py                     # defaults: 300k events, rates 5k,20k,50k, 15 s each
+    .venv/bin/python bench/bench_speed.py                     # defaults: 300k events, rates 10k..40k, 15 s each
     .venv/bin/python bench/bench_speed.py --quick             # a short run (figures are noisier)
     .venv/bin/python bench/bench_speed.py --only-sustained    # just the RSS-with-handoff run
 """
@@ -47,7 +50,8 @@ from lambdalake.exceptions import InvariantViolation  # noqa: E402
 from lambdalake.kafka import EmbeddedBroker, consumer, end_offsets, ensure_topics, free_port, producer  # noqa: E402
 from lambdalake.layout import Layout, read_speed_snapshot_meta, speed_pointer  # noqa: E402
 from lambdalake.pipeline import load_pipeline  # noqa: E402
-from lambdalake.produce import demo_messages  # noqa: E402
+from lambdalake.procs import stop_group  # noqa: E402
+from lambdalake.produce import demo_messages, producer_config, send  # noqa: E402
 from lambdalake.validation import Validator  # noqa: E402
 
 LAMBDALAKE = str(Path(sys.executable).parent / "lambdalake")
@@ -77,6 +81,15 @@ def fresh(work: Path, bootstrap: str, block: int):
 
 
 def produce_all(settings, pipe, n: int) -> dict:
+    """``lambdalake produce``'s sender (:func:`lambdalake.produce.send`, librdkafka) over pre-generated messages."""
+    msgs = list(demo_messages(pipe, n, seed=1))
+    report = send(settings, iter(msgs), progress=False)
+    return {"messages": report.total, "seconds": round(report.seconds, 3),
+            "per_second": round(report.total / report.seconds)}
+
+
+def produce_kafka_python(settings, pipe, n: int) -> dict:
+    """The previous sender: one kafka-python producer (acks=all, idempotent) — the baseline of ``produce_all``."""
     msgs = list(demo_messages(pipe, n, seed=1))
     prod = producer(settings)
     t0 = time.perf_counter()
@@ -155,29 +168,39 @@ def speed_in_process(settings, pipe, interval: float) -> dict:
 
 
 class SnapshotWatcher(threading.Thread):
-    """Records (wall time, positions) of every snapshot that becomes visible (stat of CURRENT every 2 ms)."""
+    """Records (wall time, positions) whenever a visible snapshot changes (stat of each ``CURRENT`` every 2 ms); with
+    ``workers`` > 1 the positions are the union of the workers' latest snapshots (each owns its partitions)."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, workers: int = 1):
         super().__init__(daemon=True)
-        self.pointer = home / "views" / "speed" / "CURRENT"
-        self.home = home
-        self.seen: list[tuple[float, Positions]] = []
+        base = Layout(home)
+        self.layouts = [base] if workers == 1 else [base.for_speed_worker(f"{i}-of-{workers}")
+                                                    for i in range(workers)]
+        self.seen: list[tuple[float, dict]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
-        stamp = None
+        stamps: dict[int, tuple] = {}
+        latest: dict[int, dict] = {}
         while not self.stop.is_set():
-            try:
-                st = os.stat(self.pointer)
-                s = (st.st_ino, st.st_mtime_ns)
-                if s != stamp:
-                    now = time.time()
-                    layout = Layout(self.home)
-                    meta = read_speed_snapshot_meta(layout, speed_pointer(layout))
-                    self.seen.append((now, meta.positions))
-                    stamp = s
-            except (OSError, TypeError, InvariantViolation):
-                pass
+            changed = False
+            for i, layout in enumerate(self.layouts):
+                try:
+                    st = os.stat(layout.speed_pointer)
+                    s = (st.st_ino, st.st_mtime_ns)
+                    if s != stamps.get(i):
+                        meta = read_speed_snapshot_meta(layout, speed_pointer(layout))
+                        latest[i] = dict(meta.positions.items())
+                        stamps[i] = s
+                        changed = True
+                except (OSError, TypeError, InvariantViolation):
+                    pass
+            if changed and len(latest) == len(self.layouts):
+                merged: dict = {}
+                for pos in latest.values():
+                    for tp, off in pos.items():
+                        merged[tp] = max(off, merged.get(tp, 0))
+                self.seen.append((time.time(), merged))
             time.sleep(0.002)
 
 
@@ -189,7 +212,7 @@ def publish_batch(home: Path, version: str, positions: Positions, block: int) ->
     from lambdalake.layout import write_contract, write_pointer
 
     layout = Layout(home)
-    wm = Positions({tp: s - s % block for tp, s in positions.items()})
+    wm = Positions({tp: s - s % block for tp, s in dict(positions).items()})
     d = layout.batch_version(version)
     d.mkdir(parents=True)
     write_contract(d / "manifest.json", BatchManifest(version=version, pipeline="bench", watermark=wm, block=block,
@@ -200,37 +223,59 @@ def publish_batch(home: Path, version: str, positions: Positions, block: int) ->
 
 
 def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: float, interval: float,
-              handoff_every: float | None = None, dedup_span: int = 100_000) -> dict:
+              handoff_every: float | None = None, dedup_span: int = 100_000, workers: int = 1) -> dict:
+    from confluent_kafka import Producer
+
     settings, pipe = fresh(work, bootstrap, block)
     n = int(rate * duration)
     msgs = list(demo_messages(pipe, n, seed=2, duplicate_fraction=0.0, malformed_fraction=0.0))
     env = dict(os.environ, LAMBDALAKE_HOME=str(settings.home), LAMBDALAKE_BOOTSTRAP=bootstrap,
                LAMBDALAKE_PIPELINE=settings.pipeline, LAMBDALAKE_HANDOFF_BLOCK=str(block))
-    prod = producer(settings)
-    first = msgs[0]
-    prod.send(first.topic, key=first.key, value=first.value).get(30)
+    prod = Producer(producer_config(settings))
+    delivered: list[tuple[float, str, int, int]] = []  # (sent at, topic, partition, offset) of sampled messages
+
+    def sampled(sent_at: float):
+        def on_delivery(err, msg) -> None:
+            if err is None:
+                delivered.append((sent_at, msg.topic(), msg.partition(), msg.offset()))
+        return on_delivery
+
+    def produce(m, **kw) -> None:
+        while True:
+            try:
+                prod.produce(m.topic, m.value, m.key, **kw)
+                return
+            except BufferError:
+                prod.poll(0.01)
+
+    produce(msgs[0])
+    prod.flush(30)
     proc = subprocess.Popen([LAMBDALAKE, "speed", "--checkpoint-interval", str(interval), "--dedup-span",
-                             str(dedup_span)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    watcher = SnapshotWatcher(settings.home)
+                             str(dedup_span), "--workers", str(workers)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    watcher = SnapshotWatcher(settings.home, workers)
     rss: list[tuple[float, float]] = []
     try:
+        watcher.start()
         deadline = time.monotonic() + 60
-        while not (settings.home / "views" / "speed" / "CURRENT").exists():
+        while not watcher.seen:
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("speed layer did not publish a first snapshot")
             time.sleep(0.05)
-        watcher.start()
-        ps = psutil.Process(proc.pid)
+        procs = [psutil.Process(proc.pid)]
         stop_rss = threading.Event()
 
         def sample_rss() -> None:
             t0 = time.monotonic()
             while not stop_rss.wait(0.5):
-                rss.append((round(time.monotonic() - t0, 1), round(ps.memory_info().rss / 2**20, 1)))
+                try:
+                    total = sum(p.memory_info().rss for p in procs[0].children(recursive=True) + procs)
+                except psutil.Error:
+                    continue
+                rss.append((round(time.monotonic() - t0, 1), round(total / 2**20, 1)))
 
         threading.Thread(target=sample_rss, daemon=True).start()
-        samples: list[tuple[float, object]] = []
         every = max(1, int(rate // 200))  # ~200 samples per second
         handoffs = 0
         next_handoff = time.monotonic() + handoff_every if handoff_every else None
@@ -238,10 +283,11 @@ def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: flo
         wall0 = time.time()
         for i, m in enumerate(msgs[1:], 1):
             if i % every == 0:
-                samples.append((time.time(), prod.send(m.topic, key=m.key, value=m.value)))
+                produce(m, on_delivery=sampled(time.time()))
             else:
-                prod.send(m.topic, key=m.key, value=m.value)
+                produce(m)
             if i % 256 == 0:
+                prod.poll(0)
                 if next_handoff is not None and time.monotonic() >= next_handoff and watcher.seen:
                     handoffs += 1
                     publish_batch(settings.home, f"bench{handoffs:04d}", watcher.seen[-1][1], block)
@@ -249,29 +295,23 @@ def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: flo
                 ahead = i / rate - (time.perf_counter() - t0)
                 if ahead > 0:
                     time.sleep(ahead)
-        prod.flush()
+        prod.flush(60)
         produce_seconds = time.perf_counter() - t0
         ends = end_offsets(settings, [s.topic for s in pipe.sources])
         caught = time.monotonic() + 120
         while time.monotonic() < caught:
-            if watcher.seen and all(watcher.seen[-1][1].at(t, p) >= e for (t, p), e in ends.items()):
+            if watcher.seen and all(watcher.seen[-1][1].get(tp, 0) >= e for tp, e in ends.items()):
                 break
             time.sleep(0.05)
         catch_up_seconds = time.time() - wall0
         stop_rss.set()
     finally:
         watcher.stop.set()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        prod.close()
+        stop_group(proc)
     lat = []
-    for t_send, fut in samples:
-        md = fut.get(30)
+    for t_send, topic, partition, offset in delivered:
         for t_vis, pos in watcher.seen:
-            if pos.at(md.topic, md.partition) > md.offset:
+            if pos.get((topic, partition), 0) > offset:
                 lat.append(max(0.0, t_vis - t_send))
                 break
     lat.sort()
@@ -279,9 +319,9 @@ def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: flo
     def q(p: float) -> float | None:
         return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 1) if lat else None
 
-    return {"target_rate": rate, "achieved_produce_rate": round(len(msgs) / produce_seconds),
-            "messages": len(msgs), "samples": len(lat), "freshness_ms": {"p50": q(0.50), "p99": q(0.99),
-                                                                         "max": q(1.0)},
+    return {"target_rate": rate, "workers": workers, "achieved_produce_rate": round(len(msgs) / produce_seconds),
+            "messages": len(msgs), "samples": len(lat), "samples_sent": len(delivered),
+            "freshness_ms": {"p50": q(0.50), "p99": q(0.99), "max": q(1.0)},
             "catch_up_seconds_after_start": round(catch_up_seconds, 2), "snapshots_seen": len(watcher.seen),
             "batch_handoffs": handoffs,
             "rss_mb": rss, "rss_mb_first_last_max": [rss[0][1], rss[-1][1], max(r for _, r in rss)] if rss else None}
@@ -290,7 +330,10 @@ def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=300_000)
-    ap.add_argument("--rates", default="5000,20000,50000")
+    ap.add_argument("--rates", default="10000,20000,30000,40000", help="offered rates of the freshness runs")
+    ap.add_argument("--freshness-workers", default="1,2", help="speed worker counts of the freshness runs")
+    ap.add_argument("--kafka-python-events", type=int, default=100_000,
+                    help="messages sent by the previous kafka-python sender, the producer baseline (0: skip)")
     ap.add_argument("--duration", type=float, default=15.0)
     ap.add_argument("--checkpoint-interval", type=float, default=0.25)
     ap.add_argument("--block", type=int, default=1000)
@@ -329,7 +372,11 @@ def main() -> None:
             settings, pipe = fresh(work, bootstrap, args.block)
             print(f"producing {args.events:,} events ...", flush=True)
             out["produce"] = produce_all(settings, pipe, args.events)
-            print(f"  {out['produce']}", flush=True)
+            print(f"  lambdalake produce's sender (librdkafka): {out['produce']}", flush=True)
+            if args.kafka_python_events:
+                kp_settings, kp_pipe = fresh(work, bootstrap, args.block)
+                out["produce_kafka_python"] = produce_kafka_python(kp_settings, kp_pipe, args.kafka_python_events)
+                print(f"  previous sender (one kafka-python producer): {out['produce_kafka_python']}", flush=True)
             out["raw_fetch"] = raw_fetch(settings, pipe, validate=False)
             print(f"raw kafka-python fetch: {out['raw_fetch']}", flush=True)
             out["fetch_validate"] = raw_fetch(settings, pipe, validate=True)
@@ -340,11 +387,20 @@ def main() -> None:
             out["workers"] = workers_scaling(work, settings, pipe, out["produce"]["messages"],
                                              [int(n) for n in args.workers.split(",") if n])
             out["freshness"] = []
-            for rate in [float(r) for r in args.rates.split(",") if r]:
-                res = freshness(work, bootstrap, args.block, rate, args.duration, args.checkpoint_interval)
-                out["freshness"].append(res)
-                print(f"freshness @ {rate:,.0f}/s: " + json.dumps({k: v for k, v in res.items() if k != "rss_mb"}),
-                      flush=True)
+            for workers in [int(n) for n in args.freshness_workers.split(",") if n]:
+                for rate in [float(r) for r in args.rates.split(",") if r]:
+                    res = freshness(work, bootstrap, args.block, rate, args.duration, args.checkpoint_interval,
+                                    workers=workers)
+                    out["freshness"].append(res)
+                    print(f"freshness @ {rate:,.0f}/s, {workers} speed worker(s): "
+                          + json.dumps({k: v for k, v in res.items() if k != "rss_mb"}), flush=True)
+            for workers in sorted({r["workers"] for r in out["freshness"]}):
+                ok = [r["target_rate"] for r in out["freshness"] if r["workers"] == workers
+                      and r["freshness_ms"]["p99"] is not None and r["freshness_ms"]["p99"] <= 1000
+                      and r["achieved_produce_rate"] >= 0.95 * r["target_rate"]]
+                out.setdefault("highest_rate_p99_within_1s", {})[str(workers)] = max(ok) if ok else None
+            if out["freshness"]:
+                print(f"highest offered rate with p99 <= 1 s (by speed workers): {out['highest_rate_p99_within_1s']}")
         finally:
             if broker is not None:
                 broker.down(timeout=30)
