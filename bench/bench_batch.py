@@ -10,11 +10,17 @@
    - with DuckDB SQL over the same files (same dedup rule, same watermark, each view written to Parquet),
 
    reporting wall times and the Spark/DuckDB ratio.
+3. **Incremental** (``--incremental``): on the lake of each size, publish a full version, append 1 % new events
+   (5 % of them late by up to 3 h, 2 % re-sent ids of archived events) as new master files, then time the
+   incremental run (the published version + the appended files, :func:`batch.job.run_batch`) against a full
+   recompute (``full=True``) of the same data, both from the same published version; the two versions are checked
+   equal row by row.
 
 Results: one JSON file under ``bench/results/`` (git-ignored) and a table on stdout. Example::
 
     .venv/bin/python bench/bench_batch.py --sizes 1000000 --archiver-events 1000000
     .venv/bin/python bench/bench_batch.py --sizes 1000000 10000000 --skip-archiver --steps
+    .venv/bin/python bench/bench_batch.py --sizes 1000000 --skip-archiver --incremental
 """
 
 from __future__ import annotations
@@ -130,6 +136,106 @@ def write_master(home: Path, pipeline: Pipeline, n: int, seed: int = 1) -> None:
                 write_parquet_atomic(table.slice(start, end - start), layout.master_file(src, p, start, end))
 
 
+def append_master(home: Path, pipeline: Pipeline, n: int, seed: int = 2, late: float = 0.05,
+                  duplicates: float = 0.02) -> int:
+    """Append ``n`` events (85 % pageviews) after the archived end of every partition, one new file each: event
+    times in the hour after the lake's span, ``late`` of them up to 3 h earlier, ``duplicates`` of them re-sending
+    ids archived before. Returns the events written."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    layout = Layout(home)
+    span_us, hour_us = 72 * 3600 * 1_000_000, 3600 * 1_000_000
+    written = 0
+    for src, share in (("pageviews", 0.85), ("purchases", 0.15)):
+        source = pipeline.source(src)
+        per_p = int(n * share) // PARTITIONS
+        ends = archived_positions(layout, src)
+        for p in range(PARTITIONS):
+            start = ends.get(p, 0)
+            last = [f for f in layout.master_files(src) if f.partition == p][-1]
+            old_ids = pq.read_table(last.path, columns=["event_id"]).column("event_id").to_numpy(zero_copy_only=False)
+            et = START_US + span_us + np.sort(rng.integers(0, hour_us, per_p))
+            is_late = rng.random(per_p) < late
+            et = np.where(is_late, et - rng.integers(hour_us, 3 * hour_us, per_p), et)
+            ids = np.array([f"{src[:2]}-new{seed}-{p}-{i}" for i in range(per_p)], dtype=object)
+            dup = rng.random(per_p) < duplicates
+            ids[dup] = rng.choice(old_ids, int(dup.sum()))
+            users = rng.zipf(1.3, per_p) % max(50, n * 5)
+            cols: dict[str, pa.Array] = {
+                "event_id": pa.array(ids.tolist(), pa.string()),
+                "event_time": pa.array(et, type=pa.timestamp("us", tz="UTC")),
+                "user_id": pa.array([f"user-{u:06d}" for u in users]),
+            }
+            if src == "pageviews":
+                urls = rng.zipf(1.1, per_p) % 405
+                cols["url"] = pa.array([f"https://shop.example/product/{u}" for u in urls])
+                cols["referrer"] = pa.array(np.where(rng.random(per_p) < 0.5, "https://www.google.com/", None))
+                cols["duration_ms"] = pa.array(rng.integers(0, 120_000, per_p), type=pa.int64())
+            else:
+                prods = rng.zipf(1.2, per_p) % 300
+                cols["product_id"] = pa.array([f"sku-{x:05d}" for x in prods])
+                cols["amount_cents"] = pa.array(rng.integers(99, 100_000, per_p), type=pa.int64())
+                cols["currency"] = pa.array(np.array(["EUR", "USD", "GBP", "JPY"])[rng.integers(0, 4, per_p)])
+            cols["_partition"] = pa.array(np.full(per_p, p, dtype=np.int32))
+            cols["_offset"] = pa.array(np.arange(start, start + per_p, dtype=np.int64))
+            cols["_ingest_time"] = pa.array(np.full(per_p, START_US + span_us + hour_us, dtype=np.int64),
+                                            type=pa.timestamp("us", tz="UTC"))
+            table = pa.table([cols[f.name] for f in master_schema(source)], schema=master_schema(source))
+            write_parquet_atomic(table, layout.master_file(src, p, start, start + per_p))
+            written += per_p
+    return written
+
+
+def bench_incremental(n: int, workdir: Path, spark, block: int, repeat: int = 1) -> dict:
+    """Incremental run after 1 % new events vs a full recompute of the same data, both from the same published
+    version (best of ``repeat`` each)."""
+    import pyarrow.parquet as pq
+
+    from batch.job import run_batch
+    from lambdalake.contracts import BatchPointer
+    from lambdalake.layout import write_pointer
+
+    pipeline = load_pipeline(PIPELINE)
+    home = workdir / f"lake-inc-{n}"
+    shutil.rmtree(home, ignore_errors=True)
+    write_master(home, pipeline, n)
+    settings = load_settings(home=home, pipeline=PIPELINE).with_(handoff_block=block)
+    layout = Layout(home)
+    t0 = time.monotonic()
+    base = run_batch(settings, pipeline, spark=spark, keep=2 * repeat + 3)
+    base_s = time.monotonic() - t0
+    appended = append_master(home, pipeline, n // 100)
+    inc_runs, full_runs = [], []
+    inc = full = base
+    for _ in range(max(1, repeat)):
+        for runs, full_run in ((inc_runs, False), (full_runs, True)):
+            write_pointer(layout.batch_pointer, BatchPointer(str(base.version)))  # both start from the base
+            t0 = time.monotonic()
+            m = run_batch(settings, pipeline, spark=spark, keep=2 * repeat + 3, full=full_run)
+            runs.append(round(time.monotonic() - t0, 3))
+            if full_run:
+                full = m
+            else:
+                inc = m
+    assert inc.mode == "incremental" and full.mode == "full", (inc.mode_reason, full.mode_reason)
+
+    def rows(m, view) -> pa.Table:
+        t = pq.read_table(layout.batch_version(str(m.version)) / view.name)
+        keep = [c for c in t.column_names if not pa.types.is_binary(t.schema.field(c).type)]  # sketches: bytes differ
+        t = t.select(keep)
+        return t.sort_by([(c, "ascending") for c in keep])
+
+    equal = inc.events == full.events and inc.row_counts == full.row_counts and all(
+        rows(inc, v).equals(rows(full, v)) for v in pipeline.views)
+    shutil.rmtree(home, ignore_errors=True)
+    inc_s, full_s = min(inc_runs), min(full_runs)
+    return {"events": n, "appended": appended, "new_events_below_w": sum(inc.events.values()) - sum(
+                base.events.values()), "late_fraction": 0.05, "base_full_seconds": round(base_s, 3),
+            "incremental_seconds": inc_s, "full_seconds": full_s, "incremental_runs": inc_runs,
+            "full_runs": full_runs, "incremental_over_full": round(inc_s / full_s, 3), "versions_equal": equal}
+
+
 # --- 3. DuckDB: the same views over the same files ----------------------------------------------------------------
 def duckdb_views(home: Path, pipeline: Pipeline, block: int, out: Path) -> dict[str, int]:
     import duckdb
@@ -157,7 +263,9 @@ def duckdb_views(home: Path, pipeline: Pipeline, block: int, out: Path) -> dict[
             for a in v.stored_aggregates:
                 col = f'"{a.column}"' if a.column else None
                 aggs.append({"count": "count(*)", "sum": f"sum({col})::BIGINT", "min": f"min({col})",
-                             "max": f"max({col})"}[a.kind] + f' AS "{a.name}"')
+                             "max": f"max({col})",
+                             # DuckDB's own HLL (not the stored DataSketches bytes): the native-engine ceiling
+                             "approx_distinct": f"approx_count_distinct({col})"}[a.kind] + f' AS "{a.name}"')
             keys = ", ".join(f'"{k}"' for k in v.keys)
             dest = out / f"{v.name}.parquet"
             con.execute(f"COPY (SELECT {keys}, {ws} AS window_start, {', '.join(aggs)} FROM ev "
@@ -211,6 +319,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=2, help="runs per engine and size; the best is the figure")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch directory [a temp dir]")
     ap.add_argument("--steps", action="store_true", help="log the batch job's step timings (stderr)")
+    ap.add_argument("--incremental", action="store_true", help="only the incremental bench (1%% appended) per size")
     args = ap.parse_args()
     if args.steps:
         import logging
@@ -236,8 +345,17 @@ def main() -> int:
             try:
                 warm = min(args.sizes)
                 bench_recompute(min(warm, 100_000), workdir, spark, args.spark_master, args.block)  # JIT warm-up
+                if args.incremental:
+                    result["incremental"] = []
+                    for n in args.sizes:
+                        r = bench_incremental(n, workdir, spark, args.block, args.repeat)
+                        result["incremental"].append(r)
+                        print(f"incremental {n:>11,} events + {r['appended']:,} ({r['new_events_below_w']:,} new "
+                              f"deduplicated below W): incremental "
+                              f"{r['incremental_seconds']:.1f}s, full {r['full_seconds']:.1f}s, ratio "
+                              f"{r['incremental_over_full']:.1%} (equal: {r['versions_equal']})")
                 result["recompute"] = []
-                for n in args.sizes:
+                for n in ([] if args.incremental else args.sizes):
                     r = bench_recompute(n, workdir, spark, args.spark_master, args.block, args.repeat)
                     result["recompute"].append(r)
                     print(f"recompute {n:>11,} events: spark {r['spark_seconds']:.1f}s, duckdb "

@@ -11,6 +11,11 @@ half-published state never exists between tasks. ``verify`` then re-checks the *
 (manifest, declared definitions, null keys, totals against the master dataset), and ``announce`` tells downstream
 DAGs through the ``lambdalake_batch_views`` Asset only if it passed.
 
+Incremental hourly, full daily: the job builds each version from the published one plus the events archived since
+whenever that is exact (``batch.job.incremental_base``), and recomputes everything from master when it is not, when
+the last full recompute is older than ``LAMBDALAKE_BATCH_FULL_EVERY`` hours (default 24: the slower schedule), or
+when the run's ``full`` param is set (a manual full run: trigger with ``{"full": true}``).
+
 Layer modules are imported inside the tasks, so parsing this file stays cheap.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 
 import pendulum
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
@@ -29,6 +35,7 @@ from lambdalake.orchestration import tasks as wiring
 
 log = logging.getLogger(__name__)
 BATCH_JOB = importlib.util.find_spec("batch.job").origin  # the batch layer's spark-submit application
+FULL_ENV, FULL_EVERY_ENV = "LAMBDALAKE_BATCH_FULL", "LAMBDALAKE_BATCH_FULL_EVERY"  # read by batch/job.py's main
 
 
 @dag(
@@ -40,7 +47,9 @@ BATCH_JOB = importlib.util.find_spec("batch.job").origin  # the batch layer's sp
     max_active_runs=1,
     default_args=dagkit.default_args(),
     render_template_as_native_obj=True,  # spark_env below is a dict pulled from XCom
-    params={"force": Param(False, type="boolean", description="Recompute even if nothing new was archived")},
+    params={"force": Param(False, type="boolean", description="Recompute even if nothing new was archived"),
+            "full": Param(False, type="boolean", description="Recompute every view from all master data "
+                          "(not incrementally); implies force")},
     tags=["lambdalake"],
     doc_md=__doc__,
 )
@@ -61,11 +70,17 @@ def lambdalake_batch() -> None:
         ctx = get_current_context()
         cfg = dagkit.run_config()
         settings, pipeline = wiring.load(cfg)
-        decision = plan_batch(settings, pipeline, force=bool(ctx["params"].get("force")))
+        full = bool(ctx["params"].get("full"))
+        decision = plan_batch(settings, pipeline, force=full or bool(ctx["params"].get("force")))
         action, reason = wiring.next_action(settings, decision.action, decision.reason, decision.published_version)
         ti = ctx["ti"]
-        ti.xcom_push(key="plan", value={**decision.to_dict(), "action": action, "reason": reason})
-        ti.xcom_push(key="spark_env", value=wiring.spark_env(cfg, settings))
+        ti.xcom_push(key="plan", value={**decision.to_dict(), "action": action, "reason": reason, "full": full})
+        env = wiring.spark_env(cfg, settings)
+        if full:
+            env[FULL_ENV] = "1"
+        if os.environ.get(FULL_EVERY_ENV):  # the age that forces a full recompute (hours), if set for Airflow
+            env[FULL_EVERY_ENV] = os.environ[FULL_EVERY_ENV]
+        ti.xcom_push(key="spark_env", value=env)
         log.info("plan: %s: %s", action, reason)
         return {"batch": "spark_batch", "verify": "verify", "none": None}[action]
 
