@@ -39,7 +39,7 @@ CURRENCIES = ["EUR", "USD", "GBP", "JPY"]
 REFERRERS = ["https://www.google.com/", "https://news.ycombinator.com/", "https://t.co/x", "", None]
 
 
-@dataclass
+@dataclass(slots=True)
 class Message:
     topic: str
     key: bytes | None
@@ -71,11 +71,16 @@ class _Zipf:
         return bisect.bisect_left(self.cum, self.rng.random() * self.cum[-1])
 
 
+_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _fmt_time(us: int, rng: random.Random) -> str:
     """RFC 3339 with a varying (but valid) offset, so consumers must normalise to UTC."""
-    dt = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+    dt = _EPOCH_UTC + timedelta(microseconds=us)
     choice = rng.random()
     if choice < 0.7:
+        if dt.year >= 1000:  # the same text as the strftime below, at a third of its cost
+            return dt.isoformat(timespec="microseconds")[:-6] + "Z"
         return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     off = timedelta(hours=rng.choice([-5, 1, 2, 9]), minutes=rng.choice([0, 30]))
     return dt.astimezone(timezone(off)).isoformat(timespec="milliseconds" if choice < 0.85 else "seconds")
@@ -126,11 +131,20 @@ def _demo_stream(pv: Source, pu: Source, events: int, late_fraction: float, dupl
     valid_i = 0
     malformed_kinds = _malformed_makers(pv, pu)
 
+    bisect_right = bisect.bisect_right
     while any(remaining.values()):
-        kinds = [k for k, v in remaining.items() if v > 0 and (k != "duplicate" or recent)]
+        # rng.choices(kinds, weights=remaining counts)[0], written out (same single rng.random() draw, same pick)
+        kinds: list[str] = []
+        cum: list[int] = []
+        total = 0
+        for k, v in remaining.items():
+            if v > 0 and (k != "duplicate" or recent):
+                total += v
+                kinds.append(k)
+                cum.append(total)
         if not kinds:  # only duplicates left but nothing sent yet to duplicate
             break
-        kind = rng.choices(kinds, weights=[remaining[k] for k in kinds])[0]
+        kind = kinds[bisect_right(cum, rng.random() * (total + 0.0), 0, len(kinds) - 1)]
         remaining[kind] -= 1
         if kind == "valid":
             now_us = start_us + valid_i * step_us
