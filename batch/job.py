@@ -414,8 +414,10 @@ def merged_rows(published, increment, source: Source, view: View):
 
     stored = view.stored_aggregates
     alone = F.count(F.lit(1)) == 1
-    out = (published.unionByName(increment)
-           .groupBy(*[F.col(k) for k in view.keys], F.col(WINDOW_START))
+    order = [*[F.col(k) for k in view.keys], F.col(WINDOW_START)]
+    # range-partitioned by the write order (write_for_lookups): the fold and the global sort share one shuffle
+    out = (published.unionByName(increment).repartitionByRange(*order)
+           .groupBy(*order)
            .agg(*[F.when(alone, F.first(F.col(a.name))).otherwise(_merge_expr(a)).alias(a.name)
                   for a in stored]))
     types = {c.name: spark_type(c.type) for c in view_columns(source, view)}
