@@ -123,7 +123,9 @@ def test_fingerprints_of_views_without_the_new_features_are_what_they_were():
     """The fingerprint formula of the release before filters and the new types (asdict of every field): an
     unchanged view keeps its fingerprint, so an upgrade rebuilds nothing."""
     demo = load_pipeline("lambdalake.pipelines.clickstream")
-    for v in demo.views:
+    old_style = [v for v in demo.views if all(getattr(a, "kind", "") != "approx_distinct" for a in v.aggregates)]
+    assert len(old_style) >= 2
+    for v in old_style:
         src = demo.source_of(v)
         fields = []
         for f in src.fields:
