@@ -212,9 +212,16 @@ def _show_results(settings: Settings, pipeline, console: Console) -> None:
     try:
         if "pageviews_hourly" in pipeline.view_map:
             console.print(_table(con, """
-                SELECT url, sum(views) AS views, round(sum(total_duration_ms) / sum(views) / 1000, 1) AS mean_s
+                SELECT url, sum(views) AS views, round(sum(total_duration_ms) / sum(views) / 1000, 1) AS mean_s,
+                       max(unique_users) AS "max users/hour"
                 FROM pageviews_hourly GROUP BY url ORDER BY views DESC LIMIT 5""",
                 "top pages (all hours): SELECT url, sum(views) ... FROM pageviews_hourly"))
+            if "unique_users" in pipeline.view("pageviews_hourly").output_columns:
+                console.print(_table(con, """
+                    SELECT strftime(window_start, '%Y-%m-%d') AS day, hll_count(list(unique_users)) AS unique_users,
+                           count(DISTINCT url) AS pages
+                    FROM sketches.pageviews_hourly GROUP BY day ORDER BY day LIMIT 8""",
+                    "unique users per day, rolled up from the hourly HLL sketches: FROM sketches.pageviews_hourly"))
         if "revenue_daily" in pipeline.view_map:
             console.print(_table(con, """
                 SELECT strftime(window_start, '%Y-%m-%d') AS day, currency, sum(orders) AS orders,
