@@ -304,7 +304,7 @@ near_rfc3339 = st.from_regex(r"\A[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt _][0-9]{2}:[0-9]{
                              r"([Zz]|[+-][0-9]{2}(:?[0-9]{2})?)?\Z")
 
 
-@settings(max_examples=400, deadline=timedelta(seconds=2))
+@settings(max_examples=250, deadline=timedelta(seconds=2))
 @given(st.one_of(near_rfc3339, timestamps))
 def test_msgspec_reads_the_rfc3339_shape_as_the_rules(ts):
     """Where a timestamp text has the shape the fast path checks, msgspec's reading (if it accepts the text at all)
