@@ -235,7 +235,9 @@ def producer_config(settings: Settings, **overrides: object) -> dict[str, object
         "message.max.bytes": 2 * 1024 * 1024,  # like the broker's limit (a > 1 MiB malformed message fits)
         "message.timeout.ms": 120_000,  # a message not acknowledged within 2 minutes is a failure
         "queue.buffering.max.messages": 200_000, "queue.buffering.max.kbytes": 256 * 1024,
-        "logger": logging.getLogger("lambdalake.producer"),
+        # librdkafka's retry chatter (a fresh broker's PID, reconnects) under the "kafka" logger, which the CLI keeps
+        # quiet unless LAMBDALAKE_LOG=DEBUG (lambdalake.options.configure_logging): failures surface as BrokerError
+        "logger": logging.getLogger("kafka.librdkafka"),
     }
     conf.update(overrides)
     return conf
