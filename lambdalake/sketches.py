@@ -24,13 +24,26 @@ DuckDB has no DataSketches functions; :func:`register` adds vectorized Python fu
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import cache
+from typing import Any
 
-import datasketches as ds
 import pyarrow as pa
 
 DEFAULT_LG_K = 12
 MIN_LG_K, MAX_LG_K = 4, 21  # what both DataSketches HLL and Spark's hll_sketch_agg accept
-TARGET = ds.tgt_hll_type.HLL_8  # Spark's layout; a union's result is written in it too
+
+
+@cache
+def _ds() -> Any:
+    """The datasketches module, imported on first use (it imports numpy: ~0.15 s that `lambdalake sql` without a
+    sketch need not pay)."""
+    import datasketches
+
+    return datasketches
+
+
+def _target() -> Any:
+    return _ds().tgt_hll_type.HLL_8  # Spark's layout; a union's result is written in it too
 
 # DuckDB functions added by register(): name -> what it computes
 FUNCTIONS = {
@@ -41,11 +54,12 @@ FUNCTIONS = {
 }
 
 
-def new(lg_k: int) -> ds.hll_sketch:
-    return ds.hll_sketch(lg_k, TARGET)
+def new(lg_k: int) -> Any:
+    """An empty HLL sketch (``datasketches.hll_sketch``)."""
+    return _ds().hll_sketch(lg_k, _target())
 
 
-def of_values(values: Iterable[object], lg_k: int) -> ds.hll_sketch:
+def of_values(values: Iterable[object], lg_k: int) -> Any:
     """A sketch of ``values`` (strings or ints; None skipped)."""
     s = new(lg_k)
     for v in values:
@@ -54,41 +68,42 @@ def of_values(values: Iterable[object], lg_k: int) -> ds.hll_sketch:
     return s
 
 
-def to_bytes(sketch: ds.hll_sketch) -> bytes:
+def to_bytes(sketch: Any) -> bytes:
     return sketch.serialize_compact()
 
 
-def from_bytes(data: bytes) -> ds.hll_sketch:
-    return ds.hll_sketch.deserialize(data)
+def from_bytes(data: bytes) -> Any:
+    return _ds().hll_sketch.deserialize(data)
 
 
-def _union(parts: Iterable[bytes | ds.hll_sketch | None]) -> ds.hll_union:
+def _union(parts: Iterable[Any]) -> Any:
     """The union of ``parts`` at their smallest ``lg_k`` (a union gadget of a larger ``lg_k`` holds the same values
     in another mode and estimates differently), in a canonical state: its result is fed twice to a new union, so a
     result in HLL mode is always *out of order* and estimated from its registers alone (a union of coupon-mode
     sketches may otherwise convert to HLL in order and keep a HIP estimate that depends on the split)."""
     sketches = [from_bytes(p) if isinstance(p, bytes | bytearray | memoryview) else p for p in parts if p is not None]
     lg_k = min((s.lg_config_k for s in sketches), default=DEFAULT_LG_K)
+    ds = _ds()
     un = ds.hll_union(lg_k)
     for s in sketches:
         un.update(s)
-    merged = un.get_result(TARGET)
+    merged = un.get_result(_target())
     canon = ds.hll_union(lg_k)
     canon.update(merged)
     canon.update(merged)
     return canon
 
 
-def estimate(parts: Iterable[bytes | ds.hll_sketch | None]) -> int:
+def estimate(parts: Iterable[Any]) -> int:
     """The canonical estimate of the union of ``parts`` (0 for no parts): rounded composite estimate."""
     un = _union(parts)
     return round(un.get_estimate())
 
 
-def union_bytes(parts: Iterable[bytes | ds.hll_sketch | None]) -> bytes:
+def union_bytes(parts: Iterable[Any]) -> bytes:
     """The union of ``parts`` as one compact sketch (its ``lg_k`` is the smallest of the parts')."""
     un = _union(parts)
-    return to_bytes(un.get_result(TARGET))
+    return to_bytes(un.get_result(_target()))
 
 
 def _hll_count(lists: pa.Array) -> pa.Array:
