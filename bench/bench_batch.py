@@ -93,6 +93,32 @@ def bench_archiver(events: int, workdir: Path) -> dict:
 
 
 # --- 2. synthetic master dataset --------------------------------------------------------------------------------------
+def _master_table(source, rng, event_ids: pa.Array, et, users, partition: int, first_offset: int,
+                  ingest_us: int) -> pa.Table:
+    """One partition's master rows of the demo ``source`` (pageviews or purchases): the given ids, event times
+    and users, the other fields drawn from ``rng``, offsets from ``first_offset``."""
+    n = len(event_ids)
+    cols: dict[str, pa.Array] = {
+        "event_id": event_ids,
+        "event_time": pa.array(et, type=pa.timestamp("us", tz="UTC")),
+        "user_id": pa.array([f"user-{u:06d}" for u in users]),
+    }
+    if source.name == "pageviews":
+        urls = rng.zipf(1.1, n) % 405
+        cols["url"] = pa.array([f"https://shop.example/product/{u}" for u in urls])
+        cols["referrer"] = pa.array(np.where(rng.random(n) < 0.5, "https://www.google.com/", None))
+        cols["duration_ms"] = pa.array(rng.integers(0, 120_000, n), type=pa.int64())
+    else:
+        prods = rng.zipf(1.2, n) % 300
+        cols["product_id"] = pa.array([f"sku-{x:05d}" for x in prods])
+        cols["amount_cents"] = pa.array(rng.integers(99, 100_000, n), type=pa.int64())
+        cols["currency"] = pa.array(np.array(["EUR", "USD", "GBP", "JPY"])[rng.integers(0, 4, n)])
+    cols["_partition"] = pa.array(np.full(n, partition, dtype=np.int32))
+    cols["_offset"] = pa.array(np.arange(first_offset, first_offset + n, dtype=np.int64))
+    cols["_ingest_time"] = pa.array(np.full(n, ingest_us, dtype=np.int64), type=pa.timestamp("us", tz="UTC"))
+    return pa.table([cols[f.name] for f in master_schema(source)], schema=master_schema(source))
+
+
 def write_master(home: Path, pipeline: Pipeline, n: int, seed: int = 1) -> None:
     """``n`` rows of master data (85 % pageviews), 2 % duplicates re-sent a few offsets later, 5 % late."""
     rng = np.random.default_rng(seed)
@@ -111,26 +137,8 @@ def write_master(home: Path, pipeline: Pipeline, n: int, seed: int = 1) -> None:
             dup = rng.random(per_p) < 0.02
             ids = np.where(dup & (ids > 64), ids - rng.integers(1, 64, per_p), ids)  # re-sent earlier event ids
             users = rng.zipf(1.3, per_p) % max(50, n // 20)
-            cols: dict[str, pa.Array] = {
-                "event_id": pa.array([f"{src[:2]}-{ids_base}-{i}" for i in ids]),
-                "event_time": pa.array(et, type=pa.timestamp("us", tz="UTC")),
-                "user_id": pa.array([f"user-{u:06d}" for u in users]),
-            }
-            if src == "pageviews":
-                urls = rng.zipf(1.1, per_p) % 405
-                cols["url"] = pa.array([f"https://shop.example/product/{u}" for u in urls])
-                cols["referrer"] = pa.array(np.where(rng.random(per_p) < 0.5, "https://www.google.com/", None))
-                cols["duration_ms"] = pa.array(rng.integers(0, 120_000, per_p), type=pa.int64())
-            else:
-                prods = rng.zipf(1.2, per_p) % 300
-                cols["product_id"] = pa.array([f"sku-{x:05d}" for x in prods])
-                cols["amount_cents"] = pa.array(rng.integers(99, 100_000, per_p), type=pa.int64())
-                cols["currency"] = pa.array(np.array(["EUR", "USD", "GBP", "JPY"])[rng.integers(0, 4, per_p)])
-            cols["_partition"] = pa.array(np.full(per_p, p, dtype=np.int32))
-            cols["_offset"] = pa.array(np.arange(per_p, dtype=np.int64))
-            cols["_ingest_time"] = pa.array(np.full(per_p, START_US + span_us, dtype=np.int64),
-                                            type=pa.timestamp("us", tz="UTC"))
-            table = pa.table([cols[f.name] for f in master_schema(source)], schema=master_schema(source))
+            table = _master_table(source, rng, pa.array([f"{src[:2]}-{ids_base}-{i}" for i in ids]), et, users, p,
+                                  0, START_US + span_us)
             for start in range(0, per_p, FILE_ROWS):
                 end = min(per_p, start + FILE_ROWS)
                 write_parquet_atomic(table.slice(start, end - start), layout.master_file(src, p, start, end))
@@ -162,26 +170,8 @@ def append_master(home: Path, pipeline: Pipeline, n: int, seed: int = 2, late: f
             dup = rng.random(per_p) < duplicates
             ids[dup] = rng.choice(old_ids, int(dup.sum()))
             users = rng.zipf(1.3, per_p) % max(50, n * 5)
-            cols: dict[str, pa.Array] = {
-                "event_id": pa.array(ids.tolist(), pa.string()),
-                "event_time": pa.array(et, type=pa.timestamp("us", tz="UTC")),
-                "user_id": pa.array([f"user-{u:06d}" for u in users]),
-            }
-            if src == "pageviews":
-                urls = rng.zipf(1.1, per_p) % 405
-                cols["url"] = pa.array([f"https://shop.example/product/{u}" for u in urls])
-                cols["referrer"] = pa.array(np.where(rng.random(per_p) < 0.5, "https://www.google.com/", None))
-                cols["duration_ms"] = pa.array(rng.integers(0, 120_000, per_p), type=pa.int64())
-            else:
-                prods = rng.zipf(1.2, per_p) % 300
-                cols["product_id"] = pa.array([f"sku-{x:05d}" for x in prods])
-                cols["amount_cents"] = pa.array(rng.integers(99, 100_000, per_p), type=pa.int64())
-                cols["currency"] = pa.array(np.array(["EUR", "USD", "GBP", "JPY"])[rng.integers(0, 4, per_p)])
-            cols["_partition"] = pa.array(np.full(per_p, p, dtype=np.int32))
-            cols["_offset"] = pa.array(np.arange(start, start + per_p, dtype=np.int64))
-            cols["_ingest_time"] = pa.array(np.full(per_p, START_US + span_us + hour_us, dtype=np.int64),
-                                            type=pa.timestamp("us", tz="UTC"))
-            table = pa.table([cols[f.name] for f in master_schema(source)], schema=master_schema(source))
+            table = _master_table(source, rng, pa.array(ids.tolist(), pa.string()), et, users, p, start,
+                                  START_US + span_us + hour_us)
             write_parquet_atomic(table, layout.master_file(src, p, start, start + per_p))
             written += per_p
     return written
