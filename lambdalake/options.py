@@ -7,6 +7,7 @@ root back.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -73,9 +74,17 @@ def context(pipeline: str | None = None, home: Path | None = None, bootstrap: st
 # --- running a CLI app: the one place errors become one line and an exit code -----------------------------------
 def configure_logging() -> None:
     """``LAMBDALAKE_LOG`` (default WARNING) on stderr. kafka-python logs every reconnect attempt at WARNING/ERROR;
-    our own errors say what matters, so its logger is quiet unless DEBUG."""
+    our own errors say what matters, so its logger is quiet unless DEBUG.
+
+    Also: ``kill -USR1 <pid>`` prints the stack of every thread to stderr (a daemon that does not stop or seems
+    stuck can be looked into without stopping it; :func:`lambdalake.procs.stop_group` does it before a SIGKILL)."""
+    import faulthandler
     import logging
     import os
+    import signal
+
+    with contextlib.suppress(AttributeError, RuntimeError, ValueError):  # no SIGUSR1 (Windows), or no stderr fd
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     level = os.environ.get("LAMBDALAKE_LOG", "WARNING").upper()
     logging.basicConfig(level=getattr(logging, level, logging.WARNING),

@@ -22,13 +22,21 @@ T = TypeVar("T")
 def stop_group(proc: subprocess.Popen, timeout: float = 30.0, kill_timeout: float = 10.0,
                first: int = signal.SIGTERM) -> int | None:
     """Send ``first`` (SIGTERM) to the process group of ``proc`` (started with ``start_new_session=True``), wait
-    up to ``timeout`` seconds, then SIGKILL the group and reap. Returns the exit code; a no-op if it already ended."""
+    up to ``timeout`` seconds, then SIGKILL the group and reap. Returns the exit code; a no-op if it already ended.
+
+    A group that outlives the timeout first gets SIGUSR1: lambdalake processes (and their workers) then print every
+    thread's stack to their stderr (:func:`lambdalake.options.configure_logging`), so a log shows where it hung."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, first)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            if first != signal.SIGKILL:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGUSR1)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(1.0)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(kill_timeout)
@@ -60,7 +68,8 @@ def run_workers(fn: Callable[..., T], calls: list[tuple]) -> list[T]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    with ProcessPoolExecutor(max_workers=len(calls), mp_context=ctx) as pool, stop_on_signals(stop_all):
+    with ProcessPoolExecutor(max_workers=len(calls), mp_context=ctx, initializer=_init_worker) as pool, \
+            stop_on_signals(stop_all):
         futs = [pool.submit(fn, *args) for args in calls]
         pids.extend(child.pid for child in multiprocessing.active_children() if child.pid is not None)
         done, _ = futures.wait(futs, return_when=futures.FIRST_EXCEPTION)
@@ -75,6 +84,14 @@ def run_workers(fn: Callable[..., T], calls: list[tuple]) -> list[T]:
             if exc is not None:
                 raise exc
         return [f.result() for f in futs]
+
+
+def _init_worker() -> None:
+    """A spawned worker starts with Python's defaults: give it the command's logging (``LAMBDALAKE_LOG`` is
+    inherited through the environment) and the SIGUSR1 stack dump."""
+    from lambdalake.options import configure_logging
+
+    configure_logging()
 
 
 class WorkerDied(LambdalakeError):

@@ -60,6 +60,10 @@ class Daemon:
         return self.proc is not None and self.proc.poll() is None
 
 
+def tail(path, lines: int = 80) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
 def served_snapshot(settings, pipeline) -> dict:
     """One query round on a fresh serving connection: every view + the pair's positions."""
     con = connect(settings=settings, pipeline=pipeline)
@@ -77,7 +81,9 @@ def test_merged_views_equal_the_oracle_at_every_instant(settings, pipeline, cli_
     ensure_topics(settings, pipeline)
     topics = [s.topic for s in pipeline.sources]
     env = {**cli_env, "LAMBDALAKE_SPARK_MASTER": "local[2]"}
-    ingest = Daemon(["ingest", "--roll-seconds", "0.5", "--workers", "2"], env, tmp_path / "ingest.log")
+    # INFO: the archiver logs each file it commits, so a log shows what a worker was doing if it does not stop
+    ingest = Daemon(["ingest", "--roll-seconds", "0.5", "--workers", "2"], {**env, "LAMBDALAKE_LOG": "INFO"},
+                    tmp_path / "ingest.log")
     speed_args = ["speed", "--checkpoint-interval", "0.2"]
     speed = Daemon([*speed_args, "--share", "0/2"], env, tmp_path / "speed-0.log")
     other = Daemon([*speed_args, "--share", "1/2"], env, tmp_path / "speed-1.log")
@@ -141,7 +147,10 @@ def test_merged_views_equal_the_oracle_at_every_instant(settings, pipeline, cli_
         reader_thread.join(30) if reader_thread.is_alive() else None
         rc_speed, rc_other, rc_ingest = speed.stop(), other.stop(), ingest.stop()
 
-    assert (rc_speed, rc_other, rc_ingest) == (0, 0, 0)  # graceful shutdown on SIGTERM
+    # graceful shutdown on SIGTERM (a daemon still running after 30 s got SIGUSR1 first: its log holds its stacks)
+    assert (rc_speed, rc_other, rc_ingest) == (0, 0, 0), "\n".join(
+        f"--- {d.log_path.name} (rc {d.proc.returncode}), last lines:\n" + tail(d.log_path)
+        for d in (speed, other, ingest) if d.proc is not None and d.proc.returncode != 0)
     assert not reader_errors, reader_errors[:3]
     log = read_log(settings.bootstrap, topics)
 
