@@ -13,7 +13,9 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -113,14 +115,28 @@ def run_cli(cli_env) -> Callable[..., subprocess.CompletedProcess]:
     """Run ``lambdalake <args>`` as a real subprocess; returns the CompletedProcess (text)."""
 
     def run(*args: str, check: bool = True, timeout: float = 300, env: dict | None = None):
+        t0 = time.monotonic()
         res = subprocess.run([LAMBDALAKE, *args], capture_output=True, text=True, timeout=timeout,
                              env={**cli_env, **(env or {})}, stdin=subprocess.DEVNULL)
+        CLI_SECONDS[args[0] if args else ""].append(time.monotonic() - t0)
         if check and res.returncode != 0:
             raise AssertionError(f"lambdalake {' '.join(args)} exited {res.returncode}\n"
                                  f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}")
         return res
 
     return run
+
+
+CLI_SECONDS: defaultdict[str, list[float]] = defaultdict(list)  # wall time of each `lambdalake <command>` run
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Where the suite's time goes in CLI subprocesses (start-up included), to keep `make test` in its budget."""
+    if CLI_SECONDS:
+        terminalreporter.section("lambdalake CLI runs (command: runs, total s, mean s)")
+        for cmd, secs in sorted(CLI_SECONDS.items(), key=lambda kv: -sum(kv[1])):
+            terminalreporter.write_line(f"{cmd or '(none)':>12}: {len(secs):3d} runs, {sum(secs):7.1f} s, "
+                                        f"{sum(secs) / len(secs):5.1f} s")
 
 
 @pytest.fixture(scope="session")
