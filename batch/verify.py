@@ -55,7 +55,7 @@ FOLD = {"sum": "sum", "min": "min", "max": "max", "union": "union"}  # each merg
 def _fold_sql(a: Aggregate) -> str:
     """SQL folding a stored aggregate over all rows with its merge rule (a sketch: the estimate of the union)."""
     col = _ident(a.name)
-    return f"hll_count(list({col}))" if a.merge == "union" else f"{FOLD[a.merge]}({col})"
+    return sketches.estimate_sql(f"list({col})") if a.merge == "union" else f"{FOLD[a.merge]}({col})"
 
 
 def _aggregate_sql(a: Aggregate, source: Source) -> str:
@@ -214,7 +214,7 @@ def output_sql(view: View, stored: str, source: Source | None = None) -> str:
     for a in view.aggregates:
         m = means.get(a.name)
         if isinstance(a, Aggregate) and a.kind == "approx_distinct":
-            cols.append(f"hll_count(list_value({_ident(a.name)})) AS {_ident(a.name)}")
+            cols.append(f"{sketches.estimate_sql(f'list_value({_ident(a.name)})')} AS {_ident(a.name)}")
             continue
         if m is None:
             cols.append(shown(a.name))
@@ -326,7 +326,7 @@ def _check_view(con: Any, pipeline: Pipeline, view: View, files: list[str], even
         master_totals: tuple = tuple(0 if a.kind == "count" else None for a in stored)
     else:
         master_totals = con.execute("SELECT " + ", ".join(
-            f"hll_count(list_value({_aggregate_sql(a, source)}))" if a.merge == "union"
+            sketches.estimate_sql(f"list_value({_aggregate_sql(a, source)})") if a.merge == "union"
             else "count(*)" if a.kind == "count" else f"{a.kind}({_ident(a.column or '')})" for a in stored)
             + f" FROM ({events_sql})").fetchone()
     totals: dict[str, Any] = {}

@@ -136,6 +136,12 @@ def register(con) -> None:
             con.create_function(name, fn, params, ret, type="arrow", null_handling="special", side_effects=False)
 
 
+def estimate_sql(sketch_list: str) -> str:
+    """DuckDB SQL of the canonical estimate (:func:`estimate`) of the union of a LIST of sketches, with the function
+    :func:`register` added, qualified by its catalog so that nothing a user defines can shadow it."""
+    return f"system.main.hll_count({sketch_list})"
+
+
 def sketch_sql(values_list: str, field_type: str, lg_k: int) -> str:
     """DuckDB SQL building a sketch from a LIST of a field's stored values (string, or integer/decimal)."""
     fn = "hll_sketch_varchar" if field_type == "string" else "hll_sketch_bigint"

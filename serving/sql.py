@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 from lambdalake.pipeline import WINDOW_START, Aggregate, Mean, Source, View
 from lambdalake.schema import BLOCK_COL, PARTITION_COL, Column, view_columns
+from lambdalake.sketches import estimate_sql
 
 # The DuckDB type of each logical type of lambdalake.schema (the engine's one type table).
 DUCKDB_TYPES = {"string": "VARCHAR", "integer": "BIGINT", "timestamp": "TIMESTAMPTZ", "int32": "INTEGER",
@@ -108,12 +109,6 @@ def present(expr: str, column: Column) -> str:
 
 def _as_is(expr: str, column: Column) -> str:
     return expr
-
-
-def estimate_sql(sketch_list: str) -> str:
-    """The canonical estimate of the union of a LIST of sketches (:func:`lambdalake.sketches.estimate`; a function
-    :func:`lambdalake.sketches.register` adds to the connection)."""
-    return f"{FN}hll_count({sketch_list})"
 
 
 def _merge_expr(a: Aggregate, column: Column) -> str:
