@@ -3,7 +3,8 @@ master dataset (valid) or in the dead-letter topic (invalid).
 
 Positions come from the master dataset itself: on start the archiver asks :func:`lambdalake.layout.archived_positions`
 where each partition's files end and seeks there. Kafka's committed group offsets are written after each file, for
-lag monitoring only, and never read.
+lag monitoring only, and never read. It reads the log with librdkafka (confluent-kafka) through the one log session
+of every reader (:mod:`lambdalake.session`); dead letters are written with a kafka-python producer.
 
 Per partition the archiver buffers consumed messages; the buffer covers the contiguous offsets ``[start, end)``
 (valid *and* invalid ones, so the files tile the offset space without gaps). A buffer is *rolled* into a file when
@@ -63,7 +64,7 @@ from lambdalake.kafka import producer as make_producer
 from lambdalake.layout import Layout, archived_positions
 from lambdalake.ownership import PartitionLocks, Share
 from lambdalake.pipeline import Pipeline, Source
-from lambdalake.session import LogSession, connect, stop_on_signals
+from lambdalake.session import LogRecord, LogSession, connect, stop_on_signals
 from lambdalake.validation import Validator
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class _Buffer:
         self.columns: dict[str, list] = {f.name: [] for f in self.source.fields}
         self.offsets: list[int] = []
         self.ingest: list[int] = []
-        self.invalid: list[tuple[Any, str]] = []  # (ConsumerRecord, reason)
+        self.invalid: list[tuple[LogRecord, str]] = []  # (record, reason)
         self.nbytes = 0
         self.opened = time.monotonic()
 
@@ -296,7 +297,8 @@ def archiver_locks(layout: Layout) -> PartitionLocks:
 class Archiver:
     """Kafka -> master dataset + DLQ, exactly once (see the module docstring for the protocol)."""
 
-    POLL_MS = 200
+    POLL_S = 0.2
+    POLL_RECORDS = 10_000
     MAX_DLQ_ATTEMPTS = 5
     MAX_BACKOFF_S = 30.0
     REFRESH_PARTITIONS_S = 30.0
@@ -330,11 +332,10 @@ class Archiver:
         from batch.compact import recover_compactions
 
         t0 = time.monotonic()
-        _warn_if_slow_crc()
         with archiver_locks(self.layout) as self._locks:
             recover_compactions(self.layout, self.pipeline)
             ensure_topics(self.settings, self.pipeline)
-            session = LogSession(connect(self.settings, group_id=self.group_id, max_poll_records=5000),
+            session = LogSession(connect(self.settings, group_id=self.group_id, client="librdkafka"),
                                  [s.topic for s in self.pipeline.sources], bootstrap=self.settings.bootstrap,
                                  reader="the archiver", lost_means="they are lost to the master dataset",
                                  notify=self._warn, share=self.share)
@@ -395,13 +396,13 @@ class Archiver:
         while not self._stop.is_set():
             if self.until_caught_up and self._caught_up(session):
                 return
-            batch = session.consumer.poll(timeout_ms=self.POLL_MS)
+            runs = session.poll(self.POLL_S, self.POLL_RECORDS)
             now_us = time.time_ns() // 1000
-            for tp, records in batch.items():
-                buf = self._buffers[(tp.topic, tp.partition)]
+            for key, offsets, values, records in runs:
+                buf = self._buffers[key]
                 i = 0
-                while i < len(records):
-                    i = self._append(buf, records, i, now_us, session.consumer, tp)
+                while i < len(offsets):
+                    i = self._append(buf, offsets, values, records, i, now_us, session)
                     if self._full(buf):
                         self._roll(buf, session, dlq)
             now = time.monotonic()
@@ -413,6 +414,7 @@ class Archiver:
                 if session.new_partitions():
                     for topic, p in self._assign(session):  # partitions added to a topic while running
                         dlq.reload_high_water(self._sources[topic], p)
+                    dlq.close()  # its producer knows the old DLQ partitions only: the next roll opens a new one
             if self.on_progress is not None and now - last_progress >= 0.5:
                 last_progress = now
                 self.on_progress(self.report)
@@ -429,39 +431,43 @@ class Archiver:
             done = False
         return done
 
-    def _append(self, buf: _Buffer, records: list, i: int, now_us: int, c, tp) -> int:
-        """Validate and buffer ``records[i:]`` until the buffer is full; returns the index to continue from."""
+    def _append(self, buf: _Buffer, offsets: list[int], values: list, records: list, i: int, now_us: int,
+                session: LogSession) -> int:
+        """Validate and buffer one polled run of the buffer's partition from index ``i`` until the buffer is full;
+        returns the index to continue from."""
         validate = self._validators[buf.source.topic]
-        target = self._targets.get((tp.topic, tp.partition)) if self.until_caught_up else None
+        key = (buf.source.topic, buf.partition)
+        target = self._targets.get(key) if self.until_caught_up else None
         cols = buf.columns
         names = list(cols)
         report = self.report
         max_rows, max_bytes = self.policy.max_rows, self.policy.max_bytes
-        n = len(records)
+        n = len(offsets)
         while i < n:
-            r = records[i]
+            offset = offsets[i]
+            value = values[i]
             i += 1
-            if r.offset < buf.end:
-                raise InvariantViolation(f"{tp.topic}[{tp.partition}]: consumer returned offset {r.offset} below "
-                                         f"the archived position {buf.end}; refusing to write it twice")
-            if target is not None and r.offset >= target:
-                c.pause(tp)  # caught up on this partition; later records are the next run's
+            if offset < buf.end:
+                raise InvariantViolation(f"{key[0]}[{key[1]}]: consumer returned offset {offset} below the archived "
+                                         f"position {buf.end}; refusing to write it twice")
+            if target is not None and offset >= target:
+                session.pause(key)  # caught up on this partition; later records are the next run's
                 buf.end = max(buf.end, target)  # offsets skipped before the target held no records
                 return n
-            verdict = validate(r.value)
+            verdict = validate(value)
             report.messages += 1
             if verdict.ok:
                 rec = verdict.record
                 for name in names:
                     cols[name].append(rec[name])
-                buf.offsets.append(r.offset)
+                buf.offsets.append(offset)
                 buf.ingest.append(now_us)
                 report.valid += 1
             else:
-                buf.invalid.append((r, verdict.reason))
+                buf.invalid.append((session.record(records[i - 1]), verdict.reason))
                 report.invalid += 1
-            buf.nbytes += len(r.value) if r.value is not None else 0
-            buf.end = r.offset + 1
+            buf.nbytes += len(value) if value is not None else 0
+            buf.end = offset + 1
             if len(buf.offsets) >= max_rows or buf.nbytes >= max_bytes:
                 break
         return i
@@ -516,18 +522,6 @@ class Archiver:
                 log.warning("dead-letter write failed (%s); retrying in %.1fs (attempt %d)", exc, delay, attempt)
                 dlq.reset()
                 time.sleep(delay)
-
-
-def _warn_if_slow_crc() -> None:
-    """kafka-python checks record CRC32C in pure Python unless the ``crc32c`` package is installed (~10x slower)."""
-    try:
-        from kafka.record import util
-
-        if getattr(util, "crc32c_c", None) is None:
-            log.warning("the crc32c package is not installed: kafka-python verifies record checksums in pure Python, "
-                        "which limits the archiver to a few thousand messages/s; `pip install crc32c`")
-    except ImportError:
-        pass
 
 
 def ingest(settings: Settings, pipeline: Pipeline, *, until_caught_up: bool = False,

@@ -339,6 +339,35 @@ def consumer(settings: Settings, group_id: str | None = None, **overrides):
         raise _unreachable(settings, exc) from exc
 
 
+def librdkafka_consumer(settings: Settings, group_id: str | None = None, *, connect_timeout: float = 5.0,
+                        **overrides):
+    """A librdkafka (confluent-kafka) consumer reading like :func:`consumer`: auto-commit off, earliest reset, every
+    record including those of aborted transactions (kafka-python's default isolation), manual assignment only.
+    Checked reachable (cluster metadata within ``connect_timeout`` seconds), else a :class:`BrokerError`."""
+    from confluent_kafka import Consumer, KafkaException
+
+    quiet = logging.getLogger("kafka.librdkafka")  # reconnect chatter; the CLI keeps "kafka" quiet unless DEBUG
+    conf: dict[str, object] = {
+        "bootstrap.servers": settings.bootstrap, "group.id": group_id or "lambdalake-reader",
+        "client.id": f"lambdalake-{group_id or 'reader'}",
+        "enable.auto.commit": False, "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
+        "isolation.level": "read_uncommitted", "fetch.wait.max.ms": 100,
+        "max.partition.fetch.bytes": 4 * 1024 * 1024, "fetch.max.bytes": 64 * 1024 * 1024,
+        # No group is ever joined (manual assignment): this only bounds how long a commit waits for an unreachable
+        # group coordinator, and close() for such a commit still in flight
+        "session.timeout.ms": 6000,
+        "logger": quiet, "error_cb": lambda err: quiet.debug("librdkafka: %s", err),
+    }
+    conf.update(overrides)
+    c = Consumer(conf)
+    try:
+        c.list_topics(timeout=connect_timeout)
+    except KafkaException as exc:
+        c.close()
+        raise _unreachable(settings, exc) from exc
+    return c
+
+
 def ensure_topics(settings: Settings, pipeline: Pipeline) -> list[str]:
     """Create every source topic and its dead-letter topic (same partition count). Returns those created."""
     from kafka.admin import NewTopic

@@ -3,16 +3,21 @@
 lambdalake's readers keep their own positions durably (the archiver in master file names, the speed layer in its
 checkpoints) and never read committed group offsets back. What they have in common, and what this module owns:
 
-- :func:`connect`: a consumer (auto-commit off), retrying with exponential backoff while Kafka is unreachable;
+- :func:`connect`: a consumer (auto-commit off), retrying with exponential backoff while Kafka is unreachable, of
+  one of two clients behind one small seam (:class:`KafkaPythonClient`: kafka-python, the speed layer's and its
+  rebuild's; :class:`LibrdkafkaClient`: librdkafka via confluent-kafka, the archiver's, ~3x kafka-python's fetch
+  rate here). Each adapter only translates calls; every rule below is written once, here;
 - :meth:`LogSession.assign`: manual assignment of every partition of the topics read, each seeked to the reader's
   own position (a partition it has no position for starts at the log start). Offsets below the log start were
   deleted by Kafka retention before the reader got to them: said once per partition, worded the same everywhere,
   and the read starts at the log start;
 - :meth:`LogSession.new_partitions`: partitions added to a topic while running (assign again to pick them up);
+- :meth:`LogSession.poll`: the records fetched, as runs of one partition (offsets and values as lists; the full
+  :class:`LogRecord` only when asked, e.g. for a dead letter);
 - :meth:`LogSession.reached`: "read up to a target" also across offsets that hold no record (transaction markers,
   compacted-away offsets), where only the consumer's own position moves;
 - :meth:`LogSession.commit`: the group-offset commit, for lag monitoring tools only (asynchronous while running,
-  synchronous at shutdown; a failure never stops a reader);
+  synchronous at shutdown and bounded to a few seconds; a failure never stops a reader);
 - :func:`stop_on_signals`: SIGTERM / SIGINT ask the reader to stop cleanly (finish files, write a checkpoint).
 """
 
@@ -24,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import NamedTuple
 
 from lambdalake.config import Settings
 from lambdalake.exceptions import BrokerError, LambdalakeError
@@ -61,21 +67,235 @@ def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def connect(settings: Settings, *, group_id: str | None, timeout: float = 0.0,
-            stop: threading.Event | None = None, notify: Callable[[str], None] | None = None, **overrides):
-    """A consumer for ``settings``; while Kafka is unreachable, retry with exponential backoff for up to ``timeout``
-    seconds (0: one attempt), telling ``notify`` about each retry. Raises :class:`BrokerUnreachable`."""
-    from lambdalake.kafka import consumer
+class LogRecord(NamedTuple):
+    """One record of the log, whichever client read it (what a dead-letter record keeps of it)."""
 
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int  # ms since the epoch (-1: none)
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes | None]] | None
+
+
+# One poll's records of one partition in offset order: (key, offsets, values, the client's own records).
+Run = tuple[TP, list[int], list, list]
+
+
+class KafkaPythonClient:
+    """kafka-python's ``KafkaConsumer`` behind the session's seam: the speed layer's client (the user's choice),
+    which also reads ``LogSession.consumer`` directly."""
+
+    name = "kafka-python"
+
+    def __init__(self, consumer):
+        self.consumer = consumer
+
+    @classmethod
+    def open(cls, settings: Settings, group_id: str | None, connect_timeout: float | None, **overrides):
+        from lambdalake.kafka import consumer
+
+        if connect_timeout is not None:
+            overrides["bootstrap_timeout_ms"] = int(1000 * connect_timeout)
+        return cls(consumer(settings, group_id=group_id, **overrides))
+
+    def topic_partition(self, key: TP):
+        from kafka import TopicPartition
+
+        return TopicPartition(*key)
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return set(self.consumer.partitions_for_topic(topic) or ())
+
+    def beginning_offsets(self, tps: Mapping[TP, object]) -> dict[TP, int]:
+        got = self.consumer.beginning_offsets(list(tps.values()))
+        return {(tp.topic, tp.partition): n for tp, n in got.items()}
+
+    def end_offsets(self, tps: Mapping[TP, object]) -> dict[TP, int]:
+        got = self.consumer.end_offsets(list(tps.values()))
+        return {(tp.topic, tp.partition): n for tp, n in got.items()}
+
+    def assign(self, tps: Mapping[TP, object], starts: Mapping[TP, int]) -> None:
+        self.consumer.assign(list(tps.values()))
+        for key, tp in tps.items():
+            self.consumer.seek(tp, starts[key])
+
+    def position(self, tp) -> int:
+        return self.consumer.position(tp)
+
+    def is_paused(self, tp) -> bool:
+        return tp in self.consumer.paused()
+
+    def pause(self, tp) -> None:
+        self.consumer.pause(tp)
+
+    def poll(self, timeout: float, max_records: int) -> list[Run]:
+        polled = self.consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
+        return [((tp.topic, tp.partition), [r.offset for r in recs], [r.value for r in recs], recs)
+                for tp, recs in polled.items() if recs]
+
+    @staticmethod
+    def record(r) -> LogRecord:
+        return LogRecord(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value, r.headers)
+
+    def commit(self, offsets: Mapping[object, int], wait: bool) -> None:
+        from kafka.structs import OffsetAndMetadata
+
+        meta = {tp: OffsetAndMetadata(n, "", -1) for tp, n in offsets.items()}
+        if wait:
+            self.consumer.commit(meta, timeout_ms=COMMIT_TIMEOUT_MS)
+        else:
+            self.consumer.commit_async(meta)
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+
+
+class LibrdkafkaClient:
+    """librdkafka's consumer (confluent-kafka) behind the same seam: the archiver's client. It fetches ~3x what
+    kafka-python does per process here (``bench/bench_speed.py``), in its own threads, ahead of the reader.
+
+    Its consumer position already passes transaction markers and compacted-away offsets; a commit that waits for an
+    unreachable coordinator gives up after ``session.timeout.ms`` (:func:`lambdalake.kafka.librdkafka_consumer`)."""
+
+    name = "librdkafka"
+    REQUEST_TIMEOUT_S = 15.0
+
+    def __init__(self, consumer, bootstrap: str):
+        self.consumer = consumer
+        self.bootstrap = bootstrap
+        self._paused: set[TP] = set()
+
+    @classmethod
+    def open(cls, settings: Settings, group_id: str | None, connect_timeout: float | None, **overrides):
+        from lambdalake.kafka import librdkafka_consumer
+
+        return cls(librdkafka_consumer(settings, group_id, connect_timeout=connect_timeout or 5.0, **overrides),
+                   settings.bootstrap)
+
+    def topic_partition(self, key: TP):
+        from confluent_kafka import TopicPartition
+
+        return TopicPartition(*key)
+
+    def _failed(self, what: str, exc: Exception) -> BrokerError:
+        err = exc.args[0] if exc.args else exc
+        return BrokerError(f"cannot {what} from Kafka at {self.bootstrap} "
+                           f"({getattr(err, 'str', lambda: str(err))()}); is the broker up?")
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        from confluent_kafka import KafkaException
+
+        try:
+            meta = self.consumer.list_topics(topic, timeout=self.REQUEST_TIMEOUT_S).topics.get(topic)
+        except KafkaException as exc:
+            raise self._failed(f"read the partitions of {topic!r}", exc) from exc
+        return set() if meta is None or meta.error is not None else set(meta.partitions)
+
+    def _watermarks(self, tps: Mapping[TP, object], index: int) -> dict[TP, int]:
+        from confluent_kafka import KafkaException
+
+        out: dict[TP, int] = {}
+        for key, tp in tps.items():
+            try:
+                got = self.consumer.get_watermark_offsets(tp, timeout=self.REQUEST_TIMEOUT_S)
+            except KafkaException as exc:
+                raise self._failed(f"read the offsets of {key[0]}[{key[1]}]", exc) from exc
+            if got is None:
+                raise BrokerError(f"cannot read the offsets of {key[0]}[{key[1]}] from Kafka at {self.bootstrap} "
+                                  f"within {self.REQUEST_TIMEOUT_S:.0f}s; is the broker up?")
+            out[key] = got[index]
+        return out
+
+    def beginning_offsets(self, tps: Mapping[TP, object]) -> dict[TP, int]:
+        return self._watermarks(tps, 0)
+
+    def end_offsets(self, tps: Mapping[TP, object]) -> dict[TP, int]:
+        return self._watermarks(tps, 1)
+
+    def assign(self, tps: Mapping[TP, object], starts: Mapping[TP, int]) -> None:
+        from confluent_kafka import TopicPartition
+
+        # assign() replaces the whole assignment, each partition at the offset given (records fetched before are
+        # dropped by librdkafka); as with kafka-python, a partition in both assignments stays paused
+        self._paused &= set(tps)
+        self.consumer.assign([TopicPartition(key[0], key[1], starts[key]) for key in tps])
+        if self._paused:
+            self.consumer.pause([TopicPartition(*key) for key in self._paused])
+
+    def position(self, tp) -> int:
+        return self.consumer.position([tp])[0].offset  # < 0 (OFFSET_INVALID) until something was fetched
+
+    def is_paused(self, tp) -> bool:
+        return (tp.topic, tp.partition) in self._paused
+
+    def pause(self, tp) -> None:
+        self.consumer.pause([tp])
+        self._paused.add((tp.topic, tp.partition))
+
+    def poll(self, timeout: float, max_records: int) -> list[Run]:
+        """One ``consume``, batch-converted into runs of one partition each (in the order they came)."""
+        runs: list[Run] = []
+        last = None
+        offsets: list[int] = []
+        values: list = []
+        records: list = []
+        for m in self.consumer.consume(max_records, timeout):
+            err = m.error()
+            if err is not None:  # fetch-level errors: librdkafka retries / reconnects by itself
+                if err.fatal():
+                    raise BrokerError(f"Kafka consumer failed fatally ({err.str()}); restart the command")
+                log.debug("librdkafka consume error: %s", err)
+                last = None
+                continue
+            key = (m.topic(), m.partition())
+            if key != last:
+                last = key
+                offsets, values, records = [], [], []
+                runs.append((key, offsets, values, records))
+            offsets.append(m.offset())
+            values.append(m.value())
+            records.append(m)
+        return runs
+
+    @staticmethod
+    def record(m) -> LogRecord:
+        from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
+
+        kind, ts = m.timestamp()
+        return LogRecord(m.topic(), m.partition(), m.offset(), -1 if kind == TIMESTAMP_NOT_AVAILABLE else ts,
+                         m.key(), m.value(), m.headers())
+
+    def commit(self, offsets: Mapping[object, int], wait: bool) -> None:
+        from confluent_kafka import TopicPartition
+
+        self.consumer.commit(offsets=[TopicPartition(tp.topic, tp.partition, n) for tp, n in offsets.items()],
+                             asynchronous=not wait)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+COMMIT_TIMEOUT_MS = 5000
+CLIENTS = {c.name: c for c in (KafkaPythonClient, LibrdkafkaClient)}
+
+
+def connect(settings: Settings, *, group_id: str | None, timeout: float = 0.0,
+            stop: threading.Event | None = None, notify: Callable[[str], None] | None = None,
+            client: str = "kafka-python", **overrides):
+    """A consumer of ``client`` (``"kafka-python"`` or ``"librdkafka"``, :data:`CLIENTS`) for ``settings``, behind
+    the session's seam; while Kafka is unreachable, retry with exponential backoff for up to ``timeout`` seconds
+    (0: one attempt), telling ``notify`` about each retry. ``overrides``: the client's own configuration. Raises
+    :class:`BrokerUnreachable`."""
+    kind = CLIENTS[client]
     deadline = time.monotonic() + timeout
     delay, attempt = 0.5, 0
     while True:
         attempt += 1
-        if timeout > 0:
-            per_attempt = min(5.0, max(1.0, (deadline - time.monotonic()) / 2))
-            overrides["bootstrap_timeout_ms"] = int(1000 * per_attempt)
+        per_attempt = min(5.0, max(1.0, (deadline - time.monotonic()) / 2)) if timeout > 0 else None
         try:
-            return consumer(settings, group_id=group_id, **overrides)
+            return kind.open(settings, group_id, per_attempt, **overrides)
         except BrokerError as exc:
             left = deadline - time.monotonic()
             if left <= 0 or (stop is not None and stop.is_set()):
@@ -94,29 +314,34 @@ def connect(settings: Settings, *, group_id: str | None, timeout: float = 0.0,
 
 class LogSession:
     """Manual assignment of every partition of ``topics`` that the reader's ``share`` owns (default: all) on one
-    consumer, positioned by the reader's own positions (:mod:`lambdalake.ownership`).
+    consumer (a client from :func:`connect`), positioned by the reader's own positions
+    (:mod:`lambdalake.ownership`). ``consumer`` is the client's own consumer object, for readers written against
+    that client (the speed layer's kafka-python loop); ``tps`` maps each assigned (topic, partition) to the
+    client's ``TopicPartition``.
 
     ``reader`` and ``lost_means`` word the retention message: ``"{topic}[{p}]: offsets [a, b) were deleted by Kafka
     retention before {reader} read them; {lost_means}"``, sent to ``notify`` (``None``: say nothing, e.g. a replay
     whose live side already said it).
     """
 
-    def __init__(self, consumer, topics: Iterable[str], *, bootstrap: str, reader: str, lost_means: str,
+    def __init__(self, client, topics: Iterable[str], *, bootstrap: str, reader: str, lost_means: str,
                  notify: Callable[[str], None] | None, share: Share | None = None):
-        self.consumer = consumer
+        self.client = client
+        self.consumer = client.consumer
         self.share = share or Share()
         self.topics = list(topics)
         self.bootstrap = bootstrap
         self.reader = reader
         self.lost_means = lost_means
         self.notify = notify
-        self.tps: dict[TP, object] = {}  # what is assigned: (topic, partition) -> kafka TopicPartition
+        self.tps: dict[TP, object] = {}  # what is assigned: (topic, partition) -> the client's TopicPartition
+        self.record = client.record  # a polled record as a LogRecord (for dead letters)
 
     def partitions(self) -> list[TP]:
         """Every partition of the topics the share owns, as the broker sees them now. Raises :class:`TopicMissing`."""
         out: list[TP] = []
         for topic in self.topics:
-            parts = self.consumer.partitions_for_topic(topic)
+            parts = self.client.partitions_for_topic(topic)
             if not parts:
                 raise TopicMissing(f"topic {topic!r} does not exist at {self.bootstrap}; create it with "
                                    "`lambdalake topics`")
@@ -132,17 +357,13 @@ class LogSession:
 
         Every partition is seeked, not only new ones: a re-assignment may forget fetch positions, and the reader's
         own positions are the authoritative ones."""
-        from kafka import TopicPartition
-
         keys = list(self.partitions() if partitions is None else partitions)
-        self.tps = {k: TopicPartition(*k) for k in keys}
-        tps = list(self.tps.values())
-        self.consumer.assign(tps)
-        begins = self.consumer.beginning_offsets(tps) if tps else {}
+        self.tps = {k: self.client.topic_partition(k) for k in keys}
+        begins = self.client.beginning_offsets(self.tps) if keys else {}
         covered = covered or {}
         starts: dict[TP, int] = {}
-        for key, tp in self.tps.items():
-            first = begins.get(tp, 0)
+        for key in keys:
+            first = begins.get(key, 0)
             start = positions.get(key, first)
             if start < first:
                 lost_from = max(start, covered.get(key, 0))
@@ -151,7 +372,7 @@ class LogSession:
                                 f"before {self.reader} read them; {self.lost_means}")
                 start = first
             starts[key] = start
-            self.consumer.seek(tp, start)
+        self.client.assign(self.tps, starts)
         return starts
 
     def new_partitions(self) -> set[TP]:
@@ -162,31 +383,35 @@ class LogSession:
             return set()
 
     def end_offsets(self) -> dict[TP, int]:
-        ends = self.consumer.end_offsets(list(self.tps.values()))
-        return {(tp.topic, tp.partition): n for tp, n in ends.items()}
+        return self.client.end_offsets(self.tps)
+
+    def poll(self, timeout: float, max_records: int) -> list[Run]:
+        """Records fetched since the last poll (waiting up to ``timeout`` seconds for some), as runs of one
+        partition each: ``(key, offsets, values, records)``; ``self.record(records[i])`` is the full record."""
+        return self.client.poll(timeout, max_records)
+
+    def pause(self, key: TP) -> None:
+        """Fetch nothing more of this partition (until it is assigned again)."""
+        self.client.pause(self.tps[key])
 
     def reached(self, key: TP, target: int) -> bool:
         """Has the consumer's own position reached ``target`` on a partition the reader has not paused? True across
         offsets without records (transaction markers), which the reader's record-based position never passes."""
         tp = self.tps.get(key)
-        if tp is None or tp in self.consumer.paused():
+        if tp is None or self.client.is_paused(tp):
             return False
-        return self.consumer.position(tp) >= target
+        return self.client.position(tp) >= target
 
     def commit(self, positions: Mapping[TP, int], wait: bool = False) -> None:
-        """Group offsets for lag monitoring tools only (never read back). Never raises."""
-        from kafka.structs import OffsetAndMetadata
-
-        offsets = {self.tps[k]: OffsetAndMetadata(n, "", -1) for k, n in positions.items() if k in self.tps}
+        """Group offsets for lag monitoring tools only (never read back): asynchronous, or with ``wait`` bounded
+        by a few seconds. Never raises."""
+        offsets = {self.tps[k]: n for k, n in positions.items() if k in self.tps}
         if not offsets:
             return
         try:
-            if wait:
-                self.consumer.commit(offsets, timeout_ms=5000)
-            else:
-                self.consumer.commit_async(offsets)
+            self.client.commit(offsets, wait)
         except Exception as exc:  # noqa: BLE001 - monitoring only; positions live in the reader's own files
             log.debug("lag-monitoring commit failed: %s", exc)
 
     def close(self) -> None:
-        self.consumer.close(autocommit=False)
+        self.client.close()

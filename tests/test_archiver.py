@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import pyarrow.parquet as pq
@@ -367,3 +369,77 @@ def test_workers_own_disjoint_partitions_and_resplit_exactly(settings, pipeline,
     check_exact(settings, pipeline)
     bad = run_cli("ingest", "--share", "2/2", check=False)
     assert bad.returncode != 0 and "--share '2/2'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_daemon_takes_new_partitions_and_until_caught_up_ends_at_a_transaction_marker(settings, pipeline,
+                                                                                        monkeypatch):
+    """The archiver's librdkafka session: partitions added to the topics while the daemon runs are archived too
+    (every partition is assigned again mid-stream: no offset twice, none lost), and ``until_caught_up`` finishes
+    when a partition's log ends with a transaction's commit marker (an offset no record holds)."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewPartitions
+
+    import batch.archiver as archiver
+    from lambdalake.kafka import end_offsets, ensure_topics
+    from lambdalake.produce import demo_messages, send
+
+    def archived() -> bool:
+        ends = end_offsets(settings, [s.topic for s in pipeline.sources])
+        layout = Layout(settings.home)
+        done = {(s.topic, p): e for s in pipeline.sources for p, e in archived_positions(layout, s.name).items()}
+        return all(done.get(k, 0) >= e for k, e in ends.items() if e)
+
+    def wait(what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not archived():
+            assert time.monotonic() < deadline and thread.is_alive(), f"the daemon did not archive {what}"
+            time.sleep(0.1)
+
+    ensure_topics(settings, pipeline)
+    send(settings, demo_messages(pipeline, 300, seed=1, malformed_fraction=0.05), progress=False)
+    monkeypatch.setattr(archiver.Archiver, "REFRESH_PARTITIONS_S", 0.3)
+    daemon = archiver.Archiver(settings, pipeline, RollPolicy(max_seconds=0.2))
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        wait("the first messages")
+        admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+        for topics in ([s.dlq_topic for s in pipeline.sources], [s.topic for s in pipeline.sources]):
+            for f in admin.create_partitions([NewPartitions(t, 6) for t in topics]).values():
+                f.result(30)
+        deadline = time.monotonic() + 30
+        while any(len(admin.list_topics(s.topic, timeout=10).topics[s.topic].partitions) < 6
+                  for s in pipeline.sources):
+            assert time.monotonic() < deadline, "the broker never showed the new partitions"
+            time.sleep(0.1)
+        send(settings, demo_messages(pipeline, 300, seed=2, malformed_fraction=0.05), progress=False)
+        assert all(end_offsets(settings, [s.topic])[(s.topic, p)] for s in pipeline.sources for p in (4, 5))
+        wait("the messages of the new partitions")
+    finally:
+        daemon.stop()
+        thread.join(60)
+    assert not thread.is_alive()
+    assert {p for s in pipeline.sources for p in archived_positions(Layout(settings.home), s.name)} == set(range(6))
+    check_exact(settings, pipeline)
+    # a transaction's records, then its commit marker last in their partitions
+    prod = Producer({"bootstrap.servers": settings.bootstrap, "transactional.id": f"t-{settings.home.name}",
+                     "logger": logging.getLogger("kafka.librdkafka")})
+    prod.init_transactions(30)
+    prod.begin_transaction()
+    msgs = list(demo_messages(pipeline, 40, seed=3))
+    for m in msgs:
+        prod.produce(m.topic, m.value, m.key)
+    prod.commit_transaction(30)
+    ends = end_offsets(settings, [s.topic for s in pipeline.sources])
+    report = ingest(settings, pipeline, until_caught_up=True)
+    assert report.messages == len(msgs)
+    assert {(s.topic, p): e for s in pipeline.sources for p, e in report.positions[s.name].items() if e} == \
+        {k: e for k, e in ends.items() if e}
+    plain = Producer({"bootstrap.servers": settings.bootstrap, "logger": logging.getLogger("kafka.librdkafka")})
+    for s in pipeline.sources:  # a plain record after every marker (the oracle reads up to a record)
+        m = next(m for m in msgs if m.topic == s.topic)
+        for p in range(6):
+            plain.produce(s.topic, m.value, m.key, partition=p)
+    assert plain.flush(30) == 0
+    ingest(settings, pipeline, until_caught_up=True)
+    check_exact(settings, pipeline)
