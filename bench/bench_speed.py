@@ -128,6 +128,31 @@ def raw_fetch(settings, pipe, validate: bool) -> dict:
     return {"messages": n, "seconds": round(dt, 3), "per_second": round(n / dt)}
 
 
+def raw_fetch_confluent(settings, pipe, validate: bool) -> dict:
+    """The same topics read by librdkafka (confluent-kafka): manual ``assign`` at offset 0 (no group rebalance),
+    auto-commit off, ``consume(num_messages=...)`` batches — the other client's ceiling on this machine; with
+    ``validate``, plus the compiled validator on every message."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    ends = end_offsets(settings, [s.topic for s in pipe.sources])
+    validators = {s.topic: Validator(s) for s in pipe.sources}
+    c = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": "bench-raw-fetch",
+                  "enable.auto.commit": False, "fetch.wait.max.ms": 100})
+    c.assign([TopicPartition(t, p, 0) for (t, p) in ends])
+    total = sum(ends.values())  # fresh topics from a non-transactional producer: every offset holds a record
+    n = 0
+    t0 = time.perf_counter()
+    while n < total:
+        msgs = c.consume(num_messages=20_000, timeout=0.2)
+        n += len(msgs)
+        if validate:
+            for m in msgs:
+                validators[m.topic()](m.value())
+    dt = time.perf_counter() - t0
+    c.close()
+    return {"messages": n, "seconds": round(dt, 3), "per_second": round(n / dt)}
+
+
 def cli_run(settings, *args: str) -> float:
     """Wall seconds of one ``lambdalake`` command on ``settings``' lake (process start to exit)."""
     env = {**os.environ, "LAMBDALAKE_HOME": str(settings.home), "LAMBDALAKE_BOOTSTRAP": settings.bootstrap,
@@ -137,11 +162,12 @@ def cli_run(settings, *args: str) -> float:
     return time.perf_counter() - t0
 
 
-def workers_scaling(work: Path, settings, pipe, messages: int, workers: list[int]) -> list[dict]:
+def workers_scaling(work: Path, settings, pipe, messages: int, workers: list[int],
+                    commands: tuple[str, ...] = ("ingest", "speed")) -> list[dict]:
     """``lambdalake ingest|speed --until-caught-up --workers N`` over the same topics, each on a fresh lake: wall
     time from process start to exit (Python start-up and spawning the workers included)."""
     out = []
-    for command in ("ingest", "speed"):
+    for command in commands:
         for n in workers:
             home = work / f"lake-{command}-{n}-{uuid.uuid4().hex[:6]}"
             home.mkdir()
@@ -344,6 +370,8 @@ def main() -> None:
     ap.add_argument("--sustained-duration", type=float, default=60.0)
     ap.add_argument("--handoff-every", type=float, default=5.0)
     ap.add_argument("--only-sustained", action="store_true")
+    ap.add_argument("--only-archiver", action="store_true",
+                    help="just the archiver's figures: both clients' raw fetch (+ validate) and `ingest --workers`")
     ap.add_argument("--workers", default="1,2", help="worker counts of the scale-out runs (ingest and speed)")
     ap.add_argument("--dedup-span", type=int, default=100_000,
                     help="dedup span of the sustained run (its windows fill after span offsets per partition)")
@@ -360,7 +388,7 @@ def main() -> None:
                                     tied_to_parent=True)
             bootstrap = broker.up(timeout=120)["bootstrap"]
         try:
-            if args.sustained_duration > 0:
+            if args.sustained_duration > 0 and not args.only_archiver:
                 res = freshness(work, bootstrap, args.block, args.sustained_rate, args.sustained_duration,
                                 args.checkpoint_interval, handoff_every=args.handoff_every,
                                 dedup_span=args.dedup_span)
@@ -373,14 +401,23 @@ def main() -> None:
             print(f"producing {args.events:,} events ...", flush=True)
             out["produce"] = produce_all(settings, pipe, args.events)
             print(f"  lambdalake produce's sender (librdkafka): {out['produce']}", flush=True)
-            if args.kafka_python_events:
+            if args.kafka_python_events and not args.only_archiver:
                 kp_settings, kp_pipe = fresh(work, bootstrap, args.block)
                 out["produce_kafka_python"] = produce_kafka_python(kp_settings, kp_pipe, args.kafka_python_events)
                 print(f"  previous sender (one kafka-python producer): {out['produce_kafka_python']}", flush=True)
             out["raw_fetch"] = raw_fetch(settings, pipe, validate=False)
             print(f"raw kafka-python fetch: {out['raw_fetch']}", flush=True)
+            out["raw_fetch_confluent"] = raw_fetch_confluent(settings, pipe, validate=False)
+            print(f"raw librdkafka fetch:   {out['raw_fetch_confluent']}", flush=True)
             out["fetch_validate"] = raw_fetch(settings, pipe, validate=True)
             print(f"fetch + validate:       {out['fetch_validate']}", flush=True)
+            out["fetch_validate_confluent"] = raw_fetch_confluent(settings, pipe, validate=True)
+            print(f"librdkafka + validate:  {out['fetch_validate_confluent']}", flush=True)
+            if args.only_archiver:
+                out["workers"] = workers_scaling(work, settings, pipe, out["produce"]["messages"],
+                                                 [int(n) for n in args.workers.split(",") if n], ("ingest",))
+                out["load_average"] = os.getloadavg()
+                return finish(out)
             out["speed"] = speed_in_process(settings, pipe, args.checkpoint_interval)
             print(f"speed layer (in-process, checkpoint every {args.checkpoint_interval}s): {out['speed']}",
                   flush=True)
