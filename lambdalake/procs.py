@@ -6,12 +6,12 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import pickle
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Callable
-from concurrent import futures
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
 from lambdalake.exceptions import LambdalakeError
@@ -52,46 +52,110 @@ def run_workers(fn: Callable[..., T], calls: list[tuple]) -> list[T]:
     """Run ``fn(*args)`` for each ``args`` in ``calls``, each in its own process, and return their results in order.
 
     The workers are *spawned* (a fresh interpreter: nothing of this process's threads, Kafka clients or JVM is
-    inherited). SIGTERM/SIGINT to this process are passed on to every worker (which handle them as a clean stop).
+    inherited) and get the command's logging. SIGTERM/SIGINT to this process (or to its whole process group) are a
+    clean stop of every worker: ``fn`` must handle them while it runs (e.g. with
+    :func:`lambdalake.session.stop_on_signals`); before and after ``fn`` a worker only notes them, so a signal can
+    never kill a worker half-way through sending its result. A stop is passed on to the workers again every
+    second until they are all done, so one that was still starting up when the stop came gets it too.
     If a worker raises, the other workers are asked to stop and the first error is raised here; a worker that dies
-    (kill -9, out of memory) raises :class:`WorkerDied`.
+    (kill -9, out of memory) raises :class:`WorkerDied` once the others have stopped.
+
+    Each worker is a plain :class:`multiprocessing.Process` with its own result pipe, not a process pool: in a pool
+    the workers share one result queue and its lock, so a worker killed while sending its result blocks the others
+    (and the pool's shutdown) for ever.
     """
+    from multiprocessing import resource_tracker
+    from multiprocessing.connection import wait
+
     from lambdalake.session import stop_on_signals
 
     if not calls:
         return []
     ctx = multiprocessing.get_context("spawn")
-    pids: list[int] = []
+    stop = threading.Event()
+    procs: list = []
+    results: dict[int, tuple[bool, object]] = {}  # worker index -> (ok, result or exception)
+    with stop_on_signals(stop.set):
+        pipes = []
+        # started first: its launch unblocks SIGTERM/SIGINT in this thread, which would undo the mask below
+        resource_tracker.ensure_running()
+        try:
+            for i, args in enumerate(calls):
+                reader, writer = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_worker_main, args=(fn, args, writer), name=f"lambdalake-worker-{i}")
+                # started with SIGTERM/SIGINT blocked (the mask survives exec): a stop while the new interpreter
+                # starts stays pending until _worker_main has its handler, instead of killing the worker
+                mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+                try:
+                    proc.start()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                writer.close()
+                procs.append(proc)
+                pipes.append(reader)
+            running = dict(enumerate(procs))
+            relayed = 0.0
+            while running:
+                if stop.is_set() and time.monotonic() - relayed >= 1.0:
+                    relayed = time.monotonic()
+                    for proc in running.values():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(proc.pid, signal.SIGTERM)
+                ready = wait([pipes[i] for i in running if i not in results]
+                             + [p.sentinel for p in running.values()], timeout=0.2)
+                for i in list(running):
+                    if i not in results and (pipes[i] in ready or running[i].sentinel in ready):
+                        with contextlib.suppress(EOFError, OSError):
+                            if pipes[i].poll():
+                                results[i] = pickle.loads(pipes[i].recv_bytes())
+                    if running[i].sentinel in ready:
+                        running.pop(i).join()
+                        if i not in results or not results[i][0]:
+                            stop.set()  # one failed: the others stop too
+        finally:
+            for proc in procs:  # only if this process itself fails: never leave workers behind
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+            for r in pipes:
+                r.close()
+    for i, proc in enumerate(procs):
+        ok, value = results.get(i, (False, None))
+        if not ok and value is None:
+            raise WorkerDied(f"worker {i} of {len(calls)} died (exit code {proc.exitcode}); run the command "
+                             "again: every worker resumes from its own durable state")
+        if not ok:
+            raise value  # type: ignore[misc]
+    return [results[i][1] for i in range(len(procs))]  # type: ignore[misc]
 
-    def stop_all() -> None:  # runs in a signal handler: only os calls, on pids captured beforehand
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
 
-    with ProcessPoolExecutor(max_workers=len(calls), mp_context=ctx, initializer=_init_worker) as pool, \
-            stop_on_signals(stop_all):
-        futs = [pool.submit(fn, *args) for args in calls]
-        pids.extend(child.pid for child in multiprocessing.active_children() if child.pid is not None)
-        done, _ = futures.wait(futs, return_when=futures.FIRST_EXCEPTION)
-        if any(f.exception() is not None for f in done):
-            stop_all()
-        futures.wait(futs)
-        for i, f in enumerate(futs):
-            exc = f.exception()
-            if isinstance(exc, BrokenProcessPool):
-                raise WorkerDied(f"worker {i} of {len(calls)} died ({exc}); run the command again: every worker "
-                                 "resumes from its own durable state") from exc
-            if exc is not None:
-                raise exc
-        return [f.result() for f in futs]
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_STOP_NOTED = threading.Event()
 
 
-def _init_worker() -> None:
-    """A spawned worker starts with Python's defaults: give it the command's logging (``LAMBDALAKE_LOG`` is
-    inherited through the environment) and the SIGUSR1 stack dump."""
+def _worker_main(fn: Callable[..., T], args: tuple, conn) -> None:
+    """A spawned worker: the command's logging and SIGUSR1 stack dump; SIGTERM/SIGINT only noted outside ``fn``
+    (which installs its own clean-stop handler); the result, or the exception, sent back once."""
     from lambdalake.options import configure_logging
 
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda *_: _STOP_NOTED.set())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a stop that came while starting is noted now
     configure_logging()
+    try:
+        out: tuple[bool, object] = (True, fn(*args))
+    except BaseException as exc:  # noqa: BLE001 - handed to the parent, which raises it
+        out = (False, exc)
+    try:
+        payload = pickle.dumps(out)
+        pickle.loads(payload)  # what the parent will do: an exception class that cannot be rebuilt fails here
+    except Exception as exc:  # noqa: BLE001
+        payload = pickle.dumps((False, LambdalakeError(f"{type(out[1]).__name__}: {out[1]} (from a worker; "
+                                                       f"not passed on as is: {exc})")))
+    try:
+        conn.send_bytes(payload)
+    finally:
+        conn.close()
 
 
 class WorkerDied(LambdalakeError):
