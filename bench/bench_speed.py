@@ -5,6 +5,9 @@ Measures, against a real Kafka broker (the embedded one on a free port, or ``--b
 1. ``raw_fetch``      — plain kafka-python consumption of N pre-produced messages (same consumer settings as the
                         speed layer): the client's ceiling on this machine.
 2. ``fetch_validate`` — the same plus :class:`lambdalake.validation.Validator` on every message.
+   ``raw_fetch_confluent`` / ``fetch_validate_confluent`` (and ``..._2``: two processes at once, each over half the
+                        partitions) — the same with librdkafka (confluent-kafka), the archiver's client: its ceilings.
+   ``workers``          — ``lambdalake ingest|speed --until-caught-up --workers N``, process start to exit.
 3. ``speed``          — the speed layer in-process (``SpeedLayer.run(until_caught_up=True)``: validate, dedup,
                         aggregate, checkpoint + publish every ``--checkpoint-interval``), events/s.
 0. ``produce``        — ``lambdalake produce``'s sender (librdkafka) over pre-generated messages, next to the
@@ -23,6 +26,7 @@ Results go to ``bench/results/speed-<UTC time>.json`` (git-ignored) and a summar
     .venv/bin/python bench/bench_speed.py                     # defaults: 300k events, rates 10k..40k, 15 s each
     .venv/bin/python bench/bench_speed.py --quick             # a short run (figures are noisier)
     .venv/bin/python bench/bench_speed.py --only-sustained    # just the RSS-with-handoff run
+    .venv/bin/python bench/bench_speed.py --only-archiver --events 400000   # the archiver and both clients' ceilings
 """
 
 from __future__ import annotations
@@ -132,25 +136,50 @@ def raw_fetch_confluent(settings, pipe, validate: bool) -> dict:
     """The same topics read by librdkafka (confluent-kafka): manual ``assign`` at offset 0 (no group rebalance),
     auto-commit off, ``consume(num_messages=...)`` batches — the other client's ceiling on this machine; with
     ``validate``, plus the compiled validator on every message."""
+    ends = end_offsets(settings, [s.topic for s in pipe.sources])
+    n, t0, t1 = _confluent_fetch(settings, pipe, ends, validate)
+    return {"messages": n, "seconds": round(t1 - t0, 3), "per_second": round(n / (t1 - t0))}
+
+
+def _confluent_fetch(settings, pipe, ends: dict, validate: bool) -> tuple[int, float, float]:
+    """Read the partitions ``ends`` from offset 0 to their end: (messages, start, end) on the wall clock."""
     from confluent_kafka import Consumer, TopicPartition
 
-    ends = end_offsets(settings, [s.topic for s in pipe.sources])
     validators = {s.topic: Validator(s) for s in pipe.sources}
     c = Consumer({"bootstrap.servers": settings.bootstrap, "group.id": "bench-raw-fetch",
                   "enable.auto.commit": False, "fetch.wait.max.ms": 100})
     c.assign([TopicPartition(t, p, 0) for (t, p) in ends])
     total = sum(ends.values())  # fresh topics from a non-transactional producer: every offset holds a record
     n = 0
-    t0 = time.perf_counter()
+    t0 = time.time()
     while n < total:
         msgs = c.consume(num_messages=20_000, timeout=0.2)
         n += len(msgs)
         if validate:
             for m in msgs:
                 validators[m.topic()](m.value())
-    dt = time.perf_counter() - t0
+    t1 = time.time()
     c.close()
-    return {"messages": n, "seconds": round(dt, 3), "per_second": round(n / dt)}
+    return n, t0, t1
+
+
+def _confluent_fetch_share(settings, share: int, of: int, validate: bool) -> tuple[int, float, float]:
+    pipe = load_pipeline(settings.pipeline)
+    ends = end_offsets(settings, [s.topic for s in pipe.sources])
+    return _confluent_fetch(settings, pipe, {k: e for k, e in ends.items() if k[1] % of == share}, validate)
+
+
+def raw_fetch_confluent_processes(settings, processes: int, validate: bool) -> dict:
+    """``processes`` librdkafka readers at once, each over its share of the partitions (like ``ingest --workers``):
+    what this machine fetches in all, from the first reader's start to the last one's end (process start-up not
+    included)."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        got = pool.starmap(_confluent_fetch_share, [(settings, i, processes, validate) for i in range(processes)])
+    n = sum(g[0] for g in got)
+    dt = max(g[2] for g in got) - min(g[1] for g in got)
+    return {"processes": processes, "messages": n, "seconds": round(dt, 3), "per_second": round(n / dt)}
 
 
 def cli_run(settings, *args: str) -> float:
@@ -413,6 +442,10 @@ def main() -> None:
             print(f"fetch + validate:       {out['fetch_validate']}", flush=True)
             out["fetch_validate_confluent"] = raw_fetch_confluent(settings, pipe, validate=True)
             print(f"librdkafka + validate:  {out['fetch_validate_confluent']}", flush=True)
+            out["raw_fetch_confluent_2"] = raw_fetch_confluent_processes(settings, 2, validate=False)
+            print(f"raw librdkafka fetch, 2 processes:  {out['raw_fetch_confluent_2']}", flush=True)
+            out["fetch_validate_confluent_2"] = raw_fetch_confluent_processes(settings, 2, validate=True)
+            print(f"librdkafka + validate, 2 processes: {out['fetch_validate_confluent_2']}", flush=True)
             if args.only_archiver:
                 out["workers"] = workers_scaling(work, settings, pipe, out["produce"]["messages"],
                                                  [int(n) for n in args.workers.split(",") if n], ("ingest",))

@@ -355,7 +355,7 @@ def librdkafka_consumer(settings: Settings, group_id: str | None = None, *, conn
         "max.partition.fetch.bytes": 4 * 1024 * 1024, "fetch.max.bytes": 64 * 1024 * 1024,
         # No group is ever joined (manual assignment): this only bounds how long a commit waits for an unreachable
         # group coordinator, and close() for such a commit still in flight
-        "session.timeout.ms": 6000,
+        "session.timeout.ms": 5000,
         "logger": quiet, "error_cb": lambda err: quiet.debug("librdkafka: %s", err),
     }
     conf.update(overrides)

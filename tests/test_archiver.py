@@ -427,10 +427,21 @@ def test_daemon_takes_new_partitions_and_until_caught_up_ends_at_a_transaction_m
     prod.init_transactions(30)
     prod.begin_transaction()
     msgs = list(demo_messages(pipeline, 40, seed=3))
+    last: dict[tuple[str, int], int] = {}  # the transaction's last record in each partition it wrote to
+
+    def delivered(err, m) -> None:
+        last[(m.topic(), m.partition())] = max(m.offset(), last.get((m.topic(), m.partition()), -1))
+
     for m in msgs:
-        prod.produce(m.topic, m.value, m.key)
+        prod.produce(m.topic, m.value, m.key, on_delivery=delivered)
     prod.commit_transaction(30)
-    ends = end_offsets(settings, [s.topic for s in pipeline.sources])
+    deadline = time.monotonic() + 30  # the coordinator writes the commit markers after commit_transaction returns
+    while True:
+        ends = end_offsets(settings, [s.topic for s in pipeline.sources])
+        if all(ends[k] == off + 2 for k, off in last.items()):
+            break
+        assert time.monotonic() < deadline, f"commit markers not written: {ends} vs {last}"
+        time.sleep(0.1)
     report = ingest(settings, pipeline, until_caught_up=True)
     assert report.messages == len(msgs)
     assert {(s.topic, p): e for s in pipeline.sources for p, e in report.positions[s.name].items() if e} == \
