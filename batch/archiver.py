@@ -45,7 +45,6 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -124,8 +123,8 @@ class ArchiveReport:
 class _Buffer:
     """Consumed-but-not-yet-archived messages of one partition: offsets ``[start, end)``."""
 
-    __slots__ = ("source", "partition", "start", "end", "records", "offsets", "ingest", "invalid", "nbytes",
-                 "opened")
+    __slots__ = ("source", "partition", "start", "end", "columns", "appenders", "offsets", "ingest", "invalid",
+                 "nbytes", "opened")
 
     def __init__(self, source: Source, partition: int, start: int):
         self.source = source
@@ -136,7 +135,8 @@ class _Buffer:
 
     def reset(self, start: int) -> None:
         self.start = self.end = start
-        self.records: list[dict[str, Any]] = []  # the valid messages' records (field name -> value)
+        self.columns: dict[str, list] = {f.name: [] for f in self.source.fields}  # the valid messages' values
+        self.appenders = [(name, col.append) for name, col in self.columns.items()]
         self.offsets: list[int] = []
         self.ingest: list[int] = []
         self.invalid: list[tuple[LogRecord, str]] = []  # (record, reason)
@@ -146,10 +146,6 @@ class _Buffer:
     @property
     def rows(self) -> int:
         return len(self.offsets)
-
-    def columns(self) -> dict[str, list]:
-        """The valid records as one value list per field (built once per file, not per message)."""
-        return {f.name: list(map(itemgetter(f.name), self.records)) for f in self.source.fields}
 
     @property
     def empty(self) -> bool:
@@ -449,7 +445,7 @@ class Archiver:
             stop = bisect_left(offsets, target, i)  # records from the target on are the next run's
         room = self.policy.max_rows - len(buf.offsets)
         max_bytes = self.policy.max_bytes
-        keep, keep_offset, invalid = buf.records.append, buf.offsets.append, buf.invalid
+        appenders, keep_offset, invalid = buf.appenders, buf.offsets.append, buf.invalid
         end, nbytes, first, rejected = buf.end, buf.nbytes, i, 0
         while i < stop:
             offset = offsets[i]
@@ -460,7 +456,9 @@ class Archiver:
                                          f"position {end}; refusing to write it twice")
             verdict = validate(value)
             if verdict.ok:
-                keep(verdict.record)
+                rec = verdict.record
+                for name, append in appenders:
+                    append(rec[name])
                 keep_offset(offset)
                 room -= 1
             else:
@@ -503,7 +501,7 @@ class Archiver:
                                  overwrite=True)
         # 2 + 3. temp file + fsync, then rename to the final name (the commit point) + fsync dir
         final = self.layout.master_file(src.name, p, buf.start, buf.end)
-        table = master_table(src, buf.columns(), p, buf.offsets, buf.ingest)
+        table = master_table(src, buf.columns, p, buf.offsets, buf.ingest)
         self.report.bytes += write_parquet_atomic(table, final)
         self.report.files += 1
         log.info("archived %s rows of %s[%s] offsets [%s, %s) -> %s", buf.rows, src.topic, p, buf.start, buf.end,
