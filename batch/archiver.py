@@ -343,10 +343,10 @@ class Archiver:
                                  notify=self._warn, share=self.share)
             dlq = DeadLetters(self.settings, self.pipeline)
             try:
+                if self.until_caught_up:  # the end offsets seen at start (read before fetching starts)
+                    self._targets = session.end_offsets(session.partitions())
                 self._assign(session)
                 dlq.load_high_water(self._partitions())
-                if self.until_caught_up:
-                    self._targets = session.end_offsets()
                 self._loop(session, dlq)
                 # SIGTERM or caught up: finish what is buffered (roll protocol), nothing is left behind
                 for buf in list(self._buffers.values()):
