@@ -14,9 +14,12 @@ Run protocol (:func:`run_batch`), mirrored by numbered comments in the code:
    is reused instead of hashing it again: :class:`KnownChecksums`).
 2. Read the inputs, keep rows with ``_offset < W[_partition]`` that are valid under the *declared* field rules
    (:func:`valid_rows`, below), and apply the dedup rule (:mod:`lambdalake.dedup`): the first valid occurrence of an
-   event id per (source, partition), lowest offset wins (:func:`first_occurrences`: one scan of master and one
-   shuffle per source, cached for every view of the source). Restricting to ``< W`` first is exact: an id's first
-   occurrence below ``W`` is its first occurrence overall.
+   event id per (source, partition), lowest offset wins. A full run never shuffles the rows for it
+   (:func:`_compute_source`: a hash aggregate of the narrow (partition, event id, offset) gives each id's first
+   offset and count — also the event count and the id index — and the rows are joined with the broadcast first
+   offsets of the few repeated ids); :func:`first_occurrences` (one shuffle of the rows) serves incremental runs
+   and too many repeated ids to broadcast. Restricting to ``< W`` first is exact: an id's first occurrence below
+   ``W`` is its first occurrence overall.
 3. Per view: ``window_start`` = event time floored to the bucket (UTC), group by keys + window_start, aggregate;
    write ``<staging>/<view>/*.parquet``.
 4. Validate the staged output (:func:`validate_staged`): schema as declared, no null in non-nullable keys, one row
@@ -87,7 +90,7 @@ from batch.master import sha256_file
 from batch.publish import DEFAULT_KEEP, new_staging_dir, publish
 from batch.rejected import rejudged_files, write_revalidated
 from lambdalake import contracts
-from lambdalake.config import Settings, env_float, fix_handoff_block
+from lambdalake.config import Settings, env_float, env_int, fix_handoff_block
 from lambdalake.contracts import BatchManifest, BatchView, IdIndex, InputFile, Positions
 from lambdalake.erasure import erased_subjects
 from lambdalake.exceptions import PipelineError
@@ -240,7 +243,7 @@ def spark_session(master: str | None = None, app_name: str = "lambdalake-batch")
                              os.environ.get("LAMBDALAKE_SPARK_SHUFFLE_PARTITIONS", "16"))
     # the heap of a local run (executors live in the driver JVM): Spark's 1g default spills the dedup shuffle of
     # a few million events to disk. Only applies when this call starts the JVM (spark-submit sets its own).
-    builder = builder.config("spark.driver.memory", os.environ.get("LAMBDALAKE_SPARK_DRIVER_MEMORY", "2g"))
+    builder = builder.config("spark.driver.memory", os.environ.get("LAMBDALAKE_SPARK_DRIVER_MEMORY", "4g"))
     if master and master.startswith("local-cluster"):
         # executors are separate JVMs started from pyspark's own jars
         import pyspark
@@ -329,6 +332,15 @@ def deduplicated_events(spark, layout: Layout, source: Source, inputs: Inputs, c
     with the master files. ``since`` (an incremental run): only offsets ``>= since[p]`` (0 for a partition not
     listed) are read — the files reaching beyond it, cut there — so the first occurrence is among those rows only
     (the caller drops the ids counted before, :func:`_compute_source_incremental`)."""
+    return first_occurrences(valid_events(spark, layout, source, inputs, columns, revalidated, since), source,
+                             columns)
+
+
+def valid_events(spark, layout: Layout, source: Source, inputs: Inputs, columns: list[str],
+                 revalidated: Path | None = None, since: dict[int, int] | None = None):
+    """The rows :func:`deduplicated_events` deduplicates: ``columns`` of the rows of ``source`` below the
+    watermark (from ``since`` on), of no forgotten subject, valid under the declared rules (duplicates
+    included)."""
     from pyspark.sql import functions as F
 
     lo = since or {}
@@ -352,7 +364,7 @@ def deduplicated_events(spark, layout: Layout, source: Source, inputs: Inputs, c
     valid = valid_rows(source)
     if valid is not None:  # before dedup: an invalid row neither counts nor shadows a later valid duplicate
         df = df.where(valid)
-    return first_occurrences(df.select(*columns), source, columns)
+    return df.select(*columns)
 
 
 def first_occurrences(df, source: Source, columns: list[str]):
@@ -784,12 +796,26 @@ def _compute(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, selected
     return done
 
 
+# A full run joins the rows with the first offsets of the ids seen more than once, broadcast, when there are at most
+# this many such ids (a few bytes each); beyond it, the dedup shuffles the rows (first_occurrences).
+BROADCAST_DUPLICATES_ENV = "LAMBDALAKE_BATCH_BROADCAST_DUPLICATES"
+DEFAULT_BROADCAST_DUPLICATES = 2_000_000
+
+
 def _compute_source(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, src: Source, src_views: list[View],
                     staging: Path, scratch: Path, done: _Computed) -> None:
+    """Steps 2-4 of a full run for one source. The dedup never shuffles the rows: one hash aggregate of the
+    narrow (partition, event id, offset) of the valid rows below W gives, per id, its first offset and how often
+    it occurs (cached: it is the event count, the id index and the duplicates at once); the rows are then joined
+    with the first offsets of the ids seen more than once (broadcast; few) and a row of such an id is kept only at
+    its first offset — the rule of :func:`first_occurrences`, which takes over when duplicates are too many to
+    broadcast (:data:`BROADCAST_DUPLICATES_ENV`). Each view then aggregates those rows with a map-side partial
+    aggregate: only its (small) groups are shuffled."""
     from pyspark import StorageLevel
+    from pyspark.sql import functions as F
 
-    # 2. read below W + validate + dedup (cached: every view of the source reads it); rejected messages valid
-    # under the declared rules join the master rows (batch.rejected)
+    # 2. read below W + validate + dedup; rejected messages valid under the declared rules join the master rows
+    # (batch.rejected)
     t0 = time.monotonic()
     extra = None
     if inputs.rejudged.get(src.name):
@@ -798,16 +824,31 @@ def _compute_source(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, s
                                                               skip=erased_subjects(layout, src.name))
         log.info("source %s: %d rejected messages valid under the declared rules", src.name,
                  done.revalidated[src.name])
-    ev = deduplicated_events(spark, layout, src, inputs, view_columns_needed(pipeline, src), extra)
-    ev = ev.persist(StorageLevel.MEMORY_AND_DISK)
+    columns = view_columns_needed(pipeline, src)
+    rows = valid_events(spark, layout, src, inputs, columns, extra)
+    key = [PARTITION_COL, src.event_id]  # never null in a valid row (a required, non-nullable field): an equi-join
+    ids = (rows.select(*key, OFFSET_COL).groupBy(*key)
+           .agg(F.min(OFFSET_COL).alias("_first"), F.count(F.lit(1)).alias("_n"))
+           .persist(StorageLevel.MEMORY_AND_DISK))
     try:
-        done.events[src.name] = n = ev.count()
-        log.info("source %s: %d deduplicated events below W in %.2fs", src.name, n, time.monotonic() - t0)
-        _write_index_segment(ev, src, staging, [], n, layout, done)
+        stats = ids.agg(F.count(F.lit(1)).alias("ids"), F.count(F.when(F.col("_n") > 1, 1)).alias("dup")).first()
+        done.events[src.name] = n = int(stats["ids"])
+        repeated = int(stats["dup"])
+        log.info("source %s: %d deduplicated events below W (%d ids repeated) in %.2fs", src.name, n, repeated,
+                 time.monotonic() - t0)
+        _write_index_segment(ids, src, staging, [], n, layout, done)
+        if not repeated:
+            ev = rows
+        elif repeated <= env_int(BROADCAST_DUPLICATES_ENV, DEFAULT_BROADCAST_DUPLICATES, minimum=0):
+            first = F.broadcast(ids.where(F.col("_n") > 1).select(*key, "_first"))
+            ev = (rows.join(first, key, "left")
+                  .where(F.col("_first").isNull() | (F.col(OFFSET_COL) == F.col("_first"))).select(*columns))
+        else:
+            ev = first_occurrences(rows, src, columns)
         for view in src_views:
             _write_view(pipeline, view_frame(ev, src, view), src, view, staging, n, done)
     finally:
-        ev.unpersist()
+        ids.unpersist()
 
 
 def _compute_source_incremental(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, src: Source,

@@ -7,9 +7,13 @@
 
    - with the Spark job (:func:`batch.job.run_batch`: snapshot + checksums, dedup, aggregate, write, validate,
      publish) on a warm session (``--steps`` logs its step timings), and
-   - with DuckDB SQL over the same files (same dedup rule, same watermark, each view written to Parquet),
+   - with DuckDB SQL over the same files (same dedup rule, same watermark, each view written to Parquet), and
+   - with a *plain Spark* job (:func:`spark_ceiling`), the ceiling of any Spark job for these views on the same
+     session: read the master Parquet (the needed columns), keep offsets below W, first occurrence per (partition,
+     event id), one group-by per view, write Parquet — no validation, checksums, id index, sort or manifest,
 
-   reporting wall times and the Spark/DuckDB ratio.
+   reporting wall times and the ratios of our job to DuckDB and to the plain-Spark ceiling. ``--workdir DIR
+   --keep-lakes`` builds each size's master once and reuses it in later runs.
 3. **Incremental** (``--incremental``): on the lake of each size, publish a full version, append 1 % new events
    (5 % of them late by up to 3 h, 2 % re-sent ids of archived events) as new master files, then time the
    incremental run (the published version + the appended files, :func:`batch.job.run_batch`) against a full
@@ -20,6 +24,7 @@ Results: one JSON file under ``bench/results/`` (git-ignored) and a table on std
 
     .venv/bin/python bench/bench_batch.py --sizes 1000000 --archiver-events 1000000
     .venv/bin/python bench/bench_batch.py --sizes 1000000 10000000 --skip-archiver --steps
+    .venv/bin/python bench/bench_batch.py --sizes 10000000 --skip-archiver --workdir /tmp/llb --keep-lakes
     .venv/bin/python bench/bench_batch.py --sizes 1000000 --skip-archiver --incremental
 """
 
@@ -265,21 +270,69 @@ def duckdb_views(home: Path, pipeline: Pipeline, block: int, out: Path) -> dict[
     return counts
 
 
-def bench_recompute(n: int, workdir: Path, spark, spark_master: str, block: int, repeat: int = 1) -> dict:
-    """Best of ``repeat`` runs of each engine over the same files (all runs are reported too)."""
+# --- 4. plain Spark: the ceiling of any Spark job for these views ------------------------------------------------
+def spark_ceiling(spark, home: Path, pipeline: Pipeline, block: int, out: Path) -> dict[str, int]:
+    """The least a Spark job must do for the pipeline's views over the master files, on ``spark``: read the
+    needed columns of the master Parquet, keep offsets below W, first occurrence per (partition, event id), one
+    group-by per view (the same aggregates as the job, sketches included), write Parquet. No validation,
+    checksums, id index, sort, staging or manifest. The dedup is the cheapest exact one found for Spark here (the
+    job's, :func:`batch.job._compute_source`): a hash aggregate of (partition, event id) -> first offset, count, then
+    the rows joined with the broadcast first offsets of the repeated ids — the rows themselves are never shuffled
+    (a ``min(struct)`` group-by of every row, the job's previous dedup, shuffles and sorts them all). Returns the
+    rows per view (read back from the files' footers, after the timed part)."""
+    from pyspark.sql import functions as F
+
+    from batch.job import _agg_expr, _spark_schema, view_columns_needed
+    from lambdalake.pipeline import WINDOW_START
+    from lambdalake.schema import OFFSET_COL, PARTITION_COL
+
+    layout = Layout(home)
+    for src in pipeline.sources:
+        views = pipeline.views_of(src)
+        if not views:
+            continue
+        cols = view_columns_needed(pipeline, src)
+        wm = {p: aligned_watermark(e, block) for p, e in archived_positions(layout, src.name).items()}
+        wm_map = F.create_map(*[x for p, w in sorted(wm.items()) for x in (F.lit(p), F.lit(w).cast("long"))])
+        df = (spark.read.schema(_spark_schema(src)).parquet(*[str(f.path) for f in layout.master_files(src.name)])
+              .where(F.col(OFFSET_COL) < wm_map[F.col(PARTITION_COL)]).select(*cols))
+        key = [PARTITION_COL, src.event_id]
+        first = (df.select(*key, OFFSET_COL).groupBy(*key)
+                 .agg(F.min(OFFSET_COL).alias("_first"), F.count(F.lit(1)).alias("_n"))
+                 .where(F.col("_n") > 1).select(*key, "_first"))
+        ev = (df.join(F.broadcast(first), key, "left")
+              .where(F.col("_first").isNull() | (F.col(OFFSET_COL) == F.col("_first"))))
+        for v in views:
+            et = F.unix_micros(F.col(src.event_time))
+            ws = F.timestamp_micros(et - F.pmod(et, F.lit(v.bucket_us).cast("long"))).alias(WINDOW_START)
+            (ev.groupBy(*v.keys, ws).agg(*[_agg_expr(a, src) for a in v.stored_aggregates])
+             .write.mode("overwrite").parquet(str(out / v.name)))
+    import pyarrow.parquet as pq
+
+    return {v.name: sum(pq.ParquetFile(f).metadata.num_rows for f in (out / v.name).glob("*.parquet"))
+            for v in pipeline.views}
+
+
+def bench_recompute(n: int, workdir: Path, spark, spark_master: str, block: int, repeat: int = 1,
+                    keep_lake: bool = False) -> dict:
+    """Best of ``repeat`` runs of each engine over the same files, interleaved (all runs are reported too).
+    ``keep_lake``: reuse the master of a previous run in ``workdir`` (and leave it there)."""
     from batch.job import run_batch
 
     pipeline = load_pipeline(PIPELINE)
     home = workdir / f"lake-{n}"
-    shutil.rmtree(home, ignore_errors=True)
+    built = home / ".bench-master-complete"
     t0 = time.monotonic()
-    write_master(home, pipeline, n)
+    if not (keep_lake and built.exists()):
+        shutil.rmtree(home, ignore_errors=True)
+        write_master(home, pipeline, n)
+        built.touch()
     gen_s = time.monotonic() - t0
     settings = load_settings(home=home, pipeline=PIPELINE).with_(handoff_block=block)
-    spark_runs, duck_runs = [], []
+    spark_runs, duck_runs, plain_runs = [], [], []
     for _ in range(max(1, repeat)):
         t0 = time.monotonic()
-        manifest = run_batch(settings, pipeline, spark=spark, keep=2)
+        manifest = run_batch(settings, pipeline, spark=spark, keep=2, full=True)
         spark_runs.append(round(time.monotonic() - t0, 3))
         out = workdir / f"duck-{n}"
         shutil.rmtree(out, ignore_errors=True)
@@ -287,15 +340,27 @@ def bench_recompute(n: int, workdir: Path, spark, spark_master: str, block: int,
         t0 = time.monotonic()
         duck_counts = duckdb_views(home, pipeline, block, out)
         duck_runs.append(round(time.monotonic() - t0, 3))
-    spark_s, duck_s = min(spark_runs), min(duck_runs)
-    if duck_counts != manifest.row_counts:
-        print(f"WARNING: row counts differ: spark {manifest.row_counts} duckdb {duck_counts}", file=sys.stderr)
+        shutil.rmtree(out, ignore_errors=True)
+        out = workdir / f"plain-spark-{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.monotonic()
+        plain_counts = spark_ceiling(spark, home, pipeline, block, out)
+        plain_runs.append(round(time.monotonic() - t0, 3))
+        shutil.rmtree(out, ignore_errors=True)
+    spark_s, duck_s, plain_s = min(spark_runs), min(duck_runs), min(plain_runs)
+    for name, counts in (("duckdb", duck_counts), ("plain spark", plain_counts)):
+        if counts != manifest.row_counts:
+            print(f"WARNING: row counts differ: spark {manifest.row_counts} {name} {counts}", file=sys.stderr)
     master_bytes = sum(f.stat().st_size for f in (home / "master").rglob("*.parquet"))
-    shutil.rmtree(home, ignore_errors=True)
+    if not keep_lake:
+        shutil.rmtree(home, ignore_errors=True)
     return {"events": n, "master_bytes": master_bytes, "generate_seconds": round(gen_s, 2),
-            "spark_seconds": spark_s, "duckdb_seconds": duck_s, "spark_runs": spark_runs, "duckdb_runs": duck_runs,
-            "spark_over_duckdb": round(spark_s / duck_s, 2), "row_counts": manifest.row_counts,
-            "row_counts_match": duck_counts == manifest.row_counts, "spark_master": spark_master,
+            "spark_seconds": spark_s, "duckdb_seconds": duck_s, "plain_spark_seconds": plain_s,
+            "spark_runs": spark_runs, "duckdb_runs": duck_runs, "plain_spark_runs": plain_runs,
+            "spark_over_duckdb": round(spark_s / duck_s, 2), "spark_over_plain_spark": round(spark_s / plain_s, 2),
+            "plain_spark_over_duckdb": round(plain_s / duck_s, 2), "row_counts": manifest.row_counts,
+            "row_counts_match": duck_counts == manifest.row_counts == plain_counts, "spark_master": spark_master,
+            "load_average": [round(x, 2) for x in os.getloadavg()],
             "means_declared": sum(isinstance(a, Mean) for v in pipeline.views for a in v.aggregates)}
 
 
@@ -308,6 +373,8 @@ def main() -> int:
     ap.add_argument("--block", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=2, help="runs per engine and size; the best is the figure")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch directory [a temp dir]")
+    ap.add_argument("--keep-lakes", action="store_true",
+                    help="with --workdir: build each size's master once, reuse it in later runs, leave it there")
     ap.add_argument("--steps", action="store_true", help="log the batch job's step timings (stderr)")
     ap.add_argument("--incremental", action="store_true", help="only the incremental bench (1%% appended) per size")
     args = ap.parse_args()
@@ -346,11 +413,14 @@ def main() -> int:
                               f"{r['incremental_over_full']:.1%} (equal: {r['versions_equal']})")
                 result["recompute"] = []
                 for n in ([] if args.incremental else args.sizes):
-                    r = bench_recompute(n, workdir, spark, args.spark_master, args.block, args.repeat)
+                    r = bench_recompute(n, workdir, spark, args.spark_master, args.block, args.repeat,
+                                        keep_lake=args.keep_lakes and args.workdir is not None)
                     result["recompute"].append(r)
                     print(f"recompute {n:>11,} events: spark {r['spark_seconds']:.1f}s, duckdb "
-                          f"{r['duckdb_seconds']:.1f}s, ratio {r['spark_over_duckdb']}x "
-                          f"(rows match: {r['row_counts_match']})")
+                          f"{r['duckdb_seconds']:.1f}s, plain spark {r['plain_spark_seconds']:.1f}s; ours/duckdb "
+                          f"{r['spark_over_duckdb']}x, ours/plain spark {r['spark_over_plain_spark']}x, plain "
+                          f"spark/duckdb {r['plain_spark_over_duckdb']}x (rows match: {r['row_counts_match']}, "
+                          f"load {r['load_average']})")
             finally:
                 spark.stop()
     finally:
