@@ -810,7 +810,7 @@ def _compute_source(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, s
     with the first offsets of the ids seen more than once (broadcast; few) and a row of such an id is kept only at
     its first offset — the rule of :func:`first_occurrences`, which takes over when duplicates are too many to
     broadcast (:data:`BROADCAST_DUPLICATES_ENV`). Each view then aggregates those rows with a map-side partial
-    aggregate: only its (small) groups are shuffled."""
+    aggregate (only its small groups are shuffled), the events cached for the next when the source has several."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -827,6 +827,7 @@ def _compute_source(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, s
     columns = view_columns_needed(pipeline, src)
     rows = valid_events(spark, layout, src, inputs, columns, extra)
     key = [PARTITION_COL, src.event_id]  # never null in a valid row (a required, non-nullable field): an equi-join
+    ev = None
     ids = (rows.select(*key, OFFSET_COL).groupBy(*key)
            .agg(F.min(OFFSET_COL).alias("_first"), F.count(F.lit(1)).alias("_n"))
            .persist(StorageLevel.MEMORY_AND_DISK))
@@ -845,9 +846,13 @@ def _compute_source(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, s
                   .where(F.col("_first").isNull() | (F.col(OFFSET_COL) == F.col("_first"))).select(*columns))
         else:
             ev = first_occurrences(rows, src, columns)
+        if len(src_views) > 1:  # the first view's scan caches the events the others read
+            ev = ev.persist(StorageLevel.MEMORY_AND_DISK)
         for view in src_views:
             _write_view(pipeline, view_frame(ev, src, view), src, view, staging, n, done)
     finally:
+        if ev is not None:
+            ev.unpersist()
         ids.unpersist()
 
 

@@ -93,8 +93,11 @@ def archived(settings, pipeline, run_cli):
 
 
 # --- tests ---------------------------------------------------------------------------------------------------------
-def test_batch_views_equal_oracle_below_aligned_watermark(archived, pipeline, spark):
+def test_batch_views_equal_oracle_below_aligned_watermark(archived, pipeline, spark, monkeypatch):
     settings = archived
+    # the dedup's fallback (the rows shuffled by id: more repeated ids than are broadcast); the broadcast join of
+    # the repeated ids' first offsets is what every other full run here takes, each checked against the oracle too
+    monkeypatch.setenv("LAMBDALAKE_BATCH_BROADCAST_DUPLICATES", "0")
     manifest = run_batch(settings, pipeline, spark=spark)
     layout = Layout(settings.home)
     assert batch_pointer(layout) == "v000001"
