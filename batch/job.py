@@ -229,11 +229,15 @@ def _input_file(layout: Layout, f: MasterFile, source: Source | None = None,
 def spark_session(master: str | None = None, app_name: str = "lambdalake-batch"):
     """A SparkSession for ``master`` (``local[*]``, ``local-cluster[2,1,1024]``, ``spark://...``, ``yarn`` ...).
 
-    Returns an existing active session if there is one (e.g. under ``spark-submit``).
+    Returns an existing active session if there is one. Under ``spark-submit`` (which starts this Python process
+    from its JVM and says so in ``PYSPARK_GATEWAY_PORT``) the master is spark-submit's ``--master``: setting one
+    here would silently override it (a job submitted to a cluster would run in the driver).
     """
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.appName(app_name)
+    if os.environ.get("PYSPARK_GATEWAY_PORT"):
+        master = None
     if master:
         builder = builder.master(master)
     for k, v in SESSION_CONF.items():
