@@ -379,28 +379,21 @@ def test_killed_cli_run_changes_nothing_served(archived, pipeline, spark, cli_en
 
 
 @pytest.mark.slow
-def test_local_cluster_run_via_cli(archived, pipeline, run_cli):
-    """The real CLI on a multi-executor Spark cluster (2 workers, separate executor JVMs)."""
-    settings = archived
-    res = run_cli("batch", "--spark-master", "local-cluster[2,1,1024]", timeout=600)
-    assert "published batch version v000001" in res.stdout
-    manifest = current_batch_manifest(Layout(settings.home))
-    assert manifest.spark_master == "local-cluster[2,1,1024]"
-    assert_version_equals_oracle(settings, pipeline, manifest)
-
-
-@pytest.mark.slow
-def test_spark_submit_entry_point(archived, pipeline, cli_env):
+def test_spark_submit_on_a_local_cluster(archived, pipeline, cli_env):
+    """`spark-submit batch/job.py` as a user (or the Airflow DAG) runs it, on a multi-executor Spark cluster
+    (2 workers, separate executor JVMs: everything the job ships to executors must pickle and import there)."""
     settings = archived
     spark_submit = str(Path(LAMBDALAKE).parent / "spark-submit")
     job = str(Path(__file__).resolve().parent.parent / "batch" / "job.py")
     env = {**cli_env, "PYSPARK_PYTHON": str(Path(LAMBDALAKE).parent / "python")}
-    res = subprocess.run([spark_submit, "--master", "local[2]", job, "--home", str(settings.home),
+    res = subprocess.run([spark_submit, "--master", "local-cluster[2,1,1024]", job, "--home", str(settings.home),
                           "--pipeline", settings.pipeline], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["version"] == "v000001"
-    assert_version_equals_oracle(settings, pipeline, current_batch_manifest(Layout(settings.home)))
+    manifest = current_batch_manifest(Layout(settings.home))
+    assert manifest.spark_master == "local-cluster[2,1,1024]"
+    assert_version_equals_oracle(settings, pipeline, manifest)
 
 
 def test_input_checksums_reused_only_for_files_unchanged_since_the_published_run(tmp_path):
