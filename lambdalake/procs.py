@@ -54,7 +54,7 @@ def run_workers(fn: Callable[..., T], calls: list[tuple]) -> list[T]:
     The workers are *spawned* (a fresh interpreter: nothing of this process's threads, Kafka clients or JVM is
     inherited) and get the command's logging. SIGTERM/SIGINT to this process (or to its whole process group) are a
     clean stop of every worker: ``fn`` must handle them while it runs (e.g. with
-    :func:`lambdalake.session.stop_on_signals`); before and after ``fn`` a worker only notes them, so a signal can
+    :func:`lambdalake.session.stop_on_signals`); before and after ``fn`` a worker ignores them, so a signal can
     never kill a worker half-way through sending its result. A stop is passed on to the workers again every
     second until they are all done, so one that was still starting up when the stop came gets it too.
     If a worker raises, the other workers are asked to stop and the first error is raised here; a worker that dies
@@ -130,17 +130,17 @@ def run_workers(fn: Callable[..., T], calls: list[tuple]) -> list[T]:
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-_STOP_NOTED = threading.Event()
 
 
 def _worker_main(fn: Callable[..., T], args: tuple, conn) -> None:
-    """A spawned worker: the command's logging and SIGUSR1 stack dump; SIGTERM/SIGINT only noted outside ``fn``
-    (which installs its own clean-stop handler); the result, or the exception, sent back once."""
+    """A spawned worker: the command's logging and SIGUSR1 stack dump; SIGTERM/SIGINT ignored outside ``fn``
+    (which installs its own clean-stop handler; the parent relays a stop until the worker is done); the result, or
+    the exception, sent back once."""
     from lambdalake.options import configure_logging
 
     for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda *_: _STOP_NOTED.set())
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a stop that came while starting is noted now
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came while starting: the relay repeats it
     configure_logging()
     try:
         out: tuple[bool, object] = (True, fn(*args))
