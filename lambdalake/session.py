@@ -24,6 +24,7 @@ checkpoints) and never read committed group offsets back. What they have in comm
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import threading
 import time
@@ -52,19 +53,35 @@ class BrokerUnreachable(BrokerError):
 
 @contextmanager
 def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
-    """While inside, SIGTERM and SIGINT call ``stop`` (which must be signal-safe, e.g. ``Event.set``); the previous
-    handlers come back on exit. Off the main thread (signals cannot be handled there) this does nothing."""
+    """While inside, SIGTERM and SIGINT call ``stop`` (e.g. ``Event.set``); the previous handlers come back on exit.
+    Off the main thread (signals cannot be handled there) this does nothing.
+
+    ``stop`` runs on a small helper thread, not in the signal handler: a Python handler runs in the main thread
+    between any two bytecodes, so calling ``Event.set`` there deadlocks when the main thread is itself inside
+    ``set``/``wait`` holding the event's lock, or when a second signal (a group stop plus a relayed one) lands
+    while the first handler is inside ``set``. The handler only puts the signal on a ``queue.SimpleQueue``, whose
+    ``put`` is documented reentrant."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    signals: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+
+    def relay() -> None:
+        while signals.get() is not None:
+            stop()
+
+    helper = threading.Thread(target=relay, name="lambdalake-stop-on-signal", daemon=True)
+    helper.start()
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     for s in previous:
-        signal.signal(s, lambda *_: stop())
+        signal.signal(s, lambda signum, _frame: signals.put(signum))
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        signals.put(None)
+        helper.join()
 
 
 class LogRecord(NamedTuple):

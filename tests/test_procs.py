@@ -117,3 +117,39 @@ def test_a_stop_of_the_group_at_any_moment_ends_every_worker_cleanly(tmp_path, s
     out = proc.stdout.read().decode()
     assert rc == 0, f"exit {rc} after a stop {delay:.2f}s in:\n{out[-3000:]}"
     assert "results [0, 1]" in out, out[-3000:]
+
+
+STORM = """
+import os, signal, sys, threading, time
+sys.path.insert(0, {repo!r})
+from lambdalake.session import stop_on_signals
+
+stop = threading.Event()
+with stop_on_signals(stop.set):
+    # the main thread works the event's lock (set/wait) while stops land in bursts, as a group stop and the
+    # parent's relay do: a handler that took the lock itself deadlocked on its own thread
+    def storm():
+        for _ in range(300):
+            for _ in range(3):
+                os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.001)
+    t = threading.Thread(target=storm)
+    t.start()
+    while t.is_alive():
+        stop.set()
+        stop.wait(0)
+        stop.clear()
+    t.join()
+time.sleep(0.2)
+print("signal handlers back:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+"""
+
+
+def test_stops_in_bursts_while_the_main_thread_holds_the_events_lock_never_deadlock(tmp_path):
+    """Regression (CI, session 7): a worker deadlocked when a second SIGTERM arrived while the first handler was
+    inside ``Event.set`` — the handler now only queues the signal; ``stop`` runs on a helper thread."""
+    script = tmp_path / "storm.py"
+    script.write_text(STORM.format(repo=str(REPO)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "signal handlers back: True" in out.stdout
