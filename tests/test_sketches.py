@@ -48,6 +48,7 @@ def test_any_split_unions_to_the_estimate_of_all_values(values, n_parts, seed):
     con = duckdb.connect()
     try:
         sketches.register(con)
+        sketches.register(con)  # idempotent
         got = con.execute("SELECT hll_count(?::BLOB[]), hll_count([hll_union(?::BLOB[])])", [blobs, blobs]).fetchone()
         assert got == (want, want)
         built = con.execute("SELECT hll_count([hll_sketch_varchar(?::VARCHAR[], 12), "
