@@ -76,6 +76,7 @@ class Layout:
     def __init__(self, home: Path, speed_worker: str = ""):
         self.home = Path(home)
         self.speed_worker = speed_worker
+        self._real_home: Path | None = None  # home with symlinks resolved, once (inside() runs per file)
 
     def for_speed_worker(self, worker: str) -> Layout:
         return Layout(self.home, worker)
@@ -95,7 +96,9 @@ class Layout:
 
         THE rule for readers: nothing placed in the lake (a symlinked master file, ``CURRENT``, version directory
         or snapshot file) may make them read outside it."""
-        home, real = self.home.resolve(), Path(path).resolve()
+        if self._real_home is None:
+            self._real_home = self.home.resolve()
+        home, real = self._real_home, Path(os.path.realpath(path))
         if real != home and home not in real.parents:
             raise InvariantViolation(f"{path} resolves to {real}, outside the lake {home}; refusing to read it "
                                      "(replace the symlink with the file itself)")
