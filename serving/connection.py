@@ -25,10 +25,12 @@ Build protocol (:func:`connect`):
    own private scratch directory (where step 5 builds its catalog; removed with the connection).
 2. Resolve ONE consistent (batch version, speed snapshot) pair (:func:`serving.published.resolve_pair`).
 3. Hand DuckDB the published files through pyarrow (so DuckDB itself never opens a lake file: an allow-list of
-   lake paths would also let ``COPY ... TO`` overwrite them). Batch views and ``master.<source>`` are lazy pyarrow
-   datasets scanned per query (opening costs the file listing and footers, not the rows: constant in view size);
-   the speed side is copied (small). ``materialize=True`` copies the batch side too (the connection then never
-   reads the files again and survives pruning of old versions; slower to open).
+   lake paths would also let ``COPY ... TO`` overwrite them — DuckDB's ``allowed_paths`` lets ``COPY ... TO <that
+   file> (USE_TMP_FILE false)`` and a writable ``ATTACH`` through). Batch views and ``master.<source>`` are lazy
+   pyarrow datasets scanned per query (opening costs the file listing and footers, not the rows: constant in view
+   size); the speed side is read into Arrow memory (small) and scanned from there, not copied into DuckDB (a copy
+   was most of a connect's time at 10M events). ``materialize=True`` copies both sides into DuckDB tables (the
+   connection then never reads the files again and survives pruning of old versions; slower to open).
 4. Paranoid checks: every file has the contract's columns, lies inside the lake (no symlink out,
    :meth:`Layout.inside`), batch row counts equal the manifest's, speed rows lie on block boundaries; any failure
    raises :class:`serving.exceptions.InconsistentPublishedState` (or ``InvariantViolation``).
@@ -499,7 +501,7 @@ def _install(con: duckdb.DuckDBPyConnection, binding: _Binding, pair: PublishedP
                        absent_columns(speed_tbl.schema, speed_view_columns(source, view)))
                       if stale else (frozenset(), frozenset()))
             sides[view.name] = (register("batch", view.name, dataset, keep=not materialize),
-                                register("speed", view.name, speed_tbl, keep=False), absent,
+                                register("speed", view.name, speed_tbl, keep=not materialize), absent,
                                 plan.pair.batch_row_count(view) if plan.pair.batch_row_count(view) is not None
                                 else dataset.count_rows())
         masters = {s.name: register("master", s.name, master_dataset(pipeline, s.name, layout))
@@ -522,12 +524,13 @@ def _install(con: duckdb.DuckDBPyConnection, binding: _Binding, pair: PublishedP
                 continue
             batch_reg, speed_reg, (batch_absent, speed_absent), batch_rows = sides[view.name]
             watermark = plan.pair.topic_watermark(source.topic)
+            kind = "TABLE" if materialize else "VIEW"
             batch_src = ident(batch_reg) if materialize else _guarded(batch_reg, texts[batch_reg])
-            con.execute(f"CREATE {'TABLE' if materialize else 'VIEW'} {batch} AS "
-                        f"{typed_select(batch_cols, batch_src, batch_absent)}")
-            con.execute(f"CREATE TABLE {speed} AS {typed_select(speed_cols, ident(speed_reg), speed_absent)}")
+            speed_src = ident(speed_reg) if materialize else _guarded(speed_reg, texts[speed_reg])
+            con.execute(f"CREATE {kind} {batch} AS {typed_select(batch_cols, batch_src, batch_absent)}")
+            con.execute(f"CREATE {kind} {speed} AS {typed_select(speed_cols, speed_src, speed_absent)}")
             if plan.pair.block:
-                _check_speed_blocks(con, speed, view, plan.pair)
+                _check_speed_blocks(con, ident(speed_reg), view, plan.pair)  # the Arrow rows: no cast, no guard
             gone = erased_subjects(layout, source.name) if source.key in view.keys else None
             for schema, sketched in (("main", False), ("sketches", True)):
                 if sketched and not any(a.merge == "union" for a in view.stored_aggregates):
@@ -536,7 +539,7 @@ def _install(con: duckdb.DuckDBPyConnection, binding: _Binding, pair: PublishedP
                 if gone:
                     merged = f"SELECT * FROM ({merged}) WHERE {not_erased_sql(ident(source.key), gone)}"  # forgotten
                 con.execute(f"CREATE VIEW {db}.{schema}.{ident(view.name)} AS {merged}")
-            view_rows.append(view_row(con, pipeline, plan, batch_rows, speed, batch_absent | speed_absent))
+            view_rows.append(view_row(con, pipeline, plan, batch_rows, ident(speed_reg), batch_absent | speed_absent))
         for source in pipeline.sources:
             reg = masters[source.name]
             gone = erased_subjects(layout, source.name)  # events archived after a forget request: hidden too

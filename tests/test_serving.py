@@ -690,10 +690,12 @@ def _answers(con, clickstream) -> dict[str, set[tuple]]:
 
 
 @pytest.mark.parametrize("statement", [
-    "UPDATE _lake.speed_pageviews_hourly SET views = views * 1000",
-    "DELETE FROM _lake.speed_pageviews_hourly",
-    "INSERT INTO _lake.speed_pageviews_hourly SELECT * FROM _lake.speed_pageviews_hourly",
-    "DROP TABLE _lake.speed_pageviews_hourly",
+    "UPDATE _lake.watermarks SET batch_watermark = 0",
+    "DELETE FROM _lake.watermarks",
+    "INSERT INTO _lake.views SELECT * FROM _lake.views",
+    "DROP TABLE _lake.watermarks",
+    "DROP VIEW _lake.speed_pageviews_hourly",
+    "CREATE OR REPLACE VIEW _lake.speed_pageviews_hourly AS SELECT * FROM _lake.speed_pageviews_hourly LIMIT 0",
     "DROP VIEW pageviews_hourly",
     "DROP VIEW _lake.batch_pageviews_hourly",
     "CREATE OR REPLACE VIEW pageviews_hourly AS SELECT 1 AS views",
@@ -712,13 +714,15 @@ def test_internal_relations_cannot_be_changed(safe_con, clickstream, statement):
     assert _answers(safe_con, clickstream) == before
 
 
-def test_a_replaced_registration_fails_the_query_instead_of_answering(safe_con, clickstream):
-    """The batch side is an Arrow registration (a temp view, the one part of the temp catalog that is ours): a user
-    who drops and replaces it gets an error, never an answer from their relation."""
+@pytest.mark.parametrize("side", ["batch", "speed"])
+def test_a_replaced_registration_fails_the_query_instead_of_answering(safe_con, clickstream, side):
+    """Both sides are Arrow registrations (temp views, the one part of the temp catalog that is ours): a user who
+    drops and replaces one gets an error, never an answer from their relation."""
     reg = safe_con.execute("SELECT view_name FROM duckdb_views() WHERE database_name = 'temp' "
-                           "AND view_name LIKE '%batch_pageviews_hourly'").fetchone()[0]
+                           f"AND view_name LIKE '%{side}_pageviews_hourly'").fetchone()[0]
+    safe_con.execute(f'CREATE TEMP TABLE copy AS SELECT * FROM "{reg}"')
     safe_con.execute(f'DROP VIEW "{reg}"')
-    safe_con.execute(f'CREATE TEMP VIEW "{reg}" AS SELECT * FROM _lake.speed_pageviews_hourly')
+    safe_con.execute(f'CREATE TEMP VIEW "{reg}" AS SELECT * FROM copy')
     with pytest.raises(duckdb.Error, match="dropped or replaced"):
         safe_con.execute("SELECT sum(views) FROM pageviews_hourly").fetchall()
 
@@ -740,7 +744,7 @@ def test_refresh_keeps_the_connection_read_only(home, serving_settings, clickstr
     refresh(con)
     assert con.execute("SELECT x FROM mine").fetchall() == [(1,)]  # the user's temp objects survive
     with pytest.raises(duckdb.Error, match="read-only mode"):
-        con.execute("UPDATE _lake.speed_pageviews_hourly SET views = 0")
+        con.execute("UPDATE _lake.watermarks SET batch_watermark = 0")
     assert query_view(con, clickstream.view("pageviews_hourly")) == \
         expected_view(clickstream, clickstream.view("pageviews_hourly"), events)
 

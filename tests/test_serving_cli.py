@@ -253,7 +253,8 @@ def test_sql_refuses_changes_with_one_line(sql_cli, events):
 
 
 @pytest.mark.parametrize("query, message", [
-    ("UPDATE _lake.speed_pageviews_hourly SET views = views * 1000", "read-only mode! (the lake's"),
+    ("UPDATE _lake.watermarks SET batch_watermark = 0", "read-only mode! (the lake's"),
+    ("DROP VIEW _lake.speed_pageviews_hourly", "read-only mode! (the lake's"),
     ("CREATE OR REPLACE VIEW pageviews_hourly AS SELECT 1", "read-only mode! (the lake's"),
     ("SET threads = 1000", "configuration has been locked"),
     ("SET memory_limit = '10TB'", "configuration has been locked"),
