@@ -6,7 +6,8 @@ with the views aggregated over offsets ``< W`` (W aligned to the handoff block),
 writes them (sorted by the view's keys then ``window_start``, small row groups: ``batch.job.write_for_lookups``);
 a speed snapshot with the partitions' remaining offsets aggregated per (partition, block). Then it times:
 
-- ``connect()``: the default, lazy connection (views over the files) and ``materialize=True`` (batch copied);
+- ``connect()``: the default, lazy connection (views over the files) and ``materialize=True`` (both sides copied),
+  against its floor (:func:`connect_floor`: open DuckDB, pyarrow datasets over the same files, speed files read);
 - ``one_key_30d``:  one url's hourly views over 30 days (point lookup, ``pageviews_hourly``)
 - ``one_user_30d``: one user's daily activity over 30 days (point lookup, ``user_activity_daily``)
 - ``top_n_day``:    top-10 urls of one day by views (``pageviews_hourly``)
@@ -17,7 +18,8 @@ each against (a) the serving connection, (b) the same answer computed from the r
 ``read_parquet`` in a plain DuckDB connection (the "no views" baseline) and (c) the same SQL over plain in-memory
 DuckDB tables holding the merged views' rows (the ceiling: what the query costs with no merge, no files, no Arrow);
 answers must agree. Also ``lambdalake sql`` wall time for a point lookup (process start to first byte of output,
-and to exit). Results: ``bench/results/serving-<utc time>.json``.
+and to exit), against its start-up floor (an interpreter importing DuckDB and pyarrow.dataset).
+Results: ``bench/results/serving-<utc time>.json``.
 
     .venv/bin/python bench/bench_serving.py --sizes 1000000            # quick
     .venv/bin/python bench/bench_serving.py --sizes 1000000,10000000   # both, ratios in one run
@@ -47,6 +49,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from lambdalake import sketches  # noqa: E402
 from lambdalake.config import load_settings  # noqa: E402
 from lambdalake.contracts import (  # noqa: E402
     MANIFEST_FORMAT,
@@ -125,6 +128,8 @@ def _publish_views(home: Path, pipeline, src, wm: dict[int, int], ends: dict[int
     layout = Layout(home)
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
+    sketches.register(con)  # approx_distinct columns hold HLL sketches, built as the batch job builds them
+    types = {f.name: f.type for f in src.fields}
     master = f"read_parquet('{layout.master_source(src.name)}/p=*/*.parquet')"
     case_w = "CASE _partition " + " ".join(f"WHEN {p} THEN {w}" for p, w in wm.items()) + " ELSE 0 END"
     version, snap = "v000001", "000000000001"
@@ -134,6 +139,10 @@ def _publish_views(home: Path, pipeline, src, wm: dict[int, int], ends: dict[int
         ws = f"make_timestamptz((epoch_us(event_time) // {view.bucket_us}) * {view.bucket_us}) AS window_start"
         aggs = []
         for a in view.stored_aggregates:
+            if a.kind == "approx_distinct":
+                aggs.append(f'{sketches.sketch_sql(f"list({chr(34)}{a.column}{chr(34)})", types[a.column], a.lg_k)} '
+                            f'AS "{a.name}"')
+                continue
             expr = "count(*)" if a.kind == "count" else f'{a.kind}("{a.column}")'
             aggs.append(f'CAST({expr} AS BIGINT) AS "{a.name}"')
         if view.source != src.name:  # purchases: nothing synthesized, the view stays empty on both sides
@@ -235,6 +244,58 @@ def cli_times(home: Path, sql: str, runs: int) -> dict:
             "runs": runs}
 
 
+def connect_floor(home: Path, runs: int) -> float:
+    """p50 ms of the least a lazy connection over this design does (the ceiling for ``connect()``): open an in-memory
+    DuckDB, open a pyarrow dataset over each view's batch files (footers: row counts) and over each source's master
+    files, read each speed file into memory, register all. No lock-down, checks or catalog."""
+    import pyarrow.dataset as ds
+
+    layout = Layout(home)
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        con = duckdb.connect(":memory:")
+        for vdir in sorted(layout.batch_version("v000001").iterdir()):
+            if vdir.is_dir() and (files := sorted(str(f) for f in vdir.glob("*.parquet"))):
+                dataset = ds.dataset(files, format="parquet")
+                dataset.count_rows()
+                con.register(f"b_{vdir.name}", dataset)
+        for f in sorted(layout.speed_snapshot("000000000001").glob("*.parquet")):
+            con.register(f"s_{f.stem}", pq.read_table(f))
+        for sdir in sorted(p for p in layout.master.iterdir() if p.is_dir() and not p.name.startswith("_")):
+            if files := sorted(str(f) for f in sdir.glob("p=*/*.parquet")):
+                con.register(f"m_{sdir.name}", ds.dataset(files, format="parquet"))
+        con.close()
+        ts.append((time.perf_counter() - t) * 1000)
+    return round(statistics.median(ts), 1)
+
+
+# What `lambdalake sql` cannot avoid importing (pandas refused, as serving.cli.main does): its start-up floor.
+IMPORT_FLOOR = """
+import sys
+class NoPandas:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, NoPandas())
+import duckdb, pyarrow.dataset
+print("x", flush=True)
+"""
+
+
+def start_floor(runs: int) -> dict:
+    """p50 ms of a bare interpreter start and of one that imports DuckDB and pyarrow.dataset (the CLI's floor)."""
+    out = {}
+    for name, code in (("python_ms_p50", "print('x', flush=True)"), ("import_duckdb_pyarrow_ms_p50", IMPORT_FLOOR)):
+        ts = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL)
+            ts.append((time.perf_counter() - t) * 1000)
+        out[name] = round(statistics.median(ts), 1)
+    return out
+
+
 def bench_size(n: int, reps: int, raw_reps: int, cli_runs: int, workdir: Path | None, keep: bool) -> dict:
     base = Path(tempfile.mkdtemp(prefix=f"bench-serving-{n}-", dir=workdir))
     home = base / "lake"
@@ -246,7 +307,7 @@ def bench_size(n: int, reps: int, raw_reps: int, cli_runs: int, workdir: Path | 
         settings = load_settings(home=home, pipeline="lambdalake.pipelines.clickstream")
 
         connect_ms, lazy_ms = [], []
-        for _ in range(5):
+        for _ in range(15):
             for materialize, sink in ((True, connect_ms), (False, lazy_ms)):
                 t = time.perf_counter()
                 c = connect(settings, materialize=materialize)
@@ -304,9 +365,11 @@ def bench_size(n: int, reps: int, raw_reps: int, cli_runs: int, workdir: Path | 
         ceiling.close()
         info["connect_ms_p50"] = round(statistics.median(connect_ms), 1)  # materialize=True (batch copied)
         info["connect_lazy_ms_p50"] = round(statistics.median(lazy_ms), 1)  # the default
+        info["connect_floor_ms_p50"] = connect_floor(home, 15)
         info["queries"] = results
         if cli_runs:
             info["cli_point_lookup"] = cli_times(home, queries(rng, urls, users)["one_key_30d"][0], cli_runs)
+            info["cli_start_floor"] = start_floor(cli_runs)
         return info
     finally:
         if not keep:
@@ -329,8 +392,9 @@ def main() -> None:
     for n in sizes:
         print(f"size {n:,}: synthesizing and timing ...", file=sys.stderr, flush=True)
         run["sizes"][str(n)] = r = bench_size(n, args.reps, args.raw_reps, args.cli_runs, args.workdir, args.keep)
-        print(f"size {n:,}: connect p50 {r['connect_lazy_ms_p50']} ms (materialized {r['connect_ms_p50']} ms); "
-              f"batch rows {r['batch_rows']}; lambdalake sql point lookup {r.get('cli_point_lookup')}")
+        print(f"size {n:,}: connect p50 {r['connect_lazy_ms_p50']} ms (materialized {r['connect_ms_p50']} ms; "
+              f"floor {r['connect_floor_ms_p50']} ms); batch rows {r['batch_rows']}; lambdalake sql point lookup "
+              f"{r.get('cli_point_lookup')} (start-up floor {r.get('cli_start_floor')})")
         for kind, q in r["queries"].items():
             print(f"  {kind:13s} merged p50 {q['merged_p50_ms']:8.2f} ms  p99 {q['merged_p99_ms']:8.2f} ms | "
                   f"raw p50 {q['raw_p50_ms']:9.2f} ms (x{q['ratio_p50']}) | ceiling p50 {q['ceiling_p50_ms']:7.2f} ms "
