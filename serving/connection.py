@@ -34,15 +34,14 @@ Build protocol (:func:`connect`):
 4. Paranoid checks: every file has the contract's columns, lies inside the lake (no symlink out,
    :meth:`Layout.inside`), batch row counts equal the manifest's, speed rows lie on block boundaries; any failure
    raises :class:`serving.exceptions.InconsistentPublishedState` (or ``InvariantViolation``).
-5. Build the whole catalog of the pair — speed tables, ``_lake.batch_<view>`` (views over the registered datasets,
-   each guarded so that a dropped or replaced registration fails the query instead of answering), the merged
-   views, ``master.*``, ``lambdalake.*`` — in a database file in the scratch directory, then re-attach that file
-   READ_ONLY and make it the default database (``USE lake_g<N>``). User SQL can therefore not UPDATE, DROP or
+5. Build the whole catalog of the pair — ``_lake.batch_<view>`` / ``_lake.speed_<view>`` (views over the registered
+   Arrow data, each guarded so that a dropped or replaced registration fails the query instead of answering), the
+   merged views, ``master.*``, ``lambdalake.*`` — in a database file in the scratch directory, then re-attach that
+   file READ_ONLY and make it the default database (``USE lake_g<N>``). User SQL can therefore not UPDATE, DROP or
    replace anything the lake serves: DuckDB refuses with ``Cannot execute statement of type "UPDATE" on database
    "lake_g1" which is attached in read-only mode!``. Temporary objects of the user's own (``CREATE TEMP TABLE``)
-   still work; they live in ``temp`` and, as in any DuckDB session, a temp object named like a view shadows it
-   for that session only. If a speed file vanished meanwhile (pruned after we read the pointer), start again
-   from 2.
+   still work; they live in ``temp`` and, as in any DuckDB session, a temp object named like a view shadows it for
+   that session only. If a speed file vanished meanwhile (pruned after we read the pointer), start again from 2.
 6. Every statement is bounded by the statement timeout (a watchdog thread interrupts a statement that runs
    longer; ``duckdb.InterruptException``; ``lambdalake sql`` prints one line and exits 124).
 
