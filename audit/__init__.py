@@ -5,6 +5,21 @@ interprets views with :mod:`batch.verify`'s DuckDB interpreter, never with the c
 See :mod:`audit.check`.
 """
 
-from audit.check import AuditReport, Difference, audit
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from audit.check import AuditReport, Difference, audit
 
 __all__ = ["audit", "AuditReport", "Difference"]
+
+
+def __getattr__(name: str):
+    """The public names, imported on first use: every ``lambdalake`` command imports this package to register
+    ``lambdalake audit``, and :mod:`audit.check` (DuckDB, pyarrow, Kafka) costs ~0.4 s to import."""
+    if name in __all__:
+        import audit.check
+
+        return getattr(audit.check, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
