@@ -1,5 +1,6 @@
 """Child processes: the one way lambdalake (demo, bench, tests) ends a process group it started (:func:`stop_group`),
-and how a command runs N workers of itself (:func:`run_workers`)."""
+how a command runs N workers of itself (:func:`run_workers`), and what a command's process skips at start
+(:func:`pyarrow_without_pandas`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import pickle
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -82,7 +84,8 @@ def run_workers(fn: Callable[..., T], calls: list[tuple]) -> list[T]:
         try:
             for i, args in enumerate(calls):
                 reader, writer = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_worker_main, args=(fn, args, writer), name=f"lambdalake-worker-{i}")
+                proc = ctx.Process(target=_worker_main, args=(fn, args, writer, pandas_refused()),
+                                   name=f"lambdalake-worker-{i}")
                 # started with SIGTERM/SIGINT blocked (the mask survives exec): a stop while the new interpreter
                 # starts stays pending until _worker_main has its handler, instead of killing the worker
                 mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -132,7 +135,7 @@ def run_workers(fn: Callable[..., T], calls: list[tuple]) -> list[T]:
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-def _worker_main(fn: Callable[..., T], args: tuple, conn) -> None:
+def _worker_main(fn: Callable[..., T], args: tuple, conn, without_pandas: bool = False) -> None:
     """A spawned worker: the command's logging and SIGUSR1 stack dump; SIGTERM/SIGINT ignored outside ``fn``
     (which installs its own clean-stop handler; the parent relays a stop until the worker is done); the result, or
     the exception, sent back once."""
@@ -142,6 +145,8 @@ def _worker_main(fn: Callable[..., T], args: tuple, conn) -> None:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came while starting: the relay repeats it
     configure_logging()
+    if without_pandas:  # as the command that started this worker
+        pyarrow_without_pandas()
     try:
         out: tuple[bool, object] = (True, fn(*args))
     except BaseException as exc:  # noqa: BLE001 - handed to the parent, which raises it
@@ -160,3 +165,40 @@ def _worker_main(fn: Callable[..., T], args: tuple, conn) -> None:
 
 class WorkerDied(LambdalakeError):
     """A worker process ended without a result (killed, out of memory)."""
+
+
+class _RefusePandas:
+    """Import hook: ``import pandas`` fails while it is on ``sys.meta_path`` (see :func:`pyarrow_without_pandas`)."""
+
+    def find_spec(self, name, path=None, target=None):  # noqa: ARG002 (importlib protocol)
+        if name == "pandas" or name.startswith("pandas."):
+            raise ModuleNotFoundError(f"No module named {name!r} (not needed by this lambdalake command)")
+        return None
+
+
+def pyarrow_without_pandas() -> None:
+    """Tell pyarrow, once per process, that there is no pandas: its pandas shim imports pandas (~0.5 s here) on the
+    first array-like check of any kind (``pa.array``, ``pa.concat_tables``, ``import pyarrow.dataset``, ...), and
+    remembers the outcome. The commands that call this never convert to pandas (the serving fast path, the log
+    readers and writers); pandas itself stays importable afterwards. Does nothing when pandas is already loaded."""
+    global _pandas_refused
+    if "pandas" in sys.modules:
+        return
+    hook = _RefusePandas()
+    sys.meta_path.insert(0, hook)
+    try:
+        import pyarrow as pa
+
+        pa.array([0])  # the probe: pyarrow records "no pandas" for this process
+        _pandas_refused = True
+    finally:
+        sys.meta_path.remove(hook)
+
+
+def pandas_refused() -> bool:
+    """Whether :func:`pyarrow_without_pandas` ran in this process (the workers :func:`run_workers` spawns do it
+    too)."""
+    return _pandas_refused
+
+
+_pandas_refused = False

@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from lambdalake.options import LakeHomeOpt, PipelineOpt, configure_logging, console, err_console, run_app
+from lambdalake.options import (
+    LakeHomeOpt,
+    PipelineOpt,
+    configure_logging,
+    console,
+    err_console,
+    run_app,
+)
+from lambdalake.procs import pyarrow_without_pandas
 from serving.exceptions import QueryError, QueryTimeout, ViewRebuilding
 
 if TYPE_CHECKING:  # imported lazily: every `lambdalake` command loads this module
@@ -230,30 +238,11 @@ def register(app: typer.Typer) -> None:
                       f"{pair.speed_snapshot or '-'}); open it with: duckdb -readonly {path}", highlight=False)
 
 
-class _WithoutPandas:
-    """Import hook for the one-shot commands: pyarrow's dataset module probes for pandas when it is imported
-    (~0.5-1.5 s here) although nothing on the serving path converts to pandas. While active, ``import pandas``
-    fails, so pyarrow records "no pandas" for this process. Never used when pandas is already imported."""
-
-    def find_spec(self, name, path=None, target=None):  # noqa: ARG002 (importlib protocol)
-        if name == "pandas" or name.startswith("pandas."):
-            raise ModuleNotFoundError(f"No module named {name!r} (not needed by `lambdalake sql`)")
-        return None
-
-
 def main(argv: list[str]) -> int:
     """``lambdalake sql|catalog ...`` started fast (the root CLI hands these commands here): only typer, rich,
     DuckDB, pyarrow and the core are imported; no Kafka, Spark, Airflow or audit module, and not pandas."""
     configure_logging()
-    hook = None
-    if "pandas" not in sys.modules:
-        hook = _WithoutPandas()
-        sys.meta_path.insert(0, hook)
-    try:
-        import pyarrow.dataset  # noqa: F401  (probes pandas once, now, while the hook refuses it)
-    finally:
-        if hook is not None:
-            sys.meta_path.remove(hook)
+    pyarrow_without_pandas()
     app = typer.Typer(name="lambdalake", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                       rich_markup_mode=None)
     register(app)

@@ -46,8 +46,13 @@ def test_workers_split_partitions_and_a_resplit_continues_exactly(settings, pipe
     ends = end_offsets(settings, topics(pipeline))
 
     # Two workers started together: partitions p%2==0 and p%2==1, one snapshot series each.
-    res = run_cli("speed", "--until-caught-up", "--workers", "2", "--checkpoint-interval", "0.05")
+    res = run_cli("speed", "--until-caught-up", "--workers", "2", "--checkpoint-interval", "0.05",
+                  env={"PYTHONPROFILEIMPORTTIME": "1"})  # every process's imports, on stderr
     assert "speed worker 0/2" in res.stdout and "speed worker 1/2" in res.stdout
+    imported = {ln.rsplit("|", 1)[1].strip() for ln in res.stderr.splitlines() if ln.startswith("import time:")}
+    assert "kafka" in imported and "pyarrow" in imported, "the import profile is read"
+    # (a refused `import pandas` is listed too, as plain "pandas" in a few µs: pyarrow's one probe per process)
+    assert not [m for m in imported if m.startswith("pandas.")], "no `lambdalake speed` process loads pandas"
     s = served_equals_oracle(settings, pipeline)
     assert s == {k: e for k, e in end_offsets(settings, topics(pipeline)).items()}
     assert holders(settings.home) == {k: f"{k[1] % 2}-of-2" for k in ends}
