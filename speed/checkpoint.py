@@ -241,8 +241,7 @@ class CheckpointStore:
         for chunk in cp.dedup_chunks:
             path = self.dir / chunk.checkpoint / "dedup.parquet"
             try:
-                with pq.ParquetFile(path) as f:  # not pq.read_table: it imports pyarrow.dataset (and pandas, ~0.5 s)
-                    t = f.read()
+                t = snapshots.read_parquet_file(path)
             except (OSError, pa.ArrowException) as exc:
                 raise CheckpointCorrupt(f"dedup chunk {path} of speed checkpoint {cp.id} is unreadable ({exc}); "
                                         f"remove {self.dir} to rebuild") from exc

@@ -86,7 +86,7 @@ def visible_snapshot(layout: Layout) -> str | None:
     return speed_pointer(layout)
 
 
-def _read(path: Path) -> pa.Table:
+def read_parquet_file(path: Path) -> pa.Table:
     """One parquet file (not ``pq.read_table``: it imports pyarrow.dataset, and with it pandas, ~0.5 s a start)."""
     with pq.ParquetFile(path) as f:
         return f.read()
@@ -97,7 +97,7 @@ def read_snapshot(layout: Layout, snap: str, views: Iterable[str]) -> tuple[Spee
     d = layout.speed_snapshot(snap)
     try:
         meta = read_speed_snapshot_meta(layout, snap)
-        tables = {name: _read(d / f"{name}.parquet") for name in views}
+        tables = {name: read_parquet_file(d / f"{name}.parquet") for name in views}
     except (OSError, InvariantViolation, pa.ArrowException) as exc:
         raise CheckpointCorrupt(f"speed snapshot {d} of the last checkpoint is unreadable ({exc}); remove "
                                 f"{layout.checkpoints('speed')} to rebuild the speed layer from Kafka") from exc
