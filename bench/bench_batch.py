@@ -18,7 +18,8 @@
    (5 % of them late by up to 3 h, 2 % re-sent ids of archived events) as new master files, then time the
    incremental run (the published version + the appended files, :func:`batch.job.run_batch`) against a full
    recompute (``full=True``) of the same data, both from the same published version; the two versions are checked
-   equal row by row.
+   equal row by row. Its floor in the same run: :func:`spark_incremental_floor`, the least an exact incremental
+   Spark run does (new rows, dedup, the id index, one merge group-by per view).
 
 Results: one JSON file under ``bench/results/`` (git-ignored) and a table on stdout. Example::
 
@@ -201,8 +202,9 @@ def bench_incremental(n: int, workdir: Path, spark, block: int, repeat: int = 1)
     base = run_batch(settings, pipeline, spark=spark, keep=2 * repeat + 3)
     base_s = time.monotonic() - t0
     appended = append_master(home, pipeline, n // 100)
-    inc_runs, full_runs = [], []
+    inc_runs, full_runs, floor_runs = [], [], []
     inc = full = base
+    floor_counts: dict[str, int] = {}
     for _ in range(max(1, repeat)):
         for runs, full_run in ((inc_runs, False), (full_runs, True)):
             write_pointer(layout.batch_pointer, BatchPointer(str(base.version)))  # both start from the base
@@ -213,7 +215,15 @@ def bench_incremental(n: int, workdir: Path, spark, block: int, repeat: int = 1)
                 full = m
             else:
                 inc = m
+        out = workdir / f"plain-spark-inc-{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.monotonic()
+        floor_counts = spark_incremental_floor(spark, home, pipeline, base, block, out)
+        floor_runs.append(round(time.monotonic() - t0, 3))
+        shutil.rmtree(out, ignore_errors=True)
     assert inc.mode == "incremental" and full.mode == "full", (inc.mode_reason, full.mode_reason)
+    if floor_counts != inc.row_counts:
+        print(f"WARNING: row counts differ: incremental {inc.row_counts} plain spark {floor_counts}", file=sys.stderr)
 
     def rows(m, view) -> pa.Table:
         t = pq.read_table(layout.batch_version(str(m.version)) / view.name)
@@ -224,11 +234,16 @@ def bench_incremental(n: int, workdir: Path, spark, block: int, repeat: int = 1)
     equal = inc.events == full.events and inc.row_counts == full.row_counts and all(
         rows(inc, v).equals(rows(full, v)) for v in pipeline.views)
     shutil.rmtree(home, ignore_errors=True)
-    inc_s, full_s = min(inc_runs), min(full_runs)
+    inc_s, full_s, floor_s = min(inc_runs), min(full_runs), min(floor_runs)
     return {"events": n, "appended": appended, "new_events_below_w": sum(inc.events.values()) - sum(
                 base.events.values()), "late_fraction": 0.05, "base_full_seconds": round(base_s, 3),
-            "incremental_seconds": inc_s, "full_seconds": full_s, "incremental_runs": inc_runs,
-            "full_runs": full_runs, "incremental_over_full": round(inc_s / full_s, 3), "versions_equal": equal}
+            "incremental_seconds": inc_s, "full_seconds": full_s, "plain_spark_incremental_seconds": floor_s,
+            "incremental_runs": inc_runs, "full_runs": full_runs, "plain_spark_incremental_runs": floor_runs,
+            "incremental_over_full": round(inc_s / full_s, 3),
+            "plain_spark_incremental_over_full": round(floor_s / full_s, 3),
+            "incremental_over_plain_spark": round(inc_s / floor_s, 2),
+            "versions_equal": equal, "plain_spark_row_counts_match": floor_counts == inc.row_counts,
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 # --- 3. DuckDB: the same views over the same files ----------------------------------------------------------------
@@ -311,6 +326,65 @@ def spark_ceiling(spark, home: Path, pipeline: Pipeline, block: int, out: Path) 
 
     return {v.name: sum(pq.ParquetFile(f).metadata.num_rows for f in (out / v.name).glob("*.parquet"))
             for v in pipeline.views}
+
+
+def spark_incremental_floor(spark, home: Path, pipeline: Pipeline, base, block: int, out: Path) -> dict[str, int]:
+    """The least an exact incremental Spark run must do on ``spark`` after the published version ``base`` (its
+    manifest): read the needed columns of the master rows archived since (offsets in ``[base W, W)``), first
+    occurrence per (partition, event id) among them, drop the ids ``base``'s event-id index holds (the index scanned
+    once, the new ids broadcast), write the new ids (the next run needs them), and per view merge ``base``'s rows
+    with the new events' rows in one group-by (the job's merge rules) and write Parquet. No validation, checksums,
+    sort, staging or manifest. Returns the rows per view (read back from the files' footers, after the timed
+    part)."""
+    from pyspark.sql import functions as F
+
+    from batch.job import IDS_DIR, _agg_expr, _index_schema, _merge_expr, _spark_schema, view_columns_needed
+    from lambdalake.pipeline import WINDOW_START
+    from lambdalake.schema import OFFSET_COL, PARTITION_COL
+
+    layout = Layout(home)
+    base_dir = layout.batch_version(str(base.version))
+    for src in pipeline.sources:
+        views = pipeline.views_of(src)
+        if not views:
+            continue
+        cols = view_columns_needed(pipeline, src)
+        since = base.watermark.of_topic(src.topic)
+        wm = {p: aligned_watermark(e, block) for p, e in archived_positions(layout, src.name).items()}
+        if all(w <= since.get(p, 0) for p, w in wm.items()):
+            continue  # nothing new below W: the base's views as they are
+
+        def bounds(m: dict[int, int]):
+            return F.create_map(*[x for p, w in sorted(m.items()) for x in (F.lit(p), F.lit(w).cast("long"))])
+
+        files = [str(f.path) for f in layout.master_files(src.name) if f.end > since.get(f.partition, 0)]
+        off = F.col(OFFSET_COL)
+        df = (spark.read.schema(_spark_schema(src)).parquet(*files)
+              .where((off < bounds(wm)[F.col(PARTITION_COL)])
+                     & (off >= F.coalesce(bounds(since)[F.col(PARTITION_COL)], F.lit(0).cast("long"))))
+              .select(*cols))
+        key = [PARTITION_COL, src.event_id]
+        rest = [OFFSET_COL, *[c for c in cols if c not in (*key, OFFSET_COL)]]
+        fresh = (df.groupBy(*key).agg(F.min(F.struct(*rest)).alias("_f"))
+                 .select(*key, *[F.col(f"_f.{c}").alias(c) for c in rest]).cache())
+        ids = spark.read.schema(_index_schema(src)).parquet(
+            *[str(base_dir / IDS_DIR / src.name / s) for s in base.id_index[src.name].segments])
+        seen = ids.join(F.broadcast(fresh.select(*key)), key, "left_semi")
+        new = fresh.join(F.broadcast(seen), key, "left_anti").cache()
+        new.select(*key).write.mode("overwrite").parquet(str(out / f"_ids-{src.name}"))
+        for v in views:
+            et = F.unix_micros(F.col(src.event_time))
+            ws = F.timestamp_micros(et - F.pmod(et, F.lit(v.bucket_us).cast("long"))).alias(WINDOW_START)
+            inc = new.groupBy(*v.keys, ws).agg(*[_agg_expr(a, src) for a in v.stored_aggregates])
+            old = spark.read.parquet(*[str(base_dir / v.name / f) for f in base.views[v.name].files])
+            (old.unionByName(inc).groupBy(*v.keys, WINDOW_START).agg(*[_merge_expr(a) for a in v.stored_aggregates])
+             .write.mode("overwrite").parquet(str(out / v.name)))
+        new.unpersist()
+        fresh.unpersist()
+    import pyarrow.parquet as pq
+
+    return {v.name: sum(pq.ParquetFile(f).metadata.num_rows for f in (out / v.name).glob("*.parquet"))
+            if (out / v.name).exists() else base.row_counts[v.name] for v in pipeline.views}
 
 
 def bench_recompute(n: int, workdir: Path, spark, spark_master: str, block: int, repeat: int = 1,
@@ -410,7 +484,9 @@ def main() -> int:
                         print(f"incremental {n:>11,} events + {r['appended']:,} ({r['new_events_below_w']:,} new "
                               f"deduplicated below W): incremental "
                               f"{r['incremental_seconds']:.1f}s, full {r['full_seconds']:.1f}s, ratio "
-                              f"{r['incremental_over_full']:.1%} (equal: {r['versions_equal']})")
+                              f"{r['incremental_over_full']:.1%} (equal: {r['versions_equal']}); plain-Spark "
+                              f"incremental {r['plain_spark_incremental_seconds']:.1f}s = "
+                              f"{r['plain_spark_incremental_over_full']:.1%} of full")
                 result["recompute"] = []
                 for n in ([] if args.incremental else args.sizes):
                     r = bench_recompute(n, workdir, spark, args.spark_master, args.block, args.repeat,

@@ -59,6 +59,10 @@ BENCHES = [
           quick=("--sizes", "200000", "--archiver-events", "50000"),
           full=("--sizes", "1000000", "10000000", "--archiver-events", "1000000"),
           timeout_quick=900, timeout_full=5400),
+    Bench("batch-incremental", "bench_batch.py", "bench_batch-",
+          quick=("--sizes", "1000000", "--skip-archiver", "--incremental", "--repeat", "1"),
+          full=("--sizes", "10000000", "--skip-archiver", "--incremental"),
+          timeout_quick=1800, timeout_full=3600),
     Bench("speed", "bench_speed.py", "speed-",
           quick=("--quick", "--rates", "5000,20000", "--sustained-duration", "20"),
           full=(),
@@ -233,6 +237,21 @@ def batch_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
         out.append(Figure("batch", f"recompute all views, {rc['events']:,} events (Spark job, {r.get('spark', '')})",
                           rc.get("spark_seconds"), "s", "DuckDB SQL over the same master files",
                           rc.get("duckdb_seconds"), note))
+        if rc.get("plain_spark_seconds"):
+            out.append(Figure("batch", f"recompute all views, {rc['events']:,} events (Spark job)",
+                              rc.get("spark_seconds"), "s", "plain-Spark ceiling (same session and files)",
+                              rc.get("plain_spark_seconds"),
+                              f"ceiling / DuckDB {rc.get('plain_spark_over_duckdb')}x"))
+    for inc in r.get("incremental", []):
+        note = "" if inc.get("versions_equal") else "INCREMENTAL AND FULL VERSIONS DIFFER"
+        what = f"{inc['events']:,} events + {inc['appended']:,} appended"
+        out.append(Figure("batch", f"incremental run, {what}", inc.get("incremental_seconds"), "s",
+                          "full recompute of the same data", inc.get("full_seconds"), note))
+        if inc.get("plain_spark_incremental_seconds"):
+            out.append(Figure("batch", f"plain-Spark incremental floor, {what}",
+                              inc.get("plain_spark_incremental_seconds"), "s", "full recompute of the same data",
+                              inc.get("full_seconds"),
+                              f"incremental / floor {inc.get('incremental_over_plain_spark')}x"))
     return out
 
 
@@ -303,7 +322,8 @@ def validation_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
 
 
 EXTRACT: dict[str, Callable[[dict, dict[str, dict]], list[Figure]]] = {
-    "batch": batch_figures, "speed": speed_figures, "serving": serving_figures, "validation": validation_figures}
+    "batch": batch_figures, "batch-incremental": batch_figures, "speed": speed_figures, "serving": serving_figures,
+    "validation": validation_figures}
 
 
 # --- report --------------------------------------------------------------------------------------------------------
