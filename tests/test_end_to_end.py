@@ -22,7 +22,7 @@ import pytest
 
 from lambdalake import connect
 from lambdalake.kafka import end_offsets, ensure_topics
-from lambdalake.layout import Layout, archived_positions
+from lambdalake.layout import Layout, archived_positions, read_batch_manifest
 from lambdalake.procs import kill_group, stop_group
 from lambdalake.produce import demo_messages, send
 from lambdalake.speedset import read_speed_set
@@ -135,6 +135,11 @@ def test_merged_views_equal_the_oracle_at_every_instant(settings, pipeline, cli_
         # a second batch after the stream, then wait for quiescence: speed caught up with the log
         batch2 = subprocess.run([LAMBDALAKE, "batch"], env=env, capture_output=True, text=True, timeout=300)
         assert batch2.returncode == 0, batch2.stderr + batch2.stdout
+        # the hourly path: the published version merged with the events archived since (its rows are checked
+        # against the oracle with everything else below)
+        first_v, second_v = (read_batch_manifest(layout, v) for v in sorted(layout.batch_versions())[-2:])
+        assert (first_v.mode, second_v.mode, second_v.based_on) == ("full", "incremental", first_v.version), \
+            second_v.mode_reason
         ends = end_offsets(settings, topics)
         deadline = time.monotonic() + 90
         final = served_snapshot(settings, pipeline)
