@@ -303,9 +303,21 @@ def serving_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
                               "same answer from the raw master (DuckDB scan)", q.get("raw_p50_ms")))
             out.append(Figure("serving", f"{kind} p99, {n} (merged views)", q.get("merged_p99_ms"), "ms",
                               "raw master p99", q.get("raw_p99_ms")))
+            if q.get("ceiling_p50_ms") is not None:
+                out.append(Figure("serving", f"{kind} p50, {n} (merged views)", q.get("merged_p50_ms"), "ms",
+                                  "same SQL over an in-memory DuckDB table of the same rows (ceiling)",
+                                  q.get("ceiling_p50_ms")))
         if "connect_ms_p50" in s:
             out.append(Figure("serving", f"connect() p50, {n} (batch side materialized)", s["connect_ms_p50"],
                               "ms", "lazy connect (materialize=False)", s.get("connect_lazy_ms_p50")))
+        if s.get("connect_floor_ms_p50") is not None:
+            out.append(Figure("serving", f"connect() p50, {n}", s.get("connect_lazy_ms_p50"), "ms",
+                              "floor: open DuckDB, register datasets over the same files", s["connect_floor_ms_p50"]))
+        cli, start = s.get("cli_point_lookup") or {}, s.get("cli_start_floor") or {}
+        if cli.get("first_byte_ms_p50") is not None:
+            out.append(Figure("serving", f"`lambdalake sql` point lookup, first byte, {n}", cli["first_byte_ms_p50"],
+                              "ms", "floor: an interpreter importing DuckDB and pyarrow.dataset",
+                              start.get("import_duckdb_pyarrow_ms_p50")))
     return out
 
 
