@@ -286,6 +286,13 @@ def duckdb_views(home: Path, pipeline: Pipeline, block: int, out: Path) -> dict[
 
 
 # --- 4. plain Spark: the ceiling of any Spark job for these views ------------------------------------------------
+def _by_partition(positions: dict[int, int]):
+    """A Spark map column partition -> offset (a per-partition bound of ``_offset``)."""
+    from pyspark.sql import functions as F
+
+    return F.create_map(*[x for p, w in sorted(positions.items()) for x in (F.lit(p), F.lit(w).cast("long"))])
+
+
 def spark_ceiling(spark, home: Path, pipeline: Pipeline, block: int, out: Path) -> dict[str, int]:
     """The least a Spark job must do for the pipeline's views over the master files, on ``spark``: read the
     needed columns of the master Parquet, keep offsets below W, first occurrence per (partition, event id), one
@@ -297,8 +304,7 @@ def spark_ceiling(spark, home: Path, pipeline: Pipeline, block: int, out: Path) 
     rows per view (read back from the files' footers, after the timed part)."""
     from pyspark.sql import functions as F
 
-    from batch.job import _agg_expr, _spark_schema, view_columns_needed
-    from lambdalake.pipeline import WINDOW_START
+    from batch.job import _spark_schema, view_columns_needed, view_frame
     from lambdalake.schema import OFFSET_COL, PARTITION_COL
 
     layout = Layout(home)
@@ -308,20 +314,16 @@ def spark_ceiling(spark, home: Path, pipeline: Pipeline, block: int, out: Path) 
             continue
         cols = view_columns_needed(pipeline, src)
         wm = {p: aligned_watermark(e, block) for p, e in archived_positions(layout, src.name).items()}
-        wm_map = F.create_map(*[x for p, w in sorted(wm.items()) for x in (F.lit(p), F.lit(w).cast("long"))])
         df = (spark.read.schema(_spark_schema(src)).parquet(*[str(f.path) for f in layout.master_files(src.name)])
-              .where(F.col(OFFSET_COL) < wm_map[F.col(PARTITION_COL)]).select(*cols))
+              .where(F.col(OFFSET_COL) < _by_partition(wm)[F.col(PARTITION_COL)]).select(*cols))
         key = [PARTITION_COL, src.event_id]
         first = (df.select(*key, OFFSET_COL).groupBy(*key)
                  .agg(F.min(OFFSET_COL).alias("_first"), F.count(F.lit(1)).alias("_n"))
                  .where(F.col("_n") > 1).select(*key, "_first"))
         ev = (df.join(F.broadcast(first), key, "left")
               .where(F.col("_first").isNull() | (F.col(OFFSET_COL) == F.col("_first"))))
-        for v in views:
-            et = F.unix_micros(F.col(src.event_time))
-            ws = F.timestamp_micros(et - F.pmod(et, F.lit(v.bucket_us).cast("long"))).alias(WINDOW_START)
-            (ev.groupBy(*v.keys, ws).agg(*[_agg_expr(a, src) for a in v.stored_aggregates])
-             .write.mode("overwrite").parquet(str(out / v.name)))
+        for v in views:  # the job's aggregation (batch.job.view_frame), without its sort
+            view_frame(ev, src, v).write.mode("overwrite").parquet(str(out / v.name))
     import pyarrow.parquet as pq
 
     return {v.name: sum(pq.ParquetFile(f).metadata.num_rows for f in (out / v.name).glob("*.parquet"))
@@ -338,7 +340,15 @@ def spark_incremental_floor(spark, home: Path, pipeline: Pipeline, base, block: 
     part)."""
     from pyspark.sql import functions as F
 
-    from batch.job import IDS_DIR, _agg_expr, _index_schema, _merge_expr, _spark_schema, view_columns_needed
+    from batch.job import (
+        IDS_DIR,
+        _index_schema,
+        _merge_expr,
+        _spark_schema,
+        first_occurrences,
+        view_columns_needed,
+        view_frame,
+    )
     from lambdalake.pipeline import WINDOW_START
     from lambdalake.schema import OFFSET_COL, PARTITION_COL
 
@@ -353,29 +363,21 @@ def spark_incremental_floor(spark, home: Path, pipeline: Pipeline, base, block: 
         wm = {p: aligned_watermark(e, block) for p, e in archived_positions(layout, src.name).items()}
         if all(w <= since.get(p, 0) for p, w in wm.items()):
             continue  # nothing new below W: the base's views as they are
-
-        def bounds(m: dict[int, int]):
-            return F.create_map(*[x for p, w in sorted(m.items()) for x in (F.lit(p), F.lit(w).cast("long"))])
-
         files = [str(f.path) for f in layout.master_files(src.name) if f.end > since.get(f.partition, 0)]
-        off = F.col(OFFSET_COL)
+        off, part = F.col(OFFSET_COL), F.col(PARTITION_COL)
         df = (spark.read.schema(_spark_schema(src)).parquet(*files)
-              .where((off < bounds(wm)[F.col(PARTITION_COL)])
-                     & (off >= F.coalesce(bounds(since)[F.col(PARTITION_COL)], F.lit(0).cast("long"))))
+              .where((off < _by_partition(wm)[part])
+                     & (off >= F.coalesce(_by_partition(since)[part], F.lit(0).cast("long"))))
               .select(*cols))
         key = [PARTITION_COL, src.event_id]
-        rest = [OFFSET_COL, *[c for c in cols if c not in (*key, OFFSET_COL)]]
-        fresh = (df.groupBy(*key).agg(F.min(F.struct(*rest)).alias("_f"))
-                 .select(*key, *[F.col(f"_f.{c}").alias(c) for c in rest]).cache())
+        fresh = first_occurrences(df, src, cols).cache()  # the job's dedup rule among the new rows
         ids = spark.read.schema(_index_schema(src)).parquet(
             *[str(base_dir / IDS_DIR / src.name / s) for s in base.id_index[src.name].segments])
         seen = ids.join(F.broadcast(fresh.select(*key)), key, "left_semi")
         new = fresh.join(F.broadcast(seen), key, "left_anti").cache()
         new.select(*key).write.mode("overwrite").parquet(str(out / f"_ids-{src.name}"))
         for v in views:
-            et = F.unix_micros(F.col(src.event_time))
-            ws = F.timestamp_micros(et - F.pmod(et, F.lit(v.bucket_us).cast("long"))).alias(WINDOW_START)
-            inc = new.groupBy(*v.keys, ws).agg(*[_agg_expr(a, src) for a in v.stored_aggregates])
+            inc = view_frame(new, src, v)  # the job's aggregation and merge rules, without its sort
             old = spark.read.parquet(*[str(base_dir / v.name / f) for f in base.views[v.name].files])
             (old.unionByName(inc).groupBy(*v.keys, WINDOW_START).agg(*[_merge_expr(a) for a in v.stored_aggregates])
              .write.mode("overwrite").parquet(str(out / v.name)))
