@@ -5,6 +5,7 @@ while workers are still starting, running, or sending their results (no fakes: r
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lambdalake.exceptions import LambdalakeError
-from lambdalake.procs import WorkerDied, run_workers, stop_group
+from lambdalake.procs import STREAMING_GC_THRESHOLD, WorkerDied, run_workers, stop_group, streaming_gc
 from lambdalake.session import stop_on_signals
 
 REPO = Path(__file__).resolve().parent.parent
@@ -153,3 +154,18 @@ def test_stops_in_bursts_while_the_main_thread_holds_the_events_lock_never_deadl
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "signal handlers back: True" in out.stdout
+
+
+def test_streaming_gc_paces_the_collector_only_inside_and_restores_it_on_error():
+    before = gc.get_threshold()
+    assert before != STREAMING_GC_THRESHOLD
+    alive = [[i] for i in range(1000)]  # objects alive at entry are frozen (never traversed while inside)
+    with pytest.raises(RuntimeError, match="inside"), streaming_gc():
+        assert gc.get_threshold() == STREAMING_GC_THRESHOLD
+        assert gc.get_freeze_count() >= len(alive)
+        with streaming_gc():  # a second loop (another thread) inside the first: the outer one restores
+            pass
+        assert gc.get_threshold() == STREAMING_GC_THRESHOLD
+        raise RuntimeError("inside")
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
