@@ -48,6 +48,13 @@ from speed.exceptions import CheckpointCorrupt
 PARQUET_OPTIONS = dict(compression="lz4", write_statistics=True, row_group_size=256 * 1024)
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The columns a snapshot file dictionary-encodes: the strings (view keys, where values repeat). Encoding every
+    column took half of a snapshot's write time for no smaller file (numbers, sketches and window starts rarely
+    repeat within a block)."""
+    return [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+
+
 def snapshot_id(seq: int) -> str:
     """Snapshot (and checkpoint) ids are a zero-padded sequence, so names sort in commit order."""
     return f"{seq:012d}"
@@ -67,7 +74,8 @@ def write_snapshot(layout: Layout, snap: str, tables: dict[str, pa.Table], meta:
     staging.mkdir()
     try:
         for name, table in tables.items():
-            pq.write_table(table, staging / f"{name}.parquet", **PARQUET_OPTIONS)
+            pq.write_table(table, staging / f"{name}.parquet", use_dictionary=dictionary_columns(table.schema),
+                           **PARQUET_OPTIONS)
         meta.snapshot = snap
         (staging / "snapshot.json").write_bytes(contracts.encode(meta))
         atomic_publish_dir(staging, final)  # fsyncs every file, renames, fsyncs views/speed
