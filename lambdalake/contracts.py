@@ -29,7 +29,7 @@ from lambdalake.exceptions import InvariantViolation
 
 TP = tuple[str, int]
 MANIFEST_FORMAT = 2  # 1: lambdalake 0.1 (no published_at, legacy fingerprints); 2: definition fingerprints
-SNAPSHOT_FORMAT = 2  # 1: lambdalake 0.1 (no per-view fingerprints)
+SNAPSHOT_FORMAT = 3  # 1: lambdalake 0.1 (no per-view fingerprints); 2: one file per view
 
 
 class Positions(Mapping[TP, int]):
@@ -228,6 +228,13 @@ class SpeedView(msgspec.Struct):
     # While rebuilding: the positions (of the view's topic) the kept old rows cover — they are exact for the old
     # definition over [pruned_to, positions), not up to the snapshot's own positions. None when current.
     positions: Positions | None = None
+    # The files holding the view's rows in the snapshot directory (format 3: ``<view>.parquet`` with the open
+    # blocks and part files of sealed blocks, see speed.snapshot); empty: ``<view>.parquet`` alone (format <= 2).
+    files: list[str] = msgspec.field(default_factory=list)
+
+    def file_names(self, view: str) -> list[str]:
+        """The files holding the rows of ``view`` (this entry's name) in its snapshot directory."""
+        return list(self.files) if self.files else [f"{view}.parquet"]
 
 
 class SpeedSnapshotMeta(msgspec.Struct, kw_only=True):

@@ -114,19 +114,31 @@ class PublishedPair:
         if self.speed_snapshot is None:
             return []
         if self.speed is None or self.speed.single:
-            worker = "" if self.speed is None else self.speed.parts[0].worker
-            snap = self.speed_snapshot if self.speed is None else self.speed.parts[0].snapshot
-            found = [(self._speed_file(worker, snap, view), None)]
+            part = None if self.speed is None else self.speed.parts[0]
+            found = [(f, None) for f in self._speed_files(part.worker if part else "",
+                                                          part.snapshot if part else self.speed_snapshot,
+                                                          part.meta if part else self.snapshot, view)]
         else:
-            found = [(self._speed_file(part.worker, part.snapshot, view), parts)
-                     for part, parts in self.speed.parts_of(view.name, topic)]
-        return [(f, parts) for f, parts in found if f is not None]
+            found = [(f, parts) for part, parts in self.speed.parts_of(view.name, topic)
+                     for f in self._speed_files(part.worker, part.snapshot, part.meta, view)]
+        return found
 
-    def _speed_file(self, worker: str, snap: str, view: View) -> Path | None:
-        f = self.layout.for_speed_worker(worker).speed_snapshot(snap) / f"{view.name}.parquet"
-        if f.is_symlink() or f.is_file():
-            self.layout.inside(f)
-        return f if f.is_file() else None
+    def _speed_files(self, worker: str, snap: str, meta: SpeedSnapshotMeta | None, view: View) -> list[Path]:
+        """The files of ``view`` in one snapshot (:func:`speed.snapshot.view_file_names`'s rule: the listed ones,
+        or ``<view>.parquet``); a listed file that is missing raises FileNotFoundError (resolve again)."""
+        d = self.layout.for_speed_worker(worker).speed_snapshot(snap)
+        sv = None if meta is None else meta.views.get(view.name)
+        listed = sv is not None and bool(sv.files)
+        out = []
+        for name in ([f"{view.name}.parquet"] if sv is None else sv.file_names(view.name)):
+            f = d / name
+            if f.is_symlink() or f.is_file():
+                self.layout.inside(f)
+            if f.is_file():
+                out.append(f)
+            elif listed:
+                raise FileNotFoundError(f"speed snapshot {d} lists {name} but does not hold it")
+        return out
 
     def speed_dir(self) -> Path | None:
         """Where the speed snapshot lives (for messages): its directory, or the workers' parent directory."""
@@ -236,7 +248,8 @@ def stale_pair(home: Path, view: View, topic: str) -> tuple[PublishedPair, str] 
     for snap_id, meta in snaps:
         sv = None if meta is None else meta.views.get(view.name)
         if meta is not None and (sv is None or not sv.fingerprint or
-                                 (sv.rows and not (layout.speed_snapshot(snap_id) / f"{view.name}.parquet").is_file())):
+                                 (sv.rows and not all((layout.speed_snapshot(snap_id) / f).is_file()
+                                                      for f in sv.file_names(view.name)))):
             continue
         for version, manifest in versions:
             if manifest is not None and (manifest.format < 2 or not manifest.has_view(view.name)):

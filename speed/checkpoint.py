@@ -131,7 +131,7 @@ class Capture:
     """
 
     checkpoint: Checkpoint
-    tables: dict[str, pa.Table]
+    tables: dict[str, snapshots.ViewFiles]
     snapshot_meta: SpeedSnapshotMeta
     dedup_rows: dict[TP, list[tuple[int, str]]]
     full_dedup: bool

@@ -494,7 +494,7 @@ class SpeedLayer:
         """Step 1: the snapshot's tables (immutable Arrow), positions, counters, fingerprints, dedup rows."""
         now = time.time()
         cid = snapshots.snapshot_id(self._seq)
-        tables, views = self._view_tables()
+        tables, views = self._view_files(cid)
         counters = {t: dict(c) for t, c in self.counters.items()}
         cp = Checkpoint(checkpoint=cid, snapshot=cid, pipeline=self.pipeline.name, positions=Positions(self.positions),
                         pruned_to=Positions(self.pruned_to), counters=counters, dedup_span=self.options.dedup_span,
@@ -504,7 +504,7 @@ class SpeedLayer:
         meta = SpeedSnapshotMeta(pipeline=self.pipeline.name, positions=cp.positions, pruned_to=cp.pruned_to,
                                  block=self.block, created_at=utc_now_iso(), created_at_unix=now,
                                  batch_version=self.batch.version, counters=counters,
-                                 rows={name: t.num_rows for name, t in tables.items()}, views=views,
+                                 rows={name: vf.rows for name, vf in tables.items()}, views=views,
                                  format=SNAPSHOT_FORMAT, worker=self.worker, epochs=cp.epochs)
         full = self._full_dedup or self.store.needs_full_dedup(self.last, cp.positions, cp.dedup_span)
         delta, self.new_ids = self.new_ids, {k: [] for k in self.new_ids}
@@ -514,20 +514,22 @@ class SpeedLayer:
         self._dirty = False
         return Capture(cp, tables, meta, dedup_rows, full, self.last)
 
-    def _view_tables(self) -> tuple[dict[str, pa.Table], dict[str, SpeedView]]:
-        """Every view's rows and the definition that made them."""
-        tables: dict[str, pa.Table] = {}
+    def _view_files(self, snap: str) -> tuple[dict[str, snapshots.ViewFiles], dict[str, SpeedView]]:
+        """Every view's files in snapshot ``snap`` (what changed since the last committed one, see
+        :mod:`speed.snapshot`) and the definition that made its rows."""
+        previous = None if self.last is None else self.last.snapshot
+        tables: dict[str, snapshots.ViewFiles] = {}
         for st in self.states.values():
-            tables.update(st.view_tables())
+            tables.update(st.view_files(snap, previous))
         views: dict[str, SpeedView] = {}
         progress = None if self.rebuild is None else round(self.rebuild.progress(self.positions), 4)
         for name, fp in self.fingerprints.items():
             if name in tables:
-                views[name] = SpeedView(fp, rows=tables[name].num_rows)
+                views[name] = SpeedView(fp, rows=tables[name].rows)
                 continue
-            kept = self.frozen[name]  # being rebuilt: the old definition's rows, labelled as such
+            kept = self.frozen[name]  # being rebuilt: the old definition's rows, labelled as such, written whole
             if kept.table is not None:
-                tables[name] = kept.table
+                tables[name] = snapshots.ViewFiles(kept.table, rows=kept.table.num_rows)
             topic = self.pipeline.source_of(self.pipeline.view(name)).topic
             views[name] = SpeedView(kept.fingerprint, rows=0 if kept.table is None else kept.table.num_rows,
                                     target=fp, progress=progress,

@@ -8,7 +8,16 @@
                                             the progress; a new view has fingerprint "" and no rows file)
     views/speed/<snapshot>/<view>.parquet  _partition int32, _block_start int64, keys, window_start
                                             timestamp[us, UTC], stored aggregates (lambdalake.schema)
+    views/speed/<snapshot>/<view>.<id>.parquet  the same columns: sealed blocks written by snapshot <id> and
+                                            hard-linked into every later snapshot that still holds them
     views/speed/CURRENT                    lambdalake.contracts.SpeedPointer
+
+A view's rows are the union of the files its ``SpeedView.files`` lists (format 3; before, ``<view>.parquet``
+alone). A checkpoint writes only what changed (:class:`ViewFiles`): the rows of the open blocks as
+``<view>.parquet``, the blocks sealed since the previous snapshot as one new part file (merged with the newest
+earlier parts where they are not larger: a log-structured merge, so a file holds O(log n) parts and a row is
+rewritten O(log n) times), and links to the unchanged parts of the previous snapshot. So a commit costs what
+arrived since the last one, not the size of the speed state (it wrote every row each time before).
 
 A snapshot holds, for every view, the aggregates of the valid, deduplicated events at offsets ``[pruned_to[p],
 positions[p])`` of every partition, one row per ``(partition, block_start, keys..., window_start)``: a reader
@@ -23,9 +32,11 @@ snapshots stay readable for a while (:func:`retain`) so a query that opened one 
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -65,17 +76,76 @@ def seq_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def write_snapshot(layout: Layout, snap: str, tables: dict[str, pa.Table], meta: SpeedSnapshotMeta) -> Path:
-    """Write snapshot ``snap`` (not yet visible): staging dir, every ``<view>.parquet`` + ``snapshot.json``,
-    fsync, atomic rename to ``views/speed/<snap>``. Returns the final directory."""
+@dataclass(frozen=True)
+class ViewFiles:
+    """How one view's rows go into a snapshot: ``base`` (the open blocks' rows, or every row of a view kept whole)
+    as ``<view>.parquet``; the part files ``keep`` of snapshot ``previous`` linked unchanged; and one new part
+    file holding the parts ``merge`` of ``previous`` read again plus the rows ``new``."""
+
+    base: pa.Table
+    keep: tuple[str, ...] = ()
+    merge: tuple[str, ...] = ()
+    new: pa.Table | None = None
+    previous: str | None = None
+    rows: int = 0  # every row of the view in the snapshot
+
+
+def part_name(view: str, snap: str) -> str:
+    """The part file snapshot ``snap`` writes for ``view``."""
+    return f"{view}.{snap}.parquet"
+
+
+def view_file_names(view: str, meta: SpeedSnapshotMeta | None) -> list[str]:
+    """The files holding ``view``'s rows in a snapshot directory (format 3 lists them; before, one file)."""
+    sv = None if meta is None else meta.views.get(view)
+    return [f"{view}.parquet"] if sv is None else sv.file_names(view)
+
+
+def _write(table: pa.Table, path: Path) -> None:
+    pq.write_table(table, path, use_dictionary=dictionary_columns(table.schema), **PARQUET_OPTIONS)
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links: a copy, same bytes
+        shutil.copy2(src, dst)
+
+
+def write_view(layout: Layout, snap: str, name: str, staging: Path, vf: ViewFiles | pa.Table) -> list[str]:
+    """Write one view's files into the staging directory of snapshot ``snap``; returns their names."""
+    if isinstance(vf, pa.Table):
+        vf = ViewFiles(vf, rows=vf.num_rows)
+    names: list[str] = []
+    prev = None if vf.previous is None else layout.speed_snapshot(vf.previous)
+    for f in vf.keep:
+        _link(prev / f, staging / f)  # type: ignore[operator]
+        names.append(f)
+    if vf.merge or (vf.new is not None and vf.new.num_rows):
+        parts = [read_parquet_file(prev / f).cast(vf.base.schema) for f in vf.merge]  # type: ignore[operator]
+        if vf.new is not None:
+            parts.append(vf.new)
+        f = part_name(name, snap)
+        _write(pa.concat_tables(parts), staging / f)
+        names.append(f)
+    _write(vf.base, staging / f"{name}.parquet")
+    names.append(f"{name}.parquet")
+    return names
+
+
+def write_snapshot(layout: Layout, snap: str, tables: dict[str, ViewFiles | pa.Table],
+                   meta: SpeedSnapshotMeta) -> Path:
+    """Write snapshot ``snap`` (not yet visible): staging dir, every view's files (:func:`write_view`) +
+    ``snapshot.json`` listing them, fsync, atomic rename to ``views/speed/<snap>``. Returns the final directory."""
     final = layout.speed_snapshot(snap)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = tmp_name(final)
     staging.mkdir()
     try:
-        for name, table in tables.items():
-            pq.write_table(table, staging / f"{name}.parquet", use_dictionary=dictionary_columns(table.schema),
-                           **PARQUET_OPTIONS)
+        for name, vf in tables.items():
+            names = write_view(layout, snap, name, staging, vf)
+            if name in meta.views:
+                meta.views[name].files = names
         meta.snapshot = snap
         (staging / "snapshot.json").write_bytes(contracts.encode(meta))
         atomic_publish_dir(staging, final)  # fsyncs every file, renames, fsyncs views/speed
@@ -105,11 +175,15 @@ def read_snapshot(layout: Layout, snap: str, views: Iterable[str]) -> tuple[Spee
     d = layout.speed_snapshot(snap)
     try:
         meta = read_speed_snapshot_meta(layout, snap)
-        tables = {name: read_parquet_file(d / f"{name}.parquet") for name in views}
+        tables = {name: _concat([read_parquet_file(d / f) for f in view_file_names(name, meta)]) for name in views}
     except (OSError, InvariantViolation, pa.ArrowException) as exc:
         raise CheckpointCorrupt(f"speed snapshot {d} of the last checkpoint is unreadable ({exc}); remove "
                                 f"{layout.checkpoints('speed')} to rebuild the speed layer from Kafka") from exc
     return meta, tables
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    return tables[0] if len(tables) == 1 else pa.concat_tables([t.cast(tables[-1].schema) for t in tables])
 
 
 def remove_staging(layout: Layout) -> None:

@@ -35,9 +35,12 @@ from lambdalake.exceptions import InvariantViolation
 from lambdalake.handoff import speed_block_prunable
 from lambdalake.pipeline import Pipeline, Predicate, Source, View, resolve_predicate
 from lambdalake.schema import BLOCK_COL, PARTITION_COL, TS_TYPE, arrow_schema, speed_view_columns
+from speed.snapshot import ViewFiles, part_name
 
 # Segments of one partition are concatenated into one table once there are this many (bounds per-snapshot work).
 MAX_SEGMENTS_PER_PARTITION = 32
+# Part files of one view in a snapshot (speed.snapshot): past this many, new rows merge with the newest anyway.
+MAX_PART_FILES = 16
 
 Rows = dict[tuple, list]
 Updater = Callable[[dict, list[Rows]], None]
@@ -159,6 +162,12 @@ class ViewState:
         self.n_aggs = len(view.stored_aggregates)
         self.sketch_aggs = [j for j, a in enumerate(view.stored_aggregates) if a.kind == "approx_distinct"]
         self.sealed: dict[int, list[Segment]] = {}
+        # What the last committed snapshot holds of the sealed blocks (speed.snapshot.ViewFiles): its part files
+        # (name, rows), newest last, and per partition the last block in them. ``rewrite``: the next snapshot
+        # writes every sealed row anew (nothing written yet, restored, or pruned: parts may hold dropped rows).
+        self.files: list[tuple[str, int]] = []
+        self.persisted: dict[int, int] = {}
+        self.rewrite = True
 
     # conversion --------------------------------------------------------------------------------------------------
     def rows_to_table(self, partition: int, block: int, rows: Rows) -> pa.Table:
@@ -225,7 +234,42 @@ class ViewState:
             else:
                 kept.append(s)
         self.sealed[partition] = kept
+        if dropped:
+            self.rewrite = True
         return dropped
+
+    def snapshot_files(self, snap: str, previous: str | None, base: pa.Table) -> ViewFiles:
+        """This view's files in snapshot ``snap`` (the one after ``previous``, whose parts :attr:`files` are), with
+        ``base`` the open blocks' rows; records them as committed (a failed commit ends the speed layer, whose
+        restart restores and rewrites). New sealed rows join the newest parts not larger than them (at most
+        :data:`MAX_PART_FILES` parts)."""
+        name = self.view.name
+        if self.rewrite or previous is None:
+            kept: list[tuple[str, int]] = []
+            new_parts = [s.table for segs in self.sealed.values() for s in segs]
+        else:
+            kept = list(self.files)
+            new_parts = []
+            for p, segs in self.sealed.items():
+                upto = self.persisted.get(p, -1)
+                for seg in segs:
+                    if seg.first_block > upto:
+                        new_parts.append(seg.table)
+                    elif seg.last_block > upto:  # merged segments: part of it is in the files already
+                        new_parts.append(seg.table.filter(pc.greater(seg.table.column(BLOCK_COL), upto)))
+        new = pa.concat_tables(new_parts) if new_parts else None
+        rows = 0 if new is None else new.num_rows
+        merge: list[tuple[str, int]] = []
+        if rows:
+            while kept and (kept[-1][1] <= rows or len(kept) >= MAX_PART_FILES):
+                merge.insert(0, kept.pop())
+                rows += merge[0][1]
+        self.files = kept + ([(part_name(name, snap), rows)] if rows else [])
+        self.persisted = {p: segs[-1].last_block for p, segs in self.sealed.items() if segs}
+        self.rewrite = False
+        return ViewFiles(base, keep=tuple(f for f, _ in kept), merge=tuple(f for f, _ in merge),
+                         new=new if new is not None and new.num_rows else None, previous=previous,
+                         rows=sum(n for _, n in self.files) + base.num_rows)
 
     def sealed_rows(self) -> int:
         return sum(s.table.num_rows for segs in self.sealed.values() for s in segs)
@@ -281,6 +325,7 @@ class SourceState:
         self.open_rows.clear()
         for vs in self.views:
             vs.sealed.clear()
+            vs.files, vs.persisted, vs.rewrite = [], {}, True
 
     def view_tables(self) -> dict[str, pa.Table]:
         """Every view's full state as one Arrow table (sealed segments + open blocks)."""
@@ -290,6 +335,16 @@ class SourceState:
             parts += [vs.rows_to_table(p, bs, self.open_rows[p][i]) for p, bs in self.open_block.items()
                       if self.open_rows[p][i]]
             out[vs.view.name] = pa.concat_tables(parts) if parts else vs.schema.empty_table()
+        return out
+
+    def view_files(self, snap: str, previous: str | None) -> dict[str, ViewFiles]:
+        """Every view's files in snapshot ``snap`` (:meth:`ViewState.snapshot_files`)."""
+        out = {}
+        for i, vs in enumerate(self.views):
+            parts = [vs.rows_to_table(p, bs, self.open_rows[p][i]) for p, bs in self.open_block.items()
+                     if self.open_rows[p][i]]
+            base = pa.concat_tables(parts) if parts else vs.schema.empty_table()
+            out[vs.view.name] = vs.snapshot_files(snap, previous, base)
         return out
 
     def restore(self, tables: dict[str, pa.Table], next_offsets: dict[int, int]) -> None:

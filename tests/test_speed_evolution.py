@@ -86,8 +86,10 @@ def snapshot_rows(home: Path) -> dict[str, list[tuple]]:
     """Rows of every view file of the visible snapshot, sorted (for 'untouched' comparisons)."""
     layout = Layout(home)
     d = layout.speed_snapshot(speed_pointer(layout))
-    return {f.stem: sorted((tuple(r.values()) for r in pq.read_table(f).to_pylist()), key=repr)
-            for f in d.glob("*.parquet")}
+    rows: dict[str, list[tuple]] = {}
+    for f in d.glob("*.parquet"):  # <view>.parquet and the view's part files <view>.<snapshot>.parquet
+        rows.setdefault(f.name.split(".")[0], []).extend(tuple(r.values()) for r in pq.read_table(f).to_pylist())
+    return {name: sorted(r, key=repr) for name, r in rows.items()}
 
 
 def assert_current(home: Path, pipeline: Pipeline) -> None:
@@ -99,7 +101,7 @@ def assert_current(home: Path, pipeline: Pipeline) -> None:
         sv = meta.views[v.name]
         assert (sv.fingerprint, sv.target, sv.progress, sv.positions) == (pipeline.fingerprint(v), None, None, None), (
             v.name, sv)
-    files = {f.stem for f in layout.speed_snapshot(meta.snapshot).glob("*.parquet")}
+    files = {f.name.split(".")[0] for f in layout.speed_snapshot(meta.snapshot).glob("*.parquet")}
     assert files == {v.name for v in pipeline.views}
 
 
