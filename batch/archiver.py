@@ -65,7 +65,7 @@ from lambdalake.kafka import producer as make_producer
 from lambdalake.layout import Layout, archived_positions
 from lambdalake.ownership import PartitionLocks, Share
 from lambdalake.pipeline import Pipeline, Source
-from lambdalake.procs import streaming_gc
+from lambdalake.procs import streaming_runtime
 from lambdalake.session import LogRecord, LogSession, connect, stop_on_signals
 from lambdalake.validation import Validator
 
@@ -335,7 +335,7 @@ class Archiver:
         from batch.compact import recover_compactions
 
         t0 = time.monotonic()
-        with archiver_locks(self.layout) as self._locks, streaming_gc():
+        with archiver_locks(self.layout) as self._locks, streaming_runtime():
             recover_compactions(self.layout, self.pipeline)
             ensure_topics(self.settings, self.pipeline)
             session = LogSession(connect(self.settings, group_id=self.group_id, client="librdkafka"),

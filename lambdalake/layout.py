@@ -39,7 +39,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -304,14 +304,16 @@ def atomic_write_bytes(final: Path, data: bytes) -> None:
     fsync_dir(final.parent)
 
 
-def atomic_publish_dir(staging: Path, final: Path) -> None:
-    """Rename a fully written (and fsync'd) staging directory to its final name. ``final`` must not exist."""
+def atomic_publish_dir(staging: Path, final: Path, durable: Collection[str] = ()) -> None:
+    """Rename a fully written staging directory to its final name, every file fsync'd first but those named in
+    ``durable`` (hard links of files fsync'd when first written). ``final`` must not exist."""
     if final.exists():
         raise InvariantViolation(f"refusing to overwrite published directory {final}")
     for f in staging.rglob("*"):
-        if f.is_file():
+        if f.is_file() and f.name not in durable:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+    fsync_dir(staging)  # its entries (links included) before it becomes visible
     os.rename(staging, final)
     fsync_dir(final.parent)
 

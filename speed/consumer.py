@@ -43,7 +43,7 @@ from lambdalake.exceptions import LambdalakeError
 from lambdalake.layout import SPEED_COMPONENT, Layout
 from lambdalake.ownership import PartitionLocks, Share
 from lambdalake.pipeline import Pipeline, load_pipeline
-from lambdalake.procs import streaming_gc
+from lambdalake.procs import streaming_runtime
 from lambdalake.session import LogSession, connect, stop_on_signals
 from lambdalake.validation import Validator
 from speed import snapshot as snapshots
@@ -176,7 +176,7 @@ class SpeedLayer:
     def run(self, until_caught_up: bool = False) -> Stats:
         """Consume, checkpoint and publish until stopped; with ``until_caught_up`` stop at the end offsets seen at
         start-up. Always ends with a final checkpoint (unless killed)."""
-        with stop_on_signals(self._stop.set), streaming_gc():
+        with stop_on_signals(self._stop.set), streaming_runtime():
             self.store.lock()
             try:
                 self._session = self._connect()

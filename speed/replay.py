@@ -32,7 +32,7 @@ from lambdalake.exceptions import PipelineError
 from lambdalake.handoff import aligned_watermark
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import WINDOW_START, Pipeline, View
-from lambdalake.procs import streaming_gc
+from lambdalake.procs import streaming_runtime
 from lambdalake.schema import arrow_schema, view_columns
 from speed.exceptions import SpeedError
 from speed.rebuild import Rebuild
@@ -120,7 +120,7 @@ def replay(settings: Settings, pipeline: Pipeline, views: list[str] | None = Non
                               "lower LAMBDALAKE_HANDOFF_BLOCK for a new lake")
     fix_handoff_block(settings.home, block)
 
-    with streaming_gc():
+    with streaming_runtime():
         tables, events = compute(settings, pipeline, selected, watermark, notify)
     staging = new_staging_dir(layout)
     ok = False

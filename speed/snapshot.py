@@ -142,13 +142,16 @@ def write_snapshot(layout: Layout, snap: str, tables: dict[str, ViewFiles | pa.T
     staging = tmp_name(final)
     staging.mkdir()
     try:
+        linked: set[str] = set()
         for name, vf in tables.items():
             names = write_view(layout, snap, name, staging, vf)
             if name in meta.views:
                 meta.views[name].files = names
+            if isinstance(vf, ViewFiles):
+                linked.update(vf.keep)
         meta.snapshot = snap
         (staging / "snapshot.json").write_bytes(contracts.encode(meta))
-        atomic_publish_dir(staging, final)  # fsyncs every file, renames, fsyncs views/speed
+        atomic_publish_dir(staging, final, durable=linked)  # fsyncs the new files, renames, fsyncs views/speed
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from lambdalake.exceptions import LambdalakeError
-from lambdalake.procs import STREAMING_GC_THRESHOLD, WorkerDied, run_workers, stop_group, streaming_gc
+from lambdalake.procs import (
+    STREAMING_GC_THRESHOLD,
+    STREAMING_SWITCH_INTERVAL,
+    WorkerDied,
+    run_workers,
+    stop_group,
+    streaming_runtime,
+)
 from lambdalake.session import stop_on_signals
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,16 +163,17 @@ def test_stops_in_bursts_while_the_main_thread_holds_the_events_lock_never_deadl
     assert "signal handlers back: True" in out.stdout
 
 
-def test_streaming_gc_paces_the_collector_only_inside_and_restores_it_on_error():
-    before = gc.get_threshold()
-    assert before != STREAMING_GC_THRESHOLD
+def test_streaming_runtime_paces_collector_and_gil_only_inside_and_restores_them_on_error():
+    before = gc.get_threshold(), sys.getswitchinterval()
+    assert before[0] != STREAMING_GC_THRESHOLD and before[1] != STREAMING_SWITCH_INTERVAL
     alive = [[i] for i in range(1000)]  # objects alive at entry are frozen (never traversed while inside)
-    with pytest.raises(RuntimeError, match="inside"), streaming_gc():
+    with pytest.raises(RuntimeError, match="inside"), streaming_runtime():
         assert gc.get_threshold() == STREAMING_GC_THRESHOLD
+        assert sys.getswitchinterval() == STREAMING_SWITCH_INTERVAL
         assert gc.get_freeze_count() >= len(alive)
-        with streaming_gc():  # a second loop (another thread) inside the first: the outer one restores
+        with streaming_runtime():  # a second loop (another thread) inside the first: the outer one restores
             pass
         assert gc.get_threshold() == STREAMING_GC_THRESHOLD
         raise RuntimeError("inside")
-    assert gc.get_threshold() == before
+    assert (gc.get_threshold(), sys.getswitchinterval()) == before
     assert gc.get_freeze_count() == 0
