@@ -39,7 +39,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -104,6 +104,22 @@ class Layout:
                                      "(replace the symlink with the file itself)")
         return real
 
+    def inside_all(self, paths: Iterable[Path]) -> list[Path]:
+        """:meth:`inside` of many files, each directory resolved once: a file that is not a symlink resolves to
+        its directory's real path plus its name (an ``lstat`` instead of resolving every component again; a
+        connect listed ~300 master files twice, 60 ms)."""
+        dirs: dict[Path, Path] = {}
+        out = []
+        for path in paths:
+            if path.name in ("", ".", "..") or os.path.islink(path):
+                out.append(self.inside(path))
+                continue
+            real_dir = dirs.get(path.parent)
+            if real_dir is None:
+                real_dir = dirs[path.parent] = self.inside(path.parent)
+            out.append(real_dir / path.name)
+        return out
+
     # master dataset ---------------------------------------------------------------------------------------
     @property
     def master(self) -> Path:
@@ -147,8 +163,7 @@ class Layout:
         archived again, and the archiver removes such leftovers on start)."""
         ends = dict(contiguous_ranges(self.master_files(source)))
         files = [f for f in self.rejected_files_on_disk(source) if f.end <= ends.get(f.partition, -1)]
-        for f in files:
-            self.inside(f.path)
+        self.inside_all(f.path for f in files)
         return files
 
     def master_files(self, source: str) -> list[MasterFile]:
@@ -169,8 +184,7 @@ class Layout:
                 replaced |= {pdir / r["name"] for r in rec["replaced"]}
         files = [f for f in files if f.path not in replaced]
         list(contiguous_ranges(files))  # raises InvariantViolation on overlap or gap
-        for f in files:  # a symlink to a file outside the lake is never read as master data
-            self.inside(f.path)
+        self.inside_all(f.path for f in files)  # a symlink to a file outside the lake is never read as master data
         return files
 
     def master_log(self) -> Path:

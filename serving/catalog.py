@@ -149,8 +149,7 @@ def _build(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setting
     for source in pipeline.sources:
         cols = master_columns(source)
         files = layout.master_files(source.name)  # THE valid-file rule (an interrupted compaction counts once)
-        for m in files:
-            layout.inside(m.path)  # never a symlink out of the lake
+        layout.inside_all(m.path for m in files)  # never a symlink out of the lake
         sql = typed_select(cols, _parquet_list([m.path for m in files], union_by_name=True), presented=True) \
             if files else empty_select(cols, presented=True)
         con.execute(f"CREATE VIEW master.{ident(source.name)} AS {sql}")

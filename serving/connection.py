@@ -69,6 +69,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -434,8 +435,11 @@ def speed_table(pipeline: Pipeline, view: View, pair: PublishedPair, stale: bool
         return arrow_schema(cols, nullability=False).empty_table()
     tables = []
     for f, parts in files:  # several speed workers: each file gives the partitions its worker holds
-        table = pq.read_table(f, filters=None if parts is None else [("_partition", "in", sorted(parts))])
+        with pq.ParquetFile(f) as pf:  # (not pq.read_table: a dataset per file costs twice the read of a small one)
+            table = pf.read()
         _check_columns(table.schema, cols, f, f"speed view {view.name!r}", stale)
+        if parts is not None:
+            table = table.filter(pc.is_in(table.column("_partition"), value_set=pa.array(sorted(parts), pa.int32())))
         tables.append(table)
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
@@ -443,7 +447,7 @@ def speed_table(pipeline: Pipeline, view: View, pair: PublishedPair, stale: bool
 def master_dataset(pipeline: Pipeline, source_name: str, layout: Layout) -> ds.Dataset:
     """Lazy dataset over the master files of a source as listed now (immutable files; new ones need refresh)."""
     cols = master_columns(pipeline.source(source_name))
-    files = [str(layout.inside(m.path)) for m in layout.master_files(source_name)]  # THE valid-file rule
+    files = [str(f) for f in layout.inside_all(m.path for m in layout.master_files(source_name))]  # THE rule
     if not files:
         return ds.dataset(arrow_schema(cols, nullability=False).empty_table())
     return ds.dataset(files, format="parquet")
