@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -212,12 +213,26 @@ def speed_in_process(settings, pipe, interval: float) -> dict:
     from speed.consumer import SpeedLayer, SpeedOptions
 
     layer = SpeedLayer(settings, pipe, SpeedOptions(checkpoint_interval=interval))
+    commits: list[float] = []  # wall time of each commit in the writer thread (steps 2-8), while consuming goes on
+    commit = layer.store.commit
+
+    def timed(capture):
+        t = time.perf_counter()
+        try:
+            return commit(capture)
+        finally:
+            commits.append(time.perf_counter() - t)
+
+    layer.store.commit = timed
     rss0 = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     stats = layer.run(until_caught_up=True)
     dt = time.perf_counter() - t0
     return {"messages": stats.messages, "seconds": round(dt, 3), "per_second": round(stats.messages / dt),
             "checkpoints": stats.checkpoints, "last_checkpoint_ms": round(stats.last_checkpoint_seconds * 1000, 1),
+            "commit_ms": {"median": round(statistics.median(commits) * 1000, 1) if commits else None,
+                          "max": round(max(commits, default=0) * 1000, 1),
+                          "last (consumer idle)": round(commits[-1] * 1000, 1) if commits else None},
             "state_rows": layer.state_rows(),
             "rss_growth_mb": round((psutil.Process().memory_info().rss - rss0) / 2**20)}
 
