@@ -258,6 +258,12 @@ class SpeedSnapshotMeta(msgspec.Struct, kw_only=True):
     worker: str = ""
     epochs: Positions = msgspec.field(default_factory=Positions)
 
+    def files_of(self, view: str) -> list[str]:
+        """The files holding ``view``'s rows in this snapshot's directory (:meth:`SpeedView.file_names`;
+        ``<view>.parquet`` for a view without an entry)."""
+        sv = self.views.get(view)
+        return [f"{view}.parquet"] if sv is None else sv.file_names(view)
+
     def fingerprint_of(self, view: str) -> str | None:
         meta = self.views.get(view)
         return None if meta is None else meta.fingerprint

@@ -71,7 +71,6 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from lambdalake import sketches
 from lambdalake.config import Settings, load_settings, require_existing_lake
@@ -85,6 +84,7 @@ from lambdalake.schema import (
     PARTITION_COL,
     arrow_schema,
     master_columns,
+    read_parquet_file,
     speed_view_columns,
     view_columns,
 )
@@ -435,8 +435,7 @@ def speed_table(pipeline: Pipeline, view: View, pair: PublishedPair, stale: bool
         return arrow_schema(cols, nullability=False).empty_table()
     tables = []
     for f, parts in files:  # several speed workers: each file gives the partitions its worker holds
-        with pq.ParquetFile(f) as pf:  # (not pq.read_table: a dataset per file costs twice the read of a small one)
-            table = pf.read()
+        table = read_parquet_file(f)
         _check_columns(table.schema, cols, f, f"speed view {view.name!r}", stale)
         if parts is not None:
             table = table.filter(pc.is_in(table.column("_partition"), value_set=pa.array(sorted(parts), pa.int32())))

@@ -123,13 +123,13 @@ class PublishedPair:
         return found
 
     def _speed_files(self, worker: str, snap: str, meta: SpeedSnapshotMeta | None, view: View) -> list[Path]:
-        """The files of ``view`` in one snapshot (:func:`speed.snapshot.view_file_names`'s rule: the listed ones,
-        or ``<view>.parquet``); a listed file that is missing raises FileNotFoundError (resolve again)."""
+        """The files of ``view`` in one snapshot (:meth:`SpeedSnapshotMeta.files_of`); a file the snapshot lists
+        that is missing raises FileNotFoundError (resolve again)."""
         d = self.layout.for_speed_worker(worker).speed_snapshot(snap)
         sv = None if meta is None else meta.views.get(view.name)
         listed = sv is not None and bool(sv.files)
         out = []
-        for name in ([f"{view.name}.parquet"] if sv is None else sv.file_names(view.name)):
+        for name in ([f"{view.name}.parquet"] if meta is None else meta.files_of(view.name)):
             f = d / name
             if f.is_symlink() or f.is_file():
                 self.layout.inside(f)

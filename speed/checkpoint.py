@@ -45,6 +45,7 @@ from lambdalake.layout import (
 )
 from lambdalake.locks import PidLock
 from lambdalake.pipeline import Pipeline
+from lambdalake.schema import read_parquet_file
 from speed import snapshot as snapshots
 from speed.exceptions import CheckpointCorrupt, SpeedAlreadyRunning
 
@@ -241,7 +242,7 @@ class CheckpointStore:
         for chunk in cp.dedup_chunks:
             path = self.dir / chunk.checkpoint / "dedup.parquet"
             try:
-                t = snapshots.read_parquet_file(path)
+                t = read_parquet_file(path)
             except (OSError, pa.ArrowException) as exc:
                 raise CheckpointCorrupt(f"dedup chunk {path} of speed checkpoint {cp.id} is unreadable ({exc}); "
                                         f"remove {self.dir} to rebuild") from exc

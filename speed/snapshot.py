@@ -54,6 +54,7 @@ from lambdalake.layout import (
     tmp_name,
     write_pointer,
 )
+from lambdalake.schema import read_parquet_file
 from speed.exceptions import CheckpointCorrupt
 
 PARQUET_OPTIONS = dict(compression="lz4", write_statistics=True, row_group_size=256 * 1024)
@@ -95,12 +96,6 @@ def part_name(view: str, snap: str) -> str:
     return f"{view}.{snap}.parquet"
 
 
-def view_file_names(view: str, meta: SpeedSnapshotMeta | None) -> list[str]:
-    """The files holding ``view``'s rows in a snapshot directory (format 3 lists them; before, one file)."""
-    sv = None if meta is None else meta.views.get(view)
-    return [f"{view}.parquet"] if sv is None else sv.file_names(view)
-
-
 def _write(table: pa.Table, path: Path) -> None:
     pq.write_table(table, path, use_dictionary=dictionary_columns(table.schema), **PARQUET_OPTIONS)
 
@@ -121,7 +116,7 @@ def write_view(layout: Layout, snap: str, name: str, staging: Path, vf: ViewFile
     for f in vf.keep:
         _link(prev / f, staging / f)  # type: ignore[operator]
         names.append(f)
-    if vf.merge or (vf.new is not None and vf.new.num_rows):
+    if vf.merge or vf.new is not None:
         parts = [read_parquet_file(prev / f).cast(vf.base.schema) for f in vf.merge]  # type: ignore[operator]
         if vf.new is not None:
             parts.append(vf.new)
@@ -167,18 +162,12 @@ def visible_snapshot(layout: Layout) -> str | None:
     return speed_pointer(layout)
 
 
-def read_parquet_file(path: Path) -> pa.Table:
-    """One parquet file (not ``pq.read_table``: it imports pyarrow.dataset, and with it pandas, ~0.5 s a start)."""
-    with pq.ParquetFile(path) as f:
-        return f.read()
-
-
 def read_snapshot(layout: Layout, snap: str, views: Iterable[str]) -> tuple[SpeedSnapshotMeta, dict[str, pa.Table]]:
     """``snapshot.json`` and the tables of ``views`` of a published snapshot (for restoring a checkpoint)."""
     d = layout.speed_snapshot(snap)
     try:
         meta = read_speed_snapshot_meta(layout, snap)
-        tables = {name: _concat([read_parquet_file(d / f) for f in view_file_names(name, meta)]) for name in views}
+        tables = {name: _concat([read_parquet_file(d / f) for f in meta.files_of(name)]) for name in views}
     except (OSError, InvariantViolation, pa.ArrowException) as exc:
         raise CheckpointCorrupt(f"speed snapshot {d} of the last checkpoint is unreadable ({exc}); remove "
                                 f"{layout.checkpoints('speed')} to rebuild the speed layer from Kafka") from exc

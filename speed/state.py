@@ -258,6 +258,8 @@ class ViewState:
                     elif seg.last_block > upto:  # merged segments: part of it is in the files already
                         new_parts.append(seg.table.filter(pc.greater(seg.table.column(BLOCK_COL), upto)))
         new = pa.concat_tables(new_parts) if new_parts else None
+        if new is not None and not new.num_rows:
+            new = None
         rows = 0 if new is None else new.num_rows
         merge: list[tuple[str, int]] = []
         if rows:
@@ -268,7 +270,7 @@ class ViewState:
         self.persisted = {p: segs[-1].last_block for p, segs in self.sealed.items() if segs}
         self.rewrite = False
         return ViewFiles(base, keep=tuple(f for f, _ in kept), merge=tuple(f for f, _ in merge),
-                         new=new if new is not None and new.num_rows else None, previous=previous,
+                         new=new, previous=previous,
                          rows=sum(n for _, n in self.files) + base.num_rows)
 
     def sealed_rows(self) -> int:
@@ -327,22 +329,25 @@ class SourceState:
             vs.sealed.clear()
             vs.files, vs.persisted, vs.rewrite = [], {}, True
 
+    def _open_tables(self, i: int) -> list[pa.Table]:
+        """The open blocks' rows of view ``i``, one table per partition that has some."""
+        vs = self.views[i]
+        return [vs.rows_to_table(p, bs, self.open_rows[p][i]) for p, bs in self.open_block.items()
+                if self.open_rows[p][i]]
+
     def view_tables(self) -> dict[str, pa.Table]:
         """Every view's full state as one Arrow table (sealed segments + open blocks)."""
         out = {}
         for i, vs in enumerate(self.views):
-            parts = [s.table for segs in vs.sealed.values() for s in segs]
-            parts += [vs.rows_to_table(p, bs, self.open_rows[p][i]) for p, bs in self.open_block.items()
-                      if self.open_rows[p][i]]
+            parts = [s.table for segs in vs.sealed.values() for s in segs] + self._open_tables(i)
             out[vs.view.name] = pa.concat_tables(parts) if parts else vs.schema.empty_table()
         return out
 
     def view_files(self, snap: str, previous: str | None) -> dict[str, ViewFiles]:
-        """Every view's files in snapshot ``snap`` (:meth:`ViewState.snapshot_files`)."""
+        """Every view's files in snapshot ``snap`` (:meth:`ViewState.snapshot_files`; the open blocks as its base)."""
         out = {}
         for i, vs in enumerate(self.views):
-            parts = [vs.rows_to_table(p, bs, self.open_rows[p][i]) for p, bs in self.open_block.items()
-                     if self.open_rows[p][i]]
+            parts = self._open_tables(i)
             base = pa.concat_tables(parts) if parts else vs.schema.empty_table()
             out[vs.view.name] = vs.snapshot_files(snap, previous, base)
         return out
