@@ -4,7 +4,8 @@ master dataset (valid) or in the dead-letter topic (invalid).
 Positions come from the master dataset itself: on start the archiver asks :func:`lambdalake.layout.archived_positions`
 where each partition's files end and seeks there. Kafka's committed group offsets are written after each file, for
 lag monitoring only, and never read. It reads the log with librdkafka (confluent-kafka) through the one log session
-of every reader (:mod:`lambdalake.session`); dead letters are written with a kafka-python producer.
+of every reader (:mod:`lambdalake.session`); dead letters are written with a librdkafka producer too
+(:func:`lambdalake.kafka.librdkafka_producer`).
 
 Per partition the archiver buffers consumed messages; the buffer covers the contiguous offsets ``[start, end)``
 (valid *and* invalid ones, so the files tile the offset space without gaps). A buffer is *rolled* into a file when
@@ -60,8 +61,7 @@ from batch.master import (
 from lambdalake.config import Settings, env_float, env_int
 from lambdalake.exceptions import BrokerError, ConfigError, InvariantViolation
 from lambdalake.kafka import consumer as make_consumer
-from lambdalake.kafka import ensure_topics
-from lambdalake.kafka import producer as make_producer
+from lambdalake.kafka import ensure_topics, librdkafka_producer
 from lambdalake.layout import Layout, archived_positions
 from lambdalake.ownership import PartitionLocks, Share
 from lambdalake.pipeline import Pipeline, Source
@@ -71,6 +71,7 @@ from lambdalake.validation import Validator
 
 log = logging.getLogger(__name__)
 
+FLUSH_TIMEOUT_S = 120.0  # a roll's dead letters must be acknowledged within this (and message.timeout.ms)
 DLQ_MAX_ORIGINAL_BYTES = 1024 * 1024  # original bytes kept in a DLQ record (base64 grows it by 4/3)
 DLQ_SCHEMA = 1
 
@@ -172,6 +173,7 @@ class DeadLetters:
         self.pipeline = pipeline
         self.high: dict[tuple[str, int], int] = {}  # (source topic, partition) -> highest offset dead-lettered
         self._producer = None
+        self._failed: list = []  # errors of the records of the current send that were not delivered
 
     def load_high_water(self, partitions: dict[str, list[int]], timeout: float = 30.0) -> None:
         """Read the last record of every DLQ partition; check DLQ partitions match the source partitions."""
@@ -215,31 +217,52 @@ class DeadLetters:
 
     @property
     def producer(self):
+        """The librdkafka producer of the dead letters (idempotent, acks=all; :func:`lambdalake.kafka.producer_config`),
+        opened on first use and again after :meth:`reset`."""
         if self._producer is None:
-            self._producer = make_producer(self.settings, client_id="lambdalake-archiver-dlq")
+            try:
+                self._producer = librdkafka_producer(self.settings, **{
+                    "client.id": "lambdalake-archiver-dlq", "linger.ms": 5,
+                    "delivery.report.only.error": True, "on_delivery": self._delivery_failed})
+            except BrokerError as exc:  # the broker is away: the roll is retried like any failed send
+                raise DeadLetterError(str(exc)) from exc
         return self._producer
+
+    def _delivery_failed(self, err: object, msg: object) -> None:  # noqa: ARG002 (librdkafka's callback)
+        self._failed.append(err)
 
     def send_range(self, buf: _Buffer) -> tuple[int, int]:
         """Steps 1 of the roll protocol for one buffer: send what is missing, flush, verify. (sent, skipped)."""
+        from confluent_kafka import KafkaException
+
         src, p = buf.source, buf.partition
         high = self.high.get((src.topic, p), -1)
         todo = [(r, reason) for r, reason in buf.invalid if r.offset > high]
         if not todo:
             return 0, len(buf.invalid)
-        futures = []
-        for r, reason in todo:
-            futures.append(self.producer.send(src.dlq_topic, value=self.record_value(src, r, reason), key=r.key,
-                                              partition=p, headers=[("lambdalake.reason", reason[:200].encode())]))
+        producer = self.producer
+        self._failed.clear()  # delivery reports of failed records only (delivery.report.only.error)
         try:
-            self.producer.flush(timeout=120)
-        except Exception as exc:  # KafkaTimeoutError and friends: no file gets written, the run stops
-            raise DeadLetterError(f"dead-letter topic {src.dlq_topic!r} did not acknowledge {len(todo)} records "
-                                  f"within 120s ({type(exc).__name__}: {exc}); the master range "
+            for r, reason in todo:
+                value = self.record_value(src, r, reason)
+                headers = [("lambdalake.reason", reason[:200].encode())]
+                while True:
+                    try:
+                        producer.produce(src.dlq_topic, value, r.key, partition=p, headers=headers)
+                        break
+                    except BufferError:  # the local queue is full: let the producer send some
+                        producer.poll(0.05)
+            left = producer.flush(FLUSH_TIMEOUT_S)
+        except KafkaException as exc:
+            raise DeadLetterError(f"dead-letter topic {src.dlq_topic!r} refused a record ({exc}); the master range "
                                   f"[{buf.start}, {buf.end}) of partition {p} was not written, rerun ingest") from exc
-        for fut in futures:
-            if fut.failed():
-                raise DeadLetterError(f"dead-letter record for {src.topic}[{p}] was rejected: {fut.exception}; "
-                                      f"the master range [{buf.start}, {buf.end}) was not written, rerun ingest")
+        if left:  # not acknowledged in time: no file gets written, the roll is retried or the run stops
+            raise DeadLetterError(f"dead-letter topic {src.dlq_topic!r} did not acknowledge {left} of {len(todo)} "
+                                  f"records within {FLUSH_TIMEOUT_S:.0f}s; the master range [{buf.start}, {buf.end}) "
+                                  f"of partition {p} was not written, rerun ingest")
+        if self._failed:
+            raise DeadLetterError(f"dead-letter record for {src.topic}[{p}] was rejected: {self._failed[0]}; "
+                                  f"the master range [{buf.start}, {buf.end}) was not written, rerun ingest")
         self.high[(src.topic, p)] = todo[-1][0].offset
         return len(todo), len(buf.invalid) - len(todo)
 
@@ -279,14 +302,15 @@ class DeadLetters:
         """Drop the producer and whatever it still buffers (after a failed flush)."""
         if self._producer is not None:
             try:
-                self._producer.close(timeout=0)
+                self._producer.purge()
+                self._producer.flush(0)  # serve the purged records' delivery reports
             except Exception:  # noqa: BLE001 - it is being discarded
                 pass
             self._producer = None
 
     def close(self) -> None:
         if self._producer is not None:
-            self._producer.close(timeout=10)
+            self._producer.flush(10)
             self._producer = None
 
 

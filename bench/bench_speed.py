@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from lambdalake.config import load_settings  # noqa: E402
 from lambdalake.contracts import Positions  # noqa: E402
+from lambdalake.dedup import DedupWindow  # noqa: E402
 from lambdalake.exceptions import InvariantViolation  # noqa: E402
 from lambdalake.kafka import EmbeddedBroker, consumer, end_offsets, ensure_topics, free_port, producer  # noqa: E402
 from lambdalake.layout import Layout, read_speed_snapshot_meta, speed_pointer  # noqa: E402
@@ -106,11 +107,19 @@ def produce_kafka_python(settings, pipe, n: int) -> dict:
     return {"messages": len(msgs), "seconds": round(dt, 3), "per_second": round(len(msgs) / dt)}
 
 
-def raw_fetch(settings, pipe, validate: bool) -> dict:
+def raw_fetch(settings, pipe, validate: bool, dedup: bool = False) -> dict:
+    """kafka-python reading every partition from offset 0 to its end (the speed layer's consumer settings); with
+    ``validate`` plus the compiled validator on every message; with ``dedup`` also the dedup rule's window
+    (:class:`lambdalake.dedup.DedupWindow`, the speed layer's span) on every valid one: the least per-event work the
+    speed layer owes before it aggregates anything."""
     from kafka import TopicPartition
+
+    from speed.consumer import SpeedOptions
 
     ends = end_offsets(settings, [s.topic for s in pipe.sources])
     validators = {s.topic: Validator(s) for s in pipe.sources}
+    event_ids = {s.topic: s.event_id for s in pipe.sources}
+    windows = {key: DedupWindow(SpeedOptions().dedup_span) for key in ends}
     c = consumer(settings, fetch_max_wait_ms=100, max_poll_records=20_000, check_crcs=False)
     tps = [TopicPartition(t, p) for (t, p) in ends]
     c.assign(tps)
@@ -122,7 +131,13 @@ def raw_fetch(settings, pipe, validate: bool) -> dict:
     while todo:
         for tp, recs in c.poll(timeout_ms=200).items():
             n += len(recs)
-            if validate:
+            if dedup:
+                v, eid, seen = validators[tp.topic], event_ids[tp.topic], windows[(tp.topic, tp.partition)].seen
+                for r in recs:
+                    verdict = v(r.value)
+                    if verdict.ok:
+                        seen(verdict.record[eid], r.offset)
+            elif validate:
                 v = validators[tp.topic]
                 for r in recs:
                     v(r.value)
@@ -192,16 +207,22 @@ def cli_run(settings, *args: str) -> float:
     return time.perf_counter() - t0
 
 
-def workers_scaling(work: Path, settings, pipe, messages: int, workers: list[int],
+def workers_scaling(work: Path, settings, events: int, messages: int, workers: list[int],
                     commands: tuple[str, ...] = ("ingest", "speed")) -> list[dict]:
-    """``lambdalake ingest|speed --until-caught-up --workers N`` over the same topics, each on a fresh lake: wall
-    time from process start to exit (Python start-up and spawning the workers included)."""
+    """``lambdalake ingest|speed --until-caught-up --workers N``, each on a fresh lake: wall time from process start
+    to exit (Python start-up and spawning the workers included). The speed runs read the same topics; each ingest
+    run gets fresh topics holding the same messages (an archiver writes the dead-letter topics: over the topics of
+    an earlier run it would find their records there already and skip sending them)."""
     out = []
     for command in commands:
         for n in workers:
             home = work / f"lake-{command}-{n}-{uuid.uuid4().hex[:6]}"
             home.mkdir()
             run = settings.with_(home=home)
+            if command == "ingest":
+                topics, _ = fresh(work, settings.bootstrap, settings.handoff_block)
+                produce_all(topics, load_pipeline(topics.pipeline), events)
+                run = topics.with_(home=home)
             seconds = cli_run(run, command, "--until-caught-up", "--workers", str(n))
             out.append({"command": command, "workers": n, "messages": messages, "seconds": round(seconds, 2),
                         "per_second": round(messages / seconds)})
@@ -458,6 +479,9 @@ def main() -> None:
             print(f"raw librdkafka fetch:   {out['raw_fetch_confluent']}", flush=True)
             out["fetch_validate"] = raw_fetch(settings, pipe, validate=True)
             print(f"fetch + validate:       {out['fetch_validate']}", flush=True)
+            if not args.only_archiver:
+                out["fetch_validate_dedup"] = raw_fetch(settings, pipe, validate=True, dedup=True)
+                print(f"fetch + validate + dedup: {out['fetch_validate_dedup']}", flush=True)
             out["fetch_validate_confluent"] = raw_fetch_confluent(settings, pipe, validate=True)
             print(f"librdkafka + validate:  {out['fetch_validate_confluent']}", flush=True)
             out["raw_fetch_confluent_2"] = raw_fetch_confluent_processes(settings, 2, validate=False)
@@ -465,14 +489,19 @@ def main() -> None:
             out["fetch_validate_confluent_2"] = raw_fetch_confluent_processes(settings, 2, validate=True)
             print(f"librdkafka + validate, 2 processes: {out['fetch_validate_confluent_2']}", flush=True)
             if args.only_archiver:
-                out["workers"] = workers_scaling(work, settings, pipe, out["produce"]["messages"],
+                out["workers"] = workers_scaling(work, settings, args.events, out["produce"]["messages"],
                                                  [int(n) for n in args.workers.split(",") if n], ("ingest",))
                 out["load_average"] = os.getloadavg()
                 return finish(out)
             out["speed"] = speed_in_process(settings, pipe, args.checkpoint_interval)
             print(f"speed layer (in-process, checkpoint every {args.checkpoint_interval}s): {out['speed']}",
                   flush=True)
-            out["workers"] = workers_scaling(work, settings, pipe, out["produce"]["messages"],
+            raw = out["raw_fetch"]["per_second"]
+            out["ratios_to_raw_fetch"] = {k: round(out[k]["per_second"] / raw, 2)
+                                          for k in ("fetch_validate", "fetch_validate_dedup", "speed")}
+            print(f"per worker, as a ratio to the raw kafka-python fetch: {out['ratios_to_raw_fetch']} (the "
+                  "speed layer's goal: 0.8; fetch + validate + dedup is the least per-event work it owes)", flush=True)
+            out["workers"] = workers_scaling(work, settings, args.events, out["produce"]["messages"],
                                              [int(n) for n in args.workers.split(",") if n])
             out["freshness"] = []
             for workers in [int(n) for n in args.freshness_workers.split(",") if n]:

@@ -323,6 +323,41 @@ def producer(settings: Settings, **overrides):
         raise _unreachable(settings, exc) from exc
 
 
+def producer_config(settings: Settings, **overrides: object) -> dict[str, object]:
+    """The configuration of the librdkafka (confluent-kafka) producer: ``lambdalake produce`` / ``load``, the
+    archiver's dead letters and the benchmarks. It sends ~10x what kafka-python's producer does per core
+    (/work/shared/CEILINGS.md).
+
+    Same delivery semantics as every other producer of lambdalake: idempotent with acks=all (retries neither
+    duplicate nor reorder), and keyed messages go to the partition Kafka's Java client and kafka-python choose
+    (murmur2 of the key), so a subject's events share a partition whichever producer sent them."""
+    conf: dict[str, object] = {
+        "bootstrap.servers": settings.bootstrap, "client.id": "lambdalake-producer",
+        "enable.idempotence": True, "acks": "all", "partitioner": "murmur2_random",
+        "linger.ms": 20, "batch.size": 1024 * 1024, "compression.type": "none",
+        "message.max.bytes": 2 * 1024 * 1024,  # like the broker's limit (a > 1 MiB malformed message fits)
+        "message.timeout.ms": 120_000,  # a message not acknowledged within 2 minutes is a failure
+        "queue.buffering.max.messages": 200_000, "queue.buffering.max.kbytes": 256 * 1024,
+        # librdkafka's retry chatter (a fresh broker's PID, reconnects) under the "kafka" logger, which the CLI keeps
+        # quiet unless LAMBDALAKE_LOG=DEBUG (lambdalake.options.configure_logging): failures surface as BrokerError
+        "logger": logging.getLogger("kafka.librdkafka"),
+    }
+    conf.update(overrides)
+    return conf
+
+def librdkafka_producer(settings: Settings, *, connect_timeout: float = 5.0, **overrides: object):
+    """A librdkafka producer (:func:`producer_config` plus ``overrides``), checked reachable (cluster metadata
+    within ``connect_timeout`` seconds), else a :class:`BrokerError`."""
+    from confluent_kafka import KafkaException, Producer
+
+    p = Producer(producer_config(settings, **overrides))
+    try:
+        p.list_topics(timeout=connect_timeout)
+    except KafkaException as exc:
+        raise _unreachable(settings, exc) from exc
+    return p
+
+
 def consumer(settings: Settings, group_id: str | None = None, **overrides):
     """A consumer with auto-commit off: positions come from our own durable state, never from Kafka."""
     from kafka import KafkaConsumer

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import logging
 import random
 import re
 import time
@@ -30,6 +29,7 @@ import orjson
 
 from lambdalake.config import Settings
 from lambdalake.exceptions import ConfigError
+from lambdalake.kafka import producer_config
 from lambdalake.pipeline import Field, Pipeline, Source, decimal_units
 
 LATE_MAX = timedelta(hours=3)
@@ -219,28 +219,6 @@ def _malformed_makers(pv: Source, pu: Source) -> list[tuple[str, Callable[[rando
         ("zero_amount", purchase(lambda d: d.update(amount_cents=0))),
         ("invalid_utf8", lambda rng: (pu.topic, b'{"event_id": "\xff\xfe"}')),
     ]
-
-
-def producer_config(settings: Settings, **overrides: object) -> dict[str, object]:
-    """The configuration of the one producer ``lambdalake produce`` / ``load`` (and the benchmarks) use: librdkafka
-    (confluent-kafka), which sends ~10x what kafka-python's producer does per core (/work/shared/CEILINGS.md).
-
-    Same delivery semantics as every other producer of lambdalake: idempotent with acks=all (retries neither
-    duplicate nor reorder), and keyed messages go to the partition Kafka's Java client and kafka-python choose
-    (murmur2 of the key), so a subject's events share a partition whichever producer sent them."""
-    conf: dict[str, object] = {
-        "bootstrap.servers": settings.bootstrap, "client.id": "lambdalake-producer",
-        "enable.idempotence": True, "acks": "all", "partitioner": "murmur2_random",
-        "linger.ms": 20, "batch.size": 1024 * 1024, "compression.type": "none",
-        "message.max.bytes": 2 * 1024 * 1024,  # like the broker's limit (a > 1 MiB malformed message fits)
-        "message.timeout.ms": 120_000,  # a message not acknowledged within 2 minutes is a failure
-        "queue.buffering.max.messages": 200_000, "queue.buffering.max.kbytes": 256 * 1024,
-        # librdkafka's retry chatter (a fresh broker's PID, reconnects) under the "kafka" logger, which the CLI keeps
-        # quiet unless LAMBDALAKE_LOG=DEBUG (lambdalake.options.configure_logging): failures surface as BrokerError
-        "logger": logging.getLogger("kafka.librdkafka"),
-    }
-    conf.update(overrides)
-    return conf
 
 
 def send(settings: Settings, messages: Iterable[Message], *, rate: float | None = None,
