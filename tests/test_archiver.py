@@ -454,3 +454,49 @@ def test_daemon_takes_new_partitions_and_until_caught_up_ends_at_a_transaction_m
     assert plain.flush(30) == 0
     ingest(settings, pipeline, until_caught_up=True)
     check_exact(settings, pipeline)
+
+
+def test_dead_letters_the_broker_refuses_write_no_file_then_a_rerun_is_exact(settings, pipeline, run_cli, monkeypatch):
+    """Step 1 of the roll protocol checks every dead letter was acknowledged: when the broker refuses them (here the
+    pageviews DLQ topic only takes records of a few hundred bytes), the roll fails with a DeadLetterError naming the
+    DLQ topic and writes no master file over the refused messages; once the topic takes them, a rerun archives
+    everything exactly once (no gap, no duplicate DLQ record)."""
+    from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
+
+    import batch.archiver as archiver
+    from batch.exceptions import DeadLetterError
+    from lambdalake.kafka import admin_client
+
+    pv = pipeline.source("pageviews")
+    admin = admin_client(settings)
+    try:  # created before anything else creates it, with the source's partition count
+        admin.create_topics([NewTopic(pv.dlq_topic, settings.partitions, 1,
+                                      topic_configs={"max.message.bytes": "300"})])
+    finally:
+        admin.close()
+    produce(run_cli, 400, malformed_fraction=0.05, duplicate_fraction=0.0)
+    invalid = expected_invalid(pipeline, read_log(settings.bootstrap, [pv.topic]))["pageviews"]
+    assert invalid
+    monkeypatch.setattr(archiver.Archiver, "MAX_BACKOFF_S", 0.05)  # the retries of a failed roll, quickly
+    with pytest.raises(DeadLetterError, match=rf"dead-letter record for {pv.topic}\[\d\] was rejected: .*"
+                                              r"(SIZE_TOO_LARGE|too large).*was not written, rerun ingest"):
+        ingest(settings, pipeline, until_caught_up=True)
+    archived = archived_positions(Layout(settings.home), pv.name)
+    assert all(archived.get(p, 0) <= o for p, o in invalid), "a master file covers a message the DLQ refused"
+    assert dlq_records(settings, pipeline)["pageviews"] == []
+
+    admin = admin_client(settings)
+    try:
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, pv.dlq_topic,
+                                            configs={"max.message.bytes": str(2 * 1024 * 1024)})])
+    finally:
+        admin.close()
+    deadline = time.monotonic() + 30  # topic configs reach the partition leader asynchronously
+    while True:
+        try:
+            report = ingest(settings, pipeline, until_caught_up=True)
+            break
+        except DeadLetterError:
+            assert time.monotonic() < deadline, "the DLQ topic still refuses records after its limit was raised"
+    assert report.dead_lettered >= len(invalid)
+    check_exact(settings, pipeline)
