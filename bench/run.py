@@ -264,11 +264,23 @@ def speed_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
     if "fetch_validate" in r:
         out.append(Figure("speed", "fetch + validate only", _rate(r["fetch_validate"]), "msg/s",
                           "raw kafka-python fetch", raw))
+    if "fetch_validate_dedup" in r:
+        out.append(Figure("speed", "fetch + validate + dedup only (the least per-event work of the speed layer)",
+                          _rate(r["fetch_validate_dedup"]), "msg/s", "raw kafka-python fetch", raw))
+    # the archiver reads with librdkafka: its ceilings are librdkafka's fetch + validate, in 1 and 2 processes
+    ceilings = {1: _rate(r.get("fetch_validate_confluent")), 2: _rate(r.get("fetch_validate_confluent_2"))}
     one = {w["command"]: w for w in r.get("workers", []) if w["workers"] == 1}
     for w in r.get("workers", []):
         what = "archiver" if w["command"] == "ingest" else "speed layer"
         base = one.get(w["command"])
-        if w["workers"] == 1:
+        if what == "archiver" and ceilings.get(w["workers"]) is not None:
+            scale = (f"; {w['per_second'] / base['per_second']:.2f}x 1 worker" if base is not None and w is not base
+                     else "")
+            out.append(Figure("speed", f"archiver CLI, {w['workers']} worker(s) (process start to exit)",
+                              w["per_second"], "msg/s",
+                              f"librdkafka fetch + validate, {w['workers']} process(es)", ceilings[w["workers"]],
+                              f"{w['messages']:,} messages, fresh topics{scale}"))
+        elif w["workers"] == 1:
             out.append(Figure("speed", f"{what} CLI, 1 worker (process start to exit)", w["per_second"], "msg/s",
                               "raw kafka-python fetch (one process)", raw))
         elif base is not None:
