@@ -207,6 +207,43 @@ def cli_run(settings, *args: str) -> float:
     return time.perf_counter() - t0
 
 
+def master_size(settings) -> dict:
+    """Master dataset bytes per archived event, next to the log's value bytes per valid message (what the archiver
+    read): files of every source, rows from their footers."""
+    from batch.master import file_rows
+
+    layout = Layout(settings.home)
+    pipe = load_pipeline(settings.pipeline)
+    files = [f.path for s in pipe.sources for f in layout.master_files(s.name)]
+    size, rows = sum(p.stat().st_size for p in files), sum(file_rows(p) for p in files)
+    msgs = [m for s in pipe.sources for m in read_values(settings, s.topic)]
+    valid = {s.topic: Validator(s) for s in pipe.sources}
+    log_bytes = [len(v) for t, v in msgs if v is not None and valid[t](v).ok]
+    return {"master_bytes": size, "master_rows": rows, "master_bytes_per_event": round(size / max(rows, 1), 1),
+            "log_value_bytes_per_valid_message": round(sum(log_bytes) / max(len(log_bytes), 1), 1)}
+
+
+def read_values(settings, topic: str) -> list[tuple[str, bytes | None]]:
+    """Every message value of ``topic`` (kafka-python, from offset 0 to the end offsets seen now)."""
+    from kafka import TopicPartition
+
+    ends = end_offsets(settings, [topic])
+    c = consumer(settings, fetch_max_wait_ms=100, max_poll_records=50_000, check_crcs=False)
+    tps = [TopicPartition(t, p) for (t, p) in ends if ends[(t, p)] > 0]
+    c.assign(tps)
+    for tp in tps:
+        c.seek(tp, 0)
+    out: list[tuple[str, bytes | None]] = []
+    todo = set(tps)
+    while todo:
+        for tp, recs in c.poll(timeout_ms=200).items():
+            out += [(tp.topic, r.value) for r in recs]
+            if recs[-1].offset + 1 >= ends[(tp.topic, tp.partition)]:
+                todo.discard(tp)
+    c.close()
+    return out
+
+
 def workers_scaling(work: Path, settings, events: int, messages: int, workers: list[int],
                     commands: tuple[str, ...] = ("ingest", "speed")) -> list[dict]:
     """``lambdalake ingest|speed --until-caught-up --workers N``, each on a fresh lake: wall time from process start
@@ -226,6 +263,8 @@ def workers_scaling(work: Path, settings, events: int, messages: int, workers: l
             seconds = cli_run(run, command, "--until-caught-up", "--workers", str(n))
             out.append({"command": command, "workers": n, "messages": messages, "seconds": round(seconds, 2),
                         "per_second": round(messages / seconds)})
+            if command == "ingest":
+                out[-1].update(master_size(run))
             print(f"{command} --workers {n}: {out[-1]}", flush=True)
     return out
 

@@ -280,6 +280,11 @@ def speed_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
                               w["per_second"], "msg/s",
                               f"librdkafka fetch + validate, {w['workers']} process(es)", ceilings[w["workers"]],
                               f"{w['messages']:,} messages, fresh topics{scale}"))
+            if w.get("master_bytes_per_event") is not None:
+                out.append(Figure("speed", f"master bytes per event (archiver, {w['workers']} worker(s))",
+                                  w["master_bytes_per_event"], "B", "log value bytes per valid message",
+                                  w.get("log_value_bytes_per_valid_message"),
+                                  f"{w['master_rows']:,} rows in {w['master_bytes']:,} bytes"))
         elif w["workers"] == 1:
             out.append(Figure("speed", f"{what} CLI, 1 worker (process start to exit)", w["per_second"], "msg/s",
                               "raw kafka-python fetch (one process)", raw))
