@@ -26,6 +26,8 @@ Run protocol (:func:`run_batch`), mirrored by numbered comments in the code:
    per (keys, window_start), and the count aggregate of each view sums to the deduplicated events of its source.
 5. Publish (:func:`batch.publish.publish`): manifest, atomic rename of the staging directory, atomic ``CURRENT``
    switch, pruning. A failure anywhere before that removes the staging directory and changes nothing served.
+   (``LAMBDALAKE_BATCH_FAULT=staged`` SIGKILLs the process right before this step, for crash tests: a killed run
+   leaves its staging directory, which the next run removes.)
 
 ``--view NAME`` recomputes only the named views, at the *published* watermark, and carries the other views over
 from the published version (hard links) when their definition is unchanged
@@ -68,6 +70,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -111,6 +114,13 @@ from lambdalake.schema import OFFSET_COL, PARTITION_COL, arrow_schema, master_co
 from lambdalake.validation import FIRST_INSTANT_US, LAST_INSTANT_US
 
 log = logging.getLogger(__name__)
+
+
+def fault(step: str) -> None:
+    """Crash-test hook: ``LAMBDALAKE_BATCH_FAULT=<step>`` SIGKILLs this process at ``step`` (``staged``: every view
+    written and validated in the staging directory, nothing published)."""
+    if os.environ.get("LAMBDALAKE_BATCH_FAULT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 REPO = Path(__file__).resolve().parent.parent
 SESSION_CONF = {
@@ -769,6 +779,7 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
             id_index=done.index,
         )
         # 5. publish (manifest, atomic dir rename, CURRENT switch, prune)
+        fault("staged")
         manifest = publish(layout, staging, manifest, keep=keep)
         published_ok = True
         return manifest
