@@ -4,10 +4,13 @@ Measures, against a real Kafka broker (the embedded one on a free port, or ``--b
 
 1. ``raw_fetch``      — plain kafka-python consumption of N pre-produced messages (same consumer settings as the
                         speed layer): the client's ceiling on this machine.
-2. ``fetch_validate`` — the same plus :class:`lambdalake.validation.Validator` on every message.
+2. ``fetch_validate`` — the same plus :class:`lambdalake.validation.Validator` on every message;
+   ``fetch_validate_dedup`` — plus the dedup window on every valid one: the least per-event work of the speed
+                        layer (its ratio to ``raw_fetch`` bounds the speed layer's; ``ratios_to_raw_fetch``).
    ``raw_fetch_confluent`` / ``fetch_validate_confluent`` (and ``..._2``: two processes at once, each over half the
                         partitions) — the same with librdkafka (confluent-kafka), the archiver's client: its ceilings.
-   ``workers``          — ``lambdalake ingest|speed --until-caught-up --workers N``, process start to exit.
+   ``workers``          — ``lambdalake ingest|speed --until-caught-up --workers N``, process start to exit (each
+                        ingest run on fresh topics, with the master dataset's bytes per event).
 3. ``speed``          — the speed layer in-process (``SpeedLayer.run(until_caught_up=True)``: validate, dedup,
                         aggregate, checkpoint + publish every ``--checkpoint-interval``), events/s.
 0. ``produce``        — ``lambdalake produce``'s sender (librdkafka) over pre-generated messages, next to the
