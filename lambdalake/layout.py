@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
@@ -304,6 +305,23 @@ def fsync_dir(path: Path) -> None:
 def tmp_name(final: Path) -> Path:
     """A temporary sibling name that readers ignore (starts with '.', ends with '.tmp')."""
     return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def remove_temp_entries(directory: Path) -> list[str]:
+    """Remove what crashed writers left in ``directory``: entries named like :func:`tmp_name` (a file of
+    :func:`atomic_write_bytes` killed before its rename, or a staging directory). Only for a directory whose one
+    writer holds its lock (a live writer's temp entry would be taken from under it). Returns the names removed."""
+    removed: list[str] = []
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp"):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
 
 
 def atomic_write_bytes(final: Path, data: bytes) -> None:

@@ -40,6 +40,7 @@ from lambdalake.layout import (
     atomic_publish_dir,
     fsync_dir,
     read_speed_snapshot_meta,
+    remove_temp_entries,
     tmp_name,
     write_contract,
 )
@@ -259,10 +260,10 @@ class CheckpointStore:
         return windows
 
     def _remove_staging(self) -> None:
-        if self.dir.is_dir():
-            for p in self.dir.iterdir():
-                if p.name.startswith(".") and p.name.endswith(".tmp"):
-                    shutil.rmtree(p, ignore_errors=True)
+        """A crashed commit's temp entries: staging directories and a ``CURRENT`` switch killed before its rename
+        (this process holds the checkpoint LOCK: no other writer)."""
+        if removed := remove_temp_entries(self.dir):
+            log.info("removed temp entries of an interrupted checkpoint commit: %s", removed)
 
     # commit -------------------------------------------------------------------------------------------------------
     def needs_full_dedup(self, previous: Checkpoint | None, positions: dict[TP, int], span: int) -> bool:

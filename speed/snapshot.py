@@ -50,6 +50,7 @@ from lambdalake.layout import (
     Layout,
     atomic_publish_dir,
     read_speed_snapshot_meta,
+    remove_temp_entries,
     speed_pointer,
     tmp_name,
     write_pointer,
@@ -180,11 +181,7 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
 
 def remove_staging(layout: Layout) -> None:
     """Remove staging directories left by a crash while writing a snapshot (never visible to anyone)."""
-    base = layout.speed_views
-    if base.is_dir():
-        for p in base.iterdir():
-            if p.name.startswith(".") and p.name.endswith(".tmp"):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    remove_temp_entries(layout.speed_views)
 
 
 def remove_after(layout: Layout, seq: int) -> list[str]:

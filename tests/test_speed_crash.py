@@ -13,7 +13,7 @@ import pytest
 
 from lambdalake import contracts
 from lambdalake.kafka import end_offsets, ensure_topics
-from lambdalake.layout import Layout, read_speed_snapshot_meta, speed_pointer
+from lambdalake.layout import Layout, read_speed_snapshot_meta, speed_pointer, tmp_name
 from speed.checkpoint import Checkpoint, CheckpointPointer
 from speed.snapshot import snapshot_id
 from tests.oracle import read_log
@@ -176,3 +176,35 @@ def test_broker_outage_mid_run_is_survived(tmp_path, unique_suffix):
         if proc is not None:
             kill(proc)
         broker.down(timeout=30)
+
+
+@pytest.mark.integration
+def test_restart_removes_a_pointer_switch_killed_before_its_rename(settings, pipeline, cli_env, tmp_path):
+    """A kill -9 inside an atomic write leaves its temp file (``.CURRENT.<hex>.tmp``: written, not yet renamed) next
+    to the pointer, in the checkpoint and the snapshot directories; a restart removes them (and a staging directory
+    of an unfinished snapshot) and changes nothing else. (A random kill in the test above once hit that window.)"""
+    produce(settings, pipeline, 600, seed=41)
+    proc = start_speed(cli_env, tmp_path / "logs", "--until-caught-up", "--checkpoint-interval", "0.05")
+    try:
+        assert proc.wait(120) == 0
+    finally:
+        kill(proc)
+    layout = Layout(settings.home)
+    committed = committed_checkpoint(layout)
+    left = [tmp_name(layout.checkpoints("speed") / "CURRENT"), tmp_name(layout.speed_pointer)]
+    for f in left:
+        f.write_bytes(b'{"checkpoint": "0000')  # a torn write: never renamed, never read
+    staging = tmp_name(layout.speed_views / "000000009999")
+    staging.mkdir()
+    (staging / "pageviews_hourly.parquet").write_bytes(b"PAR1")
+    produce(settings, pipeline, 300, seed=42, start="2026-01-05T12:00:00Z")
+    proc = start_speed(cli_env, tmp_path / "logs", "--until-caught-up", "--checkpoint-interval", "0.05")
+    try:
+        assert proc.wait(120) == 0, (tmp_path / "logs" / "speed-1.out").read_text()
+    finally:
+        kill(proc)
+    assert not [p for p in [*left, staging] if p.exists()]
+    assert committed_checkpoint(layout) > committed
+    _no_orphans(settings.home)
+    meta = assert_snapshot_equals_oracle(pipeline, settings.home, read_log(settings.bootstrap, topics(pipeline)))
+    all_positions_at_end(meta, end_offsets(settings, topics(pipeline)), pipeline)
