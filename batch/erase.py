@@ -47,6 +47,7 @@ from lambdalake.exceptions import ConfigError
 from lambdalake.layout import Layout, MasterFile, atomic_write_bytes, fsync_dir, tmp_name
 from lambdalake.locks import flock
 from lambdalake.pipeline import Pipeline, Source
+from lambdalake.procs import crash_point
 from lambdalake.schema import OFFSET_COL, VALUE_COL
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,8 @@ class ForgetReport:
 
 
 def fault(step: str) -> None:
-    if os.environ.get("LAMBDALAKE_ERASE_FAULT") == step:
-        os.kill(os.getpid(), 9)
+    """``LAMBDALAKE_ERASE_FAULT=<step>`` (the crash tests' seam; in-process tests replace it)."""
+    crash_point("LAMBDALAKE_ERASE_FAULT", step)
 
 
 def check_subjects(subjects: list[str]) -> list[str]:

@@ -70,7 +70,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -110,17 +109,11 @@ from lambdalake.pipeline import (
     View,
     resolve_predicate,
 )
+from lambdalake.procs import crash_point
 from lambdalake.schema import OFFSET_COL, PARTITION_COL, arrow_schema, master_columns, view_columns
 from lambdalake.validation import FIRST_INSTANT_US, LAST_INSTANT_US
 
 log = logging.getLogger(__name__)
-
-
-def fault(step: str) -> None:
-    """Crash-test hook: ``LAMBDALAKE_BATCH_FAULT=<step>`` SIGKILLs this process at ``step`` (``staged``: every view
-    written and validated in the staging directory, nothing published)."""
-    if os.environ.get("LAMBDALAKE_BATCH_FAULT") == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 REPO = Path(__file__).resolve().parent.parent
 SESSION_CONF = {
@@ -779,7 +772,7 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
             id_index=done.index,
         )
         # 5. publish (manifest, atomic dir rename, CURRENT switch, prune)
-        fault("staged")
+        crash_point("LAMBDALAKE_BATCH_FAULT", "staged")  # crash tests: staged, nothing published
         manifest = publish(layout, staging, manifest, keep=keep)
         published_ok = True
         return manifest

@@ -110,44 +110,59 @@ def produce_kafka_python(settings, pipe, n: int) -> dict:
     return {"messages": len(msgs), "seconds": round(dt, 3), "per_second": round(len(msgs) / dt)}
 
 
-def raw_fetch(settings, pipe, validate: bool, dedup: bool = False) -> dict:
-    """kafka-python reading every partition from offset 0 to its end (the speed layer's consumer settings); with
-    ``validate`` plus the compiled validator on every message; with ``dedup`` also the dedup rule's window
-    (:class:`lambdalake.dedup.DedupWindow`, the speed layer's span) on every valid one: the least per-event work the
-    speed layer owes before it aggregates anything."""
+def read_all(settings, topics: list[str], each, max_poll_records: int = 20_000) -> tuple[int, float]:
+    """kafka-python (the speed layer's consumer settings) reading every partition of ``topics`` from offset 0 to the
+    end offsets seen now, calling ``each(tp, records)`` per polled batch: (messages, seconds from the first poll)."""
     from kafka import TopicPartition
 
+    ends = end_offsets(settings, topics)
+    c = consumer(settings, fetch_max_wait_ms=100, max_poll_records=max_poll_records, check_crcs=False)
+    try:
+        tps = [TopicPartition(t, p) for (t, p) in ends]
+        c.assign(tps)
+        for tp in tps:
+            c.seek(tp, 0)
+        todo = {tp for tp in tps if ends[(tp.topic, tp.partition)] > 0}
+        n = 0
+        t0 = time.perf_counter()
+        while todo:
+            for tp, recs in c.poll(timeout_ms=200).items():
+                n += len(recs)
+                each(tp, recs)
+                if recs[-1].offset + 1 >= ends[(tp.topic, tp.partition)]:
+                    todo.discard(tp)
+        return n, time.perf_counter() - t0
+    finally:
+        c.close()
+
+
+def raw_fetch(settings, pipe, validate: bool, dedup: bool = False) -> dict:
+    """kafka-python reading every partition from offset 0 to its end (:func:`read_all`); with ``validate`` plus the
+    compiled validator on every message; with ``dedup`` also the dedup rule's window
+    (:class:`lambdalake.dedup.DedupWindow`, the speed layer's span) on every valid one: the least per-event work the
+    speed layer owes before it aggregates anything."""
     from speed.consumer import SpeedOptions
 
-    ends = end_offsets(settings, [s.topic for s in pipe.sources])
     validators = {s.topic: Validator(s) for s in pipe.sources}
     event_ids = {s.topic: s.event_id for s in pipe.sources}
-    windows = {key: DedupWindow(SpeedOptions().dedup_span) for key in ends}
-    c = consumer(settings, fetch_max_wait_ms=100, max_poll_records=20_000, check_crcs=False)
-    tps = [TopicPartition(t, p) for (t, p) in ends]
-    c.assign(tps)
-    for tp in tps:
-        c.seek(tp, 0)
-    todo = {tp for tp in tps if ends[(tp.topic, tp.partition)] > 0}
-    n = 0
-    t0 = time.perf_counter()
-    while todo:
-        for tp, recs in c.poll(timeout_ms=200).items():
-            n += len(recs)
-            if dedup:
-                v, eid, seen = validators[tp.topic], event_ids[tp.topic], windows[(tp.topic, tp.partition)].seen
-                for r in recs:
-                    verdict = v(r.value)
-                    if verdict.ok:
-                        seen(verdict.record[eid], r.offset)
-            elif validate:
-                v = validators[tp.topic]
-                for r in recs:
-                    v(r.value)
-            if recs[-1].offset + 1 >= ends[(tp.topic, tp.partition)]:
-                todo.discard(tp)
-    dt = time.perf_counter() - t0
-    c.close()
+    windows: dict = {}
+
+    def each(tp, recs) -> None:
+        if dedup:
+            key = (tp.topic, tp.partition)
+            if key not in windows:
+                windows[key] = DedupWindow(SpeedOptions().dedup_span)
+            v, eid, seen = validators[tp.topic], event_ids[tp.topic], windows[key].seen
+            for r in recs:
+                verdict = v(r.value)
+                if verdict.ok:
+                    seen(verdict.record[eid], r.offset)
+        elif validate:
+            v = validators[tp.topic]
+            for r in recs:
+                v(r.value)
+
+    n, dt = read_all(settings, [s.topic for s in pipe.sources], each)
     return {"messages": n, "seconds": round(dt, 3), "per_second": round(n / dt)}
 
 
@@ -227,23 +242,9 @@ def master_size(settings) -> dict:
 
 
 def read_values(settings, topic: str) -> list[tuple[str, bytes | None]]:
-    """Every message value of ``topic`` (kafka-python, from offset 0 to the end offsets seen now)."""
-    from kafka import TopicPartition
-
-    ends = end_offsets(settings, [topic])
-    c = consumer(settings, fetch_max_wait_ms=100, max_poll_records=50_000, check_crcs=False)
-    tps = [TopicPartition(t, p) for (t, p) in ends if ends[(t, p)] > 0]
-    c.assign(tps)
-    for tp in tps:
-        c.seek(tp, 0)
+    """Every message value of ``topic`` (:func:`read_all`)."""
     out: list[tuple[str, bytes | None]] = []
-    todo = set(tps)
-    while todo:
-        for tp, recs in c.poll(timeout_ms=200).items():
-            out += [(tp.topic, r.value) for r in recs]
-            if recs[-1].offset + 1 >= ends[(tp.topic, tp.partition)]:
-                todo.discard(tp)
-    c.close()
+    read_all(settings, [topic], lambda tp, recs: out.extend((tp.topic, r.value) for r in recs), 50_000)
     return out
 
 

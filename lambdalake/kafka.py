@@ -345,6 +345,7 @@ def producer_config(settings: Settings, **overrides: object) -> dict[str, object
     conf.update(overrides)
     return conf
 
+
 def librdkafka_producer(settings: Settings, *, connect_timeout: float = 5.0, **overrides: object):
     """A librdkafka producer (:func:`producer_config` plus ``overrides``), checked reachable (cluster metadata
     within ``connect_timeout`` seconds), else a :class:`BrokerError`."""

@@ -92,6 +92,14 @@ _streaming_depth = 0
 _streaming_before = (gc.get_threshold(), sys.getswitchinterval())
 
 
+def crash_point(variable: str, step: str) -> None:
+    """Crash-test hook: SIGKILL this process, like a kill -9 from outside at this instant (nothing cleaned up),
+    when the environment variable ``variable`` names ``step`` (``LAMBDALAKE_BATCH_FAULT``,
+    ``LAMBDALAKE_ERASE_FAULT``)."""
+    if os.environ.get(variable) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def kill_group(proc: subprocess.Popen) -> int | None:
     """SIGKILL the process group of ``proc`` at once (crash tests) and reap it."""
     return stop_group(proc, timeout=10.0, first=signal.SIGKILL)
