@@ -49,9 +49,9 @@ from audit.logread import DeadLetters, PartitionLog, read_dead_letters, read_sou
 from batch.rejected import revalidated_file
 from batch.verify import master_events_sql, output_sql, valid_predicate, view_sql
 from lambdalake import sketches
+from lambdalake.clients import end_offsets
 from lambdalake.config import Settings
 from lambdalake.contracts import Positions
-from lambdalake.kafka import end_offsets
 from lambdalake.layout import Layout, MasterFile
 from lambdalake.pipeline import Field, Pipeline, Source, View
 from lambdalake.schema import (

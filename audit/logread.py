@@ -1,6 +1,6 @@
 """Reading the log back for the audit: source partitions up to given offsets, dead-letter topics to their end.
 
-Plain kafka-python through :func:`lambdalake.kafka.consumer` (no group, nothing committed). A partition is read
+Plain kafka-python through :func:`lambdalake.clients.consumer` (no group, nothing committed). A partition is read
 from its first offset still in the log (retention may have deleted older ones: :attr:`PartitionLog.first`) up to
 a target offset, bounded by the partition's end offset at the start of the read.
 """
@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from lambdalake.clients import consumer as make_consumer
 from lambdalake.config import Settings
 from lambdalake.exceptions import BrokerError
-from lambdalake.kafka import consumer as make_consumer
 from lambdalake.pipeline import Source
 
 TP = tuple[str, int]

@@ -5,7 +5,7 @@ Positions come from the master dataset itself: on start the archiver asks :func:
 where each partition's files end and seeks there. Kafka's committed group offsets are written after each file, for
 lag monitoring only, and never read. It reads the log with librdkafka (confluent-kafka) through the one log session
 of every reader (:mod:`lambdalake.session`); dead letters are written with a librdkafka producer too
-(:func:`lambdalake.kafka.librdkafka_producer`).
+(:func:`lambdalake.clients.librdkafka_producer`).
 
 Per partition the archiver buffers consumed messages; the buffer covers the contiguous offsets ``[start, end)``
 (valid *and* invalid ones, so the files tile the offset space without gaps). A buffer is *rolled* into a file when
@@ -58,10 +58,10 @@ from batch.master import (
     remove_uncommitted_rejected,
     write_parquet_atomic,
 )
+from lambdalake.clients import consumer as make_consumer
+from lambdalake.clients import ensure_topics, librdkafka_producer
 from lambdalake.config import Settings, env_float, env_int
 from lambdalake.exceptions import BrokerError, ConfigError, InvariantViolation
-from lambdalake.kafka import consumer as make_consumer
-from lambdalake.kafka import ensure_topics, librdkafka_producer
 from lambdalake.layout import Layout, archived_positions
 from lambdalake.ownership import PartitionLocks, Share
 from lambdalake.pipeline import Pipeline, Source
@@ -217,7 +217,8 @@ class DeadLetters:
 
     @property
     def producer(self):
-        """The librdkafka producer of the dead letters (idempotent, acks=all; :func:`lambdalake.kafka.producer_config`),
+        """The librdkafka producer of the dead letters (idempotent, acks=all;
+        :func:`lambdalake.clients.producer_config`),
         opened on first use and again after :meth:`reset`."""
         if self._producer is None:
             try:

@@ -65,7 +65,7 @@ def archive(settings: Settings, pipeline: Pipeline, *, wait_timeout: float = 900
     it has archived up to those end offsets instead, raising :class:`ArchiverBehind` after ``wait_timeout``.
     """
     from batch.archiver import ingest
-    from lambdalake.kafka import end_offsets
+    from lambdalake.clients import end_offsets
 
     t0 = time.monotonic()
     layout = Layout(settings.home)

@@ -63,7 +63,8 @@ START_US = 1_767_571_200_000_000  # 2026-01-05T00:00:00Z
 # --- 1. archiver ------------------------------------------------------------------------------------------------
 def bench_archiver(events: int, workdir: Path) -> dict:
     from batch.archiver import ingest
-    from lambdalake.kafka import EmbeddedBroker, ensure_topics, free_port
+    from lambdalake.broker import EmbeddedBroker, free_port
+    from lambdalake.clients import ensure_topics
     from lambdalake.produce import demo_messages, send
 
     broker = None

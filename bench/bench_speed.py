@@ -52,11 +52,12 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from lambdalake.broker import EmbeddedBroker, free_port  # noqa: E402
+from lambdalake.clients import consumer, end_offsets, ensure_topics, producer  # noqa: E402
 from lambdalake.config import load_settings  # noqa: E402
 from lambdalake.contracts import Positions  # noqa: E402
 from lambdalake.dedup import DedupWindow  # noqa: E402
 from lambdalake.exceptions import InvariantViolation  # noqa: E402
-from lambdalake.kafka import EmbeddedBroker, consumer, end_offsets, ensure_topics, free_port, producer  # noqa: E402
 from lambdalake.layout import Layout, read_speed_snapshot_meta, speed_pointer  # noqa: E402
 from lambdalake.pipeline import load_pipeline  # noqa: E402
 from lambdalake.procs import stop_group  # noqa: E402

@@ -47,7 +47,7 @@ app.add_typer(kafka_app, name="kafka")
 
 # --- kafka ------------------------------------------------------------------------------------------------------
 def _broker(home: Path | None, port: int, controller_port: int | None):
-    from lambdalake.kafka import EmbeddedBroker
+    from lambdalake.broker import EmbeddedBroker
 
     settings = load_settings(home=home)
     return EmbeddedBroker(settings.home, port=port, controller_port=controller_port)
@@ -75,7 +75,7 @@ def kafka_up(home: HomeOpt = None, port: PortOpt = 9092, controller_port: CPortO
 @kafka_app.command("down")
 def kafka_down(home: HomeOpt = None) -> None:
     """Stop the embedded broker (clean shutdown; killed after 30 s)."""
-    from lambdalake.kafka import EmbeddedBroker
+    from lambdalake.broker import EmbeddedBroker
 
     settings = load_settings(home=home)
     stopped = EmbeddedBroker(settings.home).down()
@@ -85,7 +85,7 @@ def kafka_down(home: HomeOpt = None) -> None:
 @kafka_app.command("status")
 def kafka_status(home: HomeOpt = None) -> None:
     """Show whether the embedded broker runs, its pid, address and log file. Exit 1 if it is not running."""
-    from lambdalake.kafka import EmbeddedBroker
+    from lambdalake.broker import EmbeddedBroker
 
     settings = load_settings(home=home)
     st = EmbeddedBroker(settings.home).status()
@@ -105,7 +105,7 @@ def topics(pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: Bootst
            count: Annotated[bool, typer.Option("--count/--no-count", help="Read the topics back and classify "
                                                "every message.")] = True) -> None:
     """Create the pipeline's topics (and dead-letter topics) if missing; show message counts."""
-    from lambdalake.kafka import ensure_topics
+    from lambdalake.clients import ensure_topics
 
     ctx = context(pipeline, home, bootstrap, partitions)
     created = ensure_topics(ctx.settings, ctx.pipeline)
@@ -148,7 +148,7 @@ def produce(
     """Send the demo clickstream: N valid events plus duplicates and malformed messages (deterministic)."""
     from datetime import timedelta
 
-    from lambdalake.kafka import ensure_topics
+    from lambdalake.clients import ensure_topics
     from lambdalake.produce import demo_messages, send
 
     ctx = context(pipeline, home, bootstrap)
@@ -181,7 +181,7 @@ def load(
     """Send the rows of a file to a source's topic (backfill or replay). CSV, TSV and Parquet columns are converted
     to the declared field types and the whole file is checked first: if a row cannot be converted or is invalid,
     nothing is sent. JSON lines are sent as they are (consumers dead-letter invalid ones)."""
-    from lambdalake.kafka import ensure_topics
+    from lambdalake.clients import ensure_topics
     from lambdalake.produce import check_file, file_messages, send
 
     if check:

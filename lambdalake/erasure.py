@@ -309,8 +309,8 @@ def publish(settings: Any, requests: Iterable[ErasureRequest]) -> None:
     """Produce ``requests`` to the compacted topic ``lambdalake.erasures`` (created if missing) and wait for acks."""
     from kafka.errors import KafkaError
 
+    from lambdalake.clients import producer
     from lambdalake.exceptions import BrokerError
-    from lambdalake.kafka import producer
 
     ensure_erasures_topic(settings)
     prod = producer(settings)
@@ -331,7 +331,7 @@ def ensure_erasures_topic(settings: Any) -> None:
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    from lambdalake.kafka import _replication, admin_client
+    from lambdalake.clients import _replication, admin_client
 
     admin = admin_client(settings)
     try:
@@ -350,7 +350,7 @@ def retention(settings: Any, topics: Iterable[str]) -> dict[str, dict[str, int |
     """{topic: {"retention.ms": ms or None (kept forever), "segment.ms": ms}} as the broker applies them."""
     from kafka.admin import ConfigResource, ConfigResourceType
 
-    from lambdalake.kafka import admin_client
+    from lambdalake.clients import admin_client
 
     topics = list(topics)
     admin = admin_client(settings)

@@ -7,9 +7,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from lambdalake.clients import consumer, end_offsets
 from lambdalake.config import Settings
 from lambdalake.dedup import DedupWindow
-from lambdalake.kafka import consumer, end_offsets
 from lambdalake.pipeline import Pipeline
 from lambdalake.validation import Validator
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import msgspec
 import orjson
 
+from lambdalake.clients import producer_config
 from lambdalake.config import Settings
 from lambdalake.exceptions import ConfigError
-from lambdalake.kafka import producer_config
 from lambdalake.pipeline import Field, Pipeline, Source, decimal_units
 
 LATE_MAX = timedelta(hours=3)
@@ -228,8 +228,8 @@ def send(settings: Settings, messages: Iterable[Message], *, rate: float | None 
     from confluent_kafka import KafkaException, Producer
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from lambdalake.clients import unreachable
     from lambdalake.exceptions import BrokerError
-    from lambdalake.kafka import _unreachable
 
     if rate is not None and rate <= 0:
         raise ConfigError(f"--rate {rate} must be > 0 (messages per second)")
@@ -242,7 +242,7 @@ def send(settings: Settings, messages: Iterable[Message], *, rate: float | None 
     try:
         prod.list_topics(timeout=5)
     except KafkaException as exc:
-        raise _unreachable(settings, exc) from exc
+        raise unreachable(settings, exc) from exc
     report = ProduceReport()
     sent, malformed, per_topic = report.sent, report.malformed, report.per_topic
     produce, poll = prod.produce, prod.poll

@@ -111,7 +111,7 @@ class KafkaPythonClient:
 
     @classmethod
     def open(cls, settings: Settings, group_id: str | None, connect_timeout: float | None, **overrides):
-        from lambdalake.kafka import consumer
+        from lambdalake.clients import consumer
 
         if connect_timeout is not None:
             overrides["bootstrap_timeout_ms"] = int(1000 * connect_timeout)
@@ -174,7 +174,7 @@ class LibrdkafkaClient:
     kafka-python does per process here (``bench/bench_speed.py``), in its own threads, ahead of the reader.
 
     Its consumer position already passes transaction markers and compacted-away offsets; a commit that waits for an
-    unreachable coordinator gives up after ``session.timeout.ms`` (:func:`lambdalake.kafka.librdkafka_consumer`)."""
+    unreachable coordinator gives up after ``session.timeout.ms`` (:func:`lambdalake.clients.librdkafka_consumer`)."""
 
     name = "librdkafka"
     REQUEST_TIMEOUT_S = 15.0
@@ -186,7 +186,7 @@ class LibrdkafkaClient:
 
     @classmethod
     def open(cls, settings: Settings, group_id: str | None, connect_timeout: float | None, **overrides):
-        from lambdalake.kafka import librdkafka_consumer
+        from lambdalake.clients import librdkafka_consumer
 
         return cls(librdkafka_consumer(settings, group_id, connect_timeout=connect_timeout or 5.0, **overrides),
                    settings.bootstrap)

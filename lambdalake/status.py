@@ -129,7 +129,7 @@ def speed_pid(layout: Layout) -> int | None:
 
 def collect(settings: Settings, pipeline: Pipeline) -> Status:
     """Gather the status; Kafka being down or a broken layer shows as an error field, not an exception."""
-    from lambdalake.kafka import end_offsets
+    from lambdalake.clients import end_offsets
 
     layout = Layout(settings.home)
     errors: list[str] = []

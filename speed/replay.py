@@ -91,7 +91,7 @@ def replay(settings: Settings, pipeline: Pipeline, views: list[str] | None = Non
            notify: Callable[[str], None] | None = None) -> BatchManifest:
     """Rebuild ``views`` (default all) from the log and publish them as a batch version; returns its manifest."""
     from batch.publish import DEFAULT_KEEP, new_staging_dir, publish
-    from lambdalake.kafka import end_offsets
+    from lambdalake.clients import end_offsets
 
     if not pipeline.views:
         raise PipelineError(f"pipeline {pipeline.name!r} declares no views; nothing to replay")

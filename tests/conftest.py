@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from lambdalake.broker import EmbeddedBroker, free_port
 from lambdalake.config import Settings, load_settings
-from lambdalake.kafka import EmbeddedBroker, free_port
 from lambdalake.pipeline import Pipeline, load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent

@@ -29,8 +29,8 @@ import pytest
 
 import lambdalake
 from batch.verify import VerificationFailed, verify_published
+from lambdalake.broker import free_port
 from lambdalake.config import load_settings
-from lambdalake.kafka import free_port
 from lambdalake.layout import Layout, current_batch_manifest, current_speed_snapshot
 from lambdalake.orchestration.airflow_env import airflow_environment
 from lambdalake.orchestration.standalone import airflow_bin

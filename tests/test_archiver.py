@@ -380,7 +380,7 @@ def test_daemon_takes_new_partitions_and_until_caught_up_ends_at_a_transaction_m
     from confluent_kafka.admin import AdminClient, NewPartitions
 
     import batch.archiver as archiver
-    from lambdalake.kafka import end_offsets, ensure_topics
+    from lambdalake.clients import end_offsets, ensure_topics
     from lambdalake.produce import demo_messages, send
 
     def archived() -> bool:
@@ -465,7 +465,7 @@ def test_dead_letters_the_broker_refuses_write_no_file_then_a_rerun_is_exact(set
 
     import batch.archiver as archiver
     from batch.exceptions import DeadLetterError
-    from lambdalake.kafka import admin_client
+    from lambdalake.clients import admin_client
 
     pv = pipeline.source("pageviews")
     admin = admin_client(settings)

@@ -13,8 +13,9 @@ import time
 
 import pytest
 
+from lambdalake.broker import EmbeddedBroker, free_port
+from lambdalake.clients import end_offsets
 from lambdalake.config import load_settings
-from lambdalake.kafka import EmbeddedBroker, end_offsets, free_port
 from lambdalake.layout import Layout, archived_positions
 from lambdalake.pipeline import load_pipeline
 from lambdalake.procs import kill_group

@@ -24,8 +24,9 @@ import pytest
 from audit.check import LOG_MASTER, LOG_SPEED, MASTER_BATCH, MERGED, audit
 from batch.archiver import RollPolicy, ingest
 from batch.job import run_batch
+from lambdalake.broker import free_port
+from lambdalake.clients import ensure_topics
 from lambdalake.config import load_settings
-from lambdalake.kafka import ensure_topics, free_port
 from lambdalake.layout import Layout, current_speed_snapshot
 from lambdalake.pipeline import load_pipeline
 from lambdalake.produce import demo_messages, send

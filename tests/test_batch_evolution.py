@@ -24,7 +24,7 @@ from batch.archiver import RollPolicy, ingest
 from batch.job import IDS_DIR, java_pattern, run_batch
 from batch.plan import plan_batch
 from batch.verify import VerificationFailed, verify_published
-from lambdalake.kafka import ensure_topics
+from lambdalake.clients import ensure_topics
 from lambdalake.layout import Layout
 from lambdalake.pipeline import Field, Pipeline, min_
 from lambdalake.produce import Message, send

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from lambdalake import connect
-from lambdalake.kafka import end_offsets, ensure_topics
+from lambdalake.clients import end_offsets, ensure_topics
 from lambdalake.layout import Layout, archived_positions, read_batch_manifest
 from lambdalake.procs import kill_group, stop_group
 from lambdalake.produce import demo_messages, send

@@ -298,8 +298,8 @@ def test_reason_groups_add_up_with_an_other_bucket():
 
 def test_topics_counts_every_invalid_reason_and_names_random_bytes(settings, pipeline, capsys):
     from lambdalake.cli import print_topic_counts
+    from lambdalake.clients import ensure_topics
     from lambdalake.inspect import count_topics
-    from lambdalake.kafka import ensure_topics
     from lambdalake.options import Context
     from lambdalake.produce import Message, demo_messages, send
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lambdalake.kafka import end_offsets, ensure_topics, free_port
+from lambdalake.broker import free_port
+from lambdalake.clients import end_offsets, ensure_topics
 
 LAMBDALAKE = str(Path(sys.executable).parent / "lambdalake")
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lambdalake.kafka import ensure_topics
+from lambdalake.clients import ensure_topics
 from lambdalake.pipeline import load_pipeline
 from lambdalake.produce import LATE_MAX, Message, demo_messages, send
 from lambdalake.validation import parse_rfc3339_us
@@ -135,8 +135,8 @@ def test_a_message_the_broker_refuses_fails_the_send(settings, unique_suffix):
     `send` raise a BrokerError, so `lambdalake produce` / `load` exit with an error."""
     from kafka.admin import NewTopic
 
+    from lambdalake.clients import admin_client
     from lambdalake.exceptions import BrokerError
-    from lambdalake.kafka import admin_client
 
     topic = f"small.{unique_suffix}"
     admin = admin_client(settings)

@@ -29,10 +29,10 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from lambdalake import contracts
+from lambdalake.clients import end_offsets, ensure_topics
 from lambdalake.config import Settings
 from lambdalake.contracts import BatchManifest, BatchPointer, Positions, SpeedSnapshotMeta
 from lambdalake.dedup import DedupWindow
-from lambdalake.kafka import end_offsets, ensure_topics
 from lambdalake.layout import (
     Layout,
     batch_pointer,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from lambdalake.kafka import end_offsets
+from lambdalake.clients import end_offsets
 from lambdalake.layout import Layout, read_speed_snapshot_meta, speed_pointer
 from lambdalake.pipeline import Pipeline, load_pipeline
 from tests.oracle import parts_estimate, read_log

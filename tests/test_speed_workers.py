@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from lambdalake.kafka import end_offsets
+from lambdalake.clients import end_offsets
 from lambdalake.layout import Layout
 from lambdalake.speedset import read_speed_set
 from tests.conftest import LAMBDALAKE

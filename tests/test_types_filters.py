@@ -441,8 +441,8 @@ def test_order_lines_through_every_engine_equal_the_oracle(kafka_broker, lake, t
     from batch.archiver import ingest
     from batch.job import run_batch
     from lambdalake import connect
+    from lambdalake.clients import ensure_topics
     from lambdalake.config import load_settings
-    from lambdalake.kafka import ensure_topics
     from lambdalake.produce import Message, send
     from speed.consumer import SpeedLayer, SpeedOptions
     from tests.conftest import write_pipeline_copy

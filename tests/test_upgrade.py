@@ -18,9 +18,9 @@ import duckdb
 import pytest
 
 from lambdalake import connect
+from lambdalake.clients import ensure_topics
 from lambdalake.contracts import MANIFEST_FORMAT, BatchManifest
 from lambdalake.exceptions import LambdalakeError
-from lambdalake.kafka import ensure_topics
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.produce import demo_messages, send
 from tests.oracle import assert_rows_equal, oracle_views, read_log

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from lambdalake import connect
-from lambdalake.kafka import ensure_topics
+from lambdalake.clients import ensure_topics
 from lambdalake.pipeline import Pipeline, load_pipeline
 from lambdalake.produce import demo_messages, send
 from tests.oracle import assert_rows_equal, oracle_views, read_log

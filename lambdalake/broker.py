@@ -1,4 +1,4 @@
-"""Kafka lifecycle helpers: the embedded broker (real Apache Kafka 4.x, KRaft, single node), topics, clients.
+"""The embedded Kafka broker: real Apache Kafka 4.x, KRaft, single node, started and stopped by the project.
 
 The embedded broker is the official ``kafka.Kafka`` main class run from the jars that ``make install`` copies
 from Maven Central into ``.cache/kafka/libs`` (``infra/kafka/pom.xml``). Its files live under
@@ -21,16 +21,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
 from contextlib import closing
 from pathlib import Path
 
 import psutil
 
-from lambdalake.config import Settings
 from lambdalake.exceptions import BrokerError
 from lambdalake.layout import Layout, atomic_write_bytes
-from lambdalake.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -287,186 +284,3 @@ def _serves_metadata(bootstrap: str) -> bool:
         return False
     finally:
         admin.close()
-
-
-# clients ------------------------------------------------------------------------------------------------------
-def _unreachable(settings: Settings, exc: Exception) -> BrokerError:
-    hint = ("start the embedded broker with `lambdalake kafka up`" if settings.bootstrap_is_embedded
-            else "check LAMBDALAKE_BOOTSTRAP and that the cluster is up")
-    return BrokerError(f"cannot reach Kafka at {settings.bootstrap} ({type(exc).__name__}); {hint}")
-
-
-def admin_client(settings: Settings):
-    """A KafkaAdminClient, or a BrokerError that says how to fix the connection."""
-    from kafka import KafkaAdminClient
-    from kafka.errors import KafkaError
-
-    try:
-        return KafkaAdminClient(bootstrap_servers=settings.bootstrap, client_id="lambdalake-admin",
-                                request_timeout_ms=15000, bootstrap_timeout_ms=5000)
-    except (KafkaError, OSError) as exc:
-        raise _unreachable(settings, exc) from exc
-
-
-def producer(settings: Settings, **overrides):
-    """An idempotent producer with acks=all (no duplicates from producer retries)."""
-    from kafka import KafkaProducer
-    from kafka.errors import KafkaError
-
-    conf = dict(bootstrap_servers=settings.bootstrap, acks="all", enable_idempotence=True,
-                linger_ms=5, batch_size=256 * 1024, max_request_size=2 * 1024 * 1024,
-                bootstrap_timeout_ms=5000, client_id="lambdalake-producer")
-    conf.update(overrides)
-    try:
-        return KafkaProducer(**conf)
-    except (KafkaError, OSError) as exc:
-        raise _unreachable(settings, exc) from exc
-
-
-def producer_config(settings: Settings, **overrides: object) -> dict[str, object]:
-    """The configuration of the librdkafka (confluent-kafka) producer: ``lambdalake produce`` / ``load``, the
-    archiver's dead letters and the benchmarks. It sends ~10x what kafka-python's producer does per core
-    (/work/shared/CEILINGS.md).
-
-    Same delivery semantics as every other producer of lambdalake: idempotent with acks=all (retries neither
-    duplicate nor reorder), and keyed messages go to the partition Kafka's Java client and kafka-python choose
-    (murmur2 of the key), so a subject's events share a partition whichever producer sent them."""
-    conf: dict[str, object] = {
-        "bootstrap.servers": settings.bootstrap, "client.id": "lambdalake-producer",
-        "enable.idempotence": True, "acks": "all", "partitioner": "murmur2_random",
-        "linger.ms": 20, "batch.size": 1024 * 1024, "compression.type": "none",
-        "message.max.bytes": 2 * 1024 * 1024,  # like the broker's limit (a > 1 MiB malformed message fits)
-        "message.timeout.ms": 120_000,  # a message not acknowledged within 2 minutes is a failure
-        "queue.buffering.max.messages": 200_000, "queue.buffering.max.kbytes": 256 * 1024,
-        # librdkafka's retry chatter (a fresh broker's PID, reconnects) under the "kafka" logger, which the CLI keeps
-        # quiet unless LAMBDALAKE_LOG=DEBUG (lambdalake.options.configure_logging): failures surface as BrokerError
-        "logger": logging.getLogger("kafka.librdkafka"),
-    }
-    conf.update(overrides)
-    return conf
-
-
-def librdkafka_producer(settings: Settings, *, connect_timeout: float = 5.0, **overrides: object):
-    """A librdkafka producer (:func:`producer_config` plus ``overrides``), checked reachable (cluster metadata
-    within ``connect_timeout`` seconds), else a :class:`BrokerError`."""
-    from confluent_kafka import KafkaException, Producer
-
-    p = Producer(producer_config(settings, **overrides))
-    try:
-        p.list_topics(timeout=connect_timeout)
-    except KafkaException as exc:
-        raise _unreachable(settings, exc) from exc
-    return p
-
-
-def consumer(settings: Settings, group_id: str | None = None, **overrides):
-    """A consumer with auto-commit off: positions come from our own durable state, never from Kafka."""
-    from kafka import KafkaConsumer
-    from kafka.errors import KafkaError
-
-    conf = dict(bootstrap_servers=settings.bootstrap, group_id=group_id, enable_auto_commit=False,
-                auto_offset_reset="earliest", bootstrap_timeout_ms=5000,
-                max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
-                client_id=f"lambdalake-{group_id or 'reader'}")
-    conf.update(overrides)
-    try:
-        return KafkaConsumer(**conf)
-    except (KafkaError, OSError) as exc:
-        raise _unreachable(settings, exc) from exc
-
-
-def librdkafka_consumer(settings: Settings, group_id: str | None = None, *, connect_timeout: float = 5.0,
-                        **overrides):
-    """A librdkafka (confluent-kafka) consumer reading like :func:`consumer`: auto-commit off, earliest reset, every
-    record including those of aborted transactions (kafka-python's default isolation), manual assignment only.
-    Checked reachable (cluster metadata within ``connect_timeout`` seconds), else a :class:`BrokerError`."""
-    from confluent_kafka import Consumer, KafkaException
-
-    quiet = logging.getLogger("kafka.librdkafka")  # reconnect chatter; the CLI keeps "kafka" quiet unless DEBUG
-    conf: dict[str, object] = {
-        "bootstrap.servers": settings.bootstrap, "group.id": group_id or "lambdalake-reader",
-        "client.id": f"lambdalake-{group_id or 'reader'}",
-        "enable.auto.commit": False, "enable.auto.offset.store": False, "auto.offset.reset": "earliest",
-        "isolation.level": "read_uncommitted", "fetch.wait.max.ms": 100,
-        "max.partition.fetch.bytes": 4 * 1024 * 1024, "fetch.max.bytes": 64 * 1024 * 1024,
-        # No group is ever joined (manual assignment): this only bounds how long a commit waits for an unreachable
-        # group coordinator, and close() for such a commit still in flight
-        "session.timeout.ms": 5000,
-        "logger": quiet, "error_cb": lambda err: quiet.debug("librdkafka: %s", err),
-    }
-    conf.update(overrides)
-    c = Consumer(conf)
-    try:
-        c.list_topics(timeout=connect_timeout)
-    except KafkaException as exc:
-        c.close()
-        raise _unreachable(settings, exc) from exc
-    return c
-
-
-def ensure_topics(settings: Settings, pipeline: Pipeline) -> list[str]:
-    """Create every source topic and its dead-letter topic (same partition count). Returns those created."""
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
-    wanted: list[str] = []
-    for s in pipeline.sources:
-        wanted += [s.topic, s.dlq_topic]
-    admin = admin_client(settings)
-    try:
-        existing = set(admin.list_topics())
-        missing = [t for t in wanted if t not in existing]
-        created = []
-        for t in missing:
-            try:
-                admin.create_topics([NewTopic(t, settings.partitions, 1 if settings.bootstrap_is_embedded
-                                              else _replication(admin))])
-                created.append(t)
-            except TopicAlreadyExistsError:
-                pass
-        _wait_for_leaders(settings, wanted)
-        return created
-    finally:
-        admin.close()
-
-
-def _replication(admin) -> int:
-    try:
-        brokers = admin.describe_cluster().get("brokers", [])
-        return min(3, max(1, len(brokers)))
-    except Exception:  # noqa: BLE001 - best effort; 1 always works
-        return 1
-
-
-def _wait_for_leaders(settings: Settings, topics: Iterable[str], timeout: float = 30.0) -> None:
-    """Block until every partition of ``topics`` has a leader, so the first produce does not fail."""
-    c = consumer(settings)
-    try:
-        deadline = time.monotonic() + timeout
-        pending = set(topics)
-        while pending and time.monotonic() < deadline:
-            for t in list(pending):
-                parts = c.partitions_for_topic(t)
-                if parts:
-                    pending.discard(t)
-            if pending:
-                time.sleep(0.2)
-        if pending:
-            raise BrokerError(f"topics {sorted(pending)} have no partition leaders after {timeout:.0f}s")
-    finally:
-        c.close()
-
-
-def end_offsets(settings: Settings, topics: Iterable[str]) -> dict[tuple[str, int], int]:
-    """Current end offset of every partition of ``topics``: {(topic, partition): end}."""
-    from kafka import TopicPartition
-
-    c = consumer(settings)
-    try:
-        tps = []
-        for t in topics:
-            for p in sorted(c.partitions_for_topic(t) or ()):
-                tps.append(TopicPartition(t, p))
-        return {(tp.topic, tp.partition): off for tp, off in c.end_offsets(tps).items()} if tps else {}
-    finally:
-        c.close()
