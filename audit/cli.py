@@ -1,4 +1,4 @@
-"""``lambdalake audit``: the end-to-end integrity check (mounted by :mod:`lambdalake.cli`).
+"""``lambdalake audit``: the end-to-end integrity check (mounted by :mod:`wiring.cli`).
 
 Exit status: 0 everything holds, 1 differences found (the first ones are listed), 2 the audit could not run
 (one line on stderr: broker unreachable, unreadable lake, bad option).

@@ -1,5 +1,5 @@
 """CLI commands of the batch layer: ``ingest``, ``compact``, ``batch``, ``forget`` (mounted by
-:mod:`lambdalake.cli`)."""
+:mod:`wiring.cli`)."""
 
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ def bench_archiver(events: int, workdir: Path) -> dict:
     from batch.archiver import ingest
     from lambdalake.broker import EmbeddedBroker, free_port
     from lambdalake.clients import ensure_topics
-    from lambdalake.produce import demo_messages, send
+    from wiring.produce import demo_messages, send
 
     broker = None
     bootstrap = os.environ.get("LAMBDALAKE_BOOTSTRAP")

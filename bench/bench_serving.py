@@ -1,4 +1,4 @@
-"""Serving latency: merged views (batch ⊕ speed, ``lambdalake.connect()``) vs a raw master scan and vs the ceiling.
+"""Serving latency: merged views (batch ⊕ speed, ``serving.connect()``) vs a raw master scan and vs the ceiling.
 
 Not a test. For each size it synthesizes a lake of the clickstream pipeline's ``pageviews`` directly on disk, per
 the published contracts (no Kafka, no Spark): master parquet files per partition/offset range; a batch version

@@ -61,8 +61,8 @@ from lambdalake.exceptions import InvariantViolation  # noqa: E402
 from lambdalake.layout import Layout, read_speed_snapshot_meta, speed_pointer  # noqa: E402
 from lambdalake.pipeline import load_pipeline  # noqa: E402
 from lambdalake.procs import stop_group  # noqa: E402
-from lambdalake.produce import demo_messages, producer_config, send  # noqa: E402
 from lambdalake.validation import Validator  # noqa: E402
+from wiring.produce import demo_messages, producer_config, send  # noqa: E402
 
 LAMBDALAKE = str(Path(sys.executable).parent / "lambdalake")
 
@@ -91,7 +91,7 @@ def fresh(work: Path, bootstrap: str, block: int):
 
 
 def produce_all(settings, pipe, n: int) -> dict:
-    """``lambdalake produce``'s sender (:func:`lambdalake.produce.send`, librdkafka) over pre-generated messages."""
+    """``lambdalake produce``'s sender (:func:`wiring.produce.send`, librdkafka) over pre-generated messages."""
     msgs = list(demo_messages(pipe, n, seed=1))
     report = send(settings, iter(msgs), progress=False)
     return {"messages": report.total, "seconds": round(report.seconds, 3),

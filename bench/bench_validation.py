@@ -32,7 +32,6 @@ import msgspec
 import orjson
 
 from lambdalake.pipeline import Source, decimal_units, load_pipeline
-from lambdalake.produce import demo_messages
 from lambdalake.validation import (
     _TZ_DATETIME,
     FIRST_INSTANT_US,
@@ -44,6 +43,7 @@ from lambdalake.validation import (
     _us,
     compile_struct,
 )
+from wiring.produce import demo_messages
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 """lambdalake_batch: archive -> plan -> Spark batch -> verify -> announce (Asset) -> speed handoff.
 
-Thin wiring of the layers' own functions (the table in :mod:`lambdalake.orchestration.tasks` names each one): the
+Thin wiring of the layers' own functions (the table in :mod:`wiring.orchestration.tasks` names each one): the
 batch layer's :mod:`batch.plan` (archive, plan), its Spark job ``batch/job.py`` — submitted with the Spark
 provider's SparkSubmitOperator through the Airflow connection ``spark_default`` (``lambdalake airflow`` defines it
 from ``LAMBDALAKE_SPARK_MASTER``) — and :mod:`batch.verify`.
@@ -30,8 +30,8 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 from airflow.sdk import Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowSkipException
 
-from lambdalake.orchestration import dagkit
-from lambdalake.orchestration import tasks as wiring
+from wiring.orchestration import dagkit
+from wiring.orchestration import tasks as wiring
 
 log = logging.getLogger(__name__)
 BATCH_JOB = importlib.util.find_spec("batch.job").origin  # the batch layer's spark-submit application

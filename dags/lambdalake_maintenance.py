@@ -12,8 +12,8 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import dag, task
 
-from lambdalake.orchestration import dagkit
-from lambdalake.orchestration import tasks as wiring
+from wiring.orchestration import dagkit
+from wiring.orchestration import tasks as wiring
 
 
 @dag(

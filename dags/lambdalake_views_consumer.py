@@ -1,7 +1,7 @@
 """lambdalake_views_consumer: an example downstream DAG, triggered by data — each new published batch version.
 
 Scheduled on the ``lambdalake_batch_views`` Asset that ``lambdalake_batch`` emits after validating a version; the
-event's extra says which version and where. The task opens the serving layer (:func:`lambdalake.connect`) and
+event's extra says which version and where. The task opens the serving layer (:func:`serving.connect`) and
 reports what every view holds — replace it with your own export, report or model refresh.
 """
 
@@ -12,7 +12,7 @@ import logging
 import pendulum
 from airflow.sdk import dag, get_current_context, task
 
-from lambdalake.orchestration import dagkit
+from wiring.orchestration import dagkit
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,8 @@ def lambdalake_views_consumer() -> None:
     @task
     def summarize() -> dict:
         """Row counts of every merged view, read through the serving layer."""
-        import lambdalake
-        from lambdalake.orchestration.tasks import load
+        import serving
+        from wiring.orchestration.tasks import load
 
         events = get_current_context()["triggering_asset_events"][dagkit.BATCH_VIEWS]
         extra = events[-1].extra if events else {}
@@ -40,7 +40,7 @@ def lambdalake_views_consumer() -> None:
         if extra.get("home"):
             cfg["LAMBDALAKE_HOME"] = extra["home"]
         settings, pipeline = load(cfg)
-        con = lambdalake.connect(settings, pipeline)
+        con = serving.connect(settings, pipeline)
         try:
             counts = {v.name: con.execute(f'SELECT count(*) FROM "{v.name}"').fetchone()[0] for v in pipeline.views}
         finally:

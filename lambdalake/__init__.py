@@ -6,7 +6,9 @@ Public API (stable names):
 - :class:`lambdalake.pipeline.Pipeline`, :class:`Source`, :class:`Field`, :class:`View`, aggregates
   :func:`count`, :func:`sum_`, :func:`min_`, :func:`max_`, :func:`mean`, :func:`approx_distinct` — declare a pipeline.
 - :func:`lambdalake.config.load_settings` — resolve configuration.
-- :func:`lambdalake.connect` — a ready, read-only DuckDB connection over the merged views (serving layer).
+
+This package is the core every layer imports and it imports no layer: a ready, read-only DuckDB connection over the
+merged views is :func:`serving.connect` (the serving layer; ``lambdalake.connect`` before 0.2).
 """
 
 from lambdalake.pipeline import (
@@ -35,15 +37,9 @@ from lambdalake.pipeline import (
     sum_,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["Field", "Pipeline", "Source", "View", "count", "sum_", "min_", "max_", "mean", "approx_distinct", "connect",
+__all__ = ["Field", "Pipeline", "Source", "View", "count", "sum_", "min_", "max_", "mean", "approx_distinct",
            "__version__",
            "Predicate", "eq", "ne", "lt", "le", "gt", "ge", "between", "in_", "is_null", "not_null", "and_", "or_"]
 
-
-def connect(*args, **kwargs):
-    """A read-only DuckDB connection where every view of the pipeline is a table (see ``serving``)."""
-    from serving.connection import connect as _connect
-
-    return _connect(*args, **kwargs)

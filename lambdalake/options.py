@@ -1,7 +1,7 @@
 """What every ``lambdalake`` command shares: the consoles, the common options and the per-invocation context.
 
-The root CLI (:mod:`lambdalake.cli`) and the layer CLIs (``batch.cli``, ``speed.cli``, ``serving.cli``,
-``lambdalake.orchestration.cli``) all import from here; the root mounts the layers' commands, nothing imports the
+The root CLI (:mod:`wiring.cli`) and the layer CLIs (``batch.cli``, ``speed.cli``, ``serving.cli``,
+``wiring.orchestration.cli``) all import from here; the root mounts the layers' commands, nothing imports the
 root back.
 """
 

@@ -16,7 +16,7 @@ the union's composite estimate (:func:`estimate`) — never the HIP estimate a s
 (that one depends on the order and split of updates, so two engines would disagree). So the served value of an
 ``approx_distinct`` column is the same number whichever engine built which part, and a test can compare it exactly.
 
-DuckDB has no DataSketches functions; :func:`register` adds vectorized Python functions (``lambdalake.connect()``,
+DuckDB has no DataSketches functions; :func:`register` adds vectorized Python functions (``serving.connect()``,
 ``lambdalake sql``, audit, verify). The stock DuckDB CLI opening the catalog file has none of them: there an
 ``approx_distinct`` column is NULL, and ``sketches.<view>`` holds no merged sketch (see README).
 """

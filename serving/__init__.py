@@ -1,6 +1,6 @@
 """Serving layer: DuckDB merges the published batch version and speed snapshot on every query.
 
-- :func:`serving.connection.connect` (also :func:`lambdalake.connect`) — a locked-down DuckDB connection where every
+- :func:`serving.connection.connect` (also :func:`serving.connect`) — a locked-down DuckDB connection where every
   view of the pipeline is a table named after the view (batch ⊕ speed, merged per query), ``master.<source>`` is
   the raw master dataset and ``lambdalake.*`` describes what was read (versions, watermarks, freshness).
 - :func:`serving.connection.refresh` — move a long-lived connection to the newest published pair.

@@ -1,4 +1,4 @@
-"""``lambdalake sql`` and ``lambdalake catalog``: the serving layer's commands (mounted by lambdalake.cli)."""
+"""``lambdalake sql`` and ``lambdalake catalog``: the serving layer's commands (mounted by wiring.cli)."""
 
 from __future__ import annotations
 

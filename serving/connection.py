@@ -113,7 +113,7 @@ _said_no_timeout = False
 WATCH_INTERVAL_S = 0.05  # how often the statement-timeout watchdog looks at a connection
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_THREADS = max(1, min(4, os.cpu_count() or 1))
-TAMPERED = "an internal relation of this connection was dropped or replaced; reconnect (lambdalake.connect())"
+TAMPERED = "an internal relation of this connection was dropped or replaced; reconnect (serving.connect())"
 
 
 def _scratch_root() -> str | None:
@@ -332,7 +332,7 @@ def refresh(con: duckdb.DuckDBPyConnection) -> PublishedPair:
     """
     binding = _bindings.get(con)
     if binding is None:
-        raise InconsistentPublishedState("refresh() needs a connection made by lambdalake.connect()")
+        raise InconsistentPublishedState("refresh() needs a connection made by serving.connect()")
     con.abort()
     if binding.spec is not None:
         binding.pipeline = load_pipeline(binding.spec, fresh=True)

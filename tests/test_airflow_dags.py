@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from lambdalake.config import load_settings
-from lambdalake.orchestration.airflow_env import airflow_environment, dags_folder, spark_connection
-from lambdalake.orchestration.tasks import batch_keep, lake_config, settings_from
+from wiring.orchestration.airflow_env import airflow_environment, dags_folder, spark_connection
+from wiring.orchestration.tasks import batch_keep, lake_config, settings_from
 
 REPO = Path(__file__).resolve().parent.parent
 

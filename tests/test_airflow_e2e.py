@@ -27,15 +27,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import lambdalake
+import serving
 from batch.verify import VerificationFailed, verify_published
 from lambdalake.broker import free_port
 from lambdalake.config import load_settings
 from lambdalake.layout import Layout, current_batch_manifest, current_speed_snapshot
-from lambdalake.orchestration.airflow_env import airflow_environment
-from lambdalake.orchestration.standalone import airflow_bin
-from lambdalake.orchestration.tasks import announced
 from tests.oracle import assert_rows_equal, oracle_views, read_log
+from wiring.orchestration.airflow_env import airflow_environment
+from wiring.orchestration.standalone import airflow_bin
+from wiring.orchestration.tasks import announced
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1800)]
 
@@ -73,8 +73,8 @@ def run_states(airflow_home: Path, expected_runs: int) -> dict[str, str]:
 
 
 def served(settings, pipeline) -> dict[str, list[tuple]]:
-    """Every view as the serving layer returns it (``lambdalake.connect``)."""
-    con = lambdalake.connect(settings, pipeline)
+    """Every view as the serving layer returns it (``serving.connect``)."""
+    con = serving.connect(settings, pipeline)
     try:
         return {v.name: con.execute(f'SELECT {", ".join(chr(34) + c + chr(34) for c in v.output_columns)} '
                                     f'FROM "{v.name}"').fetchall() for v in pipeline.views}

@@ -29,10 +29,10 @@ from lambdalake.clients import ensure_topics
 from lambdalake.config import load_settings
 from lambdalake.layout import Layout, current_speed_snapshot
 from lambdalake.pipeline import load_pipeline
-from lambdalake.produce import demo_messages, send
 from serving.published import resolve_pair
 from speed.consumer import SpeedLayer, SpeedOptions
 from tests.conftest import LAMBDALAKE, write_pipeline_copy
+from wiring.produce import demo_messages, send
 
 pytestmark = [pytest.mark.integration]
 

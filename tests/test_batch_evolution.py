@@ -27,9 +27,9 @@ from batch.verify import VerificationFailed, verify_published
 from lambdalake.clients import ensure_topics
 from lambdalake.layout import Layout
 from lambdalake.pipeline import Field, Pipeline, min_
-from lambdalake.produce import Message, send
 from tests.oracle import assert_rows_equal, oracle_views, read_log
 from tests.test_batch_job import produce, version_rows
+from wiring.produce import Message, send
 
 # --- the Java regex the Spark job evaluates == re.fullmatch (no broker needed) --------------------------------------
 PATTERNS = [r"^[A-Z]{3}$", r"[a-z]+(-[a-z]+)*", r"\d{2,4}", r".+", r"(?i)usd|eur", r"\w+@\w+\.com", r"a|ab",

@@ -20,15 +20,15 @@ import time
 
 import pytest
 
-from lambdalake import connect
 from lambdalake.clients import end_offsets, ensure_topics
 from lambdalake.layout import Layout, archived_positions, read_batch_manifest
 from lambdalake.procs import kill_group, stop_group
-from lambdalake.produce import demo_messages, send
 from lambdalake.speedset import read_speed_set
+from serving import connect
 from serving.connection import pair_of
 from tests.conftest import LAMBDALAKE
 from tests.oracle import assert_rows_equal, oracle_views, read_log
+from wiring.produce import demo_messages, send
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

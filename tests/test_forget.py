@@ -25,10 +25,8 @@ from batch.archiver import RollPolicy, ingest
 from batch.erase import forget
 from batch.job import run_batch
 from lambdalake import erasure
-from lambdalake.cli import main
 from lambdalake.config import load_settings
 from lambdalake.layout import Layout, current_batch_manifest
-from lambdalake.produce import demo_messages
 from lambdalake.schema import VALUE_COL
 from lambdalake.status import erasure_status
 from serving.connection import connect, speed_table
@@ -36,6 +34,8 @@ from serving.published import resolve_pair
 from speed.consumer import SpeedLayer, SpeedOptions
 from tests.conftest import LAMBDALAKE
 from tests.oracle import assert_rows_equal, oracle_views, parse_event, read_log
+from wiring.cli import main
+from wiring.produce import demo_messages
 
 BAD = "user-bad"  # the user_id of the demo's malformed messages that carry one
 def _env(settings, **extra) -> dict:

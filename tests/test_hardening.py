@@ -37,7 +37,6 @@ from lambdalake.config import fix_handoff_block, load_settings
 from lambdalake.contracts import BatchManifest, BatchView, Positions, SpeedSnapshotMeta, SpeedView
 from lambdalake.dedup import DedupWindow
 from lambdalake.exceptions import ConfigError, PipelineError
-from lambdalake.inspect import REASON_GROUPS_SHOWN, reason_group, reason_summary
 from lambdalake.layout import Layout
 from lambdalake.pipeline import MAX_BUCKET, View, count, load_pipeline
 from lambdalake.validation import FIRST_INSTANT_US, LAST_INSTANT_US, Validator
@@ -49,6 +48,7 @@ from speed.replay import batch_table
 from speed.snapshot import make_visible, write_snapshot
 from speed.state import apply_records, build_states
 from tests.conftest import LAMBDALAKE
+from wiring.topic_counts import REASON_GROUPS_SHOWN, reason_group, reason_summary
 
 PIPELINE_FILE = '''
 from datetime import timedelta
@@ -297,11 +297,11 @@ def test_reason_groups_add_up_with_an_other_bucket():
 
 
 def test_topics_counts_every_invalid_reason_and_names_random_bytes(settings, pipeline, capsys):
-    from lambdalake.cli import print_topic_counts
     from lambdalake.clients import ensure_topics
-    from lambdalake.inspect import count_topics
     from lambdalake.options import Context
-    from lambdalake.produce import Message, demo_messages, send
+    from wiring.cli import print_topic_counts
+    from wiring.produce import Message, demo_messages, send
+    from wiring.topic_counts import count_topics
 
     rng = random.Random(14)
     pv = pipeline.source("pageviews")
@@ -342,7 +342,7 @@ def test_sql_refuses_a_lake_that_does_not_exist(tmp_path):
 
 
 def test_every_reading_command_refuses_a_missing_lake_and_creating_ones_do_not(tmp_path, monkeypatch):
-    from lambdalake.cli import app as root
+    from wiring.cli import app as root
 
     missing = tmp_path / "nope"
     runner = CliRunner()
@@ -354,7 +354,7 @@ def test_every_reading_command_refuses_a_missing_lake_and_creating_ones_do_not(t
         assert isinstance(res.exception, ConfigError) and str(res.exception) == missing_lake_error(missing), args
     assert not missing.exists()
     # the Python API too
-    from lambdalake import connect
+    from serving import connect
 
     with pytest.raises(ConfigError, match="does not exist"):
         connect(home=missing, pipeline="lambdalake.pipelines.clickstream")

@@ -30,8 +30,8 @@ from lambdalake.config import load_settings
 from lambdalake.erasure import new_request, request_path, write_request
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import Pipeline, load_pipeline
-from lambdalake.produce import Message, demo_messages
 from lambdalake.validation import Validator
+from wiring.produce import Message, demo_messages
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ import pytest
 
 from lambdalake.clients import ensure_topics
 from lambdalake.pipeline import load_pipeline
-from lambdalake.produce import LATE_MAX, Message, demo_messages, send
 from lambdalake.validation import parse_rfc3339_us
 from tests.oracle import oracle_counts, read_log
+from wiring.produce import LATE_MAX, Message, demo_messages, send
 
 DEMO = load_pipeline("lambdalake.pipelines.clickstream")
 

@@ -552,12 +552,12 @@ def test_connection_allows_any_select_and_display_settings(safe_con):
     assert safe_con.execute("SELECT current_setting('TimeZone')").fetchone()[0] == "Europe/Paris"
 
 
-def test_lambdalake_connect_entry_point(home, clickstream):
-    import lambdalake
+def test_serving_connect_entry_point(home, clickstream):
+    import serving
 
     events = make_events(clickstream, 200)
     split_lake(home, clickstream, events, {0: 1, 1: 2, 2: 3})
-    con = lambdalake.connect(home=home, pipeline="lambdalake.pipelines.clickstream")
+    con = serving.connect(home=home, pipeline="lambdalake.pipelines.clickstream")
     view = clickstream.view("pageviews_hourly")
     assert query_view(con, view) == expected_view(clickstream, view, events)
 

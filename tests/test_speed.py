@@ -42,9 +42,9 @@ from lambdalake.layout import (
     write_pointer,
 )
 from lambdalake.pipeline import Field, Pipeline, Source, View, count, max_, mean, min_, sum_
-from lambdalake.produce import demo_messages, send
 from tests.conftest import LAMBDALAKE
 from tests.oracle import LogMessage, assert_rows_equal, oracle_counts, oracle_views, parts_estimate, read_log
+from wiring.produce import demo_messages, send
 
 # --- reading published speed state, independently of engine code -------------------------------------------------
 

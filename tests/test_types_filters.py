@@ -51,12 +51,12 @@ from lambdalake.pipeline import (
     sum_,
 )
 from lambdalake.pipelines.orders import pipeline as ORDERS
-from lambdalake.produce import check_file, file_messages
 from lambdalake.schema import arrow_schema, master_columns, speed_view_columns, view_columns
 from lambdalake.validation import ReferenceValidator, Validator
 from serving.sql import merged_view_sql, typed_select
 from speed.state import SourceState
 from tests.oracle import LogMessage, assert_rows_equal, oracle_views, parse_event
+from wiring.produce import check_file, file_messages
 
 OL = ORDERS.source("order_lines")
 V_OL, R_OL = Validator(OL), ReferenceValidator(OL)
@@ -440,13 +440,13 @@ def test_order_lines_through_every_engine_equal_the_oracle(kafka_broker, lake, t
     from audit.check import audit
     from batch.archiver import ingest
     from batch.job import run_batch
-    from lambdalake import connect
     from lambdalake.clients import ensure_topics
     from lambdalake.config import load_settings
-    from lambdalake.produce import Message, send
+    from serving import connect
     from speed.consumer import SpeedLayer, SpeedOptions
     from tests.conftest import write_pipeline_copy
     from tests.oracle import read_log
+    from wiring.produce import Message, send
 
     pipe_file = write_pipeline_copy(tmp_path, "lambdalake.pipelines.orders", unique_suffix)
     cfg = load_settings(home=lake, bootstrap=kafka_broker, pipeline=str(pipe_file), partitions=2).with_(
@@ -486,7 +486,7 @@ def test_order_lines_through_every_engine_equal_the_oracle(kafka_broker, lake, t
 def test_load_check_is_a_dry_run_listing_refused_lines(tmp_path):
     from typer.testing import CliRunner
 
-    from lambdalake.cli import app
+    from wiring.cli import app
 
     csv = tmp_path / "chk.csv"
     csv.write_text(HEADER + "l0,2026-02-01T10:00:00Z,o0,A-1,EUR,1,1.505,,0.1,false,\n"

@@ -17,13 +17,13 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from lambdalake import connect
 from lambdalake.clients import ensure_topics
 from lambdalake.contracts import MANIFEST_FORMAT, BatchManifest
 from lambdalake.exceptions import LambdalakeError
 from lambdalake.layout import Layout, current_batch_manifest
-from lambdalake.produce import demo_messages, send
+from serving import connect
 from tests.oracle import assert_rows_equal, oracle_views, read_log
+from wiring.produce import demo_messages, send
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -57,7 +57,7 @@ def settings(settings, tmp_path):
 
 def _old_cli(tree: Path, env: dict, *args: str) -> None:
     # cwd and PYTHONPATH are the old tree, so its packages shadow this checkout's editable install
-    res = subprocess.run([sys.executable, "-c", "import sys; from lambdalake.cli import main; "
+    res = subprocess.run([sys.executable, "-c", "import sys; from wiring.cli import main; "
                           "sys.exit(main(sys.argv[1:]))", *args], cwd=tree, env={**env, "PYTHONPATH": str(tree)},
                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, f"previous release: lambdalake {' '.join(args)}\n{res.stdout}\n{res.stderr}"

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lambdalake.pipeline import load_pipeline
-from lambdalake.produce import demo_messages
 from lambdalake.validation import MAX_MESSAGE_BYTES, Invalid, ReferenceValidator, Valid, Validator, parse_rfc3339_us
 from tests.oracle import parse_event
+from wiring.produce import demo_messages
 
 PIPE = load_pipeline("lambdalake.pipelines.clickstream")
 PV = PIPE.source("pageviews")

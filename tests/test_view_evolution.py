@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from lambdalake import connect
 from lambdalake.clients import ensure_topics
 from lambdalake.pipeline import Pipeline, load_pipeline
-from lambdalake.produce import demo_messages, send
+from serving import connect
 from tests.oracle import assert_rows_equal, oracle_views, read_log
+from wiring.produce import demo_messages, send
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -2,13 +2,13 @@
 ``dags/`` share. The work the DAGs schedule belongs to the layers (``batch.plan``, ``batch/job.py``,
 ``batch.verify``, ``batch.compact``, ``batch.publish``), which the DAG files call directly.
 
-- :mod:`lambdalake.orchestration.tasks` — run-time lake configuration (Airflow Variables over the environment),
+- :mod:`wiring.orchestration.tasks` — run-time lake configuration (Airflow Variables over the environment),
   the announcement records behind the Asset event, and the speed handoff step; testable without Airflow.
-- :mod:`lambdalake.orchestration.airflow_env` — the environment Airflow runs with: project-local ``AIRFLOW_HOME``,
+- :mod:`wiring.orchestration.airflow_env` — the environment Airflow runs with: project-local ``AIRFLOW_HOME``,
   the repo's ``dags/`` folder, the ``spark_default`` connection built from ``LAMBDALAKE_SPARK_MASTER``.
-- :mod:`lambdalake.orchestration.standalone` — runs ``airflow standalone`` in its own process group and stops all
+- :mod:`wiring.orchestration.standalone` — runs ``airflow standalone`` in its own process group and stops all
   of it on Ctrl-C.
-- :mod:`lambdalake.orchestration.cli` — the ``lambdalake airflow`` command.
+- :mod:`wiring.orchestration.cli` — the ``lambdalake airflow`` command.
 
 Nothing here imports Airflow at module import time, so the ``lambdalake`` CLI stays fast.
 """

@@ -41,7 +41,7 @@ def airflow_cmd(
     Prints the UI address and the admin login once Airflow is healthy.
     """
     from lambdalake.broker import port_open
-    from lambdalake.orchestration.airflow_env import (
+    from wiring.orchestration.airflow_env import (
         ADMIN_USER,
         PASSWORDS_FILE,
         admin_password,
@@ -49,7 +49,7 @@ def airflow_cmd(
         dags_folder,
         default_airflow_home,
     )
-    from lambdalake.orchestration.standalone import AirflowStandalone
+    from wiring.orchestration.standalone import AirflowStandalone
 
     ctx = context(pipeline, home, bootstrap, spark_master=spark_master)
     af_home = (airflow_home or default_airflow_home()).resolve()

@@ -94,7 +94,7 @@ def _env(settings: Settings) -> dict:
 
 def run_demo(events: int, rate: float | None, port: int | None, home: Path | None, console: Console) -> None:
     from lambdalake.pipeline import load_pipeline
-    from lambdalake.produce import demo_messages, send
+    from wiring.produce import demo_messages, send
 
     console.print(Rule("lambdalake demo: a Lambda architecture on a real Kafka log"))
     with embedded_kafka(home, port, console) as settings:
@@ -172,7 +172,7 @@ def _batch_midway(settings: Settings, env: dict, logs: Path, result: dict, pipel
 
 
 def _wait_caught_up(settings: Settings, pipeline, topics: list[str], console: Console, timeout: float = 120) -> None:
-    from lambdalake import connect
+    from serving import connect
     from serving.connection import pair_of
 
     ends = end_offsets(settings, topics)
@@ -205,8 +205,8 @@ def _table(con, sql: str, title: str) -> Table:
 
 
 def _show_results(settings: Settings, pipeline, console: Console) -> None:
-    from lambdalake import connect
-    from lambdalake.inspect import count_topics
+    from serving import connect
+    from wiring.topic_counts import count_topics
 
     console.print(Rule("4. merged views (batch ⊕ speed), queried through DuckDB"))
     con = connect(settings=settings, pipeline=pipeline)
@@ -266,7 +266,7 @@ def _how_to_continue(settings: Settings, console: Console) -> None:
         "The lake stays in " + str(home) + ". Everything below reads it; none of it needs Kafka running:\n"
         "  .venv/bin/lambdalake sql \"SELECT * FROM pageviews_hourly ORDER BY views DESC LIMIT 10\"\n"
         "  .venv/bin/lambdalake sql \"SELECT * FROM lambdalake.watermarks\" --format csv\n"
-        "  .venv/bin/python -c \"import lambdalake; print(lambdalake.connect().sql('FROM revenue_daily LIMIT 5'))\"\n"
+        "  .venv/bin/python -c \"import serving; print(serving.connect().sql('FROM revenue_daily LIMIT 5'))\"\n"
         "  .venv/bin/lambdalake catalog   # then: duckdb " + str(home / "lake.duckdb") + "\n"
         "Run the live pipeline yourself: lambdalake kafka up; lambdalake ingest & lambdalake speed &; "
         "lambdalake produce --events 100000 --rate 5000; lambdalake batch; lambdalake status\n"

@@ -1,5 +1,5 @@
 """The ``lambdalake`` command line: the foundation commands, and the layers' commands mounted from ``batch.cli``,
-``speed.cli``, ``serving.cli``, ``lambdalake.orchestration.cli`` and ``audit.cli``. Shared options live in
+``speed.cli``, ``serving.cli``, ``wiring.orchestration.cli`` and ``audit.cli``. Shared options live in
 :mod:`lambdalake.options`.
 
 Errors a user can act on (:class:`lambdalake.exceptions.LambdalakeError`, Kafka connectivity) print one line
@@ -116,7 +116,7 @@ def topics(pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: Bootst
 
 
 def print_topic_counts(ctx: Context) -> None:
-    from lambdalake.inspect import count_topics, reason_summary
+    from wiring.topic_counts import count_topics, reason_summary
 
     table = Table(title=f"topics of pipeline {ctx.pipeline.name!r} at {ctx.settings.bootstrap}")
     for col in ("topic", "messages", "valid", "duplicates", "invalid", "invalid by reason"):
@@ -149,7 +149,7 @@ def produce(
     from datetime import timedelta
 
     from lambdalake.clients import ensure_topics
-    from lambdalake.produce import demo_messages, send
+    from wiring.produce import demo_messages, send
 
     ctx = context(pipeline, home, bootstrap)
     messages = demo_messages(ctx.pipeline, events, late_fraction=late_fraction,
@@ -182,7 +182,7 @@ def load(
     to the declared field types and the whole file is checked first: if a row cannot be converted or is invalid,
     nothing is sent. JSON lines are sent as they are (consumers dead-letter invalid ones)."""
     from lambdalake.clients import ensure_topics
-    from lambdalake.produce import check_file, file_messages, send
+    from wiring.produce import check_file, file_messages, send
 
     if check:
         ctx = context(pipeline, home, bootstrap)
@@ -266,7 +266,7 @@ def demo(
     home: HomeOpt = None,
 ) -> None:
     """The demo behind `make run`: starts Kafka, runs the pipeline on a demo stream, shows results, stops."""
-    from lambdalake.demo import run_demo
+    from wiring.demo import run_demo
 
     run_demo(events=events, rate=rate, port=port, home=home, console=console)
 
@@ -276,9 +276,9 @@ def _mount_layers() -> None:
     """Add each layer's commands (imports are cheap: the layer CLIs import their engines inside the commands)."""
     from audit.cli import register as audit_commands
     from batch.cli import register as batch_commands
-    from lambdalake.orchestration.cli import register as airflow_commands
     from serving.cli import register as serving_commands
     from speed.cli import register as speed_commands
+    from wiring.orchestration.cli import register as airflow_commands
 
     for register in (batch_commands, speed_commands, serving_commands, airflow_commands, audit_commands):
         register(app)

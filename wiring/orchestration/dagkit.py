@@ -23,7 +23,7 @@ from typing import Any
 from airflow.sdk import Asset
 
 from lambdalake.config import env_int
-from lambdalake.orchestration.tasks import ASSET_NAME
+from wiring.orchestration.tasks import ASSET_NAME
 
 #: The published batch version of the lake. Downstream DAGs use ``schedule=[BATCH_VIEWS]``; each event's extra
 #: holds ``home``, ``version``, ``watermark``, ``row_counts`` and ``events``.
@@ -54,6 +54,6 @@ def spark_conn_id() -> str:
 
 def run_config() -> dict[str, str]:
     """The lake configuration at run time: Airflow Variables ``lambdalake_*`` over ``LAMBDALAKE_*``."""
-    from lambdalake.orchestration.tasks import lake_config
+    from wiring.orchestration.tasks import lake_config
 
     return lake_config()
