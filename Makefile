@@ -15,7 +15,7 @@ install: $(VENV)/.installed $(KAFKA_LIBS)/.complete
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,airflow]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name lambdalake --display-name "lambdalake (.venv)" >/dev/null
 	@touch $@
 
@@ -35,7 +35,7 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check lambdalake batch speed serving audit dags tests bench
+	$(BIN)/ruff check lambdalake wiring batch speed serving audit dags tests bench
 
 bench: install  # batch, speed and serving benchmarks (never part of make test); BENCH_ARGS=--quick for a short run
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
