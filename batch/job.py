@@ -97,6 +97,7 @@ from lambdalake.contracts import BatchManifest, BatchView, IdIndex, InputFile, P
 from lambdalake.erasure import erased_subjects
 from lambdalake.exceptions import PipelineError
 from lambdalake.handoff import aligned_watermark
+from lambdalake.instants import FIRST_INSTANT_US, LAST_INSTANT_US
 from lambdalake.layout import Layout, MasterFile, current_batch_manifest
 from lambdalake.pipeline import (
     DECIMAL_DIGITS,
@@ -111,7 +112,6 @@ from lambdalake.pipeline import (
 )
 from lambdalake.procs import crash_point
 from lambdalake.schema import OFFSET_COL, PARTITION_COL, arrow_schema, master_columns, view_columns
-from lambdalake.validation import FIRST_INSTANT_US, LAST_INSTANT_US
 
 log = logging.getLogger(__name__)
 

@@ -42,11 +42,11 @@ from lambdalake.layout import (
     Layout,
     atomic_publish_dir,
     batch_pointer,
-    current_speed_snapshot,
     read_batch_manifest,
     write_pointer,
 )
 from lambdalake.locks import flock
+from lambdalake.speedset import current_speed_snapshot
 
 STAGING = re.compile(r"^\.staging-(\d+)-[0-9a-f]+$")
 TRASH_PREFIX = ".trash-"

@@ -44,10 +44,10 @@ from lambdalake.config import Settings
 from lambdalake.contracts import BatchManifest, Positions
 from lambdalake.erasure import erased_subjects, not_erased_sql
 from lambdalake.exceptions import InvariantViolation
+from lambdalake.instants import FIRST_INSTANT_US, LAST_INSTANT_US
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import WINDOW_START, Aggregate, Pipeline, Predicate, Source, View, resolve_predicate
 from lambdalake.schema import BLOCK_COL, OFFSET_COL, PARTITION_COL, view_columns
-from lambdalake.validation import FIRST_INSTANT_US, LAST_INSTANT_US
 
 FOLD = {"sum": "sum", "min": "min", "max": "max", "union": "union"}  # each merge rule (Aggregate.merge) in words
 

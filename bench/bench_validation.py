@@ -31,16 +31,14 @@ from pathlib import Path
 import msgspec
 import orjson
 
+from lambdalake.instants import FIRST_INSTANT_US, LAST_INSTANT_US, epoch_us
 from lambdalake.pipeline import Source, decimal_units, load_pipeline
 from lambdalake.validation import (
     _TZ_DATETIME,
-    FIRST_INSTANT_US,
-    LAST_INSTANT_US,
     MAX_MESSAGE_BYTES,
     ReferenceValidator,
     Valid,
     Validator,
-    _us,
     compile_struct,
 )
 from wiring.produce import demo_messages
@@ -101,7 +99,7 @@ class PreviousValidator:
                 if ts is not None:
                     if not self._reads_like_the_rules(ts):
                         return self.reference(value)
-                    us = _us(msgspec.convert(ts, _TZ_DATETIME))
+                    us = epoch_us(msgspec.convert(ts, _TZ_DATETIME))
                     if not FIRST_INSTANT_US <= us <= LAST_INSTANT_US:
                         return self.reference(value)
                     record[name] = us

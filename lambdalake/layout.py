@@ -422,23 +422,6 @@ def current_batch_manifest(layout: Layout) -> BatchManifest | None:
         raise InvariantViolation(f"published batch version {version} has no readable manifest: {exc}") from exc
 
 
-def current_speed_snapshot(layout: Layout) -> SpeedSnapshotMeta | None:
-    """The published speed state as one snapshot meta: ``snapshot.json`` of ``views/speed/CURRENT``, or with
-    several speed workers the union of theirs (:mod:`lambdalake.speedset`); None before the first snapshot."""
-    from lambdalake.speedset import read_speed_set
-
-    for attempt in range(5):
-        try:
-            found = read_speed_set(layout)
-            return None if found is None else found.meta
-        except FileNotFoundError as exc:  # a worker pruned the snapshot between its pointer and its meta
-            if attempt == 4:
-                raise InvariantViolation(f"published speed snapshot {exc.filename} is unreadable: {exc}") from exc
-        except OSError as exc:
-            raise InvariantViolation(f"a published speed snapshot is unreadable: {exc}") from exc
-    return None
-
-
 def archived_positions(layout: Layout, source: str) -> dict[int, int]:
     """{partition: end offset} the master dataset of ``source`` holds (checks files tile without overlap)."""
     return dict(contiguous_ranges(layout.master_files(source)))

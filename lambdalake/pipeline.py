@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Literal
 
 from lambdalake.exceptions import PipelineError
+from lambdalake.instants import FIRST_INSTANT_US, LAST_INSTANT_US, MAX_BUCKET, parse_rfc3339_us
 
 FieldType = Literal["string", "integer", "timestamp", "decimal", "boolean", "number"]
 AggKind = Literal["count", "sum", "min", "max", "approx_distinct"]
@@ -63,9 +64,6 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 WINDOW_START = "window_start"
 US_PER_SECOND = 1_000_000
-# The longest view bucket. Event instants are valid from year 1 + MAX_BUCKET (lambdalake.validation), so every
-# window_start (the event time floored to the bucket) also lies in years 1..9999 UTC and renders everywhere.
-MAX_BUCKET = timedelta(days=365)
 
 
 @dataclass(frozen=True)
@@ -361,7 +359,6 @@ def _resolve_value(f: Field, value: object, where: str) -> object:
                                 f"{DECIMAL_DIGITS} digits in all) for field {f.name!r}; give a str or Decimal")
         return units
     # timestamp
-    from lambdalake.validation import FIRST_INSTANT_US, LAST_INSTANT_US, parse_rfc3339_us
 
     if isinstance(value, datetime):
         if value.tzinfo is None:

@@ -174,3 +174,18 @@ def _rows_in(part: SpeedPart, view: str) -> int:
 def read_speed_set(layout: Layout) -> SpeedSet | None:
     """The current union of the workers' snapshots (FileNotFoundError: one was pruned meanwhile, read again)."""
     return merge(worker_snapshots(layout))
+
+
+def current_speed_snapshot(layout: Layout) -> SpeedSnapshotMeta | None:
+    """The published speed state as one snapshot meta: ``snapshot.json`` of ``views/speed/CURRENT``, or with
+    several speed workers the union of theirs (:mod:`lambdalake.speedset`); None before the first snapshot."""
+    for attempt in range(5):
+        try:
+            found = read_speed_set(layout)
+            return None if found is None else found.meta
+        except FileNotFoundError as exc:  # a worker pruned the snapshot between its pointer and its meta
+            if attempt == 4:
+                raise InvariantViolation(f"published speed snapshot {exc.filename} is unreadable: {exc}") from exc
+        except OSError as exc:
+            raise InvariantViolation(f"a published speed snapshot is unreadable: {exc}") from exc
+    return None

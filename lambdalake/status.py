@@ -26,9 +26,9 @@ from lambdalake.layout import (
     Layout,
     archived_positions,
     current_batch_manifest,
-    current_speed_snapshot,
 )
 from lambdalake.pipeline import Pipeline
+from lambdalake.speedset import current_speed_snapshot
 
 
 @dataclass

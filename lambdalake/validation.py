@@ -20,7 +20,7 @@ Rules (documented contract; the test oracle re-implements them independently):
    ``0002-01-01T00:00:00Z`` .. :data:`LAST_INSTANT` ``9999-12-31T23:59:59.999999Z``: years 1..9999 are what
    every layer renders (Python ``datetime``, Spark, DuckDB, JSON/CSV output), and the first year is left out so
    that a ``window_start`` (the instant floored to a view's bucket, at most
-   :data:`lambdalake.pipeline.MAX_BUCKET` = 365 days) never falls before year 1 either. Stored as UTC
+   :data:`lambdalake.instants.MAX_BUCKET` = 365 days) never falls before year 1 either. Stored as UTC
    microseconds since the epoch.
 7. Decimals (``Field.decimal(name, scale=s)``): a JSON number (not a string) whose exact value, read from the
    number as written (``1.5e1`` is 15), has at most ``s`` fractional digits (trailing zeros do not count: ``1.50``
@@ -53,13 +53,14 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, ClassVar
 
 import msgspec
 import orjson
 
-from lambdalake.pipeline import DECIMAL_DIGITS, MAX_BUCKET, Field, Source, decimal_units, field_doc
+from lambdalake.instants import EPOCH, FIRST_INSTANT_US, LAST_INSTANT_US, SUPPORTED_RANGE, epoch_us, parse_rfc3339_us
+from lambdalake.pipeline import DECIMAL_DIGITS, Field, Source, decimal_units, field_doc
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 # The meaning of the rules above, as a number: raise it whenever a change of this module can turn a verdict (as
@@ -73,26 +74,6 @@ def rules_fingerprint(source: Source) -> str:
     rejected messages only where the declared fingerprint differs (a loosened rule can make them valid)."""
     doc = {"rules": RULES_VERSION, "fields": [field_doc(f) for f in source.fields]}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-
-_RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
-)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _us(dt: datetime) -> int:
-    delta = dt - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-# The supported range of every timestamp (rule 6), decided here once: UTC years 1..9999 minus the longest bucket at
-# the start, so that event times and every window_start derived from them render in every layer.
-FIRST_INSTANT = datetime(1, 1, 1, tzinfo=UTC) + MAX_BUCKET  # 0002-01-01T00:00:00Z
-LAST_INSTANT = datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
-FIRST_INSTANT_US, LAST_INSTANT_US = _us(FIRST_INSTANT), _us(LAST_INSTANT)
-SUPPORTED_RANGE = (f"{FIRST_INSTANT.isoformat(timespec='seconds').replace('+00:00', 'Z')}.."
-                   f"{LAST_INSTANT.isoformat().replace('+00:00', 'Z')}")
-
 
 class Valid(msgspec.Struct, frozen=True, gc=False):
     """A valid event: ``record`` maps every declared field name to its value (timestamps as UTC µs ints).
@@ -113,32 +94,6 @@ class Invalid(msgspec.Struct, frozen=True, gc=False):
 
 
 Verdict = Valid | Invalid
-
-
-def parse_rfc3339_us(text: str) -> int | None:
-    """Microseconds since the epoch (UTC) for an RFC 3339 date-time with offset, or None if it is not one.
-
-    The supported range (:data:`FIRST_INSTANT_US` .. :data:`LAST_INSTANT_US`) is checked by the caller."""
-    m = _RFC3339.fullmatch(text)
-    if m is None:
-        return None
-    year, month, day, hour, minute, second, frac, z, sign, oh, om = m.groups()
-    # The regex fixed the shape; fromisoformat (C code, ~50x faster than building the datetime by hand) checks
-    # the calendar: day 31 of February, hour 24, second 60, year 0, offsets of 24 h or more are all refused.
-    iso = f"{year}-{month}-{day}T{hour}:{minute}:{second}.{(frac or '').ljust(6, '0')[:6]}"
-    iso += "+00:00" if z else f"{sign}{oh}:{om}"
-    try:
-        dt = datetime.fromisoformat(iso)
-    except ValueError:
-        return None
-    if int(om or 0) > 59:
-        return None
-    return _us(dt)
-
-
-def in_supported_range(us: int) -> bool:
-    """Rule 6: the instant lies in the supported range."""
-    return FIRST_INSTANT_US <= us <= LAST_INSTANT_US
 
 
 def _field_checker(f: Field) -> Callable[[Any], str | None]:
@@ -344,12 +299,6 @@ def rfc3339_shape(text: bytes) -> bool:
     return frac == 0 or (2 <= frac <= 7 and text[19] == 46)
 
 
-def _utc_us(dt: datetime) -> int:
-    """UTC microseconds since the epoch of an aware datetime."""
-    delta = dt - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
 def plain_decimal_units(text: bytes, scale: int) -> int | None:
     """:func:`lambdalake.pipeline.decimal_units` of a JSON number text, in integer arithmetic when it has no
     exponent (the common ``19.99``), by ``decimal_units`` otherwise."""
@@ -418,7 +367,7 @@ class Validator:
                         if shape(value, value.rfind(token)) is None:
                             record = self._read_strings(value)  # an unusual layout: decided on the strings
                             break
-                        delta = dt - _EPOCH
+                        delta = dt - EPOCH
                         us = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
                         if not FIRST_INSTANT_US <= us <= LAST_INSTANT_US:
                             return self.reference(value)
@@ -441,7 +390,7 @@ class Validator:
             if ts is not None:
                 if not rfc3339_shape(ts.encode()):
                     return None
-                us = _utc_us(msgspec.convert(ts, _TZ_DATETIME))
+                us = epoch_us(msgspec.convert(ts, _TZ_DATETIME))
                 if not FIRST_INSTANT_US <= us <= LAST_INSTANT_US:
                     return None
                 record[name] = us

@@ -19,8 +19,9 @@ from typing import Any
 
 from lambdalake.config import Settings
 from lambdalake.contracts import Positions
-from lambdalake.layout import Layout, current_batch_manifest, current_speed_snapshot
+from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import Pipeline
+from lambdalake.speedset import current_speed_snapshot
 from speed.exceptions import HandoffContractError, HandoffTimeout
 
 

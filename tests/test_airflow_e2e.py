@@ -31,7 +31,8 @@ import serving
 from batch.verify import VerificationFailed, verify_published
 from lambdalake.broker import free_port
 from lambdalake.config import load_settings
-from lambdalake.layout import Layout, current_batch_manifest, current_speed_snapshot
+from lambdalake.layout import Layout, current_batch_manifest
+from lambdalake.speedset import current_speed_snapshot
 from tests.oracle import assert_rows_equal, oracle_views, read_log
 from wiring.orchestration.airflow_env import airflow_environment
 from wiring.orchestration.standalone import airflow_bin

@@ -27,8 +27,9 @@ from batch.job import run_batch
 from lambdalake.broker import free_port
 from lambdalake.clients import ensure_topics
 from lambdalake.config import load_settings
-from lambdalake.layout import Layout, current_speed_snapshot
+from lambdalake.layout import Layout
 from lambdalake.pipeline import load_pipeline
+from lambdalake.speedset import current_speed_snapshot
 from serving.published import resolve_pair
 from speed.consumer import SpeedLayer, SpeedOptions
 from tests.conftest import LAMBDALAKE, write_pipeline_copy

@@ -37,9 +37,10 @@ from lambdalake.config import fix_handoff_block, load_settings
 from lambdalake.contracts import BatchManifest, BatchView, Positions, SpeedSnapshotMeta, SpeedView
 from lambdalake.dedup import DedupWindow
 from lambdalake.exceptions import ConfigError, PipelineError
+from lambdalake.instants import FIRST_INSTANT_US, LAST_INSTANT_US, MAX_BUCKET
 from lambdalake.layout import Layout
-from lambdalake.pipeline import MAX_BUCKET, View, count, load_pipeline
-from lambdalake.validation import FIRST_INSTANT_US, LAST_INSTANT_US, Validator
+from lambdalake.pipeline import View, count, load_pipeline
+from lambdalake.validation import Validator
 from serving.catalog import write_catalog
 from serving.cli import OutputFormat, run_query, write_result
 from serving.cli import register as register_serving

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lambdalake.clients import ensure_topics
+from lambdalake.instants import parse_rfc3339_us
 from lambdalake.pipeline import load_pipeline
-from lambdalake.validation import parse_rfc3339_us
 from tests.oracle import oracle_counts, read_log
 from wiring.produce import LATE_MAX, Message, demo_messages, send
 

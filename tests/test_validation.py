@@ -14,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lambdalake.instants import parse_rfc3339_us
 from lambdalake.pipeline import load_pipeline
-from lambdalake.validation import MAX_MESSAGE_BYTES, Invalid, ReferenceValidator, Valid, Validator, parse_rfc3339_us
+from lambdalake.validation import MAX_MESSAGE_BYTES, Invalid, ReferenceValidator, Valid, Validator
 from tests.oracle import parse_event
 from wiring.produce import demo_messages
 
@@ -311,13 +312,14 @@ def test_msgspec_reads_the_rfc3339_shape_as_the_rules(ts):
     is the rules' instant; outside that shape the fast path never trusts msgspec."""
     import msgspec
 
-    from lambdalake.validation import _TZ_DATETIME, _utc_us, rfc3339_shape
+    from lambdalake.instants import epoch_us
+    from lambdalake.validation import _TZ_DATETIME, rfc3339_shape
 
     raw = ts.encode("utf-8", "surrogatepass")
     if not rfc3339_shape(raw):
         return
     try:
-        us = _utc_us(msgspec.convert(ts, _TZ_DATETIME))
+        us = epoch_us(msgspec.convert(ts, _TZ_DATETIME))
     except msgspec.ValidationError:
         return
     assert us == parse_rfc3339_us(ts), ts

@@ -87,7 +87,7 @@ def _fmt_time(us: int, rng: random.Random) -> str:
 
 
 def _parse_start(start: str) -> int:
-    from lambdalake.validation import parse_rfc3339_us
+    from lambdalake.instants import parse_rfc3339_us
 
     us = parse_rfc3339_us(start)
     if us is None:
@@ -416,7 +416,7 @@ def _from_text(f: Field, text: str) -> object:
         if low not in ("true", "false"):
             raise _Unconvertible(f"column {f.name!r}: {text[:40]!r} is not true or false")
         return low == "true"
-    from lambdalake.validation import parse_rfc3339_us
+    from lambdalake.instants import parse_rfc3339_us
 
     if parse_rfc3339_us(text) is None:
         raise _Unconvertible(f"column {f.name!r}: {text[:40]!r} is not an RFC 3339 timestamp with an offset")
