@@ -654,8 +654,8 @@ def _served_pair(settings: Settings, pipeline: Pipeline, report: AuditReport
     """A serving connection (what ``lambdalake sql`` opens), the pair it reads, which views it serves current, and
     the pair's speed rows read at once (a running speed layer deletes older snapshots a few seconds later)."""
     from serving.connection import connect, pair_of, plans_of, speed_table
-    from serving.definitions import CURRENT
     from serving.exceptions import InconsistentPublishedState
+    from serving.plans import CURRENT
     from serving.published import resolve_pair
 
     for attempt in range(3):

@@ -7,7 +7,7 @@ Modules:
 - :mod:`batch.archiver` — ``lambdalake ingest``: Kafka -> master files + dead-letter topic, exactly once.
 - :mod:`batch.compact` — ``lambdalake compact``: atomic, recorded rewrite of small adjacent master files.
 - :mod:`batch.job` — ``lambdalake batch``: the Spark interpreter of the view declarations (also ``spark-submit``).
-- :mod:`batch.publish` — version directories, the ``CURRENT`` pointer switch, rollback and pruning.
+- :mod:`lambdalake.versions` — version directories, the ``CURRENT`` pointer switch, rollback and pruning.
 - :mod:`batch.plan` — is the master dataset caught up, and does the published version need a recompute (new data,
   a changed or missing view definition)? Used by the Airflow DAG.
 - :mod:`batch.verify` — the independent re-check of a published version against the declaration and the master

@@ -65,7 +65,7 @@ from lambdalake.exceptions import BrokerError, ConfigError, InvariantViolation
 from lambdalake.layout import Layout, archived_positions
 from lambdalake.ownership import PartitionLocks, Share
 from lambdalake.pipeline import Pipeline, Source
-from lambdalake.procs import streaming_runtime
+from lambdalake.runtime import streaming_runtime
 from lambdalake.session import LogRecord, LogSession, connect, stop_on_signals
 from lambdalake.validation import Validator
 

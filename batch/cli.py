@@ -178,8 +178,8 @@ def batch_cmd(
 ) -> None:
     """Compute every view with Spark and publish a new batch version: incrementally (the published version merged
     with the events archived since) when possible, else a full recompute from the master dataset."""
-    from batch.publish import default_keep
-    from batch.publish import rollback as do_rollback
+    from lambdalake.versions import default_keep
+    from lambdalake.versions import rollback as do_rollback
 
     ctx = context(pipeline, home, spark_master=spark_master)
     if rollback:

@@ -47,7 +47,7 @@ from lambdalake.exceptions import ConfigError
 from lambdalake.layout import Layout, MasterFile, atomic_write_bytes, fsync_dir, tmp_name
 from lambdalake.locks import flock
 from lambdalake.pipeline import Pipeline, Source
-from lambdalake.procs import crash_point
+from lambdalake.runtime import crash_point
 from lambdalake.schema import OFFSET_COL, VALUE_COL
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ Run protocol (:func:`run_batch`), mirrored by numbered comments in the code:
    write ``<staging>/<view>/*.parquet``.
 4. Validate the staged output (:func:`validate_staged`): schema as declared, no null in non-nullable keys, one row
    per (keys, window_start), and the count aggregate of each view sums to the deduplicated events of its source.
-5. Publish (:func:`batch.publish.publish`): manifest, atomic rename of the staging directory, atomic ``CURRENT``
+5. Publish (:func:`lambdalake.versions.publish`): manifest, atomic rename of the staging directory, atomic ``CURRENT``
    switch, pruning. A failure anywhere before that removes the staging directory and changes nothing served.
    (``LAMBDALAKE_BATCH_FAULT=staged`` SIGKILLs the process right before this step, for crash tests: a killed run
    leaves its staging directory, which the next run removes.)
@@ -89,7 +89,6 @@ if __package__ in (None, ""):  # run as a script (spark-submit batch/job.py): ma
 from batch.compact import master_readers_lock
 from batch.exceptions import BatchValidationError, NothingToCompute
 from batch.master import sha256_file
-from batch.publish import DEFAULT_KEEP, new_staging_dir, publish
 from batch.rejected import rejudged_files, write_revalidated
 from lambdalake import contracts
 from lambdalake.config import Settings, env_float, env_int, fix_handoff_block
@@ -110,8 +109,9 @@ from lambdalake.pipeline import (
     View,
     resolve_predicate,
 )
-from lambdalake.procs import crash_point
+from lambdalake.runtime import crash_point
 from lambdalake.schema import OFFSET_COL, PARTITION_COL, arrow_schema, master_columns, view_columns
+from lambdalake.versions import DEFAULT_KEEP, new_staging_dir, publish
 
 log = logging.getLogger(__name__)
 
@@ -1025,7 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(home=args.home, pipeline=args.pipeline)
         pipeline = load_pipeline(settings.pipeline)
-        from batch.publish import default_keep
+        from lambdalake.versions import default_keep
 
         manifest = run_batch(settings, pipeline, views=args.view, spark_master=args.spark_master,
                              keep=args.keep if args.keep is not None else default_keep(), full=args.full)

@@ -57,7 +57,7 @@ def lambdalake_batch() -> None:
     @task
     def archive() -> dict:
         """Run the archiver until it has caught up with the log (or wait for a running archiver daemon)."""
-        from batch.plan import archive
+        from batch.catch_up import archive
 
         settings, pipeline = wiring.load(dagkit.run_config())
         return archive(settings, pipeline).to_dict()
@@ -115,7 +115,7 @@ def lambdalake_batch() -> None:
     @task(trigger_rule="none_failed")
     def speed_handoff() -> dict:
         """Make sure the speed layer dropped what the published version covers."""
-        from speed.prune import hand_off_now
+        from speed.hand_off import hand_off_now
 
         settings, pipeline = wiring.load(dagkit.run_config())
         return hand_off_now(settings, pipeline).to_dict()

@@ -1,7 +1,7 @@
 """lambdalake_maintenance: compact small master files, prune old batch versions (retention), then audit the lake.
 
 Thin wiring over :func:`batch.compact.compact` (the batch layer's atomic, recorded compaction; safe while the batch
-DAG runs: it waits for the master readers lock), :func:`batch.publish.prune_versions` (keeps the newest
+DAG runs: it waits for the master readers lock), :func:`lambdalake.versions.retire_versions` (keeps the newest
 ``LAMBDALAKE_BATCH_KEEP`` versions, never the current one nor the one before it) and :func:`audit.check.audit`
 (``lambdalake audit``: log vs master, master vs batch, log vs speed, served vs recomputed). The first two are
 idempotent: a second run finds nothing to do. The audit fails the task, without retries, on any difference.
@@ -39,14 +39,14 @@ def lambdalake_maintenance() -> None:
         return asdict(compact(settings.home, pipeline))
 
     @task
-    def prune_versions() -> list[str]:
+    def retire_versions() -> list[str]:
         """Delete batch versions beyond the retention."""
-        from batch.publish import default_keep, prune_versions
+        from lambdalake.versions import default_keep, retire_versions
 
         cfg = dagkit.run_config()
         settings, _ = wiring.load(cfg)
         keep = wiring.batch_keep(cfg)
-        return prune_versions(settings.home, keep=default_keep() if keep is None else keep)
+        return retire_versions(settings.home, keep=default_keep() if keep is None else keep)
 
     @task
     def audit() -> dict:
@@ -64,7 +64,7 @@ def lambdalake_maintenance() -> None:
                                        f"{report.speed_snapshot}): {listed}")
         return report.to_dict()
 
-    compact() >> prune_versions() >> audit()
+    compact() >> retire_versions() >> audit()
 
 
 lambdalake_maintenance()

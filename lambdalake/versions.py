@@ -1,4 +1,5 @@
-"""Batch versions: staging directories, publication by an atomic pointer switch, rollback and pruning.
+"""Batch versions: the publish protocol the Spark job and Kappa replay share (staging, pointer switch), rollback,
+retention.
 
 A batch version is a directory ``views/batch/<version>/`` (``v000001``, ``v000002``, ... strictly increasing)
 holding ``manifest.json`` and ``<view>/*.parquet`` for every view of the pipeline, all at one watermark. What is
@@ -14,7 +15,7 @@ Publish protocol (:func:`publish`), mirrored by numbered comments in the code:
 4. fsync every staged file and rename the staging directory to ``views/batch/<version>`` (atomic).
 5. Switch ``CURRENT`` to the new version (atomic rename of a small JSON file) — the commit point: from here on
    new queries read the new version.
-6. Prune old versions (:func:`prune_versions`), keeping the newest ``keep``, the current and the previous one.
+6. Retire old versions (:func:`retire_versions`), keeping the newest ``keep``, the current and the previous one.
 
 A run killed before step 5 changes nothing that is served: its staging directory (``.staging-<pid>-...``) is
 ignored by readers and removed by the next run once its process is gone.
@@ -127,7 +128,7 @@ def publish(layout: Layout, staging: Path, manifest: BatchManifest, keep: int = 
         # 5. the commit point: CURRENT -> version
         write_pointer(layout.batch_pointer, BatchPointer(version))
         # 6. prune
-        _prune_locked(layout, keep)
+        _retire_locked(layout, keep)
     return manifest
 
 
@@ -178,14 +179,14 @@ def _check_speed_covers(layout: Layout, manifest: BatchManifest) -> None:
                 "those events from serving. Re-run `lambdalake batch` instead, or pass --force")
 
 
-def prune_versions(home: Path, keep: int = DEFAULT_KEEP) -> list[str]:
+def retire_versions(home: Path, keep: int = DEFAULT_KEEP) -> list[str]:
     """Delete all but the newest ``keep`` versions; never the current one nor the one before it."""
     layout = Layout(home)
     with publish_lock(layout):
-        return _prune_locked(layout, keep)
+        return _retire_locked(layout, keep)
 
 
-def _prune_locked(layout: Layout, keep: int) -> list[str]:
+def _retire_locked(layout: Layout, keep: int) -> list[str]:
     if keep < 2:
         raise ConfigError(f"keep={keep} must be >= 2 (the current and the previous version)")
     versions = layout.batch_versions()

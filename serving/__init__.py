@@ -4,7 +4,7 @@
   view of the pipeline is a table named after the view (batch ⊕ speed, merged per query), ``master.<source>`` is
   the raw master dataset and ``lambdalake.*`` describes what was read (versions, watermarks, freshness).
 - :func:`serving.connection.refresh` — move a long-lived connection to the newest published pair.
-- :mod:`serving.definitions` — a view is served only from pieces made by its declared definition; while a changed
+- :mod:`serving.plans` — a view is served only from pieces made by its declared definition; while a changed
   view is rebuilt, queries on it fail with one line, or (``allow_stale=True``, ``--allow-stale``) read the newest
   kept pair of one earlier definition (:mod:`serving.published` chooses the pairs).
 - :func:`serving.catalog.write_catalog` — a DuckDB database file the stock DuckDB CLI can open.

@@ -50,7 +50,7 @@ from serving.connection import (
     speed_table,
     view_row,
 )
-from serving.definitions import STALE, plan_views
+from serving.plans import STALE, plan_views
 from serving.published import PublishedPair, resolve_pair
 from serving.sql import (
     empty_select,
@@ -84,7 +84,7 @@ def write_catalog(settings: Settings | None = None, pipeline: Pipeline | str | N
     Protocol: 1. resolve one consistent pair; 2. build the database in a temporary file next to the target;
     3. close it (checkpoint, no WAL left) and fsync; 4. rename over the target and fsync the directory.
     A view being rebuilt for a new definition is refused in the file as in a connection (or, ``allow_stale``,
-    served from an older pair of one earlier definition; see :mod:`serving.definitions`).
+    served from an older pair of one earlier definition; see :mod:`serving.plans`).
     """
     settings, pipe = resolve(settings, pipeline, home)
     final = Path(path) if path is not None else catalog_path(settings)

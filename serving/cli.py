@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # imported lazily: every `lambdalake` command loads this modu
     import duckdb
     import pyarrow as pa
 
-    from serving.definitions import ViewPlan
+    from serving.plans import ViewPlan
     from serving.published import PublishedPair
 
 NOTHING_PUBLISHED_HINT = ("nothing published yet in {home}: the views are empty until the archiver, a batch run and "
@@ -52,7 +52,7 @@ def run_query(con: duckdb.DuckDBPyConnection, query: str) -> pa.Table | None:
     import duckdb
 
     from serving.connection import limits_of, timed_out
-    from serving.definitions import REBUILDING_PHRASE
+    from serving.plans import REBUILDING_PHRASE
 
     try:
         rel = con.sql(query)
@@ -160,7 +160,7 @@ def _stale_warning(plans: dict[str, ViewPlan], query: str) -> None:
     """One line on stderr if the query names a view served stale (its declared definition is being rebuilt)."""
     import re
 
-    from serving.definitions import STALE
+    from serving.plans import STALE
 
     named = [name for name, plan in plans.items()
              if plan.state == STALE and re.search(rf"(?<![\w$]){re.escape(name)}(?![\w$])", query, re.IGNORECASE)]
@@ -224,7 +224,7 @@ def register(app: typer.Typer) -> None:
         from serving.connection import resolve
 
         settings, pipe = resolve(None, pipeline, home)
-        from serving.definitions import REBUILDING, STALE, plan_views
+        from serving.plans import REBUILDING, STALE, plan_views
 
         path, pair = write_catalog(settings, pipe, allow_stale=allow_stale)
         _hint(pair, settings.home)

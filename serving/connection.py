@@ -10,7 +10,7 @@ What a connection contains (all built from the pipeline declaration, see :mod:`s
 - ``lambdalake.status`` (one row: versions read, freshness), ``lambdalake.watermarks`` (per topic-partition:
   batch watermark ``W``, speed position ``S``), ``lambdalake.views`` (per view: state ``current`` / ``rebuilding`` /
   ``stale``, served and declared definition fingerprints, the pieces read, rows on each side).
-- A view whose declared definition is not what both sides hold yet (:mod:`serving.definitions`) is *rebuilding*:
+- A view whose declared definition is not what both sides hold yet (:mod:`serving.plans`) is *rebuilding*:
   every query on it fails with one line (``view V is being rebuilt for its new definition: batch pending, speed
   63%``), other views still answer; with ``allow_stale=True`` it is served from an older pair of one earlier
   definition instead (state ``stale``).
@@ -88,8 +88,8 @@ from lambdalake.schema import (
     speed_view_columns,
     view_columns,
 )
-from serving.definitions import CURRENT, REBUILDING, STALE, ViewPlan, plan_views
 from serving.exceptions import InconsistentPublishedState
+from serving.plans import CURRENT, REBUILDING, STALE, ViewPlan, plan_views
 from serving.published import PublishedPair, resolve_pair
 from serving.sql import (
     FN,
@@ -280,7 +280,7 @@ def connect(settings: Settings | None = None, pipeline: Pipeline | str | None = 
     ``materialize`` copies the batch side into the connection (slower to open, never reads the files again).
     ``allow_stale`` serves a view whose declared definition is being rebuilt from the newest kept pair of pieces
     made by one earlier definition (``lambdalake.views`` says ``stale``) instead of refusing it
-    (:mod:`serving.definitions`).
+    (:mod:`serving.plans`).
     Limits (fixed for the connection's life, not changeable from SQL): ``timeout`` seconds per statement (None: no
     limit; a statement over it raises ``duckdb.InterruptException``), ``memory_limit`` (DuckDB size, default a
     quarter of RAM) and ``threads`` (default min(4, CPUs)).

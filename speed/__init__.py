@@ -5,7 +5,8 @@ Modules, one concern each (the folder mirrors the architecture):
 - :mod:`speed.state`      incremental aggregates per view, split by ``(partition, block_start)`` (the handoff rule)
 - :mod:`speed.snapshot`   the speed snapshot the serving layer reads (``views/speed/<snapshot>/``)
 - :mod:`speed.checkpoint` the durable checkpoint (snapshot + positions + dedup windows) and its commit protocol
-- :mod:`speed.prune`      watching published batch versions and pruning what they cover
+- :mod:`speed.batch_watch` watching published batch versions (the speed side of the handoff)
+- :mod:`speed.hand_off`    the batch DAG's handoff step: hand off now (wait for, or run once, the speed layer)
 - :mod:`speed.rebuild`    replaying the log for views whose definition changed
 - :mod:`speed.consumer`   the run loop (``lambdalake speed``)
 - :mod:`speed.replay`     Kappa recompute of views from the log alone (``lambdalake replay``)

@@ -9,7 +9,7 @@ Per message of every source topic, in offset order per partition:
 
 Every ``checkpoint_interval`` seconds (and at shutdown) the state is checkpointed and published
 (:mod:`speed.checkpoint`). Published batch versions are watched between polls and pruned as soon as they are
-visible (:mod:`speed.prune`).
+visible (:mod:`speed.batch_watch`).
 
 Where it starts: from the last checkpoint's positions (``seek``; Kafka's committed offsets are never read). Without
 a checkpoint but with a published batch version of watermark ``W``, from ``max(0, W[p] - dedup_span)`` — offsets
@@ -43,14 +43,14 @@ from lambdalake.exceptions import LambdalakeError
 from lambdalake.layout import SPEED_COMPONENT, Layout
 from lambdalake.ownership import PartitionLocks, Share
 from lambdalake.pipeline import Pipeline, load_pipeline
-from lambdalake.procs import streaming_runtime
+from lambdalake.runtime import streaming_runtime
 from lambdalake.session import LogSession, connect, stop_on_signals
 from lambdalake.validation import Validator
 from speed import snapshot as snapshots
+from speed.batch_watch import NO_BATCH, BatchVersion, BatchWatcher, published_batch
 from speed.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from speed.checkpoint import TP, Capture, Checkpoint, CheckpointStore
 from speed.exceptions import CheckpointFailed, SpeedAlreadyRunning, SpeedConfigError
-from speed.prune import NO_BATCH, BatchVersion, BatchWatcher, published_batch
 from speed.rebuild import Rebuild, replay_start
 from speed.state import SourceState, apply_records, build_states, prune_table
 

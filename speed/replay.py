@@ -5,7 +5,8 @@ log (``W[p]`` = the end offset rounded down to the handoff block, so the speed l
 exactly as to a Spark version), validated, deduplicated over the whole replay (exact, like the batch job: the dedup
 window spans the log) and aggregated by the same declaration interpreter the speed layer runs
 (:class:`speed.rebuild.Rebuild`). Rows per ``(partition, block)`` are then merged into the batch layout and published
-as a batch version through :func:`batch.publish.publish` (manifest ``engine`` = ``kappa-replay (speed interpreter)``,
+as a batch version through :func:`lambdalake.versions.publish`
+(manifest ``engine`` = ``kappa-replay (speed interpreter)``,
 per-view definition fingerprints), so serving, the speed handoff and ``lambdalake status`` treat it like any other
 version — and Lambda recompute and Kappa replay can be compared on the same change.
 
@@ -32,7 +33,7 @@ from lambdalake.exceptions import PipelineError
 from lambdalake.handoff import aligned_watermark
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import WINDOW_START, Pipeline, View
-from lambdalake.procs import streaming_runtime
+from lambdalake.runtime import streaming_runtime
 from lambdalake.schema import arrow_schema, view_columns
 from speed.exceptions import SpeedError
 from speed.rebuild import Rebuild
@@ -90,8 +91,8 @@ def compute(settings: Settings, pipeline: Pipeline, views: list[View], watermark
 def replay(settings: Settings, pipeline: Pipeline, views: list[str] | None = None, *, keep: int | None = None,
            notify: Callable[[str], None] | None = None) -> BatchManifest:
     """Rebuild ``views`` (default all) from the log and publish them as a batch version; returns its manifest."""
-    from batch.publish import DEFAULT_KEEP, new_staging_dir, publish
     from lambdalake.clients import end_offsets
+    from lambdalake.versions import DEFAULT_KEEP, new_staging_dir, publish
 
     if not pipeline.views:
         raise PipelineError(f"pipeline {pipeline.name!r} declares no views; nothing to replay")

@@ -115,7 +115,7 @@ def test_downstream_dag_is_triggered_by_the_published_views_asset(dags):
 
 def test_maintenance_dag_graph(dags):
     dag = dags["dags"]["lambdalake_maintenance"]
-    assert dag["edges"] == [["compact", "prune_versions"], ["prune_versions", "audit"]]
+    assert dag["edges"] == [["compact", "retire_versions"], ["retire_versions", "audit"]]
     assert dag["schedule"] == "0 0 * * *" and dag["catchup"] is False and dag["max_active_runs"] == 1
 
 

@@ -18,7 +18,6 @@ from batch.archiver import RollPolicy, ingest
 from batch.exceptions import NothingToCompute, PublishError
 from batch.job import run_batch
 from batch.master import sha256_file
-from batch.publish import prune_versions, rollback
 from lambdalake.contracts import MANIFEST_FORMAT, BatchManifest, Positions, SpeedPointer, SpeedSnapshotMeta
 from lambdalake.layout import (
     Layout,
@@ -30,6 +29,7 @@ from lambdalake.layout import (
 )
 from lambdalake.pipeline import Mean, load_pipeline
 from lambdalake.procs import kill_group
+from lambdalake.versions import retire_versions, rollback
 from tests.conftest import LAMBDALAKE
 from tests.oracle import assert_rows_equal, oracle_views, parts_estimate, read_log
 
@@ -221,7 +221,7 @@ def test_rerun_same_snapshot_same_content_and_rollback_and_prune(archived, pipel
     assert m4.version == "v000004" and batch_pointer(layout) == "v000004"
     # keep=2 pruned everything but the newest two (the current one and the one before it)
     assert layout.batch_versions() == ["v000003", "v000004"]
-    assert prune_versions(settings.home, keep=2) == []
+    assert retire_versions(settings.home, keep=2) == []
     # the rollback refuses when the speed layer says it pruned beyond the previous watermark
     big = Positions({tp: w + 10 * settings.handoff_block for tp, w in m4.watermark.items()})
     write_contract(layout.speed_snapshot("s-test") / "snapshot.json",

@@ -10,11 +10,11 @@ import pytest
 
 from batch.exceptions import BatchValidationError, PublishError
 from batch.job import expected_schema, validate_staged
-from batch.publish import new_staging_dir, prune_versions, publish, rollback
 from lambdalake.contracts import MANIFEST_FORMAT, BatchManifest, BatchView, Positions
 from lambdalake.exceptions import InvariantViolation
 from lambdalake.layout import Layout, batch_pointer, read_batch_manifest
 from lambdalake.pipeline import load_pipeline
+from lambdalake.versions import new_staging_dir, publish, retire_versions, rollback
 
 PIPE = load_pipeline("lambdalake.pipelines.clickstream")
 TOPIC = "clickstream.pageviews"
@@ -43,7 +43,7 @@ def test_versions_are_monotonic_pointer_switches_and_prune_keeps_current_and_pre
     assert rollback(tmp_path) == ("v000004", "v000003")
     assert rollback(tmp_path) == ("v000003", "v000002")
     # keep=2 would keep v3, v4 by age, but v2 is current and v1 its previous: all four survive this prune
-    assert prune_versions(tmp_path, keep=2) == []
+    assert retire_versions(tmp_path, keep=2) == []
     m = _publish(layout, 250, keep=2)
     assert m.version == "v000005" and m == read_batch_manifest(layout, "v000005")
     assert layout.batch_versions() == ["v000004", "v000005"]

@@ -4,7 +4,7 @@
 The lake of the rendering tests is built without Kafka or Spark, through the product's own code: messages are
 validated by :class:`lambdalake.validation.Validator`, aggregated by the speed interpreter
 (:func:`speed.state.apply_records`), the first half published as a batch version (:func:`speed.replay.batch_table`
-+ :func:`batch.publish.publish`, as ``lambdalake replay`` does), the second half as a speed snapshot
++ :func:`lambdalake.versions.publish`, as ``lambdalake replay`` does), the second half as a speed snapshot
 (:func:`speed.snapshot.write_snapshot`), and the valid events as a master file (:func:`batch.master.master_table`).
 The expected rendering is computed here from the accepted microseconds with plain integer arithmetic.
 """
@@ -32,7 +32,6 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from batch.master import master_table, write_parquet_atomic
-from batch.publish import new_staging_dir, publish
 from lambdalake.config import fix_handoff_block, load_settings
 from lambdalake.contracts import BatchManifest, BatchView, Positions, SpeedSnapshotMeta, SpeedView
 from lambdalake.dedup import DedupWindow
@@ -41,6 +40,7 @@ from lambdalake.instants import FIRST_INSTANT_US, LAST_INSTANT_US, MAX_BUCKET
 from lambdalake.layout import Layout
 from lambdalake.pipeline import View, count, load_pipeline
 from lambdalake.validation import Validator
+from lambdalake.versions import new_staging_dir, publish
 from serving.catalog import write_catalog
 from serving.cli import OutputFormat, run_query, write_result
 from serving.cli import register as register_serving

@@ -18,14 +18,8 @@ from pathlib import Path
 import pytest
 
 from lambdalake.exceptions import LambdalakeError
-from lambdalake.procs import (
-    STREAMING_GC_THRESHOLD,
-    STREAMING_SWITCH_INTERVAL,
-    WorkerDied,
-    run_workers,
-    stop_group,
-    streaming_runtime,
-)
+from lambdalake.procs import WorkerDied, run_workers, stop_group
+from lambdalake.runtime import STREAMING_GC_THRESHOLD, STREAMING_SWITCH_INTERVAL, streaming_runtime
 from lambdalake.session import stop_on_signals
 
 REPO = Path(__file__).resolve().parent.parent

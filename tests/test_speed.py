@@ -287,8 +287,8 @@ def test_snapshots_write_what_changed_and_always_hold_the_whole_state(tmp_path):
     handoff that prunes inside part files and a restart, every snapshot's listed files hold exactly the in-memory
     state (nothing twice, nothing missing), most parts are links, the part count stays small, and the published
     rows equal the oracle."""
+    from speed.batch_watch import BatchVersion
     from speed.consumer import SpeedLayer, SpeedOptions
-    from speed.prune import BatchVersion
     from speed.state import MAX_PART_FILES
 
     s = Settings(home=tmp_path, pipeline="x", handoff_block=7)

@@ -1,6 +1,6 @@
 """Airflow orchestration: the environment and launcher of ``lambdalake airflow`` and the thin wiring the DAGs in
 ``dags/`` share. The work the DAGs schedule belongs to the layers (``batch.plan``, ``batch/job.py``,
-``batch.verify``, ``batch.compact``, ``batch.publish``), which the DAG files call directly.
+``batch.verify``, ``batch.compact``, ``lambdalake.versions``), which the DAG files call directly.
 
 - :mod:`wiring.orchestration.tasks` — run-time lake configuration (Airflow Variables over the environment),
   the announcement records behind the Asset event, and the speed handoff step; testable without Airflow.

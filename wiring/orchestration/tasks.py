@@ -5,14 +5,14 @@ The work itself belongs to the layers, which the DAG files call directly:
 =====================  ==============================================================================
 DAG task               code
 =====================  ==============================================================================
-``archive``            :func:`batch.plan.archive` (archiver until caught up, or wait for the daemon)
+``archive``            :func:`batch.catch_up.archive` (archiver until caught up, or wait for the daemon)
 ``plan``               :func:`batch.plan.plan_batch` + :func:`next_action` (announcement bookkeeping)
 ``spark_batch``        ``batch/job.py`` through ``spark-submit`` (:func:`spark_env` is its environment)
 ``verify``             :func:`batch.verify.verify_published` (independent re-check of the published version)
 ``announce``           :func:`announce` (the ``lambdalake_batch_views`` Asset event + the announcement record)
 ``speed_handoff``      :func:`speed_handoff` (calls the speed layer; see its note)
 ``compact``            :func:`batch.compact.compact`
-``prune_versions``     :func:`batch.publish.prune_versions`
+``retire_versions``     :func:`lambdalake.versions.retire_versions`
 =====================  ==============================================================================
 
 Configuration (:func:`lake_config`): an Airflow Variable ``lambdalake_<key>`` wins over the environment variable
