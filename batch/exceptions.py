@@ -23,12 +23,6 @@ class BatchValidationError(InvariantViolation):
     """A computed batch view failed validation (row counts, null keys, schema); nothing was published."""
 
 
-class PublishError(LambdalakeError):
-    """A batch version cannot be published, rolled back or pruned as asked."""
-
-    exit_code = 7
-
-
 class ArchiverBehind(LambdalakeError):
     """A running archiver did not archive up to the log's end offsets in time."""
 

@@ -33,3 +33,9 @@ class InvariantViolation(LambdalakeError):
     """A paranoid check found a broken invariant (e.g. overlapping master files). Never silently continue."""
 
     exit_code = 4
+
+
+class PublishError(LambdalakeError):
+    """A batch version cannot be published, rolled back or retired as asked."""
+
+    exit_code = 7

@@ -34,11 +34,10 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from batch.exceptions import PublishError
 from lambdalake import contracts
 from lambdalake.config import env_int
 from lambdalake.contracts import BatchManifest, BatchPointer
-from lambdalake.exceptions import ConfigError, InvariantViolation
+from lambdalake.exceptions import ConfigError, InvariantViolation, PublishError
 from lambdalake.layout import (
     Layout,
     atomic_publish_dir,

@@ -15,10 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch.archiver import RollPolicy, ingest
-from batch.exceptions import NothingToCompute, PublishError
+from batch.exceptions import NothingToCompute
 from batch.job import run_batch
 from batch.master import sha256_file
 from lambdalake.contracts import MANIFEST_FORMAT, BatchManifest, Positions, SpeedPointer, SpeedSnapshotMeta
+from lambdalake.exceptions import PublishError
 from lambdalake.layout import (
     Layout,
     batch_pointer,

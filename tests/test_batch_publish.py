@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch.exceptions import BatchValidationError, PublishError
+from batch.exceptions import BatchValidationError
 from batch.job import expected_schema, validate_staged
 from lambdalake.contracts import MANIFEST_FORMAT, BatchManifest, BatchView, Positions
-from lambdalake.exceptions import InvariantViolation
+from lambdalake.exceptions import InvariantViolation, PublishError
 from lambdalake.layout import Layout, batch_pointer, read_batch_manifest
 from lambdalake.pipeline import load_pipeline
 from lambdalake.versions import new_staging_dir, publish, retire_versions, rollback
