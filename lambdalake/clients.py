@@ -53,7 +53,7 @@ def producer(settings: Settings, **overrides):
 def producer_config(settings: Settings, **overrides: object) -> dict[str, object]:
     """The configuration of the librdkafka (confluent-kafka) producer: ``lambdalake produce`` / ``load``, the
     archiver's dead letters and the benchmarks. It sends ~10x what kafka-python's producer does per core
-    (/work/shared/CEILINGS.md).
+    (``bench/bench_speed.py`` measures both producers).
 
     Same delivery semantics as every other producer of lambdalake: idempotent with acks=all (retries neither
     duplicate nor reorder), and keyed messages go to the partition Kafka's Java client and kafka-python choose

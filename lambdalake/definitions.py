@@ -1,4 +1,5 @@
-"""Which definition each side holds of a view, and whether it is the declared one (DESIGN.md, "Definitions change").
+"""Which definition each side holds of a view, and whether it is the declared one (docs/design.md,
+"Definitions change").
 
 A view's rows come from a batch part and a speed part. Each published piece records the fingerprint of the
 definition that made it (:meth:`lambdalake.pipeline.Pipeline.fingerprint`). For the declared fingerprint ``D``:

@@ -1,4 +1,4 @@
-"""Forgetting a subject (``lambdalake forget``; DESIGN.md "subjects can be forgotten"): the records, and how every
+"""Forgetting a subject (``lambdalake forget``; docs/design.md, "Forgetting a subject"): the records, and how every
 reader learns what is erased.
 
 A *subject* is a value of a source's key field (e.g. a ``user_id``). ``lambdalake forget --source S V...`` works in

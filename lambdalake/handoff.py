@@ -1,4 +1,4 @@
-"""The batch/speed handoff rule: offset blocks both sides agree on (DESIGN.md, "Positions, watermarks, exactness").
+"""The batch/speed handoff rule: offset blocks both sides agree on (docs/design.md, "The handoff rule").
 
 Offsets of every (topic, partition) are cut into blocks of ``block`` offsets: block ``b`` holds offsets
 ``[b*block, (b+1)*block)``. The rule:

@@ -1,7 +1,7 @@
 """Partition ownership: which partitions a worker reads (:class:`Share`) and the lock that makes it their only
 owner (:class:`PartitionLocks`).
 
-DESIGN.md, "Ownership is per partition": the exactness invariant holds partition by partition, so a streaming
+docs/design.md, "Ownership is per partition": the exactness invariant holds partition by partition, so a streaming
 component (archiver, speed layer) may run as many workers, each owning a disjoint set of partitions of every source
 topic. A worker's share is either ``i/N`` (partitions ``p`` with ``p % N == i``: a fixed rule, so partitions added
 to a topic later get an owner without any coordination) or an explicit list of partition numbers.

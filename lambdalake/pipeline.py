@@ -623,7 +623,7 @@ class Pipeline:
         constants as stored values). A view without a filter, over fields of the first three types, has the
         fingerprint it had before filters and the decimal/boolean/number types existed. Every stored piece of a view
         (batch version, speed state and snapshot) records the fingerprint that made it; serving pairs only pieces
-        whose fingerprint equals the declared one (DESIGN.md, "Definitions change").
+        whose fingerprint equals the declared one (docs/design.md, "Definitions change").
         """
         view = self.view(view) if isinstance(view, str) else view
         src = self.source_of(view)

@@ -1,4 +1,4 @@
-"""The published speed state of every speed worker, read as ONE snapshot (DESIGN.md: ownership is per partition).
+"""The published speed state of every speed worker, read as ONE snapshot (docs/design.md, "Ownership is per partition").
 
 Each speed worker (:mod:`lambdalake.ownership`) publishes its own snapshots behind its own pointer
 (``views/speed/CURRENT`` for the worker owning every partition, ``views/speed/workers/<worker>/CURRENT`` for the

@@ -47,7 +47,7 @@ class PartitionStatus:
 
 @dataclass
 class ViewStatus:
-    """Which definition each side holds of one declared view (DESIGN.md, "Definitions change")."""
+    """Which definition each side holds of one declared view (docs/design.md, "Definitions change")."""
 
     view: str
     declared: str  # fingerprint of the declared definition

@@ -1,4 +1,4 @@
-"""Serving never mixes definitions: per view, which pieces answer for it (DESIGN.md, "Definitions change").
+"""Serving never mixes definitions: per view, which pieces answer for it (docs/design.md, "Definitions change").
 
 The rule — which side holds which definition of a view, and whether it is the declared one — is the core's
 (:mod:`lambdalake.definitions`); this module decides what one connection serves from it.

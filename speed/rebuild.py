@@ -1,4 +1,4 @@
-"""Rebuilding views whose definition changed, by replaying the log (DESIGN.md, "Definitions change").
+"""Rebuilding views whose definition changed, by replaying the log (docs/design.md, "Definitions change").
 
 A view's identity is its definition (:meth:`lambdalake.pipeline.Pipeline.fingerprint`); the checkpoint and every
 snapshot record, per view, the fingerprint of the definition that made its rows. When the speed layer starts — or
