@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lambdalake.config import Settings, load_settings, require_existing_lake
 from lambdalake.exceptions import LambdalakeError
@@ -102,7 +103,7 @@ def run_app(app: typer.Typer, argv: list[str] | None, *, prog_name: str | None =
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     except LambdalakeError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -111,6 +112,6 @@ def run_app(app: typer.Typer, argv: list[str] | None, *, prog_name: str | None =
         err = translate(exc) if translate is not None else None
         if err is None:
             raise
-        err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return err.exit_code
     return 0

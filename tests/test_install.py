@@ -103,3 +103,17 @@ def test_pip_check():
     res = subprocess.run([sys.executable, "-m", "pip", "check", "--disable-pip-version-check"],
                          capture_output=True, text=True, timeout=100)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_airflow_is_an_optional_extra_with_a_clear_message_when_missing(tmp_path):
+    """Without the `airflow` extra, `lambdalake airflow` says how to install it (one line, no traceback)."""
+    script = ("import sys; sys.modules['airflow'] = None\n"
+              "from wiring.cli import main\n"
+              "sys.exit(main(['airflow', '--home', sys.argv[1]]))\n")
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "lake")], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode != 0
+    assert "pip install 'lambdalake[airflow]'" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    deps = md.requires("lambdalake")
+    assert not any(r.startswith("apache-airflow") and "extra ==" not in r for r in deps), deps

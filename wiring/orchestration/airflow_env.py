@@ -23,10 +23,21 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from lambdalake.config import Settings
+from lambdalake.exceptions import ConfigError
 
 PACKAGE_REPO = Path(__file__).resolve().parents[2]
 PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"
 ADMIN_USER = "admin"
+
+
+def require_airflow() -> None:
+    """Airflow is an optional extra (``pip install 'lambdalake[airflow]'``; ``make install`` adds it): say so in one
+    line when it is missing instead of a traceback."""
+    try:
+        import airflow  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("Airflow is not installed in this environment: it is the optional extra `airflow` of "
+                          "lambdalake (pip install 'lambdalake[airflow]'; `make install` adds it)") from exc
 
 
 def dags_folder() -> Path:

@@ -48,9 +48,11 @@ def airflow_cmd(
         airflow_environment,
         dags_folder,
         default_airflow_home,
+        require_airflow,
     )
     from wiring.orchestration.standalone import AirflowStandalone
 
+    require_airflow()
     ctx = context(pipeline, home, bootstrap, spark_master=spark_master)
     af_home = (airflow_home or default_airflow_home()).resolve()
     if print_env:
