@@ -52,8 +52,9 @@ from lambdalake import sketches
 from lambdalake.clients import end_offsets
 from lambdalake.config import Settings
 from lambdalake.contracts import Positions
+from lambdalake.fields import Field, Source
 from lambdalake.layout import Layout, MasterFile
-from lambdalake.pipeline import Field, Pipeline, Source, View
+from lambdalake.pipeline import Pipeline, View
 from lambdalake.schema import (
     BLOCK_COL,
     OFFSET_COL,

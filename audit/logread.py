@@ -15,7 +15,7 @@ import orjson
 from lambdalake.clients import consumer as make_consumer
 from lambdalake.config import Settings
 from lambdalake.exceptions import BrokerError
-from lambdalake.pipeline import Source
+from lambdalake.fields import Source
 
 TP = tuple[str, int]
 

@@ -62,9 +62,10 @@ from lambdalake.clients import consumer as make_consumer
 from lambdalake.clients import ensure_topics, librdkafka_producer
 from lambdalake.config import Settings, env_float, env_int
 from lambdalake.exceptions import BrokerError, ConfigError, InvariantViolation
+from lambdalake.fields import Source
 from lambdalake.layout import Layout, archived_positions
 from lambdalake.ownership import PartitionLocks, Share
-from lambdalake.pipeline import Pipeline, Source
+from lambdalake.pipeline import Pipeline
 from lambdalake.runtime import streaming_runtime
 from lambdalake.session import LogRecord, LogSession, connect, stop_on_signals
 from lambdalake.validation import Validator

@@ -44,9 +44,10 @@ from lambdalake import erasure
 from lambdalake.config import Settings
 from lambdalake.contracts import ErasureRequest, utc_now_iso
 from lambdalake.exceptions import ConfigError
+from lambdalake.fields import Source
 from lambdalake.layout import Layout, MasterFile, atomic_write_bytes, fsync_dir, tmp_name
 from lambdalake.locks import flock
-from lambdalake.pipeline import Pipeline, Source
+from lambdalake.pipeline import Pipeline
 from lambdalake.runtime import crash_point
 from lambdalake.schema import OFFSET_COL, VALUE_COL
 

@@ -91,24 +91,17 @@ from batch.exceptions import BatchValidationError, NothingToCompute
 from batch.master import sha256_file
 from batch.rejected import rejudged_files, write_revalidated
 from lambdalake import contracts
+from lambdalake.aggregates import Aggregate
 from lambdalake.config import Settings, env_float, env_int, fix_handoff_block
 from lambdalake.contracts import BatchManifest, BatchView, IdIndex, InputFile, Positions
 from lambdalake.erasure import erased_subjects
 from lambdalake.exceptions import PipelineError
+from lambdalake.fields import DECIMAL_DIGITS, Field, Source
 from lambdalake.handoff import aligned_watermark
 from lambdalake.instants import FIRST_INSTANT_US, LAST_INSTANT_US
 from lambdalake.layout import Layout, MasterFile, current_batch_manifest
-from lambdalake.pipeline import (
-    DECIMAL_DIGITS,
-    WINDOW_START,
-    Aggregate,
-    Field,
-    Pipeline,
-    Predicate,
-    Source,
-    View,
-    resolve_predicate,
-)
+from lambdalake.pipeline import WINDOW_START, Pipeline, View
+from lambdalake.predicates import Predicate, resolve_predicate
 from lambdalake.runtime import crash_point
 from lambdalake.schema import OFFSET_COL, PARTITION_COL, arrow_schema, master_columns, view_columns
 from lambdalake.versions import DEFAULT_KEEP, new_staging_dir, publish
@@ -407,7 +400,7 @@ def _agg_expr(a: Aggregate, source: Source):
 def _merge_expr(a: Aggregate):
     """The aggregate folding the stored column ``a.name`` of several rows of one (keys, window_start) into one —
     an incremental run merges the published rows with the new events' rows with it. One place maps each merge rule
-    (:attr:`lambdalake.pipeline.Aggregate.merge`) to Spark: count and sum add (a sum over only null values stays
+    (:attr:`lambdalake.aggregates.Aggregate.merge`) to Spark: count and sum add (a sum over only null values stays
     null, as a recompute gives), min and max keep the least and the greatest (nulls ignored). A row alone in its
     group folds to itself."""
     from pyspark.sql import functions as F

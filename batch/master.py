@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lambdalake.exceptions import InvariantViolation
+from lambdalake.fields import Source
 from lambdalake.layout import Layout, MasterFile, fsync_dir, tmp_name
-from lambdalake.pipeline import Source
 from lambdalake.schema import (
     ARROW_TYPES,
     INGEST_COL,

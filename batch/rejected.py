@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 
 from batch.master import master_schema, master_table, rejected_rules
 from lambdalake.erasure import erased_subjects
+from lambdalake.fields import Source
 from lambdalake.layout import Layout, MasterFile
-from lambdalake.pipeline import Source
 from lambdalake.schema import INGEST_COL, OFFSET_COL, VALUE_COL
 from lambdalake.validation import Validator, rules_fingerprint
 

@@ -40,13 +40,16 @@ import pyarrow.compute as pc
 from batch.compact import master_readers_lock
 from batch.rejected import revalidated_file
 from lambdalake import sketches
+from lambdalake.aggregates import Aggregate
 from lambdalake.config import Settings
 from lambdalake.contracts import BatchManifest, Positions
 from lambdalake.erasure import erased_subjects, not_erased_sql
 from lambdalake.exceptions import InvariantViolation
+from lambdalake.fields import Source
 from lambdalake.instants import FIRST_INSTANT_US, LAST_INSTANT_US
 from lambdalake.layout import Layout, current_batch_manifest
-from lambdalake.pipeline import WINDOW_START, Aggregate, Pipeline, Predicate, Source, View, resolve_predicate
+from lambdalake.pipeline import WINDOW_START, Pipeline, View
+from lambdalake.predicates import Predicate, resolve_predicate
 from lambdalake.schema import BLOCK_COL, OFFSET_COL, PARTITION_COL, view_columns
 
 FOLD = {"sum": "sum", "min": "min", "max": "max", "union": "union"}  # each merge rule (Aggregate.merge) in words

@@ -49,10 +49,11 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from batch.master import master_schema, write_parquet_atomic  # noqa: E402
+from lambdalake.aggregates import Mean  # noqa: E402
 from lambdalake.config import load_settings  # noqa: E402
 from lambdalake.handoff import aligned_watermark  # noqa: E402
 from lambdalake.layout import Layout, archived_positions  # noqa: E402
-from lambdalake.pipeline import Mean, Pipeline, load_pipeline  # noqa: E402
+from lambdalake.pipeline import Pipeline, load_pipeline  # noqa: E402
 
 PIPELINE = "lambdalake.pipelines.clickstream"
 PARTITIONS = 4
@@ -77,7 +78,8 @@ def bench_archiver(events: int, workdir: Path) -> dict:
         suffix = f"bench{int(time.time())}"
         pfile = workdir / "pipeline_bench.py"
         pfile.write_text(
-            "from lambdalake.pipeline import Pipeline, Source, load_pipeline\n"
+            "from lambdalake.fields import Source\n"
+            "from lambdalake.pipeline import Pipeline, load_pipeline\n"
             f"_p = load_pipeline({PIPELINE!r})\n"
             "pipeline = Pipeline(_p.name, views=_p.views, sources=[Source(name=s.name, topic=f'{s.topic}."
             f"{suffix}', fields=s.fields, event_id=s.event_id, event_time=s.event_time, key=s.key) "

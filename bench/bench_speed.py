@@ -71,7 +71,8 @@ def pipeline_copy(directory: Path, suffix: str) -> Path:
     """The clickstream pipeline with topics renamed by ``suffix`` (fresh topics per measurement)."""
     f = directory / f"pipeline_{suffix}.py"
     f.write_text(
-        "from lambdalake.pipeline import Pipeline, Source, load_pipeline\n"
+        "from lambdalake.fields import Source\n"
+        "from lambdalake.pipeline import Pipeline, load_pipeline\n"
         "_p = load_pipeline('lambdalake.pipelines.clickstream')\n"
         "pipeline = Pipeline(_p.name, views=_p.views, sources=[Source(name=s.name, topic=f'{s.topic}."
         f"{suffix}', fields=s.fields, event_id=s.event_id, event_time=s.event_time, key=s.key) "

@@ -31,8 +31,9 @@ from pathlib import Path
 import msgspec
 import orjson
 
+from lambdalake.fields import Source, decimal_units
 from lambdalake.instants import FIRST_INSTANT_US, LAST_INSTANT_US, epoch_us
-from lambdalake.pipeline import Source, decimal_units, load_pipeline
+from lambdalake.pipeline import load_pipeline
 from lambdalake.validation import (
     _TZ_DATETIME,
     MAX_MESSAGE_BYTES,

@@ -1,6 +1,6 @@
 """The logical schema of everything stored, derived once from the declaration; one small type table per engine.
 
-Logical types are the field types of :mod:`lambdalake.pipeline` (``string``, ``integer``, ``timestamp``,
+Logical types are the field types of :mod:`lambdalake.fields` (``string``, ``integer``, ``timestamp``,
 ``decimal``, ``boolean``, ``number``) plus ``int32`` for the partition column. Each engine maps them with its own
 table and nothing else:
 
@@ -40,7 +40,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lambdalake.pipeline import WINDOW_START, Pipeline, Source, View
+from lambdalake.fields import Source
+from lambdalake.pipeline import WINDOW_START, Pipeline, View
 
 PARTITION_COL = "_partition"
 OFFSET_COL = "_offset"

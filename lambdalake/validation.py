@@ -59,8 +59,8 @@ from typing import Annotated, Any, ClassVar
 import msgspec
 import orjson
 
+from lambdalake.fields import DECIMAL_DIGITS, Field, Source, decimal_units, field_doc
 from lambdalake.instants import EPOCH, FIRST_INSTANT_US, LAST_INSTANT_US, SUPPORTED_RANGE, epoch_us, parse_rfc3339_us
-from lambdalake.pipeline import DECIMAL_DIGITS, Field, Source, decimal_units, field_doc
 
 MAX_MESSAGE_BYTES = 1024 * 1024
 # The meaning of the rules above, as a number: raise it whenever a change of this module can turn a verdict (as
@@ -300,7 +300,7 @@ def rfc3339_shape(text: bytes) -> bool:
 
 
 def plain_decimal_units(text: bytes, scale: int) -> int | None:
-    """:func:`lambdalake.pipeline.decimal_units` of a JSON number text, in integer arithmetic when it has no
+    """:func:`lambdalake.fields.decimal_units` of a JSON number text, in integer arithmetic when it has no
     exponent (the common ``19.99``), by ``decimal_units`` otherwise."""
     if 101 in text or 69 in text:  # e E
         return decimal_units(text.decode(), scale)

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lambdalake.pipeline import WINDOW_START, Aggregate, Mean, Source, View
+from lambdalake.aggregates import Aggregate, Mean
+from lambdalake.fields import Source
+from lambdalake.pipeline import WINDOW_START, View
 from lambdalake.schema import BLOCK_COL, PARTITION_COL, Column, view_columns
 from lambdalake.sketches import estimate_sql
 

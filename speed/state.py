@@ -32,8 +32,10 @@ import pyarrow.compute as pc
 
 from lambdalake import sketches
 from lambdalake.exceptions import InvariantViolation
+from lambdalake.fields import Source
 from lambdalake.handoff import speed_block_prunable
-from lambdalake.pipeline import Pipeline, Predicate, Source, View, resolve_predicate
+from lambdalake.pipeline import Pipeline, View
+from lambdalake.predicates import Predicate, resolve_predicate
 from lambdalake.schema import BLOCK_COL, PARTITION_COL, TS_TYPE, arrow_schema, speed_view_columns
 from speed.snapshot import ViewFiles, part_name
 
@@ -76,7 +78,7 @@ def compile_updater(source: Source, views: Iterable[View]) -> Updater:
 
     ``record`` is a validated event (:class:`lambdalake.validation.Valid` ``.record``); ``rows_per_view[i]`` is the
     open-block dict of view ``i``. Field names are inserted with ``repr`` (and match a strict identifier pattern
-    already, see :mod:`lambdalake.pipeline`), so the generated code cannot be injected into. A view with a filter
+    already, see :mod:`lambdalake.fields`), so the generated code cannot be injected into. A view with a filter
     (``View.where``, its constants resolved to stored values against ``source``) only sees the events it holds for.
     """
     views = list(views)

@@ -86,7 +86,8 @@ def write_pipeline_copy(tmp_path: Path, spec: str, suffix: str) -> Path:
     """A pipeline file that imports ``spec`` and renames its topics with ``suffix``."""
     f = tmp_path / f"pipeline_{suffix}.py"
     f.write_text(
-        "from lambdalake.pipeline import Pipeline, Source, load_pipeline\n"
+        "from lambdalake.fields import Source\n"
+        "from lambdalake.pipeline import Pipeline, load_pipeline\n"
         f"_p = load_pipeline({spec!r})\n"
         "pipeline = Pipeline(_p.name, views=_p.views, sources=[Source(name=s.name, topic=f'{s.topic}."
         f"{suffix}', fields=s.fields, event_id=s.event_id, event_time=s.event_time, key=s.key) "

@@ -24,9 +24,11 @@ from batch.archiver import RollPolicy, ingest
 from batch.job import IDS_DIR, java_pattern, run_batch
 from batch.plan import plan_batch
 from batch.verify import VerificationFailed, verify_published
+from lambdalake.aggregates import min_
 from lambdalake.clients import ensure_topics
+from lambdalake.fields import Field
 from lambdalake.layout import Layout
-from lambdalake.pipeline import Field, Pipeline, min_
+from lambdalake.pipeline import Pipeline
 from tests.oracle import assert_rows_equal, oracle_views, read_log
 from tests.test_batch_job import produce, version_rows
 from wiring.produce import Message, send

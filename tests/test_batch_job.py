@@ -18,6 +18,7 @@ from batch.archiver import RollPolicy, ingest
 from batch.exceptions import NothingToCompute
 from batch.job import run_batch
 from batch.master import sha256_file
+from lambdalake.aggregates import Mean
 from lambdalake.contracts import MANIFEST_FORMAT, BatchManifest, Positions, SpeedPointer, SpeedSnapshotMeta
 from lambdalake.exceptions import PublishError
 from lambdalake.layout import (
@@ -28,7 +29,7 @@ from lambdalake.layout import (
     write_contract,
     write_pointer,
 )
-from lambdalake.pipeline import Mean, load_pipeline
+from lambdalake.pipeline import load_pipeline
 from lambdalake.procs import kill_group
 from lambdalake.versions import retire_versions, rollback
 from tests.conftest import LAMBDALAKE
@@ -280,7 +281,9 @@ def test_view_option_recomputes_one_view_at_published_watermark(archived, pipeli
 
 SENSORS = '''
 from datetime import timedelta
-from lambdalake.pipeline import Field, Pipeline, Source, View, count, max_, mean, min_, sum_
+from lambdalake.aggregates import count, max_, mean, min_, sum_
+from lambdalake.fields import Field, Source
+from lambdalake.pipeline import Pipeline, View
 
 readings = Source(
     name="readings", topic="lab.readings.{suffix}", key="device", event_id="rid", event_time="at",

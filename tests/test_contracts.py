@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 
 from lambdalake import contracts
+from lambdalake.aggregates import min_
 from lambdalake.config import load_settings
 from lambdalake.contracts import (
     BatchManifest,
@@ -20,7 +21,7 @@ from lambdalake.contracts import (
     encode,
 )
 from lambdalake.exceptions import ConfigError, InvariantViolation
-from lambdalake.pipeline import Pipeline, load_pipeline, min_
+from lambdalake.pipeline import Pipeline, load_pipeline
 
 DEMO = load_pipeline("lambdalake.pipelines.clickstream")
 

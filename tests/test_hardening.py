@@ -32,13 +32,14 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from batch.master import master_table, write_parquet_atomic
+from lambdalake.aggregates import count
 from lambdalake.config import fix_handoff_block, load_settings
 from lambdalake.contracts import BatchManifest, BatchView, Positions, SpeedSnapshotMeta, SpeedView
 from lambdalake.dedup import DedupWindow
 from lambdalake.exceptions import ConfigError, PipelineError
 from lambdalake.instants import FIRST_INSTANT_US, LAST_INSTANT_US, MAX_BUCKET
 from lambdalake.layout import Layout
-from lambdalake.pipeline import View, count, load_pipeline
+from lambdalake.pipeline import View, load_pipeline
 from lambdalake.validation import Validator
 from lambdalake.versions import new_staging_dir, publish
 from serving.catalog import write_catalog
@@ -53,7 +54,9 @@ from wiring.topic_counts import REASON_GROUPS_SHOWN, reason_group, reason_summar
 
 PIPELINE_FILE = '''
 from datetime import timedelta
-from lambdalake.pipeline import Field, Pipeline, Source, View, count, max_, mean
+from lambdalake.aggregates import count, max_, mean
+from lambdalake.fields import Field, Source
+from lambdalake.pipeline import Pipeline, View
 
 ticks = Source(name="ticks", topic="edge.ticks", key="user", event_id="event_id", event_time="event_time",
                fields=[Field.string("event_id"), Field.timestamp("event_time"), Field.string("user"),

@@ -6,8 +6,10 @@ from datetime import timedelta
 
 import pytest
 
+from lambdalake.aggregates import count, max_, mean, sum_
 from lambdalake.exceptions import PipelineError
-from lambdalake.pipeline import Field, Pipeline, Source, View, count, load_pipeline, max_, mean, sum_
+from lambdalake.fields import Field, Source
+from lambdalake.pipeline import Pipeline, View, load_pipeline
 
 EVENTS = Source(name="events", topic="t.events", key="user", event_id="id", event_time="ts",
                 fields=[Field.string("id"), Field.timestamp("ts"), Field.string("user"),

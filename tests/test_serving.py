@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lambdalake.aggregates import Aggregate, Mean, count, max_, mean, min_, sum_
 from lambdalake.config import load_settings
 from lambdalake.contracts import (
     MANIFEST_FORMAT,
@@ -36,21 +37,10 @@ from lambdalake.contracts import (
     utc_now_iso,
 )
 from lambdalake.exceptions import InvariantViolation, LambdalakeError
+from lambdalake.fields import Field, Source
 from lambdalake.handoff import speed_row_visible
 from lambdalake.layout import Layout, read_batch_manifest, write_contract, write_pointer
-from lambdalake.pipeline import (
-    Aggregate,
-    Field,
-    Mean,
-    Pipeline,
-    Source,
-    View,
-    count,
-    max_,
-    mean,
-    min_,
-    sum_,
-)
+from lambdalake.pipeline import Pipeline, View
 from lambdalake.schema import arrow_schema, speed_view_columns, view_columns
 from serving.connection import connect, pair_of, refresh
 from serving.sql import speed_visible_predicate

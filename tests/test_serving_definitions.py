@@ -16,10 +16,11 @@ import duckdb
 import pytest
 
 from lambdalake import contracts
+from lambdalake.aggregates import min_
 from lambdalake.config import load_settings
 from lambdalake.contracts import SpeedView
 from lambdalake.layout import Layout, current_batch_manifest
-from lambdalake.pipeline import Pipeline, min_
+from lambdalake.pipeline import Pipeline
 from serving.connection import connect, plans_of, refresh
 from tests.test_serving import BLOCK, ends, expected_view, make_events, publish_batch, publish_speed, query_view
 
@@ -187,7 +188,8 @@ def test_after_both_sides_rebuilt_the_view_is_current_and_exact(home, serving_se
 
 
 def test_added_view_is_batch_pending_and_has_no_stale_pair(home, serving_settings, clickstream, old_lake):
-    from lambdalake.pipeline import View, count
+    from lambdalake.aggregates import count
+    from lambdalake.pipeline import View
 
     new = dataclasses.replace(clickstream, views=[*clickstream.views, View(
         "referrers_daily", source="pageviews", keys=["referrer"], bucket=timedelta(days=1),
@@ -257,7 +259,8 @@ def test_refresh_reads_the_edited_pipeline_file(home, serving_settings, clickstr
     view = clickstream.view("pageviews_hourly")
     assert query_view(con, view) == expected_view(clickstream, view, old_lake)
     f.write_text("import dataclasses\nfrom datetime import timedelta\n"
-                 "from lambdalake.pipeline import View, count, load_pipeline\n"
+                 "from lambdalake.aggregates import count\n"
+                 "from lambdalake.pipeline import View, load_pipeline\n"
                  "_base = load_pipeline('lambdalake.pipelines.clickstream')\n"
                  "views = [dataclasses.replace(v, bucket=timedelta(minutes=30))\n"
                  "         if v.name == 'pageviews_hourly' else v\n"

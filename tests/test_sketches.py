@@ -22,8 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lambdalake import sketches
+from lambdalake.aggregates import approx_distinct, count
 from lambdalake.exceptions import PipelineError
-from lambdalake.pipeline import Field, Pipeline, Source, View, approx_distinct, count, load_pipeline
+from lambdalake.fields import Field, Source
+from lambdalake.pipeline import Pipeline, View, load_pipeline
 from serving.connection import connect
 from tests.oracle import distinct_estimate, parts_estimate
 from tests.test_serving import bucket_start, make_events, split_lake

@@ -29,10 +29,12 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from lambdalake import contracts
+from lambdalake.aggregates import count, max_, mean, min_, sum_
 from lambdalake.clients import end_offsets, ensure_topics
 from lambdalake.config import Settings
 from lambdalake.contracts import BatchManifest, BatchPointer, Positions, SpeedSnapshotMeta
 from lambdalake.dedup import DedupWindow
+from lambdalake.fields import Field, Source
 from lambdalake.layout import (
     Layout,
     batch_pointer,
@@ -41,7 +43,7 @@ from lambdalake.layout import (
     write_contract,
     write_pointer,
 )
-from lambdalake.pipeline import Field, Pipeline, Source, View, count, max_, mean, min_, sum_
+from lambdalake.pipeline import Pipeline, View
 from tests.conftest import LAMBDALAKE
 from tests.oracle import LogMessage, assert_rows_equal, oracle_counts, oracle_views, parts_estimate, read_log
 from wiring.produce import demo_messages, send

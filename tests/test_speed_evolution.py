@@ -76,7 +76,8 @@ def declare(tmp_path: Path, base: str, name: str, body: str | None) -> tuple[str
     """A pipeline file: the test's copy of the demo pipeline changed by ``body`` (None: unchanged)."""
     f = tmp_path / f"declared_{name}.py"
     f.write_text("import dataclasses\nfrom datetime import timedelta\n"
-                 "from lambdalake.pipeline import View, count, load_pipeline, max_, min_\n"
+                 "from lambdalake.aggregates import count, max_, min_\n"
+                 "from lambdalake.pipeline import View, load_pipeline\n"
                  f"_base = load_pipeline({base!r})\nsources = _base.sources\n" + (body or "views = _base.views\n")
                  + "pipeline = dataclasses.replace(_base, sources=sources, views=views)\n")
     return str(f), load_pipeline(str(f))

@@ -28,29 +28,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batch.verify import view_sql
+from lambdalake.aggregates import count, max_, min_, sum_
 from lambdalake.exceptions import ConfigError, PipelineError
-from lambdalake.pipeline import (
-    Field,
-    Pipeline,
-    View,
-    and_,
-    between,
-    count,
-    eq,
-    ge,
-    in_,
-    is_null,
-    le,
-    load_pipeline,
-    lt,
-    max_,
-    min_,
-    ne,
-    not_null,
-    or_,
-    sum_,
-)
+from lambdalake.fields import Field
+from lambdalake.pipeline import Pipeline, View, load_pipeline
 from lambdalake.pipelines.orders import pipeline as ORDERS
+from lambdalake.predicates import and_, between, eq, ge, in_, is_null, le, lt, ne, not_null, or_
 from lambdalake.schema import arrow_schema, master_columns, speed_view_columns, view_columns
 from lambdalake.validation import ReferenceValidator, Validator
 from serving.sql import merged_view_sql, typed_select

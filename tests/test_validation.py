@@ -328,7 +328,7 @@ def test_msgspec_reads_the_rfc3339_shape_as_the_rules(ts):
 @settings(max_examples=200, deadline=timedelta(seconds=2))
 @given(st.from_regex(r"\A-?(0|[1-9][0-9]{0,22})(\.[0-9]{1,25})?([eE][+-]?[0-9]{1,3})?\Z"), st.integers(0, 9))
 def test_plain_decimal_reading_equals_the_decimal_rule(text, scale):
-    from lambdalake.pipeline import decimal_units
+    from lambdalake.fields import decimal_units
     from lambdalake.validation import plain_decimal_units
 
     assert plain_decimal_units(text.encode(), scale) == decimal_units(text, scale), (text, scale)

@@ -54,7 +54,8 @@ pipeline = dataclasses.replace(_base, sources=sources, views=views)
 def _declare(tmp_path: Path, base: Path, name: str) -> tuple[Path, Pipeline]:
     f = tmp_path / f"declared_{name}.py"
     f.write_text("import dataclasses\nfrom datetime import timedelta\n"
-                 "from lambdalake.pipeline import View, count, load_pipeline, min_\n"
+                 "from lambdalake.aggregates import count, min_\n"
+                 "from lambdalake.pipeline import View, load_pipeline\n"
                  f"_base = load_pipeline({str(base)!r})\npipeline = _base\n" + CHANGES[name])
     return f, load_pipeline(str(f))
 

@@ -30,7 +30,8 @@ import orjson
 from lambdalake.clients import producer_config
 from lambdalake.config import Settings
 from lambdalake.exceptions import ConfigError
-from lambdalake.pipeline import Field, Pipeline, Source, decimal_units
+from lambdalake.fields import Field, Source, decimal_units
+from lambdalake.pipeline import Pipeline
 
 LATE_MAX = timedelta(hours=3)
 DUP_DISTANCE = 64

@@ -2,7 +2,7 @@
 
 from datetime import timedelta
 
-from lambdalake.pipeline import Field, Pipeline, Source, View, approx_distinct, count, max_, mean, min_, sum_
+from lambdalake import Field, Pipeline, Source, View, approx_distinct, count, max_, mean, min_, sum_
 
 pageviews = Source(
     name="pageviews",
