@@ -4,7 +4,9 @@ and publishes versioned batch views.
 Modules:
 
 - :mod:`batch.master` — the master file schema and atomic Parquet writes (the layout contract, in Arrow terms).
-- :mod:`batch.archiver` — ``lambdalake ingest``: Kafka -> master files + dead-letter topic, exactly once.
+- :mod:`batch.archiver` — ``lambdalake ingest``: Kafka -> master files + dead-letter topic, exactly once (the roll
+  protocol); :mod:`batch.partition_buffer` (one partition's buffer and when it rolls), :mod:`batch.dead_letters`
+  (the DLQ writer), :mod:`batch.ingest_workers` (``--workers N``).
 - :mod:`batch.compact` — ``lambdalake compact``: atomic, recorded rewrite of small adjacent master files.
 - :mod:`batch.job` — ``lambdalake batch``: the Spark interpreter of the view declarations (also ``spark-submit``).
 - :mod:`lambdalake.versions` — version directories, the ``CURRENT`` pointer switch, rollback and pruning.

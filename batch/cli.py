@@ -48,7 +48,9 @@ def ingest_cmd(
     from rich.live import Live
     from rich.text import Text
 
-    from batch.archiver import ArchiveReport, RollPolicy, ingest, ingest_workers
+    from batch.archiver import ArchiveReport, ingest
+    from batch.ingest_workers import ingest_workers
+    from batch.partition_buffer import RollPolicy
     from lambdalake.ownership import Share
 
     ctx = context(pipeline, home, bootstrap)

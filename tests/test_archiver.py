@@ -18,9 +18,10 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from batch.archiver import RollPolicy, ingest
+from batch.archiver import ingest
 from batch.compact import compact
 from batch.master import master_schema
+from batch.partition_buffer import RollPolicy
 from lambdalake.layout import Layout, archived_positions
 from lambdalake.procs import stop_group
 from tests.conftest import LAMBDALAKE
@@ -315,10 +316,11 @@ def test_sigterm_finishes_current_file(settings, pipeline, run_cli, cli_env):
 def test_crash_between_dlq_flush_and_rename_sends_no_dlq_duplicate(settings, pipeline, run_cli, monkeypatch):
     """Deterministic version of the worst kill -9 window: DLQ records acknowledged, master file not renamed."""
     import batch.archiver as archiver
+    from batch.dead_letters import DeadLetters
 
     produce(run_cli, 600, malformed_fraction=0.1, duplicate_fraction=0.0)
     real = archiver.write_parquet_atomic
-    real_send = archiver.DeadLetters.send_range
+    real_send = DeadLetters.send_range
     state = {"rolls": 0, "armed": False}
 
     class Crash(BaseException):
@@ -335,12 +337,12 @@ def test_crash_between_dlq_flush_and_rename_sends_no_dlq_duplicate(settings, pip
             raise Crash(f"simulated crash before renaming {final.name}")
         return real(table, final, **kw)
 
-    monkeypatch.setattr(archiver.DeadLetters, "send_range", sending)
+    monkeypatch.setattr(DeadLetters, "send_range", sending)
     monkeypatch.setattr(archiver, "write_parquet_atomic", crashing)
     with pytest.raises(Crash):
         ingest(settings, pipeline, until_caught_up=True, policy=RollPolicy(max_rows=30))
     monkeypatch.setattr(archiver, "write_parquet_atomic", real)
-    monkeypatch.setattr(archiver.DeadLetters, "send_range", real_send)
+    monkeypatch.setattr(DeadLetters, "send_range", real_send)
     report = ingest(settings, pipeline, until_caught_up=True, policy=RollPolicy(max_rows=30))
     assert report.dlq_skipped > 0, "the rerun should have found the crashed range's invalid messages in the DLQ"
     check_exact(settings, pipeline)

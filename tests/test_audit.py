@@ -22,8 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from audit.check import LOG_MASTER, LOG_SPEED, MASTER_BATCH, MERGED, audit
-from batch.archiver import RollPolicy, ingest
+from batch.archiver import ingest
 from batch.job import run_batch
+from batch.partition_buffer import RollPolicy
 from lambdalake.broker import free_port
 from lambdalake.clients import ensure_topics
 from lambdalake.config import load_settings

@@ -20,8 +20,9 @@ from datetime import timedelta
 import pyarrow.parquet as pq
 import pytest
 
-from batch.archiver import RollPolicy, ingest
+from batch.archiver import ingest
 from batch.job import IDS_DIR, java_pattern, run_batch
+from batch.partition_buffer import RollPolicy
 from batch.plan import plan_batch
 from batch.verify import VerificationFailed, verify_published
 from lambdalake.aggregates import min_

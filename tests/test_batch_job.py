@@ -14,10 +14,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from batch.archiver import RollPolicy, ingest
+from batch.archiver import ingest
 from batch.exceptions import NothingToCompute
 from batch.job import run_batch
 from batch.master import sha256_file
+from batch.partition_buffer import RollPolicy
 from lambdalake.aggregates import Mean
 from lambdalake.contracts import MANIFEST_FORMAT, BatchManifest, Positions, SpeedPointer, SpeedSnapshotMeta
 from lambdalake.exceptions import PublishError

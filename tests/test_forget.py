@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from audit.check import audit, erased
-from batch.archiver import RollPolicy, ingest
+from batch.archiver import ingest
 from batch.erase import forget
 from batch.job import run_batch
+from batch.partition_buffer import RollPolicy
 from lambdalake import erasure
 from lambdalake.config import load_settings
 from lambdalake.layout import Layout, current_batch_manifest
