@@ -8,9 +8,10 @@
    - with the Spark job (:func:`batch.job.run_batch`: snapshot + checksums, dedup, aggregate, write, validate,
      publish) on a warm session (``--steps`` logs its step timings), and
    - with DuckDB SQL over the same files (same dedup rule, same watermark, each view written to Parquet), and
-   - with a *plain Spark* job (:func:`spark_ceiling`), the ceiling of any Spark job for these views on the same
-     session: read the master Parquet (the needed columns), keep offsets below W, first occurrence per (partition,
-     event id), one group-by per view, write Parquet — no validation, checksums, id index, sort or manifest,
+   - with a *plain Spark* job (:func:`batch_baselines.spark_ceiling`), the ceiling of any Spark job for these views
+     on the same session: read the master Parquet (the needed columns), keep offsets below W, first occurrence per
+     (partition, event id), one group-by per view, write Parquet — no validation, checksums, id index, sort or
+     manifest,
 
    reporting wall times and the ratios of our job to DuckDB and to the plain-Spark ceiling. ``--workdir DIR
    --keep-lakes`` builds each size's master once and reuses it in later runs.
@@ -18,8 +19,8 @@
    (5 % of them late by up to 3 h, 2 % re-sent ids of archived events) as new master files, then time the
    incremental run (the published version + the appended files, :func:`batch.job.run_batch`) against a full
    recompute (``full=True``) of the same data, both from the same published version; the two versions are checked
-   equal row by row. Its floor in the same run: :func:`spark_incremental_floor`, the least an exact incremental
-   Spark run does (new rows, dedup, the id index, one merge group-by per view).
+   equal row by row. Its floor in the same run: :func:`batch_baselines.spark_incremental_floor`, the least an exact
+   incremental Spark run does (new rows, dedup, the id index, one merge group-by per view).
 
 Results: one JSON file under ``bench/results/`` (git-ignored) and a table on stdout. Example::
 
@@ -45,20 +46,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+from batch_baselines import duckdb_views, spark_ceiling, spark_incremental_floor  # noqa: E402
+from batch_master_data import PARTITIONS, append_master, write_master  # noqa: E402
 
-from batch.master import master_schema, write_parquet_atomic  # noqa: E402
 from lambdalake.aggregates import Mean  # noqa: E402
 from lambdalake.config import load_settings  # noqa: E402
-from lambdalake.handoff import aligned_watermark  # noqa: E402
-from lambdalake.layout import Layout, archived_positions  # noqa: E402
-from lambdalake.pipeline import Pipeline, load_pipeline  # noqa: E402
+from lambdalake.layout import Layout  # noqa: E402
+from lambdalake.pipeline import load_pipeline  # noqa: E402
 
 PIPELINE = "lambdalake.pipelines.clickstream"
-PARTITIONS = 4
-FILE_ROWS = 500_000
-START_US = 1_767_571_200_000_000  # 2026-01-05T00:00:00Z
 
 
 # --- 1. archiver ------------------------------------------------------------------------------------------------
@@ -66,7 +63,8 @@ def bench_archiver(events: int, workdir: Path) -> dict:
     from batch.archiver import ingest
     from lambdalake.broker import EmbeddedBroker, free_port
     from lambdalake.clients import ensure_topics
-    from wiring.produce import demo_messages, send
+    from wiring.demo_stream import demo_messages
+    from wiring.produce import send
 
     broker = None
     bootstrap = os.environ.get("LAMBDALAKE_BOOTSTRAP")
@@ -99,91 +97,6 @@ def bench_archiver(events: int, workdir: Path) -> dict:
     finally:
         if broker is not None:
             broker.down()
-
-
-# --- 2. synthetic master dataset --------------------------------------------------------------------------------------
-def _master_table(source, rng, event_ids: pa.Array, et, users, partition: int, first_offset: int,
-                  ingest_us: int) -> pa.Table:
-    """One partition's master rows of the demo ``source`` (pageviews or purchases): the given ids, event times
-    and users, the other fields drawn from ``rng``, offsets from ``first_offset``."""
-    n = len(event_ids)
-    cols: dict[str, pa.Array] = {
-        "event_id": event_ids,
-        "event_time": pa.array(et, type=pa.timestamp("us", tz="UTC")),
-        "user_id": pa.array([f"user-{u:06d}" for u in users]),
-    }
-    if source.name == "pageviews":
-        urls = rng.zipf(1.1, n) % 405
-        cols["url"] = pa.array([f"https://shop.example/product/{u}" for u in urls])
-        cols["referrer"] = pa.array(np.where(rng.random(n) < 0.5, "https://www.google.com/", None))
-        cols["duration_ms"] = pa.array(rng.integers(0, 120_000, n), type=pa.int64())
-    else:
-        prods = rng.zipf(1.2, n) % 300
-        cols["product_id"] = pa.array([f"sku-{x:05d}" for x in prods])
-        cols["amount_cents"] = pa.array(rng.integers(99, 100_000, n), type=pa.int64())
-        cols["currency"] = pa.array(np.array(["EUR", "USD", "GBP", "JPY"])[rng.integers(0, 4, n)])
-    cols["_partition"] = pa.array(np.full(n, partition, dtype=np.int32))
-    cols["_offset"] = pa.array(np.arange(first_offset, first_offset + n, dtype=np.int64))
-    cols["_ingest_time"] = pa.array(np.full(n, ingest_us, dtype=np.int64), type=pa.timestamp("us", tz="UTC"))
-    return pa.table([cols[f.name] for f in master_schema(source)], schema=master_schema(source))
-
-
-def write_master(home: Path, pipeline: Pipeline, n: int, seed: int = 1) -> None:
-    """``n`` rows of master data (85 % pageviews), 2 % duplicates re-sent a few offsets later, 5 % late."""
-    rng = np.random.default_rng(seed)
-    layout = Layout(home)
-    span_us = 72 * 3600 * 1_000_000
-    for src, share in (("pageviews", 0.85), ("purchases", 0.15)):
-        source = pipeline.source(src)
-        total = int(n * share)
-        per_p = total // PARTITIONS
-        for p in range(PARTITIONS):
-            ids_base = rng.integers(0, 1 << 62)
-            et = START_US + np.sort(rng.integers(0, span_us, per_p))
-            late = rng.random(per_p) < 0.05
-            et = np.where(late, et - rng.integers(0, 3 * 3600 * 1_000_000, per_p), et)
-            ids = np.arange(per_p, dtype=np.int64)
-            dup = rng.random(per_p) < 0.02
-            ids = np.where(dup & (ids > 64), ids - rng.integers(1, 64, per_p), ids)  # re-sent earlier event ids
-            users = rng.zipf(1.3, per_p) % max(50, n // 20)
-            table = _master_table(source, rng, pa.array([f"{src[:2]}-{ids_base}-{i}" for i in ids]), et, users, p,
-                                  0, START_US + span_us)
-            for start in range(0, per_p, FILE_ROWS):
-                end = min(per_p, start + FILE_ROWS)
-                write_parquet_atomic(table.slice(start, end - start), layout.master_file(src, p, start, end))
-
-
-def append_master(home: Path, pipeline: Pipeline, n: int, seed: int = 2, late: float = 0.05,
-                  duplicates: float = 0.02) -> int:
-    """Append ``n`` events (85 % pageviews) after the archived end of every partition, one new file each: event
-    times in the hour after the lake's span, ``late`` of them up to 3 h earlier, ``duplicates`` of them re-sending
-    ids archived before. Returns the events written."""
-    import pyarrow.parquet as pq
-
-    rng = np.random.default_rng(seed)
-    layout = Layout(home)
-    span_us, hour_us = 72 * 3600 * 1_000_000, 3600 * 1_000_000
-    written = 0
-    for src, share in (("pageviews", 0.85), ("purchases", 0.15)):
-        source = pipeline.source(src)
-        per_p = int(n * share) // PARTITIONS
-        ends = archived_positions(layout, src)
-        for p in range(PARTITIONS):
-            start = ends.get(p, 0)
-            last = [f for f in layout.master_files(src) if f.partition == p][-1]
-            old_ids = pq.read_table(last.path, columns=["event_id"]).column("event_id").to_numpy(zero_copy_only=False)
-            et = START_US + span_us + np.sort(rng.integers(0, hour_us, per_p))
-            is_late = rng.random(per_p) < late
-            et = np.where(is_late, et - rng.integers(hour_us, 3 * hour_us, per_p), et)
-            ids = np.array([f"{src[:2]}-new{seed}-{p}-{i}" for i in range(per_p)], dtype=object)
-            dup = rng.random(per_p) < duplicates
-            ids[dup] = rng.choice(old_ids, int(dup.sum()))
-            users = rng.zipf(1.3, per_p) % max(50, n * 5)
-            table = _master_table(source, rng, pa.array(ids.tolist(), pa.string()), et, users, p, start,
-                                  START_US + span_us + hour_us)
-            write_parquet_atomic(table, layout.master_file(src, p, start, start + per_p))
-            written += per_p
-    return written
 
 
 def bench_incremental(n: int, workdir: Path, spark, block: int, repeat: int = 1) -> dict:
@@ -247,149 +160,6 @@ def bench_incremental(n: int, workdir: Path, spark, block: int, repeat: int = 1)
             "incremental_over_plain_spark": round(inc_s / floor_s, 2),
             "versions_equal": equal, "plain_spark_row_counts_match": floor_counts == inc.row_counts,
             "load_average": [round(x, 2) for x in os.getloadavg()]}
-
-
-# --- 3. DuckDB: the same views over the same files ----------------------------------------------------------------
-def duckdb_views(home: Path, pipeline: Pipeline, block: int, out: Path) -> dict[str, int]:
-    import duckdb
-
-    layout = Layout(home)
-    con = duckdb.connect()
-    con.execute(f"SET threads = {os.cpu_count() or 1}")
-    counts: dict[str, int] = {}
-    for src in pipeline.sources:
-        views = pipeline.views_of(src)
-        files = [str(f.path) for f in layout.master_files(src.name)]
-        wm = {p: aligned_watermark(e, block) for p, e in archived_positions(layout, src.name).items()}
-        cond = " OR ".join(f"(_partition = {p} AND _offset < {w})" for p, w in wm.items()) or "FALSE"
-        needed = {src.event_time} | {k for v in views for k in v.keys} | {
-            a.column for v in views for a in v.stored_aggregates if a.column}
-        sel = ", ".join(f'"{c}"' for c in sorted(needed))
-        con.execute(f"""CREATE OR REPLACE TEMP TABLE ev AS
-            SELECT {sel} FROM read_parquet({files!r}) WHERE {cond}
-            QUALIFY row_number() OVER (PARTITION BY _partition, "{src.event_id}" ORDER BY _offset) = 1""")
-        for v in views:
-            b = v.bucket_us
-            us = f'epoch_us("{src.event_time}")'
-            ws = f"make_timestamp({us} - ((({us} % {b}) + {b}) % {b}))"
-            aggs = []
-            for a in v.stored_aggregates:
-                col = f'"{a.column}"' if a.column else None
-                aggs.append({"count": "count(*)", "sum": f"sum({col})::BIGINT", "min": f"min({col})",
-                             "max": f"max({col})",
-                             # DuckDB's own HLL (not the stored DataSketches bytes): the native-engine ceiling
-                             "approx_distinct": f"approx_count_distinct({col})"}[a.kind] + f' AS "{a.name}"')
-            keys = ", ".join(f'"{k}"' for k in v.keys)
-            dest = out / f"{v.name}.parquet"
-            con.execute(f"COPY (SELECT {keys}, {ws} AS window_start, {', '.join(aggs)} FROM ev "
-                        f"GROUP BY ALL) TO '{dest}' (FORMAT parquet)")
-            counts[v.name] = con.execute(f"SELECT count(*) FROM read_parquet('{dest}')").fetchone()[0]
-    con.close()
-    return counts
-
-
-# --- 4. plain Spark: the ceiling of any Spark job for these views ------------------------------------------------
-def _by_partition(positions: dict[int, int]):
-    """A Spark map column partition -> offset (a per-partition bound of ``_offset``)."""
-    from pyspark.sql import functions as F
-
-    return F.create_map(*[x for p, w in sorted(positions.items()) for x in (F.lit(p), F.lit(w).cast("long"))])
-
-
-def spark_ceiling(spark, home: Path, pipeline: Pipeline, block: int, out: Path) -> dict[str, int]:
-    """The least a Spark job must do for the pipeline's views over the master files, on ``spark``: read the
-    needed columns of the master Parquet, keep offsets below W, first occurrence per (partition, event id), one
-    group-by per view (the same aggregates as the job, sketches included), write Parquet. No validation,
-    checksums, id index, sort, staging or manifest. The dedup is the cheapest exact one found for Spark here (the
-    job's, :func:`batch.job._compute_source`): a hash aggregate of (partition, event id) -> first offset, count, then
-    the rows joined with the broadcast first offsets of the repeated ids — the rows themselves are never shuffled
-    (a ``min(struct)`` group-by of every row, the job's previous dedup, shuffles and sorts them all). Returns the
-    rows per view (read back from the files' footers, after the timed part)."""
-    from pyspark.sql import functions as F
-
-    from batch.job import _spark_schema, view_columns_needed, view_frame
-    from lambdalake.schema import OFFSET_COL, PARTITION_COL
-
-    layout = Layout(home)
-    for src in pipeline.sources:
-        views = pipeline.views_of(src)
-        if not views:
-            continue
-        cols = view_columns_needed(pipeline, src)
-        wm = {p: aligned_watermark(e, block) for p, e in archived_positions(layout, src.name).items()}
-        df = (spark.read.schema(_spark_schema(src)).parquet(*[str(f.path) for f in layout.master_files(src.name)])
-              .where(F.col(OFFSET_COL) < _by_partition(wm)[F.col(PARTITION_COL)]).select(*cols))
-        key = [PARTITION_COL, src.event_id]
-        first = (df.select(*key, OFFSET_COL).groupBy(*key)
-                 .agg(F.min(OFFSET_COL).alias("_first"), F.count(F.lit(1)).alias("_n"))
-                 .where(F.col("_n") > 1).select(*key, "_first"))
-        ev = (df.join(F.broadcast(first), key, "left")
-              .where(F.col("_first").isNull() | (F.col(OFFSET_COL) == F.col("_first"))))
-        for v in views:  # the job's aggregation (batch.job.view_frame), without its sort
-            view_frame(ev, src, v).write.mode("overwrite").parquet(str(out / v.name))
-    import pyarrow.parquet as pq
-
-    return {v.name: sum(pq.ParquetFile(f).metadata.num_rows for f in (out / v.name).glob("*.parquet"))
-            for v in pipeline.views}
-
-
-def spark_incremental_floor(spark, home: Path, pipeline: Pipeline, base, block: int, out: Path) -> dict[str, int]:
-    """The least an exact incremental Spark run must do on ``spark`` after the published version ``base`` (its
-    manifest): read the needed columns of the master rows archived since (offsets in ``[base W, W)``), first
-    occurrence per (partition, event id) among them, drop the ids ``base``'s event-id index holds (the index scanned
-    once, the new ids broadcast), write the new ids (the next run needs them), and per view merge ``base``'s rows
-    with the new events' rows in one group-by (the job's merge rules) and write Parquet. No validation, checksums,
-    sort, staging or manifest. Returns the rows per view (read back from the files' footers, after the timed
-    part)."""
-    from pyspark.sql import functions as F
-
-    from batch.job import (
-        IDS_DIR,
-        _index_schema,
-        _merge_expr,
-        _spark_schema,
-        first_occurrences,
-        view_columns_needed,
-        view_frame,
-    )
-    from lambdalake.pipeline import WINDOW_START
-    from lambdalake.schema import OFFSET_COL, PARTITION_COL
-
-    layout = Layout(home)
-    base_dir = layout.batch_version(str(base.version))
-    for src in pipeline.sources:
-        views = pipeline.views_of(src)
-        if not views:
-            continue
-        cols = view_columns_needed(pipeline, src)
-        since = base.watermark.of_topic(src.topic)
-        wm = {p: aligned_watermark(e, block) for p, e in archived_positions(layout, src.name).items()}
-        if all(w <= since.get(p, 0) for p, w in wm.items()):
-            continue  # nothing new below W: the base's views as they are
-        files = [str(f.path) for f in layout.master_files(src.name) if f.end > since.get(f.partition, 0)]
-        off, part = F.col(OFFSET_COL), F.col(PARTITION_COL)
-        df = (spark.read.schema(_spark_schema(src)).parquet(*files)
-              .where((off < _by_partition(wm)[part])
-                     & (off >= F.coalesce(_by_partition(since)[part], F.lit(0).cast("long"))))
-              .select(*cols))
-        key = [PARTITION_COL, src.event_id]
-        fresh = first_occurrences(df, src, cols).cache()  # the job's dedup rule among the new rows
-        ids = spark.read.schema(_index_schema(src)).parquet(
-            *[str(base_dir / IDS_DIR / src.name / s) for s in base.id_index[src.name].segments])
-        seen = ids.join(F.broadcast(fresh.select(*key)), key, "left_semi")
-        new = fresh.join(F.broadcast(seen), key, "left_anti").cache()
-        new.select(*key).write.mode("overwrite").parquet(str(out / f"_ids-{src.name}"))
-        for v in views:
-            inc = view_frame(new, src, v)  # the job's aggregation and merge rules, without its sort
-            old = spark.read.parquet(*[str(base_dir / v.name / f) for f in base.views[v.name].files])
-            (old.unionByName(inc).groupBy(*v.keys, WINDOW_START).agg(*[_merge_expr(a) for a in v.stored_aggregates])
-             .write.mode("overwrite").parquet(str(out / v.name)))
-        new.unpersist()
-        fresh.unpersist()
-    import pyarrow.parquet as pq
-
-    return {v.name: sum(pq.ParquetFile(f).metadata.num_rows for f in (out / v.name).glob("*.parquet"))
-            if (out / v.name).exists() else base.row_counts[v.name] for v in pipeline.views}
 
 
 def bench_recompute(n: int, workdir: Path, spark, spark_master: str, block: int, repeat: int = 1,
@@ -461,7 +231,8 @@ def main() -> int:
         import logging
 
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-        logging.getLogger("batch.job").setLevel(logging.INFO)
+        for step_log in ("batch.job", "batch.compute"):  # the run protocol and its steps 2-4
+            logging.getLogger(step_log).setLevel(logging.INFO)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lambdalake-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     result: dict = {"bench": "batch", "at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -473,7 +244,7 @@ def main() -> int:
             a = result["archiver"]
             print(f"archiver: {a['messages']} messages in {a['seconds']}s = {a['events_per_s']} events/s")
         if args.sizes:
-            from batch.job import spark_session
+            from batch.spark_session import spark_session
 
             spark = spark_session(args.spark_master, app_name="lambdalake-bench")
             spark.sparkContext.setLogLevel("ERROR")
