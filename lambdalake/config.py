@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -145,9 +146,19 @@ def load_settings(
     )
 
 
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")  # also "s3:/b": a Path option collapses the "//"
+
+
 def resolve_home(home: str | Path | None = None) -> Path:
-    """The lake directory: ``home`` > ``LAMBDALAKE_HOME`` > ``./data``, absolute."""
-    return Path(home or os.environ.get("LAMBDALAKE_HOME") or "data").expanduser().resolve()
+    """The lake directory: ``home`` > ``LAMBDALAKE_HOME`` > ``./data``, absolute. A URL (``s3://bucket/prefix``) is
+    refused with a ConfigError: the lake is a local directory in this release, and a directory named ``s3:`` made
+    silently in the working directory would look like a lake on object storage while being none."""
+    raw = str(home or os.environ.get("LAMBDALAKE_HOME") or "data")
+    if m := _URL.match(raw):
+        raise ConfigError(f"lake {raw!r}: a {m.group(1)}:// lake is not supported by this release; the lake is a "
+                          "local directory (a path in --home or LAMBDALAKE_HOME), on a file system every layer's "
+                          "machine can see")
+    return Path(raw).expanduser().resolve()
 
 
 def require_existing_lake(home: str | Path | None = None) -> Path:

@@ -30,12 +30,16 @@ def run(args, **env):
     (["produce", "--late-fraction", "2", "--events", "1"], {}, "--late-fraction"),
     (["load", "/nope.csv", "--source", "purchases"], {"LAMBDALAKE_BOOTSTRAP": "127.0.0.1:1"}, "not found"),
     (["nosuchcommand"], {}, "No such command"),
+    (["status"], {"LAMBDALAKE_HOME": "s3://bucket/lake"}, "a s3:// lake is not supported by this release"),
+    (["ingest", "--home", "gs://bucket/lake"], {}, "a gs:// lake is not supported by this release"),
 ])
-def test_bad_input_gets_one_actionable_line(args, env, expected, tmp_path):
-    res = run(args, LAMBDALAKE_HOME=str(tmp_path), **env)
+def test_bad_input_gets_one_actionable_line(args, env, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = run(args, **{"LAMBDALAKE_HOME": str(tmp_path), **env})
     assert res.returncode != 0
     assert expected in res.stderr, res.stderr
     assert "Traceback" not in res.stderr + res.stdout
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(":")], "a URL made a local directory"
 
 
 def test_unknown_source_for_load(tmp_path):
