@@ -42,7 +42,7 @@ from lambdalake.validation import (
     Validator,
     compile_struct,
 )
-from wiring.produce import demo_messages
+from wiring.demo_stream import demo_messages
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -383,7 +383,8 @@ def test_daemon_takes_new_partitions_and_until_caught_up_ends_at_a_transaction_m
 
     import batch.archiver as archiver
     from lambdalake.clients import end_offsets, ensure_topics
-    from wiring.produce import demo_messages, send
+    from wiring.demo_stream import demo_messages
+    from wiring.produce import send
 
     def archived() -> bool:
         ends = end_offsets(settings, [s.topic for s in pipeline.sources])

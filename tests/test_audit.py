@@ -34,7 +34,8 @@ from lambdalake.speedset import current_speed_snapshot
 from serving.published import resolve_pair
 from speed.consumer import SpeedLayer, SpeedOptions
 from tests.conftest import LAMBDALAKE, write_pipeline_copy
-from wiring.produce import demo_messages, send
+from wiring.demo_stream import demo_messages
+from wiring.produce import send
 
 pytestmark = [pytest.mark.integration]
 

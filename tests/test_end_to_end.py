@@ -28,7 +28,8 @@ from serving import connect
 from serving.connection import pair_of
 from tests.conftest import LAMBDALAKE
 from tests.oracle import assert_rows_equal, oracle_views, read_log
-from wiring.produce import demo_messages, send
+from wiring.demo_stream import demo_messages
+from wiring.produce import send
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -36,7 +36,7 @@ from speed.consumer import SpeedLayer, SpeedOptions
 from tests.conftest import LAMBDALAKE
 from tests.oracle import assert_rows_equal, oracle_views, parse_event, read_log
 from wiring.cli import main
-from wiring.produce import demo_messages
+from wiring.demo_stream import demo_messages
 
 BAD = "user-bad"  # the user_id of the demo's malformed messages that carry one
 def _env(settings, **extra) -> dict:

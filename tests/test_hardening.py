@@ -304,7 +304,8 @@ def test_topics_counts_every_invalid_reason_and_names_random_bytes(settings, pip
     from lambdalake.clients import ensure_topics
     from lambdalake.options import Context
     from wiring.cli import print_topic_counts
-    from wiring.produce import Message, demo_messages, send
+    from wiring.demo_stream import demo_messages
+    from wiring.produce import Message, send
     from wiring.topic_counts import count_topics
 
     rng = random.Random(14)

@@ -31,7 +31,8 @@ from lambdalake.erasure import new_request, request_path, write_request
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import Pipeline, load_pipeline
 from lambdalake.validation import Validator
-from wiring.produce import Message, demo_messages
+from wiring.demo_stream import demo_messages
+from wiring.produce import Message
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,8 @@ from lambdalake.clients import ensure_topics
 from lambdalake.instants import parse_rfc3339_us
 from lambdalake.pipeline import load_pipeline
 from tests.oracle import oracle_counts, read_log
-from wiring.produce import LATE_MAX, Message, demo_messages, send
+from wiring.demo_stream import LATE_MAX, demo_messages
+from wiring.produce import Message, send
 
 DEMO = load_pipeline("lambdalake.pipelines.clickstream")
 

@@ -46,7 +46,8 @@ from lambdalake.layout import (
 from lambdalake.pipeline import Pipeline, View
 from tests.conftest import LAMBDALAKE
 from tests.oracle import LogMessage, assert_rows_equal, oracle_counts, oracle_views, parts_estimate, read_log
-from wiring.produce import demo_messages, send
+from wiring.demo_stream import demo_messages
+from wiring.produce import send
 
 # --- reading published speed state, independently of engine code -------------------------------------------------
 

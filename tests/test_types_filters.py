@@ -39,7 +39,7 @@ from lambdalake.validation import ReferenceValidator, Validator
 from serving.sql import merged_view_sql, typed_select
 from speed.state import SourceState
 from tests.oracle import LogMessage, assert_rows_equal, oracle_views, parse_event
-from wiring.produce import check_file, file_messages
+from wiring.load_file import check_file, file_messages
 
 OL = ORDERS.source("order_lines")
 V_OL, R_OL = Validator(OL), ReferenceValidator(OL)

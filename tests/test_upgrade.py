@@ -23,7 +23,8 @@ from lambdalake.exceptions import LambdalakeError
 from lambdalake.layout import Layout, current_batch_manifest
 from serving import connect
 from tests.oracle import assert_rows_equal, oracle_views, read_log
-from wiring.produce import demo_messages, send
+from wiring.demo_stream import demo_messages
+from wiring.produce import send
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

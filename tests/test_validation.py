@@ -18,7 +18,7 @@ from lambdalake.instants import parse_rfc3339_us
 from lambdalake.pipeline import load_pipeline
 from lambdalake.validation import MAX_MESSAGE_BYTES, Invalid, ReferenceValidator, Valid, Validator
 from tests.oracle import parse_event
-from wiring.produce import demo_messages
+from wiring.demo_stream import demo_messages
 
 PIPE = load_pipeline("lambdalake.pipelines.clickstream")
 PV = PIPE.source("pageviews")

@@ -22,7 +22,8 @@ from lambdalake.clients import ensure_topics
 from lambdalake.pipeline import Pipeline, load_pipeline
 from serving import connect
 from tests.oracle import assert_rows_equal, oracle_views, read_log
-from wiring.produce import demo_messages, send
+from wiring.demo_stream import demo_messages
+from wiring.produce import send
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

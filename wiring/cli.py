@@ -149,7 +149,8 @@ def produce(
     from datetime import timedelta
 
     from lambdalake.clients import ensure_topics
-    from wiring.produce import demo_messages, send
+    from wiring.demo_stream import demo_messages
+    from wiring.produce import send
 
     ctx = context(pipeline, home, bootstrap)
     messages = demo_messages(ctx.pipeline, events, late_fraction=late_fraction,
@@ -182,7 +183,8 @@ def load(
     to the declared field types and the whole file is checked first: if a row cannot be converted or is invalid,
     nothing is sent. JSON lines are sent as they are (consumers dead-letter invalid ones)."""
     from lambdalake.clients import ensure_topics
-    from wiring.produce import check_file, file_messages, send
+    from wiring.load_file import check_file, file_messages
+    from wiring.produce import send
 
     if check:
         ctx = context(pipeline, home, bootstrap)

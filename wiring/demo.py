@@ -94,7 +94,8 @@ def _env(settings: Settings) -> dict:
 
 def run_demo(events: int, rate: float | None, port: int | None, home: Path | None, console: Console) -> None:
     from lambdalake.pipeline import load_pipeline
-    from wiring.produce import demo_messages, send
+    from wiring.demo_stream import demo_messages
+    from wiring.produce import send
 
     console.print(Rule("lambdalake demo: a Lambda architecture on a real Kafka log"))
     with embedded_kafka(home, port, console) as settings:
