@@ -11,7 +11,7 @@ The pair is the one a serving connection reads (:func:`serving.connection.connec
    message valid under the declared rules (a loosened rule) must be kept in a rejected file.
 2. **master ↔ batch** (:func:`check_master_batch`): the batch version's input files are unchanged (size, sha256)
    and each of its views equals the view recomputed with DuckDB from the valid, deduplicated master events below
-   ``W`` — rejected messages now valid included, as the batch job reads them (:func:`batch.verify.view_sql`, not
+   ``W`` — rejected messages now valid included, as the batch job reads them (:func:`lambdalake.viewsql.view_sql`, not
    Spark).
 3. **log ↔ speed** (:func:`check_log_speed`): the speed rows at blocks ``>= W`` equal the same recomputation over
    the valid events read from the log, deduplicated over the whole log, at offsets in ``[W, S)``.
@@ -19,9 +19,9 @@ The pair is the one a serving connection reads (:func:`serving.connection.connec
    over offsets below ``max(W, S)`` — the product's exactness invariant itself.
 
 Validity and dedup are the declared rules (:mod:`lambdalake.validation` for log bytes, the DuckDB predicates of
-:mod:`batch.verify` for master rows); the view interpretation is :mod:`batch.verify`'s (one interpreter, shared
-with the Airflow ``verify`` step). Views the pair does not serve under their declared definition (being rebuilt)
-are skipped with a note.
+:mod:`lambdalake.validsql` for master rows); the view interpretation is :mod:`lambdalake.viewsql`'s (one
+interpreter, shared with the Airflow ``verify`` step and serving). Views the pair does not serve under their
+declared definition (being rebuilt) are skipped with a note.
 
 Erasure (``lambdalake forget``): :func:`erased` is what every check consults — offsets a master rewrite removed are
 accounted as erased (their copy in the DLQ topic stays until its retention: not a second place, but a rejected file
@@ -47,7 +47,6 @@ import pyarrow.parquet as pq
 
 from audit.logread import DeadLetters, PartitionLog, read_dead_letters, read_source
 from batch.rejected import revalidated_file
-from batch.verify import master_events_sql, output_sql, valid_predicate, view_sql
 from lambdalake import sketches
 from lambdalake.clients import end_offsets
 from lambdalake.config import Settings
@@ -66,8 +65,9 @@ from lambdalake.schema import (
     view_columns,
 )
 from lambdalake.validation import Validator
+from lambdalake.validsql import valid_predicate
+from lambdalake.viewsql import ident, master_events_sql, output_sql, speed_visible_predicate, typed_select, view_sql
 from serving.published import PublishedPair
-from serving.sql import ident, speed_visible_predicate, typed_select
 
 LOG_MASTER, MASTER_BATCH, LOG_SPEED, MERGED = "log-master", "master-batch", "log-speed", "merged"
 CHECKS = (LOG_MASTER, MASTER_BATCH, LOG_SPEED, MERGED)

@@ -14,64 +14,33 @@ stored aggregates and each aggregate's merge rule) with DuckDB over the master d
    over the master events below the watermark that are valid under the declared field rules, first occurrence per
    (partition, event id) — the events SQL below; the manifest's ``events`` per source equals that event count.
 
-Field rules in SQL: required/nullable, minimum/maximum and min_length/max_length (DuckDB ``length`` counts code
-points, as :mod:`lambdalake.validation` does) are SQL predicates; a ``pattern`` is full-matched by Python's ``re``
-(the validator's own dialect) in a DuckDB function over the distinct values.
+The declared field rules are a DuckDB predicate (:mod:`lambdalake.validsql`); the views, the events and the folds
+are the core's DuckDB interpreter of a view definition (:mod:`lambdalake.viewsql`), which ``lambdalake audit``
+(:mod:`audit.check`) shares to recompute the batch side, the speed side and the merged answer.
 
 Raises :class:`VerificationFailed` naming the first disagreement.
-
-:func:`view_sql` and :func:`output_sql` are the same declaration interpreted row by row (every stored row of a view,
-and its output columns): ``lambdalake audit`` (:mod:`audit.check`) recomputes the batch side, the speed side and the
-merged answer with them.
 """
 
 from __future__ import annotations
 
-import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from batch.compact import master_readers_lock
 from batch.rejected import revalidated_file
 from lambdalake import sketches
-from lambdalake.aggregates import Aggregate
 from lambdalake.config import Settings
 from lambdalake.contracts import BatchManifest, Positions
 from lambdalake.erasure import erased_subjects, not_erased_sql
 from lambdalake.exceptions import InvariantViolation
-from lambdalake.fields import Source
-from lambdalake.instants import FIRST_INSTANT_US, LAST_INSTANT_US
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import WINDOW_START, Pipeline, View
-from lambdalake.predicates import Predicate, resolve_predicate
-from lambdalake.schema import BLOCK_COL, OFFSET_COL, PARTITION_COL, view_columns
-
-FOLD = {"sum": "sum", "min": "min", "max": "max", "union": "union"}  # each merge rule (Aggregate.merge) in words
-
-
-def _fold_sql(a: Aggregate) -> str:
-    """SQL folding a stored aggregate over all rows with its merge rule (a sketch: the estimate of the union)."""
-    col = _ident(a.name)
-    return sketches.estimate_sql(f"list({col})") if a.merge == "union" else f"{FOLD[a.merge]}({col})"
-
-
-def _aggregate_sql(a: Aggregate, source: Source) -> str:
-    """SQL of a stored aggregate over events (valid, deduplicated, filtered): what one group's row stores."""
-    col = _ident(a.column or "")
-    if a.kind == "count":
-        return "count(*)"
-    if a.kind == "sum":
-        total = "DOUBLE" if source.field_map[a.column or ""].type == "number" else "BIGINT"  # decimals: scaled ints
-        return f"CAST(sum({col}) AS {total})"
-    if a.kind == "approx_distinct":
-        return sketches.sketch_sql(f"list({col})", source.field_map[a.column or ""].type, a.lg_k or 0)
-    return f"{a.kind}({col})"
+from lambdalake.schema import view_columns
+from lambdalake.validsql import valid_predicate
+from lambdalake.viewsql import FOLD, aggregate_sql, fold_sql, ident, master_events_sql, sql_list
 
 
 class VerificationFailed(InvariantViolation):
@@ -91,143 +60,6 @@ class VerificationReport:
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "watermark": self.watermark.nested(), "row_counts": dict(self.row_counts),
                 "events": dict(self.events), "totals": dict(self.totals)}
-
-
-def _sql_list(paths: list[str]) -> str:
-    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _pattern_function(con: Any, name: str, pattern: str) -> None:
-    """``name(VARCHAR) -> BOOLEAN``: ``re.fullmatch(pattern, value)``, evaluated once per distinct value."""
-    fullmatch = re.compile(pattern).fullmatch
-
-    def matches(values: pa.Array) -> pa.Array:
-        ok = [v for v in pc.unique(values).to_pylist() if v is not None and fullmatch(v) is not None]
-        return pc.is_in(values, value_set=pa.array(ok, pa.string()))
-
-    con.create_function(name, matches, ["VARCHAR"], "BOOLEAN", type="arrow")
-
-
-def valid_predicate(con: Any, source: Source) -> str:
-    """SQL predicate over a master row: valid under the declared field rules (registers pattern functions)."""
-    conds = []
-    for f in source.fields:
-        col = _ident(f.name)
-        rules = []
-        if f.type == "integer":
-            if f.minimum is not None:
-                rules.append(f"{col} >= {int(f.minimum)}")
-            if f.maximum is not None:
-                rules.append(f"{col} <= {int(f.maximum)}")
-        elif f.type == "string":
-            if f.min_length is not None:
-                rules.append(f"length({col}) >= {int(f.min_length)}")
-            if f.max_length is not None:
-                rules.append(f"length({col}) <= {int(f.max_length)}")
-            if f.pattern:
-                fn = f"lambdalake_match_{source.name}_{f.name}"
-                _pattern_function(con, fn, f.pattern)
-                rules.append(f"{fn}({col})")
-        elif f.type == "timestamp":  # the supported range (lambdalake.validation rule 6)
-            rules.append(f"epoch_us({col}) BETWEEN {FIRST_INSTANT_US} AND {LAST_INSTANT_US}")
-        elif f.type == "decimal":  # the scaled integer has at most 18 digits (rule 7)
-            rules.append(f"abs({col}) < {10 ** 18}")
-        value_ok = " AND ".join(rules) or "TRUE"
-        if f.required and not f.nullable:
-            conds.append(f"({col} IS NOT NULL AND {value_ok})")
-        else:
-            conds.append(f"({col} IS NULL OR ({value_ok}))")
-    return " AND ".join(conds) or "TRUE"
-
-
-def master_events_sql(source: Source, files: list[str], watermark: dict[int, int], valid: str) -> str:
-    """Valid events below the watermark, the row with the lowest offset per (partition, event id)."""
-    cases = " ".join(f"WHEN {p} THEN {w}" for p, w in sorted(watermark.items()))
-    below = f"{OFFSET_COL} < (CASE {PARTITION_COL} {cases} ELSE 0 END)" if watermark else "FALSE"
-    return (f"SELECT * FROM read_parquet({_sql_list(files)}) WHERE {below} AND {valid} "
-            f"QUALIFY row_number() OVER (PARTITION BY {PARTITION_COL}, {_ident(source.event_id)} "
-            f"ORDER BY {OFFSET_COL}) = 1")
-
-
-def view_sql(source: Source, view: View, events: str, block: int | None = None) -> str:
-    """The stored rows of ``view`` computed over ``events`` (a relation of master-schema rows: valid, deduplicated
-    events), one row per group: keys, ``window_start``, stored aggregates — the batch layout; with ``block``, grouped
-    by ``_partition`` and ``_block_start`` (offset floored to the block) too, in front — the speed layout.
-
-    The independent interpretation of a view (DuckDB): :mod:`audit` recomputes batch views from master and speed
-    rows from the log with it. ``window_start`` is the event time floored to the bucket (floor also before 1970),
-    a UTC ``TIMESTAMPTZ``; count and sum are BIGINT, min/max keep the field's type.
-    """
-    t, b = f"epoch_us({_ident(source.event_time)})", view.bucket_us
-    cols = [_ident(k) for k in view.keys]
-    cols.append(f"make_timestamptz({t} - ((({t} % {b}) + {b}) % {b})) AS {_ident(WINDOW_START)}")
-    if block:
-        cols = [PARTITION_COL, f"({OFFSET_COL} - {OFFSET_COL} % {int(block)}) AS {BLOCK_COL}", *cols]
-    for a in view.stored_aggregates:
-        cols.append(f"{_aggregate_sql(a, source)} AS {_ident(a.name)}")
-    where = "" if view.where is None else \
-        f" WHERE {where_sql(resolve_predicate(view.where, source, f'view {view.name!r}'), source)}"
-    return f"SELECT {', '.join(cols)} FROM ({events}) AS events{where} GROUP BY ALL"
-
-
-def where_sql(pred: Predicate, source: Source) -> str:
-    """DuckDB SQL of a resolved view filter over master-typed rows: a comparison or ``in`` on a null field is false,
-    and/or are two-valued; timestamps compare as UTC µs, decimals as their stored scaled integers."""
-    if pred.op in ("and", "or"):
-        return "(" + f" {pred.op.upper()} ".join(where_sql(a, source) for a in pred.args) + ")"
-    f = source.field_map[pred.field or ""]
-    col = _ident(f.name)
-    if pred.op in ("is_null", "not_null"):
-        return f"({col} IS {'NOT ' if pred.op == 'not_null' else ''}NULL)"
-    value = f"epoch_us({col})" if f.type == "timestamp" else col
-
-    def lit(v: object) -> str:
-        if isinstance(v, bool):
-            return "TRUE" if v else "FALSE"
-        if isinstance(v, str):
-            return "'" + v.replace("'", "''") + "'"
-        if isinstance(v, float):
-            return f"CAST('{v!r}' AS DOUBLE)"
-        return str(int(v))  # type: ignore[call-overload]
-
-    if pred.op == "in":
-        return f"({col} IS NOT NULL AND {value} IN ({', '.join(lit(v) for v in pred.values)}))"
-    op = {"eq": "=", "ne": "<>", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}[pred.op]
-    return f"({col} IS NOT NULL AND {value} {op} {lit(pred.values[0])})"
-
-
-def output_sql(view: View, stored: str, source: Source | None = None) -> str:
-    """The output columns of ``view`` (``view.output_columns``) over ``stored`` (one row per group, stored columns):
-    declared aggregates as stored; a mean is its stored sum over its stored count, as DOUBLE. With ``source``,
-    decimals as served (``DECIMAL(18|38, scale)``; a mean's decimal sum divided by 10^scale)."""
-    from serving.sql import present
-
-    means = {m.name: m for m in view.means}
-    columns = {c.name: c for c in view_columns(source, view)} if source is not None else {}
-
-    def shown(name: str) -> str:
-        c = columns.get(name)
-        return _ident(name) if c is None else f"{present(_ident(name), c)} AS {_ident(name)}"
-
-    cols = [shown(k) for k in view.keys] + [_ident(WINDOW_START)]
-    for a in view.aggregates:
-        m = means.get(a.name)
-        if isinstance(a, Aggregate) and a.kind == "approx_distinct":
-            cols.append(f"{sketches.estimate_sql(f'list_value({_ident(a.name)})')} AS {_ident(a.name)}")
-            continue
-        if m is None:
-            cols.append(shown(a.name))
-            continue
-        c = columns.get(m.sum_name)
-        total = f"CAST({_ident(m.sum_name)} AS DOUBLE)"
-        if c is not None and c.type == "decimal" and c.scale:
-            total = f"({total} / 1e{int(c.scale)})"
-        cols.append(f"{total} / NULLIF({_ident(m.count_name)}, 0) AS {_ident(m.name)}")
-    return f"SELECT {', '.join(cols)} FROM ({stored}) AS stored"
 
 
 def verify_published(settings: Settings, pipeline: Pipeline) -> VerificationReport | None:
@@ -281,7 +113,7 @@ def verify_published(settings: Settings, pipeline: Pipeline) -> VerificationRepo
                 # rejected messages valid under the declared rules count too (a loosened rule, batch.rejected)
                 extra = revalidated_file(layout, src, wm, Path(scratch))
                 masters += [str(extra)] if extra else []
-                keep = f"({valid[src.name]}) AND {not_erased_sql(_ident(src.key), erased_subjects(layout, src.name))}"
+                keep = f"({valid[src.name]}) AND {not_erased_sql(ident(src.key), erased_subjects(layout, src.name))}"
                 events = master_events_sql(src, masters, wm, keep) if masters else None
                 n_events = con.execute(f"SELECT count(*) FROM ({events})").fetchone()[0] if events else 0
                 recorded = manifest.events.get(src.name, n_events)
@@ -316,21 +148,21 @@ def _check_view(con: Any, pipeline: Pipeline, view: View, files: list[str], even
         if events_sql is not None and con.execute(f"SELECT count(*) FROM ({events_sql})").fetchone()[0]:
             raise fail(f"view {view.name!r} has no rows but the master dataset has valid events below the watermark")
         return {}
-    rel = f"read_parquet({_sql_list(files)})"
-    nulls = con.execute("SELECT " + ", ".join(f"count(*) FILTER (WHERE {_ident(k)} IS NULL)" for k in strict)
+    rel = f"read_parquet({sql_list(files)})"
+    nulls = con.execute("SELECT " + ", ".join(f"count(*) FILTER (WHERE {ident(k)} IS NULL)" for k in strict)
                         + f" FROM {rel}").fetchone()
     for k, n in zip(strict, nulls, strict=True):
         if n:
             raise fail(f"view {view.name!r} has {n} null values in key {k!r}")
     if not stored:
         return {}
-    view_totals = con.execute("SELECT " + ", ".join(_fold_sql(a) for a in stored) + f" FROM {rel}").fetchone()
+    view_totals = con.execute("SELECT " + ", ".join(fold_sql(a) for a in stored) + f" FROM {rel}").fetchone()
     if events_sql is None:
         master_totals: tuple = tuple(0 if a.kind == "count" else None for a in stored)
     else:
         master_totals = con.execute("SELECT " + ", ".join(
-            sketches.estimate_sql(f"list_value({_aggregate_sql(a, source)})") if a.merge == "union"
-            else "count(*)" if a.kind == "count" else f"{a.kind}({_ident(a.column or '')})" for a in stored)
+            sketches.estimate_sql(f"list_value({aggregate_sql(a, source)})") if a.merge == "union"
+            else "count(*)" if a.kind == "count" else f"{a.kind}({ident(a.column or '')})" for a in stored)
             + f" FROM ({events_sql})").fetchone()
     totals: dict[str, Any] = {}
     for a, got, want in zip(stored, view_totals, master_totals, strict=True):

@@ -1,7 +1,7 @@
 """The catalog file: a DuckDB database under ``<home>/`` that the stock DuckDB CLI opens to run the same queries.
 
 ``duckdb -readonly data/lake.duckdb`` then ``SELECT * FROM pageviews_hourly`` works like ``lambdalake sql``:
-the same generated merge (:mod:`serving.sql`), ``master.<source>`` and ``lambdalake.status`` / ``watermarks`` /
+the same generated merge (:mod:`lambdalake.viewsql`), ``master.<source>`` and ``lambdalake.status`` / ``watermarks`` /
 ``views``.
 
 What the file holds, for the (batch version, speed snapshot) pair current when it was written:
@@ -39,6 +39,7 @@ from lambdalake.config import Settings
 from lambdalake.layout import Layout, fsync_dir, tmp_name
 from lambdalake.pipeline import Pipeline
 from lambdalake.schema import master_columns, speed_view_columns, view_columns
+from lambdalake.viewsql import empty_select, ident, merged_view_sql, sql_list, typed_select
 from serving.connection import (
     _check_speed_blocks,
     _install_metadata,
@@ -52,13 +53,6 @@ from serving.connection import (
 )
 from serving.plans import STALE, plan_views
 from serving.published import PublishedPair, resolve_pair
-from serving.sql import (
-    empty_select,
-    ident,
-    literal,
-    merged_view_sql,
-    typed_select,
-)
 
 CATALOG_NAME = "lake.duckdb"  # not "lambdalake.duckdb": the catalog would shadow the `lambdalake` schema
 # The file is written in the oldest storage format DuckDB 2.0 can write (storage version 64, read by every DuckDB
@@ -72,7 +66,7 @@ def catalog_path(settings: Settings) -> Path:
 
 
 def _parquet_list(paths: list[Path], union_by_name: bool = False) -> str:
-    files = "[" + ", ".join(literal(str(p.resolve())) for p in paths) + "]"
+    files = sql_list([str(p.resolve()) for p in paths])
     return f"read_parquet({files}, union_by_name = true)" if union_by_name else f"read_parquet({files})"
 
 

@@ -1,6 +1,6 @@
 """The serving connection: a locked-down in-process DuckDB where every view is batch ⊕ speed, merged per query.
 
-What a connection contains (all built from the pipeline declaration, see :mod:`serving.sql`):
+What a connection contains (all built from the pipeline declaration, see :mod:`lambdalake.viewsql`):
 
 - ``<view>`` (e.g. ``pageviews_hourly``) in the default schema: the merged view, columns ``view.output_columns``.
 - ``sketches.<view>`` (views with ``approx_distinct``): keys, ``window_start`` and each approx_distinct's merged HLL
@@ -88,20 +88,19 @@ from lambdalake.schema import (
     speed_view_columns,
     view_columns,
 )
-from serving.exceptions import InconsistentPublishedState
-from serving.plans import CURRENT, REBUILDING, STALE, ViewPlan, plan_views
-from serving.published import PublishedPair, resolve_pair
-from serving.sql import (
+from lambdalake.viewsql import (
     FN,
     Columns,
     empty_select,
     ident,
     literal,
     merged_view_sql,
-    refusing_select,
     speed_visible_predicate,
     typed_select,
 )
+from serving.exceptions import InconsistentPublishedState
+from serving.plans import CURRENT, REBUILDING, STALE, ViewPlan, plan_views
+from serving.published import PublishedPair, resolve_pair
 
 # Settings a user may still change on a locked connection: display knobs only. Resources (threads, memory_limit)
 # are fixed when the connection is opened (Limits) and refused from SQL.
@@ -570,6 +569,13 @@ def _install(con: duckdb.DuckDBPyConnection, binding: _Binding, pair: PublishedP
         for leftover in (path, path.with_name(path.name + ".wal")):
             leftover.unlink(missing_ok=True)  # DuckDB keeps the attached file open; nothing else may open it
     return catalog, tuple(registered)
+
+
+def refusing_select(relation: str, message: str) -> str:
+    """The columns of ``relation`` (a subquery), but every scan fails with ``message`` (DuckDB's ``error()``): the
+    view of a definition that cannot be served yet. Binding (DESCRIBE, ``LIMIT 0``) still works."""
+    return (f"SELECT answer.* FROM (SELECT 1 AS one WHERE {FN}error({literal(message)})) AS refused "
+            f"LEFT JOIN ({relation}) AS answer ON true")
 
 
 def install_refused(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, plan: ViewPlan, batch_kind: str,

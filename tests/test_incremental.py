@@ -6,8 +6,8 @@ The lake is built by the product's own writers (``batch.master.master_table`` + 
 demo stream as ``lambdalake.validation.Validator`` judges it), appended to in random steps that cut through files,
 with late events, duplicates (also of events archived several appends before) and malformed messages. Each
 incremental version is compared with the independent DuckDB interpretation of the declaration over all master
-(``batch/verify.py``'s SQL, not the Spark job) and verified by ``verify_published``; the last one is compared row by
-row with a ``--full`` Spark recompute of the same watermark. Runs on the session Spark; no broker.
+(``lambdalake/viewsql.py``'s SQL, not the Spark job) and verified by ``verify_published``; the last one is compared
+row by row with a ``--full`` Spark recompute of the same watermark. Runs on the session Spark; no broker.
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ import pytest
 
 from batch.job import incremental_base, run_batch, select_inputs
 from batch.master import master_table, write_parquet_atomic
-from batch.verify import master_events_sql, valid_predicate, verify_published, view_sql
+from batch.verify import verify_published
 from lambdalake.config import load_settings
 from lambdalake.erasure import new_request, request_path, write_request
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import Pipeline, load_pipeline
 from lambdalake.validation import Validator
+from lambdalake.validsql import valid_predicate
+from lambdalake.viewsql import master_events_sql, view_sql
 from wiring.demo_stream import demo_messages
 from wiring.produce import Message
 
@@ -86,7 +88,7 @@ class Lake:
 
 
 def expected_rows(layout: Layout, pipeline: Pipeline, manifest, view, valid: dict[str, str]) -> str:
-    """The independent recomputation (DuckDB, batch/verify.py's interpreter) of ``view`` at the version's W."""
+    """The independent recomputation (DuckDB, lambdalake/viewsql.py's interpreter) of ``view`` at the version's W."""
     src = pipeline.source_of(view)
     wm = manifest.watermark.of_topic(src.topic)
     files = [str(f.path) for f in layout.master_files(src.name) if f.start < wm.get(f.partition, 0)]

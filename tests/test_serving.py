@@ -42,8 +42,8 @@ from lambdalake.handoff import speed_row_visible
 from lambdalake.layout import Layout, read_batch_manifest, write_contract, write_pointer
 from lambdalake.pipeline import Pipeline, View
 from lambdalake.schema import arrow_schema, speed_view_columns, view_columns
+from lambdalake.viewsql import speed_visible_predicate
 from serving.connection import connect, pair_of, refresh
-from serving.sql import speed_visible_predicate
 from tests.oracle import distinct_estimate, distinct_sketch
 
 BLOCK = 10

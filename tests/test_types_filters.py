@@ -27,7 +27,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batch.verify import view_sql
 from lambdalake.aggregates import count, max_, min_, sum_
 from lambdalake.exceptions import ConfigError, PipelineError
 from lambdalake.fields import Field
@@ -36,7 +35,7 @@ from lambdalake.pipelines.orders import pipeline as ORDERS
 from lambdalake.predicates import and_, between, eq, ge, in_, is_null, le, lt, ne, not_null, or_
 from lambdalake.schema import arrow_schema, master_columns, speed_view_columns, view_columns
 from lambdalake.validation import ReferenceValidator, Validator
-from serving.sql import merged_view_sql, typed_select
+from lambdalake.viewsql import merged_view_sql, typed_select, view_sql
 from speed.state import SourceState
 from tests.oracle import LogMessage, assert_rows_equal, oracle_views, parse_event
 from wiring.load_file import check_file, file_messages
