@@ -570,8 +570,8 @@ def _erased_inputs(layout: Layout) -> set[tuple[str, str]]:
     """(path, sha256) of every master file version an erasure rewrote (``master/_log/*-erase-*``)."""
     from lambdalake.erasure import erase_records, record_file
 
-    return {(str(record_file(layout, rec).relative_to(layout.home)), rec["old"]["sha256"])
-            for _, rec in erase_records(layout) if rec.get("status") == "done"}
+    return {(str(record_file(layout, rec).relative_to(layout.home)), rec.old.sha256)
+            for _, rec in erase_records(layout) if rec.status == "done"}
 
 
 def _empty_master(con: Any, source: Source) -> str:
@@ -689,7 +689,7 @@ def audit(settings: Settings, pipeline: Pipeline, views: list[str] | None = None
     unreachable, unreadable published files)."""
     import duckdb
 
-    from batch.compact import master_readers_lock
+    from batch.rewrite import master_readers_lock
 
     t0 = time.monotonic()
     if not 0.0 < sample <= 1.0:

@@ -7,7 +7,9 @@ Modules:
 - :mod:`batch.archiver` — ``lambdalake ingest``: Kafka -> master files + dead-letter topic, exactly once (the roll
   protocol); :mod:`batch.partition_buffer` (one partition's buffer and when it rolls), :mod:`batch.dead_letters`
   (the DLQ writer), :mod:`batch.ingest_workers` (``--workers N``).
-- :mod:`batch.compact` — ``lambdalake compact``: atomic, recorded rewrite of small adjacent master files.
+- :mod:`batch.rewrite` — the journaled rewrite of master files (locks, intent record, swap, recovery), used by
+  :mod:`batch.compact` (``lambdalake compact``: small adjacent master files into one) and :mod:`batch.erase`
+  (``lambdalake forget``: master and rejected files without a forgotten subject).
 - :mod:`batch.job` — ``lambdalake batch``: the Spark interpreter of the view declarations (also ``spark-submit``).
 - :mod:`lambdalake.versions` — version directories, the ``CURRENT`` pointer switch, rollback and pruning.
 - :mod:`batch.plan` — is the master dataset caught up, and does the published version need a recompute (new data,

@@ -6,12 +6,13 @@ resumable:
 1. Record every request durably — the compacted topic ``lambdalake.erasures`` first, then the lake
    (``checkpoints/erasures/``) — before anything is rewritten. From here on every reader skips the subjects.
 2. Under the compaction lock (one master maintenance at a time), rewrite each master file and rejected file that
-   holds a message of a subject of the source whose master is not rewritten yet, following the compaction protocol
-   (:mod:`batch.compact`), mirrored by numbered comments in :func:`rewrite_file`:
+   holds a message of a subject of the source whose master is not rewritten yet, as a journaled master rewrite
+   (:mod:`batch.rewrite`, which owns the protocol and the recovery), in :func:`rewrite_file`:
 
    a. read the file and keep the rows of other subjects; write them to a temporary name, fsync'd;
-   b. record the intent in ``master/_log/<utc>-erase-<source>-p<p>-<start>-<end>.json`` (status ``started``: the
-      file, its old and new sha256, the offsets removed, the request ids);
+   b. record the intent in ``master/_log/<utc>-erase-<source>-<dataset>-p<p>-<start>-<end>.json`` (status
+      ``started``, :class:`lambdalake.contracts.ErasureRecord`: the file, its old and new sha256, the offsets
+      removed, the request ids);
    c. under the exclusive master readers lock, rename the temporary file over the file (same name, same range:
       readers see either the old or the new file) and fsync the directory;
    d. rewrite the record with status ``done``.
@@ -29,24 +30,22 @@ crash tests).
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch.compact import CompactionBusy, _compaction_lock, _lock_path
-from batch.master import COMPRESSION, sha256_file
+from batch import rewrite
+from batch.master import sha256_file
+from batch.rewrite import compaction_lock
 from lambdalake import erasure
 from lambdalake.config import Settings
-from lambdalake.contracts import ErasureRequest, utc_now_iso
+from lambdalake.contracts import REWRITE_STARTED, ErasureRecord, ErasureRequest, RewriteFile, utc_now_iso
 from lambdalake.exceptions import ConfigError
 from lambdalake.fields import Source
-from lambdalake.layout import Layout, MasterFile, atomic_write_bytes, fsync_dir, tmp_name
-from lambdalake.locks import flock
+from lambdalake.layout import Layout, MasterFile
 from lambdalake.pipeline import Pipeline
 from lambdalake.runtime import crash_point
 from lambdalake.schema import OFFSET_COL, VALUE_COL
@@ -92,23 +91,9 @@ def check_subjects(subjects: list[str]) -> list[str]:
 
 # --- recovery -------------------------------------------------------------------------------------------------------
 def recover_erasures(layout: Layout) -> list[str]:
-    """Finish (new file in place) or abort (not renamed) every erasure rewrite left ``started`` by a crash."""
-    done = []
-    for path, rec in erasure.erase_records(layout):
-        if rec.get("status") != "started":
-            continue
-        final = erasure.record_file(layout, rec)
-        if final.exists() and sha256_file(final) == rec["new"]["sha256"]:
-            rec["status"] = "done"
-            rec["recovered"] = True
-        else:
-            (final.parent / rec["new"]["tmp"]).unlink(missing_ok=True)
-            rec["status"] = "aborted"
-        rec["recovered_at"] = utc_now_iso()
-        atomic_write_bytes(path, _dump(rec))
-        log.warning("recovered interrupted erasure rewrite %s: %s", path.name, rec["status"])
-        done.append(f"{path.name}: {rec['status']}")
-    return done
+    """Finish (new file in place) or abort (not renamed) every erasure rewrite left ``started`` by a crash
+    (:func:`batch.rewrite.recover`; the caller holds the compaction lock)."""
+    return rewrite.recover(layout, ErasureRecord)
 
 
 # --- rewriting one file ----------------------------------------------------------------------------------------------
@@ -130,38 +115,20 @@ def rewrite_file(layout: Layout, source: Source, f: MasterFile, dataset: str, su
         return Counter()
     col = probe.column(0).filter(pc.invert(keep)).to_pylist()
     removed = Counter(col if dataset == "master" else [erasure.subject_of(v, source.key) for v in col])
-    # a. the rows of other subjects, to a temporary name
+    # a. the rows of other subjects (the rewrite writes them to a temporary name)
     table = pq.read_table(f.path)
     schema_meta = pq.read_schema(f.path).metadata
     offsets = table.column(OFFSET_COL).filter(pc.invert(keep)).to_pylist()
     kept = table.filter(keep)
     if schema_meta:
         kept = kept.replace_schema_metadata(schema_meta)
-    tmp = tmp_name(f.path)
-    with open(tmp, "wb") as fh:
-        pq.write_table(kept, fh, compression=COMPRESSION)
-        fh.flush()
-        os.fsync(fh.fileno())
-    # b. the intent
-    rec = {"kind": "erase", "status": "started", "dataset": dataset, "source": source.name,
-           "partition": f.partition, "start": f.start, "end": f.end, "name": f.path.name, "requests": sorted(ids),
-           "offsets": offsets, "started_at": utc_now_iso(), "pid": os.getpid(),
-           "old": {"rows": table.num_rows, "bytes": f.path.stat().st_size, "sha256": sha256_file(f.path)},
-           "new": {"tmp": tmp.name, "rows": kept.num_rows, "bytes": tmp.stat().st_size, "sha256": sha256_file(tmp)}}
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    rec_path = layout.master_log() / (f"{stamp}-erase-{source.name}-{dataset}-p{f.partition}-{f.start:020d}-"
-                                      f"{f.end:020d}.json")
-    atomic_write_bytes(rec_path, _dump(rec))
-    fault("rewrite")
-    # c. swap under the exclusive readers lock
-    with flock(_lock_path(layout, "readers.lock"), timeout=lock_timeout,
-               what="the master readers lock (a batch run is reading)", on_busy=CompactionBusy):
-        os.replace(tmp, f.path)
-        fsync_dir(f.path.parent)
-    # d. done
-    rec["status"] = "done"
-    rec["finished_at"] = utc_now_iso()
-    atomic_write_bytes(rec_path, _dump(rec))
+    record = ErasureRecord(status=REWRITE_STARTED, dataset=dataset, source=source.name, partition=f.partition,
+                           start=f.start, end=f.end, name=f.path.name, requests=sorted(ids), offsets=offsets,
+                           old=RewriteFile(rows=table.num_rows, bytes=f.path.stat().st_size,
+                                           sha256=sha256_file(f.path)),
+                           new=RewriteFile())
+    # a-d: the journaled rewrite (b, the intent, then the crash tests' seam, then c, the rename over the file)
+    rewrite.rewrite(layout, record, kept, f.path, lock_timeout=lock_timeout, before_swap=lambda: fault("rewrite"))
     return removed
 
 
@@ -185,7 +152,7 @@ def forget(settings: Settings, pipeline: Pipeline, source_name: str, subjects: l
             erasure.write_request(layout, r)
     fault("recorded")
     # 2. rewrite master and rejected files (every request of the source not rewritten yet: a crash resumes here)
-    with _compaction_lock(layout):
+    with compaction_lock(layout):
         report.recovered = recover_erasures(layout)
         todo = [r for r in erasure.read_requests(layout, src.name)
                 if r.master_rewritten_at is None or r.subject in subjects]
@@ -227,10 +194,4 @@ def forget(settings: Settings, pipeline: Pipeline, source_name: str, subjects: l
         except Exception as exc:  # noqa: BLE001 - informative only
             report.retention_error = f"{type(exc).__name__}: {exc}"
     return report
-
-
-def _dump(rec: dict) -> bytes:
-    import json
-
-    return (json.dumps(rec, indent=1, sort_keys=True) + "\n").encode()
 

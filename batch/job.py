@@ -86,10 +86,10 @@ import pyarrow.parquet as pq
 if __package__ in (None, ""):  # run as a script (spark-submit batch/job.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from batch.compact import master_readers_lock
 from batch.exceptions import BatchValidationError, NothingToCompute
 from batch.master import sha256_file
 from batch.rejected import rejudged_files, write_revalidated
+from batch.rewrite import master_readers_lock
 from lambdalake import contracts
 from lambdalake.aggregates import Aggregate
 from lambdalake.config import Settings, env_float, env_int, fix_handoff_block

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from batch.compact import master_readers_lock
+from batch.rewrite import master_readers_lock
 from lambdalake.config import Settings
 from lambdalake.contracts import Positions
 from lambdalake.handoff import aligned_watermark

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batch.compact import master_readers_lock
 from batch.rejected import revalidated_file
+from batch.rewrite import master_readers_lock
 from lambdalake import sketches
 from lambdalake.config import Settings
 from lambdalake.contracts import BatchManifest, Positions

@@ -9,6 +9,9 @@ Every file one layer writes and another reads is described here, and nowhere els
 - :class:`SpeedSnapshotMeta` — ``views/speed/<snapshot>/snapshot.json``: speed positions, ``pruned_to``, the handoff
   block, per-view definition fingerprints and, while a changed view is being rebuilt, its progress.
 - :class:`BatchPointer` / :class:`SpeedPointer` — the ``CURRENT`` files (the commit points).
+- :class:`ErasureRequest` — ``checkpoints/erasures/<source>/<id>.json`` (and the ``lambdalake.erasures`` record).
+- :class:`CompactionRecord` / :class:`ErasureRecord` — ``master/_log/<utc>-<kind>-...json``: the journal of the
+  master rewrites (:mod:`batch.rewrite`), read back by recovery and by the readers' rules.
 
 Decoding is strict (msgspec): a wrong type is a :class:`lambdalake.exceptions.InvariantViolation` naming the file and
 the field, never a ``KeyError`` somewhere downstream. Unknown keys are ignored, so a file written by a newer release
@@ -21,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
@@ -311,6 +314,114 @@ class ErasureRequest(msgspec.Struct, kw_only=True):
     speed_corrected_at: str | None = None  # when every speed worker had (the last one to)
     speed_workers_corrected: dict[str, str] = msgspec.field(default_factory=dict)  # worker ("" = root) -> when
     stage: str = "received"  # as last recorded (lambdalake status derives the current one)
+
+
+# --- master rewrites (master/_log/, the journal of :mod:`batch.rewrite`) -------------------------------------------
+REWRITE_STARTED, REWRITE_DONE, REWRITE_ABORTED = "started", "done", "aborted"
+
+
+class RewriteFile(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One file in a rewrite record, before (``replaced`` / ``old``) or after (``merged`` / ``new``) the rewrite.
+    Only the keys a record names are written (``name`` and ``tmp`` where they apply; an early record may lack the
+    sizes)."""
+
+    name: str | None = None
+    tmp: str | None = None  # the new file's temporary name, until the rename
+    rows: int | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+
+
+class MasterRewriteRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What every master rewrite record holds: written ``started`` (the intent) before the swap, ``done`` after it;
+    a recovery sets ``done`` (``recovered``) or ``aborted``. ``dataset`` is the directory the files are in
+    (``master`` or ``rejected``), ``<dataset>/<source>/p=<partition>/``.
+
+    Each kind (:data:`RewriteRecord`) says in the same words which file the rewrite puts in place (``new_name()``,
+    with its ``new_sha256()``), its temporary name (``tmp_name()``), which other files it replaces
+    (``replaced_names()``), and takes the new file as written (``wrote(new)``: tmp name, rows, bytes, sha256)."""
+
+    KIND: ClassVar[str]  # the record's file name: <utc>-<KIND>-...json, and its "kind"
+    WHAT: ClassVar[str]  # for people: "compaction", "erasure rewrite"
+
+    status: str  # REWRITE_STARTED, REWRITE_DONE or REWRITE_ABORTED
+    dataset: str = "master"
+    source: str
+    partition: int
+    start: int | None = None
+    end: int | None = None
+    started_at: str | None = None
+    pid: int | None = None
+    finished_at: str | None = None
+    recovered: bool = False
+    recovered_at: str | None = None
+
+    def log_name(self, stamp: str) -> str:
+        return f"{stamp}-{self.KIND}-{self.source}-p{self.partition}-{self.start:020d}-{self.end:020d}.json"
+
+
+class CompactionRecord(MasterRewriteRecord, kw_only=True, tag_field="kind", tag="compact"):
+    """``master/_log/<utc>-compact-<source>-p<p>-<start>-<end>.json`` (:mod:`batch.compact`): the files ``replaced``
+    (in offset order) and the ``merged`` file ``<first start>-<last end>.parquet`` that replaces them."""
+
+    KIND: ClassVar[str] = "compact"
+    WHAT: ClassVar[str] = "compaction"
+
+    replaced: list[RewriteFile]
+    merged: RewriteFile
+
+    def new_name(self) -> str:
+        return self.merged.name or ""
+
+    def new_sha256(self) -> str | None:
+        return self.merged.sha256
+
+    def tmp_name(self) -> str | None:
+        return self.merged.tmp
+
+    def replaced_names(self) -> list[str]:
+        return [r.name or "" for r in self.replaced]
+
+    def wrote(self, new: RewriteFile) -> None:
+        self.merged = msgspec.structs.replace(new, name=self.merged.name)
+
+
+class ErasureRecord(MasterRewriteRecord, kw_only=True, tag_field="kind", tag="erase"):
+    """``master/_log/<utc>-erase-<source>-<dataset>-p<p>-<start>-<end>.json`` (:mod:`batch.erase`): the file
+    ``name`` rewritten in place without the messages at ``offsets``, for the erasure ``requests`` (ids), its
+    ``old`` and ``new`` versions."""
+
+    KIND: ClassVar[str] = "erase"
+    WHAT: ClassVar[str] = "erasure rewrite"
+
+    dataset: str
+    name: str
+    requests: list[str]
+    offsets: list[int]
+    old: RewriteFile
+    new: RewriteFile
+
+    def log_name(self, stamp: str) -> str:
+        return (f"{stamp}-{self.KIND}-{self.source}-{self.dataset}-p{self.partition}-{self.start:020d}-"
+                f"{self.end:020d}.json")
+
+    def new_name(self) -> str:
+        return self.name
+
+    def new_sha256(self) -> str | None:
+        return self.new.sha256
+
+    def tmp_name(self) -> str | None:
+        return self.new.tmp
+
+    def replaced_names(self) -> list[str]:
+        return []  # the new version takes the file's own name
+
+    def wrote(self, new: RewriteFile) -> None:
+        self.new = new
+
+
+RewriteRecord = CompactionRecord | ErasureRecord
 
 
 # --- encode / decode -------------------------------------------------------------------------------------------------

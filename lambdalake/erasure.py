@@ -2,7 +2,7 @@
 reader learns what is erased.
 
 A *subject* is a value of a source's key field (e.g. a ``user_id``). ``lambdalake forget --source S V...`` works in
-resumable steps (the master rewrite itself is :mod:`batch.erase`):
+resumable steps (the master rewrite itself is :mod:`batch.erase`, through :mod:`batch.rewrite`):
 
 1. **received** — the request (:class:`lambdalake.contracts.ErasureRequest`) is produced to the compacted topic
    ``lambdalake.erasures`` (key ``<source>/<subject>``) and written to ``checkpoints/erasures/<source>/<id>.json``
@@ -27,7 +27,6 @@ The log itself keeps the raw messages until its retention deletes them: :func:`r
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Iterable
@@ -38,9 +37,16 @@ from typing import Any
 import msgspec
 
 from lambdalake import contracts
-from lambdalake.contracts import ERASURE_STAGES, BatchManifest, ErasureRequest, utc_now_iso
-from lambdalake.exceptions import InvariantViolation
-from lambdalake.layout import Layout, atomic_write_bytes
+from lambdalake.contracts import (
+    ERASURE_STAGES,
+    REWRITE_DONE,
+    REWRITE_STARTED,
+    BatchManifest,
+    ErasureRecord,
+    ErasureRequest,
+    utc_now_iso,
+)
+from lambdalake.layout import Layout, atomic_write_bytes, rewrite_dir, rewrite_records
 
 log = logging.getLogger(__name__)
 
@@ -121,43 +127,34 @@ def not_erased_sql(column_sql: str, subjects: Iterable[str]) -> str:
     return f"({column_sql} IS NULL OR {column_sql} NOT IN ({values}))"
 
 
-# --- rewrite records (master/_log/*-erase-*.json, written by batch.erase) ---------------------------------------------
-def erase_records(layout: Layout) -> list[tuple[Path, dict]]:
+# --- rewrite records (master/_log/*-erase-*.json, written by batch.erase through batch.rewrite) -------------------
+def erase_records(layout: Layout) -> list[tuple[Path, ErasureRecord]]:
     """The erasure rewrite records under ``master/_log/``, oldest first."""
-    d = layout.master_log()
-    out = []
-    if d.is_dir():
-        for f in sorted(d.glob("*-erase-*.json")):
-            try:
-                out.append((f, json.loads(f.read_text())))
-            except (OSError, ValueError) as exc:
-                raise InvariantViolation(f"erasure record {f} is unreadable: {exc}") from exc
-    return out
+    return rewrite_records(layout, ErasureRecord)
 
 
-def record_file(layout: Layout, rec: dict) -> Path:
+def record_file(layout: Layout, rec: ErasureRecord) -> Path:
     """The file an erasure record rewrote (``master/...`` or ``rejected/...``)."""
-    base = layout.master if rec["dataset"] == "master" else layout.rejected
-    return base / rec["source"] / f"p={int(rec['partition'])}" / rec["name"]
+    return rewrite_dir(layout, rec) / rec.name
 
 
 def erased_offsets(layout: Layout, source: str) -> dict[int, frozenset[int]]:
     """{partition: offsets} whose message an erasure removed from master or a rejected file (accounted *erased*)."""
     out: dict[int, set[int]] = {}
     for _, rec in erase_records(layout):
-        if rec.get("source") != source or not _in_effect(layout, rec):
+        if rec.source != source or not _in_effect(layout, rec):
             continue
-        out.setdefault(int(rec["partition"]), set()).update(int(o) for o in rec["offsets"])
+        out.setdefault(int(rec.partition), set()).update(int(o) for o in rec.offsets)
     return {p: frozenset(s) for p, s in out.items()}
 
 
-def _in_effect(layout: Layout, rec: dict) -> bool:
-    if rec.get("status") == "done":
+def _in_effect(layout: Layout, rec: ErasureRecord) -> bool:
+    if rec.status == REWRITE_DONE:
         return True
-    if rec.get("status") != "started":
+    if rec.status != REWRITE_STARTED:
         return False
     path = record_file(layout, rec)
-    return path.exists() and _sha256(path) == rec["new"]["sha256"]
+    return path.exists() and _sha256(path) == rec.new_sha256()
 
 
 def _sha256(path: Path) -> str:
@@ -173,9 +170,9 @@ def replaced_inputs(layout: Layout, req: ErasureRequest) -> set[tuple[str, str]]
     """(path relative to the lake, sha256) of every file version the erasure of ``req`` replaced."""
     out = set()
     for _, rec in erase_records(layout):
-        if req.id in rec.get("requests", ()) and rec.get("status") == "done":
+        if req.id in rec.requests and rec.status == REWRITE_DONE:
             rel = str(record_file(layout, rec).relative_to(layout.home))
-            out.add((rel, rec["old"]["sha256"]))
+            out.add((rel, rec.old.sha256))
     return out
 
 

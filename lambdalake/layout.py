@@ -35,7 +35,6 @@ JSON file (:func:`write_pointer`).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -46,10 +45,19 @@ from pathlib import Path
 from typing import TypeVar
 
 from lambdalake import contracts
-from lambdalake.contracts import BatchManifest, BatchPointer, SpeedPointer, SpeedSnapshotMeta
+from lambdalake.contracts import (
+    REWRITE_STARTED,
+    BatchManifest,
+    BatchPointer,
+    CompactionRecord,
+    MasterRewriteRecord,
+    SpeedPointer,
+    SpeedSnapshotMeta,
+)
 from lambdalake.exceptions import InvariantViolation
 
 C = TypeVar("C")
+R = TypeVar("R", bound=MasterRewriteRecord)
 
 SPEED_COMPONENT = "speed"  # checkpoints/speed/: the speed layer's checkpoints and its LOCK
 MASTER_FILE = re.compile(r"^(\d{20})-(\d{20})\.parquet$")
@@ -173,16 +181,16 @@ class Layout:
         inside the lake (:meth:`inside`).
 
         Files replaced by a compaction whose merged file is already in place (a compaction interrupted between its
-        rename and its ``done`` record, see :mod:`batch.compact`) are left out, so no offset is ever read twice.
+        rename and its ``done`` record, see :mod:`batch.rewrite`) are left out, so no offset is ever read twice.
         """
         files = self.master_files_on_disk(source)
         replaced: set[Path] = set()
-        for _, rec in compaction_records(self):
-            if rec.get("status") != "started" or rec.get("source") != source:
+        for _, rec in rewrite_records(self, CompactionRecord):
+            if rec.status != REWRITE_STARTED or rec.source != source:
                 continue
-            pdir = self.master_partition(source, int(rec["partition"]))
-            if (pdir / rec["merged"]["name"]).exists():
-                replaced |= {pdir / r["name"] for r in rec["replaced"]}
+            pdir = self.master_partition(source, int(rec.partition))
+            if (pdir / rec.new_name()).exists():
+                replaced |= {pdir / name for name in rec.replaced_names()}
         files = [f for f in files if f.path not in replaced]
         list(contiguous_ranges(files))  # raises InvariantViolation on overlap or gap
         self.inside_all(f.path for f in files)  # a symlink to a file outside the lake is never read as master data
@@ -260,17 +268,25 @@ def _numbered_dirs(base: Path, pattern: re.Pattern, contract: str | None) -> lis
     return [name for _, name in sorted(found)]
 
 
-def compaction_records(layout: Layout) -> list[tuple[Path, dict]]:
-    """The compaction records under ``master/_log/`` (written by :mod:`batch.compact`), oldest first."""
+def rewrite_records(layout: Layout, kind: type[R]) -> list[tuple[Path, R]]:
+    """The journal records of one kind of master rewrite under ``master/_log/`` (``<utc>-<kind>-...json``, written
+    by :mod:`batch.rewrite`: :class:`~lambdalake.contracts.CompactionRecord` or
+    :class:`~lambdalake.contracts.ErasureRecord`), oldest first."""
     d = layout.master_log()
     out = []
     if d.is_dir():
-        for f in sorted(d.glob("*-compact-*.json")):
+        for f in sorted(d.glob(f"*-{kind.KIND}-*.json")):
             try:
-                out.append((f, json.loads(f.read_text())))
-            except (OSError, ValueError) as exc:
-                raise InvariantViolation(f"compaction record {f} is unreadable: {exc}") from exc
+                out.append((f, contracts.decode(f.read_bytes(), kind, str(f))))
+            except (OSError, InvariantViolation) as exc:
+                raise InvariantViolation(f"{kind.WHAT} record {f} is unreadable: {exc}") from exc
     return out
+
+
+def rewrite_dir(layout: Layout, rec: MasterRewriteRecord) -> Path:
+    """The partition directory whose files a rewrite record names (``master/...`` or ``rejected/...``)."""
+    base = layout.master if rec.dataset == "master" else layout.rejected
+    return base / rec.source / f"p={int(rec.partition)}"
 
 
 def contiguous_ranges(files: list[MasterFile]) -> Iterator[tuple[int, int]]:

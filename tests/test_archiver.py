@@ -215,7 +215,7 @@ def _sql_master_rows(layout: Layout, source) -> tuple[int, int]:
 def test_compaction_killed_between_rename_and_done_counts_every_event_once(settings, pipeline, run_cli, monkeypatch):
     """The real compaction, stopped right after its rename (merged file in place, replaced files still on disk, the
     record still ``started``): ``Layout.master_files`` and a SQL reader of those files count every event once."""
-    import batch.compact as compaction
+    import batch.rewrite as rewrite
 
     produce(run_cli, 300)
     ingest(settings, pipeline, until_caught_up=True, policy=RollPolicy(max_rows=10))
@@ -231,7 +231,7 @@ def test_compaction_killed_between_rename_and_done_counts_every_event_once(setti
         if str(b).endswith(".parquet"):
             raise _Crash
 
-    monkeypatch.setattr(compaction.os, "replace", replace_then_die)
+    monkeypatch.setattr(rewrite.os, "replace", replace_then_die)
     with pytest.raises(_Crash):
         compact(settings.home, pipeline, source=src.name, target_rows=1000)
     monkeypatch.undo()

@@ -122,7 +122,7 @@ def forget_scenario(settings, pipeline, spark, monkeypatch, capfd) -> None:
                          env=_env(settings, LAMBDALAKE_ERASE_FAULT="rewrite"), timeout=120, stdin=subprocess.DEVNULL)
     assert res.returncode == -9, res.stderr
     assert {r.subject for r in erasure.read_requests(layout, pu.name)} == gone  # recorded before any rewrite
-    assert any(rec["status"] == "started" for _, rec in erasure.erase_records(layout))
+    assert any(rec.status == "started" for _, rec in erasure.erase_records(layout))
     assert not erased(layout, pu).offsets  # a rewrite not renamed erases nothing
     assert _master_subjects(layout, pu)[user]
     for k, v in _env(settings).items():
@@ -133,7 +133,7 @@ def forget_scenario(settings, pipeline, spark, monkeypatch, capfd) -> None:
     out = capfd.readouterr().out
     assert "recovered an interrupted rewrite" in out and "aborted" in out, out
     assert "no retention limit" in out  # the embedded broker keeps the log forever, and forget says so
-    assert not any(rec["status"] == "started" for _, rec in erasure.erase_records(layout))
+    assert not any(rec.status == "started" for _, rec in erasure.erase_records(layout))
     assert not _master_subjects(layout, pu).keys() & gone and not _rejected_subjects(layout, pu).keys() & gone
     stages = _status(layout)  # the published batch version still counts the user's page views below W
     assert stages[(pv.name, user)] == "master rewritten", stages
@@ -242,7 +242,7 @@ def test_forget_resumes_after_a_crash_and_accounts_erased_offsets(tmp_path, clic
     crash_at("rewrite")
     with pytest.raises(Crash):
         forget(settings, clickstream, "pageviews", [user], publish=False)
-    assert [rec["status"] for _, rec in erasure.erase_records(layout)] == ["started"]
+    assert [rec.status for _, rec in erasure.erase_records(layout)] == ["started"]
     assert not erased(layout, src).offsets and _master_subjects(layout, src)[user]
     crash_at(None)
     report = forget(settings, clickstream, "pageviews", [user], publish=False)

@@ -1,0 +1,143 @@
+"""The journaled rewrite of master files: the only way the immutable master dataset (and its rejected files) is ever
+rewritten. Its two users say what to rewrite and how — :mod:`batch.compact` (runs of small adjacent files into one)
+and :mod:`batch.erase` (a file without the messages of forgotten subjects); this module owns the protocol.
+
+Protocol for one rewrite in one partition directory (:func:`rewrite`), mirrored by numbered comments in the code:
+
+1. Write the new file to a temporary name in the directory and fsync it (invisible to readers).
+2. Record the intent: ``master/_log/<utc>-<kind>-...json``, status ``started``
+   (:class:`~lambdalake.contracts.CompactionRecord`, :class:`~lambdalake.contracts.ErasureRecord`): the files
+   replaced and the new file with its temporary name and sha256.
+3. Under the exclusive *master readers lock* (a batch run, verify and the audit hold it shared while they read):
+   rename the temporary file to its final name (erasure: over the file itself), fsync the directory.
+4. Still under it, delete the files the new one replaces (compaction), fsync the directory.
+5. Rewrite the record with status ``done``.
+
+A crash leaves either the old files (before the rename in 3) or the new file plus, for a compaction, some old ones
+(during 4). :func:`recover` finishes every ``started`` record whose new file is in place with its recorded sha256
+(deletes what it replaced, ``done``) and aborts the others (deletes the temporary file, ``aborted``). Until then the
+readers' rules leave such a record's effect out or in consistently: :meth:`lambdalake.layout.Layout.master_files`
+ignores files a renamed compaction replaced, :func:`lambdalake.erasure.erased_offsets` counts an erasure from its
+rename on.
+
+Locks (``checkpoints/master/``): :func:`compaction_lock` (``compact.lock``: one master maintenance — compaction,
+its recovery, ``forget`` — at a time) and :func:`master_readers_lock` (``readers.lock``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batch.master import COMPRESSION, sha256_file
+from lambdalake import contracts
+from lambdalake.contracts import REWRITE_ABORTED, REWRITE_DONE, REWRITE_STARTED, RewriteFile, RewriteRecord, utc_now_iso
+from lambdalake.exceptions import InvariantViolation, LambdalakeError
+from lambdalake.layout import Layout, atomic_write_bytes, fsync_dir, rewrite_dir, rewrite_records, tmp_name
+from lambdalake.locks import flock
+
+log = logging.getLogger(__name__)
+
+
+class CompactionBusy(LambdalakeError):
+    """Another compaction (or master rewrite) runs on this lake, or the master readers lock could not be taken in
+    time."""
+
+    exit_code = 5
+
+
+# locks ------------------------------------------------------------------------------------------------------------
+def _lock_path(layout: Layout, name: str) -> Path:
+    d = layout.checkpoints("master")
+    d.mkdir(parents=True, exist_ok=True)
+    return d / name
+
+
+@contextmanager
+def master_readers_lock(layout: Layout, timeout: float | None = None) -> Iterator[None]:
+    """Held (shared) by a batch run while it snapshots and reads master files; a rewrite takes it exclusively."""
+    with flock(_lock_path(layout, "readers.lock"), shared=True, timeout=timeout, what="the master readers lock",
+               on_busy=CompactionBusy):
+        yield
+
+
+def compaction_lock(layout: Layout) -> AbstractContextManager[None]:
+    """Exclusive, not waited for: one compaction (or recovery, or ``forget``) at a time per lake."""
+    return flock(_lock_path(layout, "compact.lock"), timeout=0, what="the compaction lock", on_busy=CompactionBusy)
+
+
+# one rewrite ------------------------------------------------------------------------------------------------------
+def rewrite(layout: Layout, record: RewriteRecord, table: pa.Table, final: Path, *, replaced: Sequence[Path] = (),
+            check_rows: bool = False, lock_timeout: float, before_swap: Callable[[], None] | None = None) -> Path:
+    """Put ``table`` in place as ``final`` and delete the files ``replaced`` (module docstring, steps 1-5), journaled
+    by ``record`` (the kind's own fields; the new file's, ``started_at``, ``pid`` and the status are filled in here).
+
+    ``check_rows``: read the written file's row count back before recording (aborts on a mismatch).
+    ``before_swap``: called between the intent record and the rename (the crash tests' seam). Returns the path of
+    the record."""
+    # 1. the new file under a temporary name, fsync'd: invisible to readers
+    tmp = tmp_name(final)
+    with open(tmp, "wb") as fh:
+        pq.write_table(table, fh, compression=COMPRESSION)
+        fh.flush()
+        os.fsync(fh.fileno())
+    if check_rows and pq.ParquetFile(tmp).metadata.num_rows != table.num_rows:
+        tmp.unlink()
+        raise InvariantViolation(f"{record.WHAT} of {final.name}: row count changed; aborted")
+    # 2. the intent record
+    record.wrote(RewriteFile(tmp=tmp.name, rows=table.num_rows, bytes=tmp.stat().st_size, sha256=sha256_file(tmp)))
+    record.status, record.started_at, record.pid = REWRITE_STARTED, utc_now_iso(), os.getpid()
+    rec_path = layout.master_log() / record.log_name(datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ"))
+    atomic_write_bytes(rec_path, contracts.encode(record))
+    if before_swap is not None:
+        before_swap()
+    # 3. the swap, under the exclusive readers lock
+    with flock(_lock_path(layout, "readers.lock"), timeout=lock_timeout,
+               what="the master readers lock (a batch run is reading)", on_busy=CompactionBusy):
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        # 4. the files it replaces
+        if replaced:
+            for path in replaced:
+                path.unlink()
+            fsync_dir(final.parent)
+    # 5. done
+    record.status = REWRITE_DONE
+    record.finished_at = utc_now_iso()
+    atomic_write_bytes(rec_path, contracts.encode(record))
+    return rec_path
+
+
+# recovery ---------------------------------------------------------------------------------------------------------
+def recover(layout: Layout, kind: type[RewriteRecord]) -> list[str]:
+    """Finish (new file in place) or abort (not renamed) every rewrite of ``kind`` left ``started`` by a crash;
+    returns ``"<record name>: <status>"`` of each. The caller holds :func:`compaction_lock`."""
+    done: list[str] = []
+    for path, rec in rewrite_records(layout, kind):
+        if rec.status != REWRITE_STARTED:
+            continue
+        pdir = rewrite_dir(layout, rec)
+        new = pdir / rec.new_name()
+        if new.exists() and sha256_file(new) == rec.new_sha256():
+            if replaced := rec.replaced_names():
+                for name in replaced:
+                    (pdir / name).unlink(missing_ok=True)
+                fsync_dir(pdir)
+            rec.status = REWRITE_DONE
+            rec.recovered = True
+        else:
+            if tmp := rec.tmp_name():
+                (pdir / tmp).unlink(missing_ok=True)
+            rec.status = REWRITE_ABORTED
+        rec.recovered_at = utc_now_iso()
+        atomic_write_bytes(path, contracts.encode(rec))
+        log.warning("recovered interrupted %s %s: %s", kind.WHAT, path.name, rec.status)
+        done.append(f"{path.name}: {rec.status}")
+    return done
