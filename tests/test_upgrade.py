@@ -58,7 +58,7 @@ def settings(settings, tmp_path):
 
 def _old_cli(tree: Path, env: dict, *args: str) -> None:
     # cwd and PYTHONPATH are the old tree, so its packages shadow this checkout's editable install
-    res = subprocess.run([sys.executable, "-c", "import sys; from wiring.cli import main; "
+    res = subprocess.run([sys.executable, "-c", "import sys; from lambdalake.cli import main; "
                           "sys.exit(main(sys.argv[1:]))", *args], cwd=tree, env={**env, "PYTHONPATH": str(tree)},
                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, f"previous release: lambdalake {' '.join(args)}\n{res.stdout}\n{res.stderr}"
