@@ -3,8 +3,9 @@
 Not a test. For each size it synthesizes a lake of the clickstream pipeline's ``pageviews`` directly on disk, per
 the published contracts (no Kafka, no Spark): master parquet files per partition/offset range; a batch version
 with the views aggregated over offsets ``< W`` (W aligned to the handoff block), written the way the Spark job
-writes them (sorted by the view's keys then ``window_start``, small row groups: ``batch.job.write_for_lookups``);
-a speed snapshot with the partitions' remaining offsets aggregated per (partition, block). Then it times:
+writes them (sorted by the view's keys then ``window_start``, small row groups:
+``batch.spark_views.write_for_lookups``); a speed snapshot with the partitions' remaining offsets aggregated per
+(partition, block). Then it times:
 
 - ``connect()``: the default, lazy connection (views over the files) and ``materialize=True`` (both sides copied),
   against its floor (:func:`connect_floor`: open DuckDB, pyarrow datasets over the same files, speed files read);
@@ -73,7 +74,7 @@ SPAN_DAYS = 60
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 CHUNK = 1_000_000
 SPEED_SHARE = 0.02  # the newest ~2% of every partition is still in the speed layer
-ROW_GROUP_ROWS = 20_000  # about batch.job.LOOKUP_ROW_GROUP_BYTES (1 MiB) of view rows
+ROW_GROUP_ROWS = 20_000  # about batch.spark_views.LOOKUP_ROW_GROUP_BYTES (1 MiB) of view rows
 LAMBDALAKE = Path(sys.executable).with_name("lambdalake")
 
 
@@ -151,7 +152,7 @@ def _publish_views(home: Path, pipeline, src, wm: dict[int, int], ends: dict[int
         group = ", ".join(keys + ["window_start"])
         vdir = layout.batch_version(version) / view.name
         vdir.mkdir(parents=True)
-        order = ", ".join(keys + ["window_start"])  # as batch.job.write_for_lookups: sorted, small row groups
+        order = ", ".join(keys + ["window_start"])  # as batch.spark_views.write_for_lookups: sorted, small row groups
         con.execute(f"COPY (SELECT {sel} FROM {master} WHERE _offset < {case_w} GROUP BY {group} ORDER BY {order}) "
                     f"TO '{vdir}/part-00000.parquet' (FORMAT parquet, ROW_GROUP_SIZE {ROW_GROUP_ROWS})")
         counts[view.name] = con.execute(f"SELECT count(*) FROM '{vdir}/part-00000.parquet'").fetchone()[0]

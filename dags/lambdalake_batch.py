@@ -12,9 +12,9 @@ half-published state never exists between tasks. ``verify`` then re-checks the *
 DAGs through the ``lambdalake_batch_views`` Asset only if it passed.
 
 Incremental hourly, full daily: the job builds each version from the published one plus the events archived since
-whenever that is exact (``batch.job.incremental_base``), and recomputes everything from master when it is not, when
-the last full recompute is older than ``LAMBDALAKE_BATCH_FULL_EVERY`` hours (default 24: the slower schedule), or
-when the run's ``full`` param is set (a manual full run: trigger with ``{"full": true}``).
+whenever that is exact (``batch.incremental.incremental_base``), and recomputes everything from master when it is
+not, when the last full recompute is older than ``LAMBDALAKE_BATCH_FULL_EVERY`` hours (default 24: the slower
+schedule), or when the run's ``full`` param is set (a manual full run: trigger with ``{"full": true}``).
 
 Layer modules are imported inside the tasks, so parsing this file stays cheap.
 """

@@ -145,7 +145,7 @@ class BatchView(msgspec.Struct):
 class IdIndex(msgspec.Struct):
     """Per source of a batch version: the (partition, event id) of every event it counted, the set an incremental
     run checks new events against (``<version>/_ids/<source>/<segment>/*.parquet``, columns ``_partition`` and the
-    event id; :mod:`batch.job`). ``rows`` equals the version's ``events[source]``; ``erased`` is the digest of the
+    event id; :mod:`batch.compute`). ``rows`` equals the version's ``events[source]``; ``erased`` is the digest of the
     forgotten subjects the version skipped (:func:`lambdalake.erasure.erased_subjects`)."""
 
     segments: list[str] = msgspec.field(default_factory=list)

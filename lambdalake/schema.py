@@ -21,7 +21,7 @@ sketch         binary                BinaryType  BLOB (served as its estimate, l
 A decimal is stored as its scaled integer (``12.34`` at scale 2 is 1234) in every file, so every engine sums it
 exactly as an integer; :attr:`Column.scale` says how to read it, and serving presents it as a SQL decimal.
 
-(the Spark table is in :mod:`batch.job`, the DuckDB one in :mod:`lambdalake.viewsql`).
+(the Spark table is in :mod:`batch.spark_types`, the DuckDB one in :mod:`lambdalake.viewsql`).
 
 Stored columns:
 

@@ -21,9 +21,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch.archiver import ingest
-from batch.job import IDS_DIR, java_pattern, run_batch
+from batch.incremental import IDS_DIR
+from batch.job import run_batch
 from batch.partition_buffer import RollPolicy
 from batch.plan import plan_batch
+from batch.spark_rules import java_pattern
 from batch.verify import VerificationFailed, verify_published
 from lambdalake.aggregates import min_
 from lambdalake.clients import ensure_topics

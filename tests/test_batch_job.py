@@ -400,7 +400,7 @@ def test_input_checksums_reused_only_for_files_unchanged_since_the_published_run
     is older than that run's start; anything else is hashed again (no Spark, no broker)."""
     from datetime import UTC, datetime, timedelta
 
-    from batch.job import KnownChecksums, select_inputs
+    from batch.inputs import KnownChecksums, select_inputs
     from batch.master import master_table, write_parquet_atomic
     from lambdalake.contracts import InputFile
 

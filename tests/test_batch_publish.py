@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch.exceptions import BatchValidationError
-from batch.job import expected_schema, validate_staged
+from batch.staged_checks import expected_schema, validate_staged
 from lambdalake.contracts import MANIFEST_FORMAT, BatchManifest, BatchView, Positions
 from lambdalake.exceptions import InvariantViolation, PublishError
 from lambdalake.layout import Layout, batch_pointer, read_batch_manifest

@@ -23,7 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch.job import incremental_base, run_batch, select_inputs
+from batch.incremental import incremental_base
+from batch.inputs import select_inputs
+from batch.job import run_batch
 from batch.master import master_table, write_parquet_atomic
 from batch.verify import verify_published
 from lambdalake.config import load_settings
@@ -152,7 +154,7 @@ def test_incremental_runs_equal_a_full_recompute_and_fall_back_to_full(tmp_path,
     """Appends with late events and duplicates: every incremental version == the recomputation over all master and
     passes verify; the last one == a --full Spark recompute, row by row. Then each reason to fall back to a full
     recompute (changed definition, forget request, compaction, old full recompute, --full) is decided as such by
-    :func:`batch.job.incremental_base`, the function run_batch asks."""
+    :func:`batch.incremental.incremental_base`, the function run_batch asks."""
     from batch.compact import compact
 
     pipeline = small_clickstream()
