@@ -277,7 +277,7 @@ class CheckpointStore:
         """THE commit protocol of a speed checkpoint; numbered comments (and ``LAMBDALAKE_SPEED_FAULT`` crash
         points) mirror the steps:
 
-        1. Capture — on the consumer thread, before this call (:meth:`speed.consumer.SpeedLayer._capture`): the
+        1. Capture — on the consumer thread, before this call (:func:`speed.capture.capture`): the
            snapshot's tables (immutable Arrow), positions, counters, per-view fingerprints and the dedup rows, as
            ``capture``; the state may change right after. This method then runs in the single writer thread
            (``concurrent.futures``), at most one commit in flight, while the consumer keeps consuming.

@@ -55,7 +55,8 @@ def register(app: typer.Typer) -> None:
         --workers N here, or one --share I/N (or --partitions) per process on several machines; serving reads
         the union of the workers' snapshots."""
         from lambdalake.ownership import Share
-        from speed.consumer import SpeedLayer, SpeedOptions, run_speed_workers
+        from speed.consumer import SpeedLayer, SpeedOptions
+        from speed.workers import run_speed_workers
 
         ctx = context(pipeline, home, bootstrap)
         owned = Share.parse(partitions, share)

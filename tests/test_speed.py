@@ -250,6 +250,7 @@ def test_state_equals_oracle_with_restore_in_between(tmp_path_factory, parts, cu
     invalid messages; checkpoint at an arbitrary cut (often mid-block), restore into a new process-like object,
     continue. The published snapshot must equal the oracle, and the restored run must equal an uninterrupted one."""
     from speed.consumer import SpeedLayer, SpeedOptions
+    from speed.recovery import recover
 
     home = tmp_path_factory.mktemp("lake")
     s = Settings(home=home, pipeline="x", handoff_block=7)
@@ -265,11 +266,11 @@ def test_state_equals_oracle_with_restore_in_between(tmp_path_factory, parts, cu
                 layer._apply(EV.topic, p, [Rec(o, vals[o]) for o in range(a, b)])
 
     first = SpeedLayer(s, EV_PIPE, SpeedOptions())
-    first._recover()
+    recover(first)
     feed(first, 0, cut)
     first.checkpoint_now()
     second = SpeedLayer(s, EV_PIPE, SpeedOptions())
-    second._recover()
+    recover(second)
     feed(second, cut, 1)
     second.checkpoint_now()
     meta = assert_snapshot_equals_oracle(EV_PIPE, home, msgs)
@@ -292,6 +293,8 @@ def test_snapshots_write_what_changed_and_always_hold_the_whole_state(tmp_path):
     rows equal the oracle."""
     from speed.batch_watch import BatchVersion
     from speed.consumer import SpeedLayer, SpeedOptions
+    from speed.prune import hand_off_to
+    from speed.recovery import recover
     from speed.state import MAX_PART_FILES
 
     s = Settings(home=tmp_path, pipeline="x", handoff_block=7)
@@ -303,7 +306,7 @@ def test_snapshots_write_what_changed_and_always_hold_the_whole_state(tmp_path):
 
     def started() -> SpeedLayer:
         layer = SpeedLayer(s, EV_PIPE, SpeedOptions())
-        layer._recover()
+        recover(layer)
         for p in range(2):
             layer.positions.setdefault((EV.topic, p), 0)
             layer.windows.setdefault((EV.topic, p), DedupWindow(10_000))
@@ -324,7 +327,7 @@ def test_snapshots_write_what_changed_and_always_hold_the_whole_state(tmp_path):
             most_parts = max(most_parts, len(parts))
             linked += sum((d / f).stat().st_nlink > 1 for f in parts)
         if a == 390:  # a batch version covering blocks of both partitions, cutting through part files
-            layer._handoff(BatchVersion("v1", Positions({(EV.topic, 0): 98, (EV.topic, 1): 140})))
+            hand_off_to(layer, BatchVersion("v1", Positions({(EV.topic, 0): 98, (EV.topic, 1): 140})))
         if a == 455:
             layer = started()
     assert linked > 20 and 2 <= most_parts <= MAX_PART_FILES, (linked, most_parts)
