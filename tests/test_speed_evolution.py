@@ -361,7 +361,7 @@ def test_checkpoint_of_the_previous_release_is_taken_over(settings, pipeline, cl
         pytest.skip(f"git history without {PREVIOUS}")
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True, timeout=120)
     produce(settings, pipeline, 2000, seed=121)
-    main = "import sys; from wiring.cli import main; sys.exit(main(sys.argv[1:]))"
+    main = "import sys; from lambdalake.cli import main; sys.exit(main(sys.argv[1:]))"
     old = subprocess.run([sys.executable, "-c", main, "speed", "--until-caught-up"], cwd=tree,
                          env={**cli_env, "PYTHONPATH": str(tree)},
                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
