@@ -654,7 +654,8 @@ def _served_pair(settings: Settings, pipeline: Pipeline, report: AuditReport
                  ) -> tuple[Any, PublishedPair, dict[str, bool], dict[str, pa.Table]]:
     """A serving connection (what ``lambdalake sql`` opens), the pair it reads, which views it serves current, and
     the pair's speed rows read at once (a running speed layer deletes older snapshots a few seconds later)."""
-    from serving.connection import connect, pair_of, plans_of, speed_table
+    from serving.connection import connect, pair_of, plans_of
+    from serving.datasets import speed_table
     from serving.exceptions import InconsistentPublishedState
     from serving.plans import CURRENT
     from serving.published import resolve_pair

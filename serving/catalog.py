@@ -40,17 +40,10 @@ from lambdalake.layout import Layout, fsync_dir, tmp_name
 from lambdalake.pipeline import Pipeline
 from lambdalake.schema import master_columns, speed_view_columns, view_columns
 from lambdalake.viewsql import empty_select, ident, merged_view_sql, sql_list, typed_select
-from serving.connection import (
-    _check_speed_blocks,
-    _install_metadata,
-    absent_columns,
-    batch_dataset,
-    install_refused,
-    resolve,
-    side_names,
-    speed_table,
-    view_row,
-)
+from serving.connection import resolve
+from serving.datasets import absent_columns, batch_dataset, speed_table
+from serving.install import check_speed_blocks, install_refused, side_names
+from serving.metadata import install_metadata, view_row
 from serving.plans import STALE, plan_views
 from serving.published import PublishedPair, resolve_pair
 
@@ -135,7 +128,7 @@ def _build(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setting
         finally:
             con.unregister("_speed_arrow")
         if served.block:
-            _check_speed_blocks(con, speed, view, served)
+            check_speed_blocks(con, speed, view, served)
         watermark = served.topic_watermark(source.topic)
         merged = merged_view_sql(view, batch, speed, watermark, source, sketch_functions=False)  # no hll_* in a CLI
         con.execute(f"CREATE VIEW main.{ident(view.name)} AS {merged}")
@@ -147,5 +140,5 @@ def _build(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setting
         sql = typed_select(cols, _parquet_list([m.path for m in files], union_by_name=True), presented=True) \
             if files else empty_select(cols, presented=True)
         con.execute(f"CREATE VIEW master.{ident(source.name)} AS {sql}")
-    _install_metadata(con, pipeline, settings, pair, view_rows)
+    install_metadata(con, pipeline, settings, pair, view_rows)
     con.execute("COMMIT")

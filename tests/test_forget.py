@@ -30,7 +30,8 @@ from lambdalake.config import load_settings
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.schema import VALUE_COL
 from lambdalake.status import erasure_status
-from serving.connection import connect, speed_table
+from serving.connection import connect
+from serving.datasets import speed_table
 from serving.published import resolve_pair
 from speed.consumer import SpeedLayer, SpeedOptions
 from tests.conftest import LAMBDALAKE
