@@ -1,21 +1,21 @@
 """Reading the log back for the audit: source partitions up to given offsets, dead-letter topics to their end.
 
-Plain kafka-python through :func:`lambdalake.clients.consumer` (no group, nothing committed). A partition is read
-from its first offset still in the log (retention may have deleted older ones: :attr:`PartitionLog.first`) up to
-a target offset, bounded by the partition's end offset at the start of the read.
+A kafka-python :class:`lambdalake.session.LogSession` (no group, nothing committed), read with
+:meth:`~lambdalake.session.LogSession.read_until`. A partition is read from its first offset still in the log
+(retention may have deleted older ones: :attr:`PartitionLog.first`) up to a target offset, bounded by the
+partition's end offset at the start of the read.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import orjson
 
-from lambdalake.clients import consumer as make_consumer
 from lambdalake.config import Settings
 from lambdalake.exceptions import BrokerError
 from lambdalake.fields import Source
+from lambdalake.session import LogSession, TopicMissing, connect
 
 TP = tuple[str, int]
 
@@ -42,25 +42,9 @@ class DeadLetters:
     nbytes: int = 0
 
 
-def _poll_until(c, tps: list, stops: dict, timeout: float, what: str, on_record) -> None:
-    """Poll the assigned ``tps`` until each one's position reaches its stop offset."""
-    todo = {tp for tp in tps if stops[tp] > 0}
-    for tp in tps:
-        if tp not in todo:
-            c.pause(tp)
-    deadline = time.monotonic() + timeout
-    while todo:
-        if time.monotonic() > deadline:
-            left = ", ".join(f"{tp.topic}[{tp.partition}] at {c.position(tp)} of {stops[tp]}" for tp in sorted(todo))
-            raise BrokerError(f"could not read {what} within {timeout:.0f}s ({left}); is the broker healthy?")
-        for tp, recs in c.poll(timeout_ms=500, max_records=20_000).items():
-            for r in recs:
-                if r.offset < stops[tp]:
-                    on_record(tp, r)
-        for tp in list(todo):
-            if c.position(tp) >= stops[tp]:
-                todo.discard(tp)
-                c.pause(tp)
+def _session(settings: Settings, topic: str, **overrides) -> LogSession:
+    client = connect(settings, group_id=None, **overrides)
+    return LogSession(client, [topic], bootstrap=settings.bootstrap, reader="the audit", lost_means="", notify=None)
 
 
 def read_source(settings: Settings, source: Source, targets: dict[int, int], timeout: float = 300.0
@@ -69,65 +53,56 @@ def read_source(settings: Settings, source: Source, targets: dict[int, int], tim
 
     A partition missing from ``targets`` is still listed (first/end offsets), with nothing read.
     """
-    from kafka import TopicPartition
-
-    c = make_consumer(settings, check_crcs=True)
+    session = _session(settings, source.topic, check_crcs=True)
     try:
-        parts = c.partitions_for_topic(source.topic)
-        if not parts:
+        try:
+            keys = session.partitions()
+        except TopicMissing:
             raise BrokerError(f"topic {source.topic!r} of source {source.name!r} does not exist at "
-                              f"{settings.bootstrap}")
-        tps = [TopicPartition(source.topic, p) for p in sorted(parts)]
-        firsts, ends = c.beginning_offsets(tps), c.end_offsets(tps)
-        out = {tp.partition: PartitionLog(firsts[tp], ends[tp], max(firsts[tp], min(targets.get(tp.partition, 0),
-                                                                                    ends[tp])))
-               for tp in tps}
-        stops = {tp: out[tp.partition].stop for tp in tps}
-        c.assign(tps)
-        for tp in tps:
-            c.seek(tp, firsts[tp])
+                              f"{settings.bootstrap}") from None
+        ends = session.end_offsets(keys)
+        firsts = session.assign({}, partitions=keys)  # no positions: every partition from its log start
+        out = {p: PartitionLog(firsts[(t, p)], ends[(t, p)], max(firsts[(t, p)], min(targets.get(p, 0), ends[(t, p)])))
+               for t, p in keys}
 
-        def keep(tp, r) -> None:
-            log = out[tp.partition]
-            log.offsets.append(r.offset)
-            log.values.append(r.value)
-            log.nbytes += 0 if r.value is None else len(r.value)
+        def keep(key: TP, offsets: list[int], values: list) -> None:
+            log = out[key[1]]
+            log.offsets += offsets
+            log.values += values
+            log.nbytes += sum(0 if v is None else len(v) for v in values)
 
-        _poll_until(c, tps, {tp: stops[tp] if stops[tp] > firsts[tp] else 0 for tp in tps}, timeout,
-                    f"topic {source.topic!r}", keep)
+        session.read_until(firsts, {(t, p): out[p].stop for t, p in keys}, timeout, f"topic {source.topic!r}", keep)
         return out
     finally:
-        c.close()
+        session.close()
 
 
 def read_dead_letters(settings: Settings, source: Source, timeout: float = 300.0) -> DeadLetters:
-    """The source offsets of every record of ``<topic>.dlq`` (:class:`batch.archiver.DeadLetters` writes
+    """The source offsets of every record of ``<topic>.dlq`` (the archiver's dead-letter writer puts
     ``{"partition": p, "offset": o, ...}`` into DLQ partition p)."""
-    from kafka import TopicPartition
-
     out = DeadLetters()
-    c = make_consumer(settings)
+    session = _session(settings, source.dlq_topic)
     try:
-        parts = c.partitions_for_topic(source.dlq_topic) or set()
-        tps = [TopicPartition(source.dlq_topic, p) for p in sorted(parts)]
-        if not tps:
+        try:
+            keys = session.partitions()
+        except TopicMissing:
             return out
-        ends = c.end_offsets(tps)
-        c.assign(tps)
-        c.seek_to_beginning(*tps)
+        ends = session.end_offsets(keys)
+        firsts = session.assign({}, partitions=keys)
 
-        def keep(tp, r) -> None:
-            out.records += 1
-            out.nbytes += 0 if r.value is None else len(r.value)
-            try:
-                doc = orjson.loads(r.value)
-                p, o = int(doc["partition"]), int(doc["offset"])
-            except (ValueError, KeyError, TypeError):
-                out.unreadable.append(f"{tp.topic}[{tp.partition}]@{r.offset}")
-                return
-            out.offsets.setdefault(p, []).append(o)
+        def keep(key: TP, offsets: list[int], values: list) -> None:
+            for offset, value in zip(offsets, values, strict=True):
+                out.records += 1
+                out.nbytes += 0 if value is None else len(value)
+                try:
+                    doc = orjson.loads(value)
+                    p, o = int(doc["partition"]), int(doc["offset"])
+                except (ValueError, KeyError, TypeError):
+                    out.unreadable.append(f"{key[0]}[{key[1]}]@{offset}")
+                    continue
+                out.offsets.setdefault(p, []).append(o)
 
-        _poll_until(c, tps, dict(ends), timeout, f"dead-letter topic {source.dlq_topic!r}", keep)
+        session.read_until(firsts, ends, timeout, f"dead-letter topic {source.dlq_topic!r}", keep)
         return out
     finally:
-        c.close()
+        session.close()

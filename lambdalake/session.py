@@ -16,6 +16,8 @@ checkpoints) and never read committed group offsets back. What they have in comm
   :class:`LogRecord` only when asked, e.g. for a dead letter);
 - :meth:`LogSession.reached`: "read up to a target" also across offsets that hold no record (transaction markers,
   compacted-away offsets), where only the consumer's own position moves;
+- :meth:`LogSession.read_until`: a bounded read (the audit's and ``lambdalake topics``' read of the log back): every
+  assigned partition up to a stop offset, then done, or a :class:`BrokerError` naming the partitions left;
 - :meth:`LogSession.commit`: the group-offset commit, for lag monitoring tools only (asynchronous while running,
   synchronous at shutdown and bounded to a few seconds; a failure never stops a reader);
 - :func:`stop_on_signals`: SIGTERM / SIGINT ask the reader to stop cleanly (finish files, write a checkpoint).
@@ -23,6 +25,7 @@ checkpoints) and never read committed group offsets back. What they have in comm
 
 from __future__ import annotations
 
+import bisect
 import logging
 import queue
 import signal
@@ -421,6 +424,32 @@ class LogSession:
         if tp is None or self.client.is_paused(tp):
             return False
         return self.client.position(tp) >= target
+
+    def read_until(self, starts: Mapping[TP, int], stops: Mapping[TP, int], timeout: float, what: str,
+                   on_run: Callable[[TP, list[int], list], None], max_records: int = 20_000) -> None:
+        """Poll the assigned partitions until each one's position reaches its offset in ``stops`` (a partition whose
+        stop is not above its start in ``starts`` — what :meth:`assign` returned — is paused at once). ``on_run``
+        gets each polled run's offsets below the stop and their values, in offset order. Raises
+        :class:`BrokerError` after ``timeout`` seconds, naming the partitions left."""
+        todo = {key for key in self.tps if stops.get(key, 0) > starts.get(key, 0)}
+        for key in self.tps:
+            if key not in todo:
+                self.pause(key)
+        deadline = time.monotonic() + timeout
+        while todo:
+            if time.monotonic() > deadline:
+                left = ", ".join(f"{t}[{p}] at {self.client.position(self.tps[(t, p)])} of {stops[(t, p)]}"
+                                 for t, p in sorted(todo))
+                raise BrokerError(f"could not read {what} within {timeout:.0f}s ({left}); is the broker healthy?")
+            for key, offsets, values, _ in self.poll(0.5, max_records):
+                stop = stops.get(key, 0)
+                n = bisect.bisect_left(offsets, stop)
+                if n:
+                    on_run(key, offsets[:n], values[:n])
+            for key in list(todo):
+                if self.client.position(self.tps[key]) >= stops[key]:
+                    todo.discard(key)
+                    self.pause(key)
 
     def commit(self, positions: Mapping[TP, int], wait: bool = False) -> None:
         """Group offsets for lag monitoring tools only (never read back): asynchronous, or with ``wait`` bounded

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from lambdalake.clients import consumer, end_offsets
+from lambdalake.clients import end_offsets
 from lambdalake.config import Settings
 from lambdalake.dedup import DedupWindow
 from lambdalake.pipeline import Pipeline
+from lambdalake.session import TP, LogSession, connect
 from lambdalake.validation import Validator
 
 # ``lambdalake topics`` shows this many reason groups by name; the rest are summed as "other" (the column adds up).
@@ -48,42 +48,38 @@ def count_topics(settings: Settings, pipeline: Pipeline, timeout: float = 120.0)
     Duplicates are counted with an unbounded window (the exact dedup rule). DLQ topics are counted as plain
     message totals.
     """
-    from kafka import TopicPartition
-
     out: list[TopicCounts] = []
     ends = end_offsets(settings, [t for s in pipeline.sources for t in (s.topic, s.dlq_topic)])
-    c = consumer(settings)
+    client = connect(settings, group_id=None)
     try:
         for src in pipeline.sources:
             tc = TopicCounts(src.topic)
             validate = Validator(src)
-            tps = [TopicPartition(src.topic, p) for (t, p) in ends if t == src.topic]
-            todo = {tp: ends[(tp.topic, tp.partition)] for tp in tps if ends[(tp.topic, tp.partition)] > 0}
-            windows = {tp.partition: DedupWindow(span=1 << 62) for tp in tps}
-            if todo:
-                c.assign(list(todo))
-                c.seek_to_beginning(*todo)
-                deadline = time.monotonic() + timeout
-                while todo and time.monotonic() < deadline:
-                    for tp, records in c.poll(timeout_ms=500, max_records=10_000).items():
-                        for r in records:
-                            if r.offset >= todo.get(tp, -1):
-                                continue
-                            tc.messages += 1
-                            v = validate(r.value)
-                            if not v.ok:
-                                tc.invalid += 1
-                                tc.reasons[reason_group(v.reason)] += 1
-                            elif windows[tp.partition].seen(v.record[src.event_id], r.offset):
-                                tc.duplicates += 1
-                            else:
-                                tc.valid += 1
-                        if records and records[-1].offset + 1 >= todo.get(tp, 0):
-                            todo.pop(tp, None)
+            keys = [(t, p) for (t, p) in ends if t == src.topic]
+            windows = {p: DedupWindow(span=1 << 62) for _, p in keys}
+            session = LogSession(client, [src.topic], bootstrap=settings.bootstrap, reader="lambdalake topics",
+                                 lost_means="", notify=None)
+            starts = session.assign({}, partitions=keys)  # every partition from its log start
+
+            def count(key: TP, offsets: list[int], values: list, tc=tc, validate=validate, windows=windows,
+                      src=src) -> None:
+                window = windows[key[1]]
+                for offset, value in zip(offsets, values, strict=True):
+                    tc.messages += 1
+                    v = validate(value)
+                    if not v.ok:
+                        tc.invalid += 1
+                        tc.reasons[reason_group(v.reason)] += 1
+                    elif window.seen(v.record[src.event_id], offset):
+                        tc.duplicates += 1
+                    else:
+                        tc.valid += 1
+
+            session.read_until(starts, ends, timeout, f"topic {src.topic!r}", count, max_records=10_000)
             out.append(tc)
             dlq = TopicCounts(src.dlq_topic)
             dlq.messages = sum(v for (t, _), v in ends.items() if t == src.dlq_topic)
             out.append(dlq)
     finally:
-        c.close()
+        client.close()
     return out
