@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from audit.check import AuditReport, Difference, audit
+    from audit.check import audit
+    from audit.report import AuditReport, Difference
 
 __all__ = ["audit", "AuditReport", "Difference"]
 
@@ -18,8 +19,12 @@ __all__ = ["audit", "AuditReport", "Difference"]
 def __getattr__(name: str):
     """The public names, imported on first use: every ``lambdalake`` command imports this package to register
     ``lambdalake audit``, and :mod:`audit.check` (DuckDB, pyarrow, Kafka) costs ~0.4 s to import."""
-    if name in __all__:
-        import audit.check
+    if name == "audit":
+        from audit.check import audit
 
-        return getattr(audit.check, name)
+        return audit
+    if name in __all__:
+        import audit.report
+
+        return getattr(audit.report, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

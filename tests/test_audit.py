@@ -21,7 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from audit.check import LOG_MASTER, LOG_SPEED, MASTER_BATCH, MERGED, audit
+from audit.check import audit
+from audit.report import LOG_MASTER, LOG_SPEED, MASTER_BATCH, MERGED
 from batch.archiver import ingest
 from batch.job import run_batch
 from batch.partition_buffer import RollPolicy
@@ -183,8 +184,10 @@ def test_audit_that_cannot_reach_the_broker_exits_2_with_one_line(lake):
 def test_offset_accounting_without_a_broker(tmp_path, clickstream):
     """log <-> master on a lake the archiver's own writers build from the demo stream (no broker, no Spark): every
     archived offset in exactly one place, rejected files agree with the log; each break is a named difference."""
-    from audit.check import AuditReport, CheckResult, Erased, check_log_master, read_rejected
+    from audit.events import Erased
+    from audit.log_master import check_log_master, read_rejected
     from audit.logread import DeadLetters, PartitionLog
+    from audit.report import AuditReport, CheckResult
     from batch.master import master_table, rejected_table, write_parquet_atomic
     from lambdalake.validation import Validator
 

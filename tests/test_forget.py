@@ -20,7 +20,8 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from audit.check import audit, erased
+from audit.check import audit
+from audit.events import erased
 from batch.archiver import ingest
 from batch.erase import forget
 from batch.job import run_batch
@@ -218,8 +219,9 @@ def test_forget_resumes_after_a_crash_and_accounts_erased_offsets(tmp_path, clic
     record and the rename; each rerun completes; the audit's offset accounting counts the removed offsets as
     erased (a DLQ record of one may remain; a rejected file or master row still holding one is a difference)."""
     import batch.erase
-    from audit.check import AuditReport, CheckResult, check_log_master, read_rejected
+    from audit.log_master import check_log_master, read_rejected
     from audit.logread import DeadLetters, PartitionLog
+    from audit.report import AuditReport, CheckResult
 
     layout, src, msgs, verdicts = _small_lake(tmp_path, clickstream)
     settings = load_settings(home=tmp_path, pipeline="lambdalake.pipelines.clickstream")
