@@ -20,7 +20,7 @@ from batch.rejected import write_revalidated
 from batch.spark_dedup import deduplicated_events, first_occurrences, valid_events, view_columns_needed
 from batch.spark_types import _index_schema, _view_schema
 from batch.spark_views import merged_rows, view_frame, write_for_lookups
-from batch.staged_checks import validate_staged
+from batch.staged_checks import check_staged
 from lambdalake.config import env_int
 from lambdalake.contracts import BatchManifest, BatchView, IdIndex
 from lambdalake.erasure import erased_subjects
@@ -185,7 +185,7 @@ def _compute_source_incremental(spark, layout: Layout, pipeline: Pipeline, input
                 frame = view_frame(new, src, view)
             if frame is None:  # nothing new: the published rows as they are
                 _carry_over(layout, str(base.version), view.name, staging)
-                _validated(pipeline, view, staging / view.name, total, done, t0=time.monotonic())
+                _checked(pipeline, view, staging / view.name, total, done, t0=time.monotonic())
             else:
                 _write_view(pipeline, frame, src, view, staging, total, done)
     finally:
@@ -222,11 +222,11 @@ def _write_view(pipeline: Pipeline, frame, src: Source, view: View, staging: Pat
     log.info("view %s computed and written in %.2fs", view.name, time.monotonic() - t0)
     for junk in [*vdir.glob(".*.crc"), vdir / "_SUCCESS"]:
         junk.unlink(missing_ok=True)
-    _validated(pipeline, view, vdir, events, done, time.monotonic())
+    _checked(pipeline, view, vdir, events, done, time.monotonic())
 
 
-def _validated(pipeline: Pipeline, view: View, vdir: Path, events: int, done: _Computed, t0: float) -> None:
+def _checked(pipeline: Pipeline, view: View, vdir: Path, events: int, done: _Computed, t0: float) -> None:
     # 4. validate before anything can be published
-    done.row_counts[view.name] = validate_staged(pipeline, view, vdir, events)
+    done.row_counts[view.name] = check_staged(pipeline, view, vdir, events)
     log.info("view %s validated in %.2fs", view.name, time.monotonic() - t0)
     done.meta[view.name] = BatchView(pipeline.fingerprint(view), files=sorted(f.name for f in vdir.glob("*.parquet")))

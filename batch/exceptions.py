@@ -19,8 +19,9 @@ class NothingToCompute(LambdalakeError):
     exit_code = 6
 
 
-class BatchValidationError(InvariantViolation):
-    """A computed batch view failed validation (row counts, null keys, schema); nothing was published."""
+class StagedCheckFailed(InvariantViolation):
+    """A computed batch view failed a check of its staged output (row counts, null keys, schema); nothing was
+    published."""
 
 
 class ArchiverBehind(LambdalakeError):

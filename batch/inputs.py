@@ -11,7 +11,7 @@ from datetime import datetime
 
 import pyarrow.parquet as pq
 
-from batch.exceptions import BatchValidationError
+from batch.exceptions import StagedCheckFailed
 from batch.master import sha256_file
 from batch.rejected import rejudged_files
 from lambdalake.contracts import BatchManifest, InputFile, Positions
@@ -59,7 +59,7 @@ def select_inputs(layout: Layout, pipeline: Pipeline, block: int, fixed_watermar
             wm = fixed_watermark.of_topic(src.topic)
             short = {p: w for p, w in wm.items() if ends.get(p, 0) < w}
             if short:
-                raise BatchValidationError(f"master dataset of {src.name!r} no longer reaches the published "
+                raise StagedCheckFailed(f"master dataset of {src.name!r} no longer reaches the published "
                                            f"watermark {short} (archived ends {ends}); run a full batch")
         watermark.update({(src.topic, p): w for p, w in wm.items()})
         for f in files:

@@ -23,7 +23,7 @@ Run protocol (:func:`run_batch`), mirrored by numbered comments in the code:
    first occurrence below ``W`` is its first occurrence overall.
 3. Per view: ``window_start`` = event time floored to the bucket (UTC), group by keys + window_start, aggregate;
    write ``<staging>/<view>/*.parquet``.
-4. Validate the staged output (:func:`batch.staged_checks.validate_staged`): schema as declared, no null in
+4. Check the staged output (:func:`batch.staged_checks.check_staged`): schema as declared, no null in
    non-nullable keys, one row per (keys, window_start), and the count aggregate of each view sums to the
    deduplicated events of its source.
 5. Publish (:func:`lambdalake.versions.publish`): manifest, atomic rename of the staging directory, atomic ``CURRENT``

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch.exceptions import BatchValidationError
+from batch.exceptions import StagedCheckFailed
 from lambdalake.pipeline import WINDOW_START, Pipeline, View
 from lambdalake.schema import arrow_schema, view_columns
 
@@ -20,7 +20,7 @@ def expected_schema(pipeline: Pipeline, view: View) -> pa.Schema:
     return arrow_schema(view_columns(pipeline.source_of(view), view), nullability=False)
 
 
-def validate_staged(pipeline: Pipeline, view: View, vdir: Path, events: int | None) -> int:
+def check_staged(pipeline: Pipeline, view: View, vdir: Path, events: int | None) -> int:
     """Step 4 for one view: schema, null keys, row counts (the count aggregate sums to the deduplicated events
     read — at most that many for a filtered view, which may also be empty; a non-empty input yields rows), and no
     duplicate (keys, window_start). Returns the row count."""
@@ -36,7 +36,7 @@ def validate_staged(pipeline: Pipeline, view: View, vdir: Path, events: int | No
         pf = pq.ParquetFile(f)
         got = pf.schema_arrow
         if [(x.name, x.type) for x in got] != [(x.name, x.type) for x in want]:
-            raise BatchValidationError(f"view {view.name!r}: staged file {f.name} has schema "
+            raise StagedCheckFailed(f"view {view.name!r}: staged file {f.name} has schema "
                                        f"{[(x.name, str(x.type)) for x in got]}, declared "
                                        f"{[(x.name, str(x.type)) for x in want]}; nothing was published")
         rows += pf.metadata.num_rows
@@ -45,18 +45,18 @@ def validate_staged(pipeline: Pipeline, view: View, vdir: Path, events: int | No
         groups.append(table.select(group_cols))
         for k in strict_keys:
             if table.column(k).null_count:
-                raise BatchValidationError(f"view {view.name!r}: {table.column(k).null_count} null values in key "
+                raise StagedCheckFailed(f"view {view.name!r}: {table.column(k).null_count} null values in key "
                                            f"{k!r} ({f.name}); nothing was published")
         if count_col:
             counted += pc.sum(table.column(count_col)).as_py() or 0
     if groups and pa.concat_tables(groups).group_by(group_cols).aggregate([]).num_rows != rows:
-        raise BatchValidationError(f"view {view.name!r}: some (keys, window_start) appear in more than one row; "
+        raise StagedCheckFailed(f"view {view.name!r}: some (keys, window_start) appear in more than one row; "
                                    "nothing was published")
     filtered = view.where is not None
     if events and not rows and not filtered:
-        raise BatchValidationError(f"view {view.name!r}: {events} events were read but no rows were written; "
+        raise StagedCheckFailed(f"view {view.name!r}: {events} events were read but no rows were written; "
                                    "nothing was published")
     if count_col and events is not None and (counted > events if filtered else counted != events):
-        raise BatchValidationError(f"view {view.name!r}: counts sum to {counted} but {events} deduplicated events "
+        raise StagedCheckFailed(f"view {view.name!r}: counts sum to {counted} but {events} deduplicated events "
                                    "were read; nothing was published")
     return rows

@@ -1,4 +1,4 @@
-"""lambdalake_maintenance: compact small master files, prune old batch versions (retention), then audit the lake.
+"""lambdalake_maintenance: compact small master files, retire old batch versions (retention), then audit the lake.
 
 Thin wiring over :func:`batch.compact.compact` (the batch layer's atomic, recorded compaction; safe while the batch
 DAG runs: it waits for the master readers lock), :func:`lambdalake.versions.retire_versions` (keeps the newest
@@ -18,7 +18,7 @@ from wiring.orchestration import tasks as wiring
 
 @dag(
     dag_id="lambdalake_maintenance",
-    description="Compact small master files, prune old batch versions, audit the lake end to end",
+    description="Compact small master files, retire old batch versions, audit the lake end to end",
     schedule=dagkit.schedule("LAMBDALAKE_MAINTENANCE_SCHEDULE", "@daily"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,

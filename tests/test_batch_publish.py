@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch.exceptions import BatchValidationError
-from batch.staged_checks import expected_schema, validate_staged
+from batch.exceptions import StagedCheckFailed
+from batch.staged_checks import check_staged, expected_schema
 from lambdalake.contracts import MANIFEST_FORMAT, BatchManifest, BatchView, Positions
 from lambdalake.exceptions import InvariantViolation, PublishError
 from lambdalake.layout import Layout, batch_pointer, read_batch_manifest
@@ -101,7 +101,7 @@ def test_validate_staged_catches_broken_output(tmp_path, case):
         schema = want.set(want.get_field_index("views"), pa.field("views", pa.int32()))
     _write_view(vdir, rows, schema)
     if case == "ok":
-        assert validate_staged(PIPE, view, vdir, events) == 2
+        assert check_staged(PIPE, view, vdir, events) == 2
     else:
-        with pytest.raises(BatchValidationError):
-            validate_staged(PIPE, view, vdir, events)
+        with pytest.raises(StagedCheckFailed):
+            check_staged(PIPE, view, vdir, events)
