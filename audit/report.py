@@ -136,7 +136,8 @@ def compare_rows(report: AuditReport, check: str, subject: str, con: Any, actual
             cols = [f"{n}={fmt_value(a)} ({expected_name}: {fmt_value(b)})"
                     for n, a, b in zip(names, row, other, strict=True)
                     if a != b and not _float_close(a, b)]
-            if not cols:  # float sums differ only in summation order (README "Field types"): not a difference
+            # float sums differ only in summation order (docs/pipelines.md, "Field types and filters"): no difference
+            if not cols:
                 continue
             differ(f"{actual_name} row {_row_text(group, key)} has " + ", ".join(cols))
         else:

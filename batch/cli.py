@@ -155,8 +155,8 @@ def forget_cmd(
         until = log_dropped_by(conf)
         if until is None:
             console.print(f"[yellow]the log keeps the raw messages:[/] topic {topic!r} has no retention limit "
-                          "(retention.ms=-1): Kafka never deletes them; set retention.ms on the topic (README, "
-                          "Forgetting a subject)", highlight=False)
+                          "(retention.ms=-1): Kafka never deletes them; set retention.ms on the topic "
+                          "(docs/operations.md, Forgetting a subject)", highlight=False)
         else:
             console.print(f"topic {topic!r}: retention.ms={conf['retention.ms']} -> Kafka will have deleted the raw "
                           f"messages by {until.isoformat(timespec='seconds')}", highlight=False)

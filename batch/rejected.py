@@ -10,7 +10,7 @@ event id, exactly as the speed layer, which re-reads the log, sees it.
 
 Files judged by the declared rules are skipped from their footer alone: in a lake whose rules never changed this
 reads nothing. Messages archived by a release without rejected files (before format 2 of the manifest) are only in
-the dead-letter topic: a loosened rule cannot bring those back on the batch side (README, known limits).
+the dead-letter topic: a loosened rule cannot bring those back on the batch side (docs/pipelines.md, "Changing a view").
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ never shadow a later valid one. (Producers key by subject, so a re-sent event la
 The batch layer applies it over all master data (an exact window function). The speed layer applies it with
 :class:`DedupWindow`, bounded by offsets: ids first seen within the last ``span`` offsets of the partition are
 remembered exactly; a duplicate re-sent further behind than that is not recognised until the next batch run
-corrects it (a documented limit, see README "Known limits").
+corrects it (a documented limit, see docs/operations.md, "Known limits").
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ the union's composite estimate (:func:`estimate`) — never the HIP estimate a s
 
 DuckDB has no DataSketches functions; :func:`register` adds vectorized Python functions (``serving.connect()``,
 ``lambdalake sql``, audit, verify). The stock DuckDB CLI opening the catalog file has none of them: there an
-``approx_distinct`` column is NULL, and ``sketches.<view>`` holds no merged sketch (see README).
+``approx_distinct`` column is NULL, and ``sketches.<view>`` holds no merged sketch (see
+docs/pipelines.md, "Approximate distinct counts").
 """
 
 from __future__ import annotations

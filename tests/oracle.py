@@ -30,7 +30,7 @@ import pyarrow as pa
 ONE_MIB = 1024 * 1024
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 TS = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(\.\d+)?([Zz]|[+-]\d\d:\d\d)\Z")
-# The documented supported range of an instant, in UTC (README "Validation"): both ends inclusive.
+# The documented supported range of an instant, in UTC (docs/pipelines.md, "Validation rules"): both ends inclusive.
 FIRST_UTC = datetime(2, 1, 1, tzinfo=timezone.utc)
 LAST_UTC = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)
 
@@ -292,7 +292,8 @@ def distinct_sketch(values: list, lg_k: int) -> bytes:
 
 
 def parts_estimate(parts: list) -> int:
-    """The documented meaning of an ``approx_distinct`` value (README "Approximate distinct counts"): the union of the
+    """The documented meaning of an ``approx_distinct`` value (docs/pipelines.md, "Approximate distinct counts"): the
+    union of the
     parts' sketches, fed twice to a fresh union (so that it is estimated from its registers alone — the composite
     estimate — never with the order-dependent HIP one), rounded."""
     import datasketches

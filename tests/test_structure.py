@@ -171,3 +171,24 @@ def test_no_path_of_a_development_machine(needle):
             for p in (REPO / pkg).rglob("*") if p.suffix in (".py", ".md", ".ipynb") and needle in p.read_text()]
     hits += ["README.md"] if needle in (REPO / "README.md").read_text() else []
     assert not hits, f"{needle!r} (a path of a development machine) cited in {hits}"
+
+
+_CITED_SECTION = re.compile(r'(docs/[\w.-]+\.md),?\s+(?:section\s+)?\\?"([^"\\]+)\\?"')
+
+
+def test_every_cited_section_is_a_heading_of_its_document():
+    """``docs/design.md, "Definitions change"``-style citations name a heading that exists (docs move; citations
+    must follow them)."""
+    wrong = []
+    for pkg in (*PACKAGES, "bench", "tests", "docs", "notebooks"):
+        for path in (REPO / pkg).rglob("*"):
+            if path.suffix not in (".py", ".md", ".ipynb"):
+                continue
+            text = re.sub(r"\s*\n\s*(?:#\s*)?", " ", path.read_text())  # citations wrap across lines
+            for doc, section in _CITED_SECTION.findall(text):
+                target = REPO / doc
+                headings = [line.lstrip("#").strip().lower() for line in target.read_text().splitlines()
+                            if line.startswith("#")] if target.exists() else []
+                if not any(h.startswith(section.lower()) for h in headings):
+                    wrong.append(f"{path.relative_to(REPO)} cites {doc} {section!r}")
+    assert not wrong, "citations of sections that do not exist:\n" + "\n".join(sorted(set(wrong)))

@@ -1,6 +1,7 @@
 """An order-lines pipeline: decimal prices, discounts and taxes, a boolean flag, a float weight, and filtered views.
 
-The README's example of a source declared directly with the richer field types (issue 15)::
+The example of docs/pipelines.md ("Field types and filters"): a source declared directly with the richer field
+types::
 
     lambdalake load order_lines.csv --source order_lines --pipeline lambdalake.pipelines.orders
 """
