@@ -13,11 +13,9 @@ started and every client talks to that cluster.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -28,6 +26,7 @@ import psutil
 
 from lambdalake.exceptions import BrokerError
 from lambdalake.layout import Layout, atomic_write_bytes
+from lambdalake.procs import new_session_tied_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +54,6 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
             return True
     except OSError:
         return False
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """preexec_fn: ask Linux to SIGTERM the broker when the process that started it dies (no orphans)."""
-    os.setsid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class EmbeddedBroker:
@@ -193,7 +183,7 @@ class EmbeddedBroker:
             proc = subprocess.Popen(
                 self._java("kafka.Kafka", str(props)), stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, cwd=self.dir,
-                preexec_fn=_die_with_parent if self.tied_to_parent else os.setsid,
+                preexec_fn=new_session_tied_to_parent if self.tied_to_parent else os.setsid,
             )
         finally:
             out.close()

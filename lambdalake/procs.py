@@ -5,6 +5,7 @@ start (:func:`pyarrow_without_pandas`)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
 import os
 import pickle
@@ -19,6 +20,26 @@ from typing import TypeVar
 from lambdalake.exceptions import LambdalakeError
 
 T = TypeVar("T")
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` to this process when the thread that started it ends — its parent exiting or being
+    killed with -9 included — so nothing lambdalake starts outlives what started it (no orphans). A no-op where
+    ``prctl`` is missing."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
+
+
+def new_session_tied_to_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """``preexec_fn`` of a child process the product starts: its own session and process group (a terminal's Ctrl-C
+    reaches only the parent, which stops it in order), SIGINT obeyed even when started from a background job (which
+    inherits it ignored), and SIGTERM when the parent dies (:func:`die_with_parent`)."""
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    die_with_parent(signal.SIGTERM)
 
 
 def stop_group(proc: subprocess.Popen, timeout: float = 30.0, kill_timeout: float = 10.0,
@@ -84,7 +105,7 @@ def run_workers(fn: Callable[..., T], calls: list[tuple]) -> list[T]:
         try:
             for i, args in enumerate(calls):
                 reader, writer = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_worker_main, args=(fn, args, writer, pandas_refused()),
+                proc = ctx.Process(target=_worker_main, args=(fn, args, writer, pandas_refused(), os.getpid()),
                                    name=f"lambdalake-worker-{i}")
                 # started with SIGTERM/SIGINT blocked (the mask survives exec): a stop while the new interpreter
                 # starts stays pending until _worker_main has its handler, instead of killing the worker
@@ -135,11 +156,17 @@ def run_workers(fn: Callable[..., T], calls: list[tuple]) -> list[T]:
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
-def _worker_main(fn: Callable[..., T], args: tuple, conn, without_pandas: bool = False) -> None:
-    """A spawned worker: the command's logging and SIGUSR1 stack dump; SIGTERM/SIGINT ignored outside ``fn``
-    (which installs its own clean-stop handler; the parent relays a stop until the worker is done); the result, or
-    the exception, sent back once."""
+def _worker_main(fn: Callable[..., T], args: tuple, conn, without_pandas: bool = False,
+                 parent: int | None = None) -> None:
+    """A spawned worker: killed when its parent dies (a kill -9 of the command leaves no orphan worker holding its
+    partitions; every worker restarts exactly from its own durable state); the command's logging and SIGUSR1 stack
+    dump; SIGTERM/SIGINT ignored outside ``fn`` (which installs its own clean-stop handler; the parent relays a stop
+    until the worker is done); the result, or the exception, sent back once."""
     from lambdalake.options import configure_logging
+
+    die_with_parent(signal.SIGKILL)
+    if parent is not None and os.getppid() != parent:  # the parent died before the line above: no one to serve
+        os._exit(1)
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

@@ -171,3 +171,35 @@ def test_streaming_runtime_paces_collector_and_gil_only_inside_and_restores_them
         raise RuntimeError("inside")
     assert (gc.get_threshold(), sys.getswitchinterval()) == before
     assert gc.get_freeze_count() == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:  # a zombie is dead, only not reaped yet
+        return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_workers_die_with_a_parent_killed_with_minus_9(tmp_path):
+    """kill -9 of the command (an OOM killer, a supervisor's stop timeout) leaves no orphan worker behind."""
+    marker = str(tmp_path / "m")
+    script = ("import sys; from lambdalake.procs import run_workers; from tests.test_procs import until_stopped\n"
+              f"run_workers(until_stopped, [(0, {marker!r}), (1, {marker!r})])\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all(Path(f"{marker}.{i}.running").exists() for i in (0, 1)):
+            assert time.monotonic() < deadline and parent.poll() is None, "the workers did not start"
+            time.sleep(0.05)
+        pids = [int(Path(f"{marker}.{i}.running").read_text()) for i in (0, 1)]
+        assert all(_alive(p) for p in pids)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in pids if _alive(p)], "workers outlived their parent"
+    finally:
+        stop_group(parent, timeout=5)

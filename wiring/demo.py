@@ -29,7 +29,7 @@ from lambdalake.broker import EmbeddedBroker, free_port, port_open
 from lambdalake.clients import end_offsets, ensure_topics
 from lambdalake.config import Settings, fix_handoff_block, load_settings
 from lambdalake.exceptions import LambdalakeError
-from lambdalake.procs import stop_group
+from lambdalake.procs import new_session_tied_to_parent, stop_group
 
 LAMBDALAKE = str(Path(sys.executable).parent / "lambdalake")
 DEMO_HANDOFF_BLOCK = 200
@@ -73,7 +73,7 @@ class Process:
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as fh:
             self.proc = subprocess.Popen([LAMBDALAKE, *args], env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, preexec_fn=new_session_tied_to_parent)
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:

@@ -13,7 +13,6 @@ Lifecycle (:class:`AirflowStandalone`):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -29,20 +28,13 @@ from typing import IO
 import psutil
 
 from lambdalake.exceptions import LambdalakeError
+from lambdalake.procs import new_session_tied_to_parent
 
 
 class AirflowStartError(LambdalakeError):
     """``airflow standalone`` exited or did not become healthy in time."""
 
     exit_code = 8
-
-
-def _new_session_tied_to_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    os.setsid()
-    # A launcher started in the background inherits SIGINT ignored; airflow standalone must still obey it.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def airflow_bin() -> str:
@@ -74,7 +66,7 @@ class AirflowStandalone:
         Path(self.env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen([airflow_bin(), "standalone"], env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=out, stderr=subprocess.STDOUT if out is not None else None,
-                                     preexec_fn=_new_session_tied_to_parent)
+                                     preexec_fn=new_session_tied_to_parent)
         self._remember_children()
         return self
 
