@@ -1,5 +1,5 @@
-"""No orphans: `lambdalake ingest --workers N` and `lambdalake speed --workers N` killed with -9 (what an OOM killer or a
-supervisor's stop timeout does) take their worker processes with them, so a restart is accepted at once and
+"""No orphans: `lambdalake ingest --workers N` and `lambdalake speed --workers N` killed with -9 (what an OOM killer
+or a supervisor's stop timeout does) take their worker processes with them, so a restart is accepted at once and
 continues exactly (real broker, real CLI processes)."""
 
 from __future__ import annotations
