@@ -6,6 +6,7 @@ Every step of the roll protocol is per partition (:mod:`batch.archiver`), so N p
 
 from __future__ import annotations
 
+import sys
 import time
 
 from batch.archiver import ArchiveReport, ingest
@@ -20,13 +21,15 @@ def ingest_workers(settings: Settings, pipeline: Pipeline, workers: int, *, unti
     """Run ``workers`` archiver processes with shares ``0/N .. N-1/N`` until they all return; one report.
 
     SIGTERM/SIGINT to this process are passed on to the workers, which finish their files and exit. If a worker
-    fails, the others are stopped too and the first error is raised.
+    fails, the others are stopped too and the first error is raised; a worker that dies (kill -9, out of memory) is
+    started again (:class:`lambdalake.procs.Restarts`) and resumes from what the lake holds.
     """
-    from lambdalake.procs import run_workers
+    from lambdalake.procs import Restarts, run_workers
 
     t0 = time.monotonic()
     reports = run_workers(_ingest_share, [(settings, pipeline, share, until_caught_up, policy)
-                                          for share in Share.split(workers)])
+                                          for share in Share.split(workers)], restarts=Restarts(),
+                          notify=lambda msg: print(f"ingest: {msg}", file=sys.stderr, flush=True))
     return merge_reports(reports, time.monotonic() - t0)
 
 

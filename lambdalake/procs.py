@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import multiprocessing
 import os
 import pickle
@@ -15,11 +16,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from lambdalake.exceptions import LambdalakeError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -71,17 +74,33 @@ def kill_group(proc: subprocess.Popen) -> int | None:
     return stop_group(proc, timeout=10.0, first=signal.SIGKILL)
 
 
-def run_workers(fn: Callable[..., T], calls: list[tuple]) -> list[T]:
+@dataclass(frozen=True)
+class Restarts:
+    """How :func:`run_workers` replaces a worker that died without a result (kill -9, out of memory): after a pause
+    of ``first_delay`` seconds, doubled after each death up to ``max_delay``; a worker that ran ``healthy_after``
+    seconds before dying starts again from ``first_delay``. After ``give_up_after`` deaths in a row, each within
+    ``healthy_after`` of its start, the worker is given up: the others stop and :class:`WorkerDied` is raised."""
+
+    first_delay: float = 1.0
+    max_delay: float = 30.0
+    healthy_after: float = 60.0
+    give_up_after: int = 5
+
+
+def run_workers(fn: Callable[..., T], calls: list[tuple], *, restarts: Restarts | None = None,
+                notify: Callable[[str], None] | None = None) -> list[T]:
     """Run ``fn(*args)`` for each ``args`` in ``calls``, each in its own process, and return their results in order.
 
     The workers are *spawned* (a fresh interpreter: nothing of this process's threads, Kafka clients or JVM is
-    inherited) and get the command's logging. SIGTERM/SIGINT to this process (or to its whole process group) are a
-    clean stop of every worker: ``fn`` must handle them while it runs (e.g. with
-    :func:`lambdalake.session.stop_on_signals`); before and after ``fn`` a worker ignores them, so a signal can
-    never kill a worker half-way through sending its result. A stop is passed on to the workers again every
-    second until they are all done, so one that was still starting up when the stop came gets it too.
-    If a worker raises, the other workers are asked to stop and the first error is raised here; a worker that dies
-    (kill -9, out of memory) raises :class:`WorkerDied` once the others have stopped.
+    inherited), get the command's logging, and are killed when this process dies (no orphans). SIGTERM/SIGINT to
+    this process (or to its whole process group) are a clean stop of every worker: ``fn`` must handle them while
+    it runs (e.g. with :func:`lambdalake.session.stop_on_signals`); before and after ``fn`` a worker ignores them,
+    so a signal can never kill a worker half-way through sending its result. A stop is passed on to the workers
+    again every second until they are all done, so one that was still starting up when the stop came gets it too.
+    If a worker raises, the other workers are asked to stop and the first error is raised here. A worker that dies
+    (kill -9, out of memory) is started again with the same arguments under ``restarts`` (it resumes from its own
+    durable state), told to ``notify``; without ``restarts``, or once it is given up, the others are stopped and
+    :class:`WorkerDied` is raised.
 
     Each worker is a plain :class:`multiprocessing.Process` with its own result pipe, not a process pool: in a pool
     the workers share one result queue and its lock, so a worker killed while sending its result blocks the others
@@ -96,61 +115,96 @@ def run_workers(fn: Callable[..., T], calls: list[tuple]) -> list[T]:
         return []
     ctx = multiprocessing.get_context("spawn")
     stop = threading.Event()
-    procs: list = []
+    procs: dict[int, multiprocessing.Process] = {}  # worker index -> its current process
+    pipes: dict[int, object] = {}
+    started: dict[int, float] = {}
+    quick_deaths: dict[int, int] = {}  # deaths in a row, each soon after its start
+    pending: dict[int, float] = {}  # worker index -> when to start it again
     results: dict[int, tuple[bool, object]] = {}  # worker index -> (ok, result or exception)
+    given_up: dict[int, int | None] = {}  # worker index -> exit code of its last process
+    say = notify or log.warning
+
+    def start(i: int) -> None:
+        reader, writer = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker_main, args=(fn, calls[i], writer, pandas_refused(), os.getpid()),
+                           name=f"lambdalake-worker-{i}")
+        # started with SIGTERM/SIGINT blocked (the mask survives exec): a stop while the new interpreter starts
+        # stays pending until _worker_main has its handler, instead of killing the worker
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        writer.close()
+        procs[i], pipes[i], started[i] = proc, reader, time.monotonic()
+
+    def died(i: int, code: int | None) -> None:
+        """Worker ``i`` ended without a result: start it again later, or give it up."""
+        ran = time.monotonic() - started[i]
+        quick_deaths[i] = 1 if ran >= restarts.healthy_after else quick_deaths.get(i, 0) + 1
+        if stop.is_set() or quick_deaths[i] >= restarts.give_up_after:
+            given_up[i] = code
+            stop.set()
+            return
+        delay = min(restarts.max_delay, restarts.first_delay * 2 ** (quick_deaths[i] - 1))
+        say(f"worker {i} of {len(calls)} died (exit code {code}) after {ran:.1f}s; starting it again in "
+            f"{delay:.1f}s (it resumes from its own durable state)")
+        pending[i] = time.monotonic() + delay
+
     with stop_on_signals(stop.set):
-        pipes = []
-        # started first: its launch unblocks SIGTERM/SIGINT in this thread, which would undo the mask below
+        # started first: its launch unblocks SIGTERM/SIGINT in this thread, which would undo the mask in start()
         resource_tracker.ensure_running()
         try:
-            for i, args in enumerate(calls):
-                reader, writer = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_worker_main, args=(fn, args, writer, pandas_refused(), os.getpid()),
-                                   name=f"lambdalake-worker-{i}")
-                # started with SIGTERM/SIGINT blocked (the mask survives exec): a stop while the new interpreter
-                # starts stays pending until _worker_main has its handler, instead of killing the worker
-                mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-                try:
-                    proc.start()
-                finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-                writer.close()
-                procs.append(proc)
-                pipes.append(reader)
-            running = dict(enumerate(procs))
+            for i in range(len(calls)):
+                start(i)
+            running = set(range(len(calls)))
             relayed = 0.0
-            while running:
-                if stop.is_set() and time.monotonic() - relayed >= 1.0:
-                    relayed = time.monotonic()
-                    for proc in running.values():
+            while running or (pending and not stop.is_set()):
+                now = time.monotonic()
+                for i in [i for i, at in pending.items() if at <= now and not stop.is_set()]:
+                    del pending[i]
+                    start(i)
+                    running.add(i)
+                if stop.is_set() and now - relayed >= 1.0:
+                    relayed = now
+                    for i in running:
                         with contextlib.suppress(ProcessLookupError):
-                            os.kill(proc.pid, signal.SIGTERM)
+                            os.kill(procs[i].pid, signal.SIGTERM)
                 ready = wait([pipes[i] for i in running if i not in results]
-                             + [p.sentinel for p in running.values()], timeout=0.2)
+                             + [procs[i].sentinel for i in running], timeout=0.2)
                 for i in list(running):
-                    if i not in results and (pipes[i] in ready or running[i].sentinel in ready):
+                    proc = procs[i]
+                    if i not in results and (pipes[i] in ready or proc.sentinel in ready):
                         with contextlib.suppress(EOFError, OSError):
                             if pipes[i].poll():
                                 results[i] = pickle.loads(pipes[i].recv_bytes())
-                    if running[i].sentinel in ready:
-                        running.pop(i).join()
-                        if i not in results or not results[i][0]:
+                    if proc.sentinel in ready:
+                        running.discard(i)
+                        proc.join()
+                        pipes[i].close()
+                        if i in results and results[i][0]:
+                            continue
+                        if i in results or restarts is None:
+                            given_up[i] = proc.exitcode
                             stop.set()  # one failed: the others stop too
+                        else:
+                            died(i, proc.exitcode)
         finally:
-            for proc in procs:  # only if this process itself fails: never leave workers behind
+            for proc in procs.values():  # only if this process itself fails: never leave workers behind
                 if proc.is_alive():
                     proc.kill()
                     proc.join()
-            for r in pipes:
+            for r in pipes.values():
                 r.close()
-    for i, proc in enumerate(procs):
+    for i in range(len(calls)):
         ok, value = results.get(i, (False, None))
         if not ok and value is None:
-            raise WorkerDied(f"worker {i} of {len(calls)} died (exit code {proc.exitcode}); run the command "
+            code = given_up.get(i, procs[i].exitcode)
+            raise WorkerDied(f"worker {i} of {len(calls)} died (exit code {code}); run the command "
                              "again: every worker resumes from its own durable state")
         if not ok:
             raise value  # type: ignore[misc]
-    return [results[i][1] for i in range(len(procs))]  # type: ignore[misc]
+    return [results[i][1] for i in range(len(calls))]  # type: ignore[misc]
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}

@@ -9,17 +9,20 @@ import sys
 from lambdalake.config import Settings
 from lambdalake.ownership import Share
 from lambdalake.pipeline import Pipeline
-from lambdalake.procs import run_workers
+from lambdalake.procs import Restarts, run_workers
 from speed.consumer import SpeedLayer, SpeedOptions
 
 
 def run_speed_workers(settings: Settings, pipeline: Pipeline, options: SpeedOptions, workers: int, *,
                       until_caught_up: bool = False) -> list[tuple[str, int, int, str]]:
     """``lambdalake speed --workers N``: N worker processes with shares ``0/N .. N-1/N`` (each a
-    :class:`SpeedLayer`), until they all stop; (share, messages, checkpoints, last snapshot) per worker."""
+    :class:`SpeedLayer`), until they all stop; (share, messages, checkpoints, last snapshot) per worker. A worker
+    that dies is started again (:class:`lambdalake.procs.Restarts`): it takes its partitions over from its own
+    last checkpoint."""
     calls = [(settings, pipeline, dataclasses.replace(options, share=share), until_caught_up)
              for share in Share.split(workers)]
-    return run_workers(_run_worker, calls)
+    return run_workers(_run_worker, calls, restarts=Restarts(),
+                       notify=lambda msg: print(f"speed: {msg}", file=sys.stderr, flush=True))
 
 
 def _run_worker(settings: Settings, pipeline: Pipeline, options: SpeedOptions,

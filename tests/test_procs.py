@@ -203,3 +203,80 @@ def test_workers_die_with_a_parent_killed_with_minus_9(tmp_path):
         assert not [p for p in pids if _alive(p)], "workers outlived their parent"
     finally:
         stop_group(parent, timeout=5)
+
+
+def until_stopped_once_restarted(i: int, marker: str) -> str:
+    """Counts its starts (a file per start), then runs like a daemon worker; returns how many times it started."""
+    n = len(list(Path(marker).parent.glob(f"{Path(marker).name}.{i}.start.*")))
+    Path(f"{marker}.{i}.start.{n}").touch()
+    until_stopped(i, marker)
+    return f"{i}:{n + 1}"
+
+
+def always_dies(i: int, marker: str) -> int:
+    if i == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return until_stopped(i, marker)
+
+
+def _in_thread(fn) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001
+            result["exc"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, result
+
+
+def _wait_for(path: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_a_worker_that_dies_is_started_again_and_the_others_keep_running(tmp_path):
+    from lambdalake.procs import Restarts
+
+    marker = str(tmp_path / "m")
+    told: list[str] = []
+    t, result = _in_thread(lambda: run_workers(
+        until_stopped_once_restarted, [(0, marker), (1, marker)], notify=told.append,
+        restarts=Restarts(first_delay=0.1, max_delay=0.2, healthy_after=60, give_up_after=5)))
+    for i in (0, 1):
+        _wait_for(f"{marker}.{i}.running")
+    first, other = (int(Path(f"{marker}.{i}.running").read_text()) for i in (0, 1))
+    os.kill(first, signal.SIGKILL)
+    _wait_for(f"{marker}.0.start.1")  # started again with the same arguments
+    deadline = time.monotonic() + 60
+    while int(Path(f"{marker}.0.running").read_text() or first) == first:
+        assert time.monotonic() < deadline, "the worker was not started again"
+        time.sleep(0.05)
+    assert told and "worker 0 of 2 died (exit code -9)" in told[0] and "starting it again" in told[0]
+    assert not Path(f"{marker}.1.stopped").exists(), "the other worker was stopped"
+    os.kill(other, 0)  # the other worker is still the same process
+    for i in (0, 1):
+        os.kill(int(Path(f"{marker}.{i}.running").read_text()), signal.SIGTERM)  # a clean stop: both return
+    t.join(60)
+    assert not t.is_alive()
+    assert result.get("value") == ["0:2", "1:1"], result
+
+
+def test_a_worker_that_keeps_dying_is_given_up(tmp_path):
+    from lambdalake.procs import Restarts
+
+    marker = str(tmp_path / "m")
+    told: list[str] = []
+    t, result = _in_thread(lambda: run_workers(
+        always_dies, [(0, marker), (1, marker)], notify=told.append,
+        restarts=Restarts(first_delay=0.05, max_delay=0.1, healthy_after=60, give_up_after=3)))
+    t.join(120)
+    assert not t.is_alive()
+    assert isinstance(result.get("exc"), WorkerDied), result
+    assert len(told) == 2, told  # two restarts, then given up at the third death
+    assert Path(f"{marker}.1.stopped").exists() or not Path(f"{marker}.1.running").exists()
