@@ -24,6 +24,11 @@ class StagedCheckFailed(InvariantViolation):
     published."""
 
 
+class MasterBehindPublished(InvariantViolation):
+    """The master dataset does not reach the watermark of the published batch version (e.g. a Kappa replay
+    published from the log ahead of the archiver), so a batch run now would move the watermark backwards."""
+
+
 class ArchiverBehind(LambdalakeError):
     """A running archiver did not archive up to the log's end offsets in time."""
 

@@ -11,7 +11,7 @@ from datetime import datetime
 
 import pyarrow.parquet as pq
 
-from batch.exceptions import StagedCheckFailed
+from batch.exceptions import MasterBehindPublished
 from batch.master import sha256_file
 from batch.rejected import rejudged_files
 from lambdalake.contracts import BatchManifest, InputFile, Positions
@@ -59,8 +59,8 @@ def select_inputs(layout: Layout, pipeline: Pipeline, block: int, fixed_watermar
             wm = fixed_watermark.of_topic(src.topic)
             short = {p: w for p, w in wm.items() if ends.get(p, 0) < w}
             if short:
-                raise StagedCheckFailed(f"master dataset of {src.name!r} no longer reaches the published "
-                                           f"watermark {short} (archived ends {ends}); run a full batch")
+                raise MasterBehindPublished(f"master dataset of {src.name!r} no longer reaches the published "
+                                            f"watermark {short} (archived ends {ends}); run a full batch")
         watermark.update({(src.topic, p): w for p, w in wm.items()})
         for f in files:
             if f.start >= wm.get(f.partition, 0):
@@ -69,6 +69,24 @@ def select_inputs(layout: Layout, pipeline: Pipeline, block: int, fixed_watermar
         rejudged[src.name] = rejudged_files(layout, src, wm)
         rejected += [_input_file(layout, f, known=known) for f in rejudged[src.name]]
     return Inputs(Positions(watermark), Positions(archived), inputs, rejudged, rejected)
+
+
+def check_not_behind(inputs: Inputs, published: BatchManifest | None) -> None:
+    """Refuse, before any work, a run whose watermark would be below the published version's in some partition:
+    publishing it would move the watermark backwards (the speed layer may already have dropped those blocks). It
+    happens when the master dataset is behind what is published — a Kappa replay publishes from the log itself —
+    and the cure is to let the archiver catch up."""
+    if published is None:
+        return
+    behind = {k: (w, inputs.watermark.at(*k)) for k, w in published.watermark.items() if inputs.watermark.at(*k) < w}
+    if not behind:
+        return
+    (t, p), (w_pub, w_new) = next(iter(sorted(behind.items())))
+    engine = f" ({published.engine})" if published.engine else ""
+    raise MasterBehindPublished(
+        f"the published batch version {published.version}{engine} covers {t}[{p}] up to offset {w_pub}, but the "
+        f"master dataset only allows {w_new} ({len(behind)} partitions behind): let the archiver catch up first "
+        "(`lambdalake ingest --until-caught-up`); nothing was computed")
 
 
 # A file modified less than this before a run started is hashed again by the next run (mtime granularity, clocks).

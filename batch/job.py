@@ -72,7 +72,7 @@ from batch.carry_over import _carry_index, _carry_over
 from batch.compute import _compute
 from batch.exceptions import NothingToCompute
 from batch.incremental import FULL_ENV, incremental_base
-from batch.inputs import KnownChecksums, select_inputs
+from batch.inputs import KnownChecksums, check_not_behind, select_inputs
 from batch.rewrite import master_readers_lock
 from batch.spark_rules import java_pattern
 from batch.spark_session import SESSION_CONF, spark_session
@@ -155,6 +155,7 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
             t1 = time.monotonic()
             inputs = select_inputs(layout, pipeline, settings.handoff_block, fixed_wm, KnownChecksums.of(published))
             log.info("inputs: %d master files selected in %.2fs", len(inputs.files), time.monotonic() - t1)
+            check_not_behind(inputs, published)
             if not any(inputs.watermark.values()):
                 raise NothingToCompute(
                     f"the master dataset holds no complete block of {settings.handoff_block} offsets yet "

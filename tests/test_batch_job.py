@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch.archiver import ingest
-from batch.exceptions import NothingToCompute
+from batch.exceptions import MasterBehindPublished, NothingToCompute
 from batch.job import run_batch
 from batch.master import sha256_file
 from batch.partition_buffer import RollPolicy
@@ -259,6 +259,22 @@ def test_nothing_to_compute_is_a_clear_error(settings, pipeline, spark, run_cli)
         run_batch(settings, pipeline, spark=spark)
     res = run_cli("batch", check=False)
     assert res.returncode != 0 and "no complete block" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_kappa_replay_ahead_of_master_refuses_the_next_batch_run_until_the_archiver_caught_up(
+        settings, pipeline, spark, run_cli):
+    """A Kappa replay publishes from the log itself, ahead of an archiver that has not run: a batch run then would
+    move the watermark backwards. It is refused before any work, with what to do; once master caught up, it runs."""
+    produce(run_cli, 2000, malformed_fraction=0.03)
+    run_cli("replay")
+    with pytest.raises(MasterBehindPublished, match="let the archiver catch up"):
+        run_batch(settings, pipeline, spark=spark)
+    res = run_cli("batch", check=False)
+    assert res.returncode != 0 and "kappa-replay" in res.stderr and "ingest --until-caught-up" in res.stderr
+    assert "Traceback" not in res.stderr
+    ingest(settings, pipeline, until_caught_up=True)
+    manifest = run_batch(settings, pipeline, spark=spark)
+    assert_version_equals_oracle(settings, pipeline, manifest)
 
 
 def test_view_option_recomputes_one_view_at_published_watermark(archived, pipeline, spark, run_cli):
