@@ -5,6 +5,7 @@
 - ``settings``: :class:`lambdalake.config.Settings` for a fresh lake directory per test, pointing at that
   broker, with unique topic names per test via the ``pipeline_factory`` fixture.
 - ``spark``: a local Spark session shared by the whole run (created on first use).
+- ``s3_server``: ONE embedded S3 server (SeaweedFS) per session, like the broker; ``s3_store``: a fresh bucket on it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,32 @@ def kafka_broker(tmp_path_factory) -> Iterator[str]:
         yield broker.bootstrap
     finally:
         broker.down(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """Endpoint and credentials (:class:`lambdalake.s3server.S3Access`) of the session's ONE embedded S3 server
+    (SeaweedFS on 127.0.0.1, credentials required); it dies with the pytest process and is stopped even on failure."""
+    from lambdalake.s3server import EmbeddedS3
+
+    server = EmbeddedS3(tmp_path_factory.mktemp("s3-server"), tied_to_parent=True)
+    try:
+        server.up(timeout=90)
+        yield server.access()
+    finally:
+        server.down(timeout=20)
+
+
+@pytest.fixture
+def s3_store(s3_server, unique_suffix):
+    """An :class:`lambdalake.storage.s3.S3Store` at ``s3://<a fresh bucket>/lake`` on the session's S3 server."""
+    from lambdalake.s3server import create_bucket
+    from lambdalake.storage.s3 import S3Store
+
+    bucket = f"lake-{unique_suffix}"
+    create_bucket(s3_server, bucket)
+    return S3Store(f"s3://{bucket}/lake", endpoint=s3_server.endpoint, access_key=s3_server.access_key,
+                   secret_key=s3_server.secret_key, region="us-east-1")
 
 
 @pytest.fixture

@@ -44,6 +44,9 @@ app = typer.Typer(
 )
 kafka_app = typer.Typer(help="Run the embedded Apache Kafka broker (KRaft, single node).", no_args_is_help=True)
 app.add_typer(kafka_app, name="kafka")
+s3_app = typer.Typer(help="Run the embedded S3 server (SeaweedFS; 127.0.0.1 only, credentials required).",
+                     no_args_is_help=True)
+app.add_typer(s3_app, name="s3")
 
 # --- kafka ------------------------------------------------------------------------------------------------------
 def _broker(home: Path | None, port: int, controller_port: int | None):
@@ -95,6 +98,52 @@ def kafka_status(home: HomeOpt = None) -> None:
     else:
         console.print(f"not running (broker directory {st['dir']})")
         raise typer.Exit(1)
+
+
+# --- s3 ---------------------------------------------------------------------------------------------------------
+def _s3_server(home: Path | None, port: int | None = None):
+    from lambdalake.config import resolve_home
+    from lambdalake.s3server import EmbeddedS3
+
+    return EmbeddedS3(resolve_home(home) / "s3", port=port)
+
+
+def _print_s3(headline: str, server) -> None:
+    """The server's state as comment lines, then the variables a client needs: `eval "$(lambdalake s3 up)"`."""
+    console.print(f"# {headline}\n{server.access().exports()}", markup=False, highlight=False, soft_wrap=True)
+
+
+@s3_app.command("up")
+def s3_up(home: HomeOpt = None,
+          port: Annotated[int, typer.Option("--port", min=1, max=65535, help="S3 API port.")] = 8333,
+          timeout: Annotated[float, typer.Option(help="Seconds to wait for the server.")] = 60.0) -> None:
+    """Start the embedded S3 server in the background under <home>/s3 (its access key and secret are generated on
+    first start and kept there, 0600). Idempotent. Prints the `export AWS_...` lines clients need."""
+    server = _s3_server(home, port)
+    with console.status("starting the S3 server ..."):
+        state = server.up(timeout=timeout)
+    _print_s3(f"S3 server up: endpoint {state['endpoint']} (pid {state['pid']}, data {server.data_dir}, "
+              f"log {state['log']}); create a bucket with any S3 client", server)
+
+
+@s3_app.command("down")
+def s3_down(home: HomeOpt = None) -> None:
+    """Stop the embedded S3 server (clean shutdown; killed after 20 s). Its data and credentials stay."""
+    stopped = _s3_server(home).down()
+    console.print("S3 server stopped" if stopped else "no embedded S3 server was running")
+
+
+@s3_app.command("status")
+def s3_status(home: HomeOpt = None) -> None:
+    """Show whether the embedded S3 server runs, its pid, endpoint, credentials file and log, and the `export AWS_...`
+    lines. Exit 1 if it is not running."""
+    server = _s3_server(home)
+    st = server.status()
+    if not st["running"]:
+        console.print(f"not running (server directory {st['dir']})")
+        raise typer.Exit(1)
+    _print_s3(f"running: pid {st['pid']}, endpoint {st.get('endpoint')}, accepting connections: "
+              f"{st.get('serving')}, credentials {st.get('credentials')}, log {st.get('log')}", server)
 
 
 # --- topics / produce / load -------------------------------------------------------------------------------------
