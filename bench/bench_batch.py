@@ -61,8 +61,9 @@ PIPELINE = "lambdalake.pipelines.clickstream"
 # --- 1. archiver ------------------------------------------------------------------------------------------------
 def bench_archiver(events: int, workdir: Path) -> dict:
     from batch.archiver import ingest
-    from lambdalake.broker import EmbeddedBroker, free_port
+    from lambdalake.broker import EmbeddedBroker
     from lambdalake.clients import ensure_topics
+    from lambdalake.embedded import free_port
     from wiring.demo_stream import demo_messages
     from wiring.produce import send
 

@@ -61,10 +61,11 @@ from speed_baselines import (  # noqa: E402
     read_values,
 )
 
-from lambdalake.broker import EmbeddedBroker, free_port  # noqa: E402
+from lambdalake.broker import EmbeddedBroker  # noqa: E402
 from lambdalake.clients import end_offsets, ensure_topics, producer_config  # noqa: E402
 from lambdalake.config import load_settings  # noqa: E402
 from lambdalake.contracts import Positions  # noqa: E402
+from lambdalake.embedded import free_port  # noqa: E402
 from lambdalake.exceptions import InvariantViolation  # noqa: E402
 from lambdalake.layout import Layout, read_speed_snapshot_meta, speed_pointer  # noqa: E402
 from lambdalake.pipeline import load_pipeline  # noqa: E402

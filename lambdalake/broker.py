@@ -13,20 +13,15 @@ started and every client talks to that cluster.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import socket
 import subprocess
 import time
-from contextlib import closing
 from pathlib import Path
 
-import psutil
-
+from lambdalake.embedded import EmbeddedServer, port_open
 from lambdalake.exceptions import BrokerError
-from lambdalake.layout import Layout, atomic_write_bytes
-from lambdalake.procs import new_session_tied_to_parent
+from lambdalake.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +37,15 @@ def kafka_libs() -> Path:
     return libs
 
 
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-class EmbeddedBroker:
+class EmbeddedBroker(EmbeddedServer):
     """A single-node KRaft broker+controller under ``<home>/kafka``.
 
     ``tied_to_parent=True`` (tests, the demo) makes the broker die with the Python process that started it, so a
     crashed test run never leaves an orphan; ``lambdalake kafka up`` starts a detached daemon instead.
     """
+
+    name = "Kafka broker"
+    error = BrokerError
 
     def __init__(self, home: Path, port: int = 9092, controller_port: int | None = None,
                  heap: str = "512m", tied_to_parent: bool = False):
@@ -143,22 +127,11 @@ class EmbeddedBroker:
                 "-cp", f"{libs}/*", *args]
 
     # lifecycle --------------------------------------------------------------------------------------------
-    def running_pid(self) -> int | None:
-        """The broker's pid if our broker process is alive (checks the command line, not just the pid)."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        try:
-            proc = psutil.Process(pid)
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            cmd = proc.cmdline()
-        except psutil.Error:
-            return None
-        if "kafka.Kafka" in cmd and str(self.dir / "server.properties") in cmd:
-            return pid
-        return None
+    def is_ours(self, cmdline: list[str]) -> bool:
+        return "kafka.Kafka" in cmdline and str(self.dir / "server.properties") in cmdline
+
+    def log_files(self) -> list[Path]:
+        return [self.out_file, self.log_file]
 
     def up(self, timeout: float = 90.0) -> dict:
         """Format storage on first start, start the broker, wait until it serves metadata. Idempotent."""
@@ -178,68 +151,16 @@ class EmbeddedBroker:
         if not (self.dir / "data" / "meta.properties").exists():
             cluster_id = self._run_tool("kafka.tools.StorageTool", "random-uuid").strip().splitlines()[-1]
             self._run_tool("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props))
-        out = open(self.out_file, "ab")
-        try:
-            proc = subprocess.Popen(
-                self._java("kafka.Kafka", str(props)), stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, cwd=self.dir,
-                preexec_fn=new_session_tied_to_parent if self.tied_to_parent else os.setsid,
-            )
-        finally:
-            out.close()
-        self.pid_file.write_text(f"{proc.pid}\n")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                self.pid_file.unlink(missing_ok=True)
-                raise BrokerError(f"Kafka broker exited with code {proc.returncode} during start-up; "
-                                  f"last log lines:\n{self._tail()}")
-            if port_open("127.0.0.1", self.port) and _serves_metadata(self.bootstrap):
-                state = {"pid": proc.pid, "bootstrap": self.bootstrap, "port": self.port,
-                         "controller_port": self.controller_port, "started_at": time.time(),
-                         "log": str(self.log_file)}
-                atomic_write_bytes(self.state_file, json.dumps(state, indent=1).encode())
-                return state
-            time.sleep(0.3)
-        self._stop_pid(proc.pid, timeout=10)
-        raise BrokerError(f"Kafka broker did not accept connections on {self.bootstrap} within {timeout:.0f}s; "
-                          f"last log lines:\n{self._tail()}")
+        return self.start(
+            self._java("kafka.Kafka", str(props)), out=self.out_file, timeout=timeout, what=self.bootstrap,
+            ready=lambda: port_open("127.0.0.1", self.port) and _serves_metadata(self.bootstrap),
+            state=lambda pid: {"pid": pid, "bootstrap": self.bootstrap, "port": self.port,
+                               "controller_port": self.controller_port, "started_at": time.time(),
+                               "log": str(self.log_file)})
 
     def down(self, timeout: float = 30.0) -> bool:
         """Stop the broker (SIGTERM, then SIGKILL after ``timeout``). True if one was running."""
-        pid = self.running_pid()
-        stopped = False
-        if pid is not None:
-            self._stop_pid(pid, timeout)
-            stopped = True
-        self.pid_file.unlink(missing_ok=True)
-        self.state_file.unlink(missing_ok=True)
-        return stopped
-
-    def status(self) -> dict:
-        pid = self.running_pid()
-        state: dict = {}
-        try:
-            state = json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
-            pass
-        state.update({"running": pid is not None, "pid": pid, "dir": str(self.dir)})
-        if pid is not None:
-            state["serving"] = port_open("127.0.0.1", int(state.get("port", self.port)))
-        return state
-
-    def _stop_pid(self, pid: int, timeout: float) -> None:
-        try:
-            proc = psutil.Process(pid)
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except psutil.TimeoutExpired:
-                log.warning("broker pid %s did not stop within %.0fs; killing it", pid, timeout)
-                proc.kill()
-                proc.wait(10)
-        except psutil.NoSuchProcess:
-            pass
+        return self.stop(timeout) is not None
 
     def _run_tool(self, main: str, *args: str) -> str:
         res = subprocess.run(self._java(main, *args), capture_output=True, text=True, cwd=self.dir, timeout=120)
@@ -247,15 +168,6 @@ class EmbeddedBroker:
             raise BrokerError(f"{main} {' '.join(args[:1])} failed (exit {res.returncode}): "
                               f"{(res.stderr or res.stdout).strip()[-800:]}")
         return res.stdout
-
-    def _tail(self, lines: int = 15) -> str:
-        chunks = []
-        for f in (self.out_file, self.log_file):
-            try:
-                chunks.extend(f.read_text(errors="replace").splitlines()[-lines:])
-            except OSError:
-                pass
-        return "\n".join(chunks[-lines:]) or "(no log output)"
 
 
 def _serves_metadata(bootstrap: str) -> bool:

@@ -24,17 +24,12 @@ import logging
 import os
 import secrets
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
-from lambdalake.broker import free_port, port_open
-from lambdalake.layout import atomic_write_bytes
-from lambdalake.procs import new_session_tied_to_parent
+from lambdalake.embedded import EmbeddedServer, free_port, port_open
 from lambdalake.storage.base import StorageError
 
 log = logging.getLogger(__name__)
@@ -69,11 +64,14 @@ class S3Access:
         return "\n".join(f"export {k}={v}" for k, v in self.env().items())
 
 
-class EmbeddedS3:
+class EmbeddedS3(EmbeddedServer):
     """A single-process SeaweedFS S3 server under ``dir`` listening on 127.0.0.1:``port`` (default: a free one).
 
     ``tied_to_parent=True`` makes the server die with the Python process that started it; ``lambdalake s3 up``
     starts a detached daemon instead."""
+
+    name = "SeaweedFS"
+    error = StorageError
 
     def __init__(self, dir: Path, port: int | None = None, tied_to_parent: bool = False):
         self.dir = Path(dir).absolute()
@@ -128,17 +126,11 @@ class EmbeddedS3:
         return key, secret
 
     # lifecycle --------------------------------------------------------------------------------------------
-    def running_pid(self) -> int | None:
-        """The server's pid if our ``weed mini`` is alive (checks its command line, not just the pid)."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-            proc = psutil.Process(pid)
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            cmd = proc.cmdline()
-        except (OSError, ValueError, psutil.Error):
-            return None
-        return pid if "mini" in cmd and f"-dir={self.data_dir}" in cmd else None
+    def is_ours(self, cmdline: list[str]) -> bool:
+        return "mini" in cmdline and f"-dir={self.data_dir}" in cmdline
+
+    def log_files(self) -> list[Path]:
+        return [self.out_file, self.dir / "logs" / "weed.INFO"]
 
     def up(self, timeout: float = 60.0) -> dict:
         """Start the server (credentials generated on first start) and wait until its S3 API answers a signed
@@ -168,53 +160,23 @@ class EmbeddedS3:
                "-master.telemetry=false", f"-s3.config={self.identities_file}", "-s3.autoCreateBucket=false",
                "-s3.iam=false", "-disableHttp", *self._sockets()]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}  # no identity from env
-        with open(self.out_file, "ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=self.dir, env=env,
-                                    preexec_fn=new_session_tied_to_parent if self.tied_to_parent else os.setsid)
-        self.pid_file.write_text(f"{proc.pid}\n")
         access = S3Access(f"http://127.0.0.1:{port}", key, secret)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                self.pid_file.unlink(missing_ok=True)
-                raise StorageError(f"SeaweedFS exited with code {proc.returncode} during start-up; last log "
-                                   f"lines:\n{self._tail()}")
-            if port_open("127.0.0.1", port) and _answers(access):
-                state = {"pid": proc.pid, "endpoint": access.endpoint, "port": port, "region": REGION,
-                         "credentials": str(self.identities_file), "ports": ports, "started_at": time.time(),
-                         "log": str(self.out_file)}
-                atomic_write_bytes(self.state_file, json.dumps(state, indent=1).encode())
-                return state
-            time.sleep(0.25)
-        self._stop_pid(proc.pid, timeout=5)
-        self.pid_file.unlink(missing_ok=True)
-        raise StorageError(f"SeaweedFS did not answer S3 requests on {access.endpoint} within {timeout:.0f}s; "
-                           f"last log lines:\n{self._tail()}")
+        return self.start(
+            cmd, out=self.out_file, env=env, timeout=timeout, what=f"{access.endpoint} (S3 requests)",
+            ready=lambda: port_open("127.0.0.1", port) and _answers(access),
+            state=lambda pid: {"pid": pid, "endpoint": access.endpoint, "port": port, "region": REGION,
+                               "credentials": str(self.identities_file), "ports": ports, "started_at": time.time(),
+                               "log": str(self.out_file)})
 
     def down(self, timeout: float = 20.0) -> bool:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout``). True if one was running."""
-        pid = self.running_pid()
         ports = self.status().get("ports") or {}
-        if pid is not None:
-            self._stop_pid(pid, timeout)
+        pid = self.stop(timeout)
         for name, port in ports.items():  # SeaweedFS's gRPC sockets, left behind by a killed server
             if name.endswith(".grpc"):
                 with contextlib.suppress(OSError):
                     Path(f"/tmp/seaweedfs-{name.split('.')[0]}-grpc-{port}.sock").unlink()
-        self.pid_file.unlink(missing_ok=True)
-        self.state_file.unlink(missing_ok=True)
         return pid is not None
-
-    def status(self) -> dict:
-        pid = self.running_pid()
-        state: dict = {}
-        with contextlib.suppress(OSError, ValueError):
-            state = json.loads(self.state_file.read_text())
-        state.update({"running": pid is not None, "pid": pid, "dir": str(self.dir)})
-        if pid is not None and "port" in state:
-            state["serving"] = port_open("127.0.0.1", int(state["port"]))
-        return state
 
     def create_bucket(self, name: str) -> None:
         create_bucket(self.access(), name)
@@ -224,26 +186,6 @@ class EmbeddedS3:
         if len(str(self.dir / "filer.sock")) > 100:
             return []
         return [f"-filer.localSocket={self.dir / 'filer.sock'}", f"-s3.localSocket={self.dir / 's3.sock'}"]
-
-    def _stop_pid(self, pid: int, timeout: float) -> None:
-        try:
-            proc = psutil.Process(pid)
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except psutil.TimeoutExpired:
-                log.warning("SeaweedFS pid %s did not stop within %.0fs; killing it", pid, timeout)
-                proc.kill()
-                proc.wait(10)
-        except psutil.NoSuchProcess:
-            pass
-
-    def _tail(self, lines: int = 15) -> str:
-        chunks: list[str] = []
-        for f in (self.out_file, self.dir / "logs" / "weed.INFO"):
-            with contextlib.suppress(OSError):
-                chunks.extend(f.read_text(errors="replace").splitlines()[-lines:])
-        return "\n".join(line for line in chunks[-lines:] if line.strip()) or "(no log output)"
 
 
 def _ports(s3_port: int) -> dict[str, int]:

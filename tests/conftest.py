@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from lambdalake.broker import EmbeddedBroker, free_port
+from lambdalake.broker import EmbeddedBroker
 from lambdalake.config import Settings, load_settings
+from lambdalake.embedded import free_port
 from lambdalake.pipeline import Pipeline, load_pipeline
 
 REPO = Path(__file__).resolve().parent.parent

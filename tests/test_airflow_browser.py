@@ -31,7 +31,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lambdalake.broker import free_port
+from lambdalake.embedded import free_port
 from lambdalake.layout import Layout, current_batch_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]

@@ -29,8 +29,8 @@ import pytest
 
 import serving
 from batch.verify import VerificationFailed, verify_published
-from lambdalake.broker import free_port
 from lambdalake.config import load_settings
+from lambdalake.embedded import free_port
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.speedset import current_speed_snapshot
 from tests.oracle import assert_rows_equal, oracle_views, read_log

@@ -13,9 +13,10 @@ import time
 
 import pytest
 
-from lambdalake.broker import EmbeddedBroker, free_port
+from lambdalake.broker import EmbeddedBroker
 from lambdalake.clients import end_offsets
 from lambdalake.config import load_settings
+from lambdalake.embedded import free_port
 from lambdalake.layout import Layout, archived_positions
 from lambdalake.pipeline import load_pipeline
 from lambdalake.procs import kill_group

@@ -26,9 +26,9 @@ from audit.report import LOG_MASTER, LOG_SPEED, MASTER_BATCH, MERGED
 from batch.archiver import ingest
 from batch.job import run_batch
 from batch.partition_buffer import RollPolicy
-from lambdalake.broker import free_port
 from lambdalake.clients import ensure_topics
 from lambdalake.config import load_settings
+from lambdalake.embedded import free_port
 from lambdalake.layout import Layout
 from lambdalake.pipeline import load_pipeline
 from lambdalake.speedset import current_speed_snapshot

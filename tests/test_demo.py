@@ -9,7 +9,7 @@ import subprocess
 import psutil
 import pytest
 
-from lambdalake.broker import free_port
+from lambdalake.embedded import free_port
 from tests.conftest import LAMBDALAKE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -11,8 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lambdalake.broker import free_port
 from lambdalake.clients import end_offsets, ensure_topics
+from lambdalake.embedded import free_port
 
 LAMBDALAKE = str(Path(sys.executable).parent / "lambdalake")
 

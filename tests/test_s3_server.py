@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lambdalake.broker import free_port
+from lambdalake.embedded import free_port
 from lambdalake.exceptions import ConfigError, LambdalakeError
 from lambdalake.s3server import EmbeddedS3, S3Access, create_bucket
 from lambdalake.storage.base import StorageError

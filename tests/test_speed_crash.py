@@ -126,8 +126,9 @@ def test_kill9_at_each_commit_step(settings, pipeline, cli_env, tmp_path, step):
 def test_broker_outage_mid_run_is_survived(tmp_path, unique_suffix):
     """A broker that goes away while the speed layer runs: it says so, keeps reconnecting with backoff (no crash),
     and carries on exactly once the broker is back."""
-    from lambdalake.broker import EmbeddedBroker, free_port
+    from lambdalake.broker import EmbeddedBroker
     from lambdalake.config import load_settings
+    from lambdalake.embedded import free_port
     from lambdalake.pipeline import load_pipeline
     from tests.conftest import write_pipeline_copy
 

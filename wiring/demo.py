@@ -25,9 +25,10 @@ from rich.console import Console
 from rich.rule import Rule
 from rich.table import Table
 
-from lambdalake.broker import EmbeddedBroker, free_port, port_open
+from lambdalake.broker import EmbeddedBroker
 from lambdalake.clients import end_offsets, ensure_topics
 from lambdalake.config import Settings, fix_handoff_block, load_settings
+from lambdalake.embedded import free_port, port_open
 from lambdalake.exceptions import LambdalakeError
 from lambdalake.procs import new_session_tied_to_parent, stop_group
 

@@ -40,7 +40,7 @@ def airflow_cmd(
 
     Prints the UI address and the admin login once Airflow is healthy.
     """
-    from lambdalake.broker import port_open
+    from lambdalake.embedded import port_open
     from wiring.orchestration.airflow_env import (
         ADMIN_USER,
         PASSWORDS_FILE,
