@@ -26,10 +26,10 @@ Run protocol (:func:`run_batch`), mirrored by numbered comments in the code:
 4. Check the staged output (:func:`batch.staged_checks.check_staged`): schema as declared, no null in
    non-nullable keys, one row per (keys, window_start), and the count aggregate of each view sums to the
    deduplicated events of its source.
-5. Publish (:func:`lambdalake.versions.publish`): manifest, atomic rename of the staging directory, atomic ``CURRENT``
-   switch, pruning. A failure anywhere before that removes the staging directory and changes nothing served.
-   (``LAMBDALAKE_BATCH_FAULT=staged`` SIGKILLs the process right before this step, for crash tests: a killed run
-   leaves its staging directory, which the next run removes.)
+5. Publish (:func:`lambdalake.versions.publish`): manifest into the staging prefix (where the version stays), one
+   compare-and-swap of ``CURRENT``, retention. A failure anywhere before that removes the staging directory and
+   changes nothing served. (``LAMBDALAKE_BATCH_FAULT=staged`` SIGKILLs the process right before this step, ``swap``
+   right before the swap, for crash tests: a killed run leaves its staging directory, which the next run removes.)
 
 ``--view NAME`` recomputes only the named views, at the *published* watermark, and carries the other views over
 from the published version (hard links) when their definition is unchanged
@@ -221,7 +221,7 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
                      else started),
             id_index=done.index,
         )
-        # 5. publish (manifest, atomic dir rename, CURRENT switch, prune)
+        # 5. publish (manifest, one compare-and-swap of CURRENT, retention)
         crash_point("LAMBDALAKE_BATCH_FAULT", "staged")  # crash tests: staged, nothing published
         manifest = publish(layout, staging, manifest, keep=keep)
         published_ok = True

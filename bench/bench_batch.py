@@ -106,8 +106,8 @@ def bench_incremental(n: int, workdir: Path, spark, block: int, repeat: int = 1)
     import pyarrow.parquet as pq
 
     from batch.job import run_batch
-    from lambdalake.contracts import BatchPointer
-    from lambdalake.layout import write_pointer
+    from lambdalake.layout import batch_pointer
+    from lambdalake.versions import rollback
 
     pipeline = load_pipeline(PIPELINE)
     home = workdir / f"lake-inc-{n}"
@@ -124,7 +124,8 @@ def bench_incremental(n: int, workdir: Path, spark, block: int, repeat: int = 1)
     floor_counts: dict[str, int] = {}
     for _ in range(max(1, repeat)):
         for runs, full_run in ((inc_runs, False), (full_runs, True)):
-            write_pointer(layout.batch_pointer, BatchPointer(str(base.version)))  # both start from the base
+            while batch_pointer(layout) != base.version:  # both start from the base
+                rollback(home, force=True)
             t0 = time.monotonic()
             m = run_batch(settings, pipeline, spark=spark, keep=2 * repeat + 3, full=full_run)
             runs.append(round(time.monotonic() - t0, 3))

@@ -6,7 +6,7 @@ provider's SparkSubmitOperator through the Airflow connection ``spark_default`` 
 from ``LAMBDALAKE_SPARK_MASTER``) — and :mod:`batch.verify`.
 
 Why the Spark task also publishes: the batch job stages the views, validates them and switches the ``CURRENT``
-pointer under the batch layer's publish lock, in one process (``batch/job.py``, run protocol steps 4-5) — a
+pointer by one compare-and-swap, in one process (``batch/job.py``, run protocol steps 4-5) — a
 half-published state never exists between tasks. ``verify`` then re-checks the *published* version independently
 (manifest, declared definitions, null keys, totals against the master dataset), and ``announce`` tells downstream
 DAGs through the ``lambdalake_batch_views`` Asset only if it passed.

@@ -4,7 +4,7 @@ Every file one layer writes and another reads is described here, and nowhere els
 
 - :class:`Positions` — ``{(topic, partition): offset}`` in memory, ``{topic: {"<partition>": offset}}`` on disk.
   Used for batch watermarks ``W``, archived ends, speed positions ``S`` and ``pruned_to``.
-- :class:`BatchManifest` — ``views/batch/<version>/manifest.json``: watermark, inputs with checksums (lineage),
+- :class:`BatchManifest` — ``views/batch/<prefix>/manifest.json``: watermark, inputs with checksums (lineage),
   per-view definition fingerprints and row counts, engine, code version and timings.
 - :class:`SpeedSnapshotMeta` — ``views/speed/<snapshot>/snapshot.json``: speed positions, ``pruned_to``, the handoff
   block, per-view definition fingerprints and, while a changed view is being rebuilt, its progress.
@@ -154,7 +154,7 @@ class IdIndex(msgspec.Struct):
 
 
 class BatchManifest(msgspec.Struct, kw_only=True):
-    """``views/batch/<version>/manifest.json``: one batch version = every view at one watermark ``W``."""
+    """``views/batch/<prefix>/manifest.json``: one batch version = every view at one watermark ``W``."""
 
     version: str | None = None  # filled in by publish
     pipeline: str
@@ -209,10 +209,28 @@ class BatchManifest(msgspec.Struct, kw_only=True):
         return parse_utc(self.published_at or self.finished_at)
 
 
-class BatchPointer(msgspec.Struct):
-    """``views/batch/CURRENT``."""
+class BatchVersionRef(msgspec.Struct, frozen=True):
+    """One kept batch version in :class:`BatchPointer`: its id and the key prefix holding its files."""
 
     version: str
+    prefix: str  # e.g. views/batch/.staging-4242-0a1b2c3d4e5f (views/batch/<version> for the first release's)
+
+
+class BatchPointer(msgspec.Struct):
+    """``views/batch/CURRENT``, replaced by one compare-and-swap per publish or rollback (docs/design.md "Publish
+    protocol"). Format 1 (the first release): ``version`` alone, its files in ``views/batch/<version>/``. Format 2:
+    ``prefix`` of the current version, every ``kept`` version newest first (the current one included), the ``last``
+    version id ever given out, the prefixes ``retired`` lately (newest first, a few dozen), and the ``writer`` and
+    ``seq`` (one more per swap) that make every body unique."""
+
+    version: str
+    prefix: str = ""
+    kept: list[BatchVersionRef] = msgspec.field(default_factory=list)
+    last: str = ""
+    retired: list[BatchVersionRef] = msgspec.field(default_factory=list)
+    writer: str = ""
+    seq: int = 0
+    format: int = 1
 
 
 # --- speed -----------------------------------------------------------------------------------------------------------

@@ -7,9 +7,11 @@
                                                              20-digit zero-padded; valid events only (the
                                                              invalid ones of the range went to the DLQ)
       master/_log/                                            maintenance records (compaction, erasure)
-      views/batch/<version>/manifest.json                    one batch version = every view at one watermark
-      views/batch/<version>/<view>/*.parquet
-      views/batch/CURRENT                                    {"version": ...}; replaced atomically = publish
+      views/batch/<prefix>/manifest.json                     one batch version = every view at one watermark, in
+      views/batch/<prefix>/<view>/*.parquet                  the prefix its run staged it in (.staging-<pid>-<hex>;
+                                                             views/batch/<version> for the first release's)
+      views/batch/CURRENT                                    BatchPointer: current version, kept versions and
+                                                             their prefixes; one compare-and-swap = publish
       views/speed/<snapshot>/snapshot.json                   speed positions S[p] of the snapshot
       views/speed/<snapshot>/<view>.parquet
       views/speed/CURRENT                                    {"snapshot": ...}; replaced atomically
@@ -30,7 +32,8 @@ Speed view columns: ``_partition`` (int32), ``_block_start`` (int64), then the s
 
 Atomicity: files are written to a temporary name in the same directory, fsync'd, renamed, and the directory
 fsync'd (:func:`atomic_write_bytes`, :func:`atomic_publish_dir`); a pointer switch is an atomic rename of a small
-JSON file (:func:`write_pointer`).
+JSON file (:func:`write_pointer`). The batch pointer is read and swapped through the storage seam
+(:attr:`Layout.store`, :mod:`lambdalake.versions`): which batch versions exist, and where, is read from it alone.
 """
 
 from __future__ import annotations
@@ -49,12 +52,14 @@ from lambdalake.contracts import (
     REWRITE_STARTED,
     BatchManifest,
     BatchPointer,
+    BatchVersionRef,
     CompactionRecord,
     MasterRewriteRecord,
     SpeedPointer,
     SpeedSnapshotMeta,
 )
 from lambdalake.exceptions import InvariantViolation
+from lambdalake.storage.base import ObjectMissing, Store, check_key
 
 C = TypeVar("C")
 R = TypeVar("R", bound=MasterRewriteRecord)
@@ -62,7 +67,9 @@ R = TypeVar("R", bound=MasterRewriteRecord)
 SPEED_COMPONENT = "speed"  # checkpoints/speed/: the speed layer's checkpoints and its LOCK
 MASTER_FILE = re.compile(r"^(\d{20})-(\d{20})\.parquet$")
 PARTITION_DIR = re.compile(r"^p=(\d+)$")
-BATCH_VERSION_DIR = re.compile(r"^v(\d{6,})$")  # views/batch/v000042
+BATCH_VERSION_DIR = re.compile(r"^v(\d{6,})$")  # views/batch/v000042 (the first release's version directories)
+BATCH_PREFIX = "views/batch"
+BATCH_POINTER_KEY = "views/batch/CURRENT"
 SPEED_SNAPSHOT_DIR = re.compile(r"^(\d{12})$")  # views/speed/000000000042
 SPEED_WORKER_DIR = re.compile(r"^[0-9]+-of-[0-9]+$|^p[0-9]+(-[0-9]+)*$")  # views/speed/workers/1-of-4, p0-2-5
 
@@ -82,13 +89,23 @@ class Layout:
     """Paths of one lake rooted at ``home``. ``speed_worker`` scopes the speed layer's paths (snapshots, pointer,
     checkpoints) to one worker (``""``: the worker owning every partition, at the root)."""
 
-    def __init__(self, home: Path, speed_worker: str = ""):
+    def __init__(self, home: Path, speed_worker: str = "", store: Store | None = None):
         self.home = Path(home)
         self.speed_worker = speed_worker
+        self._store = store
         self._real_home: Path | None = None  # home with symlinks resolved, once (inside() runs per file)
 
     def for_speed_worker(self, worker: str) -> Layout:
-        return Layout(self.home, worker)
+        return Layout(self.home, worker, self._store)
+
+    @property
+    def store(self) -> Store:
+        """The storage seam of the lake (:mod:`lambdalake.storage`): the local directory ``home``."""
+        if self._store is None:
+            from lambdalake.storage.local import LocalStore
+
+            self._store = LocalStore(self.home)
+        return self._store
 
     def speed_workers(self) -> list[str]:
         """Every speed worker with a directory on disk: ``""`` (the root) first, then those under
@@ -205,7 +222,9 @@ class Layout:
         return self.home / "views" / "batch"
 
     def batch_version(self, version: str) -> Path:
-        return self.batch_views / version
+        """The directory of batch version ``version``: the prefix ``CURRENT`` maps it to (``views/batch/<version>``
+        for a version of the first release's layout, or one no longer kept)."""
+        return self.home / batch_prefix(read_batch_pointer(self), version)
 
     @property
     def batch_pointer(self) -> Path:
@@ -224,8 +243,9 @@ class Layout:
         return self.speed_views / "CURRENT"
 
     def batch_versions(self, complete: bool = True) -> list[str]:
-        """Batch version directories on disk, oldest first; ``complete``: only those with their manifest."""
-        return _numbered_dirs(self.batch_views, BATCH_VERSION_DIR, "manifest.json" if complete else None)
+        """The kept batch versions, oldest first (:func:`batch_refs`); ``complete``: only those with their
+        manifest."""
+        return [r.version for r in reversed(batch_refs(self, complete=complete))]
 
     def speed_snapshots(self, complete: bool = True) -> list[str]:
         """Speed snapshot directories on disk, oldest first (staging directories never match); ``complete``: only
@@ -383,9 +403,43 @@ def _read_optional(path: Path, cls: type[C]) -> C | None:
         return None
 
 
+def read_batch_pointer(layout: Layout) -> BatchPointer | None:
+    """``views/batch/CURRENT`` through the storage seam, or None before the first publish."""
+    try:
+        data = layout.store.get(BATCH_POINTER_KEY)
+    except ObjectMissing:
+        return None
+    return contracts.decode(data, BatchPointer, str(layout.batch_pointer))
+
+
+def batch_prefix(ptr: BatchPointer | None, version: str) -> str:
+    """The key prefix holding ``version``: from the pointer (format 2), else the first release's
+    ``views/batch/<version>``. A prefix outside ``views/batch/`` is refused."""
+    prefix = f"{BATCH_PREFIX}/{version}"
+    if ptr is not None and ptr.format >= 2:
+        prefix = ptr.prefix if ptr.version == version and ptr.prefix else next(
+            (r.prefix for r in ptr.kept if r.version == version), prefix)
+    parts = check_key(prefix).split("/")
+    if len(parts) != 3 or "/".join(parts[:2]) != BATCH_PREFIX or parts[2] == "CURRENT":
+        raise InvariantViolation(f"views/batch/CURRENT maps {version} to {prefix!r}, not a prefix under "
+                                 f"{BATCH_PREFIX}/; refusing to read it")
+    return prefix
+
+
+def batch_refs(layout: Layout, ptr: BatchPointer | None = None, complete: bool = True) -> list[BatchVersionRef]:
+    """The kept batch versions, newest first, with their prefixes: the pointer's kept list (format 2); for a lake
+    of the first release's layout (format 1, or no pointer) its ``views/batch/v<n>`` directories."""
+    ptr = read_batch_pointer(layout) if ptr is None else ptr
+    if ptr is not None and ptr.format >= 2:
+        refs = [BatchVersionRef(r.version, batch_prefix(ptr, r.version)) for r in ptr.kept]
+        return [r for r in refs if not complete or (layout.home / r.prefix / "manifest.json").is_file()]
+    names = _numbered_dirs(layout.batch_views, BATCH_VERSION_DIR, "manifest.json" if complete else None)
+    return [BatchVersionRef(v, f"{BATCH_PREFIX}/{v}") for v in reversed(names)]
+
+
 def batch_pointer(layout: Layout) -> str | None:
     """The published batch version (``views/batch/CURRENT``), or None before the first publish."""
-    ptr = _read_optional(layout.batch_pointer, BatchPointer)
+    ptr = read_batch_pointer(layout)
     return None if ptr is None else ptr.version
 
 
@@ -406,9 +460,11 @@ def read_speed_snapshot_meta(layout: Layout, snapshot: str) -> SpeedSnapshotMeta
 
 
 def kept_batch_versions(layout: Layout) -> list[tuple[str, BatchManifest]]:
-    """Every batch version still on disk with its manifest, newest first; one pruned meanwhile or unreadable is
-    skipped (never served)."""
-    return _kept(layout.batch_versions(), lambda v: read_batch_manifest(layout, v))
+    """Every kept batch version (:func:`batch_refs`) with its manifest, newest first; one pruned meanwhile or
+    unreadable is skipped (never served)."""
+    prefixes = {r.version: r.prefix for r in batch_refs(layout)}
+    return _kept(list(reversed(prefixes)), lambda v: contracts.read(
+        layout.home / prefixes[v] / "manifest.json", BatchManifest))
 
 
 def kept_speed_snapshots(layout: Layout) -> list[tuple[str, SpeedSnapshotMeta]]:
@@ -429,11 +485,12 @@ def _kept(names: list[str], read: Callable[[str], C]) -> list[tuple[str, C]]:
 # reading published state (every layer and `lambdalake status` use these) -----------------------------------------
 def current_batch_manifest(layout: Layout) -> BatchManifest | None:
     """Manifest of the published batch version (``views/batch/CURRENT``), or None before the first publish."""
-    version = batch_pointer(layout)
-    if version is None:
+    ptr = read_batch_pointer(layout)
+    if ptr is None:
         return None
+    version = ptr.version
     try:
-        return read_batch_manifest(layout, version)
+        return contracts.read(layout.home / batch_prefix(ptr, version) / "manifest.json", BatchManifest)
     except OSError as exc:
         raise InvariantViolation(f"published batch version {version} has no readable manifest: {exc}") from exc
 

@@ -1,7 +1,7 @@
 """File locks: the one ``flock`` helper (:func:`flock`) and single-writer pid locks (:class:`PidLock`).
 
-- :func:`flock` — a shared or exclusive ``flock`` on a lock file, blocking, with an optional timeout (the batch
-  publish lock, the master readers lock, the compaction lock).
+- :func:`flock` — a shared or exclusive ``flock`` on a lock file, blocking, with an optional timeout (the master
+  readers lock, the compaction lock).
 - :class:`PidLock` — one archiver, one speed layer per lake: an exclusive, non-blocking ``flock`` on a file that also
   holds the owner's pid (for error messages and ``lambdalake status``).
 

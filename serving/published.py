@@ -4,8 +4,9 @@ Resolution protocol (:func:`resolve_pair`), mirroring the publishers' order (bat
 only afterwards the speed layer prunes to ``W_{v+1}`` and publishes a snapshot with ``pruned_to = W_{v+1}``):
 
 1. Read ``views/speed/CURRENT`` and that snapshot's ``snapshot.json`` (positions ``S``, ``pruned_to``, ``block``).
-2. Read ``views/batch/CURRENT`` and that version's ``manifest.json`` (watermark ``W``). Reading speed first means
-   any batch version we see is at least as new as the one the speed layer had pruned to.
+2. Read ``views/batch/CURRENT`` (once: it names the version and the prefix holding it) and that version's
+   ``manifest.json`` (watermark ``W``). Reading speed first means any batch version we see is at least as new as
+   the one the speed layer had pruned to.
 3. Paranoid checks, each a named exception instead of a silent wrong answer:
    - ``pruned_to[p] <= W[p]`` for every partition, else the speed layer dropped blocks this batch version does not
      cover (a rollback or a publish racing us): retry from 1 a few times, then raise.
@@ -26,13 +27,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lambdalake import contracts
 from lambdalake.contracts import BatchManifest, Positions, SpeedSnapshotMeta
 from lambdalake.layout import (
     Layout,
-    batch_pointer,
+    batch_prefix,
     kept_batch_versions,
     kept_speed_snapshots,
-    read_batch_manifest,
+    read_batch_pointer,
     speed_pointer,
 )
 from lambdalake.pipeline import View
@@ -53,6 +55,7 @@ class PublishedPair:
     snapshot: SpeedSnapshotMeta | None = None
     resolved_at: float = field(default_factory=time.time)
     speed: SpeedSet | None = None  # the worker snapshots behind ``snapshot`` (None: the snapshot named above alone)
+    batch_dir: Path | None = None  # where the batch version's files are, as resolved (None: ask the pointer)
 
     @property
     def layout(self) -> Layout:
@@ -91,7 +94,7 @@ class PublishedPair:
         if self.batch_version is None:
             return []
         layout = self.layout
-        d = layout.batch_version(self.batch_version) / view.name
+        d = (self.batch_dir or layout.batch_version(self.batch_version)) / view.name
         if not d.is_dir():
             return []
         files = sorted(f for f in d.glob("*.parquet") if f.is_file() and not f.name.startswith((".", "_")))
@@ -163,13 +166,16 @@ def _read_once(layout: Layout) -> PublishedPair:
     if layout.batch_pointer.is_symlink() or layout.batch_pointer.exists():
         layout.inside(layout.batch_pointer)
     speed = read_speed_set(layout)
-    version = batch_pointer(layout)
-    if version is not None:
-        layout.inside(layout.batch_version(version) / "manifest.json")
-    manifest = None if version is None else read_batch_manifest(layout, version)
+    ptr = read_batch_pointer(layout)  # once: the version and the prefix holding it come from one body
+    version = None if ptr is None else ptr.version
+    vdir = None if ptr is None else layout.home / batch_prefix(ptr, ptr.version)
+    manifest = None
+    if vdir is not None:
+        layout.inside(vdir / "manifest.json")
+        manifest = contracts.read(vdir / "manifest.json", BatchManifest)
     if speed is None:
-        return PublishedPair(layout.home, version, manifest)
-    return PublishedPair(layout.home, version, manifest, speed.id, speed.meta, speed=speed)
+        return PublishedPair(layout.home, version, manifest, batch_dir=vdir)
+    return PublishedPair(layout.home, version, manifest, speed.id, speed.meta, speed=speed, batch_dir=vdir)
 
 
 def pairing_problems(manifest: BatchManifest | None, snapshot: SpeedSnapshotMeta | None,

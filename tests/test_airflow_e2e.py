@@ -119,7 +119,8 @@ def test_dags_test_publishes_what_serving_returns_and_is_idempotent(settings, pi
     (layout.checkpoints("airflow") / "announced" / "v000001.json").unlink()
     airflow(env, "dags", "test", "lambdalake_batch")
     assert current_batch_manifest(layout).version == "v000001" and announced(settings, "v000001")
-    assert sorted(p.name for p in layout.batch_views.iterdir() if p.name.startswith("v")) == ["v000001"]
+    assert layout.batch_versions() == ["v000001"]
+    assert [p for p in layout.batch_views.iterdir() if p.is_dir()] == [layout.batch_version("v000001")]
     second = served(settings, pipeline)
     for view in pipeline.views:
         assert_rows_equal(second[view.name], views_v1[view.name], view.name)
@@ -143,7 +144,9 @@ def test_dags_test_publishes_what_serving_returns_and_is_idempotent(settings, pi
     assert current_batch_manifest(layout).version == "v000003"
     files_before = sum(len(layout.master_files(s.name)) for s in pipeline.sources)
     airflow({**env, "LAMBDALAKE_BATCH_KEEP": "2"}, "dags", "test", "lambdalake_maintenance")
-    assert sorted(p.name for p in layout.batch_views.iterdir() if p.name.startswith("v")) == ["v000002", "v000003"]
+    assert layout.batch_versions() == ["v000002", "v000003"]  # v1 retired: its prefix deleted
+    assert ({p for p in layout.batch_views.iterdir() if p.is_dir()}
+            == {layout.batch_version("v000002"), layout.batch_version("v000003")})
     assert sum(len(layout.master_files(s.name)) for s in pipeline.sources) < files_before, "small files compacted"
     assert any((layout.master_log()).glob("*-compact-*.json")), "compaction is recorded"
     messages = read_log(settings.bootstrap, [s.topic for s in pipeline.sources])
@@ -159,7 +162,7 @@ def test_dags_test_publishes_what_serving_returns_and_is_idempotent(settings, pi
     for case in ("lost a row", "changed a count"):
         copy = tmp_path / case.replace(" ", "_")
         shutil.copytree(settings.home, copy, ignore=shutil.ignore_patterns("kafka"))
-        victim = max((copy / "views" / "batch" / "v000003" / view.name).glob("*.parquet"),
+        victim = max((Layout(copy).batch_version("v000003") / view.name).glob("*.parquet"),
                      key=lambda f: f.stat().st_size)
         table = pq.read_table(victim)
         if case == "lost a row":

@@ -49,7 +49,7 @@ def produce(run_cli, events: int, seed: int = 11, **kw) -> None:
 
 def version_rows(home: Path, version: str, view, raw: bool = False) -> list[tuple]:
     """Rows of a published view; output columns (declared aggregates, means derived) unless ``raw``."""
-    table = pq.read_table(home / "views" / "batch" / version / view.name)
+    table = pq.read_table(Layout(home).batch_version(version) / view.name)
     cols = {c: table.column(c).to_pylist() for c in table.column_names}
     n = table.num_rows
     if raw:
@@ -250,7 +250,9 @@ def test_failed_run_changes_nothing_served(archived, pipeline, spark):
         victim.write_bytes(good)
     assert batch_pointer(layout) == "v000001"
     assert layout.batch_versions() == ["v000001"]
-    assert not [d for d in layout.batch_views.iterdir() if d.name.startswith(".staging")]
+    # the failed run's prefix is gone: the only one left is where v1 was staged and lives
+    staged = [d for d in layout.batch_views.iterdir() if d.name.startswith(".staging")]
+    assert staged == [layout.batch_version("v000001")]
     assert_version_equals_oracle(settings, pipeline, current_batch_manifest(layout))
 
 
@@ -286,7 +288,7 @@ def test_view_option_recomputes_one_view_at_published_watermark(archived, pipeli
     assert m2.watermark == m1.watermark  # one watermark per version: the published one
     assert_version_equals_oracle(settings, pipeline, m2)
     # unchanged views are carried over as the very same files (hard links), the named one recomputed
-    v1, v2 = settings.home / "views/batch/v000001", settings.home / "views/batch/v000002"
+    v1, v2 = Layout(settings.home).batch_version("v000001"), Layout(settings.home).batch_version("v000002")
     for view in pipeline.views:
         same = all(os.path.samefile(f, v1 / view.name / f.name) for f in (v2 / view.name).glob("*.parquet")
                    if (v1 / view.name / f.name).exists())
@@ -383,14 +385,15 @@ def test_killed_cli_run_changes_nothing_served(archived, pipeline, spark, cli_en
         kill_group(proc)  # its Spark JVM too, if it outlived the driver
         _, err = proc.communicate(timeout=60)
     assert rc == -9, err.decode(errors="replace")[-3000:]
-    staged = [d for d in layout.batch_views.iterdir() if d.name.startswith(".staging")]
+    staged = [d for d in layout.batch_views.iterdir()  # v1 lives in its run's prefix too
+              if d.name.startswith(".staging") and d != layout.batch_version("v000001")]
     assert staged and all((d / v.name).is_dir() and any((d / v.name).iterdir()) for d in staged
                           for v in pipeline.views), "the killed run had not written its views"
     assert batch_pointer(layout) == "v000001"
     assert layout.batch_versions() == ["v000001"]
     m2 = run_batch(settings, pipeline, spark=spark)
     assert m2.version == "v000002" and m2.watermark == m1.watermark
-    assert not [d for d in layout.batch_views.iterdir() if d.name.startswith(".staging")]
+    assert not any(d.exists() for d in staged)  # the dead run's prefix; m2 lives in its own run's prefix
 
 
 @pytest.mark.slow

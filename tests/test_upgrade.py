@@ -20,7 +20,7 @@ import pytest
 from lambdalake.clients import ensure_topics
 from lambdalake.contracts import MANIFEST_FORMAT, BatchManifest
 from lambdalake.exceptions import LambdalakeError
-from lambdalake.layout import Layout, current_batch_manifest
+from lambdalake.layout import Layout, current_batch_manifest, read_batch_pointer
 from serving import connect
 from tests.oracle import assert_rows_equal, oracle_views, read_log
 from wiring.demo_stream import demo_messages
@@ -111,6 +111,10 @@ def test_a_lake_of_the_previous_release_keeps_serving_exactly(settings, pipeline
     manifest = current_batch_manifest(layout)
     assert manifest.format == MANIFEST_FORMAT and manifest.published_at
     assert manifest.version != old_manifest.version
+    # ... and the pointer's new shape, keeping the old version where the old release wrote it (for rollback)
+    ptr = read_batch_pointer(layout)
+    assert ptr.format == 2 and ptr.version == manifest.version and ptr.prefix != f"views/batch/{manifest.version}"
+    assert (old_manifest.version, f"views/batch/{old_manifest.version}") in [(r.version, r.prefix) for r in ptr.kept]
     got = _views(settings, pipeline)
     for v in pipeline.views:
         assert_rows_equal(got[v.name], expected[v.name], v.name)
