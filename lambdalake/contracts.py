@@ -213,7 +213,7 @@ class BatchVersionRef(msgspec.Struct, frozen=True):
     """One kept batch version in :class:`BatchPointer`: its id and the key prefix holding its files."""
 
     version: str
-    prefix: str  # e.g. views/batch/.staging-4242-0a1b2c3d4e5f (views/batch/<version> for the first release's)
+    prefix: str  # e.g. views/batch/run-4242-0a1b2c3d4e5f (views/batch/<version> for the first release's)
 
 
 class BatchPointer(msgspec.Struct):

@@ -8,7 +8,7 @@
                                                              invalid ones of the range went to the DLQ)
       master/_log/                                            maintenance records (compaction, erasure)
       views/batch/<prefix>/manifest.json                     one batch version = every view at one watermark, in
-      views/batch/<prefix>/<view>/*.parquet                  the prefix its run staged it in (.staging-<pid>-<hex>;
+      views/batch/<prefix>/<view>/*.parquet                  the prefix its run staged it in (run-<pid>-<hex>;
                                                              views/batch/<version> for the first release's)
       views/batch/CURRENT                                    BatchPointer: current version, kept versions and
                                                              their prefixes; one compare-and-swap = publish

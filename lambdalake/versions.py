@@ -2,7 +2,7 @@
 compare-and-swap of the pointer), rollback, retention.
 
 A batch version is every view of the pipeline at one watermark: ``manifest.json`` and ``<view>/*.parquet`` under
-the key prefix its run staged it in (``views/batch/.staging-<pid>-<hex>/``: no other writer uses that name). What
+the key prefix its run staged it in (``views/batch/run-<pid>-<hex>/``: no other writer uses that name). What
 is served is whatever ``views/batch/CURRENT`` (:class:`~lambdalake.contracts.BatchPointer`) names; the pointer also
 maps every kept version to its prefix. Nothing else about the tree matters to readers, and nothing is renamed,
 locked or listed to decide what is valid: the pointer is replaced by :meth:`lambdalake.storage.base.Store.swap`
@@ -64,7 +64,7 @@ from lambdalake.speedset import current_speed_snapshot
 from lambdalake.storage.base import ObjectMissing, StorageError
 from lambdalake.storage.local import LocalStore
 
-STAGING = re.compile(r"^\.staging-(\d+)-[0-9a-f]+$")
+STAGING = re.compile(r"^(?:run|\.staging)-(\d+)-[0-9a-f]+$")  # .staging-: the name before 0.2
 TRASH_PREFIX = ".trash-"  # the first release's half-deleted versions
 DEFAULT_KEEP = 5
 POINTER_FORMAT = 2
@@ -96,7 +96,7 @@ def new_staging_dir(layout: Layout) -> Path:
     whose process is gone (:func:`collect_garbage`)."""
     layout.batch_views.mkdir(parents=True, exist_ok=True)
     collect_garbage(layout)
-    staging = layout.batch_views / f".staging-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    staging = layout.batch_views / f"run-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     return staging
 

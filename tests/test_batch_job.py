@@ -251,7 +251,7 @@ def test_failed_run_changes_nothing_served(archived, pipeline, spark):
     assert batch_pointer(layout) == "v000001"
     assert layout.batch_versions() == ["v000001"]
     # the failed run's prefix is gone: the only one left is where v1 was staged and lives
-    staged = [d for d in layout.batch_views.iterdir() if d.name.startswith(".staging")]
+    staged = [d for d in layout.batch_views.iterdir() if d.name.startswith("run-")]
     assert staged == [layout.batch_version("v000001")]
     assert_version_equals_oracle(settings, pipeline, current_batch_manifest(layout))
 
@@ -386,7 +386,7 @@ def test_killed_cli_run_changes_nothing_served(archived, pipeline, spark, cli_en
         _, err = proc.communicate(timeout=60)
     assert rc == -9, err.decode(errors="replace")[-3000:]
     staged = [d for d in layout.batch_views.iterdir()  # v1 lives in its run's prefix too
-              if d.name.startswith(".staging") and d != layout.batch_version("v000001")]
+              if d.name.startswith("run-") and d != layout.batch_version("v000001")]
     assert staged and all((d / v.name).is_dir() and any((d / v.name).iterdir()) for d in staged
                           for v in pipeline.views), "the killed run had not written its views"
     assert batch_pointer(layout) == "v000001"

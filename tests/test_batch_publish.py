@@ -65,10 +65,13 @@ def test_publish_refuses_a_watermark_below_the_published_one(tmp_path):
 def test_dead_runs_staging_dirs_are_removed(tmp_path):
     layout = Layout(tmp_path)
     layout.batch_views.mkdir(parents=True)
-    dead = layout.batch_views / ".staging-999999999-abcdef"
+    dead = layout.batch_views / "run-999999999-abcdef"
+    dead_before_0_2 = layout.batch_views / ".staging-999999998-abcdef"  # the name an earlier release used
     dead.mkdir()
+    dead_before_0_2.mkdir()
     mine = new_staging_dir(layout)
-    assert not dead.exists() and mine.exists()
+    assert not dead.exists() and not dead_before_0_2.exists() and mine.exists()
+    assert mine.name.startswith("run-")
 
 
 def _write_view(vdir, rows: list[dict], schema: pa.Schema | None = None) -> None:
