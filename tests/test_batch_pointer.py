@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lambdalake import contracts
-from lambdalake.contracts import MANIFEST_FORMAT, BatchManifest, BatchPointer, BatchView, Positions
+from lambdalake.contracts import BatchManifest, BatchPointer, Positions
 from lambdalake.exceptions import InvariantViolation
 from lambdalake.layout import (
     BATCH_POINTER_KEY,
@@ -25,27 +25,13 @@ from lambdalake.layout import (
     read_batch_manifest,
     read_batch_pointer,
 )
-from lambdalake.pipeline import load_pipeline
 from lambdalake.storage.base import StorageError
 from lambdalake.storage.local import LocalStore
 from lambdalake.versions import new_staging_dir, publish, retire_versions, rollback
 from serving.published import resolve_pair
+from tests.test_batch_publish import TOPIC, _manifest, _publish
 
-PIPE = load_pipeline("lambdalake.pipelines.clickstream")
-TOPIC = "clickstream.pageviews"
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _manifest(w: int) -> BatchManifest:
-    view = PIPE.view("pageviews_hourly")
-    return BatchManifest(pipeline="clickstream", watermark=Positions.of_topics({TOPIC: {0: w}}), block=50,
-                         views={view.name: BatchView(PIPE.fingerprint(view))}, format=MANIFEST_FORMAT)
-
-
-def _publish(layout: Layout, w: int, keep: int = 5) -> BatchManifest:
-    staging = new_staging_dir(layout)
-    (staging / "pageviews_hourly").mkdir()
-    return publish(layout, staging, _manifest(w), keep=keep)
 
 
 def _check_pointer(layout: Layout) -> BatchPointer:
