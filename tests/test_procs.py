@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lambdalake.exceptions import LambdalakeError
-from lambdalake.procs import WorkerDied, run_workers, stop_group
+from lambdalake.procs import Restarts, WorkerDied, run_workers, stop_group
 from lambdalake.runtime import STREAMING_GC_THRESHOLD, STREAMING_SWITCH_INTERVAL, streaming_runtime
 from lambdalake.session import stop_on_signals
 
@@ -68,19 +68,8 @@ def test_the_first_error_is_raised_and_stops_the_other_workers(tmp_path):
 
 def test_a_killed_worker_is_reported_after_the_others_stopped(tmp_path):
     marker = str(tmp_path / "m")
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            run_workers(until_stopped, [(0, marker), (1, marker)])
-        except BaseException as exc:  # noqa: BLE001
-            result["exc"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    deadline = time.monotonic() + 60
-    while not Path(f"{marker}.0.running").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    t, result = _in_thread(lambda: run_workers(until_stopped, [(0, marker), (1, marker)]))
+    _wait_for(f"{marker}.0.running")
     os.kill(int(Path(f"{marker}.0.running").read_text()), signal.SIGKILL)
     t.join(60)
     assert not t.is_alive()
@@ -189,10 +178,8 @@ def test_workers_die_with_a_parent_killed_with_minus_9(tmp_path):
               f"run_workers(until_stopped, [(0, {marker!r}), (1, {marker!r})])\n")
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while not all(Path(f"{marker}.{i}.running").exists() for i in (0, 1)):
-            assert time.monotonic() < deadline and parent.poll() is None, "the workers did not start"
-            time.sleep(0.05)
+        for i in (0, 1):
+            _wait_for(f"{marker}.{i}.running")
         pids = [int(Path(f"{marker}.{i}.running").read_text()) for i in (0, 1)]
         assert all(_alive(p) for p in pids)
         parent.kill()
@@ -241,8 +228,6 @@ def _wait_for(path: str, timeout: float = 60) -> None:
 
 
 def test_a_worker_that_dies_is_started_again_and_the_others_keep_running(tmp_path):
-    from lambdalake.procs import Restarts
-
     marker = str(tmp_path / "m")
     told: list[str] = []
     t, result = _in_thread(lambda: run_workers(
@@ -268,8 +253,6 @@ def test_a_worker_that_dies_is_started_again_and_the_others_keep_running(tmp_pat
 
 
 def test_a_worker_that_keeps_dying_is_given_up(tmp_path):
-    from lambdalake.procs import Restarts
-
     marker = str(tmp_path / "m")
     told: list[str] = []
     t, result = _in_thread(lambda: run_workers(
