@@ -5,17 +5,19 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_LIBS := .cache/kafka/libs
+CONNECT_LIBS := .cache/connect/libs
+PG_BIN := /usr/lib/postgresql/15/bin
 M2 := $(CURDIR)/.cache/m2
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint bench airflow chromium clean-lake kafka-up kafka-down
+.PHONY: install run test test-fast lint bench airflow chromium postgresql clean-lake kafka-up kafka-down
 
-install: $(VENV)/.installed $(KAFKA_LIBS)/.complete
+install: $(VENV)/.installed $(KAFKA_LIBS)/.complete $(CONNECT_LIBS)/.complete postgresql
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,airflow,s3-server]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,airflow,s3-server,cdc]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name lambdalake --display-name "lambdalake (.venv)" >/dev/null
 	@touch $@
 
@@ -24,6 +26,17 @@ $(KAFKA_LIBS)/.complete: infra/kafka/pom.xml
 	@rm -rf $(KAFKA_LIBS)
 	mvn -q -B -f infra/kafka/pom.xml -Dmaven.repo.local=$(M2) dependency:copy-dependencies
 	@touch $@
+
+# Kafka Connect (standalone) + the Debezium PostgreSQL connector of `lambdalake cdc`
+$(CONNECT_LIBS)/.complete: infra/debezium/pom.xml
+	@command -v mvn >/dev/null || { echo "error: Maven (mvn) is needed to fetch the Kafka Connect jars; install it (apt-get install maven)"; exit 1; }
+	@rm -rf $(CONNECT_LIBS)
+	mvn -q -B -f infra/debezium/pom.xml -Dmaven.repo.local=$(M2) dependency:copy-dependencies
+	@touch $@
+
+postgresql:  # Debian's PostgreSQL 15 server of `lambdalake cdc` (needs root or sudo where it is missing)
+	@test -x $(PG_BIN)/postgres || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); $$S apt-get update -qq && \
+	  $$S env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15; }
 
 run: install
 	$(BIN)/lambdalake demo
