@@ -8,15 +8,19 @@ holding its pid file, its state file and its output, a start that waits until th
 - the state file (pid, address, ports) is written only once the server answers, atomically;
 - a pid counts as the server only while the process is alive and its command line is the server's (a recycled
   pid is not ours);
-- stop: SIGTERM, then SIGKILL after a timeout.
+- stop: ``stop_signal`` (SIGTERM), then SIGKILL after a timeout;
+- ``user``: a server that must not run as root (PostgreSQL) is started as that user, its tie to the owner set
+  after the switch (a change of user clears it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -54,6 +58,8 @@ class EmbeddedServer:
     name = "server"
     error: type[LambdalakeError] = LambdalakeError
     tied_to_parent = False
+    death_signal = signal.SIGTERM  # what a tied server gets when its owner dies
+    stop_signal = signal.SIGTERM  # what :meth:`stop` sends first
     dir: Path
 
     # files (named by the subclass) ----------------------------------------------------------------------------
@@ -87,13 +93,17 @@ class EmbeddedServer:
         return pid if self.is_ours(cmd) else None
 
     def start(self, cmd: list[str], *, out: Path, ready: Callable[[], bool], state: Callable[[int], dict],
-              timeout: float, what: str, env: dict[str, str] | None = None) -> dict:
-        """Start ``cmd`` in ``self.dir`` and wait until ``ready()``; then write ``state(pid)`` as the state file
-        and return it. ``what`` names the address waited for in the error."""
+              timeout: float, what: str, env: dict[str, str] | None = None,
+              user: tuple[int, int] | None = None) -> dict:
+        """Start ``cmd`` in ``self.dir`` (as ``user``, a (uid, gid) pair, if given) and wait until ``ready()``;
+        then write ``state(pid)`` as the state file and return it. ``what`` names the address waited for in the
+        error."""
+        as_user = {"user": user[0], "group": user[1], "extra_groups": []} if user else {}
+        preexec = (functools.partial(new_session_tied_to_parent, self.death_signal) if self.tied_to_parent
+                   else os.setsid)  # runs after Popen's switch of user
         with open(out, "ab") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=self.dir, env=env,
-                                    preexec_fn=new_session_tied_to_parent if self.tied_to_parent else os.setsid)
+                                    cwd=self.dir, env=env, preexec_fn=preexec, **as_user)
         self.pid_file.write_text(f"{proc.pid}\n")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -112,7 +122,7 @@ class EmbeddedServer:
                          f"{self.tail()}")
 
     def stop(self, timeout: float) -> int | None:
-        """Stop the server if it runs (SIGTERM, then SIGKILL after ``timeout``) and forget its pid and state;
+        """Stop the server if it runs (``stop_signal``, then SIGKILL after ``timeout``) and forget its pid and state;
         the pid it had, or None."""
         pid = self.running_pid()
         if pid is not None:
@@ -136,7 +146,7 @@ class EmbeddedServer:
     def stop_pid(self, pid: int, timeout: float) -> None:
         try:
             proc = psutil.Process(pid)
-            proc.terminate()
+            proc.send_signal(self.stop_signal)
             try:
                 proc.wait(timeout)
             except psutil.TimeoutExpired:

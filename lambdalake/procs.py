@@ -36,13 +36,13 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
 
 
-def new_session_tied_to_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def new_session_tied_to_parent(sig: int = signal.SIGTERM) -> None:  # pragma: no cover - child, before exec
     """``preexec_fn`` of a child process the product starts: its own session and process group (a terminal's Ctrl-C
     reaches only the parent, which stops it in order), SIGINT obeyed even when started from a background job (which
-    inherits it ignored), and SIGTERM when the parent dies (:func:`die_with_parent`)."""
+    inherits it ignored), and ``sig`` (SIGTERM) when the parent dies (:func:`die_with_parent`)."""
     os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    die_with_parent(signal.SIGTERM)
+    die_with_parent(sig)
 
 
 def stop_group(proc: subprocess.Popen, timeout: float = 30.0, kill_timeout: float = 10.0,
