@@ -333,6 +333,9 @@ def _mount_layers() -> None:
 
     for register in (batch_commands, speed_commands, serving_commands, airflow_commands, audit_commands):
         register(app)
+    from wiring.cdc_cli import register as cdc_commands  # PostgreSQL + Kafka Connect/Debezium (docs/cdc.md)
+
+    cdc_commands(app)
 
 
 # Commands that never convert to pandas: pyarrow is told so at start (lambdalake.procs.pyarrow_without_pandas),
