@@ -6,6 +6,7 @@
   broker, with unique topic names per test via the ``pipeline_factory`` fixture.
 - ``spark``: a local Spark session shared by the whole run (created on first use).
 - ``s3_server``: ONE embedded S3 server (SeaweedFS) per session, like the broker; ``s3_store``: a fresh bucket on it.
+- ``postgres``, ``kafka_connect``: ONE embedded PostgreSQL and ONE Kafka Connect worker (Debezium) per session.
 """
 
 from __future__ import annotations
@@ -194,3 +195,43 @@ def clean_dir(tmp_path) -> Callable[[str], Path]:
         return d
 
     return make
+
+
+# --- change data capture (docs/cdc.md) ----------------------------------------------------------------------------
+def reachable_tmp_dir(prefix: str) -> Path:
+    """A fresh directory the embedded PostgreSQL's own user can enter: run by root, PostgreSQL runs as the system
+    user ``lambdalake``, and pytest's base temp directory (``/tmp/pytest-of-root``, 0700) would shut it out."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """:class:`lambdalake.postgres.PostgresAccess` of the session's ONE embedded PostgreSQL 15 (wal_level=logical,
+    127.0.0.1, password login); it dies with the pytest process and is stopped even on failure."""
+    from lambdalake.postgres import EmbeddedPostgres
+
+    d = reachable_tmp_dir("lambdalake-pg-")
+    server = EmbeddedPostgres(d, tied_to_parent=True)
+    try:
+        server.up(timeout=90)
+        yield server.access()
+    finally:
+        server.down(timeout=20)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def kafka_connect(kafka_broker, tmp_path_factory):
+    """The session's ONE embedded Kafka Connect worker (standalone, Debezium's PostgreSQL connector) writing to
+    ``kafka_broker``; it dies with the pytest process. Tests register their own connectors on it (lambdalake.connect
+    ``capture``) and remove them."""
+    from lambdalake.connect import EmbeddedConnect
+
+    worker = EmbeddedConnect(tmp_path_factory.mktemp("connect"), kafka_broker, tied_to_parent=True)
+    try:
+        worker.up(timeout=120)
+        yield worker
+    finally:
+        worker.down(timeout=30)
