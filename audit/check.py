@@ -58,6 +58,7 @@ from lambdalake.clients import end_offsets
 from lambdalake.config import Settings
 from lambdalake.contracts import Positions
 from lambdalake.fields import Source
+from lambdalake.heads import master_files, rejected_files
 from lambdalake.layout import Layout
 from lambdalake.pipeline import Pipeline, View
 from lambdalake.validsql import valid_predicate
@@ -146,7 +147,7 @@ def _audit_source(report: AuditReport, con: Any, serving: Any, settings: Setting
                   speed: dict[str, pa.Table], views: list[View], valid: str, sample: float, log_timeout: float
                   ) -> None:
     gone = erased(layout, src)
-    files = layout.master_files(src.name)
+    files = master_files(layout, src.name)
     archived: dict[int, int] = {}
     for f in files:
         archived[f.partition] = max(archived.get(f.partition, 0), f.end)
@@ -159,7 +160,7 @@ def _audit_source(report: AuditReport, con: Any, serving: Any, settings: Setting
         dlq = read_dead_letters(settings, src, timeout=log_timeout)
         res.notes.append(f"{src.name}: read {sum(len(g.offsets) for g in logs.values())} messages and "
                          f"{dlq.records} DLQ records in {time.monotonic() - t_read:.2f}s")
-        rejected, rejected_bytes = read_rejected(layout.rejected_files(src.name))
+        rejected, rejected_bytes = read_rejected(rejected_files(layout, src.name))
         res.add("rejected_bytes", rejected_bytes)
         check_log_master(report, src, files, logs, dlq, gone, sample, rejected)
     t_events = time.monotonic()

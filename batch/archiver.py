@@ -12,22 +12,23 @@ Per partition the archiver buffers consumed messages; the buffer covers the cont
 it reaches ``max_rows`` rows, ``max_bytes`` message bytes or ``max_seconds`` of age
 (:class:`batch.partition_buffer.RollPolicy`), and when the archiver stops.
 
-Roll protocol (one file, :meth:`Archiver._roll`) — the rename in step 3 is the commit point:
+Roll protocol (one file, :meth:`Archiver._roll`; docs/design.md, "Master heads") — the swap of the partition's
+head in step 3 is the commit point:
 
 1. Dead-letter the range's invalid messages that the DLQ does not hold yet (source offset above the partition's
-   DLQ high-water mark), flush the producer and check every record was acknowledged. A failure stops here: no file,
-   and a restart re-reads the range. Then keep the range's invalid messages in the lake too, atomically: the
-   *rejected file* ``rejected/<source>/p=<p>/<start>-<end>.parquet`` (:mod:`batch.master`), which counts only once
-   step 3 made the range archived; a crash before that leaves it beyond the archived end, and the restart removes
-   it before re-reading the range.
-2. Write the valid rows to a temporary file in the partition directory and fsync it.
-3. Rename it to ``<start>-<end>.parquet`` and fsync the directory.
+   DLQ high-water mark), flush the producer and check every record was acknowledged. A failure stops here: nothing
+   written, and a restart re-reads the range. Then put the range's *rejected file* (:mod:`batch.master`) under a
+   name no other writer uses.
+2. Put the valid rows as one master file under a name no other writer uses.
+3. Swap the partition's head (:class:`lambdalake.heads.PartitionHead`) to one that lists both files.
 4. Advance the in-memory position and DLQ high-water mark; commit ``end`` to Kafka (monitoring only).
 
-A crash (kill -9) before step 3 leaves no visible file: the restart re-reads ``[start, end)`` and step 1 skips the
-invalid messages already dead-lettered, because the DLQ high-water mark is re-read from the last record of each DLQ
-partition on start (:class:`batch.dead_letters.DeadLetters`). A crash after step 3 resumes at ``end``. Hence: no
-gap, no duplicate row, no duplicate DLQ record.
+A crash (kill -9) before step 3 leaves files no head lists (garbage, deleted by the next claim): the restart
+re-reads ``[start, end)`` and step 1 skips the invalid messages already dead-lettered, because the DLQ high-water
+mark is re-read from the last record of each DLQ partition on start (:class:`batch.dead_letters.DeadLetters`). A
+crash after step 3 resumes at ``end``. Hence: no gap, no duplicate row, no duplicate DLQ record. Before archiving a
+partition the archiver claims its head (a new epoch): an earlier writer of it that still runs loses its next swap
+and stops (:class:`lambdalake.heads.Fenced`).
 
 Workers: every step above is per partition (files, DLQ partition ``p`` for source partition ``p``, high-water
 marks), so the archiver scales out by partition (:mod:`lambdalake.ownership`): ``lambdalake ingest --workers N``
@@ -49,18 +50,13 @@ from dataclasses import dataclass, field
 
 from batch.dead_letters import DeadLetters
 from batch.exceptions import ArchiverLocked, DeadLetterError
-from batch.master import (
-    master_table,
-    rejected_table,
-    remove_temp_files,
-    remove_uncommitted_rejected,
-    write_parquet_atomic,
-)
+from batch.master import master_table, parquet_bytes, rejected_table, remove_temp_files
 from batch.partition_buffer import PartitionBuffer, RollPolicy
 from lambdalake.clients import ensure_topics
 from lambdalake.config import Settings
 from lambdalake.exceptions import InvariantViolation
-from lambdalake.layout import Layout, archived_positions
+from lambdalake.heads import HeadFile, PartitionHead, file_key, writer_id
+from lambdalake.layout import Layout
 from lambdalake.ownership import PartitionLocks, Share
 from lambdalake.pipeline import Pipeline
 from lambdalake.runtime import streaming_runtime
@@ -123,6 +119,8 @@ class Archiver:
         self._validators = {s.topic: Validator(s) for s in pipeline.sources}
         self._sources = {s.topic: s for s in pipeline.sources}
         self.group_id = f"lambdalake-archiver.{pipeline.name}"
+        self.writer = writer_id()
+        self._heads: dict[tuple[str, int], PartitionHead] = {}
 
     # control ------------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -179,14 +177,14 @@ class Archiver:
         new = [k for k in keys if k not in self._buffers]
         if not new:
             return []
-        # Own them first; only then clean up after a crashed writer of these partitions (never another worker's).
+        # Own them first (lock, then a new epoch in each head); only then clean up after a crashed writer of these
+        # partitions (never another worker's).
         self._locks.acquire(new)
         remove_temp_files(self.layout, self.pipeline.sources, new)
-        remove_uncommitted_rejected(self.layout, self.pipeline.sources, new)
-        archived = {s.topic: archived_positions(self.layout, s.name) for s in self.pipeline.sources
-                    if any(t == s.topic for t, _ in new)}
+        for topic, p in new:
+            self._heads[(topic, p)] = PartitionHead.claim(self.layout, self._sources[topic].name, p, self.writer)
         wanted = {k: b.end for k, b in self._buffers.items()}
-        wanted.update({(t, p): archived[t][p] for t, p in new if p in archived[t]})
+        wanted.update({k: self._heads[k].end for k in new if self._heads[k].end is not None})
         starts = session.assign(wanted, partitions=keys)
         for key in new:
             # The files must tile the offsets: a range deleted by retention is covered by the first file (empty).
@@ -295,22 +293,31 @@ class Archiver:
         sent, skipped = self._send_dead_letters(buf, dlq)
         self.report.dead_lettered += sent
         self.report.dlq_skipped += skipped
+        head = self._heads[(src.topic, p)]
+        rejected = None
         if buf.invalid:
-            rejected = rejected_table(src, p, [r.offset for r, _ in buf.invalid], [r.value for r, _ in buf.invalid],
-                                      [reason for _, reason in buf.invalid], time.time_ns() // 1000)
-            write_parquet_atomic(rejected, self.layout.rejected_file(src.name, p, buf.start, buf.end),
-                                 overwrite=True)
-        # 2 + 3. temp file + fsync, then rename to the final name (the commit point) + fsync dir
-        final = self.layout.master_file(src.name, p, buf.start, buf.end)
-        table = master_table(src, buf.columns, p, buf.offsets, buf.ingest)
-        self.report.bytes += write_parquet_atomic(table, final)
+            table = rejected_table(src, p, [r.offset for r, _ in buf.invalid], [r.value for r, _ in buf.invalid],
+                                   [reason for _, reason in buf.invalid], time.time_ns() // 1000)
+            rejected = self._put("rejected", head, buf, table)
+        # 2. the valid rows under a name no other writer uses
+        master = self._put("master", head, buf, master_table(src, buf.columns, p, buf.offsets, buf.ingest))
+        # 3. the head lists them: the commit point (Fenced if another writer claimed the partition since)
+        head.commit(buf.start, buf.end, master, rejected)
+        self.report.bytes += master.bytes or 0
         self.report.files += 1
         log.info("archived %s rows of %s[%s] offsets [%s, %s) -> %s", buf.rows, src.topic, p, buf.start, buf.end,
-                 final.name)
+                 master.name)
         # 4. advance; tell Kafka for lag monitoring only (never read back)
         end = buf.end
         buf.reset(end)
         session.commit({(src.topic, p): end})
+
+    def _put(self, dataset: str, head: PartitionHead, buf: PartitionBuffer, table) -> HeadFile:
+        """Steps 1-2: one file of the roll, whole, under a new name of this writer's epoch."""
+        name = head.new_name(buf.start, buf.end)
+        data = parquet_bytes(table)
+        self.layout.store.put(file_key(dataset, buf.source.name, buf.partition, name), data)
+        return HeadFile(name=name, start=buf.start, end=buf.end, rows=table.num_rows, bytes=len(data))
 
     def _send_dead_letters(self, buf: PartitionBuffer, dlq: DeadLetters) -> tuple[int, int]:
         """Step 1 with retries: after a failure the producer is dropped and the partition's DLQ high-water mark is

@@ -29,6 +29,7 @@ from batch.master import check_master_file, sha256_file
 from batch.rewrite import CompactionBusy, compaction_lock
 from lambdalake.contracts import REWRITE_STARTED, CompactionRecord, RewriteFile
 from lambdalake.exceptions import InvariantViolation
+from lambdalake.heads import master_files
 from lambdalake.layout import Layout, MasterFile
 from lambdalake.pipeline import Pipeline
 
@@ -89,7 +90,7 @@ def compact(settings_home: Path, pipeline: Pipeline, *, source: str | None = Non
     sources = [pipeline.source(source)] if source else list(pipeline.sources)
     with compaction_lock(layout):
         for src in sources:
-            files = layout.master_files(src.name)
+            files = master_files(layout, src.name)
             by_p: dict[int, list[MasterFile]] = {}
             for f in files:
                 by_p.setdefault(f.partition, []).append(f)

@@ -45,6 +45,7 @@ from lambdalake.config import Settings
 from lambdalake.contracts import REWRITE_STARTED, ErasureRecord, ErasureRequest, RewriteFile, utc_now_iso
 from lambdalake.exceptions import ConfigError
 from lambdalake.fields import Source
+from lambdalake.heads import master_files, rejected_files
 from lambdalake.layout import Layout, MasterFile
 from lambdalake.pipeline import Pipeline
 from lambdalake.runtime import crash_point
@@ -160,8 +161,8 @@ def forget(settings: Settings, pipeline: Pipeline, source_name: str, subjects: l
         ids = [r.id for r in todo]
         rewritten: list[str] = []
         per_subject: Counter[str] = Counter()
-        for dataset, files in (("master", layout.master_files(src.name)),
-                               ("rejected", layout.rejected_files(src.name))):
+        for dataset, files in (("master", master_files(layout, src.name)),
+                               ("rejected", rejected_files(layout, src.name))):
             for f in files:
                 n = rewrite_file(layout, src, f, dataset, gone, ids, lock_timeout)
                 if n:

@@ -18,6 +18,7 @@ from lambdalake.contracts import BatchManifest, InputFile, Positions
 from lambdalake.exceptions import PipelineError
 from lambdalake.fields import Source
 from lambdalake.handoff import aligned_watermark
+from lambdalake.heads import master_files
 from lambdalake.layout import Layout, MasterFile
 from lambdalake.pipeline import Pipeline
 
@@ -48,7 +49,7 @@ def select_inputs(layout: Layout, pipeline: Pipeline, block: int, fixed_watermar
     rejudged: dict[str, list[MasterFile]] = {}
     rejected: list[InputFile] = []
     for src in pipeline.sources:
-        files = layout.master_files(src.name)
+        files = master_files(layout, src.name)
         ends: dict[int, int] = {}
         for f in files:  # sorted by (partition, start): the last file of a partition ends its range
             ends[f.partition] = f.end

@@ -16,7 +16,7 @@ The invalid messages of a range are also kept in the lake, as the log holds them
 when the range has some), whose Parquet key-value metadata ``lambdalake.rules`` is the
 :func:`lambdalake.validation.rules_fingerprint` they were judged by. The master dataset is thus every message of the
 log, valid or not, and a definition whose rules are looser can count messages rejected under older rules (the batch
-job re-validates them; :mod:`batch.job`). Which rejected files count is :meth:`lambdalake.layout.Layout.rejected_files`.
+job re-validates them; :mod:`batch.job`). Which rejected files count is :func:`lambdalake.heads.rejected_files`.
 """
 
 from __future__ import annotations
@@ -79,22 +79,11 @@ def rejected_rules(path: Path) -> str | None:
     return None if raw is None else raw.decode()
 
 
-def remove_uncommitted_rejected(layout: Layout, sources: Iterable[Source],
-                                partitions: Iterable[tuple[str, int]] | None = None) -> list[Path]:
-    """Archiver start-up: delete rejected files a roll wrote before crashing ahead of its master file (their range
-    lies beyond the partition's archived end, and will be archived again, maybe with other boundaries). Only in
-    ``partitions`` ((topic, p); default all): an archiver worker cleans up after its own partitions only."""
-    removed: list[Path] = []
-    only = None if partitions is None else set(partitions)
-    for s in sources:
-        counted = {f.path for f in layout.rejected_files(s.name)}
-        for f in layout.rejected_files_on_disk(s.name):
-            if only is not None and (s.topic, f.partition) not in only:
-                continue
-            if f.path not in counted:
-                f.path.unlink(missing_ok=True)
-                removed.append(f.path)
-    return removed
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as the bytes of one Parquet file (what the archiver puts through the storage seam)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=COMPRESSION)
+    return sink.getvalue().to_pybytes()
 
 
 def write_parquet_atomic(table: pa.Table, final: Path, *, overwrite: bool = False) -> int:

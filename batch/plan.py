@@ -19,6 +19,7 @@ from batch.rewrite import master_readers_lock
 from lambdalake.config import Settings
 from lambdalake.contracts import Positions
 from lambdalake.handoff import aligned_watermark
+from lambdalake.heads import master_files
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import Pipeline
 
@@ -30,7 +31,7 @@ def archived_ends(layout: Layout, pipeline: Pipeline) -> Positions:
     out: dict[tuple[str, int], int] = {}
     with master_readers_lock(layout):
         for src in pipeline.sources:
-            for f in layout.master_files(src.name):  # sorted by (partition, start): the last one ends the range
+            for f in master_files(layout, src.name):  # sorted by (partition, start): the last one ends the range
                 out[(src.topic, f.partition)] = f.end
     return Positions(out)
 

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from batch.master import master_schema, master_table, rejected_rules
 from lambdalake.erasure import erased_subjects
 from lambdalake.fields import Source
+from lambdalake.heads import rejected_files
 from lambdalake.layout import Layout, MasterFile
 from lambdalake.schema import INGEST_COL, OFFSET_COL, VALUE_COL
 from lambdalake.validation import Validator, rules_fingerprint
@@ -32,7 +33,7 @@ from lambdalake.validation import Validator, rules_fingerprint
 def rejudged_files(layout: Layout, source: Source, watermark: Mapping[int, int]) -> list[MasterFile]:
     """The rejected files of ``source`` below ``watermark`` ({partition: W}) judged by other rules than declared."""
     declared = rules_fingerprint(source)
-    return [f for f in layout.rejected_files(source.name)
+    return [f for f in rejected_files(layout, source.name)
             if f.start < watermark.get(f.partition, 0) and rejected_rules(f.path) != declared]
 
 

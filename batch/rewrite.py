@@ -9,16 +9,19 @@ Protocol for one rewrite in one partition directory (:func:`rewrite`), mirrored 
    (:class:`~lambdalake.contracts.CompactionRecord`, :class:`~lambdalake.contracts.ErasureRecord`): the files
    replaced and the new file with its temporary name and sha256.
 3. Under the exclusive *master readers lock* (a batch run, verify and the audit hold it shared while they read):
-   rename the temporary file to its final name (erasure: over the file itself), fsync the directory.
+   rename the temporary file to its final name (erasure: over the file itself), fsync the directory, and swap the
+   partition's head to list the new file in place of the replaced ones (:func:`lambdalake.heads.replace_files`;
+   same epoch, next generation; a partition without a head yet is read from its files on disk).
 4. Still under it, delete the files the new one replaces (compaction), fsync the directory.
 5. Rewrite the record with status ``done``.
 
 A crash leaves either the old files (before the rename in 3) or the new file plus, for a compaction, some old ones
 (during 4). :func:`recover` finishes every ``started`` record whose new file is in place with its recorded sha256
-(deletes what it replaced, ``done``) and aborts the others (deletes the temporary file, ``aborted``). Until then the
-readers' rules leave such a record's effect out or in consistently: :meth:`lambdalake.layout.Layout.master_files`
-ignores files a renamed compaction replaced, :func:`lambdalake.erasure.erased_offsets` counts an erasure from its
-rename on.
+(lists it in the head, deletes what it replaced, ``done``) and aborts the others (deletes the temporary file,
+``aborted``). Until then the readers' rules leave such a record's effect out or in consistently: a head lists the
+replaced files until its swap (they are deleted only after it), :func:`lambdalake.heads.master_files` of a partition
+without a head ignores files a renamed compaction replaced, :func:`lambdalake.erasure.erased_offsets` counts an
+erasure from its rename on.
 
 Locks (``checkpoints/master/``): :func:`compaction_lock` (``compact.lock``: one master maintenance — compaction,
 its recovery, ``forget`` — at a time) and :func:`master_readers_lock` (``readers.lock``).
@@ -40,7 +43,8 @@ from batch.master import COMPRESSION, sha256_file
 from lambdalake import contracts
 from lambdalake.contracts import REWRITE_ABORTED, REWRITE_DONE, REWRITE_STARTED, RewriteFile, RewriteRecord, utc_now_iso
 from lambdalake.exceptions import InvariantViolation, LambdalakeError
-from lambdalake.layout import Layout, atomic_write_bytes, fsync_dir, rewrite_dir, rewrite_records, tmp_name
+from lambdalake.heads import HeadFile, replace_files
+from lambdalake.layout import MASTER_FILE, Layout, atomic_write_bytes, fsync_dir, rewrite_dir, rewrite_records, tmp_name
 from lambdalake.locks import flock
 
 log = logging.getLogger(__name__)
@@ -103,6 +107,7 @@ def rewrite(layout: Layout, record: RewriteRecord, table: pa.Table, final: Path,
                what="the master readers lock (a batch run is reading)", on_busy=CompactionBusy):
         os.replace(tmp, final)
         fsync_dir(final.parent)
+        _list_in_head(layout, record, table.num_rows, final.stat().st_size)
         # 4. the files it replaces
         if replaced:
             for path in replaced:
@@ -113,6 +118,16 @@ def rewrite(layout: Layout, record: RewriteRecord, table: pa.Table, final: Path,
     record.finished_at = utc_now_iso()
     atomic_write_bytes(rec_path, contracts.encode(record))
     return rec_path
+
+
+def _list_in_head(layout: Layout, rec: RewriteRecord, rows: int | None, size: int) -> None:
+    """The head swap of step 3: the new file in place of what it replaces (erasure: of its own old version)."""
+    name = rec.new_name()
+    m = MASTER_FILE.match(name)
+    if m is None:
+        raise InvariantViolation(f"{rec.WHAT} record names {name!r}, not a master file name")
+    replace_files(layout, rec.dataset, rec.source, int(rec.partition), rec.replaced_names() or [name],
+                  HeadFile(name=name, start=int(m.group(1)), end=int(m.group(2)), rows=rows, bytes=size))
 
 
 # recovery ---------------------------------------------------------------------------------------------------------
@@ -126,6 +141,7 @@ def recover(layout: Layout, kind: type[RewriteRecord]) -> list[str]:
         pdir = rewrite_dir(layout, rec)
         new = pdir / rec.new_name()
         if new.exists() and sha256_file(new) == rec.new_sha256():
+            _list_in_head(layout, rec, None, new.stat().st_size)
             if replaced := rec.replaced_names():
                 for name in replaced:
                     (pdir / name).unlink(missing_ok=True)

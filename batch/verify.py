@@ -36,6 +36,7 @@ from lambdalake.config import Settings
 from lambdalake.contracts import BatchManifest, Positions
 from lambdalake.erasure import erased_subjects, not_erased_sql
 from lambdalake.exceptions import InvariantViolation
+from lambdalake.heads import master_files
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import WINDOW_START, Pipeline, View
 from lambdalake.schema import view_columns
@@ -109,7 +110,7 @@ def verify_published(settings: Settings, pipeline: Pipeline) -> VerificationRepo
         with master_readers_lock(layout), tempfile.TemporaryDirectory() as scratch:  # no compaction meanwhile
             for src in pipeline.sources:
                 wm = manifest.watermark.of_topic(src.topic)
-                masters = [str(f.path) for f in layout.master_files(src.name) if f.start < wm.get(f.partition, 0)]
+                masters = [str(f.path) for f in master_files(layout, src.name) if f.start < wm.get(f.partition, 0)]
                 # rejected messages valid under the declared rules count too (a loosened rule, batch.rejected)
                 extra = revalidated_file(layout, src, wm, Path(scratch))
                 masters += [str(extra)] if extra else []

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 from lambdalake.handoff import aligned_watermark
-from lambdalake.layout import Layout, archived_positions
+from lambdalake.heads import archived_positions, master_files
+from lambdalake.layout import Layout
 from lambdalake.pipeline import Pipeline
 
 
@@ -25,7 +26,7 @@ def duckdb_views(home: Path, pipeline: Pipeline, block: int, out: Path) -> dict[
     counts: dict[str, int] = {}
     for src in pipeline.sources:
         views = pipeline.views_of(src)
-        files = [str(f.path) for f in layout.master_files(src.name)]
+        files = [str(f.path) for f in master_files(layout, src.name)]
         wm = {p: aligned_watermark(e, block) for p, e in archived_positions(layout, src.name).items()}
         cond = " OR ".join(f"(_partition = {p} AND _offset < {w})" for p, w in wm.items()) or "FALSE"
         needed = {src.event_time} | {k for v in views for k in v.keys} | {
@@ -85,7 +86,7 @@ def spark_ceiling(spark, home: Path, pipeline: Pipeline, block: int, out: Path) 
             continue
         cols = view_columns_needed(pipeline, src)
         wm = {p: aligned_watermark(e, block) for p, e in archived_positions(layout, src.name).items()}
-        df = (spark.read.schema(_spark_schema(src)).parquet(*[str(f.path) for f in layout.master_files(src.name)])
+        df = (spark.read.schema(_spark_schema(src)).parquet(*[str(f.path) for f in master_files(layout, src.name)])
               .where(F.col(OFFSET_COL) < _by_partition(wm)[F.col(PARTITION_COL)]).select(*cols))
         key = [PARTITION_COL, src.event_id]
         first = (df.select(*key, OFFSET_COL).groupBy(*key)
@@ -129,7 +130,7 @@ def spark_incremental_floor(spark, home: Path, pipeline: Pipeline, base, block: 
         wm = {p: aligned_watermark(e, block) for p, e in archived_positions(layout, src.name).items()}
         if all(w <= since.get(p, 0) for p, w in wm.items()):
             continue  # nothing new below W: the base's views as they are
-        files = [str(f.path) for f in layout.master_files(src.name) if f.end > since.get(f.partition, 0)]
+        files = [str(f.path) for f in master_files(layout, src.name) if f.end > since.get(f.partition, 0)]
         off, part = F.col(OFFSET_COL), F.col(PARTITION_COL)
         df = (spark.read.schema(_spark_schema(src)).parquet(*files)
               .where((off < _by_partition(wm)[part])

@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 
 from batch.master import master_schema, write_parquet_atomic
-from lambdalake.layout import Layout, archived_positions
+from lambdalake.heads import archived_positions, master_files
+from lambdalake.layout import Layout
 from lambdalake.pipeline import Pipeline
 
 PARTITIONS = 4
@@ -90,7 +91,7 @@ def append_master(home: Path, pipeline: Pipeline, n: int, seed: int = 2, late: f
         ends = archived_positions(layout, src)
         for p in range(PARTITIONS):
             start = ends.get(p, 0)
-            last = [f for f in layout.master_files(src) if f.partition == p][-1]
+            last = [f for f in master_files(layout, src) if f.partition == p][-1]
             old_ids = pq.read_table(last.path, columns=["event_id"]).column("event_id").to_numpy(zero_copy_only=False)
             et = START_US + span_us + np.sort(rng.integers(0, hour_us, per_p))
             is_late = rng.random(per_p) < late

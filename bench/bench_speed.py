@@ -67,6 +67,7 @@ from lambdalake.config import load_settings  # noqa: E402
 from lambdalake.contracts import Positions  # noqa: E402
 from lambdalake.embedded import free_port  # noqa: E402
 from lambdalake.exceptions import InvariantViolation  # noqa: E402
+from lambdalake.heads import master_files  # noqa: E402
 from lambdalake.layout import Layout, read_speed_snapshot_meta, speed_pointer  # noqa: E402
 from lambdalake.pipeline import load_pipeline  # noqa: E402
 from lambdalake.procs import stop_group  # noqa: E402
@@ -116,7 +117,7 @@ def master_size(settings) -> dict:
 
     layout = Layout(settings.home)
     pipe = load_pipeline(settings.pipeline)
-    files = [f.path for s in pipe.sources for f in layout.master_files(s.name)]
+    files = [f.path for s in pipe.sources for f in master_files(layout, s.name)]
     size, rows = sum(p.stat().st_size for p in files), sum(file_rows(p) for p in files)
     msgs = [m for s in pipe.sources for m in read_values(settings, s.topic)]
     valid = {s.topic: Validator(s) for s in pipe.sources}

@@ -42,18 +42,16 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from lambdalake import contracts
 from lambdalake.contracts import (
-    REWRITE_STARTED,
     BatchManifest,
     BatchPointer,
     BatchVersionRef,
-    CompactionRecord,
     MasterRewriteRecord,
     SpeedPointer,
     SpeedSnapshotMeta,
@@ -65,7 +63,8 @@ C = TypeVar("C")
 R = TypeVar("R", bound=MasterRewriteRecord)
 
 SPEED_COMPONENT = "speed"  # checkpoints/speed/: the speed layer's checkpoints and its LOCK
-MASTER_FILE = re.compile(r"^(\d{20})-(\d{20})\.parquet$")
+# <start>-<end>.parquet (first release, compaction) or <start>-<end>-e<epoch>-<hex>.parquet (lambdalake.heads)
+MASTER_FILE = re.compile(r"^(\d{20})-(\d{20})(?:-e(\d+)-([0-9a-f]+))?\.parquet$")
 PARTITION_DIR = re.compile(r"^p=(\d+)$")
 BATCH_VERSION_DIR = re.compile(r"^v(\d{6,})$")  # views/batch/v000042 (the first release's version directories)
 BATCH_PREFIX = "views/batch"
@@ -183,36 +182,6 @@ class Layout:
     def rejected_files_on_disk(self, source: str) -> list[MasterFile]:
         return _range_files(self.rejected / source, source)
 
-    def rejected_files(self, source: str) -> list[MasterFile]:
-        """THE rule for which rejected files count: those whose range lies within the archived range of their
-        partition (a file beyond it was written by a roll that crashed before its master file: the range is
-        archived again, and the archiver removes such leftovers on start)."""
-        ends = dict(contiguous_ranges(self.master_files(source)))
-        files = [f for f in self.rejected_files_on_disk(source) if f.end <= ends.get(f.partition, -1)]
-        self.inside_all(f.path for f in files)
-        return files
-
-    def master_files(self, source: str) -> list[MasterFile]:
-        """THE rule for which master files hold a source's events: every reader (batch job, ``master.<source>`` in
-        SQL, status, audit) uses it. Sorted by (partition, start), checked to tile without overlap and to lie
-        inside the lake (:meth:`inside`).
-
-        Files replaced by a compaction whose merged file is already in place (a compaction interrupted between its
-        rename and its ``done`` record, see :mod:`batch.rewrite`) are left out, so no offset is ever read twice.
-        """
-        files = self.master_files_on_disk(source)
-        replaced: set[Path] = set()
-        for _, rec in rewrite_records(self, CompactionRecord):
-            if rec.status != REWRITE_STARTED or rec.source != source:
-                continue
-            pdir = self.master_partition(source, int(rec.partition))
-            if (pdir / rec.new_name()).exists():
-                replaced |= {pdir / name for name in rec.replaced_names()}
-        files = [f for f in files if f.path not in replaced]
-        list(contiguous_ranges(files))  # raises InvariantViolation on overlap or gap
-        self.inside_all(f.path for f in files)  # a symlink to a file outside the lake is never read as master data
-        return files
-
     def master_log(self) -> Path:
         return self.master / "_log"
 
@@ -307,26 +276,6 @@ def rewrite_dir(layout: Layout, rec: MasterRewriteRecord) -> Path:
     """The partition directory whose files a rewrite record names (``master/...`` or ``rejected/...``)."""
     base = layout.master if rec.dataset == "master" else layout.rejected
     return base / rec.source / f"p={int(rec.partition)}"
-
-
-def contiguous_ranges(files: list[MasterFile]) -> Iterator[tuple[int, int]]:
-    """Per partition, check the files tile [first start, last end) with no gap and no overlap; yield (p, end).
-
-    Raises InvariantViolation on an overlap (two files claim the same offset) — never silently double count.
-    A gap is allowed only before the first file (a topic whose early offsets were deleted by retention).
-    """
-    by_p: dict[int, list[MasterFile]] = {}
-    for f in files:
-        by_p.setdefault(f.partition, []).append(f)
-    for p, fs in sorted(by_p.items()):
-        fs.sort(key=lambda m: m.start)
-        for a, b in zip(fs, fs[1:], strict=False):
-            if b.start < a.end:
-                raise InvariantViolation(f"master files overlap: {a.path.name} and {b.path.name} in partition {p}")
-            if b.start > a.end:
-                raise InvariantViolation(f"gap in master offsets [{a.end}, {b.start}) of partition {p} "
-                                         f"between {a.path.name} and {b.path.name}")
-        yield p, fs[-1].end
 
 
 # atomic file operations ---------------------------------------------------------------------------------------
@@ -494,7 +443,3 @@ def current_batch_manifest(layout: Layout) -> BatchManifest | None:
     except OSError as exc:
         raise InvariantViolation(f"published batch version {version} has no readable manifest: {exc}") from exc
 
-
-def archived_positions(layout: Layout, source: str) -> dict[int, int]:
-    """{partition: end offset} the master dataset of ``source`` holds (checks files tile without overlap)."""
-    return dict(contiguous_ranges(layout.master_files(source)))

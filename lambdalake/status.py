@@ -21,10 +21,10 @@ from lambdalake.config import Settings
 from lambdalake.contracts import BatchManifest, Positions, SpeedSnapshotMeta
 from lambdalake.definitions import definitions
 from lambdalake.exceptions import BrokerError, InvariantViolation
+from lambdalake.heads import archived_positions
 from lambdalake.layout import (
     SPEED_COMPONENT,
     Layout,
-    archived_positions,
     current_batch_manifest,
 )
 from lambdalake.pipeline import Pipeline

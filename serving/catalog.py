@@ -36,6 +36,7 @@ from pathlib import Path
 import duckdb
 
 from lambdalake.config import Settings
+from lambdalake.heads import master_files
 from lambdalake.layout import Layout, fsync_dir, tmp_name
 from lambdalake.pipeline import Pipeline
 from lambdalake.schema import master_columns, speed_view_columns, view_columns
@@ -135,7 +136,7 @@ def _build(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setting
         view_rows.append(view_row(con, pipeline, plan, dataset.count_rows(), speed, batch_absent | speed_absent))
     for source in pipeline.sources:
         cols = master_columns(source)
-        files = layout.master_files(source.name)  # THE valid-file rule (an interrupted compaction counts once)
+        files = master_files(layout, source.name)  # THE valid-file rule (an interrupted compaction counts once)
         layout.inside_all(m.path for m in files)  # never a symlink out of the lake
         sql = typed_select(cols, _parquet_list([m.path for m in files], union_by_name=True), presented=True) \
             if files else empty_select(cols, presented=True)

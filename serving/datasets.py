@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from lambdalake.heads import master_files
 from lambdalake.layout import Layout
 from lambdalake.pipeline import WINDOW_START, Pipeline, View
 from lambdalake.schema import (
@@ -105,7 +106,7 @@ def speed_table(pipeline: Pipeline, view: View, pair: PublishedPair, stale: bool
 def master_dataset(pipeline: Pipeline, source_name: str, layout: Layout) -> ds.Dataset:
     """Lazy dataset over the master files of a source as listed now (immutable files; new ones need refresh)."""
     cols = master_columns(pipeline.source(source_name))
-    files = [str(f) for f in layout.inside_all(m.path for m in layout.master_files(source_name))]  # THE rule
+    files = [str(f) for f in layout.inside_all(m.path for m in master_files(layout, source_name))]  # THE rule
     if not files:
         return ds.dataset(arrow_schema(cols, nullability=False).empty_table())
     return ds.dataset(files, format="parquet")

@@ -31,6 +31,7 @@ import serving
 from batch.verify import VerificationFailed, verify_published
 from lambdalake.config import load_settings
 from lambdalake.embedded import free_port
+from lambdalake.heads import master_files
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.speedset import current_speed_snapshot
 from tests.oracle import assert_rows_equal, oracle_views, read_log
@@ -142,12 +143,12 @@ def test_dags_test_publishes_what_serving_returns_and_is_idempotent(settings, pi
     run_cli("produce", "--events", "700", "--seed", "12", "--span-hours", "30")
     airflow(env, "dags", "test", "lambdalake_batch")
     assert current_batch_manifest(layout).version == "v000003"
-    files_before = sum(len(layout.master_files(s.name)) for s in pipeline.sources)
+    files_before = sum(len(master_files(layout, s.name)) for s in pipeline.sources)
     airflow({**env, "LAMBDALAKE_BATCH_KEEP": "2"}, "dags", "test", "lambdalake_maintenance")
     assert layout.batch_versions() == ["v000002", "v000003"]  # v1 retired: its prefix deleted
     assert ({p for p in layout.batch_views.iterdir() if p.is_dir()}
             == {layout.batch_version("v000002"), layout.batch_version("v000003")})
-    assert sum(len(layout.master_files(s.name)) for s in pipeline.sources) < files_before, "small files compacted"
+    assert sum(len(master_files(layout, s.name)) for s in pipeline.sources) < files_before, "small files compacted"
     assert any((layout.master_log()).glob("*-compact-*.json")), "compaction is recorded"
     messages = read_log(settings.bootstrap, [s.topic for s in pipeline.sources])
     expected_all = oracle_views(pipeline, messages)

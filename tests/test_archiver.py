@@ -22,7 +22,8 @@ from batch.archiver import ingest
 from batch.compact import compact
 from batch.master import master_schema
 from batch.partition_buffer import RollPolicy
-from lambdalake.layout import Layout, archived_positions
+from lambdalake.heads import archived_positions, master_files
+from lambdalake.layout import Layout
 from lambdalake.procs import stop_group
 from tests.conftest import LAMBDALAKE
 from tests.oracle import parse_event, read_log
@@ -65,7 +66,7 @@ def actual_master(settings, pipeline) -> dict[str, list[tuple]]:
     out: dict[str, list[tuple]] = {}
     for s in pipeline.sources:
         rows = []
-        files = layout.master_files(s.name)  # also checks files tile with no gap / overlap
+        files = master_files(layout, s.name)  # also checks files tile with no gap / overlap
         for f in files:
             t = pq.read_table(f.path)
             assert t.schema.equals(master_schema(s), check_metadata=False), f.path
@@ -101,7 +102,7 @@ def check_exact(settings, pipeline) -> None:
         ends[(m.topic, m.partition)] = max(ends.get((m.topic, m.partition), 0), m.offset + 1)
     layout = Layout(settings.home)
     for s in pipeline.sources:
-        files = layout.master_files(s.name)
+        files = master_files(layout, s.name)
         assert archived_positions(layout, s.name) == {p: e for (t, p), e in ends.items() if t == s.topic}
         firsts = {}
         for f in files:
@@ -117,7 +118,7 @@ def test_ingest_until_caught_up_is_exact(settings, pipeline, run_cli):
     # files are rolled by rows: no file holds more than 97 rows, and several exist per partition
     layout = Layout(settings.home)
     for s in pipeline.sources:
-        for f in layout.master_files(s.name):
+        for f in master_files(layout, s.name):
             assert pq.ParquetFile(f.path).metadata.num_rows <= 97
     # a rerun with nothing new writes nothing and sends nothing
     again = ingest(settings, pipeline, until_caught_up=True)
@@ -151,10 +152,10 @@ def test_compaction_preserves_content_and_positions(settings, pipeline, run_cli)
     ingest(settings, pipeline, until_caught_up=True, policy=RollPolicy(max_rows=20))
     layout = Layout(settings.home)
     before = actual_master(settings, pipeline)
-    n_before = sum(len(layout.master_files(s.name)) for s in pipeline.sources)
+    n_before = sum(len(master_files(layout, s.name)) for s in pipeline.sources)
     rep = run_cli("compact", "--target-rows", "150")
     assert "compacted" in rep.stdout
-    n_after = sum(len(layout.master_files(s.name)) for s in pipeline.sources)
+    n_after = sum(len(master_files(layout, s.name)) for s in pipeline.sources)
     assert n_after < n_before
     assert actual_master(settings, pipeline) == before
     records = sorted(layout.master_log().glob("*-compact-*.json"))
@@ -172,7 +173,7 @@ def test_interrupted_compaction_is_recovered(settings, pipeline, run_cli):
     layout = Layout(settings.home)
     before = actual_master(settings, pipeline)
     src = pipeline.sources[0]
-    files = [f for f in layout.master_files(src.name) if f.partition == layout.master_files(src.name)[0].partition]
+    files = [f for f in master_files(layout, src.name) if f.partition == master_files(layout, src.name)[0].partition]
     group = files[:3]
     import pyarrow as pa
 
@@ -203,7 +204,7 @@ def _sql_master_rows(layout: Layout, source) -> tuple[int, int]:
     ``Layout.master_files`` read with DuckDB."""
     import duckdb
 
-    files = [str(f.path) for f in layout.master_files(source.name)]
+    files = [str(f.path) for f in master_files(layout, source.name)]
     con = duckdb.connect()
     try:
         return con.execute("SELECT count(*), count(DISTINCT (_partition, _offset)) FROM read_parquet($files)",
@@ -249,7 +250,7 @@ def test_compaction_killed_between_rename_and_done_counts_every_event_once(setti
     # recovery (run by the next compaction or ingest) finishes it
     compact(settings.home, pipeline, target_rows=1)
     assert [json.loads(r.read_text())["status"] for r in layout.master_log().glob("*-compact-*.json")] == ["done"]
-    assert len(layout.master_files_on_disk(src.name)) == len(layout.master_files(src.name))
+    assert len(layout.master_files_on_disk(src.name)) == len(master_files(layout, src.name))
     assert actual_master(settings, pipeline) == before and _sql_master_rows(layout, src) == (n_rows, n_rows)
 
 
@@ -266,7 +267,7 @@ def _kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 def _file_count(settings, pipeline) -> int:
     layout = Layout(settings.home)
-    return sum(len(layout.master_files(s.name)) for s in pipeline.sources)
+    return sum(len(master_files(layout, s.name)) for s in pipeline.sources)
 
 
 def test_kill_9_at_several_points_then_restart_is_exact(settings, pipeline, run_cli, cli_env):
@@ -286,7 +287,7 @@ def test_kill_9_at_several_points_then_restart_is_exact(settings, pipeline, run_
         kills += was_running
         # whatever is on disk after a kill -9 tiles the offset space and is readable
         for s in pipeline.sources:
-            Layout(settings.home).master_files(s.name)
+            master_files(Layout(settings.home), s.name)
     assert kills >= 2, "the archiver finished before it could be killed; raise the event count"
     # also kill one while temporary files may exist, then leave stray temp files like a crash would
     stray = Layout(settings.home).master_partition(pipeline.sources[0].name, 0) / ".000-stray.parquet.ab.tmp"
@@ -313,13 +314,15 @@ def test_sigterm_finishes_current_file(settings, pipeline, run_cli, cli_env):
     check_exact(settings, pipeline)
 
 
-def test_crash_between_dlq_flush_and_rename_sends_no_dlq_duplicate(settings, pipeline, run_cli, monkeypatch):
-    """Deterministic version of the worst kill -9 window: DLQ records acknowledged, master file not renamed."""
-    import batch.archiver as archiver
+def test_crash_between_dlq_flush_and_head_swap_sends_no_dlq_duplicate(settings, pipeline, run_cli, monkeypatch):
+    """Deterministic version of the worst kill -9 window: DLQ records acknowledged, the roll's files written, the
+    head not swapped yet. The files are garbage (no head lists them), the rerun's claim deletes them, and it
+    archives the range again without a second DLQ record."""
     from batch.dead_letters import DeadLetters
+    from lambdalake.heads import PartitionHead, stored_head
 
     produce(run_cli, 600, malformed_fraction=0.1, duplicate_fraction=0.0)
-    real = archiver.write_parquet_atomic
+    real = PartitionHead.commit
     real_send = DeadLetters.send_range
     state = {"rolls": 0, "armed": False}
 
@@ -332,20 +335,31 @@ def test_crash_between_dlq_flush_and_rename_sends_no_dlq_duplicate(settings, pip
         state["armed"] = sent > 0 and state["rolls"] >= 3  # crash a roll that really dead-lettered something
         return sent, skipped
 
-    def crashing(table, final, **kw):
+    def crashing(self, start, end, master, rejected=None):
         if state["armed"]:
-            raise Crash(f"simulated crash before renaming {final.name}")
-        return real(table, final, **kw)
+            state["unlisted"] = (master.name, rejected.name if rejected else None)
+            raise Crash(f"simulated crash before the head lists {master.name}")
+        return real(self, start, end, master, rejected)
 
     monkeypatch.setattr(DeadLetters, "send_range", sending)
-    monkeypatch.setattr(archiver, "write_parquet_atomic", crashing)
+    monkeypatch.setattr(PartitionHead, "commit", crashing)
     with pytest.raises(Crash):
         ingest(settings, pipeline, until_caught_up=True, policy=RollPolicy(max_rows=30))
-    monkeypatch.setattr(archiver, "write_parquet_atomic", real)
+    layout = Layout(settings.home)
+    on_disk = {f.path.name for s in pipeline.sources for f in layout.master_files_on_disk(s.name)}
+    assert state["unlisted"][0] in on_disk, "the crashed roll's master file was written, only not listed"
+    assert state["unlisted"][0] not in {f.path.name for s in pipeline.sources for f in master_files(layout, s.name)}
+    monkeypatch.setattr(PartitionHead, "commit", real)
     monkeypatch.setattr(DeadLetters, "send_range", real_send)
     report = ingest(settings, pipeline, until_caught_up=True, policy=RollPolicy(max_rows=30))
     assert report.dlq_skipped > 0, "the rerun should have found the crashed range's invalid messages in the DLQ"
     check_exact(settings, pipeline)
+    on_disk = {f.path.name for s in pipeline.sources for f in layout.master_files_on_disk(s.name)}
+    assert state["unlisted"][0] not in on_disk, "the next claim deletes the fenced epoch's unlisted files"
+    for s in pipeline.sources:
+        for p in range(4):
+            head, _ = stored_head(layout, s.name, p)
+            assert head is None or head.epoch >= 2
 
 
 def test_workers_own_disjoint_partitions_and_resplit_exactly(settings, pipeline, run_cli, cli_env):

@@ -17,7 +17,8 @@ from lambdalake.broker import EmbeddedBroker
 from lambdalake.clients import end_offsets
 from lambdalake.config import load_settings
 from lambdalake.embedded import free_port
-from lambdalake.layout import Layout, archived_positions
+from lambdalake.heads import archived_positions
+from lambdalake.layout import Layout
 from lambdalake.pipeline import load_pipeline
 from lambdalake.procs import kill_group
 from tests.conftest import LAMBDALAKE, write_pipeline_copy

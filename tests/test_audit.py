@@ -29,6 +29,7 @@ from batch.partition_buffer import RollPolicy
 from lambdalake.clients import ensure_topics
 from lambdalake.config import load_settings
 from lambdalake.embedded import free_port
+from lambdalake.heads import master_files, rejected_files
 from lambdalake.layout import Layout
 from lambdalake.pipeline import load_pipeline
 from lambdalake.speedset import current_speed_snapshot
@@ -128,7 +129,7 @@ def test_audit_catches_a_tampered_master_batch_and_speed_file(lake):
 
     # master: one page view's duration below W
     w = pair.watermark.of_topic(pv.topic)
-    f = next(m for m in layout.master_files(pv.name) if m.start < w.get(m.partition, 0))
+    f = next(m for m in master_files(layout, pv.name) if m.start < w.get(m.partition, 0))
     offsets = pq.read_table(f.path, columns=["_offset"]).column("_offset").to_pylist()
     row = next(i for i, o in enumerate(offsets) if o < w[f.partition])
     with tampered(f.path, "duration_ms", row) as (_, old):
@@ -206,13 +207,13 @@ def test_offset_accounting_without_a_broker(tmp_path, clickstream):
     write_parquet_atomic(master_table(src, cols, 0, ok, [0] * len(ok)), layout.master_file(src.name, 0, 0, len(msgs)))
     write_parquet_atomic(rejected_table(src, 0, bad, [msgs[o].value for o in bad], [verdicts[o].reason for o in bad],
                                         0), layout.rejected_file(src.name, 0, 0, len(msgs)))
-    rejected, _ = read_rejected(layout.rejected_files(src.name))
+    rejected, _ = read_rejected(rejected_files(layout, src.name))
     assert set(rejected[0]) == set(bad)
 
     def run(dlq_offsets: list[int], kept: dict) -> AuditReport:
         report = AuditReport(str(tmp_path), clickstream.name)
         report.checks["log-master"] = CheckResult("log-master")
-        check_log_master(report, src, layout.master_files(src.name), {0: log}, DeadLetters({0: dlq_offsets}),
+        check_log_master(report, src, master_files(layout, src.name), {0: log}, DeadLetters({0: dlq_offsets}),
                          Erased(), 1.0, kept)
         return report
 

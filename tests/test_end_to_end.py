@@ -21,7 +21,8 @@ import time
 import pytest
 
 from lambdalake.clients import end_offsets, ensure_topics
-from lambdalake.layout import Layout, archived_positions, read_batch_manifest
+from lambdalake.heads import archived_positions
+from lambdalake.layout import Layout, read_batch_manifest
 from lambdalake.procs import kill_group, stop_group
 from lambdalake.speedset import read_speed_set
 from serving import connect

@@ -28,6 +28,7 @@ from batch.job import run_batch
 from batch.partition_buffer import RollPolicy
 from lambdalake import erasure
 from lambdalake.config import load_settings
+from lambdalake.heads import master_files, rejected_files
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.schema import VALUE_COL
 from lambdalake.status import erasure_status
@@ -71,12 +72,12 @@ def _pick_subject(pipeline, messages, watermark) -> str:
 
 
 def _master_subjects(layout: Layout, source) -> Counter:
-    return Counter(v for f in layout.master_files(source.name)
+    return Counter(v for f in master_files(layout, source.name)
                    for v in pq.read_table(f.path, columns=[source.key]).column(0).to_pylist())
 
 
 def _rejected_subjects(layout: Layout, source) -> Counter:
-    return Counter(erasure.subject_of(v, source.key) for f in layout.rejected_files(source.name)
+    return Counter(erasure.subject_of(v, source.key) for f in rejected_files(layout, source.name)
                    for v in pq.read_table(f.path, columns=[VALUE_COL]).column(0).to_pylist())
 
 
@@ -102,7 +103,7 @@ def forget_scenario(settings, pipeline, spark, monkeypatch, capfd) -> None:
     user = _pick_subject(pipeline, read_log(settings.bootstrap, [pv.topic]) + read_log(settings.bootstrap,
                                                                                         [pu.topic]), w)
     gone = {user, BAD}
-    sides = {o >= w.at(pv.topic, f.partition) for f in layout.master_files(pv.name)
+    sides = {o >= w.at(pv.topic, f.partition) for f in master_files(layout, pv.name)
              for u, o in zip(*pq.read_table(f.path, columns=["user_id", "_offset"]).to_pydict().values(), strict=True)
              if u == user}
     assert sides == {False, True}, "the user has master rows below and above W"
@@ -265,11 +266,11 @@ def test_forget_resumes_after_a_crash_and_accounts_erased_offsets(tmp_path, clic
     def run(kept) -> AuditReport:
         report = AuditReport(str(tmp_path), clickstream.name)
         report.checks["log-master"] = CheckResult("log-master")
-        check_log_master(report, src, layout.master_files(src.name), {0: log}, DeadLetters({0: bad}), erased(layout,
+        check_log_master(report, src, master_files(layout, src.name), {0: log}, DeadLetters({0: bad}), erased(layout,
                          src), 1.0, kept)
         return report
 
-    rejected, _ = read_rejected(layout.rejected_files(src.name))
+    rejected, _ = read_rejected(rejected_files(layout, src.name))
     assert run(rejected).ok, run(rejected).differences  # DLQ records of erased messages remain: accounted
     dlq_erased = sorted(gone_offsets & set(bad))[0]
     stale = run({0: {**rejected[0], dlq_erased: msgs[dlq_erased].value}})

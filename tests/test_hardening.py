@@ -37,6 +37,7 @@ from lambdalake.config import fix_handoff_block, load_settings
 from lambdalake.contracts import BatchManifest, BatchView, Positions, SpeedSnapshotMeta, SpeedView
 from lambdalake.dedup import DedupWindow
 from lambdalake.exceptions import ConfigError, PipelineError
+from lambdalake.heads import master_files
 from lambdalake.instants import FIRST_INSTANT_US, LAST_INSTANT_US, MAX_BUCKET
 from lambdalake.layout import Layout
 from lambdalake.pipeline import View, load_pipeline
@@ -422,4 +423,4 @@ def test_layout_refuses_master_files_resolving_outside_the_lake(tmp_path):
     link.parent.mkdir(parents=True)
     link.symlink_to(outside)
     with pytest.raises(InvariantViolation, match="outside the lake"):
-        layout.master_files("pageviews")
+        master_files(layout, "pageviews")

@@ -30,6 +30,7 @@ from batch.master import master_table, write_parquet_atomic
 from batch.verify import verify_published
 from lambdalake.config import load_settings
 from lambdalake.erasure import new_request, request_path, write_request
+from lambdalake.heads import master_files
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import Pipeline, load_pipeline
 from lambdalake.validation import Validator
@@ -93,7 +94,7 @@ def expected_rows(layout: Layout, pipeline: Pipeline, manifest, view, valid: dic
     """The independent recomputation (DuckDB, lambdalake/viewsql.py's interpreter) of ``view`` at the version's W."""
     src = pipeline.source_of(view)
     wm = manifest.watermark.of_topic(src.topic)
-    files = [str(f.path) for f in layout.master_files(src.name) if f.start < wm.get(f.partition, 0)]
+    files = [str(f.path) for f in master_files(layout, src.name) if f.start < wm.get(f.partition, 0)]
     return view_sql(src, view, master_events_sql(src, files, wm, valid[src.name]))
 
 

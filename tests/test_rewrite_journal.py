@@ -23,6 +23,7 @@ from batch.master import master_table, sha256_file, write_parquet_atomic
 from lambdalake import erasure
 from lambdalake.config import load_settings
 from lambdalake.contracts import ErasureRequest
+from lambdalake.heads import master_files
 from lambdalake.layout import Layout, MasterFile
 from lambdalake.schema import OFFSET_COL
 from lambdalake.validation import Validator
@@ -55,7 +56,7 @@ def _lake(tmp_path: Path, clickstream, n_files: int = 3) -> tuple[Layout, object
         cols = {f.name: [r[f.name] for r in recs] for f in src.fields}
         write_parquet_atomic(master_table(src, cols, 0, list(range(start, end)), [0] * (end - start)),
                              layout.master_file(src.name, 0, start, end))
-    return layout, src, layout.master_files(src.name)
+    return layout, src, master_files(layout, src.name)
 
 
 def _write_old(layout: Layout, name: str, rec: dict) -> Path:
@@ -91,7 +92,7 @@ def test_a_compaction_interrupted_by_the_previous_code_is_recovered(tmp_path, cl
     group = files[:2]
     rows = {f.path.name: pq.read_table(f.path).num_rows for f in files}
     path, final, tmp = _old_compaction(layout, src, group, renamed=renamed)
-    counted = [f.path.name for f in layout.master_files(src.name)]  # THE rule, before any recovery
+    counted = [f.path.name for f in master_files(layout, src.name)]  # THE rule, before any recovery
     if renamed:
         assert counted == [final.name, files[2].path.name]  # the replaced files are left out: each offset once
     else:
@@ -104,7 +105,7 @@ def test_a_compaction_interrupted_by_the_previous_code_is_recovered(tmp_path, cl
     assert not tmp.exists()
     on_disk = [f.path.name for f in layout.master_files_on_disk(src.name)]
     assert on_disk == ([final.name, files[2].path.name] if renamed else [f.path.name for f in files])
-    assert sum(pq.read_table(f.path).num_rows for f in layout.master_files(src.name)) == sum(rows.values())
+    assert sum(pq.read_table(f.path).num_rows for f in master_files(layout, src.name)) == sum(rows.values())
     assert recover_compactions(layout) == []  # nothing left started
 
 
@@ -118,7 +119,7 @@ def test_the_test_suites_short_old_compaction_record_still_decodes(tmp_path, cli
         "kind": "compact", "status": "started", "source": src.name, "partition": 0,
         "replaced": [{"name": f.path.name} for f in group],
         "merged": {"name": final.name, "tmp": None, "sha256": sha256_file(final)}})
-    assert [f.path for f in layout.master_files(src.name)] == [final, files[2].path]
+    assert [f.path for f in master_files(layout, src.name)] == [final, files[2].path]
     assert recover_compactions(layout) == [f"{path.name}: done"]
     assert not any(f.path.exists() for f in group)
 
@@ -170,7 +171,7 @@ def test_the_journal_keeps_the_previous_format(tmp_path, clickstream):
     assert all(set(r) == {"name", "rows", "bytes", "sha256"} for r in rec["replaced"])
     assert set(rec["merged"]) == {"name", "tmp", "rows", "bytes", "sha256"}
     assert [r["name"] for r in rec["replaced"]] == [f.path.name for f in files]
-    merged = layout.master_files(src.name)
+    merged = master_files(layout, src.name)
     assert [f.path.name for f in merged] == [rec["merged"]["name"]]
     assert rec["merged"]["sha256"] == sha256_file(merged[0].path)
 

@@ -39,6 +39,7 @@ from lambdalake.contracts import (
 from lambdalake.exceptions import InvariantViolation, LambdalakeError
 from lambdalake.fields import Field, Source
 from lambdalake.handoff import speed_row_visible
+from lambdalake.heads import master_files
 from lambdalake.layout import Layout, read_batch_manifest, write_contract, write_pointer
 from lambdalake.pipeline import Pipeline, View
 from lambdalake.schema import arrow_schema, speed_view_columns, view_columns
@@ -782,7 +783,7 @@ def test_a_lake_file_resolving_outside_the_lake_is_refused(home, serving_setting
     outside = tmp_path / "outside"
     outside.mkdir()
     link = {
-        "master": layout.master_files("pageviews")[0].path,
+        "master": master_files(layout, "pageviews")[0].path,
         "batch_file": next((layout.batch_version("v000001") / "pageviews_hourly").glob("*.parquet")),
         "batch_pointer": layout.batch_pointer,
         "batch_version": layout.batch_version("v000001"),

@@ -158,7 +158,8 @@ def run_demo(events: int, rate: float | None, port: int | None, home: Path | Non
 
 def _batch_midway(settings: Settings, env: dict, logs: Path, result: dict, pipeline=None) -> None:
     # The archiver rolls master files every few seconds; give it until one whole handoff block is archived.
-    from lambdalake.layout import Layout, archived_positions
+    from lambdalake.heads import archived_positions
+    from lambdalake.layout import Layout
 
     layout, deadline = Layout(settings.home), time.monotonic() + 60
     while time.monotonic() < deadline and not any(
