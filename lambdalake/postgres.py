@@ -256,8 +256,8 @@ class EmbeddedPostgres(EmbeddedServer):
         blocked = _unreachable(self.dir, pw.pw_uid, pw.pw_gid)
         if blocked is not None:
             raise PostgresError(f"PostgreSQL runs as the user {self.server_user!r} (it refuses root), which cannot "
-                                f"enter {blocked}; put the cluster in a directory it can reach (--dir, or a lake "
-                                "home outside it)")
+                                f"enter {blocked}; let it through (chmod o+x {blocked}) or put the lake home "
+                                "(--home, LAMBDALAKE_HOME) where it can reach")
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         os.chown(self.data_dir, pw.pw_uid, pw.pw_gid)
         return pw.pw_uid, pw.pw_gid

@@ -203,7 +203,9 @@ def reachable_tmp_dir(prefix: str) -> Path:
     user ``lambdalake``, and pytest's base temp directory (``/tmp/pytest-of-root``, 0700) would shut it out."""
     import tempfile
 
-    return Path(tempfile.mkdtemp(prefix=prefix))
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    d.chmod(0o711)  # others may pass through, not list
+    return d
 
 
 @pytest.fixture(scope="session")

@@ -215,3 +215,92 @@ def test_a_directory_the_server_user_cannot_enter_is_refused(tmp_path):
     locked = tmp_path / "locked"  # pytest's base temp dir is 0700 root-owned
     with pytest.raises(PostgresError, match="cannot enter"):
         EmbeddedPostgres(Path(locked) / "pg").up()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_cli_captures_a_table_of_the_users_own_postgres_and_connect(postgres, kafka_connect, kafka_broker, tmp_path):
+    """LAMBDALAKE_POSTGRES and LAMBDALAKE_CONNECT (here: the session's servers, as a user's own): `cdc up --table`
+    starts nothing, registers the connector there (REPLICA IDENTITY FULL set first); `cdc status` shows it running
+    and its slot."""
+    suffix = uuid.uuid4().hex[:8]
+    table, name = f"items_{suffix}", f"cli{suffix}"
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {table} (sku text PRIMARY KEY, qty int)")
+    env = {**os.environ, "LAMBDALAKE_HOME": str(tmp_path), "LAMBDALAKE_POSTGRES": postgres.url,
+           "LAMBDALAKE_CONNECT": kafka_connect.url, "LAMBDALAKE_BOOTSTRAP": kafka_broker}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([LAMBDALAKE, "cdc", *args], capture_output=True, text=True, env=env, timeout=120)
+
+    try:
+        up = cli("up", "--table", f"public.{table}", "--name", name, "--prefix", f"cli{suffix}")
+        assert up.returncode == 0, up.stderr
+        assert f"into cli{suffix}.public.{table}" in up.stdout and postgres.password not in up.stdout
+        assert not (tmp_path / "postgres").exists() and not (tmp_path / "connect").exists()
+        with postgres.connect() as conn:
+            assert conn.execute("SELECT relreplident FROM pg_class WHERE relname = %s", (table,)).fetchone() == ("f",)
+            conn.execute(f"INSERT INTO {table} VALUES ('a', 1)")
+            conn.commit()
+        (key, value), = _events(kafka_broker, f"cli{suffix}.public.{table}", 1)
+        assert key == {"sku": "a"} and value["op"] == "c" and value["after"] == {"sku": "a", "qty": 1}
+        st = cli("status")
+        assert st.returncode == 0, st.stdout + st.stderr
+        assert f"connector {name}: RUNNING; task 0 RUNNING" in st.stdout and f"slot {name}: active True" in st.stdout
+    finally:
+        remove(kafka_connect.url, name)
+        _drop_slot(postgres, name)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_cli_embedded_up_down_up_resumes_without_a_new_snapshot(kafka_broker):
+    """`cdc up` starts the embedded PostgreSQL and Kafka Connect (detached) under the lake home; `cdc down` stops
+    both; `cdc up --table` again resumes the connector from its offsets file: no second snapshot, no duplicate."""
+    import shutil
+
+    home = reachable_tmp_dir("lambdalake-cdc-home-")
+    env = {k: v for k, v in os.environ.items() if k not in ("LAMBDALAKE_POSTGRES", "LAMBDALAKE_CONNECT")}
+    env.update(LAMBDALAKE_HOME=str(home), LAMBDALAKE_BOOTSTRAP=kafka_broker)
+    prefix = f"emb{uuid.uuid4().hex[:8]}"
+    capture_args = ("--table", "public.things", "--name", prefix, "--prefix", prefix)
+
+    def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        res = subprocess.run([LAMBDALAKE, "cdc", *args], capture_output=True, text=True, env=env, timeout=180)
+        assert not check or res.returncode == 0, res.stdout + res.stderr
+        return res
+
+    def db():
+        access = json.loads((home / "postgres" / "access.json").read_text())
+        return parse_postgres_url(f"postgresql://{access['user']}:{access['password']}@127.0.0.1:{access['port']}/"
+                                  f"{access['database']}")
+
+    try:
+        assert "no table captured" in cli("up").stdout
+        with db().connect(autocommit=True) as conn:
+            conn.execute("CREATE TABLE things (id int PRIMARY KEY, v text)")
+            conn.execute("INSERT INTO things VALUES (1, 'snapshot')")
+        cli("up", *capture_args)
+        with db().connect(autocommit=True) as conn:
+            conn.execute("INSERT INTO things VALUES (2, 'before the restart')")
+        _events(kafka_broker, f"{prefix}.public.things", 2)
+        time.sleep(1.5)  # one offset flush (offset.flush.interval.ms=1000): a clean stop flushes too
+        assert "PostgreSQL stopped" in cli("down").stdout
+        st = cli("status", check=False)
+        assert st.returncode == 1 and "PostgreSQL: not running" in st.stdout
+        cli("up", *capture_args)
+        with db().connect(autocommit=True) as conn:
+            conn.execute("INSERT INTO things VALUES (3, 'after the restart')")
+        events = _events(kafka_broker, f"{prefix}.public.things", 3)
+        time.sleep(2)  # anything sent twice or snapshotted again would arrive now
+        events = _events(kafka_broker, f"{prefix}.public.things", 3)
+        from kafka import KafkaConsumer, TopicPartition
+
+        c = KafkaConsumer(bootstrap_servers=kafka_broker)
+        tp = TopicPartition(f"{prefix}.public.things", 0)
+        assert c.end_offsets([tp])[tp] == 3, "a second snapshot or a duplicate after the restart"
+        c.close()
+        assert [(v["op"], v["after"]["id"]) for _, v in events] == [("r", 1), ("c", 2), ("c", 3)]
+    finally:
+        cli("down", check=False)
+        shutil.rmtree(home, ignore_errors=True)
