@@ -55,7 +55,7 @@ from batch.partition_buffer import PartitionBuffer, RollPolicy
 from lambdalake.clients import ensure_topics
 from lambdalake.config import Settings
 from lambdalake.exceptions import InvariantViolation
-from lambdalake.heads import HeadFile, PartitionHead, file_key, writer_id
+from lambdalake.heads import Fenced, HeadFile, PartitionHead, file_key, writer_id
 from lambdalake.layout import Layout
 from lambdalake.ownership import PartitionLocks, Share
 from lambdalake.pipeline import Pipeline
@@ -121,6 +121,7 @@ class Archiver:
         self.group_id = f"lambdalake-archiver.{pipeline.name}"
         self.writer = writer_id()
         self._heads: dict[tuple[str, int], PartitionHead] = {}
+        self._fenced: set[tuple[str, int]] = set()  # partitions another writer claimed since this one did
 
     # control ------------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -173,7 +174,7 @@ class Archiver:
     def _assign(self, session: LogSession) -> list:
         """Assign every partition of every source topic, each at the end of its master files (new partitions: at
         the end of their files on disk, or the log start). Returns the partitions new to this run."""
-        keys = session.partitions()
+        keys = [k for k in session.partitions() if k not in self._fenced]
         new = [k for k in keys if k not in self._buffers]
         if not new:
             return []
@@ -200,14 +201,16 @@ class Archiver:
             runs = session.poll(self.POLL_S, self.POLL_RECORDS)
             now_us = time.time_ns() // 1000
             for key, offsets, values, records in runs:
-                buf = self._buffers[key]
+                buf = self._buffers.get(key)
+                if buf is None:  # fenced since this poll's fetch
+                    continue
                 i = 0
-                while i < len(offsets):
+                while i < len(offsets) and key not in self._fenced:
                     i = self._append(buf, offsets, values, records, i, now_us, session)
                     if self._full(buf):
                         self._roll(buf, session, dlq)
             now = time.monotonic()
-            for buf in self._buffers.values():
+            for buf in list(self._buffers.values()):
                 if not buf.empty and now - buf.opened >= self.policy.max_seconds:
                     self._roll(buf, session, dlq)
             if not self.until_caught_up and now - last_refresh >= self.REFRESH_PARTITIONS_S:
@@ -223,7 +226,9 @@ class Archiver:
     def _caught_up(self, session: LogSession) -> bool:
         done = True
         for key, target in self._targets.items():
-            buf = self._buffers[key]
+            buf = self._buffers.get(key)
+            if buf is None:  # fenced: no longer this archiver's to finish
+                continue
             if buf.end >= target:
                 continue
             if session.reached(key, target):
@@ -302,7 +307,11 @@ class Archiver:
         # 2. the valid rows under a name no other writer uses
         master = self._put("master", head, buf, master_table(src, buf.columns, p, buf.offsets, buf.ingest))
         # 3. the head lists them: the commit point (Fenced if another writer claimed the partition since)
-        head.commit(buf.start, buf.end, master, rejected)
+        try:
+            head.commit(buf.start, buf.end, master, rejected)
+        except Fenced as exc:
+            self._drop(session, (src.topic, p), exc)
+            return
         self.report.bytes += master.bytes or 0
         self.report.files += 1
         log.info("archived %s rows of %s[%s] offsets [%s, %s) -> %s", buf.rows, src.topic, p, buf.start, buf.end,
@@ -311,6 +320,14 @@ class Archiver:
         end = buf.end
         buf.reset(end)
         session.commit({(src.topic, p): end})
+
+    def _drop(self, session: LogSession, key: tuple[str, int], exc: Fenced) -> None:
+        """Stop archiving a partition another writer claimed: its buffer is that writer's to read again."""
+        self._warn(f"stopped archiving {key[0]}[{key[1]}]: {exc}")
+        self._fenced.add(key)
+        self._buffers.pop(key, None)
+        self._heads.pop(key, None)
+        session.pause(key)
 
     def _put(self, dataset: str, head: PartitionHead, buf: PartitionBuffer, table) -> HeadFile:
         """Steps 1-2: one file of the roll, whole, under a new name of this writer's epoch."""
