@@ -13,6 +13,11 @@ LAMBDALAKE_PARTITIONS      partitions per created topic          4
 LAMBDALAKE_HANDOFF_BLOCK   offsets per handoff block (see        1000, or what ``<home>/lake.json``
                            :mod:`lambdalake.handoff`)            fixed for the lake
 LAMBDALAKE_SPARK_MASTER    Spark master URL                      ``local[*]``
+LAMBDALAKE_POSTGRES        the CDC source's PostgreSQL           the embedded server
+                           (``postgresql://`` URL,
+                           :mod:`lambdalake.postgres`)
+LAMBDALAKE_CONNECT         Kafka Connect REST URL                the embedded worker
+                           (:mod:`lambdalake.connect`)
 =========================  ====================================  =====================================
 """
 
