@@ -105,6 +105,7 @@ class Capture:
             "publication.autocreate.mode": "filtered", "snapshot.mode": "initial",
             "decimal.handling.mode": "string",  # JSON without schemas: a decimal as text, not base64 bytes
             "tombstones.on.delete": "true",
+            "poll.interval.ms": "100",  # how long the task waits for changes before a batch (default 500)
             "heartbeat.interval.ms": "10000",  # the slot advances while the captured tables are idle
             "topic.creation.default.replication.factor": "-1",
             "topic.creation.default.partitions": str(self.partitions),
