@@ -108,7 +108,7 @@ class Archiver:
         self.settings = settings
         self.share = share or Share()
         self.pipeline = pipeline
-        self.layout = Layout(settings.home)
+        self.layout = Layout.of(settings.home, settings.lake)
         self.policy = policy or RollPolicy.from_env()
         self.until_caught_up = until_caught_up
         self.on_progress = on_progress

@@ -12,6 +12,7 @@ from lambdalake.exceptions import ConfigError
 from lambdalake.options import (
     BootstrapOpt,
     HomeOpt,
+    LakeOpt,
     PartitionsOpt,
     PipelineOpt,
     ShareOpt,
@@ -38,11 +39,11 @@ def ingest_cmd(
     roll_seconds: Annotated[float | None, typer.Option(min=0.001, help="... or this age in seconds "
                                                        "[env LAMBDALAKE_ARCHIVE_ROLL_SECONDS; default 60].")] = None,
     workers: WorkersOpt = 1, share: ShareOpt = None, partitions: PartitionsOpt = None,
-    pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
+    pipeline: PipelineOpt = None, home: LakeOpt = None, bootstrap: BootstrapOpt = None,
 ) -> None:
     """Archive the source topics into the master dataset (Parquet), exactly once; invalid messages to the DLQ.
 
-    Resumes from the master files on disk. SIGTERM/SIGINT finish the current files and exit. Scales out by
+    Resumes where each partition's master head ends. SIGTERM/SIGINT finish the current files and exit. Scales out by
     partition: --workers N here, or one --share I/N (or --partitions) per process on several machines.
     """
     from rich.live import Live
@@ -53,7 +54,7 @@ def ingest_cmd(
     from batch.partition_buffer import RollPolicy
     from lambdalake.ownership import Share
 
-    ctx = context(pipeline, home, bootstrap)
+    ctx = context(pipeline, home, bootstrap, object_storage=True)
     policy = RollPolicy.from_env(max_rows=roll_rows, max_bytes=roll_bytes, max_seconds=roll_seconds)
     owned = Share.parse(partitions, share)
     if workers > 1:

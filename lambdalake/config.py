@@ -100,6 +100,7 @@ class Settings:
     spark_master: str = "local[*]"
     bootstrap_arg: str | None = None  # --bootstrap as given (None: environment, state file or default)
     extra: dict = field(default_factory=dict)
+    lake: str = ""  # s3://bucket/prefix of a lake on object storage ("": the local directory ``home``)
 
     def with_(self, **changes) -> Settings:
         return replace(self, **changes)
@@ -132,9 +133,12 @@ def load_settings(
     pipeline: str | None = None,
     partitions: int | None = None,
     spark_master: str | None = None,
+    *,
+    object_storage: bool = False,
 ) -> Settings:
-    """Resolve settings from arguments and environment. The Kafka address is checked when first used."""
-    home_path = resolve_home(home)
+    """Resolve settings from arguments and environment. The Kafka address is checked when first used.
+    ``object_storage``: the command runs on a lake on object storage too (:func:`resolve_home`)."""
+    home_path = resolve_home(home, object_storage=object_storage)
     if home_path.exists() and not home_path.is_dir():
         raise ConfigError(f"lake directory {home_path} exists but is not a directory; point LAMBDALAKE_HOME elsewhere")
     block = _handoff_block(home_path)
@@ -148,21 +152,54 @@ def load_settings(
         handoff_block=block,
         spark_master=spark_master or os.environ.get("LAMBDALAKE_SPARK_MASTER") or "local[*]",
         bootstrap_arg=bootstrap,
+        lake=lake_url(home) or "",
     )
 
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/")  # also "s3:/b": a Path option collapses the "//"
 
 
-def resolve_home(home: str | Path | None = None) -> Path:
-    """The lake directory: ``home`` > ``LAMBDALAKE_HOME`` > ``./data``, absolute. A URL (``s3://bucket/prefix``) is
-    refused with a ConfigError: the lake is a local directory in this release, and a directory named ``s3:`` made
-    silently in the working directory would look like a lake on object storage while being none."""
+def lake_url(home: str | Path | None = None) -> str | None:
+    """``s3://bucket/prefix`` when the lake (``home`` > ``LAMBDALAKE_HOME``) is on object storage, else None (a local
+    directory, also given as ``file://``). Another scheme is a ConfigError: a directory named ``gs:`` made silently
+    in the working directory would look like a lake elsewhere while being none."""
     raw = str(home or os.environ.get("LAMBDALAKE_HOME") or "data")
-    if m := _URL.match(raw):
-        raise ConfigError(f"lake {raw!r}: a {m.group(1)}:// lake is not supported by this release; the lake is a "
-                          "local directory (a path in --home or LAMBDALAKE_HOME), on a file system every layer's "
-                          "machine can see")
+    m = _URL.match(raw)
+    if m is None or m.group(1).lower() == "file":
+        return None
+    if m.group(1).lower() != "s3":
+        raise ConfigError(f"lake {raw!r}: no storage for {m.group(1)}:// lakes; a lake is a local directory or "
+                          "s3://bucket/prefix")
+    rest = raw[m.end():].lstrip("/")  # a Path option collapses s3://b into s3:/b
+    if not rest.split("/")[0]:
+        raise ConfigError(f"lake {raw!r}: expected s3://bucket/prefix")
+    return "s3://" + rest.rstrip("/")
+
+
+def work_dir(url: str) -> Path:
+    """The local directory of a machine working on the object-storage lake ``url``: its own locks and temporary
+    files, never lake data (``LAMBDALAKE_WORK_DIR``; default ``~/.cache/lambdalake/lakes/<bucket>/<prefix>``)."""
+    given = os.environ.get("LAMBDALAKE_WORK_DIR")
+    if given:
+        return Path(given).expanduser().resolve()
+    return (Path.home() / ".cache" / "lambdalake" / "lakes" / url.removeprefix("s3://")).resolve()
+
+
+def resolve_home(home: str | Path | None = None, *, object_storage: bool = False) -> Path:
+    """The lake directory: ``home`` > ``LAMBDALAKE_HOME`` > ``./data``, absolute. For a lake on object storage
+    (``s3://bucket/prefix``): the machine's :func:`work_dir` when the command can run there (``object_storage``),
+    else a ConfigError saying which commands can."""
+    raw = str(home or os.environ.get("LAMBDALAKE_HOME") or "data")
+    url = lake_url(raw)
+    if url is not None:
+        if not object_storage:
+            raise ConfigError(f"lake {url}: on object storage this release runs `lambdalake ingest` (the archiver); "
+                              "the speed layer, batch, serving, audit and maintenance still need a local lake "
+                              "directory (a path in --home or LAMBDALAKE_HOME)")
+        return work_dir(url)
+    if _URL.match(raw):  # file://
+        raw = raw[len("file:"):].lstrip("/")
+        raw = "/" + raw
     return Path(raw).expanduser().resolve()
 
 

@@ -133,11 +133,10 @@ def read_head(layout: Layout, source: str, partition: int) -> tuple[MasterHead |
 
 # readers --------------------------------------------------------------------------------------------------------
 def partitions(layout: Layout, source: str) -> list[int]:
-    """The partitions of ``source`` with anything archived (a head or first-release files), sorted."""
-    base = layout.master_source(source)
-    if not base.is_dir():
-        return []
-    return sorted(int(m.group(1)) for d in base.iterdir() if (m := PARTITION_DIR.match(d.name)) and d.is_dir())
+    """The partitions of ``source`` with anything archived (a head or first-release files), sorted. Discovery only:
+    which files count is each partition's head."""
+    return sorted(int(m.group(1)) for name in layout.store.children(f"master/{source}/")
+                  if (m := PARTITION_DIR.match(name)))
 
 
 def heads(layout: Layout, source: str) -> Iterator[MasterHead]:
@@ -197,13 +196,12 @@ def contiguous_ranges(files: list[MasterFile]) -> Iterator[tuple[int, int]]:
 
 # the first release's rule ---------------------------------------------------------------------------------------
 def range_files_on_disk(layout: Layout, dataset: str, source: str, partition: int) -> list[MasterFile]:
-    """Every range-named file in one partition directory, sorted by start (garbage included)."""
+    """Every range-named file in one partition's prefix, sorted by start (garbage included). Discovery only."""
     base = layout.home / dataset / source / f"p={partition}"
     out = []
-    if base.is_dir():
-        for f in base.iterdir():
-            if m := MASTER_FILE.match(f.name):
-                out.append(MasterFile(f, source, partition, int(m.group(1)), int(m.group(2))))
+    for name in layout.store.children(f"{dataset}/{source}/p={partition}/"):
+        if m := MASTER_FILE.match(name):
+            out.append(MasterFile(base / name, source, partition, int(m.group(1)), int(m.group(2))))
     out.sort(key=lambda m: (m.start, m.end, m.path.name))
     return out
 

@@ -94,6 +94,16 @@ class Layout:
         self._store = store
         self._real_home: Path | None = None  # home with symlinks resolved, once (inside() runs per file)
 
+    @classmethod
+    def of(cls, home: Path, lake: str = "") -> Layout:
+        """The layout of a lake: the local directory ``home``, or the object-storage lake ``lake`` (``s3://...``;
+        ``home`` is then the machine's work directory, :func:`lambdalake.config.work_dir`)."""
+        if not lake:
+            return cls(home)
+        from lambdalake.storage import open_store
+
+        return cls(home, store=open_store(lake))
+
     def for_speed_worker(self, worker: str) -> Layout:
         return Layout(self.home, worker, self._store)
 

@@ -31,6 +31,9 @@ PipelineOpt = Annotated[str | None, typer.Option(
     "clickstream demo].", show_default=False)]
 HomeOpt = Annotated[Path | None, typer.Option(
     "--home", help="Lake directory [env LAMBDALAKE_HOME; default ./data].", show_default=False)]
+LakeOpt = Annotated[str | None, typer.Option(
+    "--home", help="Lake: a directory or s3://bucket/prefix [env LAMBDALAKE_HOME; default ./data].",
+    show_default=False)]
 
 
 def _existing_lake(value: Path | None) -> Path | None:
@@ -66,9 +69,11 @@ class Context:
 
 
 def context(pipeline: str | None = None, home: Path | None = None, bootstrap: str | None = None,
-            partitions: int | None = None, spark_master: str | None = None) -> Context:
+            partitions: int | None = None, spark_master: str | None = None, *,
+            object_storage: bool = False) -> Context:
+    """``object_storage``: the command also runs on a lake on object storage (``s3://``)."""
     settings = load_settings(home=home, bootstrap=bootstrap, pipeline=pipeline, partitions=partitions,
-                             spark_master=spark_master)
+                             spark_master=spark_master, object_storage=object_storage)
     return Context(settings, load_pipeline(settings.pipeline))
 
 

@@ -71,6 +71,10 @@ def test_list_and_delete(store):
                                           "views/speed/w1/x"]
     assert store.list("views/speed/w0/") == ["views/speed/w0/000001/a.parquet", "views/speed/w0/000001/snapshot.json"]
     assert len(store.list()) == 5 and store.list("nothing/") == []
+    assert store.children("views/speed/") == ["w0", "w1"] and store.children("views/") == ["batch", "speed",
+                                                                                          "speedy"]
+    assert store.children("views/speed/w0/000001/") == ["a.parquet", "snapshot.json"]
+    assert store.children("nothing/") == []
     store.delete("views/speed/w1/x")
     store.delete("views/speed/w1/x")  # idempotent
     assert store.list("views/speed/w1/") == []

@@ -104,6 +104,11 @@ class Store(Protocol):
         sorted. For garbage collection and migration: never the way a protocol decides what is valid."""
         ...
 
+    def children(self, prefix: str) -> list[str]:
+        """The names one level below ``prefix`` (a key prefix at a ``/`` boundary): objects and sub-prefixes
+        alike, sorted (``master/<source>/`` -> ``["p=0", "p=1"]``). For discovery only, like :meth:`list`."""
+        ...
+
     def delete(self, key: str) -> None:
         """Remove the object; no error if it is already gone."""
         ...

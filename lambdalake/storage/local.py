@@ -99,6 +99,13 @@ class LocalStore:
                     out.append(name if rel == "." else f"{rel}/{name}")
         return sorted(out)
 
+    def children(self, prefix: str) -> list[str]:
+        base = self.root / check_key(prefix.rstrip("/"))
+        try:
+            return sorted(e.name for e in os.scandir(base) if not e.name.startswith((TEMP_PREFIX, LOCK_PREFIX)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     # -- writes --------------------------------------------------------------------------------------------------
     def _temp(self, target: Path, data: bytes) -> Path:
         """Step 1 of every write: the bytes in a fsync'd temporary file next to ``target``."""

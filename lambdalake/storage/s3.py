@@ -177,6 +177,19 @@ class S3Store:
         self._bucket_seen = True
         return sorted(keys)
 
+    def children(self, prefix: str) -> list[str]:
+        import obstore
+
+        base = check_key(prefix.rstrip("/"))
+        try:
+            got = obstore.list_with_delimiter(self.client, base)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc, "list", prefix)
+        self._bucket_seen = True
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in got["common_prefixes"]]
+        names += [m["path"].rsplit("/", 1)[-1] for m in got["objects"]]
+        return sorted(names)
+
     # writes -----------------------------------------------------------------------------------------------
     def put(self, key: str, data: bytes) -> str:
         return self._put(key, data, "overwrite")  # type: ignore[return-value]
