@@ -30,8 +30,10 @@ def run(args, **env):
     (["produce", "--late-fraction", "2", "--events", "1"], {}, "--late-fraction"),
     (["load", "/nope.csv", "--source", "purchases"], {"LAMBDALAKE_BOOTSTRAP": "127.0.0.1:1"}, "not found"),
     (["nosuchcommand"], {}, "No such command"),
-    (["status"], {"LAMBDALAKE_HOME": "s3://bucket/lake"}, "a s3:// lake is not supported by this release"),
-    (["ingest", "--home", "gs://bucket/lake"], {}, "a gs:// lake is not supported by this release"),
+    (["status"], {"LAMBDALAKE_HOME": "s3://bucket/lake"}, "lake s3://bucket/lake: on object storage this release "
+                                                          "runs `lambdalake ingest`"),
+    (["batch", "--home", "s3://bucket/lake"], {}, "lake s3://bucket/lake: on object storage"),
+    (["ingest", "--home", "gs://bucket/lake"], {}, "no storage for gs:// lakes"),
 ])
 def test_bad_input_gets_one_actionable_line(args, env, expected, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
