@@ -60,6 +60,7 @@ from lambdalake.layout import (
     read_batch_pointer,
 )
 from lambdalake.runtime import crash_point
+from lambdalake.servingcopy import write_serving_copy
 from lambdalake.speedset import current_speed_snapshot
 from lambdalake.storage.base import ObjectMissing, StorageError
 from lambdalake.storage.local import LocalStore
@@ -212,6 +213,8 @@ def publish(layout: Layout, staging: Path, manifest: BatchManifest, keep: int = 
     if staging.parent.resolve() != layout.batch_views.resolve() or not STAGING.match(staging.name):
         raise InvariantViolation(f"{staging} is not a staging directory of {layout.batch_views}")
     prefix = f"{BATCH_PREFIX}/{staging.name}"
+    if isinstance(layout.store, LocalStore):  # serving's native copy, staged with the version (optional)
+        write_serving_copy(staging, manifest.row_counts)
     # 1. the staged files durable before anything can point at them
     _fsync_tree(staging)
     writer = _writer_id()

@@ -71,13 +71,14 @@ def duckdb_type(column: Column) -> str:
 
 # --- typed relations of stored columns -----------------------------------------------------------------------------
 def typed_select(columns: Columns, relation: str, absent: frozenset[str] | set[str] = frozenset(), *,
-                 presented: bool = False, estimates: bool = False) -> str:
+                 presented: bool = False, estimates: bool = False, extra: Sequence[str] = ()) -> str:
     """SELECT every column of ``relation`` cast to its contract type (published files are checked, not trusted).
 
     Columns named in ``absent`` are NULL of their type (a stale answer from pieces of an earlier definition that
     did not store them). ``presented``: as served to users (decimals as SQL decimals, :func:`present`).
     ``estimates``: sketches as their estimates (:func:`estimate_sql`): how two relations holding sketches of the
-    same values built by different engines compare equal (their bytes may differ).
+    same values built by different engines compare equal (their bytes may differ). ``extra``: further columns of
+    ``relation`` selected as they are.
     """
     shown = present if presented else _as_is
     if estimates:
@@ -85,7 +86,7 @@ def typed_select(columns: Columns, relation: str, absent: frozenset[str] | set[s
             return estimate_sql(f"{FN}list_value({expr})") if c.type == "sketch" else _shown(expr, c)
     cols = ", ".join(
         shown(f"CAST({'NULL' if c.name in absent else ident(c.name)} AS {duckdb_type(c)})", c) + f" AS {ident(c.name)}"
-        for c in columns)
+        for c in columns) + "".join(f", {ident(name)}" for name in extra)
     return f"SELECT {cols} FROM {relation}"
 
 
@@ -281,4 +282,77 @@ def merged_view_sql(view: View, batch: str, speed: str, watermark: dict[int, int
         f"    SELECT {part_cols} FROM {speed} WHERE {speed_visible_predicate(watermark)}\n"
         f"  ) AS parts GROUP BY {', '.join(group)}\n"
         f") AS merged"
+    )
+
+
+# --- the merge split: rows without a speed part served as stored, the few others merged ----------------------------
+ESTIMATE_PREFIX = "__estimate_"
+
+
+def estimate_column(name: str) -> str:
+    """The column holding a stored estimate of sketch column ``name`` (:mod:`lambdalake.servingcopy`)."""
+    return ESTIMATE_PREFIX + name
+
+
+def _same_group(view: View, left: str, right: str) -> str:
+    """Join condition: the same group (keys may be NULL: NULL keys form one group, as in GROUP BY)."""
+    return " AND ".join(f"{left}.{ident(c)} IS NOT DISTINCT FROM {right}.{ident(c)}"
+                        for c in [*view.keys, WINDOW_START])
+
+
+def speed_groups_sql(view: View, batch: str, speed: str, watermark: dict[int, int], source: Source, since: str
+                     ) -> str:
+    """The stored rows of the groups that have a visible speed part, merged with their batch row if any (as
+    :func:`merged_view_sql` merges them; a sketch column holds the LIST of the parts' sketches). ``since``: SQL of
+    the earliest ``window_start`` of a visible speed row (no batch row before it can have a speed part). A serving
+    connection computes these few rows once; :func:`split_view_sql` serves them."""
+    columns = {c.name: c for c in view_columns(source, view)}
+    group = [ident(k) for k in view.keys] + [ident(WINDOW_START)]
+    stored = [ident(a.name) for a in view.stored_aggregates]
+    merged = ", ".join(group + [_merge_expr(a, columns[a.name]) for a in view.stored_aggregates])
+    visible = f"(SELECT {', '.join(group + stored)} FROM {speed} WHERE {speed_visible_predicate(watermark)})"
+    return (
+        f"SELECT {merged} FROM (\n"
+        f"  SELECT {', '.join('b.' + c for c in group + stored)} FROM {batch} AS b "
+        f"SEMI JOIN {visible} AS s ON {_same_group(view, 'b', 's')} WHERE b.{ident(WINDOW_START)} >= {since}\n"
+        f"  UNION ALL\n"
+        f"  SELECT {', '.join(group + stored)} FROM {visible} AS v\n"
+        f") AS parts GROUP BY {', '.join(group)}"
+    )
+
+
+def split_view_sql(view: View, batch: str, merged_rows: str | None, source: Source,
+                   estimates: frozenset[str] = frozenset(), since: str | None = None) -> str:
+    """A merged view as the union of (a) the batch rows of groups without a visible speed part, served as stored,
+    and (b) ``merged_rows`` (:func:`speed_groups_sql`, e.g. a table of them; None: there are none). Same rows and
+    output columns as :func:`merged_view_sql` (a batch version holds one row per group). Only (a)'s rows from
+    ``since`` on (the earliest ``window_start`` of (b)) are checked against (b). In (a) an ``approx_distinct`` is
+    the estimate stored with the row (``__estimate_<name>`` of ``batch``, for the names in ``estimates``; else
+    computed per row the same way: the canonical estimate of the one sketch, NULL for none) — only (b)'s rows
+    estimate a union per query."""
+    columns = {c.name: c for c in view_columns(source, view)}
+    means = {m.name: m for m in view.means}
+    keys = [f"{present(ident(k), columns[k])} AS {ident(k)}" for k in view.keys] + [ident(WINDOW_START)]
+
+    def stored_estimate(a: Aggregate | Mean) -> str:
+        col = ident(a.name)
+        if a.name in estimates:
+            return f"{ident(estimate_column(a.name))} AS {col}"
+        return f"CASE WHEN {col} IS NULL THEN NULL ELSE {estimate_sql(f'{FN}list_value({col})')} END AS {col}"
+
+    alone = keys + [stored_estimate(a) if isinstance(a, Aggregate) and a.kind == "approx_distinct"
+                    else _output_expr(a, means, columns, True) for a in view.aggregates]
+    if merged_rows is None or since is None:
+        return f"SELECT {', '.join(alone)} FROM {batch} AS alone"
+    both = keys + [_output_expr(a, means, columns, True) for a in view.aggregates]
+    ws = ident(WINDOW_START)
+    return (
+        f"SELECT {', '.join(alone)} FROM (\n"
+        f"  SELECT * FROM {batch} AS b WHERE b.{ws} < {since}\n"
+        f"  UNION ALL\n"
+        f"  SELECT b.* FROM {batch} AS b ANTI JOIN {merged_rows} AS m ON {_same_group(view, 'b', 'm')} "
+        f"WHERE b.{ws} >= {since}\n"
+        f") AS alone\n"
+        f"UNION ALL\n"
+        f"SELECT {', '.join(both)} FROM {merged_rows} AS both_sides"
     )

@@ -75,7 +75,7 @@ from lambdalake.layout import Layout
 from lambdalake.pipeline import Pipeline, load_pipeline
 from lambdalake.viewsql import ident
 from serving.exceptions import InconsistentPublishedState
-from serving.install import install_pair
+from serving.install import copy_alias, install_pair
 from serving.lockdown import DEFAULT_THREADS, DEFAULT_TIMEOUT_S, Limits, default_memory_limit, open_locked
 from serving.plans import ViewPlan, plan_views
 from serving.published import PublishedPair, resolve_pair
@@ -212,6 +212,7 @@ def refresh(con: duckdb.DuckDBPyConnection) -> PublishedPair:
         old_catalog, old_registered = binding.catalog, binding.registered
         if old_catalog is not None:
             con.execute(f"DETACH {ident(old_catalog)}")
+            con.execute(f"DETACH DATABASE IF EXISTS {ident(copy_alias(old_catalog))}")  # its batch copy
         else:
             try:  # the writable in-memory default: nothing of ours lives there; leave the user only `temp`
                 con.execute("DETACH memory")

@@ -21,16 +21,33 @@ from lambdalake.config import Settings
 from lambdalake.erasure import erased_subjects, not_erased_sql
 from lambdalake.fields import Source
 from lambdalake.layout import Layout
-from lambdalake.pipeline import Pipeline, View
+from lambdalake.pipeline import WINDOW_START, Pipeline, View
 from lambdalake.schema import master_columns, speed_view_columns, view_columns
-from lambdalake.viewsql import FN, empty_select, ident, literal, merged_view_sql, typed_select
+from lambdalake.servingcopy import estimate_column
+from lambdalake.viewsql import (
+    FN,
+    empty_select,
+    ident,
+    literal,
+    merged_view_sql,
+    speed_groups_sql,
+    speed_visible_predicate,
+    split_view_sql,
+    typed_select,
+)
+from serving.copies import Copy, attach_copy, guarded_copy
 from serving.datasets import absent_columns, batch_dataset, master_dataset, speed_table
 from serving.exceptions import InconsistentPublishedState
 from serving.metadata import install_metadata, view_row
-from serving.plans import STALE, ViewPlan
+from serving.plans import CURRENT, STALE, ViewPlan
 from serving.published import PublishedPair
 
 TAMPERED = "an internal relation of this connection was dropped or replaced; reconnect (serving.connect())"
+
+
+def copy_alias(catalog: str) -> str:
+    """The name a generation's batch copy is attached under (detached with its catalog)."""
+    return f"{catalog}_batch"
 
 
 def side_names(view: View, catalog: str | None = None) -> tuple[str, str]:
@@ -66,12 +83,14 @@ class _Registrations:
 
 
 class _Sides(NamedTuple):
-    """A served view's two registered sides, the columns their files lack (stale pieces) and its batch rows."""
+    """A served view's two registered sides (the batch one None when read from its serving copy), the columns
+    their files lack (stale pieces) and its batch rows."""
 
-    batch_reg: str
+    batch_reg: str | None
     speed_reg: str
     absent: tuple[frozenset[str], frozenset[str]]
     batch_rows: int
+    copy: Copy | None = None
 
 
 def install_pair(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Settings, scratch: Path,
@@ -81,6 +100,8 @@ def install_pair(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: S
     scratch file, re-attach it read-only and make it the default. Returns (catalog, registered names).
 
     A view being rebuilt gets empty sides and a refusing ``main.<view>``; a stale one reads its own older pair.
+    A current view whose batch version has a serving copy reads its batch side from a private copy of it attached
+    as ``lake_g<N>_batch`` (:mod:`serving.copies`) and is served split (:func:`lambdalake.viewsql.split_view_sql`).
     """
     layout = Layout(settings.home)
     catalog = f"lake_g{generation}"
@@ -88,7 +109,8 @@ def install_pair(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: S
     regs = _Registrations(con, generation)
     attached = False
     try:
-        sides = _register_sides(regs, pipeline, plans, materialize)
+        copy = None if materialize else attach_copy(con, pair, scratch, copy_alias(catalog))
+        sides = _register_sides(regs, pipeline, plans, materialize, {copy.version: copy} if copy else {})
         masters = {s.name: regs.add("master", s.name, master_dataset(pipeline, s.name, layout))
                    for s in pipeline.sources}
 
@@ -106,9 +128,9 @@ def install_pair(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: S
         attached = False
         _serve_read_only(con, path, catalog)
     except BaseException:
-        if attached:
+        for name in ([catalog] if attached else []) + [copy_alias(catalog)]:
             try:
-                con.execute(f"DETACH {ident(catalog)}")
+                con.execute(f"DETACH DATABASE IF EXISTS {ident(name)}")
             except duckdb.Error:
                 pass
         for reg in regs.kept:
@@ -122,9 +144,10 @@ def install_pair(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: S
     return catalog, tuple(regs.kept)
 
 
-def _register_sides(regs: _Registrations, pipeline: Pipeline, plans: dict[str, ViewPlan], materialize: bool
-                    ) -> dict[str, _Sides]:
-    """Steps 3-4 per served view: read (and check) both sides of its pair and register them on the connection."""
+def _register_sides(regs: _Registrations, pipeline: Pipeline, plans: dict[str, ViewPlan], materialize: bool,
+                    copies: dict[str, Copy]) -> dict[str, _Sides]:
+    """Steps 3-4 per served view: read (and check) both sides of its pair and register them on the connection
+    (the batch side of a current view whose version has a usable serving copy is read from the copy)."""
     sides = {}
     for view in pipeline.views:
         plan = plans[view.name]
@@ -132,6 +155,12 @@ def _register_sides(regs: _Registrations, pipeline: Pipeline, plans: dict[str, V
             continue
         stale = plan.state == STALE
         source = pipeline.source_of(view)
+        copy = copies.get(plan.pair.batch_version or "")
+        if not materialize and plan.state == CURRENT and copy is not None and copy.usable(pipeline, view):
+            speed_tbl = speed_table(pipeline, view, plan.pair)
+            sides[view.name] = _Sides(None, regs.add("speed", view.name, speed_tbl), (frozenset(), frozenset()),
+                                      int(plan.pair.batch_row_count(view) or 0), copy)
+            continue
         dataset = batch_dataset(pipeline, view, plan.pair, stale)
         speed_tbl = speed_table(pipeline, view, plan.pair, stale)
         absent = ((absent_columns(dataset.schema, view_columns(source, view)),
@@ -161,28 +190,58 @@ def _install_view(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, plan: View
     batch, speed = side_names(view, catalog)
     batch_absent, speed_absent = sides.absent
     kind = "TABLE" if materialize else "VIEW"
-    batch_src = ident(sides.batch_reg) if materialize else _guarded(sides.batch_reg, oids[sides.batch_reg])
+    if sides.copy is not None:
+        batch_src = f"{guarded_copy(sides.copy, view)} AS copied"
+    else:
+        assert sides.batch_reg is not None
+        batch_src = ident(sides.batch_reg) if materialize else _guarded(sides.batch_reg, oids[sides.batch_reg])
     speed_src = ident(sides.speed_reg) if materialize else _guarded(sides.speed_reg, oids[sides.speed_reg])
     con.execute(f"CREATE {kind} {batch} AS {typed_select(view_columns(source, view), batch_src, batch_absent)}")
     con.execute(f"CREATE {kind} {speed} AS {typed_select(speed_view_columns(source, view), speed_src, speed_absent)}")
     if plan.pair.block:
         check_speed_blocks(con, ident(sides.speed_reg), view, plan.pair)  # the Arrow rows: no cast, no guard
-    _install_merged(con, view, source, batch, speed, plan.pair.topic_watermark(source.topic), catalog, layout)
+    watermark = plan.pair.topic_watermark(source.topic)
+    if sides.copy is not None:
+        _install_split(con, view, source, sides.copy, batch, speed, watermark, catalog, layout)
+    else:
+        _install_merged(con, view, source, batch, speed, watermark, catalog, layout)
     return view_row(con, pipeline, plan, sides.batch_rows, ident(sides.speed_reg), batch_absent | speed_absent)
 
 
 def _install_merged(con: duckdb.DuckDBPyConnection, view: View, source: Source, batch: str, speed: str,
-                    watermark: dict[int, int], catalog: str, layout: Layout) -> None:
+                    watermark: dict[int, int], catalog: str, layout: Layout, main: str | None = None) -> None:
     """``main.<view>`` (and ``sketches.<view>`` for views with sketches): the merge of the two sides, without the
     rows of forgotten subjects."""
     gone = erased_subjects(layout, source.name) if source.key in view.keys else None
     for schema, sketched in (("main", False), ("sketches", True)):
         if sketched and not any(a.merge == "union" for a in view.stored_aggregates):
             continue
-        merged = merged_view_sql(view, batch, speed, watermark, source, sketches=sketched)
+        merged = main if main is not None and not sketched else \
+            merged_view_sql(view, batch, speed, watermark, source, sketches=sketched)
         if gone:
             merged = f"SELECT * FROM ({merged}) WHERE {not_erased_sql(ident(source.key), gone)}"  # forgotten
         con.execute(f"CREATE VIEW {ident(catalog)}.{schema}.{ident(view.name)} AS {merged}")
+
+
+def _install_split(con: duckdb.DuckDBPyConnection, view: View, source: Source, copy: Copy, batch: str, speed: str,
+                   watermark: dict[int, int], catalog: str, layout: Layout) -> None:
+    """``main.<view>`` served split: the groups with a visible speed part merged once, here, into
+    ``_lake.speed_groups_<view>`` (few rows: sketches kept as the list of parts); every other group's batch row
+    read from the serving copy as stored, its estimate the one stored with it (:func:`split_view_sql`).
+    ``sketches.<view>`` is the plain merge."""
+    groups: str | None = f"{ident(catalog)}._lake.{ident('speed_groups_' + view.name)}"
+    first = con.execute(f"SELECT {FN}epoch_us({FN}min({ident(WINDOW_START)})) FROM {speed} "
+                        f"WHERE {speed_visible_predicate(watermark)}").fetchall()[0][0]
+    since = None if first is None else f"{FN}make_timestamptz(CAST({int(first)} AS BIGINT))"
+    if since is None:
+        groups = None  # no visible speed row: every group is served from its batch row alone
+    else:
+        con.execute(f"CREATE TABLE {groups} AS {speed_groups_sql(view, batch, speed, watermark, source, since)}")
+    estimates = copy.estimates(view)
+    batch_est = "(" + typed_select(view_columns(source, view), f"{guarded_copy(copy, view)} AS copied",
+                                   extra=[estimate_column(e) for e in sorted(estimates)]) + ")"
+    _install_merged(con, view, source, batch, speed, watermark, catalog, layout,
+                    main=split_view_sql(view, batch_est, groups, source, estimates, since))
 
 
 def _install_master(con: duckdb.DuckDBPyConnection, source: Source, reg: str, oids: dict[str, int], catalog: str,
