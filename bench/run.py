@@ -232,6 +232,12 @@ def batch_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
         out.append(Figure("batch", f"archiver throughput ({a.get('messages', 0):,} messages -> Parquet + DLQ)",
                           a.get("events_per_s"), "msg/s", "raw kafka-python fetch (speed bench, same broker setup)"
                           if raw else "", raw))
+        if a.get("s3"):
+            s3 = a["s3"]
+            out.append(Figure("batch", f"archiver on the embedded S3 server ({s3['messages']:,} messages; "
+                              f"{s3['requests_per_roll']} object requests per roll)", s3.get("events_per_s"),
+                              "msg/s", "the same archiver on local disk, same run (goal >= 0.8x)",
+                              a.get("events_per_s")))
     for rc in r.get("recompute", []):
         note = "" if rc.get("row_counts_match", True) else "ROW COUNTS DIFFER between Spark and DuckDB"
         out.append(Figure("batch", f"recompute all views, {rc['events']:,} events (Spark job, {r.get('spark', '')})",
