@@ -300,12 +300,11 @@ def _same_group(view: View, left: str, right: str) -> str:
                         for c in [*view.keys, WINDOW_START])
 
 
-def speed_groups_sql(view: View, batch: str, speed: str, watermark: dict[int, int], source: Source, since: str
-                     ) -> str:
+def speed_groups_sql(view: View, batch: str, speed: str, watermark: dict[int, int], source: Source) -> str:
     """The stored rows of the groups that have a visible speed part, merged with their batch row if any (as
-    :func:`merged_view_sql` merges them; a sketch column holds the LIST of the parts' sketches). ``since``: SQL of
-    the earliest ``window_start`` of a visible speed row (no batch row before it can have a speed part). A serving
-    connection computes these few rows once; :func:`split_view_sql` serves them."""
+    :func:`merged_view_sql` merges them; a sketch column holds the LIST of the parts' sketches). Only batch rows from
+    the earliest ``window_start`` of a visible speed row on are looked up. A serving connection computes these few
+    rows once; :func:`split_view_sql` serves them."""
     columns = {c.name: c for c in view_columns(source, view)}
     group = [ident(k) for k in view.keys] + [ident(WINDOW_START)]
     stored = [ident(a.name) for a in view.stored_aggregates]
@@ -314,7 +313,8 @@ def speed_groups_sql(view: View, batch: str, speed: str, watermark: dict[int, in
     return (
         f"SELECT {merged} FROM (\n"
         f"  SELECT {', '.join('b.' + c for c in group + stored)} FROM {batch} AS b "
-        f"SEMI JOIN {visible} AS s ON {_same_group(view, 'b', 's')} WHERE b.{ident(WINDOW_START)} >= {since}\n"
+        f"SEMI JOIN {visible} AS s ON {_same_group(view, 'b', 's')} "
+        f"WHERE b.{ident(WINDOW_START)} >= (SELECT {FN}min({ident(WINDOW_START)}) FROM {visible} AS first)\n"
         f"  UNION ALL\n"
         f"  SELECT {', '.join(group + stored)} FROM {visible} AS v\n"
         f") AS parts GROUP BY {', '.join(group)}"

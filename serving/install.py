@@ -31,7 +31,6 @@ from lambdalake.viewsql import (
     literal,
     merged_view_sql,
     speed_groups_sql,
-    speed_visible_predicate,
     split_view_sql,
     typed_select,
 )
@@ -230,13 +229,11 @@ def _install_split(con: duckdb.DuckDBPyConnection, view: View, source: Source, c
     read from the serving copy as stored, its estimate the one stored with it (:func:`split_view_sql`).
     ``sketches.<view>`` is the plain merge."""
     groups: str | None = f"{ident(catalog)}._lake.{ident('speed_groups_' + view.name)}"
-    first = con.execute(f"SELECT {FN}epoch_us({FN}min({ident(WINDOW_START)})) FROM {speed} "
-                        f"WHERE {speed_visible_predicate(watermark)}").fetchall()[0][0]
+    con.execute(f"CREATE TABLE {groups} AS {speed_groups_sql(view, batch, speed, watermark, source)}")
+    first = con.execute(f"SELECT {FN}epoch_us({FN}min({ident(WINDOW_START)})) FROM {groups}").fetchall()[0][0]
     since = None if first is None else f"{FN}make_timestamptz(CAST({int(first)} AS BIGINT))"
     if since is None:
         groups = None  # no visible speed row: every group is served from its batch row alone
-    else:
-        con.execute(f"CREATE TABLE {groups} AS {speed_groups_sql(view, batch, speed, watermark, source, since)}")
     estimates = copy.estimates(view)
     batch_est = "(" + typed_select(view_columns(source, view), f"{guarded_copy(copy, view)} AS copied",
                                    extra=[estimate_column(e) for e in sorted(estimates)]) + ")"
