@@ -4,8 +4,10 @@ Not a test. For each size it synthesizes a lake of the clickstream pipeline's ``
 the published contracts (no Kafka, no Spark): master parquet files per partition/offset range; a batch version
 with the views aggregated over offsets ``< W`` (W aligned to the handoff block), written the way the Spark job
 writes them (sorted by the view's keys then ``window_start``, small row groups:
-``batch.spark_views.write_for_lookups``); a speed snapshot with the partitions' remaining offsets aggregated per
-(partition, block). Then it times:
+``batch.spark_views.write_for_lookups``) and its serving copy (``lambdalake.servingcopy``, as
+``lambdalake.versions.publish`` writes it); a speed snapshot with the partitions' remaining offsets aggregated per
+(partition, block). Two streams per size (``--streams``): ``demo`` (405 urls) and ``zipf`` (10,000 urls and the users
+each Zipf-distributed, exponent 1.1, fixed seed). Then it times:
 
 - ``connect()``: the default, lazy connection (views over the files) and ``materialize=True`` (both sides copied),
   against its floor (:func:`connect_floor`: open DuckDB, pyarrow datasets over the same files, speed files read);
@@ -15,14 +17,17 @@ writes them (sorted by the view's keys then ``window_start``, small row groups:
 - ``rollup_urls``:  views per url over everything (full roll-up of ``pageviews_hourly``)
 - ``rollup_users``: total pageviews over everything (full roll-up of ``user_activity_daily``)
 
-each against (a) the serving connection, (b) the same answer computed from the raw master files with
-``read_parquet`` in a plain DuckDB connection (the "no views" baseline) and (c) the same SQL over plain in-memory
-DuckDB tables holding the merged views' rows (the ceiling: what the query costs with no merge, no files, no Arrow);
-answers must agree. Also ``lambdalake sql`` wall time for a point lookup (process start to first byte of output,
-and to exit), against its start-up floor (an interpreter importing DuckDB and pyarrow.dataset).
+each against (a) the serving connection (batch side from the serving copy), (a') the same connection over a
+version without a copy (the parquet path: what earlier releases serve), (b) the same answer computed from the raw
+master files with ``read_parquet`` in a plain DuckDB connection (the "no views" baseline) and (c) the same SQL over
+plain in-memory DuckDB tables holding the merged views' rows (the ceiling: what the query costs with no merge, no
+files, no Arrow); answers must agree. Printed per query: p50 of (a), its ratio to (c) and (b)/(a) (> 1: the views
+beat the raw scan), (a') and its ratio to (c), and how many events a view row stands for. Also ``lambdalake sql``
+wall time for a point lookup (process start to first byte of output, and to exit), against its start-up floor (an
+interpreter importing DuckDB and pyarrow.dataset).
 Results: ``bench/results/serving-<utc time>.json``.
 
-    .venv/bin/python bench/bench_serving.py --sizes 1000000            # quick
+    .venv/bin/python bench/bench_serving.py --sizes 1000000 --reps 30  # quick
     .venv/bin/python bench/bench_serving.py --sizes 1000000,10000000   # both, ratios in one run
 """
 
@@ -66,6 +71,7 @@ from lambdalake.contracts import (  # noqa: E402
 )
 from lambdalake.layout import Layout, write_contract, write_pointer  # noqa: E402
 from lambdalake.pipeline import load_pipeline  # noqa: E402
+from lambdalake.servingcopy import copy_path, write_serving_copy  # noqa: E402
 from serving.connection import connect  # noqa: E402
 
 PARTITIONS = 4
@@ -78,15 +84,26 @@ ROW_GROUP_ROWS = 20_000  # about batch.spark_views.LOOKUP_ROW_GROUP_BYTES (1 MiB
 LAMBDALAKE = Path(sys.executable).with_name("lambdalake")
 
 
-def synthesize(home: Path, n: int, seed: int = 1) -> dict:
-    """Write master files, one batch version and one speed snapshot for ``n`` pageview events."""
+def zipf_ranks(rng: np.random.Generator, population: int, exponent: float, m: int) -> np.ndarray:
+    """``m`` draws of ranks 0..population-1 with P(rank k) proportional to 1/(k+1)^exponent (a bounded Zipf)."""
+    weights = 1.0 / np.arange(1, population + 1, dtype=np.float64) ** exponent
+    cdf = np.cumsum(weights)
+    return np.minimum(np.searchsorted(cdf, rng.random(m) * cdf[-1], side="right"), population - 1)
+
+
+def synthesize(home: Path, n: int, seed: int = 1, stream: str = "demo", copy: bool = True) -> dict:
+    """Write master files, one batch version (with its serving copy unless ``copy`` is false) and one speed
+    snapshot for ``n`` pageview events. ``stream``: ``demo`` (405 urls, users n/20; url and user ranks drawn from
+    numpy's unbounded Zipf 1.1 / 1.3 folded onto them) or ``zipf`` (the issue's skewed stream: 10,000 urls and
+    max(1000, n/20) users, each a bounded Zipf of exponent 1.1, fixed seed)."""
     pipeline = load_pipeline("lambdalake.pipelines.clickstream")
     src = pipeline.source("pageviews")
     layout = Layout(home)
     rng = np.random.default_rng(seed)
+    n_urls = 10_000 if stream == "zipf" else 400
     urls = np.array([f"https://shop.example/{p}" for p in ("", "cart", "checkout", "search", "about")]
-                    + [f"https://shop.example/product/{i}" for i in range(400)])
-    n_users = max(50, n // 20)
+                    + [f"https://shop.example/product/{i}" for i in range(n_urls - 5 if stream == "zipf" else 400)])
+    n_users = max(1000 if stream == "zipf" else 50, n // 20)
     next_offset = [0] * PARTITIONS
     span_us = SPAN_DAYS * 86_400 * 1_000_000
     t0_us = int(T0.timestamp() * 1_000_000)
@@ -94,8 +111,11 @@ def synthesize(home: Path, n: int, seed: int = 1) -> dict:
         m = min(CHUNK, n - start)
         idx = np.arange(start, start + m)
         et = t0_us + idx * (span_us // n) - (rng.random(m) < 0.05) * rng.integers(0, 3 * 3_600_000_000, m)
-        user = (rng.zipf(1.3, m) - 1) % n_users
-        url = (rng.zipf(1.1, m) - 1) % len(urls)
+        if stream == "zipf":
+            user, url = zipf_ranks(rng, n_users, 1.1, m), zipf_ranks(rng, len(urls), 1.1, m)
+        else:
+            user = (rng.zipf(1.3, m) - 1) % n_users
+            url = (rng.zipf(1.1, m) - 1) % len(urls)
         part = user % PARTITIONS
         table = pa.table({
             "event_id": pa.array([f"pv-{i}" for i in idx]),
@@ -121,11 +141,16 @@ def synthesize(home: Path, n: int, seed: int = 1) -> dict:
             next_offset[p] = off + k
     ends = {p: next_offset[p] for p in range(PARTITIONS)}
     wm = {p: int(e * (1 - SPEED_SHARE)) // BLOCK * BLOCK for p, e in ends.items()}
-    _publish_views(home, pipeline, src, wm, ends)
-    return {"events": n, "watermark": wm, "positions": ends}
+    counts = _publish_views(home, pipeline, src, wm, ends)
+    if copy:  # what lambdalake.versions.publish writes with every version
+        t = time.perf_counter()
+        write_serving_copy(layout.batch_version("v000001"), counts)
+        copy_s = round(time.perf_counter() - t, 2)
+    return {"events": n, "stream": stream, "watermark": wm, "positions": ends,
+            "serving_copy_write_s": copy_s if copy else None}
 
 
-def _publish_views(home: Path, pipeline, src, wm: dict[int, int], ends: dict[int, int]) -> None:
+def _publish_views(home: Path, pipeline, src, wm: dict[int, int], ends: dict[int, int]) -> dict[str, int]:
     layout = Layout(home)
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
@@ -175,6 +200,7 @@ def _publish_views(home: Path, pipeline, src, wm: dict[int, int], ends: dict[int
         format=SNAPSHOT_FORMAT))
     write_pointer(layout.batch_pointer, BatchPointer(version))
     write_pointer(layout.speed_pointer, SpeedPointer(snap))
+    return counts
 
 
 def queries(rng: random.Random, urls: list[str], users: list[str]) -> dict[str, tuple]:
@@ -297,24 +323,38 @@ def start_floor(runs: int) -> dict:
     return out
 
 
-def bench_size(n: int, reps: int, raw_reps: int, cli_runs: int, workdir: Path | None, keep: bool) -> dict:
+def without_copy(home: Path, fn):
+    """``fn()`` with the batch version's serving copy hidden: what a version of an earlier release is served as."""
+    path = copy_path(Layout(home).batch_version("v000001"))
+    hidden = path.with_name(".hidden" + path.name)
+    path.rename(hidden)
+    try:
+        return fn()
+    finally:
+        hidden.rename(path)
+
+
+def bench_size(n: int, reps: int, raw_reps: int, cli_runs: int, workdir: Path | None, keep: bool,
+               stream: str = "demo") -> dict:
     base = Path(tempfile.mkdtemp(prefix=f"bench-serving-{n}-", dir=workdir))
     home = base / "lake"
     home.mkdir()
     try:
         t = time.perf_counter()
-        info = synthesize(home, n)
+        info = synthesize(home, n, stream=stream)
         info["synthesize_s"] = round(time.perf_counter() - t, 2)
         settings = load_settings(home=home, pipeline="lambdalake.pipelines.clickstream")
 
-        connect_ms, lazy_ms = [], []
+        connect_ms, lazy_ms, parquet_ms = [], [], []
         for _ in range(15):
-            for materialize, sink in ((True, connect_ms), (False, lazy_ms)):
+            for mode, sink in (("materialize", connect_ms), ("lazy", lazy_ms), ("parquet", parquet_ms)):
                 t = time.perf_counter()
-                c = connect(settings, materialize=materialize)
+                c = without_copy(home, lambda: connect(settings)) if mode == "parquet" else \
+                    connect(settings, materialize=mode == "materialize")
                 sink.append((time.perf_counter() - t) * 1000)
                 c.close()
-        con = connect(settings)  # the default: lazy, views over the files
+        con = connect(settings)  # the default: lazy; the batch side from the version's serving copy
+        pcon = without_copy(home, lambda: connect(settings))  # the previous path: the batch side's parquet files
         raw = duckdb.connect()
         raw.execute("SET TimeZone = 'UTC'")
         raw.execute(f"CREATE VIEW master_raw AS SELECT * FROM "
@@ -331,6 +371,9 @@ def bench_size(n: int, reps: int, raw_reps: int, cli_runs: int, workdir: Path | 
                                            "ORDER BY sum(pageviews) DESC LIMIT 200").fetchall()]
         info["batch_rows"] = dict(con.execute("SELECT name, batch_rows FROM lambdalake.views").fetchall())
         info["speed_rows"] = dict(con.execute("SELECT name, speed_rows FROM lambdalake.views").fetchall())
+        info["events_per_view_row"] = {  # how many events a served row stands for (the view's compression)
+            name: round(n / max(1, con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]), 2)
+            for name in ("pageviews_hourly", "user_activity_daily")}
         rng = random.Random(42)
         one_key = queries(rng, urls, users)["one_key_30d"][0]
         info["explain_point_lookup"] = [ln.strip() for ln in con.execute(f"EXPLAIN {one_key}").fetchall()[0][1]
@@ -338,9 +381,9 @@ def bench_size(n: int, reps: int, raw_reps: int, cli_runs: int, workdir: Path | 
         results: dict[str, dict] = {}
         for kind in ("one_key_30d", "one_user_30d", "top_n_day", "rollup_urls", "rollup_users"):
             m_sql, r_sql = queries(rng, urls, users)[kind]
-            for c, q in ((con, m_sql), (raw, r_sql), (ceiling, m_sql)):
+            for c, q in ((con, m_sql), (pcon, m_sql), (raw, r_sql), (ceiling, m_sql)):
                 c.execute(q).fetchall()  # one untimed warm-up per side (OS page cache, parquet metadata)
-            merged_ms, raw_ms, ceil_ms = [], [], []
+            merged_ms, parquet_ms_q, raw_ms, ceil_ms = [], [], [], []
             for i in range(reps):
                 m_sql, r_sql = queries(rng, urls, users)[kind]
                 ms, got = _timed(con, m_sql)
@@ -349,23 +392,32 @@ def bench_size(n: int, reps: int, raw_reps: int, cli_runs: int, workdir: Path | 
                 ceil_ms.append(ms)
                 if got != top:
                     raise SystemExit(f"{kind}: merged view disagrees with the in-memory ceiling for {m_sql}")
+                ms, old = _timed(pcon, m_sql)
+                parquet_ms_q.append(ms)
+                if old != got:
+                    raise SystemExit(f"{kind}: the parquet path disagrees with the serving copy for {m_sql}")
                 if i < raw_reps:
                     ms, want = _timed(raw, r_sql)
                     raw_ms.append(ms)
                     if got != want:
                         raise SystemExit(f"{kind}: merged view disagrees with the raw master for {m_sql}")
             (mp50, mp99), (rp50, rp99), (cp50, cp99) = _stats(merged_ms), _stats(raw_ms), _stats(ceil_ms)
+            pp50, pp99 = _stats(parquet_ms_q)
             results[kind] = {
                 "merged_p50_ms": mp50, "merged_p99_ms": mp99, "raw_p50_ms": rp50, "raw_p99_ms": rp99,
-                "ceiling_p50_ms": cp50, "ceiling_p99_ms": cp99,
-                "ratio_p50": round(rp50 / mp50, 1), "merged_over_ceiling_p50": round(mp50 / cp50, 1),
+                "ceiling_p50_ms": cp50, "ceiling_p99_ms": cp99, "parquet_p50_ms": pp50, "parquet_p99_ms": pp99,
+                "ratio_p50": round(rp50 / mp50, 2),  # raw / merged: > 1 means the views beat the raw scan
+                "merged_over_ceiling_p50": round(mp50 / cp50, 2),
+                "parquet_over_ceiling_p50": round(pp50 / cp50, 2), "parquet_ratio_p50": round(rp50 / pp50, 2),
                 "merged_runs": len(merged_ms), "raw_runs": len(raw_ms),
             }
         con.close()
+        pcon.close()
         raw.close()
         ceiling.close()
         info["connect_ms_p50"] = round(statistics.median(connect_ms), 1)  # materialize=True (batch copied)
         info["connect_lazy_ms_p50"] = round(statistics.median(lazy_ms), 1)  # the default
+        info["connect_parquet_ms_p50"] = round(statistics.median(parquet_ms), 1)  # a version without a copy
         info["connect_floor_ms_p50"] = connect_floor(home, 15)
         info["queries"] = results
         if cli_runs:
@@ -377,6 +429,22 @@ def bench_size(n: int, reps: int, raw_reps: int, cli_runs: int, workdir: Path | 
             shutil.rmtree(base, ignore_errors=True)
 
 
+def report(n: int, stream: str, r: dict) -> None:
+    """One size's table: per query the merged view (serving copy), the previous parquet path, the raw master scan
+    and the in-memory ceiling, with the ratios the issue's goals are stated in."""
+    print(f"size {n:,}, stream {stream}: events per view row {r['events_per_view_row']}; batch rows "
+          f"{r['batch_rows']}; serving copy written in {r.get('serving_copy_write_s')} s")
+    print(f"  connect p50 {r['connect_lazy_ms_p50']} ms (without the copy {r['connect_parquet_ms_p50']} ms; "
+          f"materialized {r['connect_ms_p50']} ms; floor {r['connect_floor_ms_p50']} ms); lambdalake sql point "
+          f"lookup {r.get('cli_point_lookup')} (start-up floor {r.get('cli_start_floor')})")
+    print(f"  {'query':13s} {'merged':>9s} {'/ceiling':>8s} {'raw/merged':>10s} | {'parquet path':>12s} "
+          f"{'/ceiling':>8s} | {'raw scan':>9s} {'ceiling':>8s}   (p50 ms)")
+    for kind, q in r["queries"].items():
+        print(f"  {kind:13s} {q['merged_p50_ms']:9.2f} {q['merged_over_ceiling_p50']:7.2f}x {q['ratio_p50']:9.2f}x | "
+              f"{q['parquet_p50_ms']:12.2f} {q['parquet_over_ceiling_p50']:7.2f}x | {q['raw_p50_ms']:9.2f} "
+              f"{q['ceiling_p50_ms']:8.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1000000", help="comma-separated event counts (e.g. 1000000,10000000)")
@@ -385,21 +453,21 @@ def main() -> None:
     ap.add_argument("--cli-runs", type=int, default=5, help="timed `lambdalake sql` runs (0: skip)")
     ap.add_argument("--workdir", type=Path, default=None, help="where to synthesize lakes (default: $TMPDIR)")
     ap.add_argument("--keep", action="store_true", help="keep the synthesized lakes")
+    ap.add_argument("--streams", default="demo,zipf",
+                    help="comma-separated event streams to synthesize: demo, zipf (see synthesize)")
     args = ap.parse_args()
     sizes = [int(s.replace("_", "")) for s in args.sizes.split(",") if s]
     run = {"bench": "serving", "started_at": datetime.now(UTC).isoformat(), "duckdb": duckdb.__version__,
            "pyarrow": pa.__version__, "machine": platform.machine(), "python": platform.python_version(),
            "cpus": __import__("os").cpu_count(), "sizes": {}}
+    streams = [x for x in args.streams.split(",") if x]
     for n in sizes:
-        print(f"size {n:,}: synthesizing and timing ...", file=sys.stderr, flush=True)
-        run["sizes"][str(n)] = r = bench_size(n, args.reps, args.raw_reps, args.cli_runs, args.workdir, args.keep)
-        print(f"size {n:,}: connect p50 {r['connect_lazy_ms_p50']} ms (materialized {r['connect_ms_p50']} ms; "
-              f"floor {r['connect_floor_ms_p50']} ms); batch rows {r['batch_rows']}; lambdalake sql point lookup "
-              f"{r.get('cli_point_lookup')} (start-up floor {r.get('cli_start_floor')})")
-        for kind, q in r["queries"].items():
-            print(f"  {kind:13s} merged p50 {q['merged_p50_ms']:8.2f} ms  p99 {q['merged_p99_ms']:8.2f} ms | "
-                  f"raw p50 {q['raw_p50_ms']:9.2f} ms (x{q['ratio_p50']}) | ceiling p50 {q['ceiling_p50_ms']:7.2f} ms "
-                  f"(merged/ceiling x{q['merged_over_ceiling_p50']})")
+        for stream in streams:
+            key = str(n) if stream == "demo" else f"{n}-{stream}"
+            print(f"size {n:,} ({stream}): synthesizing and timing ...", file=sys.stderr, flush=True)
+            run["sizes"][key] = r = bench_size(n, args.reps, args.raw_reps, args.cli_runs, args.workdir, args.keep,
+                                               stream)
+            report(n, stream, r)
     out_dir = REPO / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"serving-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
