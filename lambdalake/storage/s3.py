@@ -53,8 +53,9 @@ class S3Settings:
                 secret_key: str | None = None) -> S3Settings:
         env = os.environ
         endpoint = (endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or "").rstrip("/")
-        if endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
-            raise ConfigError(f"S3 endpoint {endpoint!r} is not an http:// or https:// URL (AWS_ENDPOINT_URL)")
+        if endpoint and not _endpoint_ok(endpoint):
+            raise ConfigError(f"S3 endpoint {endpoint!r} is not an http:// or https:// URL of a host[:port] "
+                              "(AWS_ENDPOINT_URL)")
         token = None
         if access_key is None and secret_key is None:
             access_key, secret_key = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
@@ -71,6 +72,15 @@ class S3Settings:
     @property
     def where(self) -> str:
         return self.endpoint or f"AWS S3 ({self.region})"
+
+
+def _endpoint_ok(endpoint: str) -> bool:
+    parts = urlsplit(endpoint)
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in 0-65535
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def parse_url(url: str) -> tuple[str, str]:
