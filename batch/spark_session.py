@@ -125,6 +125,7 @@ def _check_s3a_loads(spark) -> None:
     try:
         jvm.org.apache.hadoop.fs.FileSystem.getFileSystemClass("s3a", spark.sparkContext._jsc.hadoopConfiguration())
     except Exception:  # noqa: BLE001 - py4j's error of a missing class
+        where = os.environ.get("LAMBDALAKE_S3A_JARS") or S3A_JARS
         raise ConfigError("this Spark driver cannot load the s3a file system (hadoop-aws): the Spark session was "
-                          "started without its jars — under spark-submit pass --jars with the jars of "
-                          f"{S3A_JARS} (or LAMBDALAKE_S3A_JARS); in Python, start no other session first") from None
+                          f"started without its jars — under spark-submit pass --jars with the jars of {where}; "
+                          "in Python, start no other Spark session first") from None
