@@ -31,12 +31,16 @@ partition the archiver claims its head (a new epoch): an earlier writer of it th
 and stops (:class:`lambdalake.heads.Fenced`).
 
 Workers: every step above is per partition (files, DLQ partition ``p`` for source partition ``p``, high-water
-marks), so the archiver scales out by partition (:mod:`lambdalake.ownership`): ``lambdalake ingest --workers N``
-starts N processes with shares ``0/N .. N-1/N`` (:func:`batch.ingest_workers.ingest_workers`), and
-``--share i/N`` / ``--partitions`` run one worker, e.g. one per machine on a shared lake. Each partition has
-exactly one writer at a time: a worker holds ``checkpoints/archiver/partitions/<topic>-<p>.lock`` for every
-partition it archives and cleans up only after its own partitions. A partition that changes owner continues from its
-files on disk, like any restart.
+marks, the head), so the archiver scales out by partition. A daemon (``lambdalake ingest`` without
+``--until-caught-up``, ``--share`` or ``--partitions``) is a member of the consumer group
+``lambdalake-archiver.<pipeline>``: Kafka assigns it partitions, and moves them when a member joins, leaves or dies
+(cooperative rebalancing: only the partitions that must move). On assignment it claims each partition's head; on
+revocation it finishes the partition's roll first (bounded: a roll that cannot finish is left to the next owner);
+a lost partition (this member missed its session) is dropped unwritten. Start as many daemons as you like, on as
+many machines. ``--until-caught-up`` runs and ``--share i/N`` / ``--partitions`` pin partitions statically, each
+held with ``checkpoints/archiver/partitions/<topic>-<p>.lock`` on this machine. Whatever the assignment says, a
+writer whose head epoch is no longer the partition's cannot list anything there: it stops archiving the partition
+(:class:`lambdalake.heads.Fenced`).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from batch.master import master_table, parquet_bytes, rejected_table, remove_tem
 from batch.partition_buffer import PartitionBuffer, RollPolicy
 from lambdalake.clients import ensure_topics
 from lambdalake.config import Settings
-from lambdalake.exceptions import InvariantViolation
+from lambdalake.exceptions import ConfigError, InvariantViolation, LambdalakeError
 from lambdalake.heads import Fenced, HeadFile, PartitionHead, file_key, writer_id
 from lambdalake.layout import Layout
 from lambdalake.ownership import PartitionLocks, Share
@@ -64,6 +68,11 @@ from lambdalake.session import LogSession, connect, stop_on_signals
 from lambdalake.validation import Validator
 
 log = logging.getLogger(__name__)
+
+# A group member: cooperative rebalancing (a rebalance moves only the partitions that must move), and a session short
+# enough that a dead member's partitions move within seconds (the broker's minimum is 6 s by default).
+GROUP_CONFIG = {"partition.assignment.strategy": "cooperative-sticky", "session.timeout.ms": 6000,
+                "heartbeat.interval.ms": 1500, "max.poll.interval.ms": 300_000}
 
 
 @dataclass
@@ -104,7 +113,11 @@ class Archiver:
 
     def __init__(self, settings: Settings, pipeline: Pipeline, policy: RollPolicy | None = None, *,
                  until_caught_up: bool = False, on_progress: Callable[[ArchiveReport], None] | None = None,
-                 share: Share | None = None):
+                 share: Share | None = None, group: bool = False):
+        if group and (until_caught_up or not (share or Share()).everything):
+            raise ConfigError("group membership is for a daemon taking what the group assigns: not with "
+                              "--until-caught-up, --share or --partitions (those pin partitions statically)")
+        self.group = group
         self.settings = settings
         self.share = share or Share()
         self.pipeline = pipeline
@@ -122,6 +135,7 @@ class Archiver:
         self.writer = writer_id()
         self._heads: dict[tuple[str, int], PartitionHead] = {}
         self._fenced: set[tuple[str, int]] = set()  # partitions another writer claimed since this one did
+        self._handing_over = False  # inside a revoke: a roll gives up instead of retrying for ever
 
     # control ------------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -137,7 +151,8 @@ class Archiver:
         with archiver_locks(self.layout) as self._locks, streaming_runtime():
             recover_compactions(self.layout, self.pipeline)
             ensure_topics(self.settings, self.pipeline)
-            session = LogSession(connect(self.settings, group_id=self.group_id, client="librdkafka"),
+            session = LogSession(connect(self.settings, group_id=self.group_id, client="librdkafka",
+                                         **(GROUP_CONFIG if self.group else {})),
                                  [s.topic for s in self.pipeline.sources], bootstrap=self.settings.bootstrap,
                                  reader="the archiver", lost_means="they are lost to the master dataset",
                                  notify=self._warn, share=self.share)
@@ -145,20 +160,24 @@ class Archiver:
             try:
                 if self.until_caught_up:  # the end offsets seen at start (read before fetching starts)
                     self._targets = session.end_offsets(session.partitions())
-                self._assign(session)
-                dlq.load_high_water(self._partitions())
+                if self.group:  # the group assigns partitions from the first poll on (module docstring)
+                    session.subscribe(lambda keys: self._assigned(session, dlq, keys),
+                                      lambda keys: self._revoked(session, dlq, keys), self._lost)
+                else:
+                    self._assign(session)
+                    dlq.load_high_water(self._partitions())
                 self._loop(session, dlq)
                 # SIGTERM or caught up: finish what is buffered (roll protocol), nothing is left behind
                 for buf in list(self._buffers.values()):
                     self._roll(buf, session, dlq)
                 session.commit({key: buf.start for key, buf in self._buffers.items()}, wait=True)
+                self.report.positions = {}
+                for (topic, p), buf in sorted(self._buffers.items()):
+                    self.report.positions.setdefault(self._sources[topic].name, {})[p] = buf.end
             finally:
                 dlq.close()
-                session.close()
+                session.close()  # a group member leaves its group here (its partitions go to the others at once)
         self.report.seconds = time.monotonic() - t0
-        self.report.positions = {}
-        for (topic, p), buf in sorted(self._buffers.items()):
-            self.report.positions.setdefault(self._sources[topic].name, {})[p] = buf.end
         return self.report
 
     def _partitions(self) -> dict[str, list[int]]:
@@ -192,6 +211,51 @@ class Archiver:
             self._buffers[key] = PartitionBuffer(self._sources[key[0]], key[1], wanted.get(key, starts[key]))
         return new
 
+    # group membership -------------------------------------------------------------------------------------------
+    def _assigned(self, session: LogSession, dlq: DeadLetters, keys: list[tuple[str, int]]) -> dict:
+        """The group gave this member ``keys``: claim each head (a new epoch fences the previous owner, whatever it
+        still runs), read the DLQ high-water mark, start at the head's end."""
+        remove_temp_files(self.layout, self.pipeline.sources, keys)
+        for key in keys:
+            self._fenced.discard(key)
+            self._heads[key] = PartitionHead.claim(self.layout, self._sources[key[0]].name, key[1], self.writer)
+        starts = session.starts(keys, {k: self._heads[k].end for k in keys if self._heads[k].end is not None})
+        for key in keys:
+            self._buffers[key] = PartitionBuffer(self._sources[key[0]], key[1], starts[key])
+            dlq.reload_high_water(self._sources[key[0]], key[1])
+        log.info("assigned %s", ", ".join(f"{t}[{p}]@{starts[(t, p)]}" for t, p in sorted(keys)))
+        return starts
+
+    def _revoked(self, session: LogSession, dlq: DeadLetters, keys: list[tuple[str, int]]) -> None:
+        """Hand ``keys`` over: finish each one's roll (bounded: a roll that cannot finish is left to the next
+        owner, which reads its range again), then forget it."""
+        self._handing_over = True
+        try:
+            for key in keys:
+                buf = self._buffers.get(key)
+                if buf is not None and key not in self._fenced:
+                    try:
+                        self._roll(buf, session, dlq)
+                    except (LambdalakeError, OSError) as exc:
+                        self._warn(f"handing over {key[0]}[{key[1]}]: its last roll did not finish ({exc}); the "
+                                   "next owner archives that range")
+                self._forget(key)
+        finally:
+            self._handing_over = False
+        log.info("revoked %s", ", ".join(f"{t}[{p}]" for t, p in sorted(keys)))
+
+    def _lost(self, keys: list[tuple[str, int]]) -> None:
+        """``keys`` already belong to another member (this one missed its session): drop them unwritten."""
+        for key in keys:
+            self._forget(key)
+        self._warn(f"lost {', '.join(f'{t}[{p}]' for t, p in sorted(keys))} to another archiver (this one was "
+                   "out of its group's session); their buffered messages are the new owner's to archive")
+
+    def _forget(self, key: tuple[str, int]) -> None:
+        self._buffers.pop(key, None)
+        self._heads.pop(key, None)
+        self._fenced.discard(key)
+
     def _loop(self, session: LogSession, dlq: DeadLetters) -> None:
         last_refresh = time.monotonic()
         last_progress = 0.0
@@ -213,7 +277,7 @@ class Archiver:
             for buf in list(self._buffers.values()):
                 if not buf.empty and now - buf.opened >= self.policy.max_seconds:
                     self._roll(buf, session, dlq)
-            if not self.until_caught_up and now - last_refresh >= self.REFRESH_PARTITIONS_S:
+            if not self.until_caught_up and not self.group and now - last_refresh >= self.REFRESH_PARTITIONS_S:
                 last_refresh = now
                 if session.new_partitions():
                     for topic, p in self._assign(session):  # partitions added to a topic while running
@@ -351,7 +415,8 @@ class Archiver:
                 return dlq.send_range(buf)
             except DeadLetterError as exc:
                 attempt += 1
-                if attempt >= self.MAX_DLQ_ATTEMPTS and (self.until_caught_up or self._stop.is_set()):
+                if attempt >= self.MAX_DLQ_ATTEMPTS and (self.until_caught_up or self._stop.is_set()
+                                                         or self._handing_over):
                     raise
                 delay = min(self.MAX_BACKOFF_S, 0.5 * 2 ** attempt)
                 log.warning("dead-letter write failed (%s); retrying in %.1fs (attempt %d)", exc, delay, attempt)
@@ -361,11 +426,12 @@ class Archiver:
 
 def ingest(settings: Settings, pipeline: Pipeline, *, until_caught_up: bool = False,
            policy: RollPolicy | None = None, handle_signals: bool = False,
-           on_progress: Callable[[ArchiveReport], None] | None = None, share: Share | None = None) -> ArchiveReport:
+           on_progress: Callable[[ArchiveReport], None] | None = None, share: Share | None = None,
+           group: bool = False) -> ArchiveReport:
     """Run the archiver once (importable entry point for the CLI, Airflow and the demo); ``share``: this worker's
-    partitions (default all)."""
+    partitions (default all); ``group``: take the partitions the archivers' consumer group assigns instead."""
     archiver = Archiver(settings, pipeline, policy, until_caught_up=until_caught_up, on_progress=on_progress,
-                        share=share)
+                        share=share, group=group)
     if not handle_signals:
         return archiver.run()
     with stop_on_signals(archiver.stop):

@@ -43,8 +43,9 @@ def ingest_cmd(
 ) -> None:
     """Archive the source topics into the master dataset (Parquet), exactly once; invalid messages to the DLQ.
 
-    Resumes where each partition's master head ends. SIGTERM/SIGINT finish the current files and exit. Scales out by
-    partition: --workers N here, or one --share I/N (or --partitions) per process on several machines.
+    Resumes where each partition's master head ends. SIGTERM/SIGINT finish the current files and exit. A daemon joins
+    the archivers' consumer group: start as many as you like, on any machine; Kafka assigns the partitions and
+    moves them when one stops or dies. --share I/N or --partitions pin partitions instead.
     """
     from rich.live import Live
     from rich.text import Text
@@ -57,12 +58,13 @@ def ingest_cmd(
     ctx = context(pipeline, home, bootstrap, object_storage=True)
     policy = RollPolicy.from_env(max_rows=roll_rows, max_bytes=roll_bytes, max_seconds=roll_seconds)
     owned = Share.parse(partitions, share)
+    group = not until_caught_up and owned.everything  # a daemon joins the group; pinned runs do not
     if workers > 1:
         if not owned.everything:
             raise ConfigError("--workers starts its own shares 0/N..N-1/N; do not combine it with --share or "
                               "--partitions (run one process per share instead)")
         report = ingest_workers(ctx.settings, ctx.pipeline, workers, until_caught_up=until_caught_up,
-                                policy=policy)
+                                policy=policy, group=group)
         _print_ingest(report)
         return
     live = Live(Text(""), console=console, transient=True, auto_refresh=False) if sys.stdout.isatty() else None
@@ -76,7 +78,7 @@ def ingest_cmd(
         live.start()
     try:
         report = ingest(ctx.settings, ctx.pipeline, until_caught_up=until_caught_up, policy=policy,
-                        handle_signals=True, on_progress=progress, share=owned)
+                        handle_signals=True, on_progress=progress, share=owned, group=group)
     finally:
         if live is not None:
             live.stop()

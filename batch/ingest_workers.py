@@ -1,7 +1,8 @@
 """The archiver scaled out by partition: ``lambdalake ingest --workers N`` as N worker processes, one report.
 
-Every step of the roll protocol is per partition (:mod:`batch.archiver`), so N processes with shares
-``0/N .. N-1/N`` (:mod:`lambdalake.ownership`) archive disjoint partitions side by side.
+Every step of the roll protocol is per partition (:mod:`batch.archiver`), so N processes archive disjoint partitions
+side by side: N members of the archivers' consumer group (a daemon), or N shares ``0/N .. N-1/N``
+(:mod:`lambdalake.ownership`; ``--until-caught-up``).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from lambdalake.pipeline import Pipeline
 
 
 def ingest_workers(settings: Settings, pipeline: Pipeline, workers: int, *, until_caught_up: bool = False,
-                   policy: RollPolicy | None = None) -> ArchiveReport:
-    """Run ``workers`` archiver processes with shares ``0/N .. N-1/N`` until they all return; one report.
+                   policy: RollPolicy | None = None, group: bool = False) -> ArchiveReport:
+    """Run ``workers`` archiver processes until they all return; one report. ``group``: each is a member of the
+    archivers' consumer group (:mod:`batch.archiver`); else they own shares ``0/N .. N-1/N``.
 
     SIGTERM/SIGINT to this process are passed on to the workers, which finish their files and exit. If a worker
     fails, the others are stopped too and the first error is raised; a worker that dies (kill -9, out of memory) is
@@ -27,16 +29,17 @@ def ingest_workers(settings: Settings, pipeline: Pipeline, workers: int, *, unti
     from lambdalake.procs import Restarts, run_workers
 
     t0 = time.monotonic()
-    reports = run_workers(_ingest_share, [(settings, pipeline, share, until_caught_up, policy)
-                                          for share in Share.split(workers)], restarts=Restarts(),
+    shares = [Share()] * workers if group else Share.split(workers)
+    reports = run_workers(_ingest_share, [(settings, pipeline, share, until_caught_up, policy, group)
+                                          for share in shares], restarts=Restarts(),
                           notify=lambda msg: print(f"ingest: {msg}", file=sys.stderr, flush=True))
     return merge_reports(reports, time.monotonic() - t0)
 
 
 def _ingest_share(settings: Settings, pipeline: Pipeline, share: Share, until_caught_up: bool,
-                  policy: RollPolicy | None) -> ArchiveReport:
+                  policy: RollPolicy | None, group: bool) -> ArchiveReport:
     return ingest(settings, pipeline, until_caught_up=until_caught_up, policy=policy, handle_signals=True,
-                  share=share)
+                  share=share, group=group)
 
 
 def merge_reports(reports: list[ArchiveReport], seconds: float) -> ArchiveReport:

@@ -1,16 +1,19 @@
 """One Kafka consumer session for every reader of the log (archiver, speed layer, speed rebuild).
 
-lambdalake's readers keep their own positions durably (the archiver in master file names, the speed layer in its
+lambdalake's readers keep their own positions durably (the archiver in master heads, the speed layer in its
 checkpoints) and never read committed group offsets back. What they have in common, and what this module owns:
 
 - :func:`connect`: a consumer (auto-commit off), retrying with exponential backoff while Kafka is unreachable, of
-  one of two clients behind one small seam (:class:`KafkaPythonClient`: kafka-python, the speed layer's and its
-  rebuild's; :class:`LibrdkafkaClient`: librdkafka via confluent-kafka, the archiver's, ~3x kafka-python's fetch
-  rate here). Each adapter only translates calls; every rule below is written once, here;
+  one of two clients behind one small seam (:mod:`lambdalake.log_clients`: kafka-python, the speed layer's and its
+  rebuild's; librdkafka via confluent-kafka, the archiver's, ~3x kafka-python's fetch rate here). Each adapter
+  only translates calls; every rule below is written once, here;
 - :meth:`LogSession.assign`: manual assignment of every partition of the topics read, each seeked to the reader's
   own position (a partition it has no position for starts at the log start). Offsets below the log start were
   deleted by Kafka retention before the reader got to them: said once per partition, worded the same everywhere,
   and the read starts at the log start;
+- :meth:`LogSession.subscribe`: or membership of a consumer group (cooperative rebalancing): the group assigns the
+  partitions, the reader is told of each one assigned (and answers where it reads from), revoked or lost
+  (:mod:`lambdalake.log_clients` adapts each client's rebalance callbacks);
 - :meth:`LogSession.new_partitions`: partitions added to a topic while running (assign again to pick them up);
 - :meth:`LogSession.poll`: the records fetched, as runs of one partition (offsets and values as lists; the full
   :class:`LogRecord` only when asked, e.g. for a dead letter);
@@ -33,15 +36,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import NamedTuple
 
 from lambdalake.config import Settings
 from lambdalake.exceptions import BrokerError, LambdalakeError
+from lambdalake.log_clients import CLIENTS, TP, KafkaPythonClient, LibrdkafkaClient, LogRecord, Run
 from lambdalake.ownership import Share
 
 log = logging.getLogger(__name__)
 
-TP = tuple[str, int]
+__all__ = ["CLIENTS", "TP", "BrokerUnreachable", "KafkaPythonClient", "LibrdkafkaClient", "LogRecord", "LogSession",
+           "Run", "TopicMissing", "connect", "stop_on_signals"]
+
 
 
 class TopicMissing(LambdalakeError):
@@ -87,218 +92,7 @@ def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
         helper.join()
 
 
-class LogRecord(NamedTuple):
-    """One record of the log, whichever client read it (what a dead-letter record keeps of it)."""
 
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int  # ms since the epoch (-1: none)
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes | None]] | None
-
-
-# One poll's records of one partition in offset order: (key, offsets, values, the client's own records).
-Run = tuple[TP, list[int], list, list]
-
-
-class KafkaPythonClient:
-    """kafka-python's ``KafkaConsumer`` behind the session's seam: the speed layer's client (the user's choice),
-    which also reads ``LogSession.consumer`` directly."""
-
-    name = "kafka-python"
-
-    def __init__(self, consumer):
-        self.consumer = consumer
-
-    @classmethod
-    def open(cls, settings: Settings, group_id: str | None, connect_timeout: float | None, **overrides):
-        from lambdalake.clients import consumer
-
-        if connect_timeout is not None:
-            overrides["bootstrap_timeout_ms"] = int(1000 * connect_timeout)
-        return cls(consumer(settings, group_id=group_id, **overrides))
-
-    def topic_partition(self, key: TP):
-        from kafka import TopicPartition
-
-        return TopicPartition(*key)
-
-    def partitions_for_topic(self, topic: str) -> set[int]:
-        return set(self.consumer.partitions_for_topic(topic) or ())
-
-    def beginning_offsets(self, tps: Mapping[TP, object]) -> dict[TP, int]:
-        got = self.consumer.beginning_offsets(list(tps.values()))
-        return {(tp.topic, tp.partition): n for tp, n in got.items()}
-
-    def end_offsets(self, tps: Mapping[TP, object]) -> dict[TP, int]:
-        got = self.consumer.end_offsets(list(tps.values()))
-        return {(tp.topic, tp.partition): n for tp, n in got.items()}
-
-    def assign(self, tps: Mapping[TP, object], starts: Mapping[TP, int]) -> None:
-        self.consumer.assign(list(tps.values()))
-        for key, tp in tps.items():
-            self.consumer.seek(tp, starts[key])
-
-    def position(self, tp) -> int:
-        return self.consumer.position(tp)
-
-    def is_paused(self, tp) -> bool:
-        return tp in self.consumer.paused()
-
-    def pause(self, tp) -> None:
-        self.consumer.pause(tp)
-
-    def poll(self, timeout: float, max_records: int) -> list[Run]:
-        polled = self.consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
-        return [((tp.topic, tp.partition), [r.offset for r in recs], [r.value for r in recs], recs)
-                for tp, recs in polled.items() if recs]
-
-    @staticmethod
-    def record(r) -> LogRecord:
-        return LogRecord(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value, r.headers)
-
-    def commit(self, offsets: Mapping[object, int], wait: bool) -> None:
-        from kafka.structs import OffsetAndMetadata
-
-        meta = {tp: OffsetAndMetadata(n, "", -1) for tp, n in offsets.items()}
-        if wait:
-            self.consumer.commit(meta, timeout_ms=COMMIT_TIMEOUT_MS)
-        else:
-            self.consumer.commit_async(meta)
-
-    def close(self) -> None:
-        self.consumer.close(autocommit=False)
-
-
-class LibrdkafkaClient:
-    """librdkafka's consumer (confluent-kafka) behind the same seam: the archiver's client. It fetches ~3x what
-    kafka-python does per process here (``bench/bench_speed.py``), in its own threads, ahead of the reader.
-
-    Its consumer position already passes transaction markers and compacted-away offsets; a commit that waits for an
-    unreachable coordinator gives up after ``session.timeout.ms`` (:func:`lambdalake.clients.librdkafka_consumer`)."""
-
-    name = "librdkafka"
-    REQUEST_TIMEOUT_S = 15.0
-
-    def __init__(self, consumer, bootstrap: str):
-        self.consumer = consumer
-        self.bootstrap = bootstrap
-        self._paused: set[TP] = set()
-
-    @classmethod
-    def open(cls, settings: Settings, group_id: str | None, connect_timeout: float | None, **overrides):
-        from lambdalake.clients import librdkafka_consumer
-
-        return cls(librdkafka_consumer(settings, group_id, connect_timeout=connect_timeout or 5.0, **overrides),
-                   settings.bootstrap)
-
-    def topic_partition(self, key: TP):
-        from confluent_kafka import TopicPartition
-
-        return TopicPartition(*key)
-
-    def _failed(self, what: str, exc: Exception) -> BrokerError:
-        err = exc.args[0] if exc.args else exc
-        return BrokerError(f"cannot {what} from Kafka at {self.bootstrap} "
-                           f"({getattr(err, 'str', lambda: str(err))()}); is the broker up?")
-
-    def partitions_for_topic(self, topic: str) -> set[int]:
-        from confluent_kafka import KafkaException
-
-        try:
-            meta = self.consumer.list_topics(topic, timeout=self.REQUEST_TIMEOUT_S).topics.get(topic)
-        except KafkaException as exc:
-            raise self._failed(f"read the partitions of {topic!r}", exc) from exc
-        return set() if meta is None or meta.error is not None else set(meta.partitions)
-
-    def _watermarks(self, tps: Mapping[TP, object], index: int) -> dict[TP, int]:
-        from confluent_kafka import KafkaException
-
-        out: dict[TP, int] = {}
-        for key, tp in tps.items():
-            try:
-                got = self.consumer.get_watermark_offsets(tp, timeout=self.REQUEST_TIMEOUT_S)
-            except KafkaException as exc:
-                raise self._failed(f"read the offsets of {key[0]}[{key[1]}]", exc) from exc
-            if got is None:
-                raise BrokerError(f"cannot read the offsets of {key[0]}[{key[1]}] from Kafka at {self.bootstrap} "
-                                  f"within {self.REQUEST_TIMEOUT_S:.0f}s; is the broker up?")
-            out[key] = got[index]
-        return out
-
-    def beginning_offsets(self, tps: Mapping[TP, object]) -> dict[TP, int]:
-        return self._watermarks(tps, 0)
-
-    def end_offsets(self, tps: Mapping[TP, object]) -> dict[TP, int]:
-        return self._watermarks(tps, 1)
-
-    def assign(self, tps: Mapping[TP, object], starts: Mapping[TP, int]) -> None:
-        from confluent_kafka import TopicPartition
-
-        # assign() replaces the whole assignment, each partition at the offset given (records fetched before are
-        # dropped by librdkafka); as with kafka-python, a partition in both assignments stays paused
-        self._paused &= set(tps)
-        self.consumer.assign([TopicPartition(key[0], key[1], starts[key]) for key in tps])
-        if self._paused:
-            self.consumer.pause([TopicPartition(*key) for key in self._paused])
-
-    def position(self, tp) -> int:
-        return self.consumer.position([tp])[0].offset  # < 0 (OFFSET_INVALID) until something was fetched
-
-    def is_paused(self, tp) -> bool:
-        return (tp.topic, tp.partition) in self._paused
-
-    def pause(self, tp) -> None:
-        self.consumer.pause([tp])
-        self._paused.add((tp.topic, tp.partition))
-
-    def poll(self, timeout: float, max_records: int) -> list[Run]:
-        """One ``consume``, batch-converted into runs of one partition each (in the order they came)."""
-        runs: list[Run] = []
-        last = None
-        offsets: list[int] = []
-        values: list = []
-        records: list = []
-        for m in self.consumer.consume(max_records, timeout):
-            err = m.error()
-            if err is not None:  # fetch-level errors: librdkafka retries / reconnects by itself
-                if err.fatal():
-                    raise BrokerError(f"Kafka consumer failed fatally ({err.str()}); restart the command")
-                log.debug("librdkafka consume error: %s", err)
-                last = None
-                continue
-            key = (m.topic(), m.partition())
-            if key != last:
-                last = key
-                offsets, values, records = [], [], []
-                runs.append((key, offsets, values, records))
-            offsets.append(m.offset())
-            values.append(m.value())
-            records.append(m)
-        return runs
-
-    @staticmethod
-    def record(m) -> LogRecord:
-        from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
-
-        kind, ts = m.timestamp()
-        return LogRecord(m.topic(), m.partition(), m.offset(), -1 if kind == TIMESTAMP_NOT_AVAILABLE else ts,
-                         m.key(), m.value(), m.headers())
-
-    def commit(self, offsets: Mapping[object, int], wait: bool) -> None:
-        from confluent_kafka import TopicPartition
-
-        self.consumer.commit(offsets=[TopicPartition(tp.topic, tp.partition, n) for tp, n in offsets.items()],
-                             asynchronous=not wait)
-
-    def close(self) -> None:
-        self.consumer.close()
-
-
-COMMIT_TIMEOUT_MS = 5000
-CLIENTS = {c.name: c for c in (KafkaPythonClient, LibrdkafkaClient)}
 
 
 def connect(settings: Settings, *, group_id: str | None, timeout: float = 0.0,
@@ -379,7 +173,14 @@ class LogSession:
         own positions are the authoritative ones."""
         keys = list(self.partitions() if partitions is None else partitions)
         self.tps = {k: self.client.topic_partition(k) for k in keys}
-        begins = self.client.beginning_offsets(self.tps) if keys else {}
+        starts = self.starts(keys, positions, covered)
+        self.client.assign(self.tps, starts)
+        return starts
+
+    def starts(self, keys: list[TP], positions: Mapping[TP, int], covered: Mapping[TP, int] | None = None
+               ) -> dict[TP, int]:
+        """Where each of ``keys`` reads from (:meth:`assign`: its position, or the log start, said once)."""
+        begins = self.client.beginning_offsets({k: self.client.topic_partition(k) for k in keys}) if keys else {}
         covered = covered or {}
         starts: dict[TP, int] = {}
         for key in keys:
@@ -392,8 +193,25 @@ class LogSession:
                                 f"before {self.reader} read them; {self.lost_means}")
                 start = first
             starts[key] = start
-        self.client.assign(self.tps, starts)
         return starts
+
+    def subscribe(self, assigned: Callable[[list[TP]], Mapping[TP, int]], revoked: Callable[[list[TP]], None],
+                  lost: Callable[[list[TP]], None]) -> None:
+        """Join the consumer group (:mod:`lambdalake.membership`) instead of :meth:`assign`: from the next
+        :meth:`poll` on, ``assigned`` gets each partition the group gives this member and answers where it reads
+        from (:meth:`starts`), ``revoked`` each one it must hand over (finish it, then return), ``lost`` each one
+        already given to another member (drop it). :attr:`tps` follows the assignment."""
+        def on_assigned(keys: list[TP]) -> Mapping[TP, int]:
+            self.tps.update({k: self.client.topic_partition(k) for k in keys})
+            return assigned(keys)
+
+        def on_gone(keys: list[TP], then: Callable[[list[TP]], None]) -> None:
+            then(keys)
+            for k in keys:
+                self.tps.pop(k, None)
+
+        self.client.subscribe(self.topics, on_assigned, lambda keys: on_gone(keys, revoked),
+                              lambda keys: on_gone(keys, lost))
 
     def new_partitions(self) -> set[TP]:
         """Partitions of the topics not assigned yet (added while running); empty when the broker cannot say."""

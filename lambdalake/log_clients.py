@@ -1,0 +1,257 @@
+"""The two Kafka consumer clients behind the log session's seam (:mod:`lambdalake.session`): kafka-python
+(:class:`KafkaPythonClient`, the speed layer's) and librdkafka via confluent-kafka (:class:`LibrdkafkaClient`, the
+archiver's). Each adapter only translates calls; every rule is the session's."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from lambdalake.config import Settings
+from lambdalake.exceptions import BrokerError
+
+log = logging.getLogger(__name__)
+
+TP = tuple[str, int]
+
+
+class LogRecord(NamedTuple):
+    """One record of the log, whichever client read it (what a dead-letter record keeps of it)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int  # ms since the epoch (-1: none)
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes | None]] | None
+
+
+# One poll's records of one partition in offset order: (key, offsets, values, the client's own records).
+Run = tuple[TP, list[int], list, list]
+
+
+class KafkaPythonClient:
+    """kafka-python's ``KafkaConsumer`` behind the session's seam: the speed layer's client (the user's choice),
+    which also reads ``LogSession.consumer`` directly."""
+
+    name = "kafka-python"
+
+    def __init__(self, consumer):
+        self.consumer = consumer
+
+    @classmethod
+    def open(cls, settings: Settings, group_id: str | None, connect_timeout: float | None, **overrides):
+        from lambdalake.clients import consumer
+
+        if connect_timeout is not None:
+            overrides["bootstrap_timeout_ms"] = int(1000 * connect_timeout)
+        return cls(consumer(settings, group_id=group_id, **overrides))
+
+    def topic_partition(self, key: TP):
+        from kafka import TopicPartition
+
+        return TopicPartition(*key)
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return set(self.consumer.partitions_for_topic(topic) or ())
+
+    def beginning_offsets(self, tps: Mapping[TP, object]) -> dict[TP, int]:
+        got = self.consumer.beginning_offsets(list(tps.values()))
+        return {(tp.topic, tp.partition): n for tp, n in got.items()}
+
+    def end_offsets(self, tps: Mapping[TP, object]) -> dict[TP, int]:
+        got = self.consumer.end_offsets(list(tps.values()))
+        return {(tp.topic, tp.partition): n for tp, n in got.items()}
+
+    def assign(self, tps: Mapping[TP, object], starts: Mapping[TP, int]) -> None:
+        self.consumer.assign(list(tps.values()))
+        for key, tp in tps.items():
+            self.consumer.seek(tp, starts[key])
+
+    def position(self, tp) -> int:
+        return self.consumer.position(tp)
+
+    def is_paused(self, tp) -> bool:
+        return tp in self.consumer.paused()
+
+    def pause(self, tp) -> None:
+        self.consumer.pause(tp)
+
+    def poll(self, timeout: float, max_records: int) -> list[Run]:
+        polled = self.consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
+        return [((tp.topic, tp.partition), [r.offset for r in recs], [r.value for r in recs], recs)
+                for tp, recs in polled.items() if recs]
+
+    @staticmethod
+    def record(r) -> LogRecord:
+        return LogRecord(r.topic, r.partition, r.offset, r.timestamp, r.key, r.value, r.headers)
+
+    def commit(self, offsets: Mapping[object, int], wait: bool) -> None:
+        from kafka.structs import OffsetAndMetadata
+
+        meta = {tp: OffsetAndMetadata(n, "", -1) for tp, n in offsets.items()}
+        if wait:
+            self.consumer.commit(meta, timeout_ms=COMMIT_TIMEOUT_MS)
+        else:
+            self.consumer.commit_async(meta)
+
+    def close(self) -> None:
+        self.consumer.close(autocommit=False)
+
+
+class LibrdkafkaClient:
+    """librdkafka's consumer (confluent-kafka) behind the same seam: the archiver's client. It fetches ~3x what
+    kafka-python does per process here (``bench/bench_speed.py``), in its own threads, ahead of the reader.
+
+    Its consumer position already passes transaction markers and compacted-away offsets; a commit that waits for an
+    unreachable coordinator gives up after ``session.timeout.ms`` (:func:`lambdalake.clients.librdkafka_consumer`)."""
+
+    name = "librdkafka"
+    REQUEST_TIMEOUT_S = 15.0
+
+    def __init__(self, consumer, bootstrap: str):
+        self.consumer = consumer
+        self.bootstrap = bootstrap
+        self._paused: set[TP] = set()
+
+    @classmethod
+    def open(cls, settings: Settings, group_id: str | None, connect_timeout: float | None, **overrides):
+        from lambdalake.clients import librdkafka_consumer
+
+        return cls(librdkafka_consumer(settings, group_id, connect_timeout=connect_timeout or 5.0, **overrides),
+                   settings.bootstrap)
+
+    def topic_partition(self, key: TP):
+        from confluent_kafka import TopicPartition
+
+        return TopicPartition(*key)
+
+    def _failed(self, what: str, exc: Exception) -> BrokerError:
+        err = exc.args[0] if exc.args else exc
+        return BrokerError(f"cannot {what} from Kafka at {self.bootstrap} "
+                           f"({getattr(err, 'str', lambda: str(err))()}); is the broker up?")
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        from confluent_kafka import KafkaException
+
+        try:
+            meta = self.consumer.list_topics(topic, timeout=self.REQUEST_TIMEOUT_S).topics.get(topic)
+        except KafkaException as exc:
+            raise self._failed(f"read the partitions of {topic!r}", exc) from exc
+        return set() if meta is None or meta.error is not None else set(meta.partitions)
+
+    def _watermarks(self, tps: Mapping[TP, object], index: int) -> dict[TP, int]:
+        from confluent_kafka import KafkaException
+
+        out: dict[TP, int] = {}
+        for key, tp in tps.items():
+            try:
+                got = self.consumer.get_watermark_offsets(tp, timeout=self.REQUEST_TIMEOUT_S)
+            except KafkaException as exc:
+                raise self._failed(f"read the offsets of {key[0]}[{key[1]}]", exc) from exc
+            if got is None:
+                raise BrokerError(f"cannot read the offsets of {key[0]}[{key[1]}] from Kafka at {self.bootstrap} "
+                                  f"within {self.REQUEST_TIMEOUT_S:.0f}s; is the broker up?")
+            out[key] = got[index]
+        return out
+
+    def beginning_offsets(self, tps: Mapping[TP, object]) -> dict[TP, int]:
+        return self._watermarks(tps, 0)
+
+    def end_offsets(self, tps: Mapping[TP, object]) -> dict[TP, int]:
+        return self._watermarks(tps, 1)
+
+    def assign(self, tps: Mapping[TP, object], starts: Mapping[TP, int]) -> None:
+        from confluent_kafka import TopicPartition
+
+        # assign() replaces the whole assignment, each partition at the offset given (records fetched before are
+        # dropped by librdkafka); as with kafka-python, a partition in both assignments stays paused
+        self._paused &= set(tps)
+        self.consumer.assign([TopicPartition(key[0], key[1], starts[key]) for key in tps])
+        if self._paused:
+            self.consumer.pause([TopicPartition(*key) for key in self._paused])
+
+    def subscribe(self, topics: list[str], assigned, revoked, lost) -> None:
+        """The group's cooperative protocol (incremental assign / unassign) around the session's callbacks."""
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        def keys(tps) -> list[TP]:
+            return [(tp.topic, tp.partition) for tp in tps]
+
+        def on_assign(consumer, tps) -> None:
+            starts = assigned(keys(tps)) if tps else {}
+            consumer.incremental_assign([TopicPartition(t.topic, t.partition, starts.get((t.topic, t.partition),
+                                                                                        OFFSET_BEGINNING))
+                                         for t in tps])
+
+        def on_revoke(consumer, tps) -> None:
+            if tps:
+                revoked(keys(tps))
+                self._paused -= set(keys(tps))
+                consumer.incremental_unassign(tps)
+
+        def on_lost(consumer, tps) -> None:
+            if tps:
+                lost(keys(tps))
+                self._paused -= set(keys(tps))
+                consumer.incremental_unassign(tps)
+
+        self.consumer.subscribe(topics, on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost)
+
+    def position(self, tp) -> int:
+        return self.consumer.position([tp])[0].offset  # < 0 (OFFSET_INVALID) until something was fetched
+
+    def is_paused(self, tp) -> bool:
+        return (tp.topic, tp.partition) in self._paused
+
+    def pause(self, tp) -> None:
+        self.consumer.pause([tp])
+        self._paused.add((tp.topic, tp.partition))
+
+    def poll(self, timeout: float, max_records: int) -> list[Run]:
+        """One ``consume``, batch-converted into runs of one partition each (in the order they came)."""
+        runs: list[Run] = []
+        last = None
+        offsets: list[int] = []
+        values: list = []
+        records: list = []
+        for m in self.consumer.consume(max_records, timeout):
+            err = m.error()
+            if err is not None:  # fetch-level errors: librdkafka retries / reconnects by itself
+                if err.fatal():
+                    raise BrokerError(f"Kafka consumer failed fatally ({err.str()}); restart the command")
+                log.debug("librdkafka consume error: %s", err)
+                last = None
+                continue
+            key = (m.topic(), m.partition())
+            if key != last:
+                last = key
+                offsets, values, records = [], [], []
+                runs.append((key, offsets, values, records))
+            offsets.append(m.offset())
+            values.append(m.value())
+            records.append(m)
+        return runs
+
+    @staticmethod
+    def record(m) -> LogRecord:
+        from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
+
+        kind, ts = m.timestamp()
+        return LogRecord(m.topic(), m.partition(), m.offset(), -1 if kind == TIMESTAMP_NOT_AVAILABLE else ts,
+                         m.key(), m.value(), m.headers())
+
+    def commit(self, offsets: Mapping[object, int], wait: bool) -> None:
+        from confluent_kafka import TopicPartition
+
+        self.consumer.commit(offsets=[TopicPartition(tp.topic, tp.partition, n) for tp, n in offsets.items()],
+                             asynchronous=not wait)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+COMMIT_TIMEOUT_MS = 5000
+CLIENTS = {c.name: c for c in (KafkaPythonClient, LibrdkafkaClient)}
