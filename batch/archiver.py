@@ -358,11 +358,18 @@ class Archiver:
         if buf.empty:
             return
         src, p = buf.source, buf.partition
-        # 1. dead-letter the invalid messages of [start, end) not yet in the DLQ; flush; verify acks
+        head = self._heads[(src.topic, p)]
+        # 1. dead-letter the invalid messages of [start, end) not yet in the DLQ; flush; verify acks (not if this
+        # writer is fenced already: the new owner dead-letters them)
+        if buf.invalid:
+            try:
+                head.check_epoch()
+            except Fenced as exc:
+                self._drop(session, (src.topic, p), exc)
+                return
         sent, skipped = self._send_dead_letters(buf, dlq)
         self.report.dead_lettered += sent
         self.report.dlq_skipped += skipped
-        head = self._heads[(src.topic, p)]
         rejected = None
         if buf.invalid:
             table = rejected_table(src, p, [r.offset for r, _ in buf.invalid], [r.value for r, _ in buf.invalid],

@@ -271,6 +271,16 @@ class PartitionHead:
             return held
         raise StorageError(f"could not claim {head_key(source, partition)}: it changed under {MAX_SWAPS} attempts")
 
+    def check_epoch(self) -> None:
+        """Raise :class:`Fenced` if another writer claimed the partition since this one did (one GET): before a
+        step whose effect is outside the head (the archiver's dead letters), so that a fenced writer that already
+        knows does not send them."""
+        now, _ = stored_head(self.layout, self.head.source, self.head.partition)
+        if now is None or now.epoch != self.head.epoch:
+            raise Fenced(f"partition {self.head.partition} of {self.head.source!r} was claimed by "
+                         f"{now.owner if now else 'nobody'} (epoch {now.epoch if now else '?'}) after this writer "
+                         f"(epoch {self.head.epoch})")
+
     def new_name(self, start: int, end: int) -> str:
         """A file name for ``[start, end)`` that no other writer uses."""
         return f"{start:020d}-{end:020d}-e{self.head.epoch}-{uuid.uuid4().hex[:12]}.parquet"

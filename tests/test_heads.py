@@ -44,6 +44,9 @@ def test_rolls_commit_in_order_and_a_new_claim_fences_the_old_writer(layout):
     zombie = _roll(a, 25, 40)  # a woke up and cut its next roll differently from b
     with pytest.raises(Fenced, match="epoch 2"):
         a.commit(25, 40, zombie)
+    with pytest.raises(Fenced):
+        a.check_epoch()  # what the archiver asks before sending dead letters
+    b.check_epoch()
     b.commit(25, 30, _roll(b, 25, 30))
     assert _listed(layout) == [(0, 10), (10, 25), (25, 30)]
     with pytest.raises(Fenced):  # and it stays fenced
