@@ -114,3 +114,48 @@ def test_commands_not_on_object_storage_yet_and_wrong_buckets_say_so_in_one_line
                check=False)
     assert res.returncode != 0 and "no-such-bucket-here" in res.stderr and "Traceback" not in res.stderr
     assert not (work / "s3:").exists()
+
+
+def test_the_s3_server_killed_mid_run_fails_in_one_line_and_a_rerun_is_exact(settings, pipeline, run_cli, cli_env,
+                                                                            tmp_path):
+    """A server of its own (the session's one must survive): killed with -9 while the archiver rolls, then started
+    again on the same port and data; the archiver gave up with one line, the rerun archives exactly."""
+    from lambdalake.embedded import free_port
+    from lambdalake.s3server import EmbeddedS3
+
+    port = free_port()
+    server = EmbeddedS3(tmp_path / "own-s3", port=port, tied_to_parent=True)
+    server.up(timeout=90)
+    try:
+        access = server.access()
+        create_bucket(access, "killed")
+        url = "s3://killed/lake"
+        store = S3Store(url, endpoint=access.endpoint, access_key=access.access_key, secret_key=access.secret_key,
+                        region="us-east-1")
+        work = tmp_path / "machine"
+        work.mkdir()
+        env = {**cli_env, **access.env(), "LAMBDALAKE_HOME": url, "LAMBDALAKE_WORK_DIR": str(work / "work"),
+               "LAMBDALAKE_ARCHIVE_ROLL_ROWS": "20", "LAMBDALAKE_ARCHIVE_ROLL_SECONDS": "0.2"}
+        produce(run_cli, 600, malformed_fraction=0.05, duplicate_fraction=0.05)
+        daemon = subprocess.Popen([LAMBDALAKE, "ingest", "--partitions", "0,1,2,3"], env=env, cwd=work,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                  start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not any(k.endswith("/HEAD") for k in store.list("master/")):
+                time.sleep(0.2)
+            server.down(timeout=0)  # SIGKILL of the server mid-run
+            produce(run_cli, 300, seed=9, malformed_fraction=0.05, duplicate_fraction=0.05)  # more rolls to try
+            _, err = daemon.communicate(timeout=120)
+        finally:
+            if daemon.returncode is None:
+                stop_group(daemon, timeout=10, first=signal.SIGKILL)
+                daemon.communicate()
+        err = err.decode()
+        assert daemon.returncode != 0 and "error:" in err and "Traceback" not in err, err[-2000:]
+        assert server.up(timeout=90)["port"] == port
+        res = _cli(env, work, "ingest", "--until-caught-up")
+        assert "archived" in res.stdout
+        _check_exact(settings, pipeline, store)
+    finally:
+        server.down(timeout=20)
