@@ -80,6 +80,22 @@ def test_list_and_delete(store):
     assert store.list("views/speed/w1/") == []
 
 
+def test_modified_is_the_last_write_in_epoch_seconds(store):
+    import time
+
+    before = time.time()
+    store.put("master/s/p=0/a.parquet", b"x")
+    first = store.modified("master/s/p=0/a.parquet")
+    assert before - 5 <= first <= time.time() + 5  # S3 stamps whole seconds, with the server's clock
+    time.sleep(1.1)
+    store.put("master/s/p=0/a.parquet", b"y")  # a rewrite is a new write
+    assert store.modified("master/s/p=0/a.parquet") > first
+    with pytest.raises(ObjectMissing):
+        store.modified("master/s/p=0/nope.parquet")
+    with pytest.raises(ObjectMissing):
+        store.modified("master/s/p=0")  # a prefix is not an object
+
+
 def _race(fn, n: int) -> list:
     barrier = threading.Barrier(n)
 

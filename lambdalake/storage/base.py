@@ -12,7 +12,8 @@ gives (docs/design.md, "Storage"):
   version wins; the others learn they lost and must read again;
 - :meth:`Store.get` / :meth:`Store.get_versioned` read a whole object (with its ETag), :meth:`Store.list` lists
   the keys under a prefix (for garbage collection and migration only: what is *valid* is never decided by
-  listing), :meth:`Store.delete` removes one (idempotent).
+  listing), :meth:`Store.modified` tells an object's age (for garbage collection's grace period only),
+  :meth:`Store.delete` removes one (idempotent).
 
 Rename, hard links, ``flock`` and directory fsyncs exist only inside the local backend, where they implement these
 operations. ETags are opaque strings; two bodies with the same bytes may have the same ETag, so a protocol that
@@ -97,6 +98,11 @@ class Store(Protocol):
 
     def size(self, key: str) -> int:
         """The object's size in bytes. Raises :class:`ObjectMissing`."""
+        ...
+
+    def modified(self, key: str) -> float:
+        """When the object was last written, in seconds since the epoch (the file's mtime; S3's Last-Modified).
+        For garbage collection's grace period only. Raises :class:`ObjectMissing`."""
         ...
 
     def list(self, prefix: str = "") -> list[str]:

@@ -23,6 +23,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -85,6 +86,16 @@ class LocalStore:
             return self.path(key).stat().st_size
         except (FileNotFoundError, NotADirectoryError):
             raise ObjectMissing(f"no object {key!r} in {self.url}") from None
+
+    def modified(self, key: str) -> float:
+        path = self.path(key)
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectMissing(f"no object {key!r} in {self.url}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ObjectMissing(f"{key!r} in {self.url} is a prefix, not an object")
+        return st.st_mtime
 
     def list(self, prefix: str = "") -> list[str]:
         base = self.root / check_key(prefix.rstrip("/")) if prefix else self.root

@@ -3,8 +3,9 @@
 
 One request per operation: get / get_versioned = GET (bytes and ETag in one answer), put = PUT, put_if_absent =
 PUT with ``If-None-Match: *`` (obstore ``mode="create"``), swap = PUT with ``If-Match: <etag>`` (obstore
-``mode={"e_tag": ...}``; ``expected=None``: ``If-None-Match: *``), exists / size = HEAD, list = ListObjectsV2
-pages, delete = DELETE. Objects are written in one PUT (never a multipart upload): a failed write leaves nothing.
+``mode={"e_tag": ...}``; ``expected=None``: ``If-None-Match: *``), exists / size / modified = HEAD (``modified``:
+its ``Last-Modified``), list = ListObjectsV2 pages, delete = DELETE. Objects are written in one PUT (never a
+multipart upload): a failed write leaves nothing.
 
 Settings, the standard AWS variables unless given: ``AWS_ENDPOINT_URL`` (``AWS_ENDPOINT_URL_S3`` first; none: AWS
 itself; ``http://`` allowed; path-style requests), ``AWS_REGION`` (or ``AWS_DEFAULT_REGION``; default us-east-1),
@@ -161,6 +162,9 @@ class S3Store:
 
     def size(self, key: str) -> int:
         return int(self._head(key)["size"])
+
+    def modified(self, key: str) -> float:
+        return self._head(key)["last_modified"].timestamp()
 
     def _head(self, key: str) -> dict:
         import obstore
