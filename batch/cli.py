@@ -100,18 +100,40 @@ def compact_cmd(
     partition: Annotated[int | None, typer.Option(min=0, help="Only this partition.")] = None,
     target_rows: Annotated[int, typer.Option(min=1, help="Largest merged file, rows.")] = 2_000_000,
     target_bytes: Annotated[int, typer.Option(min=1, help="Largest merged file, bytes.")] = 256 * 1024 * 1024,
-    pipeline: PipelineOpt = None, home: HomeOpt = None,
+    gc_grace: Annotated[str | None, typer.Option("--gc-grace", metavar="SECONDS", help="Delete master files no "
+                                                 "head lists once older than this [env LAMBDALAKE_MASTER_GC_GRACE; "
+                                                 "default 21600 = 6 h].", show_default=False)] = None,
+    gc_only: Annotated[bool, typer.Option("--gc-only", help="Only delete the garbage (no compaction); runs on a "
+                                          "lake on object storage too.")] = False,
+    pipeline: PipelineOpt = None, home: LakeOpt = None,
 ) -> None:
-    """Rewrite runs of small adjacent master files into one file each (atomic, recorded under master/_log/)."""
+    """Rewrite runs of small adjacent master files into one file each (atomic, recorded under master/_log/), then
+    delete the master files no head lists that are older than the grace period (a fenced writer's garbage)."""
     from batch.compact import compact
+    from lambdalake.heads import collect_master_garbage
+    from lambdalake.heads import gc_grace as grace_of
+    from lambdalake.layout import Layout
 
-    ctx = context(pipeline, home)
-    report = compact(ctx.settings.home, ctx.pipeline, source=source, partition=partition,
-                     target_rows=target_rows, target_bytes=target_bytes)
-    console.print(f"compacted {report.files_replaced} files into {report.files_written} "
-                  f"({report.rows} rows, {report.groups} groups)")
-    for r in report.records:
-        console.print(f"  recorded {r}", highlight=False)
+    grace = grace_of(gc_grace, "--gc-grace") if gc_grace is not None else grace_of()
+    ctx = context(pipeline, home, object_storage=gc_only)
+    if source is not None:
+        ctx.pipeline.source(source)  # an unknown source is one line
+    if gc_only:
+        layout = Layout.of(ctx.settings.home, ctx.settings.lake)
+        names = [source] if source else [s.name for s in ctx.pipeline.sources]
+        garbage = [k for name in names for k in collect_master_garbage(layout, name, grace, partition=partition)]
+    else:
+        report = compact(ctx.settings.home, ctx.pipeline, source=source, partition=partition,
+                         target_rows=target_rows, target_bytes=target_bytes, gc_grace=grace)
+        console.print(f"compacted {report.files_replaced} files into {report.files_written} "
+                      f"({report.rows} rows, {report.groups} groups)")
+        for r in report.records:
+            console.print(f"  recorded {r}", highlight=False)
+        garbage = report.garbage
+    console.print(f"removed {len(garbage)} garbage files (listed by no head, last written more than {grace:g} s "
+                  "ago)", highlight=False)
+    for key in garbage:
+        console.print(f"  deleted {key}", highlight=False)
 
 
 def forget_cmd(

@@ -12,6 +12,10 @@ What this module decides, per group of files (:func:`compact`):
   inside the range); the merged table is written (its row count read back), renamed to ``<first start>-<last
   end>.parquet``, and the replaced files deleted under the exclusive master readers lock.
 
+After the rewrites, :func:`lambdalake.heads.collect_master_garbage` deletes the master and rejected files of the
+compacted sources that no head lists and that are older than the grace period (``gc_grace``; default
+``LAMBDALAKE_MASTER_GC_GRACE``, 6 hours): a fenced writer's late rolls, rolls of a partition nobody claims again.
+
 :func:`recover_compactions` — run by ``compact`` and ``ingest`` on start — finishes or aborts every ``started``
 compaction record, and :meth:`lambdalake.layout.Layout.master_files` (the one rule every reader uses) ignores files a
 logged, renamed compaction already replaced, so no reader ever counts an offset twice.
@@ -29,7 +33,7 @@ from batch.master import check_master_file, sha256_file
 from batch.rewrite import CompactionBusy, compaction_lock
 from lambdalake.contracts import REWRITE_STARTED, CompactionRecord, RewriteFile
 from lambdalake.exceptions import InvariantViolation
-from lambdalake.heads import master_files
+from lambdalake.heads import collect_master_garbage, master_files
 from lambdalake.layout import Layout, MasterFile
 from lambdalake.pipeline import Pipeline
 
@@ -41,6 +45,7 @@ class CompactReport:
     files_written: int = 0
     rows: int = 0
     records: list[str] = field(default_factory=list)
+    garbage: list[str] = field(default_factory=list)  # keys of unlisted files deleted (collect_master_garbage)
 
 
 # recovery -----------------------------------------------------------------------------------------------------------
@@ -82,7 +87,7 @@ def plan_groups(files: list[MasterFile], target_rows: int, target_bytes: int) ->
 
 def compact(settings_home: Path, pipeline: Pipeline, *, source: str | None = None, partition: int | None = None,
             target_rows: int = 2_000_000, target_bytes: int = 256 * 1024 * 1024,
-            lock_timeout: float = 300.0) -> CompactReport:
+            lock_timeout: float = 300.0, gc_grace: float | None = None) -> CompactReport:
     """Rewrite small adjacent master files (see the module docstring, and :mod:`batch.rewrite` for the protocol)."""
     layout = Layout(settings_home)
     report = CompactReport()
@@ -118,4 +123,6 @@ def compact(settings_home: Path, pipeline: Pipeline, *, source: str | None = Non
                     report.files_written += 1
                     report.rows += merged.num_rows
                     report.records.append(str(rec_path.relative_to(layout.home)))
+        for src in sources:  # under the compaction lock: no rewrite of ours is half done
+            report.garbage += collect_master_garbage(layout, src.name, gc_grace, partition=partition)
     return report

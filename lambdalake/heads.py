@@ -25,22 +25,27 @@ within the archived end — until its next writer claims it and writes the head 
 
 Garbage: files no head lists. On claim the writer deletes, in its partition, the unlisted files of older epochs
 (their writers can never list them: they are fenced) and unlisted files of the first release beyond the archived
-end (a roll that crashed before its rename).
+end (a roll that crashed before its rename). What a claim cannot see — a fenced writer's roll put *after* the claim,
+a partition nobody claims again — :func:`collect_master_garbage` deletes (``lambdalake compact``): unlisted files
+older than a grace period longer than any pause a zombie may wake from (:data:`GC_GRACE_ENV`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 
 import msgspec
 
 from lambdalake import contracts
-from lambdalake.contracts import REWRITE_STARTED, CompactionRecord
-from lambdalake.exceptions import InvariantViolation, LambdalakeError
+from lambdalake.config import parse_number
+from lambdalake.contracts import REWRITE_STARTED, CompactionRecord, ErasureRecord
+from lambdalake.exceptions import ConfigError, InvariantViolation, LambdalakeError
 from lambdalake.layout import MASTER_FILE, PARTITION_DIR, Layout, MasterFile, rewrite_records
 from lambdalake.storage.base import ObjectMissing, StorageError
 
@@ -363,3 +368,68 @@ def replace_files(layout: Layout, dataset: str, source: str, partition: int, rep
             return True
     raise StorageError(f"could not rewrite {head_key(source, partition)}: it changed under {MAX_SWAPS} attempts")
 
+
+
+# garbage collection ---------------------------------------------------------------------------------------------
+GC_GRACE_ENV = "LAMBDALAKE_MASTER_GC_GRACE"
+GC_GRACE_S = 6 * 3600.0  # longer than any pause (GC, VM freeze, partitioned network) a fenced writer wakes from
+
+
+def gc_grace(given: str | float | None = None, name: str = GC_GRACE_ENV) -> float:
+    """The grace period in seconds: ``given`` (a CLI option, named ``name`` in the error), else
+    ``LAMBDALAKE_MASTER_GC_GRACE``, else 6 hours. A ConfigError of one line if it is not a number >= 0."""
+    if given is None:
+        given, name = os.environ.get(GC_GRACE_ENV) or GC_GRACE_S, GC_GRACE_ENV
+    value = parse_number(name, str(given), float, minimum=0,
+                         why=" (seconds an unlisted master file is kept before garbage collection deletes it)")
+    if math.isnan(value):
+        raise ConfigError(f"{name}={given!r} is not a number of seconds")
+    return value
+
+
+def _rewrites_started(layout: Layout, source: str) -> set[tuple[str, int, str]]:
+    """(dataset, partition, name) of every file a ``started`` compaction or erasure record names (its new file
+    and those it replaces): a rewrite in flight, or one its recovery finishes — never garbage."""
+    out: set[tuple[str, int, str]] = set()
+    for kind in (CompactionRecord, ErasureRecord):
+        for _, rec in rewrite_records(layout, kind):
+            if rec.status == REWRITE_STARTED and rec.source == source:
+                for name in (rec.new_name(), *rec.replaced_names()):
+                    out.add((rec.dataset, int(rec.partition), name))
+    return out
+
+
+def collect_master_garbage(layout: Layout, source: str, grace_s: float | None = None, *,
+                           partition: int | None = None) -> list[str]:
+    """Delete the range-named files in ``master/<source>/p=<p>/`` and ``rejected/<source>/p=<p>/`` that the
+    partition's head does not list and that were last written more than ``grace_s`` seconds ago (None:
+    :func:`gc_grace`); returns their keys. The files are listed first, the rewrite records and the head read after,
+    so a file listed meanwhile is never deleted. Never touched: a partition without a stored head (its files on
+    disk are its record, :func:`read_head`), a file a ``started`` compaction or erasure record names, a file
+    younger than the grace period (a live writer's roll between its put and its swap). The age is the store's
+    (:meth:`lambdalake.storage.base.Store.modified`) against this machine's clock."""
+    grace = gc_grace() if grace_s is None else grace_s
+    parts = [p for p in partitions(layout, source) if partition is None or p == partition]
+    on_disk = {(p, d): range_files_on_disk(layout, d, source, p) for p in parts for d in DATASETS}
+    in_flight = _rewrites_started(layout, source)
+    removed: list[str] = []
+    for p in parts:
+        head, _ = stored_head(layout, source, p)
+        if head is None:
+            continue
+        for dataset in DATASETS:
+            listed = {f.name for f in head.listed(dataset)}
+            for f in on_disk[p, dataset]:
+                name = f.path.name
+                if name in listed or (dataset, p, name) in in_flight:
+                    continue
+                key = file_key(dataset, source, p, name)
+                try:
+                    age = time.time() - layout.store.modified(key)
+                except ObjectMissing:
+                    continue  # deleted meanwhile (a claim's own garbage collection)
+                if age >= grace:
+                    layout.store.delete(key)
+                    removed.append(key)
+                    log.info("deleted %s: no head lists it, last written %.0f s ago", key, age)
+    return removed

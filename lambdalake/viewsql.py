@@ -294,42 +294,43 @@ def estimate_column(name: str) -> str:
     return ESTIMATE_PREFIX + name
 
 
-def _same_group(view: View, left: str, right: str) -> str:
-    """Join condition: the same group (keys may be NULL: NULL keys form one group, as in GROUP BY)."""
-    return " AND ".join(f"{left}.{ident(c)} IS NOT DISTINCT FROM {right}.{ident(c)}"
-                        for c in [*view.keys, WINDOW_START])
+HAS_SPEED = "__has_speed"
 
 
-def speed_groups_sql(view: View, batch: str, speed: str, watermark: dict[int, int], source: Source) -> str:
-    """The stored rows of the groups that have a visible speed part, merged with their batch row if any (as
-    :func:`merged_view_sql` merges them; a sketch column holds the LIST of the parts' sketches). Only batch rows from
-    the earliest ``window_start`` of a visible speed row on are looked up. A serving connection computes these few
-    rows once; :func:`split_view_sql` serves them."""
+def speed_groups_sql(view: View, batch: str, speed: str, watermark: dict[int, int], source: Source,
+                     estimates: frozenset[str] = frozenset()) -> str:
+    """The tail of a merged view: every group from the earliest ``window_start`` of a visible speed row on (the
+    newest windows, and those of late events), its batch row and visible speed rows merged as
+    :func:`merged_view_sql` merges them (a sketch column holds the LIST of the parts' sketches), plus
+    ``__has_speed`` and, for the names in ``estimates``, the stored estimate of the batch row (``__estimate_<name>``
+    of ``batch``). A serving connection computes these few rows once; :func:`split_view_sql` serves them."""
     columns = {c.name: c for c in view_columns(source, view)}
     group = [ident(k) for k in view.keys] + [ident(WINDOW_START)]
     stored = [ident(a.name) for a in view.stored_aggregates]
-    merged = ", ".join(group + [_merge_expr(a, columns[a.name]) for a in view.stored_aggregates])
+    est = [ident(estimate_column(e)) for e in sorted(estimates)]
+    merged = ", ".join(group + [_merge_expr(a, columns[a.name]) for a in view.stored_aggregates]
+                       + [f"{FN}max({e}) AS {e}" for e in est] + [f"{FN}bool_or({HAS_SPEED}) AS {HAS_SPEED}"])
     visible = f"(SELECT {', '.join(group + stored)} FROM {speed} WHERE {speed_visible_predicate(watermark)})"
     return (
         f"SELECT {merged} FROM (\n"
-        f"  SELECT {', '.join('b.' + c for c in group + stored)} FROM {batch} AS b "
-        f"SEMI JOIN {visible} AS s ON {_same_group(view, 'b', 's')} "
+        f"  SELECT {', '.join(group + stored + est)}, false AS {HAS_SPEED} FROM {batch} AS b "
         f"WHERE b.{ident(WINDOW_START)} >= (SELECT {FN}min({ident(WINDOW_START)}) FROM {visible} AS first)\n"
         f"  UNION ALL\n"
-        f"  SELECT {', '.join(group + stored)} FROM {visible} AS v\n"
+        f"  SELECT {', '.join(group + stored + [f'CAST(NULL AS BIGINT) AS {e}' for e in est])}, true AS {HAS_SPEED} "
+        f"FROM {visible} AS v\n"
         f") AS parts GROUP BY {', '.join(group)}"
     )
 
 
-def split_view_sql(view: View, batch: str, merged_rows: str | None, source: Source,
+def split_view_sql(view: View, batch: str, tail: str | None, source: Source,
                    estimates: frozenset[str] = frozenset(), since: str | None = None) -> str:
-    """A merged view as the union of (a) the batch rows of groups without a visible speed part, served as stored,
-    and (b) ``merged_rows`` (:func:`speed_groups_sql`, e.g. a table of them; None: there are none). Same rows and
-    output columns as :func:`merged_view_sql` (a batch version holds one row per group). Only (a)'s rows from
-    ``since`` on (the earliest ``window_start`` of (b)) are checked against (b). In (a) an ``approx_distinct`` is
-    the estimate stored with the row (``__estimate_<name>`` of ``batch``, for the names in ``estimates``; else
-    computed per row the same way: the canonical estimate of the one sketch, NULL for none) — only (b)'s rows
-    estimate a union per query."""
+    """A merged view as the union of (a) the batch rows before ``since`` (the earliest ``window_start`` of a
+    visible speed row: no speed part can belong to them), served as stored, and (b) ``tail``
+    (:func:`speed_groups_sql`, e.g. a table of it; None: no visible speed row, (a) is every batch row). Same rows
+    and output columns as :func:`merged_view_sql` (a batch version holds one row per group). An ``approx_distinct``
+    of a row without a speed part is the estimate stored with it (``__estimate_<name>``, for the names in
+    ``estimates``; else computed per row the same way: the canonical estimate of the one sketch, NULL for none) —
+    only rows with a speed part estimate a union per query."""
     columns = {c.name: c for c in view_columns(source, view)}
     means = {m.name: m for m in view.means}
     keys = [f"{present(ident(k), columns[k])} AS {ident(k)}" for k in view.keys] + [ident(WINDOW_START)]
@@ -337,22 +338,27 @@ def split_view_sql(view: View, batch: str, merged_rows: str | None, source: Sour
     def stored_estimate(a: Aggregate | Mean) -> str:
         col = ident(a.name)
         if a.name in estimates:
-            return f"{ident(estimate_column(a.name))} AS {col}"
-        return f"CASE WHEN {col} IS NULL THEN NULL ELSE {estimate_sql(f'{FN}list_value({col})')} END AS {col}"
+            return ident(estimate_column(a.name))
+        return f"CASE WHEN {col} IS NULL THEN NULL ELSE {estimate_sql(f'{FN}list_value({col})')} END"
 
-    alone = keys + [stored_estimate(a) if isinstance(a, Aggregate) and a.kind == "approx_distinct"
+    def sketched(a: Aggregate | Mean) -> bool:
+        return isinstance(a, Aggregate) and a.kind == "approx_distinct"
+
+    alone = keys + [f"{stored_estimate(a)} AS {ident(a.name)}" if sketched(a)
                     else _output_expr(a, means, columns, True) for a in view.aggregates]
-    if merged_rows is None or since is None:
+    if tail is None or since is None:
         return f"SELECT {', '.join(alone)} FROM {batch} AS alone"
-    both = keys + [_output_expr(a, means, columns, True) for a in view.aggregates]
-    ws = ident(WINDOW_START)
+
+    def tail_estimate(a: Aggregate | Mean) -> str:
+        union = estimate_sql(ident(a.name))
+        if a.name not in estimates:
+            return f"{union} AS {ident(a.name)}"
+        return f"CASE WHEN {HAS_SPEED} THEN {union} ELSE {ident(estimate_column(a.name))} END AS {ident(a.name)}"
+
+    both = keys + [tail_estimate(a) if sketched(a) else _output_expr(a, means, columns, True)
+                   for a in view.aggregates]
     return (
-        f"SELECT {', '.join(alone)} FROM (\n"
-        f"  SELECT * FROM {batch} AS b WHERE b.{ws} < {since}\n"
-        f"  UNION ALL\n"
-        f"  SELECT b.* FROM {batch} AS b ANTI JOIN {merged_rows} AS m ON {_same_group(view, 'b', 'm')} "
-        f"WHERE b.{ws} >= {since}\n"
-        f") AS alone\n"
+        f"SELECT {', '.join(alone)} FROM {batch} AS alone WHERE {ident(WINDOW_START)} < {since}\n"
         f"UNION ALL\n"
-        f"SELECT {', '.join(both)} FROM {merged_rows} AS both_sides"
+        f"SELECT {', '.join(both)} FROM {tail} AS tail"
     )

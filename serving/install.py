@@ -224,21 +224,20 @@ def _install_merged(con: duckdb.DuckDBPyConnection, view: View, source: Source, 
 
 def _install_split(con: duckdb.DuckDBPyConnection, view: View, source: Source, copy: Copy, batch: str, speed: str,
                    watermark: dict[int, int], catalog: str, layout: Layout) -> None:
-    """``main.<view>`` served split: the groups with a visible speed part merged once, here, into
-    ``_lake.speed_groups_<view>`` (few rows: sketches kept as the list of parts); every other group's batch row
-    read from the serving copy as stored, its estimate the one stored with it (:func:`split_view_sql`).
-    ``sketches.<view>`` is the plain merge."""
-    groups: str | None = f"{ident(catalog)}._lake.{ident('speed_groups_' + view.name)}"
-    con.execute(f"CREATE TABLE {groups} AS {speed_groups_sql(view, batch, speed, watermark, source)}")
-    first = con.execute(f"SELECT {FN}epoch_us({FN}min({ident(WINDOW_START)})) FROM {groups}").fetchall()[0][0]
-    since = None if first is None else f"{FN}make_timestamptz(CAST({int(first)} AS BIGINT))"
-    if since is None:
-        groups = None  # no visible speed row: every group is served from its batch row alone
+    """``main.<view>`` served split (:func:`split_view_sql`): the batch rows before the earliest window of a visible
+    speed row read from the serving copy as stored, with their stored estimates; every group from that window on
+    merged once, here, into ``_lake.speed_groups_<view>`` (few rows). ``sketches.<view>`` is the plain merge."""
     estimates = copy.estimates(view)
     batch_est = "(" + typed_select(view_columns(source, view), f"{guarded_copy(copy, view)} AS copied",
                                    extra=[estimate_column(e) for e in sorted(estimates)]) + ")"
+    tail: str | None = f"{ident(catalog)}._lake.{ident('speed_groups_' + view.name)}"
+    con.execute(f"CREATE TABLE {tail} AS {speed_groups_sql(view, batch_est, speed, watermark, source, estimates)}")
+    first = con.execute(f"SELECT {FN}epoch_us({FN}min({ident(WINDOW_START)})) FROM {tail}").fetchall()[0][0]
+    since = None if first is None else f"{FN}make_timestamptz(CAST({int(first)} AS BIGINT))"
+    if since is None:
+        tail = None  # no visible speed row: every group is served from its batch row alone
     _install_merged(con, view, source, batch, speed, watermark, catalog, layout,
-                    main=split_view_sql(view, batch_est, groups, source, estimates, since))
+                    main=split_view_sql(view, batch_est, tail, source, estimates, since))
 
 
 def _install_master(con: duckdb.DuckDBPyConnection, source: Source, reg: str, oids: dict[str, int], catalog: str,
