@@ -193,9 +193,9 @@ def resolve_home(home: str | Path | None = None, *, object_storage: bool = False
     url = lake_url(raw)
     if url is not None:
         if not object_storage:
-            raise ConfigError(f"lake {url}: on object storage this release runs `lambdalake ingest` (the archiver); "
-                              "the speed layer, batch, serving, audit and maintenance still need a local lake "
-                              "directory (a path in --home or LAMBDALAKE_HOME)")
+            raise ConfigError(f"lake {url}: on object storage this release runs `lambdalake ingest` (the archiver) "
+                              "and `lambdalake compact --gc-only`; the speed layer, batch, serving, audit and other "
+                              "maintenance still need a local lake directory (a path in --home or LAMBDALAKE_HOME)")
         return work_dir(url)
     if _URL.match(raw):  # file://
         raw = raw[len("file:"):].lstrip("/")
