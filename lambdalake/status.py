@@ -8,6 +8,9 @@ Per partition: Kafka end offset, archiver position (end of the master dataset), 
 snapshot), batch watermark ``W`` (of the published version), speed lag (``end - S``), DLQ messages, plus the
 published batch version and the freshness (age) of the published speed snapshot. Every number is read from the
 published state (pointers and manifests), never from a running process, so it is what a query would see.
+
+Per master partition: its head (:mod:`lambdalake.heads`) — owner, epoch, archived end, files, generation — or none
+yet (a partition written by release 0.2, read by that release's rule until the archiver claims it).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from lambdalake.config import Settings
 from lambdalake.contracts import BatchManifest, Positions, SpeedSnapshotMeta
 from lambdalake.definitions import definitions
 from lambdalake.exceptions import BrokerError, InvariantViolation
-from lambdalake.heads import archived_positions
+from lambdalake.heads import archived_positions, partitions, stored_head
 from lambdalake.layout import (
     SPEED_COMPONENT,
     Layout,
@@ -92,6 +95,35 @@ def erasure_status(layout: Layout, manifest: BatchManifest | None) -> list[Erasu
 
 
 @dataclass
+class HeadStatus:
+    """One master partition's head (docs/design.md, "Master heads"); ``owner`` None: the partition has no head yet
+    (release 0.2 files, read by that release's rule until the archiver claims it) and the other fields are None."""
+
+    source: str
+    partition: int
+    owner: str | None
+    epoch: int | None
+    end: int | None  # archived end (None: nothing archived)
+    files: int | None  # master files the head lists
+    rejected: int | None  # rejected files the head lists
+    generation: int | None  # compactions and erasure rewrites of the partition
+
+
+def head_status(layout: Layout, pipeline: Pipeline, errors: list[str]) -> list[HeadStatus]:
+    out = []
+    for src in pipeline.sources:
+        for p in partitions(layout, src.name):
+            try:
+                h, _ = stored_head(layout, src.name, p)
+            except InvariantViolation as exc:
+                errors.append(f"master head of {src.name}[{p}]: {exc}")
+                continue
+            out.append(HeadStatus(src.name, p, None, None, None, None, None, None) if h is None else
+                       HeadStatus(src.name, p, h.owner, h.epoch, h.end, len(h.files), len(h.rejected), h.generation))
+    return out
+
+
+@dataclass
 class Status:
     pipeline: str
     bootstrap: str
@@ -107,6 +139,7 @@ class Status:
     dlq_total: dict[str, int | None]
     errors: list[str]
     erasures: list[ErasureStatus] = field(default_factory=list)  # lambdalake forget requests, oldest first
+    heads: list[HeadStatus] = field(default_factory=list)  # per source and master partition
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -181,4 +214,5 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
         speed_created_at=None if snap is None else snap.created_at,
         speed_freshness_seconds=None if created is None else max(0.0, time.time() - created.timestamp()),
         speed_running_pid=speed_pid(layout), partitions=rows, views=view_status(pipeline, manifest, snap),
-        dlq_total=dlq_total, errors=errors, erasures=erasure_status(layout, manifest))
+        dlq_total=dlq_total, errors=errors, erasures=erasure_status(layout, manifest),
+        heads=head_status(layout, pipeline, errors))

@@ -1,6 +1,7 @@
 """Garbage collection of master files no head lists (lambdalake.heads.collect_master_garbage, `lambdalake compact`) on
 both stores: an unlisted file is deleted only once older than the grace period; listed files, files a started
-rewrite names and partitions without a head (the first release's) are never touched."""
+rewrite names and partitions without a head (the first release's) are never touched. And `lambdalake status` shows
+each partition's head."""
 
 from __future__ import annotations
 
@@ -168,3 +169,27 @@ def test_compact_deletes_a_fenced_writers_late_roll_and_keeps_every_event(settin
     assert "removed 1 garbage files" in res.stdout and f"deleted {late}" in res.stdout, res.stdout
     assert not layout.store.exists(late)
     check_exact(settings, pipeline)  # no listed file was touched
+
+
+@pytest.mark.integration
+def test_status_shows_each_partitions_master_head(settings, pipeline, run_cli):
+    layout = _archived(settings, pipeline, run_cli)
+    first_release = layout.master_partition(pipeline.sources[1].name, 7)  # a 0.2.0 partition: no HEAD
+    first_release.mkdir(parents=True)
+    (first_release / f"{0:020d}-{0:020d}.parquet").write_bytes(b"")
+    st = json.loads(run_cli("status", "--format", "json").stdout)
+    heads = {(h["source"], h["partition"]): h for h in st["heads"]}
+    for s in pipeline.sources:
+        for p in range(settings.partitions):
+            head, _ = stored_head(layout, s.name, p)
+            if head is None:
+                continue
+            h = heads[s.name, p]
+            assert (h["owner"], h["epoch"], h["end"], h["files"], h["rejected"], h["generation"]) == (
+                head.owner, head.epoch, head.end, len(head.files), len(head.rejected), head.generation)
+            assert h["epoch"] >= 1 and h["files"] >= 1
+    assert heads[pipeline.sources[1].name, 7]["owner"] is None
+    table = run_cli("status").stdout
+    assert "master heads" in table and "no head (release 0.2 files)" in table and "speed position" in table
+    some = next(h for h in st["heads"] if h["owner"])
+    assert some["owner"][:12] in table

@@ -261,7 +261,7 @@ def status(
     pipeline: PipelineOpt = None, home: LakeHomeOpt = None, bootstrap: BootstrapOpt = None,
 ) -> None:
     """Per source and partition: end offset, archiver position, speed position, batch watermark, lag,
-    freshness, DLQ count, current batch version."""
+    freshness, DLQ count, current batch version; each master partition's head (owner, epoch, end, files)."""
     from lambdalake.status import collect
 
     ctx = context(pipeline, home, bootstrap)
@@ -293,6 +293,17 @@ def status(
         views.add_row(v.view, v.declared, v.batch or "-", v.speed or "-",
                       v.state + (f" ({v.detail})" if v.detail else ""))
     console.print(views)
+    if st.heads:  # per master partition (docs/design.md, "Master heads")
+        heads = Table(title="master heads")
+        for col in ("source", "partition", "owner", "epoch", "archived end", "files", "generation"):
+            heads.add_column(col, justify="left" if col in ("source", "owner") else "right")
+        for h in st.heads:
+            if h.owner is None:
+                heads.add_row(h.source, str(h.partition), "no head (release 0.2 files)", "-", "-", "-", "-")
+            else:
+                heads.add_row(h.source, str(h.partition), h.owner, str(h.epoch), n(h.end),
+                              f"{h.files}" + (f" (+{h.rejected} rejected)" if h.rejected else ""), str(h.generation))
+        console.print(heads)
     if st.erasures:  # lambdalake forget requests
         forgotten = Table(title="erasures (lambdalake forget)")
         for col in ("source", "subject", "requested", "stage", "messages erased"):
