@@ -80,7 +80,7 @@ def _build(path: Path, version_dir: Path, row_counts: Mapping[str, int]) -> None
 
     path.unlink(missing_ok=True)
     con = duckdb.connect(str(path), config={"autoinstall_known_extensions": False,
-                                            "autoload_known_extensions": False})
+                                            "autoload_known_extensions": False, "enable_progress_bar": False})
     try:
         sketches.register(con)
         con.execute("BEGIN TRANSACTION")
