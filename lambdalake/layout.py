@@ -70,7 +70,8 @@ BATCH_VERSION_DIR = re.compile(r"^v(\d{6,})$")  # views/batch/v000042 (the first
 BATCH_PREFIX = "views/batch"
 BATCH_POINTER_KEY = "views/batch/CURRENT"
 SPEED_SNAPSHOT_DIR = re.compile(r"^(\d{12})$")  # views/speed/000000000042
-SPEED_WORKER_DIR = re.compile(r"^[0-9]+-of-[0-9]+$|^p[0-9]+(-[0-9]+)*$")  # views/speed/workers/1-of-4, p0-2-5
+# views/speed/workers/1-of-4, p0-2-5, g-<host>-<i> (a group member, speed.group)
+SPEED_WORKER_DIR = re.compile(r"^[0-9]+-of-[0-9]+$|^p[0-9]+(-[0-9]+)*$|^g-[A-Za-z0-9.-]+-[0-9]+$")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ class KafkaPythonClient:
 
     def __init__(self, consumer):
         self.consumer = consumer
+        self._pending: list[tuple[str, list]] = []  # assignment changes queued by the group listener (subscribe)
+        self._callbacks: tuple = ()
 
     @classmethod
     def open(cls, settings: Settings, group_id: str | None, connect_timeout: float | None, **overrides):
@@ -69,6 +71,52 @@ class KafkaPythonClient:
         self.consumer.assign(list(tps.values()))
         for key, tp in tps.items():
             self.consumer.seek(tp, starts[key])
+
+    def subscribe(self, topics: list[str], assigned, revoked, lost) -> None:
+        """The group protocol through a ``ConsumerRebalanceListener``. kafka-python calls it on its network thread,
+        where no blocking call is allowed: the listener only pauses newly assigned partitions (nothing is fetched
+        for them before the reader says where they start) and queues the change; :meth:`rebalanced`, called by
+        the reader after each poll, hands the changes over and seeks and resumes the new partitions."""
+        from kafka import ConsumerRebalanceListener
+
+        consumer, pending = self.consumer, self._pending
+        self._callbacks = (assigned, revoked, lost)
+
+        class Listener(ConsumerRebalanceListener):
+            def on_partitions_assigned(self, tps):
+                if tps:
+                    consumer.pause(*tps)
+                    pending.append(("assigned", list(tps)))
+
+            def on_partitions_revoked(self, tps):
+                if tps:
+                    pending.append(("revoked", list(tps)))
+
+            def on_partitions_lost(self, tps):
+                if tps:
+                    pending.append(("lost", list(tps)))
+
+        consumer.subscribe(topics=topics, listener=Listener())
+
+    def rebalanced(self) -> bool:
+        """Hand the queued assignment changes to the reader (:meth:`subscribe`); whether there were any."""
+        if not self._pending:
+            return False
+        assigned, revoked, lost = self._callbacks
+        while self._pending:
+            what, tps = self._pending.pop(0)
+            keys = sorted((tp.topic, tp.partition) for tp in tps)
+            if what == "assigned":
+                owned = set(self.consumer.assignment())
+                tps = [tp for tp in tps if tp in owned]  # a later rebalance may have taken some back already
+                starts = assigned(sorted((tp.topic, tp.partition) for tp in tps)) if tps else {}
+                for tp in tps:
+                    self.consumer.seek(tp, starts[(tp.topic, tp.partition)])
+                if tps:
+                    self.consumer.resume(*tps)
+            else:
+                (revoked if what == "revoked" else lost)(keys)
+        return True
 
     def position(self, tp) -> int:
         return self.consumer.position(tp)
@@ -199,6 +247,9 @@ class LibrdkafkaClient:
                 consumer.incremental_unassign(tps)
 
         self.consumer.subscribe(topics, on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost)
+
+    def rebalanced(self) -> bool:
+        return False  # librdkafka calls the rebalance callbacks inside consume(), on the reader's thread
 
     def position(self, tp) -> int:
         return self.consumer.position([tp])[0].offset  # < 0 (OFFSET_INVALID) until something was fetched

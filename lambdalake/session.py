@@ -213,6 +213,10 @@ class LogSession:
         self.client.subscribe(self.topics, on_assigned, lambda keys: on_gone(keys, revoked),
                               lambda keys: on_gone(keys, lost))
 
+    def rebalanced(self) -> bool:
+        """After a poll of a group member: hand over assignment changes the client queued (whether any)."""
+        return self.client.rebalanced()
+
     def new_partitions(self) -> set[TP]:
         """Partitions of the topics not assigned yet (added while running); empty when the broker cannot say."""
         try:

@@ -103,6 +103,9 @@ def merge(snapshots: list[tuple[str, str, SpeedSnapshotMeta]]) -> SpeedSet | Non
     held = {i: frozenset(k for k, j in owner.items() if j == i) for i in range(len(snapshots))}
     parts = tuple(SpeedPart(w, s, m, held[i]) for i, (w, s, m) in enumerate(snapshots)
                   if held[i] or len(snapshots) == 1)
+    if not parts:  # every worker published, none holds a partition yet (group members before their assignment)
+        w, s, m = snapshots[0]
+        parts = (SpeedPart(w, s, m, frozenset()),)
     if len(parts) == 1 and parts[0].partitions == frozenset(parts[0].meta.positions):
         return SpeedSet(parts, parts[0].meta)  # one snapshot holds everything: it is the set
     blocks = {p.meta.block for p in parts}

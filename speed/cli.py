@@ -46,7 +46,11 @@ def register(app: typer.Typer) -> None:
         broker_timeout: Annotated[float, typer.Option(
             min=0.0, help="Seconds to keep retrying (with backoff) while Kafka is unreachable at start.")] = 120.0,
         group_id: Annotated[str | None, typer.Option(
-            help="Consumer group for lag monitoring [default: lambdalake-speed-<pipeline>].")] = None,
+            help="Consumer group for lag monitoring [default: lambdalake-speed-<pipeline>]; with --group, the "
+            "group the workers join [default: lambdalake-speed.<pipeline>].")] = None,
+        group: Annotated[bool, typer.Option(
+            "--group", help="Join the speed workers' consumer group: Kafka assigns the partitions and moves them "
+            "when a worker starts, stops or dies (start as many as you like, on any machine).")] = False,
         workers: WorkersOpt = 1, share: ShareOpt = None, partitions: PartitionsOpt = None,
         pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
     ) -> None:
@@ -60,9 +64,12 @@ def register(app: typer.Typer) -> None:
 
         ctx = context(pipeline, home, bootstrap)
         owned = Share.parse(partitions, share)
+        if group and (until_caught_up or not owned.everything):
+            raise ConfigError("--group takes the partitions the group assigns: not with --until-caught-up, "
+                              "--share or --partitions (those pin partitions)")
         opts = SpeedOptions(checkpoint_interval=checkpoint_interval, dedup_span=dedup_span,
                             keep_snapshots=keep_snapshots, keep_snapshot_seconds=keep_snapshot_seconds,
-                            broker_timeout=broker_timeout, group_id=group_id, share=owned)
+                            broker_timeout=broker_timeout, group_id=group_id, share=owned, group=group)
         if workers > 1:
             if not owned.everything:
                 raise ConfigError("--workers starts its own shares 0/N..N-1/N; do not combine it with --share or "

@@ -41,6 +41,7 @@ from lambdalake.pipeline import Pipeline
 from lambdalake.runtime import streaming_runtime
 from lambdalake.session import LogSession, connect, stop_on_signals
 from lambdalake.validation import Validator
+from speed import group
 from speed.batch_watch import NO_BATCH, BatchVersion, BatchWatcher
 from speed.broker_watch import BrokerWatch
 from speed.capture import capture
@@ -76,6 +77,8 @@ class SpeedOptions:
     partition_check_interval: float = 30.0
     background_commit: bool = True  # steps 2-8 of a checkpoint overlap with consuming
     share: Share = field(default_factory=Share)  # the partitions this worker owns (lambdalake.ownership)
+    group: bool = False  # a member of the speed workers' consumer group instead (speed.group)
+    worker_name: str = ""  # a group member's name (views/speed/workers/<name>); "": the first free (speed.group)
 
     def validate(self) -> None:
         if not 0.001 <= self.checkpoint_interval <= 1.0:
@@ -87,6 +90,8 @@ class SpeedOptions:
             raise SpeedConfigError(f"--keep-snapshots {self.keep_snapshots} must be >= 1")
         if self.broker_timeout < 0:
             raise SpeedConfigError(f"--broker-timeout {self.broker_timeout} must be >= 0")
+        if self.group and not self.share.everything:
+            raise SpeedConfigError("a group member takes what the group assigns: not with --share or --partitions")
 
 
 @dataclass
@@ -120,14 +125,18 @@ class SpeedLayer:
         self.options.validate()
         self.block = settings.handoff_block
         self.share = self.options.share
-        self.worker = self.share.worker
-        self.layout = Layout(settings.home).for_speed_worker(self.worker)  # this worker's snapshots, checkpoints
-        self.owned = OwnedPartitions(settings.home, self.layout)
         fix_handoff_block(settings.home, self.block)  # batch and speed must agree on it for the life of the lake
-        self.store = CheckpointStore(self.layout, pipeline, keep_snapshots=self.options.keep_snapshots,
-                                     keep_snapshot_seconds=self.options.keep_snapshot_seconds)
+        if self.options.group:  # a member's name, its checkpoint lock already held (speed.group.member)
+            self.worker, self.layout, self.store = group.member(settings.home, pipeline, self.options)
+        else:
+            self.worker = self.share.worker
+            self.layout = Layout(settings.home).for_speed_worker(self.worker)  # its snapshots, checkpoints
+            self.store = CheckpointStore(self.layout, pipeline, keep_snapshots=self.options.keep_snapshots,
+                                         keep_snapshot_seconds=self.options.keep_snapshot_seconds)
+        self.owned = OwnedPartitions(settings.home, self.layout)
         self.notify = notify or (lambda msg: log.warning("%s", msg))
-        self.group_id = self.options.group_id or f"lambdalake-speed-{pipeline.name}"
+        self.group_id = self.options.group_id or (f"lambdalake-speed.{pipeline.name}" if self.options.group
+                                                  else f"lambdalake-speed-{pipeline.name}")
         self.sources = {s.topic: s for s in pipeline.sources}
         self.validators = {s.topic: Validator(s) for s in pipeline.sources}
         self.fingerprints = pipeline.fingerprints
@@ -149,6 +158,7 @@ class SpeedLayer:
         self.dirty = True
         self.session: LogSession | None = None
         self.seq = 0
+        self._partitions_checked = time.monotonic()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speed-commit")
         self._inflight: Future[Checkpoint] | None = None
         self._inflight_t0 = 0.0
@@ -166,13 +176,22 @@ class SpeedLayer:
         """Consume, checkpoint and publish until stopped; with ``until_caught_up`` stop at the end offsets seen at
         start-up. Always ends with a final checkpoint (unless killed)."""
         with stop_on_signals(self._stop.set), streaming_runtime():
-            self.store.lock()
+            if not self.options.group:  # a member holds its lock since it picked its name
+                self.store.lock()
             try:
                 self.session = self._connect()
                 try:
-                    self.owned.own(self.session.partitions())
-                    recover(self)
-                    self.assign()
+                    if self.options.group:
+                        if until_caught_up:
+                            raise SpeedConfigError("--until-caught-up pins partitions: not with --group")
+                        group.recover_group(self)
+                        self.session.subscribe(lambda keys: group.take(self, keys),
+                                               lambda keys: group.release(self, keys),
+                                               lambda keys: group.release(self, keys))
+                    else:
+                        self.owned.own(self.session.partitions())
+                        recover(self)
+                        self.assign()
                     targets = self.session.end_offsets() if until_caught_up else None
                     if self.rebuild is not None or (self.last is not None and self.dirty):
                         self.checkpoint_now()  # publish which views are being rebuilt (or dropped) before replaying
@@ -194,7 +213,8 @@ class SpeedLayer:
         """The log session: a consumer, retrying with backoff while Kafka is unreachable (up to broker_timeout)."""
         consumer = connect(self.settings, group_id=self.group_id, timeout=self.options.broker_timeout,
                            stop=self._stop, notify=self.notify, fetch_max_wait_ms=100,
-                           max_poll_records=self.options.max_records, check_crcs=False)
+                           max_poll_records=self.options.max_records, check_crcs=False,
+                           **(group.group_config() if self.options.group else {}))
         return LogSession(consumer, self.sources, bootstrap=self.settings.bootstrap, reader="the speed layer",
                           lost_means="they stay missing until a batch version covers them", notify=self.notify,
                           share=self.share)
@@ -233,6 +253,8 @@ class SpeedLayer:
                 # While a rebuild replays the log, its poll is the one that may wait.
                 polled = consumer.poll(timeout_ms=0 if self.rebuild is not None else opts.poll_timeout_ms,
                                        max_records=opts.max_records)
+                if self.options.group and self.session.rebalanced():  # assignment changes (speed.group)
+                    polled = {tp: recs for tp, recs in polled.items() if (tp.topic, tp.partition) in self.session.tps}
                 if self.rebuild is not None:
                     rebuild_step(self, self._stop)
                 backoff = 0.5
@@ -255,7 +277,11 @@ class SpeedLayer:
                 self._reap()
             if now - last_cp >= opts.checkpoint_interval and self.checkpoint():
                 last_cp = now
-            if now - self._partitions_checked >= opts.partition_check_interval:
+            if self.options.group:
+                if now - self._partitions_checked >= 1.0:  # frozen partitions whose new owner has published
+                    self._partitions_checked = now
+                    group.drop_superseded(self)
+            elif now - self._partitions_checked >= opts.partition_check_interval:
                 self._check_new_partitions()
             if now - last_pipeline_check >= opts.pipeline_check_interval:
                 last_pipeline_check = now

@@ -1,0 +1,88 @@
+"""Speed workers as members of one consumer group (``lambdalake speed --group``, real Kafka, real processes): Kafka
+splits the partitions, a member killed with -9 is taken over, a member that joins (and resumes its old checkpoint)
+gets a share, a member paused past its session and woken again is outranked by the new owners' epochs — and at
+each step a fresh serving connection equals the oracle.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from lambdalake.clients import end_offsets
+from lambdalake.layout import Layout
+from lambdalake.procs import stop_group
+from lambdalake.speedset import read_speed_set
+from tests.conftest import LAMBDALAKE
+from tests.test_speed import produce, topics
+from tests.test_speed_workers import served_equals_oracle
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def _member(cli_env) -> subprocess.Popen:
+    return subprocess.Popen([LAMBDALAKE, "speed", "--group", "--checkpoint-interval", "0.05"],
+                            env={**cli_env, "LAMBDALAKE_LOG": "INFO"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGCONT)
+        stop_group(proc, timeout=60, first=signal.SIGTERM)
+    _, err = proc.communicate()
+    return err.decode()
+
+
+def _served(settings, pipeline, members: int, timeout: float = 90.0) -> dict:
+    """Once serving takes every partition from ``members`` workers and has read the whole log: the holders."""
+    ends = end_offsets(settings, topics(pipeline))
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        found = read_speed_set(Layout(settings.home))
+        if found is not None:
+            holders = {key: part.worker for part in found.parts for key in part.partitions}
+            last = (holders, dict(found.meta.positions))
+            if set(holders) == set(ends) and len(set(holders.values())) == members \
+                    and all(found.meta.positions.get(k, 0) >= e for k, e in ends.items()):
+                return holders
+        time.sleep(0.3)
+    raise AssertionError(f"not served by {members} members up to {ends} within {timeout}s: {last}")
+
+
+def test_group_members_split_take_over_rejoin_and_outrank_a_paused_one(settings, pipeline, run_cli, cli_env):
+    produce(settings, pipeline, 1500, seed=11)
+    run_cli("replay")  # a batch version (Kappa replay, no Spark): new owners start just below its watermark
+    produce(settings, pipeline, 500, seed=14)
+    a, b = _member(cli_env), _member(cli_env)
+    c = None
+    try:
+        holders = _served(settings, pipeline, 2)
+        assert all(w.startswith("g-") for w in holders.values())
+        served_equals_oracle(settings, pipeline)
+
+        a.send_signal(signal.SIGKILL)  # its partitions move once its session expires; its snapshot stays behind
+        produce(settings, pipeline, 400, seed=12)
+        holders = _served(settings, pipeline, 1)
+        served_equals_oracle(settings, pipeline)
+
+        c = _member(cli_env)  # takes a's name back (its lock is free): resumes a's checkpoint where it is assigned
+        produce(settings, pipeline, 300, seed=13)
+        holders = _served(settings, pipeline, 2)
+        served_equals_oracle(settings, pipeline)
+
+        b.send_signal(signal.SIGSTOP)  # paused past its session: c gets everything with higher epochs
+        produce(settings, pipeline, 300, seed=15)
+        holders = _served(settings, pipeline, 1)
+        served_equals_oracle(settings, pipeline)
+        b.send_signal(signal.SIGCONT)  # wakes, publishes what it had: outranked; then rejoins
+        produce(settings, pipeline, 300, seed=16)
+        _served(settings, pipeline, 2)
+        served_equals_oracle(settings, pipeline)
+    finally:
+        errs = [_stop(p) for p in (a, b, c) if p is not None]
+    assert all("Traceback" not in e for e in errs), [e[-2000:] for e in errs]
