@@ -152,6 +152,10 @@ def take(layer, keys: list[TP]) -> dict[TP, int]:
         layer.positions = {k: n for k, n in layer.positions.items() if k in assigned}
         layer.pruned_to = {k: n for k, n in layer.pruned_to.items() if k in assigned}
         layer.owned.epochs = {k: e for k, e in layer.owned.epochs.items() if k in assigned}
+        kept = sorted(assigned - set(keys))  # read on from where start_from put them, not where the consumer is
+        for key, start in layer.session.starts(kept, layer.positions, covered=layer.pruned_to).items():
+            layer.positions[key] = start
+            layer.session.consumer.seek(layer.session.tps[key], start)
     published = best_epochs(_snapshots(layer))
     for key in keys:
         if key not in layer.positions:
