@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from lambdalake.embedded import EmbeddedServer, port_open
+from lambdalake.embedded import EmbeddedServer, log4j2_file_config, port_open
 from lambdalake.exceptions import BrokerError
 from lambdalake.layout import Layout
 
@@ -103,21 +103,8 @@ class EmbeddedBroker(EmbeddedServer):
             "auto.create.topics.enable=false",
             "",
         ]))
-        (self.dir / "log4j2.properties").write_text("\n".join([
-            "status = warn",
-            "appender.file.type = File",
-            "appender.file.name = file",
-            f"appender.file.fileName = {self.log_file}",
-            "appender.file.layout.type = PatternLayout",
-            "appender.file.layout.pattern = [%d] %p %m (%c)%n",
-            "rootLogger.level = INFO",
-            "rootLogger.appenderRef.file.ref = file",
-            "logger.kafka.name = kafka",
-            "logger.kafka.level = INFO",
-            "logger.state.name = state.change.logger",
-            "logger.state.level = WARN",
-            "",
-        ]))
+        (self.dir / "log4j2.properties").write_text(log4j2_file_config(
+            self.log_file, {"kafka": "INFO", "state.change.logger": "WARN"}))
         return props
 
     def _java(self, *args: str) -> list[str]:

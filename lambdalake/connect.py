@@ -28,7 +28,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lambdalake.embedded import EmbeddedServer, free_port, port_open
+from lambdalake.embedded import EmbeddedServer, free_port, log4j2_file_config, port_open
 from lambdalake.exceptions import ConfigError, LambdalakeError
 from lambdalake.postgres import PostgresAccess
 
@@ -180,19 +180,7 @@ class EmbeddedConnect(EmbeddedServer):
             f"config.providers.file.param.allowed.paths={self.dir}",
             "",
         ]))
-        (self.dir / "log4j2.properties").write_text("\n".join([
-            "status = warn",
-            "appender.file.type = File",
-            "appender.file.name = file",
-            f"appender.file.fileName = {self.log_file}",
-            "appender.file.layout.type = PatternLayout",
-            "appender.file.layout.pattern = [%d] %p %m (%c)%n",
-            "rootLogger.level = INFO",
-            "rootLogger.appenderRef.file.ref = file",
-            "logger.reflections.name = org.reflections",
-            "logger.reflections.level = ERROR",
-            "",
-        ]))
+        (self.dir / "log4j2.properties").write_text(log4j2_file_config(self.log_file, {"org.reflections": "ERROR"}))
         if not self.secrets_file.exists():
             fd = os.open(self.secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.close(fd)

@@ -162,3 +162,15 @@ class EmbeddedServer:
             with contextlib.suppress(OSError):
                 chunks.extend(f.read_text(errors="replace").splitlines()[-lines:])
         return "\n".join(line for line in chunks[-lines:] if line.strip()) or "(no log output)"
+
+
+def log4j2_file_config(log_file: Path, loggers: dict[str, str]) -> str:
+    """A log4j2 properties file for an embedded JVM server: INFO and up to ``log_file``, plus ``loggers``
+    (logger name -> level)."""
+    lines = ["status = warn", "appender.file.type = File", "appender.file.name = file",
+             f"appender.file.fileName = {log_file}", "appender.file.layout.type = PatternLayout",
+             "appender.file.layout.pattern = [%d] %p %m (%c)%n", "rootLogger.level = INFO",
+             "rootLogger.appenderRef.file.ref = file"]
+    for i, (name, level) in enumerate(loggers.items()):
+        lines += [f"logger.l{i}.name = {name}", f"logger.l{i}.level = {level}"]
+    return "\n".join([*lines, ""])

@@ -49,6 +49,16 @@ def _cli(env, work, *args, check=True) -> subprocess.CompletedProcess:
     return res
 
 
+def _start_when_archiving(env, work, store, *args) -> subprocess.Popen:
+    """An ``ingest`` daemon of the machine ``work``, returned once a head is in the bucket (it is archiving)."""
+    daemon = subprocess.Popen([LAMBDALAKE, "ingest", *args], env=env, cwd=work, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(k.endswith("/HEAD") for k in store.list("master/")):
+        time.sleep(0.2)
+    return daemon
+
+
 def _master_in_bucket(store: S3Store, pipeline) -> dict[str, list[tuple]]:
     """Per source: sorted (partition, offset, event_id) of every row the heads list, read from the bucket."""
     layout = Layout(Path("/nonexistent-machine-dir"), store=store)
@@ -81,13 +91,8 @@ def _check_exact(settings, pipeline, store) -> None:
 def test_ingest_into_a_bucket_is_exact_across_kill_9(settings, pipeline, run_cli, s3_lake):
     url, store, env, work = s3_lake
     produce(run_cli, 800, malformed_fraction=0.05, duplicate_fraction=0.05)
-    daemon = subprocess.Popen([LAMBDALAKE, "ingest"], env={**env, "LAMBDALAKE_ARCHIVE_ROLL_ROWS": "30"}, cwd=work,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                              start_new_session=True)
+    daemon = _start_when_archiving({**env, "LAMBDALAKE_ARCHIVE_ROLL_ROWS": "30"}, work, store)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(k.endswith("/HEAD") for k in store.list("master/")):
-            time.sleep(0.2)
         time.sleep(0.5)  # mid-run
     finally:
         stop_group(daemon, timeout=30, first=signal.SIGKILL)
@@ -137,13 +142,8 @@ def test_the_s3_server_killed_mid_run_fails_in_one_line_and_a_rerun_is_exact(set
         env = {**cli_env, **access.env(), "LAMBDALAKE_HOME": url, "LAMBDALAKE_WORK_DIR": str(work / "work"),
                "LAMBDALAKE_ARCHIVE_ROLL_ROWS": "20", "LAMBDALAKE_ARCHIVE_ROLL_SECONDS": "0.2"}
         produce(run_cli, 600, malformed_fraction=0.05, duplicate_fraction=0.05)
-        daemon = subprocess.Popen([LAMBDALAKE, "ingest", "--partitions", "0,1,2,3"], env=env, cwd=work,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                  start_new_session=True)
+        daemon = _start_when_archiving(env, work, store, "--partitions", "0,1,2,3")
         try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not any(k.endswith("/HEAD") for k in store.list("master/")):
-                time.sleep(0.2)
             server.down(timeout=0)  # SIGKILL of the server mid-run
             produce(run_cli, 300, seed=9, malformed_fraction=0.05, duplicate_fraction=0.05)  # more rolls to try
             _, err = daemon.communicate(timeout=120)

@@ -10,8 +10,6 @@ and every view equals the oracle.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
@@ -23,6 +21,8 @@ from lambdalake.exceptions import LambdalakeError
 from lambdalake.layout import Layout, current_batch_manifest, read_batch_pointer
 from serving import connect
 from tests.oracle import assert_rows_equal, oracle_views, read_log
+from tests.releases import extract
+from tests.releases import run_cli as run_release
 from wiring.demo_stream import demo_messages
 from wiring.produce import send
 
@@ -34,12 +34,7 @@ PREVIOUS = "e721bda"  # the last commit of lambdalake 0.1 formats
 
 @pytest.fixture(scope="module")
 def previous_release(tmp_path_factory) -> Path:
-    tree = tmp_path_factory.mktemp("previous-release")
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", PREVIOUS], capture_output=True, timeout=120)
-    if archive.returncode != 0:
-        pytest.skip(f"git history without {PREVIOUS} (shallow clone?): {archive.stderr.decode()[:200]}")
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True, timeout=120)
-    return tree
+    return extract(PREVIOUS, tmp_path_factory.mktemp("previous-release"))
 
 
 @pytest.fixture
@@ -57,11 +52,7 @@ def settings(settings, tmp_path):
 
 
 def _old_cli(tree: Path, env: dict, *args: str) -> None:
-    # cwd and PYTHONPATH are the old tree, so its packages shadow this checkout's editable install
-    res = subprocess.run([sys.executable, "-c", "import sys; from lambdalake.cli import main; "
-                          "sys.exit(main(sys.argv[1:]))", *args], cwd=tree, env={**env, "PYTHONPATH": str(tree)},
-                         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert res.returncode == 0, f"previous release: lambdalake {' '.join(args)}\n{res.stdout}\n{res.stderr}"
+    run_release(tree, "lambdalake.cli", env, *args)
 
 
 def _views(settings, pipeline) -> dict[str, list]:

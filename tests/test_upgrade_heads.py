@@ -9,8 +9,6 @@ rewrites through the head. Master and DLQ stay exact, every offset once.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,8 @@ from batch.partition_buffer import RollPolicy
 from lambdalake.clients import ensure_topics
 from lambdalake.heads import MASTER_FILE, master_files, stored_head
 from lambdalake.layout import Layout
+from tests.releases import extract
+from tests.releases import run_cli as run_release
 from tests.test_archiver import check_exact
 from wiring.demo_stream import demo_messages
 from wiring.produce import send
@@ -33,19 +33,11 @@ RELEASE_0_2 = "f3f6039"  # the last commit of lambdalake 0.2: master files witho
 
 @pytest.fixture(scope="module")
 def release_0_2(tmp_path_factory) -> Path:
-    tree = tmp_path_factory.mktemp("release-0.2")
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", RELEASE_0_2], capture_output=True, timeout=120)
-    if archive.returncode != 0:
-        pytest.skip(f"git history without {RELEASE_0_2} (shallow clone?): {archive.stderr.decode()[:200]}")
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True, timeout=120)
-    return tree
+    return extract(RELEASE_0_2, tmp_path_factory.mktemp("release-0.2"))
 
 
 def _old_cli(tree: Path, env: dict, *args: str) -> None:
-    res = subprocess.run([sys.executable, "-c", "import sys; from wiring.cli import main; sys.exit(main(sys.argv[1:]))",
-                          *args], cwd=tree, env={**env, "PYTHONPATH": str(tree)}, capture_output=True, text=True,
-                         timeout=600, stdin=subprocess.DEVNULL)
-    assert res.returncode == 0, f"lambdalake 0.2: lambdalake {' '.join(args)}\n{res.stdout}\n{res.stderr}"
+    run_release(tree, "wiring.cli", env, *args)
 
 
 def test_a_master_of_release_0_2_gets_heads_and_stays_exact(settings, pipeline, cli_env, release_0_2):
