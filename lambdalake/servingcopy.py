@@ -80,8 +80,9 @@ def _build(path: Path, version_dir: Path, row_counts: Mapping[str, int]) -> None
 
     path.unlink(missing_ok=True)
     con = duckdb.connect(str(path), config={"autoinstall_known_extensions": False,
-                                            "autoload_known_extensions": False, "enable_progress_bar": False})
+                                            "autoload_known_extensions": False})
     try:
+        con.execute("SET enable_progress_bar = false")  # nothing on stderr (the batch job's log)
         sketches.register(con)
         con.execute("BEGIN TRANSACTION")
         for view, expected in sorted(row_counts.items()):
