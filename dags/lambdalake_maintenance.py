@@ -1,10 +1,13 @@
-"""lambdalake_maintenance: compact small master files, retire old batch versions (retention), then audit the lake.
+"""lambdalake_maintenance: compact small master files, retire old batch versions (retention), then audit the lake;
+beside them, check that every partition has a moving owner.
 
 Thin wiring over :func:`batch.compact.compact` (the batch layer's atomic, recorded compaction; safe while the batch
 DAG runs: it waits for the master readers lock), :func:`lambdalake.versions.retire_versions` (keeps the newest
 ``LAMBDALAKE_BATCH_KEEP`` versions, never the current one nor the one before it) and :func:`audit.check.audit`
 (``lambdalake audit``: log vs master, master vs batch, log vs speed, served vs recomputed). The first two are
-idempotent: a second run finds nothing to do. The audit fails the task, without retries, on any difference.
+idempotent: a second run finds nothing to do. The audit fails the task, without retries, on any difference. The
+``owners`` task (:func:`lambdalake.status.collect`, ``lambdalake status --check``) fails on a stalled partition: a
+layer behind the log on it that has not moved for ``LAMBDALAKE_STALL_SECONDS`` (its owner died and none took over).
 """
 
 from __future__ import annotations
@@ -64,7 +67,22 @@ def lambdalake_maintenance() -> None:
                                        f"{report.speed_snapshot}): {listed}")
         return report.to_dict()
 
+    @task
+    def owners() -> dict:
+        """Every partition owned and moving (``lambdalake status --check``); fails on a stalled one."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from lambdalake.status import collect
+
+        settings, pipeline = wiring.load(dagkit.run_config())
+        st = collect(settings, pipeline)
+        if st.stalled:
+            raise AirflowFailException(f"stalled partitions in {settings.home} (nothing moved for "
+                                       f"{st.stall_seconds:.0f}s): " + "; ".join(st.stalled))
+        return {"partitions": len(st.partitions), "stall_seconds": st.stall_seconds}
+
     compact() >> retire_versions() >> audit()
+    owners()
 
 
 lambdalake_maintenance()

@@ -11,6 +11,13 @@ published state (pointers and manifests), never from a running process, so it is
 
 Per master partition: its head (:mod:`lambdalake.heads`) — owner, epoch, archived end, files, generation — or none
 yet (a partition written by release 0.2, read by that release's rule until the archiver claims it).
+
+Owners (docs/design.md, "Ownership is per partition"): per partition, the archiver that last claimed it (the head's
+owner and epoch, and how long ago the head last changed) and the speed worker whose snapshot serving takes it from
+(its epoch and how long ago that snapshot was published). A partition is *stalled* when a layer that runs on this
+lake is behind the log on it and has not moved for longer than ``LAMBDALAKE_STALL_SECONDS`` (default 300): its
+owner is dead, paused or stuck, and no other took it over. ``lambdalake status --check`` and the maintenance DAG
+fail on stalled partitions.
 """
 
 from __future__ import annotations
@@ -20,18 +27,19 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
-from lambdalake.config import Settings
+from lambdalake.config import Settings, env_float
 from lambdalake.contracts import BatchManifest, Positions, SpeedSnapshotMeta
 from lambdalake.definitions import definitions
 from lambdalake.exceptions import BrokerError, InvariantViolation
-from lambdalake.heads import archived_positions, partitions, stored_head
+from lambdalake.heads import archived_positions, head_key, partitions, stored_head
 from lambdalake.layout import (
     SPEED_COMPONENT,
     Layout,
     current_batch_manifest,
 )
 from lambdalake.pipeline import Pipeline
-from lambdalake.speedset import current_speed_snapshot
+from lambdalake.speedset import current_speed_snapshot, epoch_of, read_speed_set
+from lambdalake.storage.base import ObjectMissing
 
 
 @dataclass
@@ -46,6 +54,13 @@ class PartitionStatus:
     lag: int | None  # end_offset - speed_position
     visible_lag: int | None  # end_offset - max(speed_position, batch_watermark): not yet in any query
     dlq: int | None  # messages in the same-numbered partition of the source's DLQ topic
+    archiver_owner: str | None = None  # the head's owner (host-pid-id of the archiver that last claimed it)
+    archiver_epoch: int | None = None
+    archiver_idle_seconds: float | None = None  # since the head last changed
+    speed_worker: str | None = None  # the speed worker whose snapshot serving takes the partition from
+    speed_epoch: int | None = None
+    speed_idle_seconds: float | None = None  # since that snapshot was published
+    stalled: list[str] = field(default_factory=list)  # why the partition is stalled (module docstring)
 
 
 @dataclass
@@ -140,6 +155,11 @@ class Status:
     errors: list[str]
     erasures: list[ErasureStatus] = field(default_factory=list)  # lambdalake forget requests, oldest first
     heads: list[HeadStatus] = field(default_factory=list)  # per source and master partition
+    stall_seconds: float = 300.0
+
+    @property
+    def stalled(self) -> list[str]:
+        return [f"{p.topic}[{p.partition}]: {why}" for p in self.partitions for why in p.stalled]
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -160,7 +180,57 @@ def speed_pid(layout: Layout) -> int | None:
     return None
 
 
-def collect(settings: Settings, pipeline: Pipeline) -> Status:
+def stall_seconds() -> float:
+    """``LAMBDALAKE_STALL_SECONDS`` (default 300): how long a layer behind the log may stand still on a partition."""
+    return env_float("LAMBDALAKE_STALL_SECONDS", 300.0, minimum=1.0)
+
+
+def _owners(layout: Layout, pipeline: Pipeline, rows: list[PartitionStatus], threshold: float,
+            errors: list[str]) -> None:
+    """Fill each row's owners and stalls (module docstring)."""
+    now = time.time()
+    try:
+        found = read_speed_set(layout)
+    except (InvariantViolation, FileNotFoundError) as exc:
+        found, _ = None, errors.append(f"speed snapshots: {exc}")
+    holder = {} if found is None else {key: part for part in found.parts for key in part.partitions}
+    names = {s.topic: s.name for s in pipeline.sources}
+    any_head = False
+    for row in rows:
+        key = (row.topic, row.partition)
+        try:
+            head, _ = stored_head(layout, names[row.topic], row.partition)
+            if head is not None:
+                any_head = True
+                row.archiver_owner, row.archiver_epoch = head.owner, head.epoch
+                row.archiver_idle_seconds = max(0.0, now - layout.store.modified(
+                    head_key(names[row.topic], row.partition)))
+        except (InvariantViolation, ObjectMissing):
+            pass
+        part = holder.get(key)
+        if part is not None:
+            row.speed_worker, row.speed_epoch = part.worker or "(all partitions)", epoch_of(part.meta, key)
+            created = part.meta.created_time
+            row.speed_idle_seconds = None if created is None else max(0.0, now - created.timestamp())
+    for row in rows:
+        if row.end_offset is None:
+            continue
+        if any_head and row.end_offset > (row.archived or 0):
+            if row.archiver_owner is None:
+                row.stalled.append("no archiver has claimed it")
+            elif (row.archiver_idle_seconds or 0) > threshold:
+                row.stalled.append(f"archiver {row.archiver_owner} (epoch {row.archiver_epoch}) is "
+                                   f"{row.end_offset - (row.archived or 0):,} behind and has not archived for "
+                                   f"{row.archiver_idle_seconds:.0f}s")
+        if holder and row.end_offset > max(row.speed_position or 0, row.batch_watermark or 0):
+            if row.speed_worker is None:
+                row.stalled.append("no speed worker holds it")
+            elif (row.speed_idle_seconds or 0) > threshold:
+                row.stalled.append(f"speed worker {row.speed_worker} (epoch {row.speed_epoch}) is "
+                                   f"{row.lag or 0:,} behind and has not published for {row.speed_idle_seconds:.0f}s")
+
+
+def collect(settings: Settings, pipeline: Pipeline, threshold: float | None = None) -> Status:
     """Gather the status; Kafka being down or a broken layer shows as an error field, not an exception."""
     from lambdalake.clients import end_offsets
 
@@ -204,6 +274,8 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
                 dlq=ends.get((src.dlq_topic, p)) if ends else None))
         dlq_total[src.dlq_topic] = (sum(n for (t, _), n in ends.items() if t == src.dlq_topic)
                                     if kafka_error is None else None)
+    threshold = stall_seconds() if threshold is None else threshold
+    _owners(layout, pipeline, rows, threshold, errors)
     created = None if snap is None else snap.created_time
     published = None if manifest is None else manifest.published_time
     return Status(
@@ -215,4 +287,4 @@ def collect(settings: Settings, pipeline: Pipeline) -> Status:
         speed_freshness_seconds=None if created is None else max(0.0, time.time() - created.timestamp()),
         speed_running_pid=speed_pid(layout), partitions=rows, views=view_status(pipeline, manifest, snap),
         dlq_total=dlq_total, errors=errors, erasures=erasure_status(layout, manifest),
-        heads=head_status(layout, pipeline, errors))
+        heads=head_status(layout, pipeline, errors), stall_seconds=threshold)

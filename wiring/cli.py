@@ -258,16 +258,24 @@ class Format(StrEnum):
 @app.command("status")
 def status(
     format: Annotated[Format, typer.Option("--format", "-f", help="table or json.")] = Format.table,
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 if a partition is stalled (a layer behind the "
+                                        "log on it has not moved for --stall-seconds).")] = False,
+    stall_seconds: Annotated[float | None, typer.Option(
+        min=1.0, help="How long a layer behind the log may stand still on a partition [env "
+        "LAMBDALAKE_STALL_SECONDS; default 300].")] = None,
     pipeline: PipelineOpt = None, home: LakeHomeOpt = None, bootstrap: BootstrapOpt = None,
 ) -> None:
     """Per source and partition: end offset, archiver position, speed position, batch watermark, lag,
-    freshness, DLQ count, current batch version; each master partition's head (owner, epoch, end, files)."""
+    freshness, DLQ count, current batch version; who owns each partition (archiver and speed worker, epochs,
+    idle time) and which are stalled; each master partition's head (owner, epoch, end, files)."""
     from lambdalake.status import collect
 
     ctx = context(pipeline, home, bootstrap)
-    st = collect(ctx.settings, ctx.pipeline)
+    st = collect(ctx.settings, ctx.pipeline, stall_seconds)
     if format is Format.json:
-        sys.stdout.write(json.dumps(st.to_json(), indent=1) + "\n")
+        sys.stdout.write(json.dumps({**st.to_json(), "stalled": st.stalled}, indent=1) + "\n")
+        if check and st.stalled:
+            raise typer.Exit(1)
         return
     fresh = "-" if st.speed_freshness_seconds is None else f"{st.speed_freshness_seconds:.1f}s ago"
     console.print(f"pipeline [bold]{st.pipeline}[/] at {st.bootstrap}; batch version "
@@ -293,6 +301,22 @@ def status(
         views.add_row(v.view, v.declared, v.batch or "-", v.speed or "-",
                       v.state + (f" ({v.detail})" if v.detail else ""))
     console.print(views)
+    owners = Table(title="owners")
+    for col in ("source", "partition", "archiver (epoch)", "idle", "speed worker (epoch)", "idle"):
+        owners.add_column(col, justify="right" if col in ("partition", "idle") else "left")
+
+    def idle(x: float | None) -> str:
+        return "-" if x is None else f"{x:.0f}s"
+
+    for p in st.partitions:
+        owners.add_row(p.source, str(p.partition),
+                       "-" if p.archiver_owner is None else f"{p.archiver_owner} ({p.archiver_epoch})",
+                       idle(p.archiver_idle_seconds),
+                       "-" if p.speed_worker is None else f"{p.speed_worker} ({p.speed_epoch})",
+                       idle(p.speed_idle_seconds))
+    console.print(owners)
+    for line in st.stalled:
+        console.print(f"[red]stalled:[/] {line}", highlight=False)
     if st.heads:  # per master partition (docs/design.md, "Master heads")
         heads = Table(title="master heads")
         for col in ("source", "partition", "owner", "epoch", "archived end", "files", "generation"):
@@ -317,6 +341,8 @@ def status(
         console.print(f"[yellow]Kafka:[/] {st.kafka_error}", highlight=False)
     for e in st.errors:
         console.print(f"[red]error:[/] {e}", highlight=False)
+    if check and st.stalled:
+        raise typer.Exit(1)
 
 
 @app.command("demo")
