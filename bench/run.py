@@ -70,6 +70,9 @@ BENCHES = [
     Bench("validation", "bench_validation.py", "validation-",
           quick=("--messages", "30000", "--repeat", "3"), full=(),
           timeout_quick=600, timeout_full=1800),
+    Bench("groups", "bench_groups.py", "bench_groups-",
+          quick=("--kills", "4", "--rate", "1000"), full=("--kills", "20", "--rate", "5000"),
+          timeout_quick=900, timeout_full=2400),
     Bench("serving", "bench_serving.py", "serving-",
           quick=("--sizes", "1000000", "--reps", "30", "--raw-reps", "10"),
           full=("--sizes", "1000000,10000000"),
@@ -344,6 +347,18 @@ def serving_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
     return out
 
 
+def group_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
+    out = []
+    for layer in ("archiver", "speed"):
+        g = r.get(layer)
+        if g:
+            out.append(Figure("groups", f"{layer}: kill -9 of one of two group members -> past the log end again "
+                              f"(p50 of {g['kills']} kills at {r.get('rate', 0):,.0f} msg/s; p99 {g['p99']} s)",
+                              g.get("p50"), "s", "the same wait without a kill", g.get("baseline_p50"),
+                              f"group session timeout {g.get('session_timeout_s')} s bounds it from below"))
+    return out
+
+
 def validation_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
     out = []
     for source, mixes in (r.get("sources") or {}).items():
@@ -358,7 +373,7 @@ def validation_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
 
 EXTRACT: dict[str, Callable[[dict, dict[str, dict]], list[Figure]]] = {
     "batch": batch_figures, "batch-incremental": batch_figures, "speed": speed_figures, "serving": serving_figures,
-    "validation": validation_figures}
+    "validation": validation_figures, "groups": group_figures}
 
 
 # --- report --------------------------------------------------------------------------------------------------------
