@@ -159,3 +159,46 @@ def test_the_s3_server_killed_mid_run_fails_in_one_line_and_a_rerun_is_exact(set
         _check_exact(settings, pipeline, store)
     finally:
         server.down(timeout=20)
+
+
+def test_two_machines_archive_one_bucket_as_a_group_and_one_dies(settings, pipeline, run_cli, s3_lake, tmp_path):
+    """Two archiver daemons with nothing local in common (own working and work directories, own TMPDIR), sharing
+    only the Kafka address and the bucket, split the partitions as group members; one is killed with -9 and the
+    other takes its partitions over by a new epoch in each head: the bucket's master and the DLQ stay exact."""
+    url, store, env, work = s3_lake
+    other = tmp_path / "machine-b"
+    other.mkdir()
+    env_b = {**env, "LAMBDALAKE_WORK_DIR": str(other / "work"), "TMPDIR": str(other)}
+    fast = {"LAMBDALAKE_ARCHIVE_ROLL_ROWS": "25", "LAMBDALAKE_ARCHIVE_ROLL_SECONDS": "0.5"}
+    produce(run_cli, 600, malformed_fraction=0.05, duplicate_fraction=0.05)
+    a = _start_when_archiving({**env, **fast}, work, store)
+    b = _start_when_archiving({**env_b, **fast}, other, store)
+    layout = Layout(work, store=store)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            owners = {stored_head(layout, s.name, p)[0].owner for s in pipeline.sources for p in range(4)
+                      if stored_head(layout, s.name, p)[0] is not None}
+            if len(owners) == 2:
+                break
+            time.sleep(0.3)
+        assert len(owners) == 2, f"the two machines did not split the partitions: {owners}"
+        stop_group(a, timeout=10, first=signal.SIGKILL)
+        a.communicate()
+        produce(run_cli, 400, seed=9, malformed_fraction=0.05, duplicate_fraction=0.05)
+        ends = {}
+        for m in read_log(settings.bootstrap, [s.topic for s in pipeline.sources]):
+            ends[(m.topic, m.partition)] = max(ends.get((m.topic, m.partition), 0), m.offset + 1)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            heads = {(s.topic, p): stored_head(layout, s.name, p)[0] for s in pipeline.sources for p in range(4)}
+            if all(h is not None and h.end == ends.get(k) for k, h in heads.items() if k in ends):
+                break
+            time.sleep(0.3)
+        assert len({h.owner for h in heads.values() if h is not None}) == 1, "b took everything over"
+    finally:
+        stop_group(b, timeout=30, first=signal.SIGTERM)
+        _, err = b.communicate()
+    assert "Traceback" not in err.decode()
+    _check_exact(settings, pipeline, store)
+    assert not list(work.rglob("*.parquet")) and not list(other.rglob("*.parquet")), "lake data on a machine"
