@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -32,6 +33,7 @@ from lambdalake.embedded import free_port
 from lambdalake.heads import master_files, rejected_files
 from lambdalake.layout import Layout
 from lambdalake.pipeline import load_pipeline
+from lambdalake.servingcopy import copy_path, table_name
 from lambdalake.speedset import current_speed_snapshot
 from serving.published import resolve_pair
 from speed.consumer import SpeedLayer, SpeedOptions
@@ -94,6 +96,28 @@ def tampered(path: Path, column: str, row: int | None = None) -> Iterator[tuple]
         path.write_bytes(original)
 
 
+@contextmanager
+def tampered_copy(version_dir: Path, view: str, column: str) -> Iterator[None]:
+    """+1 on ``column`` of one row of ``view`` in the version's serving copy (lambdalake.servingcopy); the original
+    bytes are put back afterwards."""
+    path = copy_path(version_dir)
+    original = path.read_bytes()
+    con = duckdb.connect(str(path))
+    try:
+        table = table_name(view)
+        con.execute(f'UPDATE "{table}" SET "{column}" = "{column}" + 1 '
+                    f'WHERE rowid = (SELECT min(rowid) FROM "{table}")')
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    try:
+        yield
+    finally:
+        path.write_bytes(original)
+        for wal in path.parent.glob(path.name + ".wal"):
+            wal.unlink()
+
+
 def _named(report, check: str, *words: str) -> list:
     return [d for d in report.differences if d.check == check and all(w in str(d) for w in words)]
 
@@ -148,6 +172,13 @@ def test_audit_catches_a_tampered_master_batch_and_speed_file(lake):
     assert res.returncode == 1, res.stdout + res.stderr
     assert "DIFFERENCE master-batch" in res.stdout and f"{pair.batch_version}/pageviews_hourly" in res.stdout
     assert f"views={old + 1} (recomputation from master: {old})" in res.stdout
+    # serving reads the version's serving copy (written at publish), which tampering with a parquet file leaves as
+    # it was: the served answers are still right, and the audit says only what differs
+    assert "DIFFERENCE merged" not in res.stdout and "Traceback" not in res.stderr
+    # the serving copy itself tampered with: the served answers change, and the merged check says so
+    with tampered_copy(layout.batch_version(pair.batch_version), "pageviews_hourly", "views"):
+        res = _cli(settings)
+    assert res.returncode == 1, res.stdout + res.stderr
     assert "DIFFERENCE merged: pageviews_hourly" in res.stdout and "Traceback" not in res.stderr
 
     # speed: one visible row's revenue in the snapshot
