@@ -45,6 +45,7 @@ writer whose head epoch is no longer the partition's cannot list anything there:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -61,6 +62,7 @@ from lambdalake.config import Settings
 from lambdalake.exceptions import ConfigError, InvariantViolation, LambdalakeError
 from lambdalake.heads import Fenced, HeadFile, PartitionHead, file_key, writer_id
 from lambdalake.layout import Layout
+from lambdalake.locks import flock
 from lambdalake.ownership import PartitionLocks, Share
 from lambdalake.pipeline import Pipeline
 from lambdalake.runtime import streaming_runtime
@@ -148,7 +150,7 @@ class Archiver:
         from batch.compact import recover_compactions
 
         t0 = time.monotonic()
-        with archiver_locks(self.layout) as self._locks, streaming_runtime():
+        with archiver_locks(self.layout) as self._locks, self._group_presence(), streaming_runtime():
             recover_compactions(self.layout, self.pipeline)
             ensure_topics(self.settings, self.pipeline)
             session = LogSession(connect(self.settings, group_id=self.group_id, client="librdkafka",
@@ -179,6 +181,19 @@ class Archiver:
                 session.close()  # a group member leaves its group here (its partitions go to the others at once)
         self.report.seconds = time.monotonic() - t0
         return self.report
+
+    def _group_presence(self):
+        """Group members hold ``checkpoints/archiver/group.lock`` shared while they run; a pinned run (Airflow's
+        catch-up, ``--share``) refuses to start next to them with :class:`ArchiverLocked` (the DAG then waits for
+        the members to catch up): its claims would fence them from their own partitions."""
+        path = self.layout.checkpoints("archiver") / "group.lock"
+        if self.group:
+            return flock(path, shared=True)
+        with flock(path, timeout=0, what="the archiver group lock", on_busy=lambda _msg: ArchiverLocked(
+                f"archiver daemons (members of the group {self.group_id}) run on {self.layout.home}; a pinned "
+                "run would take their partitions from them: stop them first, or let them archive")):
+            pass
+        return contextlib.nullcontext()
 
     def _partitions(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}

@@ -119,3 +119,25 @@ def test_a_member_paused_past_its_session_writes_nothing_that_counts(settings, p
     assert "Traceback" not in err_a + err_b
     assert "to another archiver" in err_a or "stopped archiving" in err_a, err_a[-3000:]
     check_exact(settings, pipeline)
+
+
+def test_a_pinned_run_next_to_group_members_waits_for_them(settings, pipeline, run_cli, cli_env):
+    """Airflow's archive step (a pinned run) next to running members: it refuses to claim their partitions and
+    waits until they have archived up to the log's end instead; the CLI's pinned run says why in one line."""
+    from batch.catch_up import archive
+
+    produce(run_cli, 300, malformed_fraction=0.05, duplicate_fraction=0.0)
+    member = _member(cli_env)
+    try:
+        _wait_owners(settings, pipeline, 1)
+        res = run_cli("ingest", "--until-caught-up", check=False)
+        assert res.returncode != 0 and "archiver daemons" in res.stderr and "Traceback" not in res.stderr
+        produce(run_cli, 200, seed=8, malformed_fraction=0.05, duplicate_fraction=0.0)
+        done = archive(settings, pipeline, wait_timeout=120, poll_interval=0.3)
+        assert done.mode == "waited"
+        assert {o for o, _ in _owners(settings, pipeline).values()} == {o for o, _ in _wait_owners(
+            settings, pipeline, 1).values()}  # nobody took the member's partitions
+    finally:
+        err = _stop(member)
+    assert "Traceback" not in err and "stopped archiving" not in err
+    check_exact(settings, pipeline)
