@@ -130,7 +130,8 @@ def main() -> int:
         pipeline = load_pipeline(str(pfile))
         ensure_topics(settings, pipeline)
         env = {**os.environ, "LAMBDALAKE_HOME": str(settings.home), "LAMBDALAKE_BOOTSTRAP": bootstrap,
-               "LAMBDALAKE_PIPELINE": str(pfile), "LAMBDALAKE_ARCHIVE_ROLL_SECONDS": "0.5"}
+               "LAMBDALAKE_PIPELINE": str(pfile), "LAMBDALAKE_ARCHIVE_ROLL_SECONDS": "0.5",
+               "LAMBDALAKE_LOG": "INFO"}
         send(settings, demo_messages(pipeline, 20_000, seed=1), progress=False)
         stream = itertools.takewhile(lambda _: not stop.is_set(), demo_messages(pipeline, 10_000_000, seed=2))
         feeder = threading.Thread(target=lambda: send(settings, stream, rate=args.rate, progress=False), daemon=True)

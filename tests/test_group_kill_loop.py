@@ -1,8 +1,8 @@
-"""The random kill -9 loop over consumer-group members of both streaming layers (real broker, real processes): two
-archiver daemons and two ``speed --group`` daemons, 50 kills of a random one at random moments while messages keep
-arriving, each killed command started again at once. Every restart is accepted (no orphan holds anything), no
-process of a killed command is left, and once the stream stops master + DLQ account for every offset exactly once
-and serving equals the oracle."""
+"""The random kill -9 loop over consumer-group members of both streaming layers (real broker, real processes): per
+layer one command with ``--workers 2`` and one single worker (``ingest``; ``speed --group``), 50 kills of a random
+command at random moments while messages keep arriving, each killed command started again at once. Every restart
+is accepted (no orphan holds anything), no process of a killed command is left, and once the stream stops master +
+DLQ account for every offset exactly once and serving equals the oracle."""
 
 from __future__ import annotations
 
@@ -28,12 +28,14 @@ from tests.test_speed_workers import served_equals_oracle
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 KILLS = 50
-COMMANDS = {"ingest": ["ingest"], "speed": ["speed", "--group", "--checkpoint-interval", "0.1"]}
+COMMANDS = {("ingest", 0): ["ingest", "--workers", "2"], ("ingest", 1): ["ingest"],
+            ("speed", 0): ["speed", "--group", "--workers", "2", "--checkpoint-interval", "0.1"],
+            ("speed", 1): ["speed", "--group", "--checkpoint-interval", "0.1"]}
 
 
-def _start(cli_env, kind: str) -> subprocess.Popen:
+def _start(cli_env, key: tuple[str, int]) -> subprocess.Popen:
     env = {**cli_env, "LAMBDALAKE_ARCHIVE_ROLL_ROWS": "40", "LAMBDALAKE_ARCHIVE_ROLL_SECONDS": "0.5"}
-    return subprocess.Popen([LAMBDALAKE, *COMMANDS[kind]], env=env, stdout=subprocess.DEVNULL,
+    return subprocess.Popen([LAMBDALAKE, *COMMANDS[key]], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -70,7 +72,7 @@ def test_fifty_random_kills_of_group_members_stay_exact(settings, pipeline, cli_
             seed += 1
             stop.wait(0.5)
 
-    members = {(kind, i): _start(cli_env, kind) for kind in COMMANDS for i in range(2)}
+    members = {key: _start(cli_env, key) for key in COMMANDS}
     feeder = threading.Thread(target=stream, daemon=True)
     feeder.start()
     killed_families: list[list[int]] = []
@@ -85,7 +87,7 @@ def test_fifty_random_kills_of_group_members_stay_exact(settings, pipeline, cli_
             killed_families.append(_family(proc))
             stop_group(proc, timeout=10, first=signal.SIGKILL)
             proc.communicate()
-            members[key] = _start(cli_env, key[0])
+            members[key] = _start(cli_env, key)
         stop.set()
         feeder.join(timeout=60)
         _caught_up(settings, pipeline)
