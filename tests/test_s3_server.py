@@ -220,6 +220,12 @@ def test_cli_s3_up_status_down(tmp_path):
         restarted = cli("up", "--port", str(port))  # the same credentials and data after a restart
         assert restarted.returncode == 0 and restarted.stdout.splitlines()[1:] == up.stdout.splitlines()[1:]
         assert store_as(access, "cli-lake").get("a") == b"kept"
+        with_bucket = cli("up", "--port", str(port), "--bucket", "cli-made", "--bucket", "cli-lake")
+        assert with_bucket.returncode == 0 and "buckets cli-made, cli-lake" in with_bucket.stdout, with_bucket
+        store_as(access, "cli-made").put("b", b"x")  # it exists now; an existing one is left as it was
+        assert store_as(access, "cli-lake").get("a") == b"kept"
+        bad = cli("up", "--port", str(port), "--bucket", "Not_A_Bucket")
+        assert bad.returncode != 0 and "not an S3 lake URL" in bad.stderr and "Traceback" not in bad.stderr
         busy = cli("up", "--port", str(free_port()))
         assert busy.returncode != 0 and busy.stderr.startswith("error: ") and "Traceback" not in busy.stderr
         assert len(busy.stderr.strip().splitlines()) == 1, busy.stderr

@@ -116,14 +116,24 @@ def _print_s3(headline: str, server) -> None:
 @s3_app.command("up")
 def s3_up(home: HomeOpt = None,
           port: Annotated[int, typer.Option("--port", min=1, max=65535, help="S3 API port.")] = 8333,
-          timeout: Annotated[float, typer.Option(help="Seconds to wait for the server.")] = 60.0) -> None:
+          timeout: Annotated[float, typer.Option(help="Seconds to wait for the server.")] = 60.0,
+          bucket: Annotated[list[str] | None, typer.Option(
+              "--bucket", help="Create this bucket if it is missing (repeatable), e.g. for "
+              "LAMBDALAKE_HOME=s3://<bucket>/lake.")] = None) -> None:
     """Start the embedded S3 server in the background under <home>/s3 (its access key and secret are generated on
     first start and kept there, 0600). Idempotent. Prints the `export AWS_...` lines clients need."""
+    from lambdalake.storage.s3 import parse_url
+
+    for name in bucket or ():
+        parse_url(f"s3://{name}/x")  # a bucket name S3 accepts, or one line saying why not
     server = _s3_server(home, port)
     with console.status("starting the S3 server ..."):
         state = server.up(timeout=timeout)
+        for name in bucket or ():
+            server.create_bucket(name)
+    made = f"; buckets {', '.join(bucket)}" if bucket else "; create a bucket with --bucket or any S3 client"
     _print_s3(f"S3 server up: endpoint {state['endpoint']} (pid {state['pid']}, data {server.data_dir}, "
-              f"log {state['log']}); create a bucket with any S3 client", server)
+              f"log {state['log']}){made}", server)
 
 
 @s3_app.command("down")
