@@ -189,7 +189,9 @@ class Archiver:
         path = self.layout.checkpoints("archiver") / "group.lock"
         if self.group:
             return flock(path, shared=True)
-        with flock(path, timeout=0, what="the archiver group lock", on_busy=lambda _msg: ArchiverLocked(
+        # a probe: exclusive, so held shared by a member it fails; other pinned runs probe too (each for an
+        # instant), hence a second of retries before concluding that members run
+        with flock(path, timeout=1.0, what="the archiver group lock", on_busy=lambda _msg: ArchiverLocked(
                 f"archiver daemons (members of the group {self.group_id}) run on {self.layout.home}; a pinned "
                 "run would take their partitions from them: stop them first, or let them archive")):
             pass
