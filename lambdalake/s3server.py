@@ -150,23 +150,31 @@ class EmbeddedS3(EmbeddedServer):
         port = self.port or free_port()
         if port_open("127.0.0.1", port):
             raise StorageError(f"port {port} is already in use; choose another with --port")
-        ports = _ports(port)
         key, secret = self._credentials()
         (self.dir / "logs").mkdir(exist_ok=True)
         self.data_dir.mkdir(exist_ok=True)
-        cmd = [str(weed_binary()), f"-logdir={self.dir / 'logs'}", "mini", f"-dir={self.data_dir}",
-               "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *(f"-{k}={v}" for k, v in ports.items()),
-               "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-               "-master.telemetry=false", f"-s3.config={self.identities_file}", "-s3.autoCreateBucket=false",
-               "-s3.iam=false", "-disableHttp", *self._sockets()]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}  # no identity from env
         access = S3Access(f"http://127.0.0.1:{port}", key, secret)
-        return self.start(
-            cmd, out=self.out_file, env=env, timeout=timeout, what=f"{access.endpoint} (S3 requests)",
-            ready=lambda: port_open("127.0.0.1", port) and _answers(access),
-            state=lambda pid: {"pid": pid, "endpoint": access.endpoint, "port": port, "region": REGION,
-                               "credentials": str(self.identities_file), "ports": ports, "started_at": time.time(),
-                               "log": str(self.out_file)})
+        for attempt in range(3):
+            ports = _ports(port)  # free now; another process may take one before SeaweedFS binds it
+            cmd = [str(weed_binary()), f"-logdir={self.dir / 'logs'}", "mini", f"-dir={self.data_dir}",
+                   "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *(f"-{k}={v}" for k, v in ports.items()),
+                   "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+                   "-master.telemetry=false", f"-s3.config={self.identities_file}", "-s3.autoCreateBucket=false",
+                   "-s3.iam=false", "-disableHttp", *self._sockets()]
+            try:
+                return self.start(
+                    cmd, out=self.out_file, env=env, timeout=timeout, what=f"{access.endpoint} (S3 requests)",
+                    ready=lambda: port_open("127.0.0.1", port) and _answers(access),
+                    state=lambda pid, ports=ports: {
+                        "pid": pid, "endpoint": access.endpoint, "port": port, "region": REGION,
+                        "credentials": str(self.identities_file), "ports": ports, "started_at": time.time(),
+                        "log": str(self.out_file)})
+            except StorageError as exc:
+                if "Port allocation failed" not in str(exc) or attempt == 2:
+                    raise
+                log.warning("SeaweedFS lost an internal port to another process; starting it again on others")
+        raise AssertionError("unreachable")
 
     def down(self, timeout: float = 20.0) -> bool:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout``). True if one was running."""

@@ -248,3 +248,32 @@ def test_a_server_that_cannot_start_says_why(tmp_path, monkeypatch):
         EmbeddedS3(tmp_path / "broken").up(timeout=20)
     assert "exited with code 3 during start-up" in str(err.value) and "disk on fire" in str(err.value)
     assert EmbeddedS3(tmp_path / "broken").status()["running"] is False
+
+
+def test_an_internal_port_taken_before_the_server_binds_it_is_retried(tmp_path, monkeypatch):
+    """The internal ports are chosen free, but another process may bind one before SeaweedFS does: the server is
+    started again on other ports, not given up."""
+    import socket
+
+    import lambdalake.s3server as s3server
+
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    real, calls = s3server._ports, []
+
+    def first_collides(s3_port: int) -> dict[str, int]:
+        ports = real(s3_port)
+        if not calls:
+            ports["master.port"] = taken.getsockname()[1]
+        calls.append(ports)
+        return ports
+
+    monkeypatch.setattr(s3server, "_ports", first_collides)
+    server = EmbeddedS3(tmp_path / "s3", tied_to_parent=True)
+    try:
+        state = server.up(timeout=90)
+        assert len(calls) == 2 and state["ports"]["master.port"] != taken.getsockname()[1]
+    finally:
+        server.down(timeout=20)
+        taken.close()
