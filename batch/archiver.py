@@ -239,7 +239,10 @@ class Archiver:
         starts = session.starts(keys, {k: self._heads[k].end for k in keys if self._heads[k].end is not None})
         for key in keys:
             self._buffers[key] = PartitionBuffer(self._sources[key[0]], key[1], starts[key])
-            dlq.reload_high_water(self._sources[key[0]], key[1])
+        by_topic: dict[str, list[int]] = {}
+        for topic, p in keys:
+            by_topic.setdefault(topic, []).append(p)
+        dlq.load_high_water(by_topic)  # one short read of the DLQ tails for all of them
         log.info("assigned %s", ", ".join(f"{t}[{p}]@{starts[(t, p)]}" for t, p in sorted(keys)))
         return starts
 

@@ -22,7 +22,7 @@ from batch.archiver import ingest
 from batch.compact import compact
 from batch.master import master_schema
 from batch.partition_buffer import RollPolicy
-from lambdalake.heads import archived_positions, master_files
+from lambdalake.heads import archived_positions, master_files, stored_head
 from lambdalake.layout import Layout
 from lambdalake.procs import stop_group
 from tests.conftest import LAMBDALAKE
@@ -303,7 +303,12 @@ def test_sigterm_finishes_current_file(settings, pipeline, run_cli, cli_env):
     produce(run_cli, 600)
     proc = _start_ingest(cli_env, roll_rows=1_000_000)  # daemon; only the time limit or a stop rolls files
     try:
-        time.sleep(4)  # the daemon consumes everything but rolls nothing: rows and age stay below the limits
+        layout = Layout(settings.home)
+        deadline = time.monotonic() + 60  # a group member: its partitions are assigned (and claimed) first
+        while time.monotonic() < deadline and sum(1 for s in pipeline.sources for p in range(4)
+                                                  if stored_head(layout, s.name, p)[0] is not None) < 8:
+            time.sleep(0.2)
+        time.sleep(3)  # the daemon consumes everything but rolls nothing: rows and age stay below the limits
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
         assert _file_count(settings, pipeline) == 0
         os.killpg(proc.pid, signal.SIGTERM)
