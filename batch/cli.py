@@ -11,6 +11,7 @@ import typer
 from lambdalake.exceptions import ConfigError
 from lambdalake.options import (
     BootstrapOpt,
+    GroupOpt,
     HomeOpt,
     LakeOpt,
     PartitionsOpt,
@@ -19,6 +20,7 @@ from lambdalake.options import (
     WorkersOpt,
     console,
     context,
+    joins_group,
 )
 
 
@@ -38,7 +40,7 @@ def ingest_cmd(
                                                    "[env LAMBDALAKE_ARCHIVE_ROLL_BYTES; default 128 MiB].")] = None,
     roll_seconds: Annotated[float | None, typer.Option(min=0.001, help="... or this age in seconds "
                                                        "[env LAMBDALAKE_ARCHIVE_ROLL_SECONDS; default 60].")] = None,
-    workers: WorkersOpt = 1, share: ShareOpt = None, partitions: PartitionsOpt = None,
+    group: GroupOpt = None, workers: WorkersOpt = 1, share: ShareOpt = None, partitions: PartitionsOpt = None,
     pipeline: PipelineOpt = None, home: LakeOpt = None, bootstrap: BootstrapOpt = None,
 ) -> None:
     """Archive the source topics into the master dataset (Parquet), exactly once; invalid messages to the DLQ.
@@ -58,7 +60,7 @@ def ingest_cmd(
     ctx = context(pipeline, home, bootstrap, object_storage=True)
     policy = RollPolicy.from_env(max_rows=roll_rows, max_bytes=roll_bytes, max_seconds=roll_seconds)
     owned = Share.parse(partitions, share)
-    group = not until_caught_up and owned.everything  # a daemon joins the group; pinned runs do not
+    group = joins_group(group, until_caught_up, not owned.everything)
     if workers > 1:
         if not owned.everything:
             raise ConfigError("--workers starts its own shares 0/N..N-1/N; do not combine it with --share or "

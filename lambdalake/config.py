@@ -117,6 +117,16 @@ class Settings:
     def bootstrap_is_embedded(self) -> bool:
         return self.kafka.embedded
 
+    def group_id(self, layer: str, pipeline: str) -> str:
+        """The consumer group of a streaming layer's workers: ``lambdalake-<layer>.<pipeline>.<lake tag>``. The tag
+        (8 hex digits of the lake's location: its URL, or its resolved directory) keeps two lakes fed by the same
+        topics — staging and production, or two test lakes on one broker — from splitting the partitions between
+        them; every machine that names the same lake joins the same group."""
+        import hashlib
+
+        where = self.lake or str(Path(self.home).resolve())
+        return f"lambdalake-{layer}.{pipeline}.{hashlib.sha256(where.encode()).hexdigest()[:8]}"
+
 
 def embedded_broker_state(home: Path) -> dict | None:
     """The embedded broker's state file (written by ``lambdalake kafka up``), or None."""

@@ -51,7 +51,12 @@ BootstrapOpt = Annotated[str | None, typer.Option(
 
 # Partition-parallel workers (archiver, speed layer): lambdalake.ownership.
 WorkersOpt = Annotated[int, typer.Option(
-    "--workers", min=1, max=64, help="Run this many worker processes, each owning its share of the partitions.")]
+    "--workers", min=1, max=64, help="Run this many worker processes on this machine (group members, or with "
+    "--no-group each owning its share 0/N..N-1/N of the partitions).")]
+GroupOpt = Annotated[bool | None, typer.Option(
+    "--group/--no-group", help="Join the layer's consumer group: Kafka assigns the partitions and moves them when "
+    "a worker starts, stops or dies, on any machine [default: a daemon joins; --until-caught-up, --share and "
+    "--partitions pin partitions instead]. --no-group: static shares.", show_default=False)]
 ShareOpt = Annotated[str | None, typer.Option(
     "--share", help="Run ONE worker owning partitions p with p % N == I (I/N, e.g. 1/4): one per process or "
     "machine.", show_default=False)]
@@ -120,3 +125,15 @@ def run_app(app: typer.Typer, argv: list[str] | None, *, prog_name: str | None =
         err_console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return err.exit_code
     return 0
+
+
+def joins_group(group: bool | None, until_caught_up: bool, pinned: bool) -> bool:
+    """Whether a streaming layer's worker joins its consumer group (``--group/--no-group``, :data:`GroupOpt`): a
+    daemon does unless told not to; a run pinned to partitions (``--share``/``--partitions``) or to the end offsets
+    seen at start (``--until-caught-up``) does not, and asking for both is refused in one line."""
+    if group and (until_caught_up or pinned):
+        from lambdalake.exceptions import ConfigError
+
+        raise ConfigError("--group takes the partitions the group assigns: not with --until-caught-up, --share or "
+                          "--partitions (those pin partitions)")
+    return (not until_caught_up and not pinned) if group is None else group

@@ -12,6 +12,7 @@ import typer
 from lambdalake.exceptions import ConfigError
 from lambdalake.options import (
     BootstrapOpt,
+    GroupOpt,
     HomeOpt,
     PartitionsOpt,
     PipelineOpt,
@@ -20,6 +21,7 @@ from lambdalake.options import (
     console,
     context,
     err_console,
+    joins_group,
 )
 
 
@@ -46,27 +48,23 @@ def register(app: typer.Typer) -> None:
         broker_timeout: Annotated[float, typer.Option(
             min=0.0, help="Seconds to keep retrying (with backoff) while Kafka is unreachable at start.")] = 120.0,
         group_id: Annotated[str | None, typer.Option(
-            help="Consumer group for lag monitoring [default: lambdalake-speed-<pipeline>]; with --group, the "
-            "group the workers join [default: lambdalake-speed.<pipeline>].")] = None,
-        group: Annotated[bool, typer.Option(
-            "--group", help="Join the speed workers' consumer group: Kafka assigns the partitions and moves them "
-            "when a worker starts, stops or dies (start as many as you like, on any machine).")] = False,
-        workers: WorkersOpt = 1, share: ShareOpt = None, partitions: PartitionsOpt = None,
+            help="Consumer group for lag monitoring [default: lambdalake-speed-<pipeline>]; of a group member, the "
+            "group it joins [default: lambdalake-speed.<pipeline>.<8 hex digits of the lake's location>].")] = None,
+        group: GroupOpt = None, workers: WorkersOpt = 1, share: ShareOpt = None, partitions: PartitionsOpt = None,
         pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: BootstrapOpt = None,
     ) -> None:
         """Run the speed layer: consume the log, keep incremental views, checkpoint and publish them, hand off
-        to published batch versions. Stops with a final checkpoint on SIGTERM/Ctrl-C. Scales out by partition:
-        --workers N here, or one --share I/N (or --partitions) per process on several machines; serving reads
-        the union of the workers' snapshots."""
+        to published batch versions. Stops with a final checkpoint on SIGTERM/Ctrl-C. Scales out by partition: a
+        daemon joins the speed workers' consumer group (start as many as you like, on any machine; --workers N
+        here); --share I/N or --partitions pin partitions instead. Serving reads the union of the workers'
+        snapshots."""
         from lambdalake.ownership import Share
         from speed.consumer import SpeedLayer, SpeedOptions
         from speed.workers import run_speed_workers
 
         ctx = context(pipeline, home, bootstrap)
         owned = Share.parse(partitions, share)
-        if group and (until_caught_up or not owned.everything):
-            raise ConfigError("--group takes the partitions the group assigns: not with --until-caught-up, "
-                              "--share or --partitions (those pin partitions)")
+        group = joins_group(group, until_caught_up, not owned.everything)
         opts = SpeedOptions(checkpoint_interval=checkpoint_interval, dedup_span=dedup_span,
                             keep_snapshots=keep_snapshots, keep_snapshot_seconds=keep_snapshot_seconds,
                             broker_timeout=broker_timeout, group_id=group_id, share=owned, group=group)

@@ -135,7 +135,7 @@ class SpeedLayer:
                                          keep_snapshot_seconds=self.options.keep_snapshot_seconds)
         self.owned = OwnedPartitions(settings.home, self.layout)
         self.notify = notify or (lambda msg: log.warning("%s", msg))
-        self.group_id = self.options.group_id or (f"lambdalake-speed.{pipeline.name}" if self.options.group
+        self.group_id = self.options.group_id or (settings.group_id("speed", pipeline.name) if self.options.group
                                                   else f"lambdalake-speed-{pipeline.name}")
         self.sources = {s.topic: s for s in pipeline.sources}
         self.validators = {s.topic: Validator(s) for s in pipeline.sources}
@@ -175,7 +175,8 @@ class SpeedLayer:
     def run(self, until_caught_up: bool = False) -> Stats:
         """Consume, checkpoint and publish until stopped; with ``until_caught_up`` stop at the end offsets seen at
         start-up. Always ends with a final checkpoint (unless killed)."""
-        with stop_on_signals(self._stop.set), streaming_runtime():
+        with stop_on_signals(self._stop.set), streaming_runtime(), \
+                group.presence(self.settings.home, self.options.group, self.group_id):
             if not self.options.group:  # a member holds its lock since it picked its name
                 self.store.lock()
             try:

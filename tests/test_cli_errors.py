@@ -34,6 +34,8 @@ def run(args, **env):
                                                           "runs `lambdalake ingest`"),
     (["batch", "--home", "s3://bucket/lake"], {}, "lake s3://bucket/lake: on object storage"),
     (["ingest", "--home", "gs://bucket/lake"], {}, "no storage for gs:// lakes"),
+    (["speed", "--group", "--until-caught-up"], {}, "--group takes the partitions the group assigns: not with"),
+    (["ingest", "--group", "--share", "0/2"], {}, "--group takes the partitions the group assigns: not with"),
 ])
 def test_bad_input_gets_one_actionable_line(args, env, expected, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -50,3 +52,18 @@ def test_unknown_source_for_load(tmp_path):
     res = run(["load", str(f), "--source", "nope"], LAMBDALAKE_HOME=str(tmp_path),
               LAMBDALAKE_BOOTSTRAP="127.0.0.1:1")
     assert res.returncode != 0 and "unknown source 'nope'" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_group_ids_are_per_lake(tmp_path):
+    """Two lakes fed by the same topics (staging and production) never share a consumer group, so they never split
+    the partitions between them; every machine naming the same lake joins the same group."""
+    from lambdalake.config import load_settings
+
+    a, b = load_settings(home=tmp_path / "a"), load_settings(home=tmp_path / "b")
+    again = load_settings(home=str(tmp_path / "x" / ".." / "a"))
+    s3, s3_again = load_settings(home="s3://bucket/lake", object_storage=True), load_settings(
+        home="s3://bucket/lake", object_storage=True)
+    assert a.group_id("speed", "clickstream") != b.group_id("speed", "clickstream")
+    assert a.group_id("speed", "clickstream") == again.group_id("speed", "clickstream")
+    assert s3.group_id("archiver", "p") == s3_again.group_id("archiver", "p") != a.group_id("archiver", "p")
+    assert a.group_id("archiver", "clickstream").startswith("lambdalake-archiver.clickstream.")

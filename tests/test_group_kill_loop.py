@@ -1,8 +1,8 @@
 """The random kill -9 loop over consumer-group members of both streaming layers (real broker, real processes): per
-layer one command with ``--workers 2`` and one single worker (``ingest``; ``speed --group``), 50 kills of a random
-command at random moments while messages keep arriving, each killed command started again at once. Every restart
-is accepted (no orphan holds anything), no process of a killed command is left, and once the stream stops master +
-DLQ account for every offset exactly once and serving equals the oracle."""
+layer one command with ``--workers 2`` and one single worker (``ingest`` and ``speed`` daemons join their group), 50
+kills of a random command at random moments while messages keep arriving, each killed command started again at once.
+Every restart is accepted (no orphan holds anything), no process of a killed command is left, and once the stream
+stops master + DLQ account for every offset exactly once and serving equals the oracle."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 KILLS = 50
 COMMANDS = {("ingest", 0): ["ingest", "--workers", "2"], ("ingest", 1): ["ingest"],
-            ("speed", 0): ["speed", "--group", "--workers", "2", "--checkpoint-interval", "0.1"],
-            ("speed", 1): ["speed", "--group", "--checkpoint-interval", "0.1"]}
+            ("speed", 0): ["speed", "--workers", "2", "--checkpoint-interval", "0.1"],
+            ("speed", 1): ["speed", "--checkpoint-interval", "0.1"]}
 
 
 def _start(cli_env, key: tuple[str, int]) -> subprocess.Popen:

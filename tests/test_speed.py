@@ -383,7 +383,7 @@ def test_speed_process_equals_oracle_and_resumes(settings, pipeline, run_cli):
 @pytest.mark.integration
 def test_sigterm_writes_final_checkpoint_and_exits_zero(settings, pipeline, cli_env, tmp_path):
     produce(settings, pipeline, 800, seed=3)
-    proc = start_speed(cli_env, tmp_path / "logs", "--checkpoint-interval", "1.0")
+    proc = start_speed(cli_env, tmp_path / "logs", "--no-group", "--checkpoint-interval", "1.0")
     try:
         ends = end_offsets(settings, topics(pipeline))
         layout = Layout(settings.home)
@@ -406,7 +406,7 @@ def test_sigterm_writes_final_checkpoint_and_exits_zero(settings, pipeline, cli_
 @pytest.mark.integration
 def test_second_speed_process_is_refused(settings, pipeline, cli_env, run_cli, tmp_path):
     produce(settings, pipeline, 100, seed=1)
-    proc = start_speed(cli_env, tmp_path / "logs")
+    proc = start_speed(cli_env, tmp_path / "logs", "--no-group")
     try:
         wait_for(lambda: speed_pointer(Layout(settings.home)), 60, "a first snapshot")
         res = run_cli("speed", "--until-caught-up", check=False)
@@ -453,7 +453,7 @@ def test_handoff_while_running_is_exact_and_never_double_counts(settings, pipeli
 
     t = threading.Thread(target=stream)
     t.start()
-    proc = start_speed(cli_env, tmp_path / "logs", "--checkpoint-interval", "0.05")
+    proc = start_speed(cli_env, tmp_path / "logs", "--no-group", "--checkpoint-interval", "0.05")
     checks = 0
     try:
         versions = 0

@@ -63,7 +63,7 @@ def test_kill9_at_random_points_of_a_live_stream(settings, pipeline, cli_env, tm
     proc = None
     try:
         while t.is_alive() or kills < 4:
-            proc = start_speed(cli_env, tmp_path / "logs", "--checkpoint-interval", "0.02")
+            proc = start_speed(cli_env, tmp_path / "logs", "--no-group", "--checkpoint-interval", "0.02")
             time.sleep(rng.uniform(0.5, 1.5))  # start-up (imports, connect) takes ~0.5-1 s
             assert proc.poll() is None, (tmp_path / "logs").glob("*.out")
             kill(proc)  # SIGKILL: no final checkpoint, possibly mid-commit
@@ -93,7 +93,7 @@ def test_kill9_at_each_commit_step(settings, pipeline, cli_env, tmp_path, step):
     checkpoint (ids are a sequence: a fresh lake's checkpoints are 1, 2, ...)."""
     produce(settings, pipeline, 900, seed=31)
     layout = Layout(settings.home)
-    proc = start_speed(cli_env, tmp_path / "logs", "--checkpoint-interval", "0.05",
+    proc = start_speed(cli_env, tmp_path / "logs", "--no-group", "--checkpoint-interval", "0.05",
                        env={"LAMBDALAKE_SPEED_FAULT": f"{step}:2"})
     try:
         wait_for(lambda: speed_pointer(layout), 60, "the first checkpoint")
@@ -147,7 +147,7 @@ def test_broker_outage_mid_run_is_survived(tmp_path, unique_suffix):
                "LAMBDALAKE_PIPELINE": settings.pipeline, "LAMBDALAKE_HANDOFF_BLOCK": "50"}
         produce(settings, pipeline, 300, seed=41)
         log = tmp_path / "logs"
-        proc = start_speed(env, log, "--checkpoint-interval", "0.1")
+        proc = start_speed(env, log, "--no-group", "--checkpoint-interval", "0.1")
         layout = Layout(lake)
 
         def at_end() -> bool:

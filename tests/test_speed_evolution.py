@@ -211,7 +211,7 @@ def test_pipeline_file_edited_while_running_is_applied_without_restart(settings,
     produce(settings, pipeline, 1500, seed=91)
     layout = Layout(settings.home)
     env = {"LAMBDALAKE_PIPELINE": str(live)}
-    proc = start_speed(cli_env, tmp_path / "logs", "--checkpoint-interval", "0.1", env=env)
+    proc = start_speed(cli_env, tmp_path / "logs", "--no-group", "--checkpoint-interval", "0.1", env=env)
 
     def current_for(p: Pipeline, ends) -> bool:
         snap = speed_pointer(layout)
@@ -397,7 +397,7 @@ def test_live_edit_during_a_live_stream_rebuilds_exactly(settings, pipeline, cli
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
-    proc = start_speed(cli_env, tmp_path / "logs", "--checkpoint-interval", "0.05",
+    proc = start_speed(cli_env, tmp_path / "logs", "--no-group", "--checkpoint-interval", "0.05",
                        env={"LAMBDALAKE_PIPELINE": str(live)})
     t = threading.Thread(target=stream)
     try:
