@@ -81,7 +81,8 @@ def read_dead_letters(settings: Settings, source: Source, timeout: float = 300.0
     """The source offsets of every record of ``<topic>.dlq`` (the archiver's dead-letter writer puts
     ``{"partition": p, "offset": o, ...}`` into DLQ partition p)."""
     out = DeadLetters()
-    session = _session(settings, source.dlq_topic)
+    # committed records only: a fenced archiver's aborted dead letters are not dead letters (batch.dead_letters)
+    session = _session(settings, source.dlq_topic, client="librdkafka", **{"isolation.level": "read_committed"})
     try:
         try:
             keys = session.partitions()

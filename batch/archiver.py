@@ -16,32 +16,31 @@ Roll protocol (one file, :meth:`Archiver._roll`; docs/design.md, "Master heads")
 head in step 3 is the commit point:
 
 1. Dead-letter the range's invalid messages that the DLQ does not hold yet (source offset above the partition's
-   DLQ high-water mark), flush the producer and check every record was acknowledged. A failure stops here: nothing
-   written, and a restart re-reads the range. Then put the range's *rejected file* (:mod:`batch.master`) under a
-   name no other writer uses.
+   DLQ high-water mark) in one Kafka transaction of the partition's fenced producer, and commit it. A failure
+   stops here: nothing written, and a restart re-reads the range. Then put the range's *rejected file*
+   (:mod:`batch.master`) under a name no other writer uses.
 2. Put the valid rows as one master file under a name no other writer uses.
 3. Swap the partition's head (:class:`lambdalake.heads.PartitionHead`) to one that lists both files.
 4. Advance the in-memory position and DLQ high-water mark; commit ``end`` to Kafka (monitoring only).
 
 A crash (kill -9) before step 3 leaves files no head lists (garbage, deleted by the next claim): the restart
 re-reads ``[start, end)`` and step 1 skips the invalid messages already dead-lettered, because the DLQ high-water
-mark is re-read from the last record of each DLQ partition on start (:class:`batch.dead_letters.DeadLetters`). A
-crash after step 3 resumes at ``end``. Hence: no gap, no duplicate row, no duplicate DLQ record. Before archiving a
-partition the archiver claims its head (a new epoch): an earlier writer of it that still runs loses its next swap
-and stops (:class:`lambdalake.heads.Fenced`).
+mark is re-read from the last committed record of the DLQ partition after its producer fenced every earlier one
+(:class:`batch.dead_letters.DeadLetters`). A crash after step 3 resumes at ``end``. Hence: no gap, no duplicate row,
+no duplicate DLQ record. Before archiving a partition the archiver claims its head (a new epoch): an earlier writer
+of it that still runs loses its next swap and stops (:class:`lambdalake.heads.Fenced`).
 
-Workers: every step above is per partition (files, DLQ partition ``p`` for source partition ``p``, high-water
-marks, the head), so the archiver scales out by partition. A daemon (``lambdalake ingest`` without
-``--until-caught-up``, ``--share`` or ``--partitions``) is a member of the consumer group
-``lambdalake-archiver.<pipeline>``: Kafka assigns it partitions, and moves them when a member joins, leaves or dies
-(cooperative rebalancing: only the partitions that must move). On assignment it claims each partition's head; on
-revocation it finishes the partition's roll first (bounded: a roll that cannot finish is left to the next owner);
-a lost partition (this member missed its session) is dropped unwritten. Start as many daemons as you like, on as
-many machines. ``--until-caught-up`` runs and ``--share i/N`` / ``--partitions`` pin partitions statically, each
-held with ``checkpoints/archiver/partitions/<topic>-<p>.lock`` on this machine. Whatever the assignment says, a
-writer whose head epoch is no longer the partition's cannot list anything there: it stops archiving the partition
-(:class:`lambdalake.heads.Fenced`).
-"""
+Workers: every step above is per partition (files, DLQ partition ``p`` for source partition ``p``, high-water marks,
+the head), so the archiver scales out by partition. A daemon (``lambdalake ingest`` without ``--until-caught-up``,
+``--share`` or ``--partitions``) is a member of the consumer group ``lambdalake-archiver.<pipeline>.<lake tag>``
+(:meth:`lambdalake.config.Settings.group_id`): Kafka assigns it partitions, and moves them when a member joins,
+leaves or dies (cooperative rebalancing: only the partitions that must move). On assignment it claims each
+partition's head; on revocation it finishes the partition's roll first (bounded: a roll that cannot finish is left
+to the next owner); a lost partition (this member missed its session) is dropped unwritten. Start as many daemons as
+you like, on as many machines. ``--until-caught-up`` runs and ``--share i/N`` / ``--partitions`` pin partitions
+statically, each held with ``checkpoints/archiver/partitions/<topic>-<p>.lock`` on this machine. Whatever the
+assignment says, a writer whose head epoch is no longer the partition's cannot list anything there: it stops
+archiving the partition (:class:`lambdalake.heads.Fenced`). """
 
 from __future__ import annotations
 
@@ -133,7 +132,7 @@ class Archiver:
         self._targets: dict[tuple[str, int], int] = {}
         self._validators = {s.topic: Validator(s) for s in pipeline.sources}
         self._sources = {s.topic: s for s in pipeline.sources}
-        self.group_id = f"lambdalake-archiver.{pipeline.name}"
+        self.group_id = settings.group_id("archiver", pipeline.name)
         self.writer = writer_id()
         self._heads: dict[tuple[str, int], PartitionHead] = {}
         self._fenced: set[tuple[str, int]] = set()  # partitions another writer claimed since this one did
@@ -243,6 +242,7 @@ class Archiver:
         for topic, p in keys:
             by_topic.setdefault(topic, []).append(p)
         dlq.load_high_water(by_topic)  # one short read of the DLQ tails for all of them
+        dlq.claimed(keys)  # their next dead letters fence every earlier writer first (batch.dead_letters)
         log.info("assigned %s", ", ".join(f"{t}[{p}]@{starts[(t, p)]}" for t, p in sorted(keys)))
         return starts
 
@@ -379,15 +379,19 @@ class Archiver:
             return
         src, p = buf.source, buf.partition
         head = self._heads[(src.topic, p)]
-        # 1. dead-letter the invalid messages of [start, end) not yet in the DLQ; flush; verify acks (not if this
-        # writer is fenced already: the new owner dead-letters them)
+        # 1. dead-letter the invalid messages of [start, end) not yet in the DLQ, in one transaction (not if this
+        # writer is fenced already: the new owner dead-letters them; fenced meanwhile, its commit fails)
         if buf.invalid:
             try:
                 head.check_epoch()
             except Fenced as exc:
                 self._drop(session, (src.topic, p), exc)
                 return
-        sent, skipped = self._send_dead_letters(buf, dlq)
+        try:
+            sent, skipped = self._send_dead_letters(buf, dlq)
+        except Fenced as exc:  # a newer writer initialised the partition's dead-letter transactions
+            self._drop(session, (src.topic, p), exc)
+            return
         self.report.dead_lettered += sent
         self.report.dlq_skipped += skipped
         rejected = None

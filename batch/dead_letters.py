@@ -1,9 +1,18 @@
 """The dead-letter writer: the archiver's invalid messages into the ``<topic>.dlq`` topics, exactly once.
 
 Step 1 of the archiver's roll protocol (:mod:`batch.archiver`) sends a range's invalid messages here before its
-master file is written; the DLQ high-water mark, re-read from the last record of each DLQ partition, is what lets a
-restart (or a retry) skip the ones already sent. Dead letters are written with a librdkafka producer
-(:func:`lambdalake.clients.librdkafka_producer`).
+master file is written; the DLQ high-water mark, re-read from the last committed record of each DLQ partition, is
+what lets a restart (or a retry) skip the ones already sent.
+
+**Fencing.** Dead letters of source partition ``p`` are written in Kafka transactions by a producer whose
+``transactional.id`` belongs to that partition of this lake (:func:`transactional_id`). A writer initialises it on
+its first roll with invalid messages after each claim of the partition, which fences every older producer of the
+partition (Kafka aborts its open transaction and refuses its later commits), and only then re-reads the high-water
+mark. So a zombie writer (paused past its session, its partition claimed by another) either committed its dead
+letters before the new owner's initialisation — then the new owner sees them and skips them — or cannot commit them
+at all: "every offset exactly once in master or DLQ" holds whoever wakes up when. Readers of the DLQ read committed
+records only (``isolation.level=read_committed``); offsets include transaction markers, so counts are counts of
+records (:func:`lambdalake.clients.committed_counts`), never differences of offsets.
 """
 
 from __future__ import annotations
@@ -17,22 +26,31 @@ import orjson
 
 from batch.exceptions import DeadLetterError
 from batch.partition_buffer import PartitionBuffer
-from lambdalake.clients import consumer as make_consumer
-from lambdalake.clients import librdkafka_producer
+from lambdalake.clients import librdkafka_consumer, librdkafka_producer
 from lambdalake.config import Settings
 from lambdalake.exceptions import BrokerError
 from lambdalake.fields import Source
+from lambdalake.heads import Fenced
 from lambdalake.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
-FLUSH_TIMEOUT_S = 120.0  # a roll's dead letters must be acknowledged within this (and message.timeout.ms)
+FLUSH_TIMEOUT_S = 120.0  # a roll's dead letters must be committed within this (and message.timeout.ms)
+TRANSACTION_TIMEOUT_MS = 150_000  # an open transaction of a dead writer is aborted after this (> message.timeout.ms)
 DLQ_MAX_ORIGINAL_BYTES = 1024 * 1024  # original bytes kept in a DLQ record (base64 grows it by 4/3)
 DLQ_SCHEMA = 1
+TAIL_WINDOW = 16  # offsets read back from a DLQ partition's end first (records, markers, aborted records)
+FENCED_CODES = ("_FENCED", "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH", "TRANSACTIONAL_ID_AUTHORIZATION_FAILED")
+
+
+def transactional_id(settings: Settings, pipeline: Pipeline, src: Source, partition: int) -> str:
+    """The ``transactional.id`` of the dead letters of one source partition of this lake: every writer of the
+    partition uses it, whoever and wherever it is, so each new one fences the previous."""
+    return f"{settings.group_id('archiver', pipeline.name)}.dlq.{src.topic}.{partition}"
 
 
 class DeadLetters:
-    """Writer of the dead-letter topics, exactly once per source position.
+    """Writer of the dead-letter topics, exactly once per source position (module docstring: fencing).
 
     A DLQ record goes to partition ``p`` of ``<topic>.dlq`` for a message of partition ``p`` of ``<topic>``; its
     value is JSON::
@@ -41,87 +59,150 @@ class DeadLetters:
          "timestamp_ms": ..., "key_b64": "..."|null, "value_b64": "..."|null, "value_bytes": 57,
          "value_truncated": false, "headers": [["name", "<base64>"], ...]}
 
-    Records are written in source-offset order, so the last record of a DLQ partition names the highest source
-    offset dead-lettered so far (the *high-water mark*); :meth:`load_high_water` reads it on start.
+    Records are committed in source-offset order, so the last committed record of a DLQ partition names the highest
+    source offset dead-lettered so far (the *high-water mark*); :meth:`load_high_water` reads it on start.
     """
 
     def __init__(self, settings: Settings, pipeline: Pipeline):
         self.settings = settings
         self.pipeline = pipeline
         self.high: dict[tuple[str, int], int] = {}  # (source topic, partition) -> highest offset dead-lettered
-        self._producer = None
+        self._producers: dict[tuple[str, int], Any] = {}  # initialised transactional producer per source partition
         self._failed: list = []  # errors of the records of the current send that were not delivered
 
     def load_high_water(self, partitions: dict[str, list[int]], timeout: float = 30.0) -> None:
-        """Read the last record of every DLQ partition; check DLQ partitions match the source partitions."""
-        from kafka import TopicPartition
-
-        c = make_consumer(self.settings)
+        """Read the last committed record of every DLQ partition; check DLQ partitions match the source
+        partitions."""
+        keys: list[tuple[Source, int]] = []
+        c = self._reader()
         try:
             for src in self.pipeline.sources:
-                dlq_parts = c.partitions_for_topic(src.dlq_topic) or set()
+                try:
+                    meta = c.list_topics(src.dlq_topic, timeout=timeout).topics.get(src.dlq_topic)
+                except Exception as exc:  # noqa: BLE001 - KafkaException while the broker is away
+                    raise DeadLetterError(f"cannot read the partitions of {src.dlq_topic!r}: {exc}") from exc
+                dlq_parts = set(meta.partitions) if meta is not None and meta.error is None else set()
                 missing = [p for p in partitions.get(src.topic, []) if p not in dlq_parts]
                 if missing:
                     raise DeadLetterError(f"dead-letter topic {src.dlq_topic!r} has partitions {sorted(dlq_parts)} "
                                           f"but source partitions {missing} need one each; add partitions to the "
                                           f"DLQ topic so it has at least as many as {src.topic!r}")
-                tps = [TopicPartition(src.dlq_topic, p) for p in sorted(dlq_parts)]
-                ends = c.end_offsets(tps) if tps else {}
-                for tp in tps:
-                    self.high[(src.topic, tp.partition)] = self._last_source_offset(c, tp, ends[tp], timeout)
+                keys += [(src, p) for p in sorted(dlq_parts)]
+            self.high.update(self._tails(c, keys, timeout))
         finally:
             c.close()
 
-    @staticmethod
-    def _last_source_offset(c, tp, end: int, timeout: float) -> int:
-        if end == 0:
-            return -1
-        c.assign([tp])
-        c.seek(tp, max(0, end - 16))  # a few records back, in case the tail holds control markers
-        best = -1
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            recs = c.poll(timeout_ms=500).get(tp, [])
-            for r in recs:
-                try:
-                    best = max(best, int(orjson.loads(r.value)["offset"]))
-                except (ValueError, KeyError, TypeError):
-                    log.warning("DLQ record %s@%s is not an archiver record; ignored", tp, r.offset)
-            if c.position(tp) >= end:
-                return best
-        raise DeadLetterError(f"could not read the tail of dead-letter partition {tp.topic}[{tp.partition}] "
-                              f"within {timeout:.0f}s; is the broker healthy?")
+    def reload_high_water(self, src: Source, partition: int, timeout: float = 15.0) -> None:
+        """Re-read one DLQ partition's high-water mark from the broker (after a failed send, or a claim)."""
+        c = self._reader()
+        try:
+            self.high.update(self._tails(c, [(src, partition)], timeout))
+        finally:
+            c.close()
 
-    @property
-    def producer(self):
-        """The librdkafka producer of the dead letters (idempotent, acks=all;
-        :func:`lambdalake.clients.producer_config`),
-        opened on first use and again after :meth:`reset`."""
-        if self._producer is None:
+    def _reader(self):
+        try:
+            return librdkafka_consumer(self.settings, **{"isolation.level": "read_committed",
+                                                         "enable.partition.eof": True})
+        except BrokerError as exc:
+            raise DeadLetterError(str(exc)) from exc
+
+    @staticmethod
+    def _tails(c, keys: list[tuple[Source, int]], timeout: float) -> dict[tuple[str, int], int]:
+        """The highest source offset named by a committed record near the end of each DLQ partition of ``keys``
+        (``-1``: none). All partitions are read at once; one whose window holds no committed record (markers,
+        aborted transactions) is read again with a 16 times larger window, down to its first offset."""
+        from confluent_kafka import KafkaError, TopicPartition
+
+        deadline = time.monotonic() + timeout
+        best: dict[tuple[str, int], int] = {}
+        bounds: dict[tuple[str, int], tuple[int, int]] = {}
+        for src, p in keys:
             try:
-                self._producer = librdkafka_producer(self.settings, **{
+                bounds[(src.dlq_topic, p)] = c.get_watermark_offsets(TopicPartition(src.dlq_topic, p),
+                                                                     timeout=timeout, cached=False)
+            except Exception as exc:  # noqa: BLE001 - KafkaException while the broker is away
+                raise DeadLetterError(f"cannot read the end of {src.dlq_topic}[{p}]: {exc}") from exc
+        sources = {(src.dlq_topic, p): (src.topic, p) for src, p in keys}
+        window = TAIL_WINDOW
+        todo = {k for k, (lo, hi) in bounds.items() if hi > lo}
+        out = {sources[k]: -1 for k in bounds}
+        while todo:
+            starts = {k: max(bounds[k][0], bounds[k][1] - window) for k in todo}
+            c.assign([TopicPartition(t, p, starts[(t, p)]) for t, p in sorted(todo)])
+            waiting = set(todo)
+            while waiting:
+                if time.monotonic() > deadline:
+                    t, p = sorted(waiting)[0]
+                    raise DeadLetterError(f"could not read the tail of dead-letter partition {t}[{p}] within "
+                                          f"{timeout:.0f}s; is the broker healthy?")
+                for m in c.consume(500, timeout=0.5):
+                    k = (m.topic(), m.partition())
+                    if m.error() is not None:
+                        if m.error().code() == KafkaError._PARTITION_EOF:
+                            waiting.discard(k)
+                        continue
+                    try:
+                        best[k] = max(best.get(k, -1), int(orjson.loads(m.value())["offset"]))
+                    except (ValueError, KeyError, TypeError):
+                        log.warning("DLQ record %s[%s]@%s is not an archiver record; ignored", *k, m.offset())
+            c.unassign()
+            for k in list(todo):
+                if k in best or starts[k] <= bounds[k][0]:
+                    out[sources[k]] = best.get(k, -1)
+                    todo.discard(k)
+            window *= 16
+        return out
+
+    def producer(self, src: Source, partition: int):
+        """The transactional producer of ``partition``'s dead letters, initialised on first use after each claim
+        (:meth:`claimed`): which fences every older writer of the partition; the high-water mark is then read
+        again, so whatever a fenced writer committed before is skipped."""
+        key = (src.topic, partition)
+        if key not in self._producers:
+            from confluent_kafka import KafkaException
+
+            try:
+                producer = librdkafka_producer(self.settings, **{
                     "client.id": "lambdalake-archiver-dlq", "linger.ms": 5,
+                    "transactional.id": transactional_id(self.settings, self.pipeline, src, partition),
+                    "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
                     "delivery.report.only.error": True, "on_delivery": self._delivery_failed})
+                producer.init_transactions(FLUSH_TIMEOUT_S)
             except BrokerError as exc:  # the broker is away: the roll is retried like any failed send
                 raise DeadLetterError(str(exc)) from exc
-        return self._producer
+            except KafkaException as exc:
+                raise DeadLetterError(f"cannot start dead-letter transactions for {src.topic}[{partition}] "
+                                      f"({exc})") from exc
+            self.reload_high_water(src, partition)
+            self._producers[key] = producer
+        return self._producers[key]
+
+    def claimed(self, keys) -> None:
+        """This writer claimed ``keys`` (again): their next dead letters come from a newly initialised producer."""
+        for key in keys:
+            self._producers.pop(tuple(key), None)
 
     def _delivery_failed(self, err: object, msg: object) -> None:  # noqa: ARG002 (librdkafka's callback)
         self._failed.append(err)
 
     def send_range(self, buf: PartitionBuffer) -> tuple[int, int]:
-        """Steps 1 of the roll protocol (:mod:`batch.archiver`) for one buffer: send what is missing, flush,
-        verify. (sent, skipped)."""
+        """Steps 1 of the roll protocol (:mod:`batch.archiver`) for one buffer: send what is missing in one
+        transaction and commit it. (sent, skipped); :class:`~lambdalake.heads.Fenced` if a newer writer of the
+        partition fenced this one."""
         from confluent_kafka import KafkaException
 
         src, p = buf.source, buf.partition
+        if not buf.invalid:
+            return 0, 0
+        producer = self.producer(src, p)
         high = self.high.get((src.topic, p), -1)
         todo = [(r, reason) for r, reason in buf.invalid if r.offset > high]
         if not todo:
             return 0, len(buf.invalid)
-        producer = self.producer
         self._failed.clear()  # delivery reports of failed records only (delivery.report.only.error)
         try:
+            producer.begin_transaction()
             for r, reason in todo:
                 value = self.record_value(src, r, reason)
                 headers = [("lambdalake.reason", reason[:200].encode())]
@@ -131,17 +212,20 @@ class DeadLetters:
                         break
                     except BufferError:  # the local queue is full: let the producer send some
                         producer.poll(0.05)
-            left = producer.flush(FLUSH_TIMEOUT_S)
+            producer.commit_transaction(FLUSH_TIMEOUT_S)
         except KafkaException as exc:
-            raise DeadLetterError(f"dead-letter topic {src.dlq_topic!r} refused a record ({exc}); the master range "
-                                  f"[{buf.start}, {buf.end}) of partition {p} was not written, rerun ingest") from exc
-        if left:  # not acknowledged in time: no file gets written, the roll is retried or the run stops
-            raise DeadLetterError(f"dead-letter topic {src.dlq_topic!r} did not acknowledge {left} of {len(todo)} "
-                                  f"records within {FLUSH_TIMEOUT_S:.0f}s; the master range [{buf.start}, {buf.end}) "
-                                  f"of partition {p} was not written, rerun ingest")
-        if self._failed:
-            raise DeadLetterError(f"dead-letter record for {src.topic}[{p}] was rejected: {self._failed[0]}; "
-                                  f"the master range [{buf.start}, {buf.end}) was not written, rerun ingest")
+            self._producers.pop((src.topic, p), None)  # a retry starts a new producer (fencing this one)
+            err = exc.args[0] if exc.args else None
+            code = err.code() if hasattr(err, "code") else None
+            if code in _fenced_codes():
+                raise Fenced(f"a newer writer of {src.topic}[{p}] fenced its dead letters ({err})") from exc
+            if self._failed:
+                raise DeadLetterError(f"dead-letter record for {src.topic}[{p}] was rejected: {self._failed[0]}; "
+                                      f"the master range [{buf.start}, {buf.end}) was not written, rerun "
+                                      "ingest") from exc
+            raise DeadLetterError(f"dead-letter topic {src.dlq_topic!r} did not commit {len(todo)} records "
+                                  f"({exc}); the master range [{buf.start}, {buf.end}) of partition {p} was not "
+                                  "written, rerun ingest") from exc
         self.high[(src.topic, p)] = todo[-1][0].offset
         return len(todo), len(buf.invalid) - len(todo)
 
@@ -159,36 +243,16 @@ class DeadLetters:
             "headers": [[k, None if v is None else base64.b64encode(v).decode()] for k, v in (r.headers or [])],
         })
 
-    def reload_high_water(self, src: Source, partition: int, timeout: float = 15.0) -> None:
-        """Re-read one DLQ partition's high-water mark from the broker (after a failed send)."""
-        from kafka import TopicPartition
-
-        try:
-            c = make_consumer(self.settings)
-        except BrokerError as exc:
-            raise DeadLetterError(str(exc)) from exc
-        try:
-            tp = TopicPartition(src.dlq_topic, partition)
-            try:
-                end = c.end_offsets([tp], timeout_ms=int(timeout * 1000))[tp]
-            except Exception as exc:  # KafkaTimeoutError while the broker is away
-                raise DeadLetterError(f"cannot read the end of {src.dlq_topic}[{partition}]: {exc}") from exc
-            self.high[(src.topic, partition)] = self._last_source_offset(c, tp, end, timeout)
-        finally:
-            c.close()
-
     def reset(self) -> None:
-        """Drop the producer and whatever it still buffers (after a failed flush)."""
-        if self._producer is not None:
-            try:
-                self._producer.purge()
-                self._producer.flush(0)  # serve the purged records' delivery reports
-            except Exception:  # noqa: BLE001 - it is being discarded
-                pass
-            self._producer = None
+        """Drop the producers (after a failed send): the next send initialises a new one, which aborts whatever
+        the old one left open."""
+        self._producers.clear()
 
     def close(self) -> None:
-        if self._producer is not None:
-            self._producer.flush(10)
-            self._producer = None
+        self._producers.clear()  # every send commits (or fails) its transaction before it returns
 
+
+def _fenced_codes() -> set[int]:
+    from confluent_kafka import KafkaError
+
+    return {getattr(KafkaError, n) for n in FENCED_CODES}

@@ -232,14 +232,16 @@ def _owners(layout: Layout, pipeline: Pipeline, rows: list[PartitionStatus], thr
 
 def collect(settings: Settings, pipeline: Pipeline, threshold: float | None = None) -> Status:
     """Gather the status; Kafka being down or a broken layer shows as an error field, not an exception."""
-    from lambdalake.clients import end_offsets
+    from lambdalake.clients import committed_counts, end_offsets
 
     layout = Layout(settings.home)
     errors: list[str] = []
     kafka_error = None
     ends: dict[tuple[str, int], int] = {}
+    dlq: dict[tuple[str, int], int] = {}
     try:
-        ends = end_offsets(settings, [t for s in pipeline.sources for t in (s.topic, s.dlq_topic)])
+        ends = end_offsets(settings, [s.topic for s in pipeline.sources])
+        dlq = committed_counts(settings, [s.dlq_topic for s in pipeline.sources])  # records, not offsets
     except BrokerError as exc:
         kafka_error = str(exc)
     try:
@@ -271,8 +273,8 @@ def collect(settings: Settings, pipeline: Pipeline, threshold: float | None = No
                 speed_position=s, batch_watermark=w,
                 lag=None if end is None or s is None else max(0, end - s),
                 visible_lag=None if end is None else max(0, end - max(s or 0, w or 0)),
-                dlq=ends.get((src.dlq_topic, p)) if ends else None))
-        dlq_total[src.dlq_topic] = (sum(n for (t, _), n in ends.items() if t == src.dlq_topic)
+                dlq=dlq.get((src.dlq_topic, p)) if kafka_error is None else None))
+        dlq_total[src.dlq_topic] = (sum(n for (t, _), n in dlq.items() if t == src.dlq_topic)
                                     if kafka_error is None else None)
     threshold = stall_seconds() if threshold is None else threshold
     _owners(layout, pipeline, rows, threshold, errors)

@@ -48,7 +48,10 @@ def read_log(bootstrap: str, topics: list[str], timeout: float = 60.0) -> list[L
     """Every message of ``topics`` from offset 0 to the end offsets seen at the start of the call."""
     from kafka import KafkaConsumer, TopicPartition
 
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    # committed records only (the archiver writes dead letters in transactions: batch.dead_letters); a partition is
+    # read once the position passes its end, which may be a transaction marker rather than a record
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                      isolation_level="read_committed")
     try:
         tps = [TopicPartition(t, p) for t in topics for p in sorted(c.partitions_for_topic(t) or ())]
         ends = c.end_offsets(tps)
@@ -65,7 +68,8 @@ def read_log(bootstrap: str, topics: list[str], timeout: float = 60.0) -> list[L
                 for r in recs:
                     if r.offset < ends[tp]:
                         out.append(LogMessage(tp.topic, tp.partition, r.offset, r.key, r.value))
-                if recs and recs[-1].offset + 1 >= ends[tp]:
+            for tp in list(todo):
+                if c.position(tp) >= ends[tp]:
                     todo.pop(tp, None)
         return out
     finally:

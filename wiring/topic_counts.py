@@ -6,7 +6,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from lambdalake.clients import end_offsets
+from lambdalake.clients import committed_counts, end_offsets
 from lambdalake.config import Settings
 from lambdalake.dedup import DedupWindow
 from lambdalake.pipeline import Pipeline
@@ -45,11 +45,12 @@ class TopicCounts:
 def count_topics(settings: Settings, pipeline: Pipeline, timeout: float = 120.0) -> list[TopicCounts]:
     """Read every source topic from offset 0 to its current end and classify each message.
 
-    Duplicates are counted with an unbounded window (the exact dedup rule). DLQ topics are counted as plain
-    message totals.
+    Duplicates are counted with an unbounded window (the exact dedup rule). DLQ topics are counted as committed
+    records (their offsets also number transaction markers).
     """
     out: list[TopicCounts] = []
-    ends = end_offsets(settings, [t for s in pipeline.sources for t in (s.topic, s.dlq_topic)])
+    ends = end_offsets(settings, [s.topic for s in pipeline.sources])
+    dead = committed_counts(settings, [s.dlq_topic for s in pipeline.sources])  # records, not offsets
     client = connect(settings, group_id=None)
     try:
         for src in pipeline.sources:
@@ -78,7 +79,7 @@ def count_topics(settings: Settings, pipeline: Pipeline, timeout: float = 120.0)
             session.read_until(starts, ends, timeout, f"topic {src.topic!r}", count, max_records=10_000)
             out.append(tc)
             dlq = TopicCounts(src.dlq_topic)
-            dlq.messages = sum(v for (t, _), v in ends.items() if t == src.dlq_topic)
+            dlq.messages = sum(v for (t, _), v in dead.items() if t == src.dlq_topic)
             out.append(dlq)
     finally:
         client.close()
