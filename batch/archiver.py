@@ -109,6 +109,7 @@ class Archiver:
     POLL_S = 0.2
     POLL_RECORDS = 10_000
     MAX_DLQ_ATTEMPTS = 5
+    HANDOVER_S = 120.0  # a revocation's last rolls get this long in all (librdkafka's max.poll.interval.ms: 300 s)
     MAX_BACKOFF_S = 30.0
     REFRESH_PARTITIONS_S = 30.0
 
@@ -137,6 +138,7 @@ class Archiver:
         self._heads: dict[tuple[str, int], PartitionHead] = {}
         self._fenced: set[tuple[str, int]] = set()  # partitions another writer claimed since this one did
         self._handing_over = False  # inside a revoke: a roll gives up instead of retrying for ever
+        self._handover_deadline = 0.0  # when a revocation's last rolls must be done (HANDOVER_S)
 
     # control ------------------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -250,6 +252,7 @@ class Archiver:
         """Hand ``keys`` over: finish each one's roll (bounded: a roll that cannot finish is left to the next
         owner, which reads its range again), then forget it."""
         self._handing_over = True
+        self._handover_deadline = time.monotonic() + self.HANDOVER_S
         try:
             for key in keys:
                 buf = self._buffers.get(key)
@@ -436,18 +439,25 @@ class Archiver:
         re-read from the broker (exactly what a restart does), so a retry never duplicates a DLQ record.
 
         A daemon retries with backoff (the broker may be restarting); ``--until-caught-up`` and a stopping daemon
-        give up after a few attempts with a :class:`DeadLetterError` (no file written; rerun resumes).
+        give up after a few attempts with a :class:`DeadLetterError` (no file written; rerun resumes); a member
+        handing partitions over tries once, within what is left of :attr:`HANDOVER_S` (the next owner reads the
+        range again).
         """
         attempt = 0
         while True:
             try:
                 if attempt:
                     dlq.reload_high_water(buf.source, buf.partition)
-                return dlq.send_range(buf)
+                if not self._handing_over:
+                    return dlq.send_range(buf)
+                left = self._handover_deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadLetterError("out of time to hand the partition over")
+                return dlq.send_range(buf, timeout=left)
             except DeadLetterError as exc:
                 attempt += 1
-                if attempt >= self.MAX_DLQ_ATTEMPTS and (self.until_caught_up or self._stop.is_set()
-                                                         or self._handing_over):
+                if self._handing_over or attempt >= self.MAX_DLQ_ATTEMPTS and (self.until_caught_up
+                                                                               or self._stop.is_set()):
                     raise
                 delay = min(self.MAX_BACKOFF_S, 0.5 * 2 ** attempt)
                 log.warning("dead-letter write failed (%s); retrying in %.1fs (attempt %d)", exc, delay, attempt)

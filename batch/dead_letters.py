@@ -154,7 +154,7 @@ class DeadLetters:
             window *= 16
         return out
 
-    def producer(self, src: Source, partition: int):
+    def producer(self, src: Source, partition: int, timeout: float = FLUSH_TIMEOUT_S):
         """The transactional producer of ``partition``'s dead letters, initialised on first use after each claim
         (:meth:`claimed`): which fences every older writer of the partition; the high-water mark is then read
         again, so whatever a fenced writer committed before is skipped."""
@@ -168,13 +168,13 @@ class DeadLetters:
                     "transactional.id": transactional_id(self.settings, self.pipeline, src, partition),
                     "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS,
                     "delivery.report.only.error": True, "on_delivery": self._delivery_failed})
-                producer.init_transactions(FLUSH_TIMEOUT_S)
+                producer.init_transactions(timeout)
             except BrokerError as exc:  # the broker is away: the roll is retried like any failed send
                 raise DeadLetterError(str(exc)) from exc
             except KafkaException as exc:
                 raise DeadLetterError(f"cannot start dead-letter transactions for {src.topic}[{partition}] "
                                       f"({exc})") from exc
-            self.reload_high_water(src, partition)
+            self.reload_high_water(src, partition, timeout=min(timeout, 15.0))
             self._producers[key] = producer
         return self._producers[key]
 
@@ -186,16 +186,16 @@ class DeadLetters:
     def _delivery_failed(self, err: object, msg: object) -> None:  # noqa: ARG002 (librdkafka's callback)
         self._failed.append(err)
 
-    def send_range(self, buf: PartitionBuffer) -> tuple[int, int]:
+    def send_range(self, buf: PartitionBuffer, timeout: float = FLUSH_TIMEOUT_S) -> tuple[int, int]:
         """Steps 1 of the roll protocol (:mod:`batch.archiver`) for one buffer: send what is missing in one
-        transaction and commit it. (sent, skipped); :class:`~lambdalake.heads.Fenced` if a newer writer of the
-        partition fenced this one."""
+        transaction and commit it, each Kafka call within ``timeout`` seconds. (sent, skipped);
+        :class:`~lambdalake.heads.Fenced` if a newer writer of the partition fenced this one."""
         from confluent_kafka import KafkaException
 
         src, p = buf.source, buf.partition
         if not buf.invalid:
             return 0, 0
-        producer = self.producer(src, p)
+        producer = self.producer(src, p, timeout)
         high = self.high.get((src.topic, p), -1)
         todo = [(r, reason) for r, reason in buf.invalid if r.offset > high]
         if not todo:
@@ -212,7 +212,7 @@ class DeadLetters:
                         break
                     except BufferError:  # the local queue is full: let the producer send some
                         producer.poll(0.05)
-            producer.commit_transaction(FLUSH_TIMEOUT_S)
+            producer.commit_transaction(timeout)
         except KafkaException as exc:
             self._producers.pop((src.topic, p), None)  # a retry starts a new producer (fencing this one)
             err = exc.args[0] if exc.args else None

@@ -71,3 +71,36 @@ def test_the_high_water_mark_is_found_behind_many_aborted_records(settings, pipe
     fresh.reload_high_water(src, 2)
     assert fresh.high[(src.topic, 2)] == 40
     assert committed_counts(settings, [src.dlq_topic])[(src.dlq_topic, 2)] == 1
+
+
+def test_a_handover_tries_its_dead_letters_once_within_the_handover_budget(settings, pipeline):
+    """A member handing partitions over (a revocation) must return within librdkafka's max.poll.interval.ms: its
+    last rolls' dead letters get one attempt within what is left of Archiver.HANDOVER_S, none once it is spent."""
+    import time
+
+    from batch.archiver import Archiver
+    from batch.exceptions import DeadLetterError
+
+    class Refusing:
+        def __init__(self):
+            self.timeouts: list[float] = []
+
+        def send_range(self, buf, timeout=None):
+            self.timeouts.append(timeout)
+            raise DeadLetterError("the broker is away")
+
+        def reset(self):
+            pass
+
+    src = pipeline.sources[0]
+    archiver = Archiver(settings, pipeline)
+    archiver._handing_over, archiver._handover_deadline = True, time.monotonic() + 5.0
+    dlq = Refusing()
+    t0 = time.monotonic()
+    with pytest.raises(DeadLetterError):
+        archiver._send_dead_letters(_buffer(src, 0, [1]), dlq)
+    assert len(dlq.timeouts) == 1 and 0 < dlq.timeouts[0] <= 5.0 and time.monotonic() - t0 < 2.0
+    archiver._handover_deadline = time.monotonic() - 1
+    with pytest.raises(DeadLetterError, match="out of time"):
+        archiver._send_dead_letters(_buffer(src, 0, [1]), dlq)
+    assert len(dlq.timeouts) == 1
