@@ -295,26 +295,57 @@ def estimate_column(name: str) -> str:
 
 
 HAS_SPEED = "__has_speed"
+ONE_PREFIX = "__one_"
+
+
+def one_column(name: str) -> str:
+    """The tail's column holding sketch column ``name``'s only part (the group's list is then NULL)."""
+    return ONE_PREFIX + name
+
+
+def first_speed_window_sql(speed: str, watermark: dict[int, int]) -> str:
+    """The earliest ``window_start`` of a visible speed row (NULL: none), in microseconds since the epoch."""
+    return (f"SELECT {FN}epoch_us({FN}min({ident(WINDOW_START)})) FROM {speed} "
+            f"WHERE {speed_visible_predicate(watermark)}")
+
+
+def since_sql(first_us: int | None) -> str:
+    """:func:`first_speed_window_sql`'s answer as a TIMESTAMPTZ constant (DuckDB prunes the batch side's row
+    groups by it; NULL: no visible speed row, no batch row is in the tail)."""
+    if first_us is None:
+        return "CAST(NULL AS TIMESTAMPTZ)"
+    return f"{FN}make_timestamptz(CAST({int(first_us)} AS BIGINT))"
 
 
 def speed_groups_sql(view: View, batch: str, speed: str, watermark: dict[int, int], source: Source,
-                     estimates: frozenset[str] = frozenset()) -> str:
-    """The tail of a merged view: every group from the earliest ``window_start`` of a visible speed row on (the
-    newest windows, and those of late events), its batch row and visible speed rows merged as
-    :func:`merged_view_sql` merges them (a sketch column holds the LIST of the parts' sketches), plus
-    ``__has_speed`` and, for the names in ``estimates``, the stored estimate of the batch row (``__estimate_<name>``
-    of ``batch``). A serving connection computes these few rows once; :func:`split_view_sql` serves them."""
+                     estimates: frozenset[str] = frozenset(), since: str | None = None) -> str:
+    """The tail of a merged view: every group from ``since`` on (the earliest ``window_start`` of a visible speed
+    row, :func:`since_sql`; None: computed here — the newest windows, and those of late events), its batch row and
+    visible speed rows merged as :func:`merged_view_sql` merges them, plus ``__has_speed`` and, for the names in
+    ``estimates``, the stored estimate of the batch row (``__estimate_<name>`` of ``batch``). A sketch column holds
+    the LIST of the parts' sketches of a group with two or more, ``__one_<name>`` the sketch of a group with
+    exactly one (most groups; storing a list per group was most of a connect's time). A serving connection
+    computes these few rows once; :func:`split_view_sql` serves them."""
     columns = {c.name: c for c in view_columns(source, view)}
     group = [ident(k) for k in view.keys] + [ident(WINDOW_START)]
     stored = [ident(a.name) for a in view.stored_aggregates]
     est = [ident(estimate_column(e)) for e in sorted(estimates)]
-    merged = ", ".join(group + [_merge_expr(a, columns[a.name]) for a in view.stored_aggregates]
+
+    def merge(a: Aggregate) -> str:
+        if a.merge != "union":
+            return _merge_expr(a, columns[a.name])
+        col = ident(a.name)
+        return (f"CASE WHEN {FN}count({col}) > 1 THEN {FN}list({col}) FILTER (WHERE {col} IS NOT NULL) END AS {col}, "
+                f"CASE WHEN {FN}count({col}) = 1 THEN {FN}any_value({col}) END AS {ident(one_column(a.name))}")
+
+    merged = ", ".join(group + [merge(a) for a in view.stored_aggregates]
                        + [f"{FN}max({e}) AS {e}" for e in est] + [f"{FN}bool_or({HAS_SPEED}) AS {HAS_SPEED}"])
     visible = f"(SELECT {', '.join(group + stored)} FROM {speed} WHERE {speed_visible_predicate(watermark)})"
+    first = since if since is not None else f"(SELECT {FN}min({ident(WINDOW_START)}) FROM {visible} AS first)"
     return (
         f"SELECT {merged} FROM (\n"
         f"  SELECT {', '.join(group + stored + est)}, false AS {HAS_SPEED} FROM {batch} AS b "
-        f"WHERE b.{ident(WINDOW_START)} >= (SELECT {FN}min({ident(WINDOW_START)}) FROM {visible} AS first)\n"
+        f"WHERE b.{ident(WINDOW_START)} >= {first}\n"
         f"  UNION ALL\n"
         f"  SELECT {', '.join(group + stored + [f'CAST(NULL AS BIGINT) AS {e}' for e in est])}, true AS {HAS_SPEED} "
         f"FROM {visible} AS v\n"
@@ -330,7 +361,7 @@ def split_view_sql(view: View, batch: str, tail: str | None, source: Source,
     and output columns as :func:`merged_view_sql` (a batch version holds one row per group). An ``approx_distinct``
     of a row without a speed part is the estimate stored with it (``__estimate_<name>``, for the names in
     ``estimates``; else computed per row the same way: the canonical estimate of the one sketch, NULL for none) —
-    only rows with a speed part estimate a union per query."""
+    only rows with a speed part estimate a union per query (of the same parts: the one, or the list)."""
     columns = {c.name: c for c in view_columns(source, view)}
     means = {m.name: m for m in view.means}
     keys = [f"{present(ident(k), columns[k])} AS {ident(k)}" for k in view.keys] + [ident(WINDOW_START)]
@@ -350,7 +381,8 @@ def split_view_sql(view: View, batch: str, tail: str | None, source: Source,
         return f"SELECT {', '.join(alone)} FROM {batch} AS alone"
 
     def tail_estimate(a: Aggregate | Mean) -> str:
-        union = estimate_sql(ident(a.name))
+        one = ident(one_column(a.name))
+        union = estimate_sql(f"CASE WHEN {one} IS NULL THEN {ident(a.name)} ELSE {FN}list_value({one}) END")
         if a.name not in estimates:
             return f"{union} AS {ident(a.name)}"
         return f"CASE WHEN {HAS_SPEED} THEN {union} ELSE {ident(estimate_column(a.name))} END AS {ident(a.name)}"

@@ -21,15 +21,17 @@ from lambdalake.config import Settings
 from lambdalake.erasure import erased_subjects, not_erased_sql
 from lambdalake.fields import Source
 from lambdalake.layout import Layout
-from lambdalake.pipeline import WINDOW_START, Pipeline, View
+from lambdalake.pipeline import Pipeline, View
 from lambdalake.schema import master_columns, speed_view_columns, view_columns
 from lambdalake.servingcopy import estimate_column
 from lambdalake.viewsql import (
     FN,
     empty_select,
+    first_speed_window_sql,
     ident,
     literal,
     merged_view_sql,
+    since_sql,
     speed_groups_sql,
     split_view_sql,
     typed_select,
@@ -226,18 +228,20 @@ def _install_split(con: duckdb.DuckDBPyConnection, view: View, source: Source, c
                    watermark: dict[int, int], catalog: str, layout: Layout) -> None:
     """``main.<view>`` served split (:func:`split_view_sql`): the batch rows before the earliest window of a visible
     speed row read from the serving copy as stored, with their stored estimates; every group from that window on
-    merged once, here, into ``_lake.speed_groups_<view>`` (few rows). ``sketches.<view>`` is the plain merge."""
+    merged once, here, into ``_lake.speed_groups_<view>`` (few rows; a sketch list only for a group of two or more
+    parts). ``sketches.<view>`` is the plain merge."""
     estimates = copy.estimates(view)
     batch_est = "(" + typed_select(view_columns(source, view), f"{guarded_copy(copy, view)} AS copied",
                                    extra=[estimate_column(e) for e in sorted(estimates)]) + ")"
-    tail: str | None = f"{ident(catalog)}._lake.{ident('speed_groups_' + view.name)}"
-    con.execute(f"CREATE TABLE {tail} AS {speed_groups_sql(view, batch_est, speed, watermark, source, estimates)}")
-    first = con.execute(f"SELECT {FN}epoch_us({FN}min({ident(WINDOW_START)})) FROM {tail}").fetchall()[0][0]
-    since = None if first is None else f"{FN}make_timestamptz(CAST({int(first)} AS BIGINT))"
-    if since is None:
-        tail = None  # no visible speed row: every group is served from its batch row alone
-    _install_merged(con, view, source, batch, speed, watermark, catalog, layout,
-                    main=split_view_sql(view, batch_est, tail, source, estimates, since))
+    first = con.execute(first_speed_window_sql(speed, watermark)).fetchall()[0][0]
+    since = since_sql(first)  # a constant: the copy's scan skips row groups by their window_start range
+    db = ident(catalog)
+    tail = f"{db}._lake.{ident('speed_groups_' + view.name)}"
+    con.execute(f"CREATE TABLE {tail} AS "
+                f"{speed_groups_sql(view, batch_est, speed, watermark, source, estimates, since)}")
+    main = split_view_sql(view, batch_est, None if first is None else tail, source, estimates,
+                          None if first is None else since)  # no visible speed row: batch rows alone
+    _install_merged(con, view, source, batch, speed, watermark, catalog, layout, main=main)
 
 
 def _install_master(con: duckdb.DuckDBPyConnection, source: Source, reg: str, oids: dict[str, int], catalog: str,

@@ -7,6 +7,7 @@ the copy is written by the same function :func:`lambdalake.versions.publish` cal
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -82,6 +83,35 @@ def test_served_from_the_copy_equals_the_oracle(home, serving_settings, clickstr
         assert query_view(con, view) == query_view(parquet, view)
     keep = "SELECT url, sum(views), max(unique_users) FROM pageviews_hourly WHERE url LIKE '%a%' GROUP BY url"
     assert sorted(con.execute(keep).fetchall()) == sorted(parquet.execute(keep).fetchall())
+
+
+def test_tail_groups_of_one_many_or_no_sketch_parts_and_null_keys_stay_exact(home, clickstream):
+    """The tail stores a group's only sketch part as it is and a list only for two or more parts: groups keyed on
+    a nullable field (NULL keys), sketches of a nullable field and either count of parts estimate the same union as
+    the parquet path and the oracle."""
+    from datetime import timedelta
+
+    from lambdalake.aggregates import approx_distinct, count
+    from lambdalake.pipeline import View
+
+    pipe = dataclasses.replace(clickstream, views=[View(
+        "by_referrer", source="pageviews", keys=["referrer"], bucket=timedelta(hours=1),
+        aggregates=[count("views"), approx_distinct("users", "user_id"), approx_distinct("refs", "referrer")])])
+    events = make_events(pipe, 1200, seed=11)
+    split_lake(home, pipe, events, {0: 2, 1: 4, 2: 0}, pruned_blocks={1: 1})
+    add_copy(home)
+    settings = load_settings(home=home)
+    con = connect(settings, pipe)
+    assert split_views(con) == {"by_referrer"}
+    view = pipe.view("by_referrer")
+    assert query_view(con, view) == expected_view(pipe, view, events)
+    kinds = con.execute(
+        "SELECT count(*) FILTER (WHERE __one_users IS NOT NULL), count(*) FILTER (WHERE users IS NOT NULL), "
+        "count(*) FILTER (WHERE referrer IS NULL) "
+        "FROM _lake.speed_groups_by_referrer").fetchall()[0]
+    assert all(kinds), kinds  # one part, several parts, a NULL key: each in the tail
+    parquet = connect(settings, pipe, materialize=True)
+    assert query_view(con, view) == query_view(parquet, view)
 
 
 def _publish_through_versions(home: Path, clickstream, events, watermark: dict) -> str:
