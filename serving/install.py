@@ -119,16 +119,22 @@ def install_pair(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: S
                     .fetchall())
         con.execute(f"ATTACH {literal(str(path))} AS {ident(catalog)}")
         attached = True
+        con.execute("BEGIN TRANSACTION")  # one commit for the whole catalog (not one per statement)
         _create_schemas(con, catalog)
         view_rows = [_install_view(con, pipeline, plans[view.name], sides.get(view.name), oids, catalog, layout,
                                    materialize) for view in pipeline.views]
         for source in pipeline.sources:
             _install_master(con, source, masters[source.name], oids, catalog, layout)
         install_metadata(con, pipeline, settings, pair, view_rows, catalog)
+        con.execute("COMMIT")
         con.execute(f"DETACH {ident(catalog)}")
         attached = False
         _serve_read_only(con, path, catalog)
     except BaseException:
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # no transaction open
         for name in ([catalog] if attached else []) + [copy_alias(catalog)]:
             try:
                 con.execute(f"DETACH DATABASE IF EXISTS {ident(name)}")

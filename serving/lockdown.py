@@ -90,6 +90,9 @@ def open_locked(scratch: Path | None = None, limits: Limits | None = None) -> du
             "allow_unsigned_extensions": False,
             "threads": limits.threads,
             "memory_limit": limits.memory_limit,
+            # a commit to a database file checkpoints at once instead of writing its WAL first: the catalog file
+            # (serving.install) is built in one transaction and read-only after; a user's own file is small
+            "checkpoint_threshold": "0b",
         })
     except duckdb.Error as exc:
         raise ConfigError(f"cannot open a serving connection with {limits}: {str(exc).splitlines()[0]}") from None
