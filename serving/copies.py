@@ -11,14 +11,24 @@ table that does not match is not used: the view is served from its parquet files
 A user who DETACHes it and attaches a database of their own under its name gets an error from every view reading
 it (:func:`guarded_copy`), never an answer.
 
-Cost: a file copy per connection (page cache to the scratch directory, RAM when it is ``/dev/shm``); a copy larger
-than ``LAMBDALAKE_SERVING_COPY_MAX_MB`` (default 256) is not used.
+Cost: one file copy per process and copy (page cache to RAM when the scratch root is ``/dev/shm``): the first
+connection of a process to a version copies the file into a private directory of the process next to the scratch
+directories (:func:`private_copy`, mode 0700, removed at exit); every connection then attaches a hard link of it
+made in its own scratch directory and unlinked at once, so no name of it is ever reachable from user SQL either
+(a user recreating that name makes a new file; the shared file is never writable through DuckDB, which attaches it
+READ_ONLY). At most :data:`CACHED` copies are kept per process (an evicted one lives on, unnamed, while a
+connection still has it attached). A copy larger than ``LAMBDALAKE_SERVING_COPY_MAX_MB`` (default 256) is not used.
 """
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import logging
+import os
 import shutil
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +42,11 @@ from lambdalake.viewsql import FN, ident, literal
 from serving.published import PublishedPair
 
 log = logging.getLogger(__name__)
+CACHED = 2  # serving copies a process keeps (the newest versions it attached)
+_cache_lock = threading.Lock()
+_cache: dict[tuple[int, ...], Path] = {}  # (pid, dev, inode, size, mtime) of a lake's copy -> the process's copy
+_names = itertools.count(1)
+_cache_dirs: dict[int, Path] = {}  # pid -> the process's private directory of copies
 TAMPERED_COPY = "the batch copy this connection attached was detached or replaced; reconnect (serving.connect())"
 
 
@@ -75,7 +90,10 @@ def attach_copy(con: duckdb.DuckDBPyConnection, pair: PublishedPair, scratch: Pa
         return None
     private = scratch / f"{alias}.duckdb"
     try:
-        shutil.copyfile(real, private)
+        try:
+            os.link(private_copy(real, scratch.parent), private)
+        except OSError:  # another file system, no hard links: a copy of its own
+            shutil.copyfile(real, private)
         con.execute(f"ATTACH {literal(str(private))} AS {ident(alias)} (READ_ONLY)")
     except (OSError, duckdb.Error) as exc:
         log.warning("serving copy %s not used (its version is served from parquet): %s", path,
@@ -98,6 +116,33 @@ def attach_copy(con: duckdb.DuckDBPyConnection, pair: PublishedPair, scratch: Pa
             continue
         tables[table_name(view)] = cols
     return Copy(pair.batch_version, alias, int(oid), tables)
+
+
+def private_copy(real: Path, root: Path) -> Path:
+    """This process's copy of the lake file ``real`` in its private directory under ``root`` (made on first use;
+    a changed file — other inode, size or mtime — is copied anew)."""
+    st = real.stat()
+    key = (os.getpid(), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _cache_lock:
+        cached = _cache.get(key)
+        if cached is not None and cached.is_file():
+            return cached
+        directory = _cache_dirs.get(key[0])
+        if directory is None or not directory.is_dir():
+            directory = Path(tempfile.mkdtemp(prefix="lambdalake-copies-", dir=root))  # mode 0700
+            _cache_dirs[key[0]] = directory
+            atexit.register(shutil.rmtree, str(directory), True)
+        target = directory / f"{next(_names)}-{st.st_ino}.duckdb"
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(real, tmp)
+        os.chmod(tmp, 0o400)
+        os.replace(tmp, target)
+        _cache[key] = target
+        for old in [k for k in _cache if k[0] != key[0]] + list(_cache)[:-CACHED]:  # a forked child's, the oldest
+            gone = _cache.pop(old, None)
+            if gone is not None and old[0] == key[0]:
+                gone.unlink(missing_ok=True)  # attached connections keep the file open
+        return target
 
 
 def guarded_copy(copy: Copy, view: View) -> str:

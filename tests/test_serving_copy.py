@@ -249,3 +249,30 @@ def test_a_detached_or_replaced_copy_fails_the_query_instead_of_answering(copy_c
                      "SELECT * REPLACE (views * 1000 AS views) FROM temp.mine")
     with pytest.raises(duckdb.Error, match="detached or replaced"):
         copy_con.execute("SELECT sum(views) FROM pageviews_hourly").fetchall()
+
+
+def test_connections_of_a_process_share_one_private_copy_no_user_can_write(copy_con, home, serving_settings,
+                                                                         clickstream):
+    """The file is copied once per process: a second connection attaches a hard link of the same private copy
+    (no second copy). A user overwriting or re-attaching their connection's (unlinked) name of it writes a new
+    file of their own: the other connection's answers and the lake do not change."""
+    [alias] = copy_attached(copy_con)
+    mine = Path(copy_con.execute("SELECT path FROM duckdb_databases() WHERE database_name = ?", [alias])
+                .fetchone()[0])
+    other = connect(serving_settings, clickstream)
+    [other_alias] = copy_attached(other)
+    theirs = Path(other.execute("SELECT path FROM duckdb_databases() WHERE database_name = ?", [other_alias])
+                  .fetchone()[0])
+    cached = [p for p in theirs.parents[1].glob("lambdalake-copies-*/*.duckdb")]
+    if not cached:
+        pytest.skip("no hard links between the scratch directories and their root here")
+    assert os.stat(cached[0]).st_nlink == 1 and not theirs.exists()  # every connection's link already unlinked
+    answer = other.execute("SELECT sum(views), sum(unique_users) FROM pageviews_hourly").fetchall()
+    lake_before = _files(home)
+    copy_con.execute(f"COPY (SELECT 1 AS x) TO '{mine}' (FORMAT csv, USE_TMP_FILE false)")
+    copy_con.execute(f"ATTACH '{mine}.x.duckdb' AS scribble")
+    copy_con.execute("CREATE TABLE scribble.t AS SELECT 1 AS x")
+    assert other.execute("SELECT sum(views), sum(unique_users) FROM pageviews_hourly").fetchall() == answer
+    assert connect(serving_settings, clickstream).execute(
+        "SELECT sum(views), sum(unique_users) FROM pageviews_hourly").fetchall() == answer
+    assert _files(home) == lake_before
