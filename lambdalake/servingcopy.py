@@ -25,6 +25,7 @@ from lambdalake.viewsql import estimate_column
 COPY_NAME = "_serving.duckdb"
 TABLE_PREFIX = "batch_"
 ENV = "LAMBDALAKE_SERVING_COPY"  # "0": publish without a serving copy
+RECENT = 0.03  # the share of a table's rows (its newest windows) stored after the others
 log = logging.getLogger(__name__)
 
 
@@ -76,6 +77,7 @@ def _build(path: Path, version_dir: Path, row_counts: Mapping[str, int]) -> None
     import duckdb
 
     from lambdalake import sketches
+    from lambdalake.pipeline import WINDOW_START
     from lambdalake.viewsql import estimate_sql, ident, sql_list
 
     path.unlink(missing_ok=True)
@@ -94,8 +96,15 @@ def _build(path: Path, version_dir: Path, row_counts: Mapping[str, int]) -> None
             estimates = [f"CASE WHEN {ident(name)} IS NULL THEN NULL "
                          f"ELSE {estimate_sql(f'system.main.list_value({ident(name)})')} END "
                          f"AS {ident(estimate_column(name))}" for name, typ, *_ in described if typ == "BLOB"]
-            con.execute(f"CREATE TABLE {ident(table_name(view))} AS SELECT *{''.join(', ' + e for e in estimates)} "
-                        f"FROM {relation}")
+            # the newest windows (RECENT of the rows) after all others, each part in the files' order (by keys):
+            # a connection merges the rows from the earliest window of its speed rows on, and their row groups'
+            # window_start ranges let it skip all the others; a key lookup reads one range in each part
+            ws = ident(WINDOW_START)
+            newest = f"{ws} >= (SELECT quantile_disc({ws}, {1 - RECENT}) FROM {relation})"
+            ordered = relation.removesuffix(")") + ", filename = '__file', file_row_number = true)"
+            con.execute(f"CREATE TABLE {ident(table_name(view))} AS SELECT * EXCLUDE (__file, file_row_number)"
+                        f"{''.join(', ' + e for e in estimates)} FROM {ordered} "
+                        f"ORDER BY {newest}, __file, file_row_number")
             got = con.execute(f"SELECT count(*) FROM {ident(table_name(view))}").fetchone()[0]
             if got != expected:
                 raise ValueError(f"view {view}: the parquet files hold {got} rows, the manifest says {expected}")
