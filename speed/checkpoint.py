@@ -201,6 +201,28 @@ class CheckpointStore:
         """
         snapshots.remove_staging(self.layout)
         self._remove_staging()
+        restored = self.peek(block)
+        if restored is None:
+            return None
+        cp = restored.checkpoint
+        # Orphans of a commit that crashed before step 5 (never visible, never referenced).
+        removed = snapshots.remove_after(self.layout, cp.seq)
+        for p in list(self.dir.iterdir()):
+            s = snapshots.seq_of(p.name)
+            if s is not None and s > cp.seq:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+        if removed:
+            log.info("removed %d orphan(s) of an interrupted checkpoint commit: %s", len(removed), removed)
+        # 6 (redo): the visible snapshot is the committed one.
+        if snapshots.visible_snapshot(self.layout) != cp.snapshot:
+            snapshots.make_visible(self.layout, cp.snapshot)
+        return restored
+
+    def peek(self, block: int) -> Restored | None:
+        """The last committed checkpoint, read only (no clean-up): also another worker's, whose partition a group
+        member takes over (:mod:`speed.adoption`). None if there is none; :class:`CheckpointCorrupt` if
+        unreadable."""
         cid = self.current_id()
         if cid is None:
             return None
@@ -223,20 +245,7 @@ class CheckpointStore:
         if meta.positions != cp.positions:  # paranoid: the two halves of one commit
             raise CheckpointCorrupt(f"speed checkpoint {cid} and its snapshot disagree on positions; remove "
                                     f"{self.dir} to rebuild")
-        windows = self._load_dedup(cp)
-        # Orphans of a commit that crashed before step 5 (never visible, never referenced).
-        removed = snapshots.remove_after(self.layout, cp.seq)
-        for p in list(self.dir.iterdir()):
-            s = snapshots.seq_of(p.name)
-            if s is not None and s > cp.seq:
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p.name)
-        if removed:
-            log.info("removed %d orphan(s) of an interrupted checkpoint commit: %s", len(removed), removed)
-        # 6 (redo): the visible snapshot is the committed one.
-        if snapshots.visible_snapshot(self.layout) != cp.snapshot:
-            snapshots.make_visible(self.layout, cp.snapshot)
-        return Restored(cp, tables, windows)
+        return Restored(cp, tables, self._load_dedup(cp))
 
     def _load_dedup(self, cp: Checkpoint) -> dict[TP, DedupWindow]:
         items: dict[TP, list[tuple[int, str]]] = {tp: [] for tp in cp.positions}

@@ -8,8 +8,9 @@ partitions; this module keeps the speed invariant across every move:
   of its owner record ``checkpoints/speed/owners/<topic>-p<p>.json`` (:func:`claim_epoch`): one more than the
   record and than any published snapshot holds, so no two claims ever get the same epoch, whoever races. A
   partition this worker still holds state for (its own checkpoint, or a partition it gave up and gets back) resumes
-  from that state — exact for its positions whatever happened meanwhile; any other starts just below the
-  published batch watermark, like a new worker.
+  from that state — exact for its positions whatever happened meanwhile; any other is taken over with the state of
+  the worker serving it, from that worker's last checkpoint (:mod:`speed.adoption`), or, where that is not the
+  same computation, starts just below the published batch watermark, like a new worker.
 - **Hand over** (:func:`release`): a revoked or lost partition is *frozen*, not dropped: this worker stops reading
   it but keeps publishing its rows and positions with its old epoch, so serving (which takes each partition from
   the snapshot with the highest epoch, :mod:`lambdalake.speedset`) keeps an exact answer for it until the new
@@ -40,6 +41,7 @@ from lambdalake.layout import Layout
 from lambdalake.locks import flock
 from lambdalake.speedset import best_epochs, worker_snapshots
 from lambdalake.storage.base import ObjectMissing, StorageError
+from speed import adoption
 from speed.changed_views import cancel_rebuild
 from speed.checkpoint import TP, CheckpointStore
 from speed.exceptions import SpeedAlreadyRunning
@@ -173,8 +175,15 @@ def take(layer, keys: list[TP]) -> dict[TP, int]:
         for key, start in layer.session.starts(kept, layer.positions, covered=layer.pruned_to).items():
             layer.positions[key] = start
             layer.session.consumer.seek(layer.session.tps[key], start)
-    published = best_epochs(_snapshots(layer))
+    snapshots = _snapshots(layer)
+    published = best_epochs(snapshots)
+    read: dict = {}
+    adopted: dict[TP, str] = {}
     for key in keys:
+        if key not in layer.positions and adoption.enabled():
+            source = adoption.adopt_partition(layer, key, snapshots, read)
+            if source is not None:
+                adopted[key] = source
         if key not in layer.positions:
             w = layer.batch.watermark.get(key, 0)
             layer.positions[key] = replay_start(w, span)
@@ -189,8 +198,9 @@ def take(layer, keys: list[TP]) -> dict[TP, int]:
     starts = layer.session.starts(keys, {k: layer.positions[k] for k in keys}, covered=layer.pruned_to)
     layer.positions.update(starts)
     layer.dirty = True
-    log.info("speed worker %s assigned %s", layer.worker,
-             ", ".join(f"{t}[{p}]@{starts[(t, p)]} epoch {layer.owned.epochs[(t, p)]}" for t, p in keys))
+    log.info("speed worker %s assigned %s", layer.worker, ", ".join(
+        f"{t}[{p}]@{starts[(t, p)]} epoch {layer.owned.epochs[(t, p)]}"
+        + (f" (state of {adopted[(t, p)]})" if (t, p) in adopted else "") for t, p in keys))
     return starts
 
 

@@ -357,6 +357,32 @@ class SourceState:
     def restore(self, tables: dict[str, pa.Table], next_offsets: dict[int, int]) -> None:
         """Load the state from snapshot tables; ``next_offsets`` = positions S[p] of the snapshot's source."""
         self.clear()
+        self._check(tables)
+        for p, nxt in next_offsets.items():
+            self.open_block[p] = nxt - nxt % self.block
+            self.open_rows[p] = [{} for _ in self.views]
+        for i, vs in enumerate(self.views):
+            table = tables[vs.view.name]
+            if table.num_rows:
+                self._load(i, vs, table, sorted(pc.unique(table.column(PARTITION_COL)).to_pylist()), next_offsets)
+
+    def load_partition(self, partition: int, tables: dict[str, pa.Table], next_offset: int) -> None:
+        """Replace what this state holds of ``partition`` by its rows in snapshot ``tables`` (another worker's, at
+        its position ``next_offset``): a partition taken over with its previous owner's state
+        (:mod:`speed.adoption`). The next snapshot writes every view's sealed rows anew."""
+        self._check(tables)
+        for vs in self.views:
+            vs.sealed.pop(partition, None)
+            vs.rewrite = True
+        self.open_block[partition] = next_offset - next_offset % self.block
+        self.open_rows[partition] = [{} for _ in self.views]
+        for i, vs in enumerate(self.views):
+            table = tables[vs.view.name]
+            if table.num_rows:
+                self._load(i, vs, table.filter(pc.equal(table.column(PARTITION_COL), partition)), [partition],
+                           {partition: next_offset})
+
+    def _check(self, tables: dict[str, pa.Table]) -> None:
         for vs in self.views:
             table = tables.get(vs.view.name)
             if table is None:
@@ -365,33 +391,30 @@ class SourceState:
                 raise InvariantViolation(f"view {vs.view.name!r}: snapshot columns {table.schema.names} differ from "
                                          f"the declaration's {vs.schema.names}; did the pipeline change? Remove "
                                          "the speed checkpoint to rebuild it")
-        for p, nxt in next_offsets.items():
-            self.open_block[p] = nxt - nxt % self.block
-            self.open_rows[p] = [{} for _ in self.views]
-        for i, vs in enumerate(self.views):
-            table = tables[vs.view.name]
-            if table.num_rows == 0:
+
+    def _load(self, i: int, vs: ViewState, table: pa.Table, parts: list[int], next_offsets: dict[int, int]) -> None:
+        """Rows of ``parts`` in ``table`` into view ``i``: the open block's as dicts, older blocks sealed."""
+        for p in parts:
+            tp = table.filter(pc.equal(table.column(PARTITION_COL), p))
+            if not tp.num_rows:
                 continue
-            parts = pc.unique(table.column(PARTITION_COL)).to_pylist()
-            for p in sorted(parts):
-                tp = table.filter(pc.equal(table.column(PARTITION_COL), p))
-                open_bs = self.open_block.get(p)
-                blocks = tp.column(BLOCK_COL)
-                if open_bs is not None:
-                    if pc.max(blocks).as_py() > open_bs:
-                        raise InvariantViolation(f"view {vs.view.name!r}: snapshot has block "
-                                                 f"{pc.max(blocks).as_py()} of partition {p} beyond its position "
-                                                 f"{next_offsets[p]}")
-                    is_open = pc.equal(blocks, open_bs)
-                    self.open_rows[p][i] = vs.table_to_rows(tp.filter(is_open))
-                    tp = tp.filter(pc.invert(is_open))
-                elif tp.num_rows:
-                    raise InvariantViolation(f"view {vs.view.name!r}: snapshot has rows of partition {p} but no "
-                                             "position for it")
-                if tp.num_rows:
-                    tp = tp.sort_by(BLOCK_COL).combine_chunks()
-                    b = tp.column(BLOCK_COL)
-                    vs.sealed[p] = [Segment(p, pc.min(b).as_py(), pc.max(b).as_py(), tp)]
+            open_bs = self.open_block.get(p)
+            blocks = tp.column(BLOCK_COL)
+            if open_bs is not None:
+                if pc.max(blocks).as_py() > open_bs:
+                    raise InvariantViolation(f"view {vs.view.name!r}: snapshot has block "
+                                             f"{pc.max(blocks).as_py()} of partition {p} beyond its position "
+                                             f"{next_offsets[p]}")
+                is_open = pc.equal(blocks, open_bs)
+                self.open_rows[p][i] = vs.table_to_rows(tp.filter(is_open))
+                tp = tp.filter(pc.invert(is_open))
+            elif tp.num_rows:
+                raise InvariantViolation(f"view {vs.view.name!r}: snapshot has rows of partition {p} but no "
+                                         "position for it")
+            if tp.num_rows:
+                tp = tp.sort_by(BLOCK_COL).combine_chunks()
+                b = tp.column(BLOCK_COL)
+                vs.sealed[p] = [Segment(p, pc.min(b).as_py(), pc.max(b).as_py(), tp)]
 
     def rows(self) -> int:
         return sum(vs.sealed_rows() for vs in self.views) + sum(

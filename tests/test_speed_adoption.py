@@ -1,0 +1,83 @@
+"""A group member takes a partition over with its previous owner's state (speed.adoption; issue 29, "from the
+previous owner's last committed checkpoint"): it continues at that worker's position instead of re-reading the log
+from the batch watermark, and serving stays exact; with ``LAMBDALAKE_SPEED_ADOPT=0`` it starts from the watermark.
+Real broker, members in-process (kafka-python group membership), each under its own name."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from lambdalake.clients import end_offsets
+from lambdalake.layout import Layout
+from lambdalake.speedset import read_speed_set
+from speed.consumer import SpeedLayer, SpeedOptions
+from speed.rebuild import replay_start
+from tests.test_speed import produce, topics
+from tests.test_speed_workers import served_equals_oracle
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def _serve_alone(settings, pipeline, name: str, timeout: float = 90.0) -> SpeedLayer:
+    """Member ``name`` runs until it alone serves every partition up to the log end; then it stops (a final
+    checkpoint; it leaves the group)."""
+    layer = SpeedLayer(settings, pipeline, SpeedOptions(group=True, worker_name=name, checkpoint_interval=0.05))
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            layer.run()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ends = end_offsets(settings, topics(pipeline))
+    deadline = time.monotonic() + timeout
+    found = None
+    try:
+        while True:
+            assert not errors, errors
+            found = read_speed_set(Layout(settings.home))
+            if found is not None and {w for p in found.parts for w in [p.worker] if p.partitions} == {name} \
+                    and all(found.meta.positions.get(k, 0) >= e for k, e in ends.items()):
+                return layer
+            assert time.monotonic() < deadline, (f"{name} did not serve everything up to {ends} within {timeout}s: "
+                                                 f"{found and [(p.worker, p.partitions) for p in found.parts]}, "
+                                                 f"{found and dict(found.meta.positions)}")
+            time.sleep(0.2)
+    finally:
+        layer.stop()
+        thread.join(60)
+        assert not errors, errors
+
+
+def test_a_member_continues_at_the_previous_owners_position(settings, pipeline, run_cli, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="speed.group")
+    produce(settings, pipeline, 1500, seed=71)
+    run_cli("replay")  # batch watermark W
+    produce(settings, pipeline, 1500, seed=72)  # beyond W: what the new owner would read again without adoption
+    a = _serve_alone(settings, pipeline, "g-test-1")
+    at = dict(a.last.positions)
+    produce(settings, pipeline, 400, seed=73)
+
+    caplog.clear()
+    _serve_alone(settings, pipeline, "g-test-2")
+    taken = [r.getMessage() for r in caplog.records if "speed worker g-test-2 assigned" in r.getMessage()]
+    assert taken and all(f"{t}[{p}]@{n} " in " ".join(taken) for (t, p), n in at.items()), (taken, at)
+    assert "(state of g-test-1)" in " ".join(taken)
+    served_equals_oracle(settings, pipeline)
+
+    monkeypatch.setenv("LAMBDALAKE_SPEED_ADOPT", "0")
+    produce(settings, pipeline, 300, seed=74)
+    caplog.clear()
+    c = _serve_alone(settings, pipeline, "g-test-3")
+    taken = " ".join(r.getMessage() for r in caplog.records if "speed worker g-test-3 assigned" in r.getMessage())
+    assert "state of" not in taken
+    for (t, p), w in c.batch.watermark.items():
+        assert f"{t}[{p}]@{replay_start(w, c.options.dedup_span)} " in taken, (taken, w)
+    served_equals_oracle(settings, pipeline)
