@@ -5,7 +5,8 @@ archiver's). Each adapter only translates calls; every rule is the session's."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from lambdalake.config import Settings
@@ -32,6 +33,42 @@ class LogRecord(NamedTuple):
 Run = tuple[TP, list[int], list, list]
 
 
+class GroupWatch:
+    """Restarts this process when its group membership is stuck: not in a stable group for ``limit`` seconds
+    while the broker answers.
+
+    kafka-python 3.0.12 (the newest release) can stop finding its group coordinator for good: seen when two
+    members start at once (about one start in ten under load): every ``poll`` returns early ("timeout in
+    ensure_coordinator_ready") while the client's IO thread sits idle in ``select`` with nothing scheduled; the
+    member holds its partitions until its session expires, then nothing, and never logs a word. A join takes a few
+    seconds, a rebalance with a dead member the session timeout (6 s), so a member not stable for ``limit`` (30 s;
+    ``LAMBDALAKE_GROUP_STUCK_SECONDS``) while a fresh connection to the broker works is this; the watch restarts
+    the process (:func:`lambdalake.procs.restart_self`), which resumes exactly from its checkpoint like after a
+    crash. While the broker does not answer, the member waits, as it always did. Reads kafka-python's coordinator
+    state (a private attribute): without it, nothing is watched."""
+
+    def __init__(self, consumer, limit: float, reachable: Callable[[], bool], on_stuck: Callable[[str], None]):
+        self.consumer, self.limit, self.reachable, self.on_stuck = consumer, limit, reachable, on_stuck
+        self._unstable_since: float | None = None
+
+    def check(self) -> None:
+        """After a poll: note whether the member is in a stable group; restart it if stuck (class docstring)."""
+        state = getattr(getattr(self.consumer, "_coordinator", None), "state", None)
+        if state is None or str(getattr(state, "name", state)).strip("<>").upper() == "STABLE":
+            self._unstable_since = None
+            return
+        now = time.monotonic()
+        if self._unstable_since is None:
+            self._unstable_since = now
+        elif now - self._unstable_since > self.limit:
+            if self.reachable():
+                msg = (f"kafka-python group member: not in a stable group for {now - self._unstable_since:.0f}s "
+                       f"while the broker answers (state {getattr(state, 'name', state)}; a known kafka-python hang)")
+                log.error("%s", msg)
+                self.on_stuck(msg)
+            self._unstable_since = now  # the broker is away: wait as always, look again later
+
+
 class KafkaPythonClient:
     """kafka-python's ``KafkaConsumer`` behind the session's seam: the speed layer's client (the user's choice),
     which also reads ``LogSession.consumer`` directly."""
@@ -42,6 +79,8 @@ class KafkaPythonClient:
         self.consumer = consumer
         self._pending: list[tuple[str, list]] = []  # assignment changes queued by the group listener (subscribe)
         self._callbacks: tuple = ()
+        self._watch: GroupWatch | None = None  # a group member's membership is watched (GroupWatch)
+        self._settings: Settings | None = None
 
     @classmethod
     def open(cls, settings: Settings, group_id: str | None, connect_timeout: float | None, **overrides):
@@ -49,7 +88,9 @@ class KafkaPythonClient:
 
         if connect_timeout is not None:
             overrides["bootstrap_timeout_ms"] = int(1000 * connect_timeout)
-        return cls(consumer(settings, group_id=group_id, **overrides))
+        client = cls(consumer(settings, group_id=group_id, **overrides))
+        client._settings = settings
+        return client
 
     def topic_partition(self, key: TP):
         from kafka import TopicPartition
@@ -97,9 +138,26 @@ class KafkaPythonClient:
                     pending.append(("lost", list(tps)))
 
         consumer.subscribe(topics=topics, listener=Listener())
+        if self._settings is not None:
+            from lambdalake.config import env_float
+            from lambdalake.procs import restart_self
+
+            self._watch = GroupWatch(consumer, env_float("LAMBDALAKE_GROUP_STUCK_SECONDS", 30.0, minimum=1.0),
+                                     self._reachable, restart_self)
+
+    def _reachable(self) -> bool:
+        from lambdalake.clients import librdkafka_consumer
+
+        try:
+            librdkafka_consumer(self._settings, connect_timeout=5.0).close()
+            return True
+        except BrokerError:
+            return False
 
     def rebalanced(self) -> bool:
         """Hand the queued assignment changes to the reader (:meth:`subscribe`); whether there were any."""
+        if self._watch is not None:
+            self._watch.check()
         if not self._pending:
             return False
         assigned, revoked, lost = self._callbacks
