@@ -244,7 +244,7 @@ class Archiver:
         for topic, p in keys:
             by_topic.setdefault(topic, []).append(p)
         dlq.load_high_water(by_topic)  # one short read of the DLQ tails for all of them
-        dlq.claimed(keys)  # their next dead letters fence every earlier writer first (batch.dead_letters)
+        dlq.claimed(keys, self._sources)  # fences every earlier writer of their dead letters (batch.dead_letters)
         log.info("assigned %s", ", ".join(f"{t}[{p}]@{starts[(t, p)]}" for t, p in sorted(keys)))
         return starts
 

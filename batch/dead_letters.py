@@ -178,10 +178,24 @@ class DeadLetters:
             self._producers[key] = producer
         return self._producers[key]
 
-    def claimed(self, keys) -> None:
-        """This writer claimed ``keys`` (again): their next dead letters come from a newly initialised producer."""
+    def claimed(self, keys, sources: dict[str, Source]) -> None:
+        """This writer claimed ``keys`` (again): each gets a newly initialised producer now, all at once (each
+        initialisation is a few round trips to the transaction coordinator; one after another they delayed a
+        takeover by seconds), which fences the older writers at once. One that fails is retried by the partition's
+        next roll with invalid messages."""
+        from concurrent.futures import ThreadPoolExecutor
+
         for key in keys:
             self._producers.pop(tuple(key), None)
+
+        def prepare(key) -> None:
+            try:
+                self.producer(sources[key[0]], key[1])
+            except DeadLetterError as exc:
+                log.info("dead-letter producer of %s[%s] not ready (%s): its next roll starts it", *key, exc)
+
+        with ThreadPoolExecutor(max_workers=min(8, max(1, len(keys))), thread_name_prefix="dlq-claim") as pool:
+            list(pool.map(prepare, [tuple(k) for k in keys]))
 
     def _delivery_failed(self, err: object, msg: object) -> None:  # noqa: ARG002 (librdkafka's callback)
         self._failed.append(err)

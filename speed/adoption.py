@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import pyarrow as pa
 
@@ -30,6 +31,8 @@ from lambdalake.speedset import epoch_of
 from speed.checkpoint import TP, CheckpointStore, Restored
 
 log = logging.getLogger(__name__)
+
+PEEK_ATTEMPTS = 5
 
 
 def enabled() -> bool:
@@ -58,12 +61,17 @@ def adopt_partition(layer, key: TP, snapshots: list, cache: dict[str, Restored |
         return None
     if worker not in cache:
         store = CheckpointStore(Layout(layer.settings.home).for_speed_worker(worker), layer.pipeline)
-        try:
-            cache[worker] = store.peek(layer.block)
-        except (OSError, LambdalakeError, pa.ArrowException) as exc:  # pruned meanwhile, or not readable
-            log.info("cannot take %s over from %s's checkpoint (%s): starting from the batch watermark", key,
-                     worker, exc)
-            cache[worker] = None
+        cache[worker] = None
+        for attempt in range(PEEK_ATTEMPTS):  # a worker still running commits and prunes while it is read
+            try:
+                cache[worker] = store.peek(layer.block)
+                break
+            except (OSError, LambdalakeError, pa.ArrowException) as exc:  # pruned meanwhile, or not readable
+                if attempt == PEEK_ATTEMPTS - 1:
+                    log.info("cannot take %s over from %s's checkpoint (%s): starting from the batch watermark",
+                             key, worker, exc)
+                else:
+                    time.sleep(0.05)
     restored = cache[worker]
     if restored is None:
         return None
