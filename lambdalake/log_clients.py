@@ -43,7 +43,7 @@ class GroupWatch:
     member holds its partitions until its session expires, then nothing, and never logs a word. A join takes a few
     seconds, a rebalance with a dead member the session timeout (6 s), so a member not stable for ``limit`` (30 s;
     ``LAMBDALAKE_GROUP_STUCK_SECONDS``) while a fresh connection to the broker works is this; the watch restarts
-    the process (:func:`lambdalake.procs.restart_self`), which resumes exactly from its checkpoint like after a
+    the process (:func:`lambdalake.runtime.restart_self`), which resumes exactly from its checkpoint like after a
     crash. While the broker does not answer, the member waits, as it always did. Reads kafka-python's coordinator
     state (a private attribute): without it, nothing is watched."""
 
@@ -140,7 +140,7 @@ class KafkaPythonClient:
         consumer.subscribe(topics=topics, listener=Listener())
         if self._settings is not None:
             from lambdalake.config import env_float
-            from lambdalake.procs import restart_self
+            from lambdalake.runtime import restart_self
 
             self._watch = GroupWatch(consumer, env_float("LAMBDALAKE_GROUP_STUCK_SECONDS", 30.0, minimum=1.0),
                                      self._reachable, restart_self)

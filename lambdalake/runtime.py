@@ -62,3 +62,16 @@ def crash_point(variable: str, step: str) -> None:
     ``LAMBDALAKE_ERASE_FAULT``)."""
     if os.environ.get(variable) == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def restart_self(reason: str) -> None:
+    """Start this process again from scratch, as a crash and a restart would (every streaming worker restarts
+    exactly from its own durable state): a worker of ``--workers N`` exits and its command starts it again
+    (:class:`lambdalake.procs.Restarts`); a command of its own executes itself anew (same pid, same arguments;
+    its locks, opened close-on-exec, are released by the exec)."""
+    import multiprocessing
+
+    print(f"lambdalake: {reason}; restarting this process", file=sys.stderr, flush=True)
+    if multiprocessing.parent_process() is not None:
+        os._exit(75)  # EX_TEMPFAIL
+    os.execv(sys.executable, sys.orig_argv)
