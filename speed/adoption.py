@@ -11,8 +11,9 @@ whatever its worker does afterwards — a previous owner still running has froze
 and a paused one that wakes up publishes only the epoch the new owner's claim outranks.
 
 Taken only when it is the same computation: the checkpoint holds the partition with the epoch that is published for
-it, and every view of the partition's source has the declared definition on both sides with no rebuild under way
-(else the member starts from the batch watermark, as before). ``LAMBDALAKE_SPEED_ADOPT=0`` turns it off (the
+it, every view of the partition's source has the declared definition on both sides with no rebuild under way, and
+that worker's state reflects every erasure of the source (``lambdalake forget``); else the member starts from the
+batch watermark, as before. ``LAMBDALAKE_SPEED_ADOPT=0`` turns it off (the
 benchmark compares both).
 """
 
@@ -25,6 +26,7 @@ import time
 import pyarrow as pa
 
 from lambdalake.dedup import DedupWindow
+from lambdalake.erasure import read_requests
 from lambdalake.exceptions import LambdalakeError
 from lambdalake.layout import Layout
 from lambdalake.speedset import epoch_of
@@ -73,7 +75,7 @@ def adopt_partition(layer, key: TP, snapshots: list, cache: dict[str, Restored |
                 else:
                     time.sleep(0.05)
     restored = cache[worker]
-    if restored is None:
+    if restored is None or not _erasures_applied(layer, key, worker):
         return None
     cp = restored.checkpoint
     published = max((epoch_of(m, key) for w, _, m in snapshots if w == worker and key in m.positions), default=-1)
@@ -95,3 +97,10 @@ def adopt_partition(layer, key: TP, snapshots: list, cache: dict[str, Restored |
     layer.new_ids[key] = []
     layer.full_dedup = True
     return worker
+
+
+def _erasures_applied(layer, key: TP, worker: str) -> bool:
+    """Whether ``worker``'s committed state reflects every erasure request of ``key``'s source (it is among the
+    request's ``speed_workers_corrected``): rows it held before a subject was forgotten must not come back."""
+    source = layer.sources[key[0]].name
+    return all(worker in req.speed_workers_corrected for req in read_requests(Layout(layer.settings.home), source))

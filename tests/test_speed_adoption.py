@@ -81,3 +81,23 @@ def test_a_member_continues_at_the_previous_owners_position(settings, pipeline, 
     for (t, p), w in c.batch.watermark.items():
         assert f"{t}[{p}]@{replay_start(w, c.options.dedup_span)} " in taken, (taken, w)
     served_equals_oracle(settings, pipeline)
+
+
+def test_no_state_is_taken_from_a_worker_that_has_not_applied_an_erasure(settings, pipeline):
+    """Rows a worker held before a subject was forgotten must not come back through a takeover."""
+    import types
+
+    from lambdalake.erasure import new_request, write_request
+    from speed.adoption import _erasures_applied
+
+    layout = Layout(settings.home)
+    pv, pu = pipeline.source("pageviews"), pipeline.source("purchases")
+    layer = types.SimpleNamespace(sources={s.topic: s for s in pipeline.sources}, settings=settings)
+    assert _erasures_applied(layer, (pv.topic, 0), "g-test-1")  # nothing forgotten
+    req = new_request(pv.name, "u-17")
+    write_request(layout, req)
+    assert not _erasures_applied(layer, (pv.topic, 0), "g-test-1")  # its state may still hold u-17's events
+    assert _erasures_applied(layer, (pu.topic, 0), "g-test-1")  # another source: unaffected
+    req.speed_workers_corrected = {**req.speed_workers_corrected, "g-test-1": "2026-12-07T00:00:00Z"}
+    write_request(layout, req)
+    assert _erasures_applied(layer, (pv.topic, 0), "g-test-1")
