@@ -31,6 +31,7 @@ from lambdalake.exceptions import LambdalakeError
 from lambdalake.layout import Layout
 from lambdalake.speedset import epoch_of
 from speed.checkpoint import TP, CheckpointStore, Restored
+from speed.rebuild import replay_start
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def adopt_partition(layer, key: TP, snapshots: list, cache: dict[str, Restored |
                 or name not in restored.tables:
             return None
     position = cp.positions[key]
+    if position < replay_start(layer.batch.watermark.get(key, 0), layer.options.dedup_span):
+        return None  # the batch side is further on: starting below its watermark reads less
     state.load_partition(key[1], {n: restored.tables[n] for n in names}, position)
     layer.positions[key] = position
     layer.pruned_to[key] = cp.pruned_to.get(key, 0)
