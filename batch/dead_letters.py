@@ -173,7 +173,9 @@ class DeadLetters:
                 raise DeadLetterError(str(exc)) from exc
             except KafkaException as exc:
                 raise DeadLetterError(f"cannot start dead-letter transactions for {src.topic}[{partition}] "
-                                      f"({exc})") from exc
+                                      f"({exc}); the cluster must allow transactions (a transaction state log "
+                                      "with enough brokers; with ACLs, Write on TransactionalId "
+                                      f"{transactional_id(self.settings, self.pipeline, src, partition)!r})") from exc
             self.reload_high_water(src, partition, timeout=min(timeout, 15.0))
             self._producers[key] = producer
         return self._producers[key]
