@@ -13,9 +13,10 @@ it (:func:`guarded_copy`), never an answer.
 
 Cost: one file copy per process and copy (page cache to RAM when the scratch root is ``/dev/shm``): the first
 connection of a process to a version copies the file into a private directory of the process next to the scratch
-directories (:func:`private_copy`, mode 0700, removed at exit); every connection then attaches a hard link of it
-made in its own scratch directory and unlinked at once, so no name of it is ever reachable from user SQL either
-(a user recreating that name makes a new file; the shared file is never writable through DuckDB, which attaches it
+directories (:func:`private_copy`, ``lambdalake-copies-<pid>-…``, mode 0700, removed at exit; one left by a killed
+process is removed by the next process that makes its own); every connection then attaches a hard link of it made
+in its own scratch directory and unlinked at once, so no name of it is ever reachable from user SQL either (a user
+recreating that name makes a new file; the shared file is never writable through DuckDB, which attaches it
 READ_ONLY). At most :data:`CACHED` copies are kept per process (an evicted one lives on, unnamed, while a
 connection still has it attached). A copy larger than ``LAMBDALAKE_SERVING_COPY_MAX_MB`` (default 256) is not used.
 """
@@ -42,6 +43,7 @@ from lambdalake.viewsql import FN, ident, literal
 from serving.published import PublishedPair
 
 log = logging.getLogger(__name__)
+CACHE_PREFIX = "lambdalake-copies-"  # + pid: a process's private directory of copies
 CACHED = 2  # serving copies a process keeps (the newest versions it attached)
 _cache_lock = threading.Lock()
 _cache: dict[tuple[int, ...], Path] = {}  # (pid, dev, inode, size, mtime) of a lake's copy -> the process's copy
@@ -129,7 +131,8 @@ def private_copy(real: Path, root: Path) -> Path:
             return cached
         directory = _cache_dirs.get(key[0])
         if directory is None or not directory.is_dir():
-            directory = Path(tempfile.mkdtemp(prefix="lambdalake-copies-", dir=root))  # mode 0700
+            _sweep(root)
+            directory = Path(tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{key[0]}-", dir=root))  # mode 0700
             _cache_dirs[key[0]] = directory
             atexit.register(shutil.rmtree, str(directory), True)
         target = directory / f"{next(_names)}-{st.st_ino}.duckdb"
@@ -143,6 +146,26 @@ def private_copy(real: Path, root: Path) -> Path:
             if gone is not None and old[0] == key[0]:
                 gone.unlink(missing_ok=True)  # attached connections keep the file open
         return target
+
+
+def _sweep(root: Path) -> None:
+    """Remove the private directories of copies left by processes of this user that are gone (killed: no atexit)."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name.removeprefix(CACHE_PREFIX).split("-", 1)[0]
+        if not entry.name.startswith(CACHE_PREFIX) or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid() or not entry.is_dir(follow_symlinks=False):
+                continue
+            os.kill(int(pid), 0)  # alive (or not ours to signal): kept
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def guarded_copy(copy: Copy, view: View) -> str:

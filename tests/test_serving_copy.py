@@ -276,3 +276,23 @@ def test_connections_of_a_process_share_one_private_copy_no_user_can_write(copy_
     assert connect(serving_settings, clickstream).execute(
         "SELECT sum(views), sum(unique_users) FROM pageviews_hourly").fetchall() == answer
     assert _files(home) == lake_before
+
+
+def test_a_killed_process_private_copies_are_removed_by_the_next(tmp_path):
+    """A process killed before its exit handlers leaves its private directory of copies behind: the next process
+    making its own removes it (a live process's, another user's or a foreign name stay)."""
+    import subprocess
+    import sys
+
+    from serving import copies
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    left = tmp_path / f"{copies.CACHE_PREFIX}{dead}-x1"
+    live = tmp_path / f"{copies.CACHE_PREFIX}{os.getppid()}-x2"
+    foreign = tmp_path / f"{copies.CACHE_PREFIX}abc"
+    for d in (left, live, foreign):
+        d.mkdir()
+        (d / "1-2.duckdb").write_bytes(b"x" * 10)
+    copies._sweep(tmp_path)
+    assert not left.exists() and live.exists() and foreign.exists()
