@@ -44,7 +44,6 @@ archiving the partition (:class:`lambdalake.heads.Fenced`). """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -61,7 +60,7 @@ from lambdalake.config import Settings
 from lambdalake.exceptions import ConfigError, InvariantViolation, LambdalakeError
 from lambdalake.heads import Fenced, HeadFile, PartitionHead, file_key, writer_id
 from lambdalake.layout import Layout
-from lambdalake.locks import flock
+from lambdalake.locks import group_presence
 from lambdalake.ownership import PartitionLocks, Share
 from lambdalake.pipeline import Pipeline
 from lambdalake.runtime import streaming_runtime
@@ -187,16 +186,11 @@ class Archiver:
         """Group members hold ``checkpoints/archiver/group.lock`` shared while they run; a pinned run (Airflow's
         catch-up, ``--share``) refuses to start next to them with :class:`ArchiverLocked` (the DAG then waits for
         the members to catch up): its claims would fence them from their own partitions."""
-        path = self.layout.checkpoints("archiver") / "group.lock"
-        if self.group:
-            return flock(path, shared=True)
-        # a probe: exclusive, so held shared by a member it fails; other pinned runs probe too (each for an
-        # instant), hence a second of retries before concluding that members run
-        with flock(path, timeout=1.0, what="the archiver group lock", on_busy=lambda _msg: ArchiverLocked(
-                f"archiver daemons (members of the group {self.group_id}) run on {self.layout.home}; a pinned "
-                "run would take their partitions from them: stop them first, or let them archive")):
-            pass
-        return contextlib.nullcontext()
+        return group_presence(self.layout.checkpoints("archiver") / "group.lock", self.group,
+                              "the archiver group lock", lambda: ArchiverLocked(
+                                  f"archiver daemons (members of the group {self.group_id}) run on "
+                                  f"{self.layout.home}; a pinned run would take their partitions from them: stop "
+                                  "them first, or let them archive"))
 
     def _partitions(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}

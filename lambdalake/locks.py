@@ -94,3 +94,17 @@ class PidLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def group_presence(path: Path, member: bool, what: str, refusal: Callable[[], Exception]):
+    """The presence of a streaming layer's group members on this machine, as a lock: members hold ``path`` shared
+    while they run (the context returned); a pinned worker probes it and gets ``refusal()`` raised when members run
+    (its claims would take their partitions). The probe is exclusive, so a member's shared hold fails it; pinned
+    workers probe for an instant each, hence a second of retries before concluding that members run."""
+    import contextlib
+
+    if member:
+        return flock(path, shared=True)
+    with flock(path, timeout=1.0, what=what, on_busy=lambda _msg: refusal()):
+        pass
+    return contextlib.nullcontext()

@@ -27,7 +27,6 @@ the one case a rebalance costs freshness, never exactness of what is covered).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import socket
@@ -38,7 +37,7 @@ import msgspec
 from lambdalake import contracts
 from lambdalake.dedup import DedupWindow
 from lambdalake.layout import Layout
-from lambdalake.locks import flock
+from lambdalake.locks import group_presence
 from lambdalake.speedset import best_epochs, worker_snapshots
 from lambdalake.storage.base import ObjectMissing, StorageError
 from speed import adoption
@@ -108,16 +107,11 @@ def member(home, pipeline, options) -> tuple[str, Layout, CheckpointStore]:
 def presence(home, member: bool, group_id: str):
     """Members hold ``checkpoints/speed/group.lock`` shared while they run; a pinned worker (``--until-caught-up``,
     ``--share``, ``--partitions``, ``--no-group``) refuses to start next to them with :class:`SpeedAlreadyRunning`:
-    both would read the same partitions and claim epochs over each other. (The probe is exclusive, so a member's
-    shared hold fails it; pinned workers probe for an instant each, hence a second of retries.)"""
-    path = Layout(home).checkpoints("speed") / "group.lock"
-    if member:
-        return flock(path, shared=True)
-    with flock(path, timeout=1.0, what="the speed group lock", on_busy=lambda _msg: SpeedAlreadyRunning(
-            f"speed workers (members of the group {group_id}) run on {home}; a pinned speed worker would read "
-            "their partitions too: stop them first, or let them serve")):
-        pass
-    return contextlib.nullcontext()
+    both would read the same partitions and claim epochs over each other (:func:`lambdalake.locks.group_presence`)."""
+    return group_presence(Layout(home).checkpoints("speed") / "group.lock", member, "the speed group lock",
+                          lambda: SpeedAlreadyRunning(f"speed workers (members of the group {group_id}) run on {home}; "
+                                                      "a pinned speed worker would read their partitions too: stop "
+                                                      "them first, or let them serve"))
 
 
 def claim_epoch(root: Layout, key: TP, owner: str, floor: int = -1) -> int:
