@@ -107,6 +107,9 @@ def run_app(app: typer.Typer, argv: list[str] | None, *, prog_name: str | None =
             translate: Callable[[Exception], LambdalakeError | None] | None = None) -> int:
     """Run ``app``; an actionable error (:class:`LambdalakeError`, or what ``translate`` turns into one, e.g. a
     Kafka client error) prints ``error: ...`` on one line and returns its exit code — never a traceback."""
+    from lambdalake.runtime import allow_restart
+
+    allow_restart()
     try:
         app(args=argv, prog_name=prog_name, standalone_mode=True)
     except SystemExit as exc:

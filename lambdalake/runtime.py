@@ -64,13 +64,28 @@ def crash_point(variable: str, step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+_restartable = False  # set by the CLI (lambdalake.options.run_app): only a lambdalake command restarts itself
+
+
+def allow_restart() -> None:
+    """This process is a ``lambdalake`` command (or one of its workers): :func:`restart_self` may restart it."""
+    global _restartable
+    _restartable = True
+
+
 def restart_self(reason: str) -> None:
     """Start this process again from scratch, as a crash and a restart would (every streaming worker restarts
     exactly from its own durable state): a worker of ``--workers N`` exits and its command starts it again
     (:class:`lambdalake.procs.Restarts`); a command of its own executes itself anew (same pid, same arguments;
-    its locks, opened close-on-exec, are released by the exec)."""
+    its locks, opened close-on-exec, are released by the exec). Any other process (a library user's, a test's) is
+    never executed anew: :class:`~lambdalake.exceptions.BrokerError` is raised instead."""
     import multiprocessing
 
+    from lambdalake.exceptions import BrokerError
+
+    command = _restartable and os.path.basename(sys.argv[0]) == "lambdalake"  # not a test calling the CLI's main
+    if not command and multiprocessing.parent_process() is None:  # a library user's process: never exec it
+        raise BrokerError(f"{reason}; restart this process")
     print(f"lambdalake: {reason}; restarting this process", file=sys.stderr, flush=True)
     if multiprocessing.parent_process() is not None:
         os._exit(75)  # EX_TEMPFAIL

@@ -54,3 +54,15 @@ def test_no_coordinator_state_no_watch(monkeypatch):
         watch.check()
         clock["now"] += 60
     assert not stuck
+
+
+def test_a_process_that_is_not_a_lambdalake_command_is_never_executed_anew():
+    """restart_self in a library user's (here: the test runner's) process raises instead of exec'ing it."""
+    import pytest
+
+    from lambdalake.exceptions import BrokerError
+    from lambdalake.runtime import allow_restart, restart_self
+
+    allow_restart()  # as if a test had called the CLI's main in-process: still not the `lambdalake` command
+    with pytest.raises(BrokerError, match="stuck; restart this process"):
+        restart_self("stuck")
