@@ -60,18 +60,23 @@ def _caught_up(settings, pipeline, timeout: float = 120.0) -> None:
     raise AssertionError(f"not caught up with {ends} within {timeout}s")
 
 
+def feeder_of(settings, pipeline, stop: threading.Event, seed: int, events: int, every: float):
+    """A stream for a thread: ``events`` messages every ``every`` seconds (a new seed each time) until ``stop``."""
+    def stream() -> None:
+        n = seed
+        while not stop.is_set():
+            produce(settings, pipeline, events, seed=n)
+            n += 1
+            stop.wait(every)
+
+    return stream
+
+
 def test_fifty_random_kills_of_group_members_stay_exact(settings, pipeline, cli_env):
     rng = random.Random(29)
     produce(settings, pipeline, 1000, seed=1)
     stop = threading.Event()
-
-    def stream() -> None:
-        seed = 100
-        while not stop.is_set():
-            produce(settings, pipeline, 60, seed=seed)
-            seed += 1
-            stop.wait(0.5)
-
+    stream = feeder_of(settings, pipeline, stop, seed=100, events=60, every=0.5)
     members = {key: _start(cli_env, key) for key in COMMANDS}
     feeder = threading.Thread(target=stream, daemon=True)
     feeder.start()

@@ -15,7 +15,7 @@ import pytest
 from lambdalake.procs import stop_group
 from tests.conftest import LAMBDALAKE
 from tests.test_archiver import check_exact
-from tests.test_group_kill_loop import _caught_up
+from tests.test_group_kill_loop import _caught_up, feeder_of
 from tests.test_speed import produce
 from tests.test_speed_group import _served, _stop
 from tests.test_speed_workers import served_equals_oracle
@@ -36,15 +36,7 @@ def test_survivors_take_every_partition_and_a_fourth_speed_member_gets_a_share(s
     ingest = [_start(cli_env, "ingest") for _ in range(2)]
     procs = [*speed, *ingest]
     stop = threading.Event()
-
-    def stream() -> None:
-        seed = 500
-        while not stop.is_set():
-            produce(settings, pipeline, 40, seed=seed)
-            seed += 1
-            stop.wait(0.4)
-
-    feeder = threading.Thread(target=stream, daemon=True)
+    feeder = threading.Thread(target=feeder_of(settings, pipeline, stop, seed=500, events=40, every=0.4), daemon=True)
     try:
         _served(settings, pipeline, 3, procs=speed)  # three members serve
         feeder.start()
