@@ -32,7 +32,8 @@ from lambdalake.exceptions import InvariantViolation
 
 TP = tuple[str, int]
 MANIFEST_FORMAT = 2  # 1: lambdalake 0.1 (no published_at, legacy fingerprints); 2: definition fingerprints
-SNAPSHOT_FORMAT = 3  # 1: lambdalake 0.1 (no per-view fingerprints); 2: one file per view
+SNAPSHOT_FORMAT = 4  # 1: lambdalake 0.1 (no per-view fingerprints); 2: one file per view; 3: part files (hard
+# links); 4: part files referenced across snapshots (``<snapshot>/<name>``), no hard links
 
 
 class Positions(Mapping[TP, int]):
@@ -249,12 +250,13 @@ class SpeedView(msgspec.Struct):
     # While rebuilding: the positions (of the view's topic) the kept old rows cover — they are exact for the old
     # definition over [pruned_to, positions), not up to the snapshot's own positions. None when current.
     positions: Positions | None = None
-    # The files holding the view's rows in the snapshot directory (format 3: ``<view>.parquet`` with the open
-    # blocks and part files of sealed blocks, see speed.snapshot); empty: ``<view>.parquet`` alone (format <= 2).
+    # The files holding the view's rows (format 3: ``<view>.parquet`` with the open blocks and part files of sealed
+    # blocks, see speed.snapshot; format 4: a part file an earlier snapshot wrote is listed as ``<snapshot>/<name>``,
+    # in that snapshot's prefix — Layout.speed_file_key); empty: ``<view>.parquet`` alone (format <= 2).
     files: list[str] = msgspec.field(default_factory=list)
 
     def file_names(self, view: str) -> list[str]:
-        """The files holding the rows of ``view`` (this entry's name) in its snapshot directory."""
+        """The files holding the rows of ``view`` (this entry's name), as the snapshot lists them."""
         return list(self.files) if self.files else [f"{view}.parquet"]
 
 

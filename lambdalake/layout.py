@@ -12,8 +12,8 @@
                                                              views/batch/<version> for the first release's)
       views/batch/CURRENT                                    BatchPointer: current version, kept versions and
                                                              their prefixes; one compare-and-swap = publish
-      views/speed/<snapshot>/snapshot.json                   speed positions S[p] of the snapshot
-      views/speed/<snapshot>/<view>.parquet
+      views/speed/<snapshot>/snapshot.json                   speed positions S[p] of the snapshot, the files
+      views/speed/<snapshot>/<view>[.<snapshot>].parquet     of each view (some in earlier snapshots' prefixes)
       views/speed/CURRENT                                    {"snapshot": ...}; replaced atomically
       views/speed/workers/<worker>/...                       the same, per speed worker owning a share of the
                                                              partitions (lambdalake.ownership); the root above
@@ -33,7 +33,8 @@ Speed view columns: ``_partition`` (int32), ``_block_start`` (int64), then the s
 Atomicity: files are written to a temporary name in the same directory, fsync'd, renamed, and the directory
 fsync'd (:func:`atomic_write_bytes`, :func:`atomic_publish_dir`); a pointer switch is an atomic rename of a small
 JSON file (:func:`write_pointer`). The batch pointer is read and swapped through the storage seam
-(:attr:`Layout.store`, :mod:`lambdalake.versions`): which batch versions exist, and where, is read from it alone.
+(:attr:`Layout.store`, :mod:`lambdalake.versions`): which batch versions exist, and where, is read from it alone;
+the speed layer's snapshots and checkpoints are written and read through it too (:mod:`speed.snapshot`).
 """
 
 from __future__ import annotations
@@ -121,10 +122,8 @@ class Layout:
         """Every speed worker with a directory on disk: ``""`` (the root) first, then those under
         ``views/speed/workers/`` or ``checkpoints/speed/workers/``."""
         names: set[str] = set()
-        for base in (self.home / "views" / "speed" / "workers",
-                     self.home / "checkpoints" / SPEED_COMPONENT / "workers"):
-            if base.is_dir():
-                names.update(d.name for d in base.iterdir() if SPEED_WORKER_DIR.match(d.name))
+        for base in ("views/speed/workers", f"checkpoints/{SPEED_COMPONENT}/workers"):
+            names.update(d for d in self.store.children(base) if SPEED_WORKER_DIR.match(d))
         return ["", *sorted(names)]
 
     def inside(self, path: Path) -> Path:
@@ -212,8 +211,23 @@ class Layout:
 
     @property
     def speed_views(self) -> Path:
-        base = self.home / "views" / "speed"
-        return base / "workers" / self.speed_worker if self.speed_worker else base
+        return self.home / self.speed_prefix
+
+    @property
+    def speed_prefix(self) -> str:
+        """The key prefix of this speed worker's snapshots and pointer: ``views/speed`` or
+        ``views/speed/workers/<worker>``."""
+        return f"views/speed/workers/{self.speed_worker}" if self.speed_worker else "views/speed"
+
+    def speed_file_key(self, snapshot: str, entry: str) -> str:
+        """The key of a file a speed snapshot lists (:attr:`lambdalake.contracts.SpeedView.files`): ``<name>`` is in
+        the snapshot's own prefix, ``<other snapshot>/<name>`` a part file written by an earlier snapshot of the same
+        worker and referenced, not copied (format 4: no hard links)."""
+        return f"{self.speed_prefix}/{entry}" if "/" in entry else f"{self.speed_prefix}/{snapshot}/{entry}"
+
+    def speed_file(self, snapshot: str, entry: str) -> Path:
+        """The local file of :meth:`speed_file_key` (a lake in a local directory)."""
+        return self.home / self.speed_file_key(snapshot, entry)
 
     def speed_snapshot(self, snapshot: str) -> Path:
         return self.speed_views / snapshot
@@ -230,11 +244,17 @@ class Layout:
     def speed_snapshots(self, complete: bool = True) -> list[str]:
         """Speed snapshot directories on disk, oldest first (staging directories never match); ``complete``: only
         those with their ``snapshot.json`` (an interrupted removal may leave a directory without it)."""
-        return _numbered_dirs(self.speed_views, SPEED_SNAPSHOT_DIR, "snapshot.json" if complete else None)
+        found = sorted((int(m.group(1)), name) for name in self.store.children(self.speed_prefix)
+                       if (m := SPEED_SNAPSHOT_DIR.match(name)))
+        return [name for _, name in found
+                if not complete or self.store.exists(f"{self.speed_prefix}/{name}/snapshot.json")]
 
     def checkpoints(self, component: str) -> Path:
-        base = self.home / "checkpoints" / component
-        return base / "workers" / self.speed_worker if self.speed_worker and component == SPEED_COMPONENT else base
+        return self.home / self.checkpoints_prefix(component)
+
+    def checkpoints_prefix(self, component: str) -> str:
+        base = f"checkpoints/{component}"
+        return f"{base}/workers/{self.speed_worker}" if self.speed_worker and component == SPEED_COMPONENT else base
 
     # kafka ------------------------------------------------------------------------------------------------
     @property
@@ -405,8 +425,11 @@ def batch_pointer(layout: Layout) -> str | None:
 
 def speed_pointer(layout: Layout) -> str | None:
     """The visible speed snapshot (``views/speed/CURRENT``), or None before the first one."""
-    ptr = _read_optional(layout.speed_pointer, SpeedPointer)
-    return None if ptr is None else ptr.snapshot
+    try:
+        data = layout.store.get(f"{layout.speed_prefix}/CURRENT")
+    except ObjectMissing:
+        return None
+    return contracts.decode(data, SpeedPointer, str(layout.speed_pointer)).snapshot
 
 
 def read_batch_manifest(layout: Layout, version: str) -> BatchManifest:
@@ -416,7 +439,12 @@ def read_batch_manifest(layout: Layout, version: str) -> BatchManifest:
 
 def read_speed_snapshot_meta(layout: Layout, snapshot: str) -> SpeedSnapshotMeta:
     """``snapshot.json`` of speed snapshot ``snapshot`` (FileNotFoundError if it is gone)."""
-    return contracts.read(layout.speed_snapshot(snapshot) / "snapshot.json", SpeedSnapshotMeta)
+    key = f"{layout.speed_prefix}/{snapshot}/snapshot.json"
+    try:
+        data = layout.store.get(key)
+    except ObjectMissing as exc:
+        raise FileNotFoundError(str(exc)) from None
+    return contracts.decode(data, SpeedSnapshotMeta, key)
 
 
 def kept_batch_versions(layout: Layout) -> list[tuple[str, BatchManifest]]:

@@ -128,12 +128,13 @@ class PublishedPair:
     def _speed_files(self, worker: str, snap: str, meta: SpeedSnapshotMeta | None, view: View) -> list[Path]:
         """The files of ``view`` in one snapshot (:meth:`SpeedSnapshotMeta.files_of`); a file the snapshot lists
         that is missing raises FileNotFoundError (resolve again)."""
-        d = self.layout.for_speed_worker(worker).speed_snapshot(snap)
+        wl = self.layout.for_speed_worker(worker)
+        d = wl.speed_snapshot(snap)
         sv = None if meta is None else meta.views.get(view.name)
         listed = sv is not None and bool(sv.files)
         out = []
         for name in ([f"{view.name}.parquet"] if meta is None else meta.files_of(view.name)):
-            f = d / name
+            f = wl.speed_file(snap, name)
             if f.is_symlink() or f.is_file():
                 self.layout.inside(f)
             if f.is_file():
@@ -253,7 +254,7 @@ def stale_pair(home: Path, view: View, topic: str) -> tuple[PublishedPair, str] 
     for snap_id, meta in snaps:
         sv = None if meta is None else meta.views.get(view.name)
         if meta is not None and (sv is None or not sv.fingerprint or
-                                 (sv.rows and not all((layout.speed_snapshot(snap_id) / f).is_file()
+                                 (sv.rows and not all(layout.speed_file(snap_id, f).is_file()
                                                       for f in sv.file_names(view.name)))):
             continue
         for version, manifest in versions:

@@ -1,7 +1,8 @@
 """The speed layer's durable checkpoint and its commit protocol.
 
 A checkpoint is three things that must agree: the aggregates (stored as the published speed snapshot, see
-:mod:`speed.snapshot`), the positions ``S[(topic, p)]`` (next offset to read) and the dedup windows. On disk::
+:mod:`speed.snapshot`), the positions ``S[(topic, p)]`` (next offset to read) and the dedup windows. As objects of
+the lake's store (:mod:`lambdalake.storage`; a speed worker's under ``checkpoints/speed/workers/<worker>/``)::
 
     checkpoints/speed/LOCK                       flock'ed by the one running `lambdalake speed`
     checkpoints/speed/CURRENT                    {"checkpoint": "<id>"}  <- the commit point
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,16 +37,12 @@ from lambdalake.exceptions import InvariantViolation
 from lambdalake.layout import (
     SPEED_COMPONENT,
     Layout,
-    atomic_publish_dir,
-    fsync_dir,
     read_speed_snapshot_meta,
     remove_temp_entries,
-    tmp_name,
-    write_contract,
 )
 from lambdalake.locks import PidLock
 from lambdalake.pipeline import Pipeline
-from lambdalake.schema import read_parquet_file
+from lambdalake.storage.base import ObjectMissing
 from speed import snapshot as snapshots
 from speed.exceptions import CheckpointCorrupt, SpeedAlreadyRunning
 
@@ -156,7 +152,9 @@ class CheckpointStore:
                  keep_snapshot_seconds: float = 5.0, keep_checkpoints: int = 3):
         self.layout = layout
         self.pipeline = pipeline
-        self.dir = layout.checkpoints(COMPONENT)
+        self.dir = layout.checkpoints(COMPONENT)  # for messages, and the local LOCK file
+        self.prefix = layout.checkpoints_prefix(COMPONENT)
+        self._metas: dict = {}  # snapshot metas by name, for retention (immutable once written)
         self.keep_snapshots = keep_snapshots
         self.keep_snapshot_seconds = keep_snapshot_seconds
         self.keep_checkpoints = keep_checkpoints
@@ -180,8 +178,9 @@ class CheckpointStore:
     # recovery -----------------------------------------------------------------------------------------------------
     def current_id(self) -> str | None:
         try:
-            return contracts.read(self.pointer, CheckpointPointer).checkpoint
-        except FileNotFoundError:
+            return contracts.decode(self.layout.store.get(f"{self.prefix}/CURRENT"), CheckpointPointer,
+                                    str(self.pointer)).checkpoint
+        except ObjectMissing:
             return None
         except InvariantViolation as exc:
             raise CheckpointCorrupt(f"{exc}; remove {self.dir} to rebuild the speed layer from Kafka") from exc
@@ -189,8 +188,7 @@ class CheckpointStore:
     def next_seq(self) -> int:
         """A sequence number above every snapshot/checkpoint on disk (ids must never be reused)."""
         seqs = [snapshots.seq_of(n) for n in self.layout.speed_snapshots(complete=False)]
-        if self.dir.is_dir():
-            seqs += [snapshots.seq_of(p.name) for p in self.dir.iterdir()]
+        seqs += [snapshots.seq_of(n) for n in self.layout.store.children(self.prefix)]
         return max([s for s in seqs if s is not None], default=0) + 1
 
     def load(self, block: int) -> Restored | None:
@@ -207,11 +205,11 @@ class CheckpointStore:
         cp = restored.checkpoint
         # Orphans of a commit that crashed before step 5 (never visible, never referenced).
         removed = snapshots.remove_after(self.layout, cp.seq)
-        for p in list(self.dir.iterdir()):
-            s = snapshots.seq_of(p.name)
+        for name in self.layout.store.children(self.prefix):
+            s = snapshots.seq_of(name)
             if s is not None and s > cp.seq:
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p.name)
+                snapshots.remove_prefix(self.layout, f"{self.prefix}/{name}")
+                removed.append(name)
         if removed:
             log.info("removed %d orphan(s) of an interrupted checkpoint commit: %s", len(removed), removed)
         # 6 (redo): the visible snapshot is the committed one.
@@ -228,8 +226,9 @@ class CheckpointStore:
             return None
         cdir = self.dir / cid
         try:
-            cp = contracts.read(cdir / "checkpoint.json", Checkpoint)
-        except (OSError, InvariantViolation) as exc:
+            cp = contracts.decode(self.layout.store.get(f"{self.prefix}/{cid}/checkpoint.json"), Checkpoint,
+                                  str(cdir / "checkpoint.json"))
+        except (OSError, ObjectMissing, InvariantViolation) as exc:
             raise CheckpointCorrupt(f"speed checkpoint {cdir} is unreadable ({exc}); remove {self.dir} to rebuild "
                                     "the speed layer from Kafka") from exc
         if cp.format > FORMAT or cp.pipeline != self.pipeline.name:
@@ -252,8 +251,8 @@ class CheckpointStore:
         for chunk in cp.dedup_chunks:
             path = self.dir / chunk.checkpoint / "dedup.parquet"
             try:
-                t = read_parquet_file(path)
-            except (OSError, pa.ArrowException) as exc:
+                t = snapshots.read_table(self.layout, f"{self.prefix}/{chunk.checkpoint}/dedup.parquet")
+            except (OSError, ObjectMissing, pa.ArrowException) as exc:
                 raise CheckpointCorrupt(f"dedup chunk {path} of speed checkpoint {cp.id} is unreadable ({exc}); "
                                         f"remove {self.dir} to rebuild") from exc
             for topic, p, o, eid in zip(*(t.column(i).to_pylist() for i in range(4)), strict=True):
@@ -271,7 +270,11 @@ class CheckpointStore:
     def _remove_staging(self) -> None:
         """A crashed commit's temp entries: staging directories and a ``CURRENT`` switch killed before its rename
         (this process holds the checkpoint LOCK: no other writer)."""
-        if removed := remove_temp_entries(self.dir):
+        removed = remove_temp_entries(self.dir)
+        remove_stale = getattr(self.layout.store, "remove_stale_temps", None)
+        if remove_stale is not None and remove_stale(self.prefix, older_than=0.0):
+            removed.append("temporary files")
+        if removed:
             log.info("removed temp entries of an interrupted checkpoint commit: %s", removed)
 
     # commit -------------------------------------------------------------------------------------------------------
@@ -290,11 +293,10 @@ class CheckpointStore:
            snapshot's tables (immutable Arrow), positions, counters, per-view fingerprints and the dedup rows, as
            ``capture``; the state may change right after. This method then runs in the single writer thread
            (``concurrent.futures``), at most one commit in flight, while the consumer keeps consuming.
-        2. Write the snapshot to ``views/speed/.<id>.*.tmp``, fsync, rename to ``views/speed/<id>``. Not visible.
-        3. Write the checkpoint directory (``checkpoint.json`` + dedup chunk: the delta since the previous
-           checkpoint, or the whole windows when compacting) to a staging name, fsync, rename to
-           ``checkpoints/speed/<id>``.
-        4. Paranoid check: the snapshot and checkpoint directories exist and agree on positions.
+        2. Write the snapshot's objects under ``views/speed/<id>/``, its ``snapshot.json`` last. Not visible.
+        3. Write the checkpoint's objects under ``checkpoints/speed/<id>/``: the dedup chunk (the delta since the
+           previous checkpoint, or the whole windows when compacting), then ``checkpoint.json``.
+        4. Paranoid check: the snapshot and checkpoint exist and agree on positions.
         5. Switch ``checkpoints/speed/CURRENT`` to ``<id>`` — the commit point. A crash before it leaves the
            previous checkpoint in force; what steps 2-3 wrote is an orphan that recovery deletes.
         6. Switch ``views/speed/CURRENT`` to ``<id>`` — the snapshot becomes visible. Visible state is therefore
@@ -308,7 +310,7 @@ class CheckpointStore:
         Returns the committed checkpoint (its ``dedup_chunks`` are computed in step 3).
         """
         cp, previous = capture.checkpoint, capture.previous
-        # 2. The snapshot, fully written and renamed, not yet visible.
+        # 2. The snapshot, every object written, snapshot.json last; not yet visible.
         fault(2)
         snapshots.write_snapshot(self.layout, cp.id, capture.tables, capture.snapshot_meta)
         # 3. The checkpoint directory: dedup chunk (delta, or everything when compacting) + checkpoint.json.
@@ -319,23 +321,17 @@ class CheckpointStore:
         if chunk_max:
             chunks.append(DedupChunk(cp.id, Positions(chunk_max)))
         cp.dedup_chunks = chunks
-        final = self.dir / cp.id
-        staging = tmp_name(final)
-        staging.mkdir(parents=True)
-        try:
-            pq.write_table(_dedup_table(capture.dedup_rows), staging / "dedup.parquet", compression="lz4")
-            (staging / "checkpoint.json").write_bytes(contracts.encode(cp))
-            atomic_publish_dir(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        sink = pa.BufferOutputStream()
+        pq.write_table(_dedup_table(capture.dedup_rows), sink, compression="lz4")
+        self.layout.store.put(f"{self.prefix}/{cp.id}/dedup.parquet", sink.getvalue().to_pybytes())
+        self.layout.store.put(f"{self.prefix}/{cp.id}/checkpoint.json", contracts.encode(cp))  # last: complete
         # 4. Paranoid: both halves exist and agree before anything points at them.
         fault(4)
         if read_speed_snapshot_meta(self.layout, cp.snapshot).positions != cp.positions:
             raise CheckpointCorrupt(f"snapshot {cp.snapshot} does not hold the positions of checkpoint {cp.id}")
         # 5. The commit point.
         fault(5)
-        write_contract(self.pointer, CheckpointPointer(cp.id))
+        self.layout.store.put(f"{self.prefix}/CURRENT", contracts.encode(CheckpointPointer(cp.id)))
         # 6. Visible to the serving layer.
         fault(6)
         snapshots.make_visible(self.layout, cp.id)
@@ -346,20 +342,21 @@ class CheckpointStore:
         return cp
 
     def _gc(self, cp: Checkpoint) -> None:
-        snapshots.retain(self.layout, self.keep_snapshots, self.keep_snapshot_seconds, protect={cp.id})
-        cps = sorted(n for n in (p.name for p in self.dir.iterdir()) if snapshots.seq_of(n) is not None)
+        snapshots.retain(self.layout, self.keep_snapshots, self.keep_snapshot_seconds, protect={cp.id},
+                         metas=self._metas)
+        cps = sorted(n for n in self.layout.store.children(self.prefix) if snapshots.seq_of(n) is not None)
         kept = set(cps[-self.keep_checkpoints:])
         referenced = set(kept)
         for name in kept:
             try:
-                kept_cp = contracts.read(self.dir / name / "checkpoint.json", Checkpoint)
-            except (OSError, InvariantViolation):
+                kept_cp = contracts.decode(self.layout.store.get(f"{self.prefix}/{name}/checkpoint.json"),
+                                           Checkpoint, name)
+            except (ObjectMissing, InvariantViolation):
                 continue
             referenced.update(c.checkpoint for c in kept_cp.dedup_chunks)
         for name in cps:
             if name not in referenced:
-                shutil.rmtree(self.dir / name, ignore_errors=True)
-        fsync_dir(self.dir)
+                snapshots.remove_prefix(self.layout, f"{self.prefix}/{name}")
 
 
 def _dedup_table(rows: dict[TP, Iterable[tuple[int, str]]]) -> pa.Table:

@@ -187,7 +187,7 @@ def test_audit_catches_a_tampered_master_batch_and_speed_file(lake):
     purchases = pipeline.source("purchases")
     wp = pair.watermark.of_topic(purchases.topic)
     for name in snap.views["revenue_daily"].file_names("revenue_daily"):  # the first file with a visible row
-        speed_file = layout.speed_snapshot(snap.snapshot) / name
+        speed_file = layout.speed_file(snap.snapshot, name)
         table = pq.read_table(speed_file)
         visible = pc.greater_equal(table.column("_block_start"),
                                    pa.array([wp.get(p, 0) for p in table.column("_partition").to_pylist()],

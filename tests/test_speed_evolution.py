@@ -86,10 +86,14 @@ def declare(tmp_path: Path, base: str, name: str, body: str | None) -> tuple[str
 def snapshot_rows(home: Path) -> dict[str, list[tuple]]:
     """Rows of every view file of the visible snapshot, sorted (for 'untouched' comparisons)."""
     layout = Layout(home)
-    d = layout.speed_snapshot(speed_pointer(layout))
+    snap = speed_pointer(layout)
+    meta = read_speed_snapshot_meta(layout, snap)
     rows: dict[str, list[tuple]] = {}
-    for f in d.glob("*.parquet"):  # <view>.parquet and the view's part files <view>.<snapshot>.parquet
-        rows.setdefault(f.name.split(".")[0], []).extend(tuple(r.values()) for r in pq.read_table(f).to_pylist())
+    for name in meta.views:  # <view>.parquet and the view's part files (format 4: some of earlier snapshots)
+        for entry in meta.files_of(name):
+            f = layout.speed_file(snap, entry)
+            if f.is_file():
+                rows.setdefault(name, []).extend(tuple(r.values()) for r in pq.read_table(f).to_pylist())
     return {name: sorted(r, key=repr) for name, r in rows.items()}
 
 
@@ -104,6 +108,7 @@ def assert_current(home: Path, pipeline: Pipeline) -> None:
             v.name, sv)
     files = {f.name.split(".")[0] for f in layout.speed_snapshot(meta.snapshot).glob("*.parquet")}
     assert files == {v.name for v in pipeline.views}
+    assert all(layout.speed_file(meta.snapshot, f).is_file() for v in meta.views for f in meta.files_of(v))
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
