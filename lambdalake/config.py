@@ -151,7 +151,7 @@ def load_settings(
     home_path = resolve_home(home, object_storage=object_storage)
     if home_path.exists() and not home_path.is_dir():
         raise ConfigError(f"lake directory {home_path} exists but is not a directory; point LAMBDALAKE_HOME elsewhere")
-    block = _handoff_block(home_path)
+    block = _handoff_block(home_path, lake_url(home))
     parts = partitions if partitions is not None else env_int("LAMBDALAKE_PARTITIONS", 4)
     if parts < 1:
         raise ConfigError(f"--partitions {parts} must be >= 1")
@@ -203,8 +203,8 @@ def resolve_home(home: str | Path | None = None, *, object_storage: bool = False
     url = lake_url(raw)
     if url is not None:
         if not object_storage:
-            raise ConfigError(f"lake {url}: on object storage this release runs `lambdalake ingest` (the archiver) "
-                              "and `lambdalake compact --gc-only`; the speed layer, batch, serving, audit and other "
+            raise ConfigError(f"lake {url}: on object storage this release runs `lambdalake ingest` (the archiver), "
+                              "`lambdalake speed` and `lambdalake compact --gc-only`; batch, serving, audit and other "
                               "maintenance still need a local lake directory (a path in --home or LAMBDALAKE_HOME)")
         return work_dir(url)
     if _URL.match(raw):  # file://
@@ -226,30 +226,50 @@ def require_existing_lake(home: str | Path | None = None) -> Path:
     return path
 
 
+LAKE_FILE = "lake.json"
+
+
 def lake_file(home: Path) -> Path:
     """``<home>/lake.json``: properties fixed for the life of a lake (today: the handoff block size)."""
-    return home / "lake.json"
+    return home / LAKE_FILE
 
 
-def _handoff_block(home: Path) -> int:
-    """The lake's handoff block: fixed in lake.json once set (batch and speed must agree on it), else env/default."""
+def _handoff_block(home: Path, lake: str | None = None) -> int:
+    """The lake's handoff block: fixed in lake.json once set (batch and speed must agree on it), else env/default.
+    A lake on object storage keeps lake.json in its bucket (every machine reads the same one)."""
     env_block = env_int("LAMBDALAKE_HANDOFF_BLOCK", DEFAULT_HANDOFF_BLOCK)
+    where = f"{lake}/{LAKE_FILE}" if lake else str(lake_file(home))
     try:
-        fixed = json.loads(lake_file(home).read_text()).get("handoff_block")
+        if lake:
+            from lambdalake.storage import ObjectMissing, open_store
+
+            try:
+                text = open_store(lake).get(LAKE_FILE).decode()
+            except ObjectMissing:
+                return env_block
+        else:
+            text = lake_file(home).read_text()
+        fixed = json.loads(text).get("handoff_block")
     except FileNotFoundError:
         return env_block
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{lake_file(home)} is unreadable ({exc}); fix or delete it") from None
+        raise ConfigError(f"{where} is unreadable ({exc}); fix or delete it") from None
     if os.environ.get("LAMBDALAKE_HANDOFF_BLOCK") and env_block != fixed:
         raise ConfigError(f"the lake {home} uses handoff block {fixed} (lake.json) but LAMBDALAKE_HANDOFF_BLOCK="
                           f"{env_block}; unset the variable or use a new lake directory")
     return int(fixed)
 
 
-def fix_handoff_block(home: Path, block: int) -> None:
-    """Record the handoff block of a new lake in lake.json (no-op if the lake already has one)."""
+def fix_handoff_block(home: Path, block: int, lake: str = "") -> None:
+    """Record the handoff block of a new lake in lake.json (no-op if the lake already has one; on object storage
+    the object ``lake.json``, created only if absent)."""
     from lambdalake.layout import atomic_write_bytes
 
+    if lake:
+        from lambdalake.storage import open_store
+
+        open_store(lake).put_if_absent(LAKE_FILE, (json.dumps({"handoff_block": block}) + "\n").encode())
+        return
     if not lake_file(home).exists():
         atomic_write_bytes(lake_file(home), (json.dumps({"handoff_block": block}) + "\n").encode())
 

@@ -305,9 +305,12 @@ class SpeedSnapshotMeta(msgspec.Struct, kw_only=True):
 
 
 class SpeedPointer(msgspec.Struct):
-    """``views/speed/CURRENT``."""
+    """``views/speed/CURRENT``. ``writer`` and ``seq`` (the speed writer that switched it) make every body unique:
+    its switch is a compare-and-swap on the ETag (speed.checkpoint), never fooled by an equal earlier body."""
 
     snapshot: str
+    writer: str = ""
+    seq: int = 0
 
 
 # --- erasure (lambdalake forget, :mod:`lambdalake.erasure`) ---------------------------------------------------------

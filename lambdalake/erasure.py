@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,9 @@ from lambdalake.contracts import (
     ErasureRequest,
     utc_now_iso,
 )
-from lambdalake.layout import Layout, atomic_write_bytes, rewrite_dir, rewrite_records
+from lambdalake.exceptions import InvariantViolation
+from lambdalake.layout import Layout, rewrite_dir, rewrite_records
+from lambdalake.storage.base import ObjectMissing
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +72,21 @@ def request_path(layout: Layout, source: str, subject: str) -> Path:
     return requests_dir(layout, source) / f"{request_id(source, subject)}.json"
 
 
+def request_key(source: str, subject: str) -> str:
+    """The object of the request for (source, subject) in the lake's store."""
+    return f"checkpoints/{COMPONENT}/{source}/{request_id(source, subject)}.json"
+
+
 def read_requests(layout: Layout, source: str | None = None) -> list[ErasureRequest]:
-    """Every recorded request (of ``source``), oldest first."""
-    base = layout.checkpoints(COMPONENT)
-    dirs = [base / source] if source else (sorted(d for d in base.iterdir() if d.is_dir()) if base.is_dir() else [])
+    """Every recorded request (of ``source``), oldest first (through the lake's store)."""
+    prefix = f"checkpoints/{COMPONENT}/" + (f"{source}/" if source else "")
     out = []
-    for d in dirs:
-        if not d.is_dir():
-            continue
-        for f in d.glob("*.json"):
-            out.append(read_request(f))
+    for key in layout.store.list(prefix):
+        if key.endswith(".json") and key.count("/") == 3:
+            try:
+                out.append(contracts.decode(layout.store.get(key), ErasureRequest, key))
+            except ObjectMissing:  # removed meanwhile
+                continue
     out.sort(key=lambda r: (r.requested_at_unix, r.source, r.subject))
     return out
 
@@ -89,7 +96,24 @@ def read_request(path: Path) -> ErasureRequest:
 
 
 def write_request(layout: Layout, req: ErasureRequest) -> None:
-    atomic_write_bytes(request_path(layout, req.source, req.subject), contracts.encode(req))
+    layout.store.put(request_key(req.source, req.subject), contracts.encode(req))
+
+
+def _update_request(layout: Layout, req: ErasureRequest, change: Callable[[ErasureRequest], bool]) -> bool:
+    """Apply ``change`` to the stored request by compare-and-swap (several speed workers mark one request at once);
+    False when ``change`` found nothing to do or the request is gone."""
+    key = request_key(req.source, req.subject)
+    for _ in range(100):
+        try:
+            got = layout.store.get_versioned(key)
+        except ObjectMissing:
+            return False
+        current = contracts.decode(got.data, ErasureRequest, key)
+        if not change(current):
+            return False
+        if layout.store.swap(key, contracts.encode(current), got.etag) is not None:
+            return True
+    raise InvariantViolation(f"erasure request {key}: 100 concurrent updates in a row; giving up")
 
 
 def new_request(source: str, subject: str) -> ErasureRequest:
@@ -200,8 +224,20 @@ def speed_workers(layout: Layout) -> list[str]:
     """The speed workers that keep a checkpoint ("" = the one owning every partition): each must correct."""
     if not hasattr(layout, "speed_workers"):  # a layout without speed workers: the one speed layer
         return [""] if (layout.checkpoints(SPEED) / "CURRENT").exists() else []
-    return [w for w in layout.speed_workers()
-            if (layout.for_speed_worker(w).checkpoints(SPEED) / "CURRENT").exists()]
+    return [w for w in layout.speed_workers() if _has_checkpoint(layout, w)]
+
+
+def _has_checkpoint(layout: Layout, worker: str) -> bool:
+    """Whether speed worker ``worker`` committed a checkpoint (its ``CURRENT`` names one: a worker that claimed its
+    pointer and died before committing holds no state to correct)."""
+    try:
+        data = layout.store.get(f"{layout.for_speed_worker(worker).checkpoints_prefix(SPEED)}/CURRENT")
+    except ObjectMissing:
+        return False
+    try:
+        return bool(msgspec.json.decode(data).get("checkpoint"))
+    except (msgspec.DecodeError, AttributeError):
+        return True  # unreadable: the speed layer itself reports it; count the worker
 
 
 def speed_corrected(layout: Layout, req: ErasureRequest, workers: list[str] | None = None) -> bool:
@@ -215,12 +251,16 @@ def mark_speed_corrected(layout: Layout, ids: Iterable[str], worker: str = "") -
     want, done = set(ids), []
     now = utc_now_iso()
     workers = speed_workers(layout)
+    def mark(req: ErasureRequest) -> bool:
+        if worker in req.speed_workers_corrected:
+            return False
+        req.speed_workers_corrected[worker] = now
+        if speed_corrected(layout, req, workers):
+            req.speed_corrected_at = now
+        return True
+
     for req in read_requests(layout):
-        if req.id in want and worker not in req.speed_workers_corrected:
-            req.speed_workers_corrected[worker] = now
-            if speed_corrected(layout, req, workers):
-                req.speed_corrected_at = now
-            write_request(layout, req)
+        if req.id in want and _update_request(layout, req, mark):
             done.append(req)
     return done
 

@@ -86,6 +86,9 @@ class MasterFile:
     end: int
 
 
+_STORES: dict[str, Store] = {}  # one client per object-storage lake and process (Layout.of)
+
+
 class Layout:
     """Paths of one lake rooted at ``home``. ``speed_worker`` scopes the speed layer's paths (snapshots, pointer,
     checkpoints) to one worker (``""``: the worker owning every partition, at the root)."""
@@ -102,9 +105,16 @@ class Layout:
         ``home`` is then the machine's work directory, :func:`lambdalake.config.work_dir`)."""
         if not lake:
             return cls(home)
-        from lambdalake.storage import open_store
+        store = _STORES.get(lake)
+        if store is None:
+            from lambdalake.storage import open_store
 
-        return cls(home, store=open_store(lake))
+            store = _STORES[lake] = open_store(lake)
+        return cls(home, store=store)
+
+    def root(self) -> Layout:
+        """The layout of the whole lake (no speed worker's scope), on the same store."""
+        return Layout(self.home, "", self._store)
 
     def for_speed_worker(self, worker: str) -> Layout:
         return Layout(self.home, worker, self._store)
@@ -412,7 +422,7 @@ def batch_refs(layout: Layout, ptr: BatchPointer | None = None, complete: bool =
     ptr = read_batch_pointer(layout) if ptr is None else ptr
     if ptr is not None and ptr.format >= 2:
         refs = [BatchVersionRef(r.version, batch_prefix(ptr, r.version)) for r in ptr.kept]
-        return [r for r in refs if not complete or (layout.home / r.prefix / "manifest.json").is_file()]
+        return [r for r in refs if not complete or layout.store.exists(f"{r.prefix}/manifest.json")]
     names = _numbered_dirs(layout.batch_views, BATCH_VERSION_DIR, "manifest.json" if complete else None)
     return [BatchVersionRef(v, f"{BATCH_PREFIX}/{v}") for v in reversed(names)]
 
@@ -434,25 +444,29 @@ def speed_pointer(layout: Layout) -> str | None:
 
 def read_batch_manifest(layout: Layout, version: str) -> BatchManifest:
     """The manifest of batch version ``version`` (FileNotFoundError if the version is gone)."""
-    return contracts.read(layout.batch_version(version) / "manifest.json", BatchManifest)
+    return read_contract(layout, f"{batch_prefix(read_batch_pointer(layout), version)}/manifest.json", BatchManifest)
 
 
-def read_speed_snapshot_meta(layout: Layout, snapshot: str) -> SpeedSnapshotMeta:
-    """``snapshot.json`` of speed snapshot ``snapshot`` (FileNotFoundError if it is gone)."""
-    key = f"{layout.speed_prefix}/{snapshot}/snapshot.json"
+def read_contract(layout: Layout, key: str, cls: type[C]) -> C:
+    """The contract object ``key`` of the lake through its store (FileNotFoundError if there is none)."""
     try:
         data = layout.store.get(key)
     except ObjectMissing as exc:
         raise FileNotFoundError(str(exc)) from None
-    return contracts.decode(data, SpeedSnapshotMeta, key)
+    return contracts.decode(data, cls, key)
+
+
+def read_speed_snapshot_meta(layout: Layout, snapshot: str) -> SpeedSnapshotMeta:
+    """``snapshot.json`` of speed snapshot ``snapshot`` (FileNotFoundError if it is gone)."""
+    return read_contract(layout, f"{layout.speed_prefix}/{snapshot}/snapshot.json", SpeedSnapshotMeta)
 
 
 def kept_batch_versions(layout: Layout) -> list[tuple[str, BatchManifest]]:
     """Every kept batch version (:func:`batch_refs`) with its manifest, newest first; one pruned meanwhile or
     unreadable is skipped (never served)."""
     prefixes = {r.version: r.prefix for r in batch_refs(layout)}
-    return _kept(list(reversed(prefixes)), lambda v: contracts.read(
-        layout.home / prefixes[v] / "manifest.json", BatchManifest))
+    return _kept(list(reversed(prefixes)), lambda v: read_contract(layout, f"{prefixes[v]}/manifest.json",
+                                                                  BatchManifest))
 
 
 def kept_speed_snapshots(layout: Layout) -> list[tuple[str, SpeedSnapshotMeta]]:
@@ -478,7 +492,7 @@ def current_batch_manifest(layout: Layout) -> BatchManifest | None:
         return None
     version = ptr.version
     try:
-        return contracts.read(layout.home / batch_prefix(ptr, version) / "manifest.json", BatchManifest)
+        return read_contract(layout, f"{batch_prefix(ptr, version)}/manifest.json", BatchManifest)
     except OSError as exc:
         raise InvariantViolation(f"published batch version {version} has no readable manifest: {exc}") from exc
 

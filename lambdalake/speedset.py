@@ -71,7 +71,7 @@ def epoch_of(meta: SpeedSnapshotMeta, key: TP) -> int:
 
 def worker_snapshots(layout: Layout) -> list[tuple[str, str, SpeedSnapshotMeta]]:
     """(worker, snapshot id, meta) of every worker's published snapshot; FileNotFoundError if one vanished."""
-    root = Layout(layout.home)
+    root = layout.root()
     out = []
     for worker in root.speed_workers():
         wl = root.for_speed_worker(worker)

@@ -63,7 +63,7 @@ def adopt_partition(layer, key: TP, snapshots: list, cache: dict[str, Restored |
     if state is None:
         return None
     if worker not in cache:
-        store = CheckpointStore(Layout(layer.settings.home).for_speed_worker(worker), layer.pipeline)
+        store = CheckpointStore(layer.layout.root().for_speed_worker(worker), layer.pipeline)
         cache[worker] = None
         for attempt in range(PEEK_ATTEMPTS):  # a worker still running commits and prunes while it is read
             try:
@@ -106,4 +106,5 @@ def _erasures_applied(layer, key: TP, worker: str) -> bool:
     """Whether ``worker``'s committed state reflects every erasure request of ``key``'s source (it is among the
     request's ``speed_workers_corrected``): rows it held before a subject was forgotten must not come back."""
     source = layer.sources[key[0]].name
-    return all(worker in req.speed_workers_corrected for req in read_requests(Layout(layer.settings.home), source))
+    root = Layout.of(layer.settings.home, layer.settings.lake)
+    return all(worker in req.speed_workers_corrected for req in read_requests(root, source))

@@ -13,10 +13,12 @@ Paranoid checks (a violation would make the split inexact, so it is a named erro
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 from lambdalake.contracts import Positions
-from lambdalake.layout import Layout, current_batch_manifest
+from lambdalake.layout import BATCH_POINTER_KEY, Layout, current_batch_manifest
+from lambdalake.storage.base import ObjectMissing
 from speed.exceptions import HandoffContractError
 
 
@@ -50,16 +52,30 @@ def published_batch(layout: Layout, block: int) -> BatchVersion:
     return BatchVersion(version, watermark)
 
 
+REMOTE_POLL_S = 1.0  # on object storage a check is a GET: at most one a second
+
+
 class BatchWatcher:
-    """Notices when ``views/batch/CURRENT`` changes (a cheap ``stat`` per check; the manifest is read on change)."""
+    """Notices when ``views/batch/CURRENT`` changes (a cheap ``stat`` per check — on object storage a GET of the
+    pointer, at most every :data:`REMOTE_POLL_S`; the manifest is read on change)."""
 
     def __init__(self, layout: Layout, block: int):
         self.layout = layout
         self.block = block
         self._stamp: tuple | None = None
+        self._asked = -REMOTE_POLL_S
         self.current: BatchVersion = NO_BATCH
 
     def _stat(self) -> tuple | None:
+        if getattr(self.layout.store, "path", None) is None:  # object storage: the pointer's ETag, once a second
+            now = time.monotonic()
+            if now - self._asked < REMOTE_POLL_S:
+                return self._stamp
+            self._asked = now
+            try:
+                return ("etag", self.layout.store.get_versioned(BATCH_POINTER_KEY).etag)
+            except ObjectMissing:
+                return None
         try:
             st = os.stat(self.layout.batch_pointer)
         except FileNotFoundError:

@@ -31,9 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lambdalake import contracts
-from lambdalake.contracts import Positions, SpeedSnapshotMeta, SpeedView
+from lambdalake.contracts import Positions, SpeedPointer, SpeedSnapshotMeta, SpeedView
 from lambdalake.dedup import DedupWindow
 from lambdalake.exceptions import InvariantViolation
+from lambdalake.heads import writer_id
 from lambdalake.layout import (
     SPEED_COMPONENT,
     Layout,
@@ -42,9 +43,9 @@ from lambdalake.layout import (
 )
 from lambdalake.locks import PidLock
 from lambdalake.pipeline import Pipeline
-from lambdalake.storage.base import ObjectMissing
+from lambdalake.storage.base import ObjectMissing, StorageError
 from speed import snapshot as snapshots
-from speed.exceptions import CheckpointCorrupt, SpeedAlreadyRunning
+from speed.exceptions import CheckpointCorrupt, SpeedAlreadyRunning, SpeedFenced
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ DEDUP_SCHEMA = pa.schema([("topic", pa.string()), ("partition", pa.int32()), ("o
                           ("event_id", pa.string())])
 # Past this many dedup chunks a checkpoint writes the whole windows instead of a delta (bounds recovery work).
 MAX_DEDUP_CHUNKS = 32
+MAX_SWAPS = 100  # claims of one worker's pointer racing at once before giving up
 TP = tuple[str, int]
 
 
@@ -87,9 +89,13 @@ class DedupChunk(msgspec.Struct):
 
 
 class CheckpointPointer(msgspec.Struct):
-    """``checkpoints/speed/CURRENT``: the commit point."""
+    """``checkpoints/speed/CURRENT``: the commit point, and the writer that holds it (:meth:`CheckpointStore.claim`;
+    ``checkpoint`` is ``""`` when that writer has committed nothing yet). ``writer`` and ``seq`` make every body
+    unique, so an ETag is never repeated (no ABA) and a swap whose answer was lost recognises its own body."""
 
     checkpoint: str
+    writer: str = ""
+    seq: int = 0
 
 
 class Checkpoint(msgspec.Struct, kw_only=True):
@@ -155,6 +161,10 @@ class CheckpointStore:
         self.dir = layout.checkpoints(COMPONENT)  # for messages, and the local LOCK file
         self.prefix = layout.checkpoints_prefix(COMPONENT)
         self._metas: dict = {}  # snapshot metas by name, for retention (immutable once written)
+        self.writer = writer_id()
+        self._seq = 0
+        self._claimed: str | None = None  # ETag of CURRENT as this writer last swapped it (None: not claimed)
+        self._visible: str | None = None  # ETag of views/speed/CURRENT as this writer last saw or wrote it
         self.keep_snapshots = keep_snapshots
         self.keep_snapshot_seconds = keep_snapshot_seconds
         self.keep_checkpoints = keep_checkpoints
@@ -175,15 +185,71 @@ class CheckpointStore:
         """Release the lock; the pid is cleared so status tools do not report a stopped process as running."""
         self._lock.release()
 
-    # recovery -----------------------------------------------------------------------------------------------------
-    def current_id(self) -> str | None:
+    # fencing ------------------------------------------------------------------------------------------------------
+    def _pointer(self) -> tuple[CheckpointPointer | None, str | None]:
         try:
-            return contracts.decode(self.layout.store.get(f"{self.prefix}/CURRENT"), CheckpointPointer,
-                                    str(self.pointer)).checkpoint
+            got = self.layout.store.get_versioned(f"{self.prefix}/CURRENT")
         except ObjectMissing:
-            return None
+            return None, None
+        try:
+            return contracts.decode(got.data, CheckpointPointer, str(self.pointer)), got.etag
         except InvariantViolation as exc:
             raise CheckpointCorrupt(f"{exc}; remove {self.dir} to rebuild the speed layer from Kafka") from exc
+
+    def claim(self) -> None:
+        """Make this writer the worker's only one: swap this writer's name into ``CURRENT`` (same checkpoint). Any
+        earlier writer of the worker — a paused process that wakes up, the same worker started on another machine —
+        then loses its next commit's swap (:class:`SpeedFenced`) and its next pointer switch, whatever it wrote
+        before. On a local lake the LOCK file already keeps a second process out; the swap is the same protocol."""
+        for _ in range(MAX_SWAPS):
+            ptr, etag = self._pointer()
+            self._seq = max(self._seq, ptr.seq if ptr else 0) + 1
+            body = CheckpointPointer(ptr.checkpoint if ptr else "", self.writer, self._seq)
+            got = self._swap(f"{self.prefix}/CURRENT", body, etag)
+            if got is not None:
+                self._claimed = got
+                break
+        else:
+            raise SpeedFenced(f"{self.pointer}: {MAX_SWAPS} writers claimed it at once; start one speed worker")
+        try:
+            self._visible = self.layout.store.get_versioned(f"{self.layout.speed_prefix}/CURRENT").etag
+        except ObjectMissing:
+            self._visible = None
+
+    def _swap(self, key: str, body: msgspec.Struct, expected: str | None) -> str | None:
+        """One compare-and-swap of a pointer; a swap whose answer was lost (StorageError) is decided by reading the
+        pointer again: this writer's body there (writer id and sequence are unique) means it succeeded."""
+        data = contracts.encode(body)
+        try:
+            return self.layout.store.swap(key, data, expected)
+        except StorageError:
+            try:
+                got = self.layout.store.get_versioned(key)
+            except (ObjectMissing, StorageError):
+                raise
+            if got.data == data:
+                return got.etag
+            raise
+
+    def _fenced(self, what: str) -> SpeedFenced:
+        ptr, _ = self._pointer()
+        by = ptr.writer if ptr else "nobody"
+        return SpeedFenced(f"speed worker {self.layout.speed_worker or '(all partitions)'}: {what} lost its swap — "
+                           f"{by} claimed the worker's checkpoint since this process did ({self.writer}); this process "
+                           "stops, the other one serves")
+
+    def _switch_visible(self, snap: str) -> None:
+        """Step 6: ``views/speed/CURRENT`` -> ``snap``, only if it is still what this writer last saw or wrote."""
+        body = SpeedPointer(snap, self.writer, self._seq)
+        got = self._swap(f"{self.layout.speed_prefix}/CURRENT", body, self._visible)
+        if got is None:
+            raise self._fenced("the switch of the visible snapshot")
+        self._visible = got
+
+    # recovery -----------------------------------------------------------------------------------------------------
+    def current_id(self) -> str | None:
+        ptr, _ = self._pointer()
+        return ptr.checkpoint if ptr is not None and ptr.checkpoint else None
 
     def next_seq(self) -> int:
         """A sequence number above every snapshot/checkpoint on disk (ids must never be reused)."""
@@ -199,6 +265,7 @@ class CheckpointStore:
         """
         snapshots.remove_staging(self.layout)
         self._remove_staging()
+        self.claim()
         restored = self.peek(block)
         if restored is None:
             return None
@@ -214,7 +281,7 @@ class CheckpointStore:
             log.info("removed %d orphan(s) of an interrupted checkpoint commit: %s", len(removed), removed)
         # 6 (redo): the visible snapshot is the committed one.
         if snapshots.visible_snapshot(self.layout) != cp.snapshot:
-            snapshots.make_visible(self.layout, cp.snapshot)
+            self._switch_visible(cp.snapshot)
         return restored
 
     def peek(self, block: int) -> Restored | None:
@@ -331,10 +398,16 @@ class CheckpointStore:
             raise CheckpointCorrupt(f"snapshot {cp.snapshot} does not hold the positions of checkpoint {cp.id}")
         # 5. The commit point.
         fault(5)
-        self.layout.store.put(f"{self.prefix}/CURRENT", contracts.encode(CheckpointPointer(cp.id)))
+        if self._claimed is None:  # a store used without load() (tests, tools): claim now
+            self.claim()
+        body = CheckpointPointer(cp.id, self.writer, self._seq + 1)
+        got = self._swap(f"{self.prefix}/CURRENT", body, self._claimed)
+        if got is None:
+            raise self._fenced(f"checkpoint {cp.id}")
+        self._seq, self._claimed = body.seq, got
         # 6. Visible to the serving layer.
         fault(6)
-        snapshots.make_visible(self.layout, cp.id)
+        self._switch_visible(cp.id)
         # 7. Kafka lag commit: by the consumer thread when it takes this result (see the docstring).
         fault(7)
         # 8. Garbage collection.

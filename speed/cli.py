@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         from speed.consumer import SpeedLayer, SpeedOptions
         from speed.workers import run_speed_workers
 
-        ctx = context(pipeline, home, bootstrap)
+        ctx = context(pipeline, home, bootstrap, object_storage=True)
         owned = Share.parse(partitions, share)
         group = joins_group(group, until_caught_up, not owned.everything)
         opts = SpeedOptions(checkpoint_interval=checkpoint_interval, dedup_span=dedup_span,

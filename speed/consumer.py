@@ -125,12 +125,13 @@ class SpeedLayer:
         self.options.validate()
         self.block = settings.handoff_block
         self.share = self.options.share
-        fix_handoff_block(settings.home, self.block)  # batch and speed must agree on it for the life of the lake
+        fix_handoff_block(settings.home, self.block, settings.lake)  # batch and speed agree on it for the lake's life
+        root = Layout.of(settings.home, settings.lake)
         if self.options.group:  # a member's name, its checkpoint lock already held (speed.group.member)
-            self.worker, self.layout, self.store = group.member(settings.home, pipeline, self.options)
+            self.worker, self.layout, self.store = group.member(root, pipeline, self.options)
         else:
             self.worker = self.share.worker
-            self.layout = Layout(settings.home).for_speed_worker(self.worker)  # its snapshots, checkpoints
+            self.layout = root.for_speed_worker(self.worker)  # its snapshots, checkpoints
             self.store = CheckpointStore(self.layout, pipeline, keep_snapshots=self.options.keep_snapshots,
                                          keep_snapshot_seconds=self.options.keep_snapshot_seconds)
         self.owned = OwnedPartitions(settings.home, self.layout)

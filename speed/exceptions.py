@@ -18,6 +18,13 @@ class SpeedAlreadyRunning(SpeedError):
     exit_code = 5
 
 
+class SpeedFenced(SpeedError):
+    """Another process claimed this speed worker's checkpoint since this one did (a restart elsewhere while this one
+    was paused, or the same worker started twice on two machines): nothing this one writes is published any more."""
+
+    exit_code = 6
+
+
 class SpeedConfigError(ConfigError):
     """A speed-layer option is out of range (checkpoint interval, dedup span, ...)."""
 

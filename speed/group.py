@@ -85,13 +85,13 @@ def member_name(index: int) -> str:
     return f"g-{host}-{index}"
 
 
-def member(home, pipeline, options) -> tuple[str, Layout, CheckpointStore]:
+def member(root: Layout, pipeline, options) -> tuple[str, Layout, CheckpointStore]:
     """The first member name of this machine whose checkpoint lock is free, taken (``options.worker_name``: that
     one): (name, its layout, its checkpoint store, locked). A member restarted on the same machine usually gets its
     old name back, so it resumes from its own checkpoint."""
     names = [options.worker_name] if options.worker_name else [member_name(i) for i in range(MAX_MEMBERS)]
     for i, name in enumerate(names):
-        layout = Layout(home).for_speed_worker(name)
+        layout = root.for_speed_worker(name)
         store = CheckpointStore(layout, pipeline, keep_snapshots=options.keep_snapshots,
                                 keep_snapshot_seconds=options.keep_snapshot_seconds)
         try:
@@ -188,7 +188,7 @@ def take(layer, keys: list[TP]) -> dict[TP, int]:
         layer.windows.setdefault(key, DedupWindow(span))
         layer.new_ids.setdefault(key, [])
         floor = max(published.get(key, -1), layer.owned.epochs.get(key, -1))
-        layer.owned.epochs[key] = claim_epoch(Layout(layer.settings.home), key, layer.worker, floor)
+        layer.owned.epochs[key] = claim_epoch(layer.layout.root(), key, layer.worker, floor)
     starts = layer.session.starts(keys, {k: layer.positions[k] for k in keys}, covered=layer.pruned_to)
     layer.positions.update(starts)
     layer.dirty = True

@@ -42,7 +42,7 @@ def hand_off_now(settings: Settings, pipeline: Pipeline, *, wait_timeout: float 
     now: nothing to do if the speed layer never ran on this lake; wait for a running one; otherwise run it once
     until caught up (it hands off to the published version on start).
     """
-    layout = Layout(settings.home)
+    layout = Layout.of(settings.home, settings.lake)
     manifest = current_batch_manifest(layout)
     version = None if manifest is None else manifest.version
     topics = {s.topic for s in pipeline.sources}

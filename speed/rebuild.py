@@ -60,7 +60,7 @@ class Rebuild:
                                                if st.views}
         self.sources = {t: pipeline.source_for_topic(t) for t in self.states}
         self.validators = {t: Validator(s) for t, s in self.sources.items()}
-        layout = Layout(settings.home)  # forgotten subjects are never replayed (lambdalake.erasure)
+        layout = Layout.of(settings.home, settings.lake)  # forgotten subjects are never replayed (lambdalake.erasure)
         self.erased = {t: erased_subjects(layout, s.name) for t, s in self.sources.items()}
         self.start: dict[TP, int] = {}
         self.positions: dict[TP, int] = {}

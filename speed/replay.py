@@ -96,7 +96,7 @@ def replay(settings: Settings, pipeline: Pipeline, views: list[str] | None = Non
 
     if not pipeline.views:
         raise PipelineError(f"pipeline {pipeline.name!r} declares no views; nothing to replay")
-    layout = Layout(settings.home)
+    layout = Layout.of(settings.home, settings.lake)
     block = settings.handoff_block
     started, t0 = contracts.utc_now_iso(), time.monotonic()
     selected = [pipeline.view(v) for v in views] if views else list(pipeline.views)
@@ -119,7 +119,7 @@ def replay(settings: Settings, pipeline: Pipeline, views: list[str] | None = Non
     if not any(watermark.values()):
         raise NothingToReplay(f"the log holds no complete block of {block} offsets yet; produce more events or "
                               "lower LAMBDALAKE_HANDOFF_BLOCK for a new lake")
-    fix_handoff_block(settings.home, block)
+    fix_handoff_block(settings.home, block, settings.lake)
 
     with streaming_runtime():
         tables, events = compute(settings, pipeline, selected, watermark, notify)

@@ -206,8 +206,7 @@ def remove_after(layout: Layout, seq: int) -> list[str]:
     removed = []
     for name in layout.speed_snapshots(complete=False):
         n = seq_of(name)
-        if n is not None and n > seq:
-            remove_prefix(layout, f"{layout.speed_prefix}/{name}")
+        if n is not None and n > seq and remove_prefix(layout, f"{layout.speed_prefix}/{name}"):
             removed.append(name)
     return removed
 
@@ -256,10 +255,10 @@ def retain(layout: Layout, keep: int, keep_seconds: float, protect: set[str],
                 continue
         referenced |= referenced_keys(layout, name, meta)
     removed = []
-    for name in retire:
+    for name in retire:  # (an emptied prefix may still be listed on some stores: nothing to delete there)
         metas.pop(name, None)
-        remove_prefix(layout, f"{layout.speed_prefix}/{name}", referenced)
-        if not layout.store.exists(f"{layout.speed_prefix}/{name}/snapshot.json"):
+        if remove_prefix(layout, f"{layout.speed_prefix}/{name}", referenced) and \
+                not layout.store.exists(f"{layout.speed_prefix}/{name}/snapshot.json"):
             removed.append(name)
     for name in set(metas) - set(names):
         del metas[name]

@@ -157,6 +157,24 @@ def run_cli(cli_env) -> Callable[..., subprocess.CompletedProcess]:
     return run
 
 
+@pytest.fixture
+def s3_lake(s3_server, unique_suffix, cli_env, tmp_path):
+    """(the lake URL, its store, the CLI environment of a machine with an empty working directory)."""
+    from lambdalake.s3server import create_bucket
+    from lambdalake.storage.s3 import S3Store
+
+    bucket = f"lake-{unique_suffix}"
+    create_bucket(s3_server, bucket)
+    url = f"s3://{bucket}/prod/lake"
+    store = S3Store(url, endpoint=s3_server.endpoint, access_key=s3_server.access_key,
+                    secret_key=s3_server.secret_key, region="us-east-1")
+    work = tmp_path / "machine-a"
+    work.mkdir()
+    env = {**cli_env, **s3_server.env(), "LAMBDALAKE_HOME": url, "LAMBDALAKE_WORK_DIR": str(work / "work"),
+           "TMPDIR": str(work)}
+    return url, store, env, work
+
+
 CLI_SECONDS: defaultdict[str, list[float]] = defaultdict(list)  # wall time of each `lambdalake <command>` run
 
 

@@ -26,21 +26,6 @@ from tests.test_archiver import dlq_records, expected_invalid, expected_master, 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
-@pytest.fixture
-def s3_lake(s3_server, unique_suffix, cli_env, tmp_path):
-    """(the lake URL, its store, the CLI environment of a machine with an empty working directory)."""
-    bucket = f"lake-{unique_suffix}"
-    create_bucket(s3_server, bucket)
-    url = f"s3://{bucket}/prod/lake"
-    store = S3Store(url, endpoint=s3_server.endpoint, access_key=s3_server.access_key,
-                    secret_key=s3_server.secret_key, region="us-east-1")
-    work = tmp_path / "machine-a"
-    work.mkdir()
-    env = {**cli_env, **s3_server.env(), "LAMBDALAKE_HOME": url, "LAMBDALAKE_WORK_DIR": str(work / "work"),
-           "TMPDIR": str(work)}
-    return url, store, env, work
-
-
 def _cli(env, work, *args, check=True) -> subprocess.CompletedProcess:
     res = subprocess.run([LAMBDALAKE, *args], env=env, cwd=work, capture_output=True, text=True, timeout=300,
                          stdin=subprocess.DEVNULL)
@@ -109,7 +94,7 @@ def test_ingest_into_a_bucket_is_exact_across_kill_9(settings, pipeline, run_cli
 
 def test_commands_not_on_object_storage_yet_and_wrong_buckets_say_so_in_one_line(s3_lake, s3_server):
     url, store, env, work = s3_lake
-    for args in (["batch"], ["speed", "--until-caught-up"], ["status"], ["sql", "SELECT 1"]):
+    for args in (["batch"], ["replay"], ["status"], ["sql", "SELECT 1"]):
         res = _cli(env, work, *args, check=False)
         assert res.returncode != 0 and "Traceback" not in res.stderr, (args, res.stderr)
         assert "object storage" in res.stderr and url in res.stderr, (args, res.stderr)

@@ -52,24 +52,27 @@ from wiring.produce import send
 # --- reading published speed state, independently of engine code -------------------------------------------------
 
 
-def read_speed_snapshot(home: Path, snapshot: str | None = None) -> tuple[SpeedSnapshotMeta, dict[str, list[dict]]]:
-    """(snapshot.json, {view: rows as dicts with window_start in epoch µs}) of the visible (or given) snapshot."""
-    layout = Layout(home)
+def read_speed_snapshot(home: Path | Layout, snapshot: str | None = None
+                        ) -> tuple[SpeedSnapshotMeta, dict[str, list[dict]]]:
+    """(snapshot.json, {view: rows as dicts with window_start in epoch µs}) of the visible (or given) snapshot, read
+    through the lake's store (``home``: a local lake, or the Layout of any lake)."""
+    layout = home if isinstance(home, Layout) else Layout(home)
     if snapshot is None:
         snapshot = speed_pointer(layout)
-    d = layout.speed_snapshot(snapshot)
+    own = f"{layout.speed_prefix}/{snapshot}/"
     meta = read_speed_snapshot_meta(layout, snapshot)
     views: dict[str, list[dict]] = {}
     # the contract: a view's rows are the union of the files its entry lists (format 3; format 4: a part file of
     # an earlier snapshot as "<snapshot>/<name>"), else <view>.parquet; the snapshot's own prefix holds no other
-    listed = {layout.speed_file(snapshot, f) for name in meta.views for f in meta.files_of(name)}
-    for f in d.glob("*.parquet"):
-        assert f in listed, f"{f} is not listed in snapshot.json"
-    for name in sorted(set(meta.views) | {f.name.split(".")[0] for f in d.glob("*.parquet")}):
+    listed = {layout.speed_file_key(snapshot, f) for name in meta.views for f in meta.files_of(name)}
+    written = [k for k in layout.store.list(own) if k.endswith(".parquet")]
+    for key in written:
+        assert key in listed, f"{key} is not listed in snapshot.json"
+    for name in sorted(set(meta.views) | {k[len(own):].split(".")[0] for k in written}):
         for entry in meta.files_of(name):
-            f = layout.speed_file(snapshot, entry)
-            assert f.is_file(), f"snapshot {d} lacks a file of {name}: {entry}"
-            t = pq.read_table(f)
+            key = layout.speed_file_key(snapshot, entry)
+            assert layout.store.exists(key), f"snapshot {own} lacks a file of {name}: {entry}"
+            t = pq.read_table(pa.BufferReader(layout.store.get(key)))
             assert t.schema.field("_partition").type == pa.int32()
             assert t.schema.field("_block_start").type == pa.int64()
             assert t.schema.field("window_start").type == pa.timestamp("us", tz="UTC")
@@ -126,7 +129,7 @@ def visible_rows(rows: list[dict], topic_watermark: dict[int, int]) -> list[dict
     return [r for r in rows if r["_block_start"] >= topic_watermark.get(r["_partition"], 0)]
 
 
-def assert_snapshot_equals_oracle(pipeline: Pipeline, home: Path, messages: list[LogMessage],
+def assert_snapshot_equals_oracle(pipeline: Pipeline, home: Path | Layout, messages: list[LogMessage],
                                   snapshot: str | None = None) -> dict:
     """The snapshot's merged views == oracle over offsets [pruned_to, S) — and with batch rows below, over [0, S)."""
     meta, views = read_speed_snapshot(home, snapshot)
