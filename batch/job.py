@@ -161,7 +161,8 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
                     f"the master dataset holds no complete block of {settings.handoff_block} offsets yet "
                     f"(archived ends: {inputs.archived.nested()}); run `lambdalake ingest` first or wait for more "
                     "data")
-            fix_handoff_block(settings.home, settings.handoff_block)  # fixed for the life of the lake from now on
+            # fixed for the life of the lake from now on
+            fix_handoff_block(settings.home, settings.handoff_block, settings.lake)
             if views:
                 base, reason = None, "recompute of the named views at the published watermark (--view)"
             else:
