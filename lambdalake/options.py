@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from lambdalake.config import Settings, load_settings, require_existing_lake
+from lambdalake.config import Settings, lake_url, load_settings, require_existing_lake
 from lambdalake.exceptions import LambdalakeError
 from lambdalake.pipeline import Pipeline, load_pipeline
 
@@ -37,7 +37,8 @@ LakeOpt = Annotated[str | None, typer.Option(
 
 
 def _existing_lake(value: Path | None) -> Path | None:
-    require_existing_lake(value)  # the same resolution as load_settings: --home > LAMBDALAKE_HOME > ./data
+    if lake_url(value) is None:  # a lake on object storage: the command itself says whether it runs there
+        require_existing_lake(value)  # the same resolution as load_settings: --home > LAMBDALAKE_HOME > ./data
     return value
 
 

@@ -40,8 +40,8 @@ from lambdalake.heads import master_files
 from lambdalake.layout import Layout, fsync_dir, tmp_name
 from lambdalake.pipeline import Pipeline
 from lambdalake.schema import master_columns, speed_view_columns, view_columns
-from lambdalake.viewsql import empty_select, ident, merged_view_sql, sql_list, typed_select
-from serving.connection import resolve
+from lambdalake.viewsql import empty_select, ident, literal, merged_view_sql, sql_list, typed_select
+from serving.connection import resolve, sync_mirror
 from serving.datasets import absent_columns, batch_dataset, speed_table
 from serving.install import check_speed_blocks, install_refused, side_names
 from serving.metadata import install_metadata, view_row
@@ -52,6 +52,13 @@ CATALOG_NAME = "lake.duckdb"  # not "lambdalake.duckdb": the catalog would shado
 # The file is written in the oldest storage format DuckDB 2.0 can write (storage version 64, read by every DuckDB
 # since 1.0), not 2.0's own (69): the stable CLI users install (`pip install duckdb-cli`, 1.5.6) reads 64-68 only.
 STORAGE_COMPATIBILITY = "v1.0.0"
+
+
+def remote_note(settings: Settings, source: str) -> str:
+    """What a stock DuckDB CLI is told when it reads ``master.<source>`` of a catalog of an object-storage lake."""
+    return (f"master.{source} is in the bucket {settings.lake}: this catalog holds the published views (mirrored to "
+            f"{settings.home}), not the master dataset — a stock DuckDB has no S3 reader offline; query it with "
+            "`lambdalake sql` or serving.connect()")
 
 
 def catalog_path(settings: Settings) -> Path:
@@ -75,6 +82,8 @@ def write_catalog(settings: Settings | None = None, pipeline: Pipeline | str | N
     served from an older pair of one earlier definition; see :mod:`serving.plans`).
     """
     settings, pipe = resolve(settings, pipeline, home)
+    if settings.lake:
+        sync_mirror(settings)
     final = Path(path) if path is not None else catalog_path(settings)
     final.parent.mkdir(parents=True, exist_ok=True)
     layout = Layout(settings.home)
@@ -135,6 +144,10 @@ def _build(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: Setting
         con.execute(f"CREATE VIEW main.{ident(view.name)} AS {merged}")
         view_rows.append(view_row(con, pipeline, plan, dataset.count_rows(), speed, batch_absent | speed_absent))
     for source in pipeline.sources:
+        if settings.lake:  # the master files stay in the bucket: a stock DuckDB has no S3 reader offline
+            note = literal(remote_note(settings, source.name))
+            con.execute(f"CREATE VIEW master.{ident(source.name)} AS SELECT error({note})")
+            continue
         cols = master_columns(source)
         files = master_files(layout, source.name)  # THE valid-file rule (an interrupted compaction counts once)
         layout.inside_all(m.path for m in files)  # never a symlink out of the lake

@@ -70,8 +70,9 @@ from pathlib import Path
 
 import duckdb
 
-from lambdalake.config import Settings, load_settings, require_existing_lake
+from lambdalake.config import Settings, lake_url, load_settings, require_existing_lake, work_dir
 from lambdalake.layout import Layout
+from lambdalake.mirror import mirror_dir, sync
 from lambdalake.pipeline import Pipeline, load_pipeline
 from lambdalake.viewsql import ident
 from serving.exceptions import InconsistentPublishedState
@@ -121,9 +122,15 @@ def resolve(settings: Settings | None = None, pipeline: Pipeline | str | None = 
     """
     if settings is None:
         spec = pipeline if isinstance(pipeline, str) else None
-        settings = load_settings(home=require_existing_lake(home), pipeline=spec)
+        if lake_url(home):
+            settings = load_settings(home=home, pipeline=spec, object_storage=True)
+        else:
+            settings = load_settings(home=require_existing_lake(home), pipeline=spec)
     elif home is not None:
-        settings = settings.with_(home=require_existing_lake(home))
+        settings = (settings.with_(lake=lake_url(home), home=work_dir(lake_url(home))) if lake_url(home)
+                    else settings.with_(home=require_existing_lake(home), lake=""))
+    if settings.lake:  # served from this machine's mirror of what the bucket publishes (lambdalake.mirror)
+        settings = settings.with_(home=mirror_dir(work_dir(settings.lake)))
     if isinstance(pipeline, Pipeline):
         return settings, pipeline
     return settings, load_pipeline(pipeline if isinstance(pipeline, str) else settings.pipeline, fresh=True)
@@ -183,6 +190,11 @@ def limits_of(con: duckdb.DuckDBPyConnection) -> Limits | None:
     return binding.limits if binding else None
 
 
+def sync_mirror(settings: Settings) -> None:
+    """On a lake on object storage: bring the mirror ``settings.home`` up to date (:mod:`lambdalake.mirror`)."""
+    sync(Layout.of(settings.home, settings.lake).store, settings.home)
+
+
 def refresh(con: duckdb.DuckDBPyConnection) -> PublishedPair:
     """Move ``con`` to the newest published pair, atomically for its later queries; returns the pair.
 
@@ -197,6 +209,8 @@ def refresh(con: duckdb.DuckDBPyConnection) -> PublishedPair:
     if binding.spec is not None:
         binding.pipeline = load_pipeline(binding.spec, fresh=True)
     layout = Layout(binding.settings.home)
+    if binding.settings.lake:
+        sync_mirror(binding.settings)
     last: Exception | None = None
     for _ in range(BUILD_ATTEMPTS):
         pair = resolve_pair(layout.home)

@@ -30,6 +30,7 @@ from lambdalake.schema import (
     speed_view_columns,
     view_columns,
 )
+from lambdalake.storage.base import Store
 from lambdalake.viewsql import Columns
 from serving.exceptions import InconsistentPublishedState
 from serving.published import PublishedPair
@@ -103,10 +104,16 @@ def speed_table(pipeline: Pipeline, view: View, pair: PublishedPair, stale: bool
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
-def master_dataset(pipeline: Pipeline, source_name: str, layout: Layout) -> ds.Dataset:
-    """Lazy dataset over the master files of a source as listed now (immutable files; new ones need refresh)."""
+def master_dataset(pipeline: Pipeline, source_name: str, layout: Layout, remote: Store | None = None) -> ds.Dataset:
+    """Lazy dataset over the master files of a source as listed now (immutable files; new ones need refresh).
+    ``remote``: the lake on object storage that ``layout`` mirrors (:mod:`lambdalake.mirror`): the heads are read in
+    the mirror, the files they list in the bucket, through pyarrow's S3 file system (per query, never via DuckDB)."""
     cols = master_columns(pipeline.source(source_name))
-    files = [str(f) for f in layout.inside_all(m.path for m in master_files(layout, source_name))]  # THE rule
-    if not files:
+    listed = master_files(layout, source_name)  # THE rule
+    if not listed:
         return ds.dataset(arrow_schema(cols, nullability=False).empty_table())
-    return ds.dataset(files, format="parquet")
+    if remote is not None:
+        fs, base = remote.arrow_filesystem()  # type: ignore[attr-defined]
+        return ds.dataset([f"{base}/{m.path.relative_to(layout.home).as_posix()}" for m in listed], format="parquet",
+                          filesystem=fs)
+    return ds.dataset([str(f) for f in layout.inside_all(m.path for m in listed)], format="parquet")

@@ -112,7 +112,8 @@ def install_pair(con: duckdb.DuckDBPyConnection, pipeline: Pipeline, settings: S
     try:
         copy = None if materialize else attach_copy(con, pair, scratch, copy_alias(catalog))
         sides = _register_sides(regs, pipeline, plans, materialize, {copy.version: copy} if copy else {})
-        masters = {s.name: regs.add("master", s.name, master_dataset(pipeline, s.name, layout))
+        remote = Layout.of(settings.home, settings.lake).store if settings.lake else None  # a mirrored lake
+        masters = {s.name: regs.add("master", s.name, master_dataset(pipeline, s.name, layout, remote))
                    for s in pipeline.sources}
 
         oids = dict(con.execute("SELECT view_name, view_oid FROM duckdb_views() WHERE database_name = 'temp'")

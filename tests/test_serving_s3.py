@@ -1,0 +1,97 @@
+"""Serving a lake on object storage from a machine whose disk holds no lake (issue 28): ``connect()``, ``lambdalake
+sql`` and ``lambdalake catalog`` read a local mirror of what the bucket publishes (:mod:`lambdalake.mirror`) under
+the same lock-down, and ``master.<source>`` from the bucket itself through pyarrow. Real Kafka, the real embedded S3
+server, the archiver and the speed layer writing into the bucket from another machine's directory."""
+
+from __future__ import annotations
+
+import subprocess
+
+import duckdb
+import pytest
+
+from lambdalake.config import load_settings
+from lambdalake.exceptions import ConfigError
+from lambdalake.mirror import sync
+from serving.connection import connect, pair_of
+from tests.conftest import LAMBDALAKE
+from tests.oracle import assert_rows_equal, oracle_views, read_log
+from tests.test_archiver import expected_master
+from tests.test_speed import produce, topics
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def _cli(env, cwd, *args, check=True) -> subprocess.CompletedProcess:
+    res = subprocess.run([LAMBDALAKE, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300,
+                         stdin=subprocess.DEVNULL)
+    if check:
+        assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+def test_views_and_master_are_served_from_a_bucket_on_a_machine_without_the_lake(settings, pipeline, s3_lake,
+                                                                                tmp_path, monkeypatch):
+    url, store, env, work = s3_lake
+    produce(settings, pipeline, 1200, seed=21)
+    _cli(env, work, "ingest", "--until-caught-up")
+    _cli(env, work, "speed", "--until-caught-up", "--checkpoint-interval", "0.05")
+
+    # machine B: its own work directory and TMPDIR, nothing of machine A's; the bucket and the settings alone
+    other = tmp_path / "machine-b"
+    other.mkdir()
+    env_b = {**env, "LAMBDALAKE_WORK_DIR": str(other / "work"), "TMPDIR": str(other)}
+    for k, v in env_b.items():
+        if k.startswith(("AWS_", "LAMBDALAKE_WORK_DIR")):
+            monkeypatch.setenv(k, v)
+    msgs = read_log(settings.bootstrap, topics(pipeline))
+    con = connect(pipeline=settings.pipeline, home=url)
+    try:
+        pair = pair_of(con)
+        assert pair.speed_snapshot is not None and pair.batch_version is None
+        w, s = dict(pair.watermark), dict(pair.positions)
+        covered = {k: max(w.get(k, 0), s.get(k, 0)) for k in set(w) | set(s)}
+        want = oracle_views(pipeline, msgs, below=covered)
+        for v in pipeline.views:
+            assert_rows_equal(con.execute(f"SELECT * FROM {v.name}").fetchall(), want[v.name], v.name)
+        master = expected_master(pipeline, msgs)
+        for src in pipeline.sources:  # master.<source>: the heads mirrored, the files read in the bucket
+            got = con.execute(f"SELECT _partition, _offset, event_id FROM master.{src.name}").fetchall()
+            assert sorted(got) == master[src.name], src.name
+        with pytest.raises(duckdb.Error, match="(?i)permission|not allowed|disabled"):  # the lock-down holds
+            con.execute(f"SELECT * FROM read_text('{settings.pipeline}')").fetchall()
+    finally:
+        con.close()
+    mirror = other / "work" / "mirror"
+    assert mirror.is_dir() and not list(mirror.glob("master/**/*.parquet")), "master files copied to machine B"
+
+    # the CLI on machine B, and a catalog a stock DuckDB can open: views yes, master says where it is
+    res = _cli(env_b, other, "sql", "SELECT sum(views) FROM pageviews_hourly")
+    assert res.returncode == 0 and "Traceback" not in res.stderr
+    res = _cli(env_b, other, "catalog")
+    path = mirror / "lake.duckdb"
+    assert str(path) in res.stdout
+    cat = duckdb.connect(str(path), read_only=True)
+    try:
+        assert cat.execute("SELECT count(*) FROM pageviews_hourly").fetchone()[0] > 0
+        with pytest.raises(duckdb.Error, match="is in the bucket"):
+            cat.execute(f"SELECT * FROM master.{pipeline.sources[0].name}").fetchall()
+    finally:
+        cat.close()
+
+    # a second sync fetches only what changed (immutable objects once)
+    produce(settings, pipeline, 300, seed=22, start="2026-01-06T02:00:00Z")
+    _cli(env, work, "speed", "--until-caught-up", "--checkpoint-interval", "0.05")
+    before = {p for p in mirror.rglob("*.parquet")}
+    sync(store, mirror)
+    assert {p for p in mirror.rglob("*.parquet")} > before
+
+
+def test_commands_that_do_not_run_on_object_storage_say_so(s3_lake):
+    url, store, env, work = s3_lake
+    for args in (["status"], ["audit"]):
+        res = _cli(env, work, *args, check=False)
+        assert res.returncode != 0 and "Traceback" not in res.stderr, (args, res.stderr)
+        assert "object storage" in res.stderr and url in res.stderr, (args, res.stderr)
+    with pytest.raises(ConfigError, match="object storage"):
+        load_settings(home=url)
