@@ -165,6 +165,7 @@ class CheckpointStore:
         self._seq = 0
         self._claimed: str | None = None  # ETag of CURRENT as this writer last swapped it (None: not claimed)
         self._visible: str | None = None  # ETag of views/speed/CURRENT as this writer last saw or wrote it
+        self._took_over = False  # the claim replaced another writer's (next_seq skips the id it may be writing)
         self.keep_snapshots = keep_snapshots
         self.keep_snapshot_seconds = keep_snapshot_seconds
         self.keep_checkpoints = keep_checkpoints
@@ -203,6 +204,7 @@ class CheckpointStore:
         before. On a local lake the LOCK file already keeps a second process out; the swap is the same protocol."""
         for _ in range(MAX_SWAPS):
             ptr, etag = self._pointer()
+            self._took_over = ptr is not None
             self._seq = max(self._seq, ptr.seq if ptr else 0) + 1
             body = CheckpointPointer(ptr.checkpoint if ptr else "", self.writer, self._seq)
             got = self._swap(f"{self.prefix}/CURRENT", body, etag)
@@ -252,10 +254,16 @@ class CheckpointStore:
         return ptr.checkpoint if ptr is not None and ptr.checkpoint else None
 
     def next_seq(self) -> int:
-        """A sequence number above every snapshot/checkpoint on disk (ids must never be reused)."""
+        """A sequence number above every snapshot/checkpoint in the store (ids are never reused). After taking the
+        worker over from another writer (:meth:`claim`) one number is skipped: that writer, if it still runs, may
+        be writing the objects of the one commit after its last (at most one is in flight, and its swap fails), and
+        those keys must not be this writer's."""
         seqs = [snapshots.seq_of(n) for n in self.layout.speed_snapshots(complete=False)]
         seqs += [snapshots.seq_of(n) for n in self.layout.store.children(self.prefix)]
-        return max([s for s in seqs if s is not None], default=0) + 1
+        committed = self.current_id()
+        if committed is not None:
+            seqs.append(int(committed))
+        return max([s for s in seqs if s is not None], default=0) + (2 if self._took_over else 1)
 
     def load(self, block: int) -> Restored | None:
         """The last committed checkpoint, or None if there is none. Cleans up a crashed commit's orphans.

@@ -174,3 +174,45 @@ def test_speed_on_a_bucket_equals_the_oracle_across_kill_9(settings, pipeline, s
     all_positions_at_end(meta, end_offsets(settings, topics(pipeline)), pipeline)
     assert not list((work / "work").rglob("*.parquet")) and not list((work / "work").rglob("snapshot.json")), \
         "lake data on the machine's local disk"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_paused_speed_worker_that_wakes_after_a_takeover_publishes_nothing(settings, pipeline, s3_lake, tmp_path):
+    """The zombie: a speed daemon on machine A is paused (SIGSTOP) while machine B runs the same worker (its own
+    work directory: A's lock file is not B's); A resumes (SIGCONT) into B's claim and stops with one line,
+    nothing it wrote after the takeover is served, and B's state equals the oracle."""
+    url, store, env, work = s3_lake
+    bucket = Layout(Path("/nonexistent-machine-dir"), store=store)
+    other = tmp_path / "machine-b"
+    other.mkdir()
+    env_b = {**env, "LAMBDALAKE_WORK_DIR": str(other / "work"), "TMPDIR": str(other)}
+    produce(settings, pipeline, 1000, seed=31)
+    a = subprocess.Popen([LAMBDALAKE, "speed", "--no-group", "--checkpoint-interval", "0.05"], env=env, cwd=work,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and speed_pointer(bucket) is None:
+            time.sleep(0.1)
+        assert speed_pointer(bucket) is not None, "machine A published nothing"
+        produce(settings, pipeline, 500, seed=32, start="2026-01-05T20:00:00Z")
+        time.sleep(0.3)  # mid-stream
+        a.send_signal(signal.SIGSTOP)
+        _cli(env_b, other, "speed", "--no-group", "--until-caught-up", "--checkpoint-interval", "0.05")
+        taken = speed_pointer(bucket)
+        produce(settings, pipeline, 500, seed=33, start="2026-01-06T02:00:00Z")  # work for the zombie
+        a.send_signal(signal.SIGCONT)
+        _, err = a.communicate(timeout=120)
+    finally:
+        if a.returncode is None:
+            a.send_signal(signal.SIGCONT)
+            stop_group(a, timeout=10, first=signal.SIGKILL)
+            a.communicate()
+    err = err.decode()
+    assert a.returncode == 6 and "claimed the worker's checkpoint" in err and "Traceback" not in err, err[-2000:]
+    assert speed_pointer(bucket) == taken, "the zombie switched the visible snapshot"
+    _cli(env_b, other, "speed", "--no-group", "--until-caught-up", "--checkpoint-interval", "0.05")
+    msgs = read_log(settings.bootstrap, topics(pipeline))
+    meta = assert_snapshot_equals_oracle(pipeline, bucket, msgs)
+    all_positions_at_end(meta, end_offsets(settings, topics(pipeline)), pipeline)
