@@ -168,7 +168,7 @@ class Status:
 def speed_pid(layout: Layout) -> int | None:
     """Pid of a running ``lambdalake speed`` (any worker) of this lake, if any (from the lock files; checked to be
     alive: the pid is cleared on a clean exit, kill -9 may leave it)."""
-    root = Layout(layout.home)
+    root = layout.root()  # (on object storage: the lock files of this machine's work directory)
     for worker in root.speed_workers():
         lock = root.for_speed_worker(worker).checkpoints(SPEED_COMPONENT) / "LOCK"
         try:
@@ -234,7 +234,7 @@ def collect(settings: Settings, pipeline: Pipeline, threshold: float | None = No
     """Gather the status; Kafka being down or a broken layer shows as an error field, not an exception."""
     from lambdalake.clients import committed_counts, end_offsets
 
-    layout = Layout(settings.home)
+    layout = Layout.of(settings.home, settings.lake)  # a local lake, or a bucket read through the storage seam
     errors: list[str] = []
     kafka_error = None
     ends: dict[tuple[str, int], int] = {}

@@ -5,11 +5,13 @@ server, the archiver and the speed layer writing into the bucket from another ma
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import duckdb
 import pytest
 
+from lambdalake.clients import end_offsets
 from lambdalake.config import load_settings
 from lambdalake.exceptions import ConfigError
 from lambdalake.mirror import sync
@@ -79,6 +81,15 @@ def test_views_and_master_are_served_from_a_bucket_on_a_machine_without_the_lake
     finally:
         cat.close()
 
+    # status on machine B: every partition archived and consumed up to the log's end, heads and owners shown
+    res = _cli(env_b, other, "status", "--format", "json")
+    st = json.loads(res.stdout)
+    ends = end_offsets(settings, topics(pipeline))
+    assert {(r["topic"], r["partition"]): (r["archived"], r["speed_position"]) for r in st["partitions"]
+            if (r["topic"], r["partition"]) in ends} == {k: (e, e) for k, e in ends.items()}
+    assert all(r["archiver_owner"] and r["archiver_epoch"] is not None for r in st["partitions"] if r["archived"])
+    assert st["heads"] and not st["errors"], st["errors"]
+
     # a second sync fetches only what changed (immutable objects once)
     produce(settings, pipeline, 300, seed=22, start="2026-01-06T02:00:00Z")
     _cli(env, work, "speed", "--until-caught-up", "--checkpoint-interval", "0.05")
@@ -89,7 +100,7 @@ def test_views_and_master_are_served_from_a_bucket_on_a_machine_without_the_lake
 
 def test_commands_that_do_not_run_on_object_storage_say_so(s3_lake):
     url, store, env, work = s3_lake
-    for args in (["status"], ["audit"]):
+    for args in (["batch"], ["audit"]):
         res = _cli(env, work, *args, check=False)
         assert res.returncode != 0 and "Traceback" not in res.stderr, (args, res.stderr)
         assert "object storage" in res.stderr and url in res.stderr, (args, res.stderr)

@@ -280,7 +280,7 @@ def status(
     idle time) and which are stalled; each master partition's head (owner, epoch, end, files)."""
     from lambdalake.status import collect
 
-    ctx = context(pipeline, home, bootstrap)
+    ctx = context(pipeline, home, bootstrap, object_storage=True)
     st = collect(ctx.settings, ctx.pipeline, stall_seconds)
     if format is Format.json:
         sys.stdout.write(json.dumps({**st.to_json(), "stalled": st.stalled}, indent=1) + "\n")
