@@ -107,6 +107,8 @@ def collect_garbage(layout: Layout) -> list[str]:
     staging prefixes of dead processes, the first release's ``.trash-`` directories and, once the pointer has the
     new shape, version directories it no longer keeps. The only place that lists ``views/batch/``. Returns the
     names removed."""
+    if not isinstance(layout.store, LocalStore):
+        return _collect_remote_garbage(layout)
     names = _prefix_names(layout)
     candidates = [n for n in names if n.startswith(TRASH_PREFIX) or BATCH_VERSION_DIR.match(n)
                   or ((m := STAGING.match(n)) and not _alive(int(m.group(1))))]
@@ -121,6 +123,39 @@ def collect_garbage(layout: Layout) -> list[str]:
             continue
         _delete_prefix(layout, f"{BATCH_PREFIX}/{name}")
         removed.append(name)
+    return removed
+
+
+def _collect_remote_garbage(layout: Layout) -> list[str]:
+    """:func:`collect_garbage` on object storage, where a run's pid says nothing (it may run on another machine):
+    a prefix the pointer does not keep is deleted once its newest object is older than the grace period
+    (:data:`lambdalake.heads.GC_GRACE_ENV`, the master's: longer than any pause a publisher may wake from). This
+    machine's own local staging directories of dead runs go at once."""
+    from lambdalake.heads import gc_grace
+
+    if layout.batch_views.is_dir():
+        for d in layout.batch_views.iterdir():
+            if (m := STAGING.match(d.name)) and not _alive(int(m.group(1))):
+                shutil.rmtree(d, ignore_errors=True)
+    keys = layout.store.list(BATCH_PREFIX + "/")
+    by_prefix: dict[str, list[str]] = {}
+    for key in keys:
+        if key.count("/") >= 3:
+            by_prefix.setdefault("/".join(key.split("/")[:3]), []).append(key)
+    ptr = read_batch_pointer(layout)
+    referenced = {r.prefix for r in ptr.kept} if ptr is not None else set()
+    grace, now, removed = gc_grace(), time.time(), []
+    for prefix, members in by_prefix.items():
+        if prefix in referenced or not STAGING.match(prefix.rsplit("/", 1)[1]):
+            continue
+        try:
+            newest = max(layout.store.modified(k) for k in members)
+        except ObjectMissing:
+            continue
+        again = read_batch_pointer(layout)  # a publish that swapped meanwhile keeps its prefix
+        if now - newest >= grace and (again is None or prefix not in {r.prefix for r in again.kept}):
+            _delete_prefix(layout, prefix)
+            removed.append(prefix.rsplit("/", 1)[1])
     return removed
 
 
@@ -213,10 +248,13 @@ def publish(layout: Layout, staging: Path, manifest: BatchManifest, keep: int = 
     if staging.parent.resolve() != layout.batch_views.resolve() or not STAGING.match(staging.name):
         raise InvariantViolation(f"{staging} is not a staging directory of {layout.batch_views}")
     prefix = f"{BATCH_PREFIX}/{staging.name}"
-    if isinstance(layout.store, LocalStore):  # serving's native copy, staged with the version (optional)
-        write_serving_copy(staging, manifest.row_counts)
-    # 1. the staged files durable before anything can point at them
-    _fsync_tree(staging)
+    write_serving_copy(staging, manifest.row_counts)  # serving's native copy, staged with the version (optional)
+    # 1. the staged files durable before anything can point at them (on object storage: uploaded, each whole)
+    if isinstance(layout.store, LocalStore):
+        _fsync_tree(staging)
+    else:
+        for path in sorted(p for p in staging.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            layout.store.put(f"{prefix}/{path.relative_to(staging).as_posix()}", path.read_bytes())
     writer = _writer_id()
     attempts: dict[str, tuple[BatchManifest, list[str]]] = {}  # version tried -> (its manifest, prefixes dropped)
     first: str | None = None
@@ -225,7 +263,7 @@ def publish(layout: Layout, staging: Path, manifest: BatchManifest, keep: int = 
         ptr, etag = _read(layout)
         done = _own_publish(ptr, prefix, attempts)
         if done is not None:  # an earlier swap of ours won though its answer was lost
-            return _finish(layout, *done)
+            return _finish(layout, *done, staging=staging)
         current = ptr.version if ptr is not None and ptr.version else None
         first = current if attempt == 0 else first
         # 3. never move the watermark backwards
@@ -241,7 +279,7 @@ def publish(layout: Layout, staging: Path, manifest: BatchManifest, keep: int = 
         crash_point(FAULT_ENV, "swap")  # crash tests: staged and stamped, not published
         # 5. the commit point (a lost swap goes back to 2, where a late success of ours is recognised too)
         if _swap(layout, body, etag):
-            return _finish(layout, stamped, dropped)
+            return _finish(layout, stamped, dropped, staging=staging)
         time.sleep(min(0.002 * attempt, 0.05))
     raise PublishError(f"could not publish {prefix}: the batch pointer changed under {MAX_SWAPS} attempts in a row")
 
@@ -260,10 +298,13 @@ def _own_publish(ptr: BatchPointer | None, prefix: str,
     return None
 
 
-def _finish(layout: Layout, manifest: BatchManifest, dropped: list[str]) -> BatchManifest:
-    # 6. the prefixes the winning swap dropped
+def _finish(layout: Layout, manifest: BatchManifest, dropped: list[str], staging: Path | None = None
+            ) -> BatchManifest:
+    # 6. the prefixes the winning swap dropped; on object storage the local staging directory (uploaded)
     for prefix in dropped:
         _delete_prefix(layout, prefix)
+    if staging is not None and not isinstance(layout.store, LocalStore):
+        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 

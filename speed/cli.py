@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
         Spark) up to the block-aligned end of the log, and publish them as a batch version serving can use."""
         from speed.replay import replay
 
-        ctx = context(pipeline, home, bootstrap)
+        ctx = context(pipeline, home, bootstrap, object_storage=True)
         m = replay(ctx.settings, ctx.pipeline, view or None,
                    notify=lambda msg: err_console.print(f"[yellow]replay:[/] {msg}", highlight=False))
         console.print(f"replay: published batch version [bold]{m.version}[/] ({m.engine}) at watermark "

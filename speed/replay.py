@@ -31,10 +31,11 @@ from lambdalake.config import Settings, fix_handoff_block
 from lambdalake.contracts import BatchManifest, BatchView, Positions
 from lambdalake.exceptions import PipelineError
 from lambdalake.handoff import aligned_watermark
-from lambdalake.layout import Layout, current_batch_manifest
+from lambdalake.layout import Layout, batch_prefix, current_batch_manifest, read_batch_pointer
 from lambdalake.pipeline import WINDOW_START, Pipeline, View
 from lambdalake.runtime import streaming_runtime
 from lambdalake.schema import arrow_schema, view_columns
+from lambdalake.storage.local import LocalStore
 from speed.exceptions import SpeedError
 from speed.rebuild import Rebuild
 
@@ -135,13 +136,18 @@ def replay(settings: Settings, pipeline: Pipeline, views: list[str] | None = Non
             row_counts[name] = out.num_rows
             view_meta[name] = BatchView(pipeline.fingerprint(name), files=["part-00000.parquet"])
         for v in carried:
-            src_dir = layout.batch_version(published.version) / v.name
             (staging / v.name).mkdir()
-            for f in src_dir.glob("*.parquet"):
-                try:
-                    os.link(f, staging / v.name / f.name)
-                except OSError:
-                    shutil.copy2(f, staging / v.name / f.name)
+            if isinstance(layout.store, LocalStore):
+                for f in (layout.batch_version(published.version) / v.name).glob("*.parquet"):
+                    try:
+                        os.link(f, staging / v.name / f.name)
+                    except OSError:
+                        shutil.copy2(f, staging / v.name / f.name)
+            else:  # on object storage: the published files, fetched into the local staging directory
+                prefix = f"{batch_prefix(read_batch_pointer(layout), published.version)}/{v.name}/"
+                for key in layout.store.list(prefix):
+                    if key.endswith(".parquet") and "/" not in key[len(prefix):]:
+                        (staging / v.name / key.rsplit("/", 1)[1]).write_bytes(layout.store.get(key))
             row_counts[v.name] = published.row_counts.get(v.name, 0)
             old = published.views[v.name]  # (a first-release version matched by its legacy fingerprint: record ours)
             view_meta[v.name] = BatchView(pipeline.fingerprint(v), files=list(old.files),

@@ -37,7 +37,11 @@ def test_views_and_master_are_served_from_a_bucket_on_a_machine_without_the_lake
     url, store, env, work = s3_lake
     produce(settings, pipeline, 1200, seed=21)
     _cli(env, work, "ingest", "--until-caught-up")
+    _cli(env, work, "replay")  # a batch version (Kappa replay) published into the bucket, at the log's aligned end
+    produce(settings, pipeline, 400, seed=23, start="2026-01-05T18:00:00Z")
+    _cli(env, work, "ingest", "--until-caught-up")
     _cli(env, work, "speed", "--until-caught-up", "--checkpoint-interval", "0.05")
+    assert not list(work.rglob("*.parquet")), "lake data on machine A's local disk"
 
     # machine B: its own work directory and TMPDIR, nothing of machine A's; the bucket and the settings alone
     other = tmp_path / "machine-b"
@@ -50,7 +54,7 @@ def test_views_and_master_are_served_from_a_bucket_on_a_machine_without_the_lake
     con = connect(pipeline=settings.pipeline, home=url)
     try:
         pair = pair_of(con)
-        assert pair.speed_snapshot is not None and pair.batch_version is None
+        assert pair.speed_snapshot is not None and pair.batch_version is not None and any(pair.watermark.values())
         w, s = dict(pair.watermark), dict(pair.positions)
         covered = {k: max(w.get(k, 0), s.get(k, 0)) for k in set(w) | set(s)}
         want = oracle_views(pipeline, msgs, below=covered)
