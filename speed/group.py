@@ -27,6 +27,7 @@ the one case a rebalance costs freshness, never exactness of what is covered).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import socket
@@ -40,6 +41,7 @@ from lambdalake.layout import Layout
 from lambdalake.locks import group_presence
 from lambdalake.speedset import best_epochs, worker_snapshots
 from lambdalake.storage.base import ObjectMissing, StorageError
+from lambdalake.storage.local import LocalStore
 from speed import adoption
 from speed.changed_views import cancel_rebuild
 from speed.checkpoint import TP, CheckpointStore
@@ -79,17 +81,20 @@ def owner_key(key: TP) -> str:
     return f"{OWNERS}/{key[0]}-p{key[1]}.json"
 
 
-def member_name(index: int) -> str:
-    """A member's name (its directory under ``views/speed/workers/``): ``g-<host>-<index>``."""
+def member_name(index: int, machine: str = "") -> str:
+    """A member's name (its directory under ``views/speed/workers/``): ``g-<host>[-<machine>]-<index>``.
+    ``machine`` tells apart work directories of one host on a lake on object storage, whose member locks are each
+    work directory's own (two of them must never pick the same name: they would fence each other)."""
     host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:60] or "host"
-    return f"g-{host}-{index}"
+    return f"g-{host}{'-' + machine if machine else ''}-{index}"
 
 
 def member(root: Layout, pipeline, options) -> tuple[str, Layout, CheckpointStore]:
     """The first member name of this machine whose checkpoint lock is free, taken (``options.worker_name``: that
     one): (name, its layout, its checkpoint store, locked). A member restarted on the same machine usually gets its
     old name back, so it resumes from its own checkpoint."""
-    names = [options.worker_name] if options.worker_name else [member_name(i) for i in range(MAX_MEMBERS)]
+    machine = "" if isinstance(root.store, LocalStore) else hashlib.sha256(str(root.home).encode()).hexdigest()[:6]
+    names = [options.worker_name] if options.worker_name else [member_name(i, machine) for i in range(MAX_MEMBERS)]
     for i, name in enumerate(names):
         layout = root.for_speed_worker(name)
         store = CheckpointStore(layout, pipeline, keep_snapshots=options.keep_snapshots,

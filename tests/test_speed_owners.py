@@ -40,3 +40,4 @@ def test_member_names_are_worker_directory_names():
     from lambdalake.layout import SPEED_WORKER_DIR
 
     assert SPEED_WORKER_DIR.match(member_name(0)) and SPEED_WORKER_DIR.match(member_name(63))
+    assert SPEED_WORKER_DIR.match(member_name(3, "a1b2c3")) and member_name(3, "a1b2c3") != member_name(3, "d4e5f6")

@@ -216,3 +216,64 @@ def test_a_paused_speed_worker_that_wakes_after_a_takeover_publishes_nothing(set
     msgs = read_log(settings.bootstrap, topics(pipeline))
     meta = assert_snapshot_equals_oracle(pipeline, bucket, msgs)
     all_positions_at_end(meta, end_offsets(settings, topics(pipeline)), pipeline)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_machines_share_the_speed_layer_of_a_bucket_and_one_dies(settings, pipeline, s3_lake, tmp_path,
+                                                                      monkeypatch):
+    """Speed daemons on two machines (own work and working directories, own TMPDIR; one host, so their member
+    names differ by work directory) join one group over one bucket; one is killed with -9 and the other takes its
+    partitions over; served from a third machine, every view equals the oracle."""
+    from lambdalake.speedset import read_speed_set
+    from serving.connection import connect, pair_of
+    from tests.oracle import assert_rows_equal, oracle_views
+
+    url, store, env, work = s3_lake
+    bucket = Layout(Path("/nonexistent-machine-dir"), store=store)
+    machines = []
+    for name in ("machine-b", "machine-c"):
+        d = tmp_path / name
+        d.mkdir()
+        machines.append((d, {**env, "LAMBDALAKE_WORK_DIR": str(d / "work"), "TMPDIR": str(d)}))
+    produce(settings, pipeline, 1200, seed=41)
+    procs = [subprocess.Popen([LAMBDALAKE, "speed", "--checkpoint-interval", "0.1"], env=e, cwd=w,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              start_new_session=True) for w, e in ((work, env), machines[0])]
+    try:
+        deadline, workers = time.monotonic() + 90, set()
+        while time.monotonic() < deadline and len(workers) < 2:
+            found = read_speed_set(bucket)
+            workers = {p.worker for p in found.parts if p.partitions} if found else set()
+            time.sleep(0.3)
+        assert len(workers) == 2, f"the two machines did not split the partitions: {workers}"
+        stop_group(procs[0], timeout=10, first=signal.SIGKILL)
+        produce(settings, pipeline, 600, seed=42, start="2026-01-05T20:00:00Z")
+        ends = end_offsets(settings, topics(pipeline))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            found = read_speed_set(bucket)
+            if found and all(found.meta.positions.get(k, 0) >= e for k, e in ends.items()) and \
+                    len({p.worker for p in found.parts if p.partitions}) == 1:
+                break
+            time.sleep(0.3)
+        assert found and len({p.worker for p in found.parts if p.partitions}) == 1, "the survivor took nothing over"
+        assert all(found.meta.positions.get(k, 0) >= e for k, e in ends.items()), dict(found.meta.positions)
+    finally:
+        for p in procs:
+            stop_group(p, timeout=30, first=signal.SIGTERM)
+            p.communicate()
+    serving_dir, serving_env = machines[1]
+    for k, v in serving_env.items():
+        if k.startswith(("AWS_", "LAMBDALAKE_WORK_DIR")):
+            monkeypatch.setenv(k, v)
+    con = connect(pipeline=settings.pipeline, home=url)
+    try:
+        pair = pair_of(con)
+        covered = {k: max(pair.watermark.get(k, 0), pair.positions.get(k, 0))
+                   for k in set(pair.watermark) | set(pair.positions)}
+        want = oracle_views(pipeline, read_log(settings.bootstrap, topics(pipeline)), below=covered)
+        for v in pipeline.views:
+            assert_rows_equal(con.execute(f"SELECT * FROM {v.name}").fetchall(), want[v.name], v.name)
+    finally:
+        con.close()
