@@ -57,6 +57,8 @@ from speed.state import SourceState, apply_records, build_states
 
 log = logging.getLogger(__name__)
 
+REMOTE_ERASURE_POLL_S = 5.0  # how often a speed worker of an object-storage lake lists the forget requests
+
 MIN_EXACT_DEDUP = 10_000  # the floor: at least the last 10,000 offsets of a partition dedup exactly
 
 
@@ -166,7 +168,8 @@ class SpeedLayer:
         self.full_dedup = False  # set when the windows were rebuilt: the next checkpoint writes them whole
         self.broker = BrokerWatch(settings, self.notify)
         self.pipeline_watch = PipelineWatch(settings.pipeline)
-        self.erasures = ErasureWatch(self.layout, pipeline)  # forgotten subjects: skipped, their views rebuilt
+        # forgotten subjects: skipped, their views rebuilt (on object storage looked for every 5 s: one LIST each)
+        self.erasures = ErasureWatch(self.layout, pipeline, 1.0 if settings.lake == "" else REMOTE_ERASURE_POLL_S)
 
     # lifecycle ----------------------------------------------------------------------------------------------------
     def stop(self) -> None:

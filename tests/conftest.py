@@ -157,6 +157,16 @@ def run_cli(cli_env) -> Callable[..., subprocess.CompletedProcess]:
     return run
 
 
+def machine_cli(env: dict, cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``lambdalake <args>`` on a "machine": its own environment (``LAMBDALAKE_WORK_DIR``, ``TMPDIR``) and working
+    directory (the object-storage tests: machines share only Kafka and the bucket)."""
+    res = subprocess.run([LAMBDALAKE, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300,
+                         stdin=subprocess.DEVNULL)
+    if check:
+        assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
 @pytest.fixture
 def s3_lake(s3_server, unique_suffix, cli_env, tmp_path):
     """(the lake URL, its store, the CLI environment of a machine with an empty working directory)."""

@@ -19,19 +19,12 @@ from lambdalake.layout import Layout
 from lambdalake.procs import stop_group
 from lambdalake.s3server import create_bucket
 from lambdalake.storage.s3 import S3Store
-from tests.conftest import LAMBDALAKE
+from tests.conftest import LAMBDALAKE, machine_cli
 from tests.oracle import read_log
 from tests.test_archiver import dlq_records, expected_invalid, expected_master, produce
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-
-def _cli(env, work, *args, check=True) -> subprocess.CompletedProcess:
-    res = subprocess.run([LAMBDALAKE, *args], env=env, cwd=work, capture_output=True, text=True, timeout=300,
-                         stdin=subprocess.DEVNULL)
-    if check:
-        assert res.returncode == 0, res.stdout + res.stderr
-    return res
 
 
 def _start_when_archiving(env, work, store, *args) -> subprocess.Popen:
@@ -84,7 +77,7 @@ def test_ingest_into_a_bucket_is_exact_across_kill_9(settings, pipeline, run_cli
         daemon.communicate()
     assert any(k.endswith("/HEAD") for k in store.list("master/")), "nothing archived before the kill"
     produce(run_cli, 400, seed=9, malformed_fraction=0.05, duplicate_fraction=0.05)
-    res = _cli(env, work, "ingest", "--until-caught-up", "--workers", "2")
+    res = machine_cli(env, work, "ingest", "--until-caught-up", "--workers", "2")
     assert "archived" in res.stdout
     _check_exact(settings, pipeline, store)
     assert not list((work / "work").rglob("*.parquet")), "lake data on the machine's local disk"
@@ -95,12 +88,12 @@ def test_ingest_into_a_bucket_is_exact_across_kill_9(settings, pipeline, run_cli
 def test_commands_not_on_object_storage_yet_and_wrong_buckets_say_so_in_one_line(s3_lake, s3_server):
     url, store, env, work = s3_lake
     for args in (["batch"], ["audit"], ["forget", "--source", "pageviews", "user-1"]):
-        res = _cli(env, work, *args, check=False)
+        res = machine_cli(env, work, *args, check=False)
         assert res.returncode != 0 and "Traceback" not in res.stderr, (args, res.stderr)
         assert "object storage" in res.stderr and url in res.stderr, (args, res.stderr)
-    res = _cli({**env, "LAMBDALAKE_HOME": "gs://bucket/x"}, work, "ingest", "--until-caught-up", check=False)
+    res = machine_cli({**env, "LAMBDALAKE_HOME": "gs://bucket/x"}, work, "ingest", "--until-caught-up", check=False)
     assert res.returncode != 0 and "gs://" in res.stderr and "Traceback" not in res.stderr
-    res = _cli({**env, "LAMBDALAKE_HOME": "s3://no-such-bucket-here/x"}, work, "ingest", "--until-caught-up",
+    res = machine_cli({**env, "LAMBDALAKE_HOME": "s3://no-such-bucket-here/x"}, work, "ingest", "--until-caught-up",
                check=False)
     assert res.returncode != 0 and "no-such-bucket-here" in res.stderr and "Traceback" not in res.stderr
     assert not (work / "s3:").exists()
@@ -139,7 +132,7 @@ def test_the_s3_server_killed_mid_run_fails_in_one_line_and_a_rerun_is_exact(set
         err = err.decode()
         assert daemon.returncode != 0 and "error:" in err and "Traceback" not in err, err[-2000:]
         assert server.up(timeout=90)["port"] == port
-        res = _cli(env, work, "ingest", "--until-caught-up")
+        res = machine_cli(env, work, "ingest", "--until-caught-up")
         assert "archived" in res.stdout
         _check_exact(settings, pipeline, store)
     finally:

@@ -6,7 +6,6 @@ server, the archiver and the speed layer writing into the bucket from another ma
 from __future__ import annotations
 
 import json
-import subprocess
 
 import duckdb
 import pytest
@@ -16,7 +15,7 @@ from lambdalake.config import load_settings
 from lambdalake.exceptions import ConfigError
 from lambdalake.mirror import sync
 from serving.connection import connect, pair_of
-from tests.conftest import LAMBDALAKE
+from tests.conftest import machine_cli
 from tests.oracle import assert_rows_equal, oracle_views, read_log
 from tests.test_archiver import expected_master
 from tests.test_speed import produce, topics
@@ -24,23 +23,16 @@ from tests.test_speed import produce, topics
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
-def _cli(env, cwd, *args, check=True) -> subprocess.CompletedProcess:
-    res = subprocess.run([LAMBDALAKE, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300,
-                         stdin=subprocess.DEVNULL)
-    if check:
-        assert res.returncode == 0, res.stdout + res.stderr
-    return res
-
 
 def test_views_and_master_are_served_from_a_bucket_on_a_machine_without_the_lake(settings, pipeline, s3_lake,
                                                                                 tmp_path, monkeypatch):
     url, store, env, work = s3_lake
     produce(settings, pipeline, 1200, seed=21)
-    _cli(env, work, "ingest", "--until-caught-up")
-    _cli(env, work, "replay")  # a batch version (Kappa replay) published into the bucket, at the log's aligned end
+    machine_cli(env, work, "ingest", "--until-caught-up")
+    machine_cli(env, work, "replay")  # a batch version (Kappa replay) published into the bucket
     produce(settings, pipeline, 400, seed=23, start="2026-01-05T18:00:00Z")
-    _cli(env, work, "ingest", "--until-caught-up")
-    _cli(env, work, "speed", "--until-caught-up", "--checkpoint-interval", "0.05")
+    machine_cli(env, work, "ingest", "--until-caught-up")
+    machine_cli(env, work, "speed", "--until-caught-up", "--checkpoint-interval", "0.05")
     assert not list(work.rglob("*.parquet")), "lake data on machine A's local disk"
 
     # machine B: its own work directory and TMPDIR, nothing of machine A's; the bucket and the settings alone
@@ -72,9 +64,9 @@ def test_views_and_master_are_served_from_a_bucket_on_a_machine_without_the_lake
     assert mirror.is_dir() and not list(mirror.glob("master/**/*.parquet")), "master files copied to machine B"
 
     # the CLI on machine B, and a catalog a stock DuckDB can open: views yes, master says where it is
-    res = _cli(env_b, other, "sql", "SELECT sum(views) FROM pageviews_hourly")
+    res = machine_cli(env_b, other, "sql", "SELECT sum(views) FROM pageviews_hourly")
     assert res.returncode == 0 and "Traceback" not in res.stderr
-    res = _cli(env_b, other, "catalog")
+    res = machine_cli(env_b, other, "catalog")
     path = mirror / "lake.duckdb"
     assert str(path) in res.stdout
     cat = duckdb.connect(str(path), read_only=True)
@@ -86,7 +78,7 @@ def test_views_and_master_are_served_from_a_bucket_on_a_machine_without_the_lake
         cat.close()
 
     # status on machine B: every partition archived and consumed up to the log's end, heads and owners shown
-    res = _cli(env_b, other, "status", "--format", "json")
+    res = machine_cli(env_b, other, "status", "--format", "json")
     st = json.loads(res.stdout)
     ends = end_offsets(settings, topics(pipeline))
     assert {(r["topic"], r["partition"]): (r["archived"], r["speed_position"]) for r in st["partitions"]
@@ -96,7 +88,7 @@ def test_views_and_master_are_served_from_a_bucket_on_a_machine_without_the_lake
 
     # a second sync fetches only what changed (immutable objects once)
     produce(settings, pipeline, 300, seed=22, start="2026-01-06T02:00:00Z")
-    _cli(env, work, "speed", "--until-caught-up", "--checkpoint-interval", "0.05")
+    machine_cli(env, work, "speed", "--until-caught-up", "--checkpoint-interval", "0.05")
     before = {p for p in mirror.rglob("*.parquet")}
     sync(store, mirror)
     assert {p for p in mirror.rglob("*.parquet")} > before
@@ -105,7 +97,7 @@ def test_views_and_master_are_served_from_a_bucket_on_a_machine_without_the_lake
 def test_commands_that_do_not_run_on_object_storage_say_so(s3_lake):
     url, store, env, work = s3_lake
     for args in (["batch"], ["audit"]):
-        res = _cli(env, work, *args, check=False)
+        res = machine_cli(env, work, *args, check=False)
         assert res.returncode != 0 and "Traceback" not in res.stderr, (args, res.stderr)
         assert "object storage" in res.stderr and url in res.stderr, (args, res.stderr)
     with pytest.raises(ConfigError, match="object storage"):

@@ -24,7 +24,7 @@ from lambdalake.layout import Layout, speed_pointer
 from lambdalake.procs import stop_group
 from lambdalake.storage.local import LocalStore
 from speed import snapshot as snapshots
-from tests.conftest import LAMBDALAKE
+from tests.conftest import LAMBDALAKE, machine_cli
 from tests.oracle import read_log
 from tests.test_speed import all_positions_at_end, assert_snapshot_equals_oracle, produce, topics
 
@@ -132,13 +132,6 @@ def test_a_writer_that_lost_its_claim_publishes_nothing(any_store, tmp_path, req
 
 
 # --- real parts ---------------------------------------------------------------------------------------------------
-def _cli(env, work, *args, check=True) -> subprocess.CompletedProcess:
-    res = subprocess.run([LAMBDALAKE, *args], env=env, cwd=work, capture_output=True, text=True, timeout=300,
-                         stdin=subprocess.DEVNULL)
-    if check:
-        assert res.returncode == 0, res.stdout + res.stderr
-    return res
-
 
 @pytest.mark.slow
 @pytest.mark.integration
@@ -146,7 +139,7 @@ def test_speed_on_a_bucket_equals_the_oracle_across_kill_9(settings, pipeline, s
     url, store, env, work = s3_lake
     bucket = Layout(Path("/nonexistent-machine-dir"), store=store)  # what any machine reads: the bucket alone
     produce(settings, pipeline, 1500, seed=7)
-    res = _cli(env, work, "speed", "--until-caught-up", "--checkpoint-interval", "0.05")
+    res = machine_cli(env, work, "speed", "--until-caught-up", "--checkpoint-interval", "0.05")
     assert "valid" in res.stdout, res.stdout + res.stderr
     msgs = read_log(settings.bootstrap, topics(pipeline))
     meta = assert_snapshot_equals_oracle(pipeline, bucket, msgs)
@@ -168,7 +161,7 @@ def test_speed_on_a_bucket_equals_the_oracle_across_kill_9(settings, pipeline, s
         stop_group(daemon, timeout=10, first=signal.SIGKILL)
         daemon.communicate()
     produce(settings, pipeline, 500, seed=9, start="2026-01-06T02:00:00Z")
-    _cli(env, work, "speed", "--until-caught-up", "--checkpoint-interval", "0.05")
+    machine_cli(env, work, "speed", "--until-caught-up", "--checkpoint-interval", "0.05")
     msgs = read_log(settings.bootstrap, topics(pipeline))
     meta = assert_snapshot_equals_oracle(pipeline, bucket, msgs)
     all_positions_at_end(meta, end_offsets(settings, topics(pipeline)), pipeline)
@@ -199,7 +192,7 @@ def test_a_paused_speed_worker_that_wakes_after_a_takeover_publishes_nothing(set
         produce(settings, pipeline, 500, seed=32, start="2026-01-05T20:00:00Z")
         time.sleep(0.3)  # mid-stream
         a.send_signal(signal.SIGSTOP)
-        _cli(env_b, other, "speed", "--no-group", "--until-caught-up", "--checkpoint-interval", "0.05")
+        machine_cli(env_b, other, "speed", "--no-group", "--until-caught-up", "--checkpoint-interval", "0.05")
         taken = speed_pointer(bucket)
         produce(settings, pipeline, 500, seed=33, start="2026-01-06T02:00:00Z")  # work for the zombie
         a.send_signal(signal.SIGCONT)
@@ -212,7 +205,7 @@ def test_a_paused_speed_worker_that_wakes_after_a_takeover_publishes_nothing(set
     err = err.decode()
     assert a.returncode == 6 and "claimed the worker's checkpoint" in err and "Traceback" not in err, err[-2000:]
     assert speed_pointer(bucket) == taken, "the zombie switched the visible snapshot"
-    _cli(env_b, other, "speed", "--no-group", "--until-caught-up", "--checkpoint-interval", "0.05")
+    machine_cli(env_b, other, "speed", "--no-group", "--until-caught-up", "--checkpoint-interval", "0.05")
     msgs = read_log(settings.bootstrap, topics(pipeline))
     meta = assert_snapshot_equals_oracle(pipeline, bucket, msgs)
     all_positions_at_end(meta, end_offsets(settings, topics(pipeline)), pipeline)

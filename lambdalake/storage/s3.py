@@ -272,6 +272,11 @@ class S3Store:
         text = str(exc)
         code = (_CODE.search(text) or [None, ""])[1]
         where, bucket = self.settings.where, self.bucket
+        if "169.254.169.254" in text and not self.settings.access_key:  # no key given: the instance-profile lookup
+            raise StorageError(f"no S3 credentials for {self.url} at {where}: set AWS_ACCESS_KEY_ID and "
+                               "AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for a server other than AWS; `eval "
+                               "\"$(lambdalake s3 up)\"` for the embedded one), or run where an instance profile "
+                               "gives them") from None
         if code == "NoSuchBucket":
             raise StorageError(f"no bucket {bucket!r} at {where}: create it, or fix the bucket in the lake URL "
                                f"{self.url} (LAMBDALAKE_HOME) or the endpoint (AWS_ENDPOINT_URL)") from None
