@@ -166,7 +166,7 @@ def topics(pipeline: PipelineOpt = None, home: HomeOpt = None, bootstrap: Bootst
     """Create the pipeline's topics (and dead-letter topics) if missing; show message counts."""
     from lambdalake.clients import ensure_topics
 
-    ctx = context(pipeline, home, bootstrap, partitions)
+    ctx = context(pipeline, home, bootstrap, partitions, object_storage=True)  # only the log: any lake
     created = ensure_topics(ctx.settings, ctx.pipeline)
     if created:
         console.print(f"created topics: {', '.join(created)}")
@@ -211,7 +211,7 @@ def produce(
     from wiring.demo_stream import demo_messages
     from wiring.produce import send
 
-    ctx = context(pipeline, home, bootstrap)
+    ctx = context(pipeline, home, bootstrap, object_storage=True)  # only the log: any lake
     messages = demo_messages(ctx.pipeline, events, late_fraction=late_fraction,
                              duplicate_fraction=duplicate_fraction, malformed_fraction=malformed_fraction,
                              seed=seed, start=start, span=timedelta(hours=span_hours))
@@ -246,7 +246,7 @@ def load(
     from wiring.produce import send
 
     if check:
-        ctx = context(pipeline, home, bootstrap)
+        ctx = context(pipeline, home, bootstrap, object_storage=True)  # only the log: any lake
         result = check_file(ctx.pipeline, file, source)
         for where, reason in result.problems:
             console.print(f"{file.name} {where}: {reason}", markup=False, highlight=False)
@@ -254,7 +254,7 @@ def load(
         console.print(f"checked {result.rows} rows of {file.name}: {result.rows - result.bad_rows} ok, "
                       f"{result.bad_rows} refused{shown}; nothing was sent", markup=False, highlight=False)
         raise typer.Exit(1 if result.bad_rows else 0)
-    ctx = context(pipeline, home, bootstrap)
+    ctx = context(pipeline, home, bootstrap, object_storage=True)  # only the log: any lake
     messages = file_messages(ctx.pipeline, file, source)
     ensure_topics(ctx.settings, ctx.pipeline)
     print_report(send(ctx.settings, messages, rate=rate, progress=sys.stderr.isatty()))
