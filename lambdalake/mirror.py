@@ -32,7 +32,7 @@ from pathlib import Path
 from lambdalake import contracts
 from lambdalake.contracts import BatchPointer, SpeedPointer, SpeedSnapshotMeta
 from lambdalake.exceptions import InvariantViolation
-from lambdalake.layout import BATCH_POINTER_KEY, SPEED_SNAPSHOT_DIR, Layout, batch_prefix
+from lambdalake.layout import BATCH_POINTER_KEY, PARTITION_DIR, SPEED_SNAPSHOT_DIR, Layout, batch_prefix
 from lambdalake.locks import flock
 from lambdalake.storage.base import ObjectMissing, Store
 from lambdalake.storage.local import LocalStore
@@ -121,9 +121,13 @@ def _sync_once(remote: Store, local: LocalStore) -> int:
         keep.add(f"{wl.speed_prefix}/{snap}")
         pointers[f"{wl.speed_prefix}/CURRENT"] = data
     # 3. small mutable objects: master heads, forget requests, lake.json
-    for key in remote.list("master/"):
-        if key.endswith("/HEAD") and key.count("/") == 3:
-            local.put(key, remote.get(key))
+    for source in remote.children("master/"):  # (not a LIST of every master file: one per source)
+        for part in remote.children(f"master/{source}/"):
+            if PARTITION_DIR.match(part):
+                try:
+                    local.put(f"master/{source}/{part}/HEAD", remote.get(f"master/{source}/{part}/HEAD"))
+                except ObjectMissing:  # a partition not claimed by a head-writing archiver yet
+                    continue
     wanted = set()
     for key in remote.list("checkpoints/erasures/"):
         local.put(key, remote.get(key))
