@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -183,6 +184,48 @@ def s3_lake(s3_server, unique_suffix, cli_env, tmp_path):
     env = {**cli_env, **s3_server.env(), "LAMBDALAKE_HOME": url, "LAMBDALAKE_WORK_DIR": str(work / "work"),
            "TMPDIR": str(work)}
     return url, store, env, work
+
+
+@pytest.fixture
+def own_s3_lake(cli_env, tmp_path):
+    """A lake ``s3://killed/lake`` on an S3 server of the test's own (the session's one must survive a kill), and a
+    machine with an empty working directory: (server, port, url, store, work, env). Stopped at the end."""
+    from types import SimpleNamespace
+
+    from lambdalake.embedded import free_port
+    from lambdalake.s3server import EmbeddedS3, create_bucket
+    from lambdalake.storage.s3 import S3Store
+
+    port = free_port()
+    server = EmbeddedS3(tmp_path / "own-s3", port=port, tied_to_parent=True)
+    server.up(timeout=90)
+    try:
+        access = server.access()
+        create_bucket(access, "killed")
+        url = "s3://killed/lake"
+        store = S3Store(url, endpoint=access.endpoint, access_key=access.access_key, secret_key=access.secret_key,
+                        region="us-east-1")
+        work = tmp_path / "machine"
+        work.mkdir()
+        env = {**cli_env, **access.env(), "LAMBDALAKE_HOME": url, "LAMBDALAKE_WORK_DIR": str(work / "work")}
+        yield SimpleNamespace(server=server, port=port, url=url, store=store, work=work, env=env)
+    finally:
+        server.down(timeout=20)
+
+
+def failed_in_one_line(daemon: subprocess.Popen, timeout: float) -> None:
+    """Wait for ``daemon`` (stderr piped) to give up; it must have exited non-zero with an ``error:`` line and no
+    traceback. Killed with its group if it does not stop in time."""
+    from lambdalake.procs import stop_group
+
+    try:
+        _, err = daemon.communicate(timeout=timeout)
+    finally:
+        if daemon.returncode is None:
+            stop_group(daemon, timeout=10, first=signal.SIGKILL)
+            daemon.communicate()
+    err = err.decode()
+    assert daemon.returncode != 0 and "error:" in err and "Traceback" not in err, err[-2000:]
 
 
 CLI_SECONDS: defaultdict[str, list[float]] = defaultdict(list)  # wall time of each `lambdalake <command>` run

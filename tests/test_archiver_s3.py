@@ -17,9 +17,8 @@ import pytest
 from lambdalake.heads import file_key, stored_head
 from lambdalake.layout import Layout
 from lambdalake.procs import stop_group
-from lambdalake.s3server import create_bucket
 from lambdalake.storage.s3 import S3Store
-from tests.conftest import LAMBDALAKE, machine_cli
+from tests.conftest import LAMBDALAKE, failed_in_one_line, machine_cli
 from tests.oracle import read_log
 from tests.test_archiver import dlq_records, expected_invalid, expected_master, produce
 
@@ -99,44 +98,23 @@ def test_commands_not_on_object_storage_yet_and_wrong_buckets_say_so_in_one_line
     assert not (work / "s3:").exists()
 
 
-def test_the_s3_server_killed_mid_run_fails_in_one_line_and_a_rerun_is_exact(settings, pipeline, run_cli, cli_env,
-                                                                            tmp_path):
+def test_the_s3_server_killed_mid_run_fails_in_one_line_and_a_rerun_is_exact(settings, pipeline, run_cli,
+                                                                            own_s3_lake):
     """A server of its own (the session's one must survive): killed with -9 while the archiver rolls, then started
     again on the same port and data; the archiver gave up with one line, the rerun archives exactly."""
-    from lambdalake.embedded import free_port
-    from lambdalake.s3server import EmbeddedS3
-
-    port = free_port()
-    server = EmbeddedS3(tmp_path / "own-s3", port=port, tied_to_parent=True)
-    server.up(timeout=90)
+    lake = own_s3_lake
+    env = {**lake.env, "LAMBDALAKE_ARCHIVE_ROLL_ROWS": "20", "LAMBDALAKE_ARCHIVE_ROLL_SECONDS": "0.2"}
+    produce(run_cli, 600, malformed_fraction=0.05, duplicate_fraction=0.05)
+    daemon = _start_when_archiving(env, lake.work, lake.store, "--partitions", "0,1,2,3")
     try:
-        access = server.access()
-        create_bucket(access, "killed")
-        url = "s3://killed/lake"
-        store = S3Store(url, endpoint=access.endpoint, access_key=access.access_key, secret_key=access.secret_key,
-                        region="us-east-1")
-        work = tmp_path / "machine"
-        work.mkdir()
-        env = {**cli_env, **access.env(), "LAMBDALAKE_HOME": url, "LAMBDALAKE_WORK_DIR": str(work / "work"),
-               "LAMBDALAKE_ARCHIVE_ROLL_ROWS": "20", "LAMBDALAKE_ARCHIVE_ROLL_SECONDS": "0.2"}
-        produce(run_cli, 600, malformed_fraction=0.05, duplicate_fraction=0.05)
-        daemon = _start_when_archiving(env, work, store, "--partitions", "0,1,2,3")
-        try:
-            server.down(timeout=0)  # SIGKILL of the server mid-run
-            produce(run_cli, 300, seed=9, malformed_fraction=0.05, duplicate_fraction=0.05)  # more rolls to try
-            _, err = daemon.communicate(timeout=120)
-        finally:
-            if daemon.returncode is None:
-                stop_group(daemon, timeout=10, first=signal.SIGKILL)
-                daemon.communicate()
-        err = err.decode()
-        assert daemon.returncode != 0 and "error:" in err and "Traceback" not in err, err[-2000:]
-        assert server.up(timeout=90)["port"] == port
-        res = machine_cli(env, work, "ingest", "--until-caught-up")
-        assert "archived" in res.stdout
-        _check_exact(settings, pipeline, store)
+        lake.server.down(timeout=0)  # SIGKILL of the server mid-run
+        produce(run_cli, 300, seed=9, malformed_fraction=0.05, duplicate_fraction=0.05)  # more rolls to try
     finally:
-        server.down(timeout=20)
+        failed_in_one_line(daemon, timeout=120)
+    assert lake.server.up(timeout=90)["port"] == lake.port
+    res = machine_cli(env, lake.work, "ingest", "--until-caught-up")
+    assert "archived" in res.stdout
+    _check_exact(settings, pipeline, lake.store)
 
 
 def test_two_machines_archive_one_bucket_as_a_group_and_one_dies(settings, pipeline, run_cli, s3_lake, tmp_path):

@@ -24,7 +24,7 @@ from lambdalake.layout import Layout, speed_pointer
 from lambdalake.procs import stop_group
 from lambdalake.storage.local import LocalStore
 from speed import snapshot as snapshots
-from tests.conftest import LAMBDALAKE, machine_cli
+from tests.conftest import LAMBDALAKE, failed_in_one_line, machine_cli
 from tests.oracle import read_log
 from tests.test_speed import all_positions_at_end, assert_snapshot_equals_oracle, produce, topics
 
@@ -275,48 +275,26 @@ def test_two_machines_share_the_speed_layer_of_a_bucket_and_one_dies(settings, p
 @pytest.mark.slow
 @pytest.mark.integration
 def test_the_s3_server_killed_under_a_speed_daemon_fails_in_one_line_and_a_rerun_is_exact(settings, pipeline,
-                                                                                         cli_env, tmp_path):
+                                                                                         own_s3_lake):
     """A server of its own (the session's one must survive): killed with -9 while the speed layer checkpoints into
     it, then started again on the same port and data; the daemon gave up with one line, the rerun is exact."""
-    from lambdalake.embedded import free_port
-    from lambdalake.s3server import EmbeddedS3, create_bucket
-    from lambdalake.storage.s3 import S3Store
-
-    port = free_port()
-    server = EmbeddedS3(tmp_path / "own-s3", port=port, tied_to_parent=True)
-    server.up(timeout=90)
+    lake = own_s3_lake
+    bucket = Layout(Path("/nonexistent-machine-dir"), store=lake.store)
+    produce(settings, pipeline, 1000, seed=51)
+    daemon = subprocess.Popen([LAMBDALAKE, "speed", "--no-group", "--checkpoint-interval", "0.05"], env=lake.env,
+                              cwd=lake.work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        access = server.access()
-        create_bucket(access, "killed")
-        url = "s3://killed/lake"
-        store = S3Store(url, endpoint=access.endpoint, access_key=access.access_key, secret_key=access.secret_key,
-                        region="us-east-1")
-        bucket = Layout(Path("/nonexistent-machine-dir"), store=store)
-        work = tmp_path / "machine"
-        work.mkdir()
-        env = {**cli_env, **access.env(), "LAMBDALAKE_HOME": url, "LAMBDALAKE_WORK_DIR": str(work / "work")}
-        produce(settings, pipeline, 1000, seed=51)
-        daemon = subprocess.Popen([LAMBDALAKE, "speed", "--no-group", "--checkpoint-interval", "0.05"], env=env,
-                                  cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and speed_pointer(bucket) is None:
-                time.sleep(0.1)
-            assert speed_pointer(bucket) is not None, "nothing published before the kill"
-            server.down(timeout=0)  # SIGKILL of the server mid-run
-            produce(settings, pipeline, 500, seed=52, start="2026-01-05T20:00:00Z")  # checkpoints to try
-            _, err = daemon.communicate(timeout=180)
-        finally:
-            if daemon.returncode is None:
-                stop_group(daemon, timeout=10, first=signal.SIGKILL)
-                daemon.communicate()
-        err = err.decode()
-        assert daemon.returncode != 0 and "error:" in err and "Traceback" not in err, err[-2000:]
-        assert server.up(timeout=90)["port"] == port
-        machine_cli(env, work, "speed", "--until-caught-up", "--checkpoint-interval", "0.05")
-        msgs = read_log(settings.bootstrap, topics(pipeline))
-        meta = assert_snapshot_equals_oracle(pipeline, bucket, msgs)
-        all_positions_at_end(meta, end_offsets(settings, topics(pipeline)), pipeline)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and speed_pointer(bucket) is None:
+            time.sleep(0.1)
+        assert speed_pointer(bucket) is not None, "nothing published before the kill"
+        lake.server.down(timeout=0)  # SIGKILL of the server mid-run
+        produce(settings, pipeline, 500, seed=52, start="2026-01-05T20:00:00Z")  # checkpoints to try
     finally:
-        server.down(timeout=20)
+        failed_in_one_line(daemon, timeout=180)
+    assert lake.server.up(timeout=90)["port"] == lake.port
+    machine_cli(lake.env, lake.work, "speed", "--until-caught-up", "--checkpoint-interval", "0.05")
+    msgs = read_log(settings.bootstrap, topics(pipeline))
+    meta = assert_snapshot_equals_oracle(pipeline, bucket, msgs)
+    all_positions_at_end(meta, end_offsets(settings, topics(pipeline)), pipeline)
