@@ -207,12 +207,13 @@ def batch_cmd(
 ) -> None:
     """Compute every view with Spark and publish a new batch version: incrementally (the published version merged
     with the events archived since) when possible, else a full recompute from the master dataset."""
+    from lambdalake.layout import Layout
     from lambdalake.versions import default_keep
     from lambdalake.versions import rollback as do_rollback
 
-    ctx = context(pipeline, home, spark_master=spark_master)
+    ctx = context(pipeline, home, spark_master=spark_master, object_storage=True)
     if rollback:
-        frm, to = do_rollback(ctx.settings.home, force=force)
+        frm, to = do_rollback(ctx.settings.home, force=force, layout=Layout.of(ctx.settings.home, ctx.settings.lake))
         console.print(f"rolled back: CURRENT {frm} -> {to}")
         return
     from batch.job import run_batch

@@ -6,14 +6,10 @@ all master below ``W`` (:func:`_compute_source`) or an incremental one from the 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from batch.carry_over import _carry_over, _link_dir
+from batch.carry_over import _carry_over, copy_dir
 from batch.incremental import IDS_DIR, erased_digest
 from batch.inputs import Inputs
 from batch.rejected import write_revalidated
@@ -28,6 +24,7 @@ from lambdalake.fields import Source
 from lambdalake.layout import Layout
 from lambdalake.pipeline import Pipeline, View
 from lambdalake.schema import OFFSET_COL, PARTITION_COL
+from lambdalake.storage.files import data_files
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +41,12 @@ class _Computed:
 
 
 def _compute(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, selected: list[View],
-             staging: Path, base: BatchManifest | None = None) -> _Computed:
+             staging: str, base: BatchManifest | None = None) -> _Computed:
     """Steps 2-4 for the selected views, from all master below W or, with ``base``, incrementally from that
-    version (:func:`_compute_source_incremental`)."""
+    version (:func:`_compute_source_incremental`). ``staging``: the key prefix of the staged version (in the lake:
+    Spark's executors write there, wherever they run)."""
     done = _Computed()
-    scratch = staging / "_revalidated"  # removed before publishing: never part of a version
+    scratch = f"{staging}/_revalidated"  # removed before publishing: never part of a version
     try:
         for src in pipeline.sources:
             src_views = [v for v in selected if v.source == src.name]
@@ -60,7 +58,7 @@ def _compute(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, selected
                 _compute_source_incremental(spark, layout, pipeline, inputs, src, src_views, staging, scratch,
                                             base, done)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        data_files(layout.store).delete_prefix(scratch)
     return done
 
 
@@ -71,7 +69,7 @@ DEFAULT_BROADCAST_DUPLICATES = 2_000_000
 
 
 def _compute_source(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, src: Source, src_views: list[View],
-                    staging: Path, scratch: Path, done: _Computed) -> None:
+                    staging: str, scratch: str, done: _Computed) -> None:
     """Steps 2-4 of a full run for one source. The dedup never shuffles the rows: one hash aggregate of the
     narrow (partition, event id, offset) of the valid rows below W gives, per id, its first offset and how often
     it occurs (cached: it is the event count, the id index and the duplicates at once); the rows are then joined
@@ -88,13 +86,14 @@ def _compute_source(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, s
     t0 = time.monotonic()
     extra = None
     if inputs.rejudged.get(src.name):
-        extra, done.revalidated[src.name] = write_revalidated(src, inputs.rejudged[src.name],
+        extra, done.revalidated[src.name] = write_revalidated(layout, src, inputs.rejudged[src.name],
                                                               inputs.watermark.of_topic(src.topic), scratch,
                                                               skip=erased_subjects(layout, src.name))
         log.info("source %s: %d rejected messages valid under the declared rules", src.name,
                  done.revalidated[src.name])
     columns = view_columns_needed(pipeline, src)
-    rows = valid_events(spark, layout, src, inputs, columns, extra)
+    rows = valid_events(spark, layout, src, inputs, columns,
+                        None if extra is None else data_files(layout.store).uri(extra))
     key = [PARTITION_COL, src.event_id]  # never null in a valid row (a required, non-nullable field): an equi-join
     ev = None
     ids = (rows.select(*key, OFFSET_COL).groupBy(*key)
@@ -118,7 +117,7 @@ def _compute_source(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, s
         if len(src_views) > 1:  # the first view's scan caches the events the others read
             ev = ev.persist(StorageLevel.MEMORY_AND_DISK)
         for view in src_views:
-            _write_view(pipeline, view_frame(ev, src, view), src, view, staging, n, done)
+            _write_view(layout, pipeline, view_frame(ev, src, view), src, view, staging, n, done)
     finally:
         if ev is not None:
             ev.unpersist()
@@ -126,7 +125,7 @@ def _compute_source(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, s
 
 
 def _compute_source_incremental(spark, layout: Layout, pipeline: Pipeline, inputs: Inputs, src: Source,
-                                src_views: list[View], staging: Path, scratch: Path, base: BatchManifest,
+                                src_views: list[View], staging: str, scratch: str, base: BatchManifest,
                                 done: _Computed) -> None:
     """Steps 2-4 of an incremental run for one source: the new events are the valid rows at offsets
     ``[base W[p], W[p])`` (first occurrence among them) whose (partition, event id) is not in ``base``'s id index
@@ -136,6 +135,7 @@ def _compute_source_incremental(spark, layout: Layout, pipeline: Pipeline, input
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    lake = data_files(layout.store)
     since = base.watermark.of_topic(src.topic)
     prev_index = base.id_index[src.name]
     prev_events = base.events.get(src.name, 0)
@@ -143,23 +143,24 @@ def _compute_source_incremental(spark, layout: Layout, pipeline: Pipeline, input
     extra, n_extra = None, 0
     rejudged = [f for f in inputs.rejudged.get(src.name, []) if f.end > since.get(f.partition, 0)]
     if rejudged:
-        extra, _ = write_revalidated(src, rejudged, inputs.watermark.of_topic(src.topic), scratch,
+        extra, _ = write_revalidated(layout, src, rejudged, inputs.watermark.of_topic(src.topic), scratch,
                                      skip=erased_subjects(layout, src.name))
         if extra is not None:
-            pos = pq.read_table(extra, columns=[PARTITION_COL, OFFSET_COL]).to_pydict()
+            pos = lake.read_table(extra, columns=[PARTITION_COL, OFFSET_COL]).to_pydict()
             n_extra = sum(o >= since.get(p, 0) for p, o in zip(pos[PARTITION_COL], pos[OFFSET_COL], strict=True))
     done.revalidated[src.name] = base.revalidated.get(src.name, 0) + n_extra
     key = [PARTITION_COL, src.event_id]
-    base_dir = layout.batch_version(str(base.version))
+    base_dir = layout.batch_version(str(base.version)).relative_to(layout.home).as_posix()
     if all(w <= since.get(p, 0) for p, w in inputs.watermark.of_topic(src.topic).items()):
         fresh = new = None  # nothing archived since: the published views and index as they are
     else:
-        fresh = deduplicated_events(spark, layout, src, inputs, view_columns_needed(pipeline, src), extra,
+        fresh = deduplicated_events(spark, layout, src, inputs, view_columns_needed(pipeline, src),
+                                    None if extra is None else lake.uri(extra),
                                     since=since).persist(StorageLevel.MEMORY_AND_DISK)
         # ids counted before: the index rows matching a new id (the new ids broadcast: the index is scanned once,
         # never shuffled), then the new rows without them
-        id_files = [str(f) for s in prev_index.segments for f in sorted((base_dir / IDS_DIR / src.name / s)
-                                                                        .glob("*.parquet"))]
+        id_files = [lake.uri(f"{base_dir}/{IDS_DIR}/{src.name}/{s}/{f}") for s in prev_index.segments
+                    for f in lake.names(f"{base_dir}/{IDS_DIR}/{src.name}/{s}")]
         ids = (spark.read.schema(_index_schema(src)).parquet(*id_files) if id_files
                else spark.createDataFrame([], _index_schema(src)))
         seen = ids.join(F.broadcast(fresh.select(*key)), key, "left_semi")
@@ -173,8 +174,7 @@ def _compute_source_incremental(spark, layout: Layout, pipeline: Pipeline, input
         _write_index_segment(new, src, staging, prev_index.segments, total, layout, done,
                              carry_from=base_dir, write=n_new > 0)
         for view in src_views:
-            files = [str(base_dir / view.name / f)
-                     for f in base.views[view.name].files]
+            files = [lake.uri(f"{base_dir}/{view.name}/{f}") for f in base.views[view.name].files]
             if not n_new:
                 frame = None
             elif files:
@@ -185,48 +185,52 @@ def _compute_source_incremental(spark, layout: Layout, pipeline: Pipeline, input
                 frame = view_frame(new, src, view)
             if frame is None:  # nothing new: the published rows as they are
                 _carry_over(layout, str(base.version), view.name, staging)
-                _checked(pipeline, view, staging / view.name, total, done, t0=time.monotonic())
+                _checked(layout, pipeline, view, f"{staging}/{view.name}", total, done, t0=time.monotonic())
             else:
-                _write_view(pipeline, frame, src, view, staging, total, done)
+                _write_view(layout, pipeline, frame, src, view, staging, total, done)
     finally:
         for df in (new, fresh):
             if df is not None:
                 df.unpersist()
 
 
-def _write_index_segment(events, src: Source, staging: Path, carried: list[str], total: int, layout: Layout,
-                         done: _Computed, carry_from: Path | None = None, write: bool = True) -> None:
-    """The source's id index in the staged version: ``carried`` segments hard-linked from ``carry_from``, plus
-    one segment of the (partition, event id) of ``events`` (unless ``write`` is false)."""
-    base = staging / IDS_DIR / src.name
+def _write_index_segment(events, src: Source, staging: str, carried: list[str], total: int, layout: Layout,
+                         done: _Computed, carry_from: str | None = None, write: bool = True) -> None:
+    """The source's id index in the staged version: ``carried`` segments carried over (hard links, or server-side
+    copies) from the version prefix ``carry_from``, plus one segment of the (partition, event id) of ``events``
+    (unless ``write`` is false)."""
+    lake = data_files(layout.store)
+    base = f"{staging}/{IDS_DIR}/{src.name}"
     segments = list(carried)
     for s in carried:
-        _link_dir(carry_from / IDS_DIR / src.name / s, base / s)  # type: ignore[operator]
+        copy_dir(lake, f"{carry_from}/{IDS_DIR}/{src.name}/{s}", f"{base}/{s}")
     if write:
         name = f"s{len(carried):06d}"
         t0 = time.monotonic()
-        events.select(PARTITION_COL, src.event_id).write.mode("errorifexists").parquet(str(base / name))
-        for junk in [*(base / name).glob(".*.crc"), base / name / "_SUCCESS"]:
-            junk.unlink(missing_ok=True)
+        events.select(PARTITION_COL, src.event_id).write.mode("errorifexists").parquet(lake.uri(f"{base}/{name}"))
+        lake.remove_junk(f"{base}/{name}")
         segments.append(name)
         log.info("source %s: id index segment %s written in %.2fs", src.name, name, time.monotonic() - t0)
     done.index[src.name] = IdIndex(segments, total, erased_digest(layout, src.name))
 
 
-def _write_view(pipeline: Pipeline, frame, src: Source, view: View, staging: Path, events: int,
+def _write_view(layout: Layout, pipeline: Pipeline, frame, src: Source, view: View, staging: str, events: int,
                 done: _Computed) -> None:
     # 3. aggregate (+ merge) + write to staging
     t0 = time.monotonic()
-    vdir = staging / view.name
-    write_for_lookups(frame, view, vdir)
+    lake, vdir = data_files(layout.store), f"{staging}/{view.name}"
+    write_for_lookups(frame, view, lake.uri(vdir))
     log.info("view %s computed and written in %.2fs", view.name, time.monotonic() - t0)
-    for junk in [*vdir.glob(".*.crc"), vdir / "_SUCCESS"]:
-        junk.unlink(missing_ok=True)
-    _checked(pipeline, view, vdir, events, done, time.monotonic())
+    lake.remove_junk(vdir)
+    _checked(layout, pipeline, view, vdir, events, done, time.monotonic())
 
 
-def _checked(pipeline: Pipeline, view: View, vdir: Path, events: int, done: _Computed, t0: float) -> None:
+def _checked(layout: Layout, pipeline: Pipeline, view: View, vdir: str, events: int, done: _Computed,
+             t0: float) -> None:
     # 4. validate before anything can be published
-    done.row_counts[view.name] = check_staged(pipeline, view, vdir, events)
+    lake = data_files(layout.store)
+    names = lake.names(vdir)
+    done.row_counts[view.name] = check_staged(pipeline, view, {n: lake.parquet(f"{vdir}/{n}") for n in names},
+                                              events)
     log.info("view %s validated in %.2fs", view.name, time.monotonic() - t0)
-    done.meta[view.name] = BatchView(pipeline.fingerprint(view), files=sorted(f.name for f in vdir.glob("*.parquet")))
+    done.meta[view.name] = BatchView(pipeline.fingerprint(view), files=names)

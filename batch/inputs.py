@@ -5,14 +5,12 @@ published version recorded for the same, unchanged file reused instead of hashin
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import datetime
 
-import pyarrow.parquet as pq
+from pyarrow.fs import FileInfo
 
 from batch.exceptions import MasterBehindPublished
-from batch.master import sha256_file
 from batch.rejected import rejudged_files
 from lambdalake.contracts import BatchManifest, InputFile, Positions
 from lambdalake.exceptions import PipelineError
@@ -21,6 +19,7 @@ from lambdalake.handoff import aligned_watermark
 from lambdalake.heads import master_files
 from lambdalake.layout import Layout, MasterFile
 from lambdalake.pipeline import Pipeline
+from lambdalake.storage.files import data_files
 
 
 @dataclass(frozen=True)
@@ -118,9 +117,9 @@ class KnownChecksums:
         before_ns = int((started.timestamp() - CHECKSUM_REUSE_MARGIN_S) * 1e9)
         return cls({f.path: f for f in [*manifest.inputs, *manifest.rejected_inputs]}, before_ns)
 
-    def sha256(self, rel: str, f: MasterFile, st: os.stat_result) -> str | None:
+    def sha256(self, rel: str, f: MasterFile, st: FileInfo) -> str | None:
         rec = self.files.get(rel)
-        if (rec is None or rec.bytes != st.st_size or st.st_mtime_ns >= self.before_ns
+        if (rec is None or rec.bytes != st.size or st.mtime_ns is None or st.mtime_ns >= self.before_ns
                 or (rec.partition, rec.start, rec.end) != (f.partition, f.start, f.end)):
             return None
         return rec.sha256
@@ -133,14 +132,15 @@ def _input_file(layout: Layout, f: MasterFile, source: Source | None = None,
     field: a field declared after the file was archived is not in it (the archiver stores declared fields only),
     so its values, and which events it makes valid, cannot be recomputed from master. Refused, never read as
     null."""
-    meta = pq.ParquetFile(f.path).metadata
+    files, rel = data_files(layout.store), f.path.relative_to(layout.home).as_posix()
+    meta = files.parquet(rel).metadata
     missing = [] if source is None else [x.name for x in source.fields if x.name not in set(meta.schema.names)]
     if missing:
         raise PipelineError(
             f"source {source.name!r}: field(s) {', '.join(map(repr, missing))} are not in master file "
             f"{f.path.name} of partition {f.partition} (archived before they were declared), so the batch job cannot "
             "recompute views with them; rebuild from the log with `lambdalake replay` (Kappa) instead")
-    rel, st = str(f.path.relative_to(layout.home)), f.path.stat()
+    st = files.info(rel)
     digest = known.sha256(rel, f, st) if known is not None else None
-    return InputFile(rel, f.source, f.partition, f.start, f.end, st.st_size, digest or sha256_file(f.path),
+    return InputFile(rel, f.source, f.partition, f.start, f.end, st.size, digest or files.sha256(rel),
                      meta.num_rows)

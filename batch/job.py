@@ -83,6 +83,7 @@ from lambdalake.exceptions import PipelineError
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import Pipeline
 from lambdalake.runtime import crash_point
+from lambdalake.storage.files import data_files
 from lambdalake.versions import DEFAULT_KEEP, new_staging_dir, publish
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,8 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
     unchanged, else recomputed too); None = all, new watermark — incrementally from the published version when
     :func:`batch.incremental.incremental_base` allows it, unless ``full``.
     """
-    layout = Layout(settings.home)
+    layout = Layout.of(settings.home, settings.lake)
+    lake = data_files(layout.store)
     keep = DEFAULT_KEEP if keep is None else keep
     selected = [pipeline.view(v) for v in views] if views else list(pipeline.views)
     if not pipeline.views:
@@ -148,6 +150,7 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
 
     own_spark = spark is None
     staging = new_staging_dir(layout)
+    stage = staging.relative_to(layout.home).as_posix()  # the staged version's prefix in the lake
     published_ok = False
     try:
         with master_readers_lock(layout):
@@ -170,13 +173,13 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
                                                 full=full)
             log.info("%s run: %s", "incremental" if base is not None else "full", reason)
             if own_spark:
-                spark = spark_session(spark_master or settings.spark_master)
+                spark = spark_session(spark_master or settings.spark_master, s3=not lake.local)
             saved = {k: spark.conf.get(k, None) for k in SESSION_CONF}
             for k, v in SESSION_CONF.items():
                 spark.conf.set(k, v)
             try:
                 # 2-4. read + validate + dedup, aggregate (+ merge), write, check
-                done = _compute(spark, layout, pipeline, inputs, selected, staging, base)
+                done = _compute(spark, layout, pipeline, inputs, selected, stage, base)
             finally:
                 for k, v in saved.items():
                     if v is None:
@@ -185,7 +188,7 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
                         spark.conf.set(k, v)
         engine, master = f"spark {spark.version}", spark.sparkContext.master
         for name, meta in carried.items():
-            _carry_over(layout, published.version, name, staging)
+            _carry_over(layout, published.version, name, stage)
             done.row_counts[name] = published.row_counts[name]
             done.meta[name] = meta
         events = done.events
@@ -194,7 +197,7 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
             for src in pipeline.sources:  # a source none of whose views was computed keeps its index
                 idx = published.id_index.get(src.name)
                 if src.name not in done.index and idx is not None:
-                    _carry_index(layout, published.version, src.name, idx, staging)
+                    _carry_index(layout, published.version, src.name, idx, stage)
                     done.index[src.name] = idx
         manifest = BatchManifest(
             pipeline=pipeline.name,
@@ -224,12 +227,14 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
         )
         # 5. publish (manifest, one compare-and-swap of CURRENT, retention)
         crash_point("LAMBDALAKE_BATCH_FAULT", "staged")  # crash tests: staged, nothing published
-        manifest = publish(layout, staging, manifest, keep=keep)
+        manifest = publish(layout, staging, manifest, keep=keep, staged_in_store=True)
         published_ok = True
         return manifest
     finally:
         if not published_ok:
             shutil.rmtree(staging, ignore_errors=True)
+            if not lake.local:
+                lake.delete_prefix(stage)
         if own_spark and spark is not None:
             spark.stop()
 
@@ -253,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"recompute from all master data, never incrementally [env {FULL_ENV}=1]")
     args = ap.parse_args(argv)
     try:
-        settings = load_settings(home=args.home, pipeline=args.pipeline)
+        settings = load_settings(home=args.home, pipeline=args.pipeline, object_storage=True)
         pipeline = load_pipeline(settings.pipeline)
         from lambdalake.versions import default_keep
 

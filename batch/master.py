@@ -72,9 +72,9 @@ def rejected_table(source: Source, partition: int, offsets: list[int], values: l
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def rejected_rules(path: Path) -> str | None:
-    """The rules fingerprint a rejected file's messages were judged by (footer only)."""
-    meta = pq.read_schema(path).metadata or {}
+def rejected_rules(file: Path | pa.Schema) -> str | None:
+    """The rules fingerprint a rejected file's messages were judged by (footer only; the file or its schema)."""
+    meta = (file if isinstance(file, pa.Schema) else pq.read_schema(file)).metadata or {}
     raw = meta.get(RULES_KEY)
     return None if raw is None else raw.decode()
 

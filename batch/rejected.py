@@ -27,17 +27,24 @@ from lambdalake.fields import Source
 from lambdalake.heads import rejected_files
 from lambdalake.layout import Layout, MasterFile
 from lambdalake.schema import INGEST_COL, OFFSET_COL, VALUE_COL
+from lambdalake.storage.files import data_files
 from lambdalake.validation import Validator, rules_fingerprint
 
 
 def rejudged_files(layout: Layout, source: Source, watermark: Mapping[int, int]) -> list[MasterFile]:
     """The rejected files of ``source`` below ``watermark`` ({partition: W}) judged by other rules than declared."""
     declared = rules_fingerprint(source)
+    files = data_files(layout.store)
     return [f for f in rejected_files(layout, source.name)
-            if f.start < watermark.get(f.partition, 0) and rejected_rules(f.path) != declared]
+            if f.start < watermark.get(f.partition, 0)
+            and rejected_rules(files.parquet(_key(layout, f)).schema_arrow) != declared]
 
 
-def revalidated_rows(source: Source, files: list[MasterFile], watermark: Mapping[int, int],
+def _key(layout: Layout, f: MasterFile) -> str:
+    return f.path.relative_to(layout.home).as_posix()
+
+
+def revalidated_rows(layout: Layout, source: Source, files: list[MasterFile], watermark: Mapping[int, int],
                      skip: frozenset[str] = frozenset()) -> pa.Table:
     """Master rows (:func:`batch.master.master_schema`) of the messages in ``files`` below ``watermark`` that are
     valid under ``source``'s declared rules, in (partition, offset) order; events of the subjects ``skip`` (erased:
@@ -45,9 +52,10 @@ def revalidated_rows(source: Source, files: list[MasterFile], watermark: Mapping
     validate = Validator(source)
     names = [f.name for f in source.fields]
     tables = [master_schema(source).empty_table()]
+    lake = data_files(layout.store)
     for f in files:
         w = watermark.get(f.partition, 0)
-        t = pq.read_table(f.path, columns=[OFFSET_COL, INGEST_COL, VALUE_COL])
+        t = lake.read_table(_key(layout, f), columns=[OFFSET_COL, INGEST_COL, VALUE_COL])
         cols: dict[str, list] = {n: [] for n in names}
         offsets: list[int] = []
         ingest: list[int] = []
@@ -66,20 +74,27 @@ def revalidated_rows(source: Source, files: list[MasterFile], watermark: Mapping
     return pa.concat_tables(tables)
 
 
-def write_revalidated(source: Source, files: list[MasterFile], watermark: Mapping[int, int],
-                      directory: Path, skip: frozenset[str] = frozenset()) -> tuple[Path | None, int]:
-    """:func:`revalidated_rows` of ``files`` written to ``directory/<source>.parquet`` (master schema, readable with
-    the master files): (that path or None when no message is valid now, how many are)."""
-    rows = revalidated_rows(source, files, watermark, skip) if files else None
+def write_revalidated(layout: Layout, source: Source, files: list[MasterFile], watermark: Mapping[int, int],
+                      prefix: str, skip: frozenset[str] = frozenset()) -> tuple[str | None, int]:
+    """:func:`revalidated_rows` of ``files`` written into the lake as ``<prefix>/<source>.parquet`` (master schema,
+    readable with the master files by Spark's executors, wherever they run): (that key or None when no message is
+    valid now, how many are)."""
+    rows = revalidated_rows(layout, source, files, watermark, skip) if files else None
     if rows is None or not rows.num_rows:
         return None, 0
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{source.name}.parquet"
-    pq.write_table(rows, path)
-    return path, rows.num_rows
+    key = f"{prefix}/{source.name}.parquet"
+    data_files(layout.store).write_table(rows, key)
+    return key, rows.num_rows
 
 
 def revalidated_file(layout: Layout, source: Source, watermark: Mapping[int, int], directory: Path) -> Path | None:
-    """:func:`write_revalidated` of every rejected file of ``source`` to judge again below ``watermark``."""
-    return write_revalidated(source, rejudged_files(layout, source, watermark), watermark, directory,
-                             erased_subjects(layout, source.name))[0]
+    """:func:`revalidated_rows` of every rejected file of ``source`` to judge again below ``watermark``, written to
+    the local file ``directory/<source>.parquet`` (None when no message is valid now)."""
+    files = rejudged_files(layout, source, watermark)
+    rows = revalidated_rows(layout, source, files, watermark, erased_subjects(layout, source.name)) if files else None
+    if rows is None or not rows.num_rows:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{source.name}.parquet"
+    pq.write_table(rows, path)
+    return path

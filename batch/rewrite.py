@@ -46,6 +46,7 @@ from lambdalake.exceptions import InvariantViolation, LambdalakeError
 from lambdalake.heads import HeadFile, replace_files
 from lambdalake.layout import MASTER_FILE, Layout, atomic_write_bytes, fsync_dir, rewrite_dir, rewrite_records, tmp_name
 from lambdalake.locks import flock
+from lambdalake.storage.local import LocalStore
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,14 @@ def _lock_path(layout: Layout, name: str) -> Path:
 
 @contextmanager
 def master_readers_lock(layout: Layout, timeout: float | None = None) -> Iterator[None]:
-    """Held (shared) by a batch run while it snapshots and reads master files; a rewrite takes it exclusively."""
+    """Held (shared) by a batch run while it snapshots and reads master files; a rewrite takes it exclusively.
+
+    A lake on object storage has no such lock: nothing rewrites master files there yet (compaction and ``forget``
+    refuse a bucket), and a master file no head lists any more is deleted only after the garbage grace period
+    (:func:`lambdalake.heads.gc_grace`), longer than a run reading it."""
+    if not isinstance(layout.store, LocalStore):
+        yield
+        return
     with flock(_lock_path(layout, "readers.lock"), shared=True, timeout=timeout, what="the master readers lock",
                on_busy=CompactionBusy):
         yield

@@ -14,10 +14,11 @@ from lambdalake.fields import Source
 from lambdalake.layout import Layout
 from lambdalake.pipeline import Pipeline
 from lambdalake.schema import OFFSET_COL, PARTITION_COL
+from lambdalake.storage.files import data_files
 
 
 def deduplicated_events(spark, layout: Layout, source: Source, inputs: Inputs, columns: list[str],
-                        revalidated: Path | None = None, since: dict[int, int] | None = None):
+                        revalidated: str | Path | None = None, since: dict[int, int] | None = None):
     """Step 2: events of ``source`` below the watermark, valid under the declared rules, first occurrence per
     (partition, event id). ``revalidated``: a file of rejected messages now valid (:mod:`batch.rejected`), read
     with the master files. ``since`` (an incremental run): only offsets ``>= since[p]`` (0 for a partition not
@@ -28,14 +29,15 @@ def deduplicated_events(spark, layout: Layout, source: Source, inputs: Inputs, c
 
 
 def valid_events(spark, layout: Layout, source: Source, inputs: Inputs, columns: list[str],
-                 revalidated: Path | None = None, since: dict[int, int] | None = None):
+                 revalidated: str | Path | None = None, since: dict[int, int] | None = None):
     """The rows :func:`deduplicated_events` deduplicates: ``columns`` of the rows of ``source`` below the
     watermark (from ``since`` on), of no forgotten subject, valid under the declared rules (duplicates
     included)."""
     from pyspark.sql import functions as F
 
     lo = since or {}
-    files = [str(layout.home / f.path) for f in inputs.files_of(source) if f.end > lo.get(f.partition, 0)]
+    lake = data_files(layout.store)
+    files = [lake.uri(f.path) for f in inputs.files_of(source) if f.end > lo.get(f.partition, 0)]
     if revalidated is not None:
         files.append(str(revalidated))
     wm = inputs.watermark.of_topic(source.topic)

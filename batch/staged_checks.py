@@ -4,6 +4,7 @@ aggregate sums to the deduplicated events of its source."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,11 +21,14 @@ def expected_schema(pipeline: Pipeline, view: View) -> pa.Schema:
     return arrow_schema(view_columns(pipeline.source_of(view), view), nullability=False)
 
 
-def check_staged(pipeline: Pipeline, view: View, vdir: Path, events: int | None) -> int:
+def check_staged(pipeline: Pipeline, view: View, files: Path | Mapping[str, pq.ParquetFile],
+                 events: int | None) -> int:
     """Step 4 for one view: schema, null keys, row counts (the count aggregate sums to the deduplicated events
     read — at most that many for a filtered view, which may also be empty; a non-empty input yields rows), and no
-    duplicate (keys, window_start). Returns the row count."""
-    files = sorted(vdir.glob("*.parquet"))
+    duplicate (keys, window_start). ``files``: the staged files by name (opened on the lake's store), or a local
+    directory holding them. Returns the row count."""
+    if isinstance(files, Path):
+        files = {f.name: pq.ParquetFile(f) for f in sorted(files.glob("*.parquet"))}
     want = expected_schema(pipeline, view)
     rows = 0
     nullable_keys = {f.name for f in pipeline.source_of(view).fields if not f.required or f.nullable}
@@ -32,11 +36,10 @@ def check_staged(pipeline: Pipeline, view: View, vdir: Path, events: int | None)
     counted = 0
     group_cols = [*view.keys, WINDOW_START]
     groups: list[pa.Table] = []
-    for f in files:
-        pf = pq.ParquetFile(f)
+    for name, pf in sorted(files.items()):
         got = pf.schema_arrow
         if [(x.name, x.type) for x in got] != [(x.name, x.type) for x in want]:
-            raise StagedCheckFailed(f"view {view.name!r}: staged file {f.name} has schema "
+            raise StagedCheckFailed(f"view {view.name!r}: staged file {name} has schema "
                                        f"{[(x.name, str(x.type)) for x in got]}, declared "
                                        f"{[(x.name, str(x.type)) for x in want]}; nothing was published")
         rows += pf.metadata.num_rows
@@ -46,7 +49,7 @@ def check_staged(pipeline: Pipeline, view: View, vdir: Path, events: int | None)
         for k in strict_keys:
             if table.column(k).null_count:
                 raise StagedCheckFailed(f"view {view.name!r}: {table.column(k).null_count} null values in key "
-                                           f"{k!r} ({f.name}); nothing was published")
+                                           f"{k!r} ({name}); nothing was published")
         if count_col:
             counted += pc.sum(table.column(count_col)).as_py() or 0
     if groups and pa.concat_tables(groups).group_by(group_cols).aggregate([]).num_rows != rows:

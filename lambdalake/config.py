@@ -204,9 +204,9 @@ def resolve_home(home: str | Path | None = None, *, object_storage: bool = False
     if url is not None:
         if not object_storage:
             raise ConfigError(f"lake {url}: on object storage this release runs `lambdalake ingest` (the archiver), "
-                              "`speed`, `replay`, `sql`, `catalog`, `status`, `produce`, `load`, serving.connect() "
-                              "and `compact --gc-only`; batch (Spark), audit, forget and compaction still need a local "
-                              "lake directory (a path in --home or LAMBDALAKE_HOME)")
+                              "`speed`, `batch` (Spark), `replay`, `sql`, `catalog`, `status`, `produce`, `load`, "
+                              "serving.connect() and `compact --gc-only`; audit, forget and compaction still need a "
+                              "local lake directory (a path in --home or LAMBDALAKE_HOME)")
         return work_dir(url)
     if _URL.match(raw):  # file://
         raw = raw[len("file:"):].lstrip("/")

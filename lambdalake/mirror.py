@@ -6,8 +6,8 @@ lets DuckDB read one local directory only. So a serving machine keeps the *publi
 laid out exactly like a lake (``<work dir>/mirror``, :func:`lambdalake.config.work_dir`), and the existing,
 locked-down serving code reads it as it reads a local lake. What is mirrored, each sync (:func:`sync`):
 
-- ``views/batch/CURRENT`` and every object under the prefix of the version it names (fetched once: a published
-  prefix never changes);
+- ``views/batch/CURRENT`` and, of the version it names, the view files its manifest lists, the serving copy if it
+  has one, and the manifest (fetched once: a published prefix never changes; the event-id index is not mirrored);
 - ``views/speed/CURRENT`` of every speed worker, that snapshot's ``snapshot.json`` and the files it lists
   (fetched once: every speed object has a key no later write reuses);
 - the master heads (``master/<source>/p=<p>/HEAD``: which master files count) — not the master files: they stay in
@@ -30,10 +30,11 @@ import time
 from pathlib import Path
 
 from lambdalake import contracts
-from lambdalake.contracts import BatchPointer, SpeedPointer, SpeedSnapshotMeta
+from lambdalake.contracts import BatchManifest, BatchPointer, SpeedPointer, SpeedSnapshotMeta
 from lambdalake.exceptions import InvariantViolation
 from lambdalake.layout import BATCH_POINTER_KEY, PARTITION_DIR, SPEED_SNAPSHOT_DIR, Layout, batch_prefix
 from lambdalake.locks import flock
+from lambdalake.servingcopy import COPY_NAME
 from lambdalake.storage.base import ObjectMissing, Store
 from lambdalake.storage.local import LocalStore
 
@@ -87,11 +88,17 @@ def _sync_once(remote: Store, local: LocalStore) -> int:
         ptr = contracts.decode(data, BatchPointer, BATCH_POINTER_KEY)
         prefix = batch_prefix(ptr, ptr.version)
         if not local.exists(f"{prefix}/manifest.json"):
-            keys = remote.list(prefix + "/")
-            if f"{prefix}/manifest.json" not in keys:
-                raise ObjectMissing(f"{prefix}/manifest.json")
-            for key in sorted(keys, key=lambda k: k.endswith("/manifest.json")):  # the manifest last
-                fetch(key)
+            # what the manifest lists (never a listing of the prefix), the optional serving copy, the manifest last
+            manifest_data = remote.get(f"{prefix}/manifest.json")
+            manifest = contracts.decode(manifest_data, BatchManifest, f"{prefix}/manifest.json")
+            for view, meta in sorted(manifest.views.items()):
+                for name in meta.files:
+                    fetch(f"{prefix}/{view}/{name}")
+            try:
+                fetch(f"{prefix}/{COPY_NAME}")
+            except ObjectMissing:
+                pass
+            local.put(f"{prefix}/manifest.json", manifest_data)
         keep.add(prefix)
         pointers[BATCH_POINTER_KEY] = data
     # 2. the visible snapshot of every speed worker and the files it lists

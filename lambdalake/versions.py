@@ -58,11 +58,13 @@ from lambdalake.layout import (
     batch_refs,
     fsync_dir,
     read_batch_pointer,
+    read_contract,
 )
 from lambdalake.runtime import crash_point
 from lambdalake.servingcopy import write_serving_copy
 from lambdalake.speedset import current_speed_snapshot
 from lambdalake.storage.base import ObjectMissing, StorageError
+from lambdalake.storage.files import data_files
 from lambdalake.storage.local import LocalStore
 
 STAGING = re.compile(r"^(?:run|\.staging)-(\d+)-[0-9a-f]+$")  # .staging-: the name before 0.2
@@ -148,15 +150,21 @@ def _collect_remote_garbage(layout: Layout) -> list[str]:
     for prefix, members in by_prefix.items():
         if prefix in referenced or not STAGING.match(prefix.rsplit("/", 1)[1]):
             continue
-        try:
-            newest = max(layout.store.modified(k) for k in members)
-        except ObjectMissing:
-            continue
+        newest = max((_modified(layout, k) for k in members), default=0.0)
         again = read_batch_pointer(layout)  # a publish that swapped meanwhile keeps its prefix
         if now - newest >= grace and (again is None or prefix not in {r.prefix for r in again.kept}):
             _delete_prefix(layout, prefix)
             removed.append(prefix.rsplit("/", 1)[1])
     return removed
+
+
+def _modified(layout: Layout, key: str) -> float:
+    """When ``key`` was written; 0 for a key listed without an object (a directory marker ``<key>/`` Spark's s3a
+    connector left, or an object deleted meanwhile): it holds nothing a publish could still need."""
+    try:
+        return layout.store.modified(key)
+    except ObjectMissing:
+        return 0.0
 
 
 def _prefix_names(layout: Layout) -> set[str]:
@@ -173,8 +181,7 @@ def _delete_prefix(layout: Layout, prefix: str) -> None:
     if isinstance(layout.store, LocalStore):
         shutil.rmtree(layout.home / prefix, ignore_errors=True)
         return
-    for key in layout.store.list(prefix):
-        layout.store.delete(key)
+    data_files(layout.store).delete_prefix(prefix)  # with the directory markers Spark's s3a leaves
 
 
 def _alive(pid: int) -> bool:
@@ -242,17 +249,24 @@ def _retain(kept: list[BatchVersionRef], current: str, keep: int) -> tuple[list[
 
 
 # publish ----------------------------------------------------------------------------------------------------------
-def publish(layout: Layout, staging: Path, manifest: BatchManifest, keep: int = DEFAULT_KEEP) -> BatchManifest:
+def publish(layout: Layout, staging: Path, manifest: BatchManifest, keep: int = DEFAULT_KEEP, *,
+            staged_in_store: bool = False) -> BatchManifest:
     """Publish a fully written and validated staging directory (see the module docstring). Returns the manifest
-    as published: ``version``, ``published_at`` and every view's ``computed_in`` filled in."""
+    as published: ``version``, ``published_at`` and every view's ``computed_in`` filled in.
+
+    ``staging`` is the local directory of the run's prefix; on object storage its files are uploaded, unless
+    ``staged_in_store``: the run wrote them into the store's prefix itself (Spark's executors write through
+    ``s3a://``) — no serving copy is built then (it would mean fetching every file to this machine)."""
     if staging.parent.resolve() != layout.batch_views.resolve() or not STAGING.match(staging.name):
         raise InvariantViolation(f"{staging} is not a staging directory of {layout.batch_views}")
     prefix = f"{BATCH_PREFIX}/{staging.name}"
-    write_serving_copy(staging, manifest.row_counts)  # serving's native copy, staged with the version (optional)
+    remote = not isinstance(layout.store, LocalStore)
+    if not (remote and staged_in_store):
+        write_serving_copy(staging, manifest.row_counts)  # serving's native copy, staged with the version (optional)
     # 1. the staged files durable before anything can point at them (on object storage: uploaded, each whole)
-    if isinstance(layout.store, LocalStore):
+    if not remote:
         _fsync_tree(staging)
-    else:
+    elif not staged_in_store:
         for path in sorted(p for p in staging.rglob("*") if p.is_file() and not p.name.startswith(".")):
             layout.store.put(f"{prefix}/{path.relative_to(staging).as_posix()}", path.read_bytes())
     writer = _writer_id()
@@ -338,11 +352,11 @@ def _check_not_behind(layout: Layout, ptr: BatchPointer, manifest: BatchManifest
 
 
 def _read_manifest(layout: Layout, ptr: BatchPointer, version: str) -> BatchManifest:
-    path = layout.home / batch_prefix(ptr, version) / "manifest.json"
+    key = f"{batch_prefix(ptr, version)}/manifest.json"
     try:
-        return contracts.read(path, BatchManifest)
+        return read_contract(layout, key, BatchManifest)
     except OSError as exc:
-        raise InvariantViolation(f"batch version {version} has no readable manifest {path}: {exc}") from exc
+        raise InvariantViolation(f"batch version {version} has no readable manifest {key}: {exc}") from exc
 
 
 def _fsync_tree(root: Path) -> None:

@@ -33,7 +33,7 @@ def run(args, **env):
     (["audit"], {"LAMBDALAKE_HOME": "s3://bucket/lake"}, "lake s3://bucket/lake: on object storage this release "
                                                          "runs `lambdalake ingest`"),
     (["status"], {"LAMBDALAKE_HOME": "s3://bucket/lake"}, "no S3 credentials for s3://bucket/lake"),
-    (["batch", "--home", "s3://bucket/lake"], {}, "lake s3://bucket/lake: on object storage"),
+    (["batch", "--home", "s3://bucket/lake"], {}, "no S3 credentials for s3://bucket/lake"),
     (["ingest", "--home", "gs://bucket/lake"], {}, "no storage for gs:// lakes"),
     (["speed", "--group", "--until-caught-up"], {}, "--group takes the partitions the group assigns: not with"),
     (["ingest", "--group", "--share", "0/2"], {}, "--group takes the partitions the group assigns: not with"),
