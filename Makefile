@@ -11,7 +11,7 @@ PG_BIN := /usr/lib/postgresql/15/bin
 M2 := $(CURDIR)/.cache/m2
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint bench airflow chromium postgresql clean-lake kafka-up kafka-down
+.PHONY: install run run-s3 test test-fast lint bench airflow chromium postgresql clean-lake kafka-up kafka-down
 
 install: $(VENV)/.installed $(KAFKA_LIBS)/.complete $(CONNECT_LIBS)/.complete postgresql $(HADOOP_AWS_LIBS)/.complete
 
@@ -48,6 +48,10 @@ postgresql:  # Debian's PostgreSQL 15 server of `lambdalake cdc` (needs root or 
 
 run: install
 	$(BIN)/lambdalake demo
+
+# the same demo with the lake in a bucket of the embedded S3 server (s3://lake/demo)
+run-s3: install
+	$(BIN)/lambdalake demo --s3
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -67,6 +67,15 @@ from serving.published import PublishedPair
 
 
 # --- the audit ------------------------------------------------------------------------------------------------------
+def _served_home(settings: Settings):
+    """The directory serving reads: the lake, or for a lake on object storage this machine's mirror of it."""
+    if not settings.lake:
+        return settings.home
+    from lambdalake.mirror import mirror_dir
+
+    return mirror_dir(settings.home)
+
+
 def _served_pair(settings: Settings, pipeline: Pipeline, report: AuditReport
                  ) -> tuple[Any, PublishedPair, dict[str, bool], dict[str, pa.Table]]:
     """A serving connection (what ``lambdalake sql`` opens), the pair it reads, which views it serves current, and
@@ -82,7 +91,7 @@ def _served_pair(settings: Settings, pipeline: Pipeline, report: AuditReport
             con = connect(settings=settings, pipeline=pipeline, materialize=False)
         except InconsistentPublishedState as exc:
             report.differ(MERGED, "serving", f"serving refuses the published pair: {exc}")
-            con, pair, served = None, resolve_pair(settings.home), {}
+            con, pair, served = None, resolve_pair(_served_home(settings)), {}
         else:
             pair = pair_of(con)
             assert pair is not None
@@ -116,9 +125,10 @@ def audit(settings: Settings, pipeline: Pipeline, views: list[str] | None = None
         raise ConfigError(f"--sample {sample} must be in (0, 1]")
     selected = [pipeline.view(v) for v in views] if views else list(pipeline.views)
     sources = [s for s in pipeline.sources if not views or any(v.source == s.name for v in selected)]
-    layout = Layout(settings.home)
+    layout = Layout.of(settings.home, settings.lake)
     end_offsets(settings, [s.topic for s in sources])  # the broker is reachable, before anything is opened
-    report = AuditReport(str(settings.home), pipeline.name, sample=sample, views=[v.name for v in selected])
+    report = AuditReport(settings.lake or str(settings.home), pipeline.name, sample=sample,
+                         views=[v.name for v in selected])
     for name in CHECKS:
         report.checks[name] = CheckResult(name)
     serving, pair, served, speed = _served_pair(settings, pipeline, report)
@@ -160,9 +170,9 @@ def _audit_source(report: AuditReport, con: Any, serving: Any, settings: Setting
         dlq = read_dead_letters(settings, src, timeout=log_timeout)
         res.notes.append(f"{src.name}: read {sum(len(g.offsets) for g in logs.values())} messages and "
                          f"{dlq.records} DLQ records in {time.monotonic() - t_read:.2f}s")
-        rejected, rejected_bytes = read_rejected(rejected_files(layout, src.name))
+        rejected, rejected_bytes = read_rejected(rejected_files(layout, src.name), layout)
         res.add("rejected_bytes", rejected_bytes)
-        check_log_master(report, src, files, logs, dlq, gone, sample, rejected)
+        check_log_master(report, src, files, logs, dlq, gone, sample, rejected, layout)
     t_events = time.monotonic()
     table, _ = events_table(src, logs, gone)
     reg = f"_log_{src.name}"
@@ -171,7 +181,7 @@ def _audit_source(report: AuditReport, con: Any, serving: Any, settings: Setting
     con.unregister(reg)
     events_seconds = time.monotonic() - t_events  # shared by the two log recomputations
     with timed(report, MASTER_BATCH):
-        check_master_batch(report, con, pipeline, src, pair, files, views, valid, gone)
+        check_master_batch(report, con, pipeline, src, pair, files, views, valid, gone, layout)
     with timed(report, LOG_SPEED) as res:
         res.seconds += events_seconds / 2
         check_log_speed(report, con, pipeline, src, pair, views, "SELECT * FROM log_events", speed)

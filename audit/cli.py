@@ -46,13 +46,14 @@ def audit_cmd(
     from kafka.errors import KafkaError
 
     from audit.check import audit
-    from lambdalake.config import require_existing_lake
+    from lambdalake.config import lake_url, require_existing_lake
     from lambdalake.exceptions import LambdalakeError
     from lambdalake.options import context
 
     try:
-        require_existing_lake(home)  # a mistyped --home is an error, not an empty lake that "holds"
-        ctx = context(pipeline, home, bootstrap)
+        if not lake_url(home):
+            require_existing_lake(home)  # a mistyped --home is an error, not an empty lake that "holds"
+        ctx = context(pipeline, home, bootstrap, object_storage=True)
         report = audit(ctx.settings, ctx.pipeline, views=view or None, sample=sample)
     except (LambdalakeError, KafkaError, OSError) as exc:
         log.debug("audit could not run", exc_info=True)

@@ -19,6 +19,7 @@ from lambdalake.schema import (
     arrow_schema,
     master_columns,
 )
+from lambdalake.storage.files import data_files
 from lambdalake.validation import Validator
 from lambdalake.viewsql import ident
 
@@ -85,15 +86,24 @@ def loosened(source: Source) -> Source:
     return dataclasses.replace(source, fields=[loosen(f) for f in source.fields])
 
 
-def read_master(files: list[MasterFile], source: Source) -> tuple[pa.Table, int]:
+def read_lake_file(layout: Layout | None, f: MasterFile, columns: list[str]) -> tuple[pa.Table, int]:
+    """``columns`` of a master or rejected file and its size in bytes: through the lake's store (a bucket too), or,
+    without ``layout``, the local file ``f.path``."""
+    if layout is None:
+        return pq.read_table(f.path, columns=columns), f.path.stat().st_size
+    lake, key = data_files(layout.store), f.path.relative_to(layout.home).as_posix()
+    return lake.read_table(key, columns=columns), lake.info(key).size
+
+
+def read_master(files: list[MasterFile], source: Source, layout: Layout | None = None) -> tuple[pa.Table, int]:
     """The master rows of ``files`` (declared fields, ``_partition``, ``_offset``; timestamps as int64 µs) sorted by
-    (partition, offset), and the bytes of the files."""
+    (partition, offset), and the bytes of the files (read as :func:`read_lake_file`)."""
     names = [f.name for f in source.fields] + [PARTITION_COL, OFFSET_COL]
     schema = arrow_schema(master_columns(source), nullability=False)
     tables, nbytes = [], 0
     for f in files:
-        nbytes += f.path.stat().st_size
-        t = pq.read_table(f.path, columns=names)
+        t, size = read_lake_file(layout, f, names)
+        nbytes += size
         tables.append(t.select(names))
     if not tables:
         return pa.schema([schema.field(n) for n in names]).empty_table(), 0

@@ -3,12 +3,11 @@ or erased, and every master row is the log's message, re-validated and compared 
 
 from __future__ import annotations
 
-import pyarrow.parquet as pq
-
 from audit.events import (
     Erased,
     epoch_us_columns,
     loosened,
+    read_lake_file,
     read_master,
     sampled,
 )
@@ -19,7 +18,7 @@ from audit.report import (
     fmt_value,
 )
 from lambdalake.fields import Source
-from lambdalake.layout import MasterFile
+from lambdalake.layout import Layout, MasterFile
 from lambdalake.schema import (
     OFFSET_COL,
     PARTITION_COL,
@@ -29,13 +28,15 @@ from lambdalake.validation import Validator
 
 
 # --- 1. log <-> master ------------------------------------------------------------------------------------------------
-def read_rejected(files: list[MasterFile]) -> tuple[dict[int, dict[int, bytes | None]], int]:
-    """The messages of the rejected files (``{partition: {offset: value bytes}}``) and the bytes of the files."""
+def read_rejected(files: list[MasterFile], layout: Layout | None = None
+                  ) -> tuple[dict[int, dict[int, bytes | None]], int]:
+    """The messages of the rejected files (``{partition: {offset: value bytes}}``) and the bytes of the files (read
+    as :func:`audit.events.read_lake_file`)."""
     out: dict[int, dict[int, bytes | None]] = {}
     nbytes = 0
     for f in files:
-        nbytes += f.path.stat().st_size
-        t = pq.read_table(f.path, columns=[OFFSET_COL, VALUE_COL])
+        t, size = read_lake_file(layout, f, [OFFSET_COL, VALUE_COL])
+        nbytes += size
         out.setdefault(f.partition, {}).update(zip(t.column(OFFSET_COL).to_pylist(), t.column(VALUE_COL).to_pylist(),
                                                    strict=True))
     return out, nbytes
@@ -43,10 +44,11 @@ def read_rejected(files: list[MasterFile]) -> tuple[dict[int, dict[int, bytes | 
 
 def check_log_master(report: AuditReport, source: Source, files: list[MasterFile], logs: dict[int, PartitionLog],
                      dlq: DeadLetters, gone: Erased, sample: float,
-                     rejected: dict[int, dict[int, bytes | None]] | None = None) -> None:
+                     rejected: dict[int, dict[int, bytes | None]] | None = None, layout: Layout | None = None
+                     ) -> None:
     check = LOG_MASTER
     res = report.checks[check]
-    table, nbytes = read_master(files, source)
+    table, nbytes = read_master(files, source, layout)
     res.add("master_files", len(files))
     res.add("master_bytes", nbytes)
     res.add("master_rows", table.num_rows)

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from audit.events import (
     Erased,
     below_sql,
     not_erased_sql,
+    read_lake_file,
 )
 from audit.report import (
     LOG_SPEED,
@@ -34,6 +36,7 @@ from lambdalake.schema import (
     speed_view_columns,
     view_columns,
 )
+from lambdalake.storage.files import data_files
 from lambdalake.viewsql import (
     ident,
     master_events_sql,
@@ -48,32 +51,46 @@ from serving.published import PublishedPair
 
 # --- 2. master <-> batch --------------------------------------------------------------------------------------------
 def check_master_batch(report: AuditReport, con: Any, pipeline: Pipeline, source: Source, pair: PublishedPair,
-                       files: list[MasterFile], views: list[View], valid: str, gone: Erased) -> None:
+                       files: list[MasterFile], views: list[View], valid: str, gone: Erased,
+                       layout: Layout | None = None) -> None:
+    """Check 2. ``layout``: the lake's (its master files may be in a bucket; ``pair.layout`` is then serving's
+    local mirror); default ``pair.layout``."""
     check = MASTER_BATCH
     res = report.checks[check]
     manifest = pair.manifest
     if manifest is None:
         res.notes.append("no batch version is published: nothing to compare")
         return
+    layout = layout or pair.layout
+    lake = data_files(layout.store)
     wm = manifest.watermark.of_topic(source.topic)
-    masters = [str(f.path) for f in files if f.start < wm.get(f.partition, 0)]
+    below = [f for f in files if f.start < wm.get(f.partition, 0)]
+    masters: list[str] = [str(f.path) for f in below]
     res.compared.setdefault("positions", []).extend(f"{source.name}[{p}] [0, {w})" for p, w in sorted(wm.items()))
     res.add("master_files_read", len(masters))
-    res.add("master_bytes_read", sum(f.path.stat().st_size for f in files if f.start < wm.get(f.partition, 0)))
+    tables = [read_lake_file(layout, f, None) for f in below] if not lake.local else []
+    res.add("master_bytes_read", sum(n for _, n in tables) if tables else sum(f.path.stat().st_size for f in below))
     with tempfile.TemporaryDirectory() as scratch:
         # rejected messages valid under the declared rules count too (a loosened rule): as the batch job reads them
-        extra = revalidated_file(pair.layout, source, wm, Path(scratch))
+        extra = revalidated_file(layout, source, wm, Path(scratch))
         if extra is not None:
             masters.append(str(extra))
+            tables.append((pq.read_table(extra), 0))
             res.notes.append(f"{source.name}: rejected messages now valid under the declared rules (a loosened "
                              "rule) are counted with the master rows")
+        relation: list[str] | str = masters
+        if tables:  # master files in a bucket: DuckDB has no S3 reader offline, so their rows through pyarrow
+            relation = "_audit_master_rows"
+            con.register(relation, pa.concat_tables([t for t, _ in tables], promote_options="permissive"))
         if masters:
-            events = master_events_sql(source, masters, wm, f"({valid}) AND {not_erased_sql(source, gone)}")
+            events = master_events_sql(source, relation, wm, f"({valid}) AND {not_erased_sql(source, gone)}")
             con.execute(f"CREATE OR REPLACE TEMP TABLE master_events AS {events}")
+            if tables:
+                con.unregister(relation)
         else:
             con.execute(f"CREATE OR REPLACE TEMP TABLE master_events AS "
                         f"SELECT * FROM {_empty_master(con, source)}")
-    _check_lineage(report, pair, source)
+    _check_lineage(report, pair, source, layout)
     n_events = scalar(con, "SELECT count(*) FROM master_events")
     res.add("master_events", n_events)
     recorded = manifest.events.get(source.name)
@@ -102,27 +119,28 @@ def check_master_batch(report: AuditReport, con: Any, pipeline: Pipeline, source
             report.differ(check, subject, f"the manifest says {expected_rows} rows, the files hold {n_actual}")
 
 
-def _check_lineage(report: AuditReport, pair: PublishedPair, source: Source) -> None:
-    """The master files the batch version read (its manifest's inputs) are unchanged: same size and sha256. Files
-    replaced by a compaction since are no longer there to compare (noted, not a difference)."""
-    from batch.master import sha256_file
+def _check_lineage(report: AuditReport, pair: PublishedPair, source: Source, layout: Layout) -> None:
+    """The master files the batch version read (its manifest's inputs) are unchanged: same size and sha256, in the
+    lake's store. Files replaced by a compaction since are no longer there to compare (noted, not a difference)."""
+    from pyarrow.fs import FileType
 
+    lake = data_files(layout.store)
     res = report.checks[MASTER_BATCH]
     gone = rewritten = 0
     assert pair.manifest is not None
-    erased_inputs = _erased_inputs(pair.layout)
+    erased_inputs = _erased_inputs(layout)
     for inp in pair.manifest.inputs:
         if inp.source != source.name:
             continue
-        path = pair.home / inp.path
-        if not path.exists():
+        info = lake.info(inp.path)
+        if info.type != FileType.File:
             gone += 1
             continue
         res.add("inputs_checksummed", 1)
-        size = path.stat().st_size
+        size = info.size
         if (inp.path, inp.sha256) in erased_inputs:
             rewritten += 1
-        elif size != inp.bytes or sha256_file(path) != inp.sha256:
+        elif size != inp.bytes or lake.sha256(inp.path) != inp.sha256:
             report.differ(MASTER_BATCH, f"{pair.batch_version}/{source.name}",
                           f"master file {inp.path} changed since the batch version read it (now {size} bytes, "
                           f"the manifest recorded {inp.bytes} bytes and its sha256)")

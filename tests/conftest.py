@@ -158,6 +158,13 @@ def run_cli(cli_env) -> Callable[..., subprocess.CompletedProcess]:
     return run
 
 
+def as_machine(monkeypatch, env: dict) -> None:
+    """This test process reads the bucket as the machine of ``env`` does (its AWS settings and work directory)."""
+    for k, v in env.items():
+        if k.startswith(("AWS_", "LAMBDALAKE_WORK_DIR")):
+            monkeypatch.setenv(k, v)
+
+
 def machine_cli(env: dict, cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """``lambdalake <args>`` on a "machine": its own environment (``LAMBDALAKE_WORK_DIR``, ``TMPDIR``) and working
     directory (the object-storage tests: machines share only Kafka and the bucket)."""

@@ -411,3 +411,17 @@ def assert_rows_equal(actual, expected, view: str = "") -> None:
     sa, se = set(a), set(e)
     missing, extra = sorted(se - sa, key=str)[:5], sorted(sa - se, key=str)[:5]
     raise AssertionError(f"view {view}: {len(a)} rows vs oracle {len(e)}; missing {missing}; unexpected {extra}")
+
+
+def assert_served_equals_oracle(con, pipeline, messages: list[LogMessage]):
+    """Every view a serving connection answers equals the oracle at the positions its pair covers (batch watermark,
+    speed positions beyond it). Returns the pair."""
+    from serving.connection import pair_of
+
+    pair = pair_of(con)
+    assert pair is not None and pair.batch_version is not None
+    w, s = dict(pair.watermark), dict(pair.positions)
+    want = oracle_views(pipeline, messages, below={k: max(w.get(k, 0), s.get(k, 0)) for k in set(w) | set(s)})
+    for v in pipeline.views:
+        assert_rows_equal(con.execute(f"SELECT * FROM {v.name}").fetchall(), want[v.name], v.name)
+    return pair

@@ -8,6 +8,7 @@ the Kafka bootstrap address and the S3 endpoint. Real Kafka, real Spark, the rea
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -18,9 +19,9 @@ from batch.spark_session import S3A_JARS
 from lambdalake import contracts
 from lambdalake.contracts import BatchManifest, BatchPointer
 from lambdalake.layout import BATCH_POINTER_KEY
-from serving.connection import connect, pair_of
-from tests.conftest import machine_cli
-from tests.oracle import assert_rows_equal, oracle_views, read_log
+from serving.connection import connect
+from tests.conftest import as_machine, machine_cli
+from tests.oracle import assert_served_equals_oracle, read_log
 from tests.test_spark_s3a import _local_spark_home
 from tests.test_speed import produce, topics
 
@@ -65,29 +66,29 @@ def _lake_files_on_disk(root: Path) -> list[Path]:
 
 
 def _assert_served_exactly(settings, pipeline, url: str, env: dict, monkeypatch) -> None:
-    """Machine C serves the bucket's batch version; it equals the oracle below its watermark."""
-    for k, v in env.items():
-        if k.startswith(("AWS_", "LAMBDALAKE_WORK_DIR")):
-            monkeypatch.setenv(k, v)
-    msgs = read_log(settings.bootstrap, topics(pipeline))
+    """Machine C serves the bucket's batch version (and speed snapshots, if any); the merged views equal the oracle
+    at the positions they cover."""
+    as_machine(monkeypatch, env)
     con = connect(pipeline=settings.pipeline, home=url)
     try:
-        pair = pair_of(con)
-        assert pair.batch_version is not None and pair.speed_snapshot is None
-        want = oracle_views(pipeline, msgs, below=dict(pair.watermark))
-        for v in pipeline.views:
-            assert_rows_equal(con.execute(f"SELECT * FROM {v.name}").fetchall(), want[v.name], v.name)
+        assert_served_equals_oracle(con, pipeline, read_log(settings.bootstrap, topics(pipeline)))
     finally:
         con.close()
 
 
-def test_spark_on_a_local_cluster_computes_and_publishes_views_into_the_bucket(settings, pipeline, s3_lake,
-                                                                              tmp_path, monkeypatch):
+@pytest.fixture
+def archived(settings, pipeline, s3_lake, tmp_path):
+    """A bucket lake holding archived events (late, duplicated, malformed) and a Spark machine:
+    (url, store, machine A's env and directory, the Spark machine's env and directory)."""
     url, store, env, work = s3_lake
     produce(settings, pipeline, 1500, seed=31)
     machine_cli(env, work, "ingest", "--until-caught-up")
+    return (url, store, env, work, *_spark_machine(env, tmp_path))
 
-    env_b, spark_root = _spark_machine(env, tmp_path)
+
+def test_spark_on_a_local_cluster_computes_and_publishes_views_into_the_bucket(settings, pipeline, archived,
+                                                                              tmp_path, monkeypatch):
+    url, store, env, work, env_b, spark_root = archived
     res = machine_cli(env_b, spark_root, "batch", "--spark-master", CLUSTER)
     assert "published batch version v000001" in res.stdout, res.stdout
     ptr, m1 = _manifest(store)
@@ -110,6 +111,18 @@ def test_spark_on_a_local_cluster_computes_and_publishes_views_into_the_bucket(s
     assert m2.version == "v000002" and m2.mode == "incremental" and m2.based_on == "v000001", m2.mode_reason
     assert all(m2.watermark.at(*k) >= w for k, w in m1.watermark.items())
     _assert_served_exactly(settings, pipeline, url, env_c, monkeypatch)
+
+    # the speed layer (machine A) adds what the version does not cover; machine C's audit holds end to end: log vs
+    # master in the bucket, master vs the Spark-built version, log vs speed, serving vs recomputation
+    produce(settings, pipeline, 300, seed=34, start="2026-01-06T02:00:00Z")
+    machine_cli(env, work, "speed", "--until-caught-up", "--checkpoint-interval", "0.05")
+    _assert_served_exactly(settings, pipeline, url, env_c, monkeypatch)
+    res = machine_cli(env_c, tmp_path / "machine-serve", "audit", "--format", "json", check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    assert report["batch_version"] == "v000002" and report["speed_snapshot"], report
+    assert report["checks"]["master-batch"]["compared"]["inputs_checksummed"] == len(m2.inputs)
+    assert report["checks"]["log-master"]["compared"]["master_rows"] > 0
 
     # one view recomputed at the published watermark, the others carried over (copied inside the bucket)
     view = pipeline.views[0].name
@@ -135,12 +148,9 @@ def test_spark_on_a_local_cluster_computes_and_publishes_views_into_the_bucket(s
     assert len(work_dirs) >= 2, work_dirs  # the two executor JVMs of each local-cluster run
 
 
-def test_a_batch_run_killed_before_its_swap_publishes_nothing_and_a_rerun_is_exact(settings, pipeline, s3_lake,
+def test_a_batch_run_killed_before_its_swap_publishes_nothing_and_a_rerun_is_exact(settings, pipeline, archived,
                                                                                   tmp_path, monkeypatch):
-    url, store, env, work = s3_lake
-    produce(settings, pipeline, 800, seed=33)
-    machine_cli(env, work, "ingest", "--until-caught-up")
-    env_b, spark_root = _spark_machine(env, tmp_path)
+    url, store, env, work, env_b, spark_root = archived
     for fault in ("staged", "swap"):
         res = machine_cli({**env_b, "LAMBDALAKE_BATCH_FAULT": fault}, spark_root, "batch", "--spark-master",
                           "local[2]", check=False)

@@ -30,8 +30,9 @@ def run(args, **env):
     (["produce", "--late-fraction", "2", "--events", "1"], {}, "--late-fraction"),
     (["load", "/nope.csv", "--source", "purchases"], {"LAMBDALAKE_BOOTSTRAP": "127.0.0.1:1"}, "not found"),
     (["nosuchcommand"], {}, "No such command"),
-    (["audit"], {"LAMBDALAKE_HOME": "s3://bucket/lake"}, "lake s3://bucket/lake: on object storage this release "
-                                                         "runs `lambdalake ingest`"),
+    (["forget", "--source", "pageviews", "u1"], {"LAMBDALAKE_HOME": "s3://bucket/lake"},
+     "lake s3://bucket/lake: on object storage this release runs `lambdalake ingest`"),
+    (["audit"], {"LAMBDALAKE_HOME": "s3://bucket/lake"}, "no S3 credentials for s3://bucket/lake"),
     (["status"], {"LAMBDALAKE_HOME": "s3://bucket/lake"}, "no S3 credentials for s3://bucket/lake"),
     (["batch", "--home", "s3://bucket/lake"], {}, "no S3 credentials for s3://bucket/lake"),
     (["ingest", "--home", "gs://bucket/lake"], {}, "no storage for gs:// lakes"),

@@ -361,12 +361,14 @@ def demo(
     rate: Annotated[float | None, typer.Option(min=1, help="Messages per second (default: a one-minute "
                                                "stream).")] = 400,
     port: Annotated[int | None, typer.Option(help="Broker port for the demo [default: a free port].")] = None,
+    s3: Annotated[bool, typer.Option("--s3", help="The lake in a bucket of the embedded S3 server "
+                                     "(s3://lake/demo; `make run-s3`).")] = False,
     home: HomeOpt = None,
 ) -> None:
     """The demo behind `make run`: starts Kafka, runs the pipeline on a demo stream, shows results, stops."""
     from wiring.demo import run_demo
 
-    run_demo(events=events, rate=rate, port=port, home=home, console=console)
+    run_demo(events=events, rate=rate, port=port, home=home, console=console, s3=s3)
 
 
 # --- layers ------------------------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@
 4. Wait until the speed layer has caught up, then show merged query results, what came from batch vs speed, the
    watermark, freshness, DLQ counts, and a cross-check against the log.
 5. Stop everything it started — also on Ctrl-C or failure — and say how to continue.
+
+``--s3`` (``make run-s3``) runs the same demo with the lake in a bucket (``s3://lake/demo``) of the embedded S3
+server (started under the lake directory's ``s3/`` unless one runs there, and stopped with the demo): archiver,
+speed layer, Spark batch and serving reach it through the standard AWS variables it sets for them.
 """
 
 from __future__ import annotations
@@ -86,74 +90,120 @@ class Process:
         stop_group(self.proc, timeout)
 
 
+S3_DEMO_LAKE = "s3://lake/demo"
+
+
+@contextlib.contextmanager
+def embedded_s3(home: Path, console: Console) -> Iterator[str]:
+    """The demo's lake on the embedded S3 server under ``home/s3``: its URL, with this process's AWS variables
+    pointing at the server (children inherit them) and the machine's work directory in ``home/s3-work`` (unless
+    ``LAMBDALAKE_WORK_DIR`` says otherwise). A server already running there is used and left running."""
+    from lambdalake.s3server import EmbeddedS3
+
+    server = EmbeddedS3(home / "s3", port=free_port(), tied_to_parent=True)
+    started = not server.status()["running"]
+    if started:
+        with console.status("starting the embedded S3 server (SeaweedFS) ..."):
+            server.up(timeout=90)
+    access = server.access()
+    console.print(f"{'started' if started else 'using'} the S3 server at {access.endpoint} (data in {server.dir})")
+    env = {**access.env(), "LAMBDALAKE_WORK_DIR": os.environ.get("LAMBDALAKE_WORK_DIR") or str(home / "s3-work")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        server.create_bucket(S3_DEMO_LAKE.removeprefix("s3://").split("/")[0])
+        yield S3_DEMO_LAKE
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if started:
+            server.down()
+            console.print("stopped the S3 server")
+
+
 def _env(settings: Settings) -> dict:
     env = dict(os.environ)
-    env.update(LAMBDALAKE_HOME=str(settings.home), LAMBDALAKE_BOOTSTRAP=settings.bootstrap,
+    env.update(LAMBDALAKE_HOME=settings.lake or str(settings.home), LAMBDALAKE_BOOTSTRAP=settings.bootstrap,
                LAMBDALAKE_PIPELINE=settings.pipeline)
     return env
 
 
-def run_demo(events: int, rate: float | None, port: int | None, home: Path | None, console: Console) -> None:
+def run_demo(events: int, rate: float | None, port: int | None, home: Path | None, console: Console,
+             s3: bool = False) -> None:
+    console.print(Rule("lambdalake demo: a Lambda architecture on a real Kafka log"))
+    with embedded_kafka(home, port, console) as settings:
+        if not s3:
+            _run(settings, events, rate, console)
+            _how_to_continue(settings, console)
+            return
+        with embedded_s3(settings.home, console) as url:
+            lake = load_settings(home=url, bootstrap=settings.bootstrap, object_storage=True)
+            _run(lake, events, rate, console)
+        _how_to_continue(lake, console)
+
+
+def _run(settings: Settings, events: int, rate: float | None, console: Console) -> None:
     from lambdalake.pipeline import load_pipeline
     from wiring.demo_stream import demo_messages
     from wiring.produce import send
 
-    console.print(Rule("lambdalake demo: a Lambda architecture on a real Kafka log"))
-    with embedded_kafka(home, port, console) as settings:
-        pipeline = load_pipeline(settings.pipeline)
-        # a demo-sized handoff block, so the mid-stream batch covers whole blocks of every partition
-        fix_handoff_block(settings.home, DEMO_HANDOFF_BLOCK)
-        settings = load_settings(home=settings.home, bootstrap=settings.bootstrap)
-        console.print(f"lake: {settings.home} (handoff block: {settings.handoff_block} offsets)")
-        created = ensure_topics(settings, pipeline)
-        if created:
-            console.print(f"created topics: {', '.join(created)}")
-        topics = [s.topic for s in pipeline.sources]
-        # a new seed per run on the same log, so a second `make run` adds new events instead of duplicates
-        seed = 42 + sum(end_offsets(settings, topics).values())
-        env, logs = _env(settings), settings.home / "logs"
+    pipeline = load_pipeline(settings.pipeline)
+    # a demo-sized handoff block, so the mid-stream batch covers whole blocks of every partition
+    fix_handoff_block(settings.home, DEMO_HANDOFF_BLOCK, settings.lake)
+    settings = load_settings(home=settings.lake or settings.home, bootstrap=settings.bootstrap,
+                             object_storage=True)
+    console.print(f"lake: {settings.lake or settings.home} (handoff block: {settings.handoff_block} offsets)")
+    created = ensure_topics(settings, pipeline)
+    if created:
+        console.print(f"created topics: {', '.join(created)}")
+    topics = [s.topic for s in pipeline.sources]
+    # a new seed per run on the same log, so a second `make run` adds new events instead of duplicates
+    seed = 42 + sum(end_offsets(settings, topics).values())
+    env, logs = _env(settings), settings.home / "logs"
 
-        console.print(Rule("1. archiver (Kafka → Parquet master) and speed layer start as their own processes"))
-        procs: list[Process] = []
-        try:
-            # roll master files every 5 s so the mid-stream batch has recent data to cover (default: 60 s)
-            procs.append(Process("archiver", ["ingest", "--roll-seconds", "5"], env, logs / "ingest.log"))
-            procs.append(Process("speed layer", ["speed"], env, logs / "speed.log"))
-            console.print(f"lambdalake ingest (pid {procs[0].proc.pid}) and lambdalake speed "
-                          f"(pid {procs[1].proc.pid}); logs in {logs}")
+    console.print(Rule("1. archiver (Kafka → Parquet master) and speed layer start as their own processes"))
+    procs: list[Process] = []
+    try:
+        # roll master files every 5 s so the mid-stream batch has recent data to cover (default: 60 s)
+        procs.append(Process("archiver", ["ingest", "--roll-seconds", "5"], env, logs / "ingest.log"))
+        procs.append(Process("speed layer", ["speed"], env, logs / "speed.log"))
+        console.print(f"lambdalake ingest (pid {procs[0].proc.pid}) and lambdalake speed "
+                      f"(pid {procs[1].proc.pid}); logs in {logs}")
 
-            n_dup, n_bad = round(events * 0.02), round(events * 0.01)
-            total = events + n_dup + n_bad
-            console.print(Rule(f"2. producing {events:,} events (+{n_dup} duplicates, +{n_bad} malformed, "
-                               f"5% up to 3 h late) at {rate or 'max'} msg/s"))
-            batch_result: dict = {}
-            batch_thread = threading.Thread(target=_batch_midway, args=(settings, env, logs, batch_result, pipeline),
-                                            daemon=True)
-            messages = demo_messages(pipeline, events, seed=seed)
-            first_half = (m for i, m in zip(range(total // 2), messages, strict=False))
-            report = send(settings, first_half, rate=rate, total=total // 2, progress=True)
-            console.print(f"half-way ({report.total:,} messages): starting a Spark batch run while the stream "
-                          "goes on ...")
-            batch_thread.start()
-            report2 = send(settings, messages, rate=rate, total=total - report.total, progress=True)
-            for p in procs:
-                p.check_alive()
-            console.print(f"produced {report.total + report2.total:,} messages in "
-                          f"{report.seconds + report2.seconds:.0f}s")
-            with console.status("waiting for the Spark batch run to publish ..."):
-                batch_thread.join(600)
-            if batch_result.get("error"):
-                raise LambdalakeError(batch_result["error"])
-            console.print(f"batch: {batch_result.get('summary', '').strip()}")
+        n_dup, n_bad = round(events * 0.02), round(events * 0.01)
+        total = events + n_dup + n_bad
+        console.print(Rule(f"2. producing {events:,} events (+{n_dup} duplicates, +{n_bad} malformed, "
+                           f"5% up to 3 h late) at {rate or 'max'} msg/s"))
+        batch_result: dict = {}
+        batch_thread = threading.Thread(target=_batch_midway, args=(settings, env, logs, batch_result, pipeline),
+                                        daemon=True)
+        messages = demo_messages(pipeline, events, seed=seed)
+        first_half = (m for i, m in zip(range(total // 2), messages, strict=False))
+        report = send(settings, first_half, rate=rate, total=total // 2, progress=True)
+        console.print(f"half-way ({report.total:,} messages): starting a Spark batch run while the stream "
+                      "goes on ...")
+        batch_thread.start()
+        report2 = send(settings, messages, rate=rate, total=total - report.total, progress=True)
+        for p in procs:
+            p.check_alive()
+        console.print(f"produced {report.total + report2.total:,} messages in "
+                      f"{report.seconds + report2.seconds:.0f}s")
+        with console.status("waiting for the Spark batch run to publish ..."):
+            batch_thread.join(600)
+        if batch_result.get("error"):
+            raise LambdalakeError(batch_result["error"])
+        console.print(f"batch: {batch_result.get('summary', '').strip()}")
 
-            console.print(Rule("3. waiting for the speed layer to catch up with the log"))
-            _wait_caught_up(settings, pipeline, topics, console)
-        finally:
-            for p in reversed(procs):
-                p.stop()
-        console.print("stopped the archiver and the speed layer (final checkpoint written)")
-        _show_results(settings, pipeline, console)
-    _how_to_continue(settings, console)
+        console.print(Rule("3. waiting for the speed layer to catch up with the log"))
+        _wait_caught_up(settings, pipeline, topics, console)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    console.print("stopped the archiver and the speed layer (final checkpoint written)")
+    _show_results(settings, pipeline, console)
 
 
 def _batch_midway(settings: Settings, env: dict, logs: Path, result: dict, pipeline=None) -> None:
@@ -161,7 +211,7 @@ def _batch_midway(settings: Settings, env: dict, logs: Path, result: dict, pipel
     from lambdalake.heads import archived_positions
     from lambdalake.layout import Layout
 
-    layout, deadline = Layout(settings.home), time.monotonic() + 60
+    layout, deadline = Layout.of(settings.home, settings.lake), time.monotonic() + 60
     while time.monotonic() < deadline and not any(
             end >= settings.handoff_block for s in pipeline.sources
             for end in archived_positions(layout, s.name).values()):
@@ -265,6 +315,16 @@ def _show_results(settings: Settings, pipeline, console: Console) -> None:
 def _how_to_continue(settings: Settings, console: Console) -> None:
     home = settings.home
     console.print(Rule("how to continue"))
+    if settings.lake:
+        console.print(
+            f"The lake stays in the bucket {settings.lake} of the embedded S3 server (stopped now; its data stay in "
+            "the s3/ directory of the local lake directory). To query it:\n"
+            "  eval \"$(.venv/bin/lambdalake s3 up --port 8333)\"   # that server again, its AWS_* variables exported\n"
+            f"  LAMBDALAKE_HOME={settings.lake} .venv/bin/lambdalake sql \"SELECT * FROM pageviews_hourly LIMIT 10\"\n"
+            f"  LAMBDALAKE_HOME={settings.lake} .venv/bin/lambdalake status\n"
+            "Serving keeps a local mirror of the published views in this machine's work directory "
+            f"({home}); docs/operations.md, \"A lake on object storage\".", highlight=False)
+        return
     console.print(
         "The lake stays in " + str(home) + ". Everything below reads it; none of it needs Kafka running:\n"
         "  .venv/bin/lambdalake sql \"SELECT * FROM pageviews_hourly ORDER BY views DESC LIMIT 10\"\n"
