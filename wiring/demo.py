@@ -320,8 +320,8 @@ def _how_to_continue(settings: Settings, console: Console) -> None:
             f"The lake stays in the bucket {settings.lake} of the embedded S3 server (stopped now; its data stay in "
             "the s3/ directory of the local lake directory). To query it:\n"
             "  eval \"$(.venv/bin/lambdalake s3 up --port 8333)\"   # that server again, its AWS_* variables exported\n"
-            f"  LAMBDALAKE_HOME={settings.lake} .venv/bin/lambdalake sql \"SELECT * FROM pageviews_hourly LIMIT 10\"\n"
-            f"  LAMBDALAKE_HOME={settings.lake} .venv/bin/lambdalake status\n"
+            f"  export LAMBDALAKE_HOME={settings.lake} LAMBDALAKE_WORK_DIR={home}\n"
+            "  .venv/bin/lambdalake sql \"SELECT * FROM pageviews_hourly LIMIT 10\"; .venv/bin/lambdalake status\n"
             "Serving keeps a local mirror of the published views in this machine's work directory "
             f"({home}); docs/operations.md, \"A lake on object storage\".", highlight=False)
         return
