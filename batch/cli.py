@@ -105,19 +105,19 @@ def compact_cmd(
     gc_grace: Annotated[str | None, typer.Option("--gc-grace", metavar="SECONDS", help="Delete master files no "
                                                  "head lists once older than this [env LAMBDALAKE_MASTER_GC_GRACE; "
                                                  "default 21600 = 6 h].", show_default=False)] = None,
-    gc_only: Annotated[bool, typer.Option("--gc-only", help="Only delete the garbage (no compaction); runs on a "
-                                          "lake on object storage too.")] = False,
+    gc_only: Annotated[bool, typer.Option("--gc-only", help="Only delete the garbage (no compaction).")] = False,
     pipeline: PipelineOpt = None, home: LakeOpt = None,
 ) -> None:
     """Rewrite runs of small adjacent master files into one file each (atomic, recorded under master/_log/), then
-    delete the master files no head lists that are older than the grace period (a fenced writer's garbage)."""
+    delete the master files no head lists that are older than the grace period (a fenced writer's garbage; on object
+    storage also the files a compaction replaced, a grace period after it)."""
     from batch.compact import compact
     from lambdalake.heads import collect_master_garbage
     from lambdalake.heads import gc_grace as grace_of
     from lambdalake.layout import Layout
 
     grace = grace_of(gc_grace, "--gc-grace") if gc_grace is not None else grace_of()
-    ctx = context(pipeline, home, object_storage=gc_only)
+    ctx = context(pipeline, home, object_storage=True)
     if source is not None:
         ctx.pipeline.source(source)  # an unknown source is one line
     if gc_only:
@@ -126,11 +126,13 @@ def compact_cmd(
         garbage = [k for name in names for k in collect_master_garbage(layout, name, grace, partition=partition)]
     else:
         report = compact(ctx.settings.home, ctx.pipeline, source=source, partition=partition,
-                         target_rows=target_rows, target_bytes=target_bytes, gc_grace=grace)
+                         target_rows=target_rows, target_bytes=target_bytes, gc_grace=grace, lake=ctx.settings.lake)
         console.print(f"compacted {report.files_replaced} files into {report.files_written} "
                       f"({report.rows} rows, {report.groups} groups)")
         for r in report.records:
             console.print(f"  recorded {r}", highlight=False)
+        for s in report.skipped:
+            console.print(f"  skipped {s}", highlight=False)
         garbage = report.garbage
     console.print(f"removed {len(garbage)} garbage files (listed by no head, last written more than {grace:g} s "
                   "ago)", highlight=False)

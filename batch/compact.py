@@ -23,19 +23,21 @@ logged, renamed compaction already replaced, so no reader ever counts an offset 
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 
 from batch import rewrite
-from batch.master import check_master_file, sha256_file
+from batch.master import check_master_file
 from batch.rewrite import CompactionBusy, compaction_lock
 from lambdalake.contracts import REWRITE_STARTED, CompactionRecord, RewriteFile
 from lambdalake.exceptions import InvariantViolation
-from lambdalake.heads import collect_master_garbage, master_files
+from lambdalake.heads import collect_master_garbage, master_files, stored_head
 from lambdalake.layout import Layout, MasterFile
 from lambdalake.pipeline import Pipeline
+from lambdalake.storage.files import data_files
 
 
 @dataclass
@@ -46,6 +48,7 @@ class CompactReport:
     rows: int = 0
     records: list[str] = field(default_factory=list)
     garbage: list[str] = field(default_factory=list)  # keys of unlisted files deleted (collect_master_garbage)
+    skipped: list[str] = field(default_factory=list)  # object storage: groups another rewrite changed first
 
 
 # recovery -----------------------------------------------------------------------------------------------------------
@@ -62,16 +65,30 @@ def recover_compactions(layout: Layout, pipeline: Pipeline | None = None) -> lis
         return []
 
 
+def _unique_name(layout: Layout, source: str, partition: int, start: int, end: int) -> str:
+    """``<start>-<end>-e<epoch>-<random>.parquet``: the head's epoch, so a claim never takes it for a fenced writer's
+    file (its garbage collection also spares files a rewrite record names)."""
+    head, _ = stored_head(layout, source, partition)
+    return f"{start:020d}-{end:020d}-e{head.epoch if head else 0}-{uuid.uuid4().hex[:12]}.parquet"
+
+
 # planning and rewriting -------------------------------------------------------------------------------------------
-def plan_groups(files: list[MasterFile], target_rows: int, target_bytes: int) -> list[list[MasterFile]]:
-    """Greedy runs of adjacent files whose merged size stays within the targets; only runs of >= 2 files."""
+def plan_groups(files: list[MasterFile], target_rows: int, target_bytes: int,
+                layout: Layout | None = None) -> list[list[MasterFile]]:
+    """Greedy runs of adjacent files whose merged size stays within the targets; only runs of >= 2 files. With
+    ``layout``, the files' rows and sizes are read through its store (a bucket too)."""
     from batch.master import file_rows
 
     groups: list[list[MasterFile]] = []
     cur: list[MasterFile] = []
     rows = size = 0
+    lake = None if layout is None else data_files(layout.store)
     for f in files:
-        fr, fb = file_rows(f.path), f.path.stat().st_size
+        if lake is None:
+            fr, fb = file_rows(f.path), f.path.stat().st_size
+        else:
+            key = _key(layout, f)
+            fr, fb = lake.parquet(key).metadata.num_rows, lake.info(key).size
         adjacent = bool(cur) and cur[-1].end == f.start
         if cur and (not adjacent or rows + fr > target_rows or size + fb > target_bytes):
             if len(cur) >= 2:
@@ -85,11 +102,17 @@ def plan_groups(files: list[MasterFile], target_rows: int, target_bytes: int) ->
     return groups
 
 
+def _key(layout: Layout, f: MasterFile) -> str:
+    return f.path.relative_to(layout.home).as_posix()
+
+
 def compact(settings_home: Path, pipeline: Pipeline, *, source: str | None = None, partition: int | None = None,
             target_rows: int = 2_000_000, target_bytes: int = 256 * 1024 * 1024,
-            lock_timeout: float = 300.0, gc_grace: float | None = None) -> CompactReport:
-    """Rewrite small adjacent master files (see the module docstring, and :mod:`batch.rewrite` for the protocol)."""
-    layout = Layout(settings_home)
+            lock_timeout: float = 300.0, gc_grace: float | None = None, lake: str = "") -> CompactReport:
+    """Rewrite small adjacent master files (see the module docstring, and :mod:`batch.rewrite` for the protocol).
+    ``lake``: a lake on object storage (``settings_home`` is then the machine's work directory)."""
+    layout = Layout.of(settings_home, lake)
+    files_of = data_files(layout.store)
     report = CompactReport()
     recover_compactions(layout, pipeline)
     sources = [pipeline.source(source)] if source else list(pipeline.sources)
@@ -102,22 +125,33 @@ def compact(settings_home: Path, pipeline: Pipeline, *, source: str | None = Non
             for p, pfiles in sorted(by_p.items()):
                 if partition is not None and p != partition:
                     continue
-                for group in plan_groups(pfiles, target_rows, target_bytes):
+                for group in plan_groups(pfiles, target_rows, target_bytes, None if files_of.local else layout):
                     # read + check every file against its name
-                    tables = [check_master_file(src, f) for f in group]
+                    tables = [check_master_file(src, f, None if files_of.local
+                                                else files_of.read_table(_key(layout, f))) for f in group]
                     merged = pa.concat_tables(tables)
                     first, last = group[0], group[-1]
                     final = layout.master_file(src.name, p, first.start, last.end)
-                    if final.exists():
+                    if not files_of.local:  # a name no other compaction uses (no lake-wide lock there)
+                        final = final.with_name(_unique_name(layout, src.name, p, first.start, last.end))
+                    elif final.exists():
                         raise InvariantViolation(f"compaction target {final} already exists")
                     record = CompactionRecord(
                         status=REWRITE_STARTED, source=src.name, partition=p, start=first.start, end=last.end,
-                        replaced=[RewriteFile(name=f.path.name, rows=t.num_rows, bytes=f.path.stat().st_size,
-                                              sha256=sha256_file(f.path)) for f, t in zip(group, tables, strict=True)],
+                        replaced=[RewriteFile(name=f.path.name, rows=t.num_rows,
+                                              bytes=files_of.info(_key(layout, f)).size,
+                                              sha256=files_of.sha256(_key(layout, f)))
+                                  for f, t in zip(group, tables, strict=True)],
                         merged=RewriteFile(name=final.name))
                     # the journaled rewrite: the merged file in place of the group
-                    rec_path = rewrite.rewrite(layout, record, merged, final, replaced=[f.path for f in group],
-                                               check_rows=True, lock_timeout=lock_timeout)
+                    try:
+                        rec_path = rewrite.rewrite(layout, record, merged, final, replaced=[f.path for f in group],
+                                                   check_rows=True, lock_timeout=lock_timeout)
+                    except InvariantViolation as exc:
+                        if files_of.local:
+                            raise
+                        report.skipped.append(f"{src.name}[{p}] [{first.start}, {last.end}): {exc}")
+                        continue
                     report.groups += 1
                     report.files_replaced += len(group)
                     report.files_written += 1

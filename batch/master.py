@@ -153,12 +153,13 @@ def file_rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
-def check_master_file(source: Source, mf: MasterFile) -> pa.Table:
-    """Read a master file and check it against its name: schema, partition, offsets inside [start, end), ordered.
+def check_master_file(source: Source, mf: MasterFile, table: pa.Table | None = None) -> pa.Table:
+    """Read a master file (or take its ``table``, read through the storage seam) and check it against its name:
+    schema, partition, offsets inside [start, end), ordered.
 
     Used by compaction and the tests; raises InvariantViolation naming the file on any mismatch.
     """
-    table = pq.read_table(mf.path)
+    table = pq.read_table(mf.path) if table is None else table
     want = master_schema(source)
     if not table.schema.remove_metadata().equals(want, check_metadata=False):
         raise InvariantViolation(f"master file {mf.path} has schema {table.schema}, expected {want}")

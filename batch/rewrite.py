@@ -25,27 +25,47 @@ erasure from its rename on.
 
 Locks (``checkpoints/master/``): :func:`compaction_lock` (``compact.lock``: one master maintenance — compaction,
 its recovery, ``forget`` — at a time) and :func:`master_readers_lock` (``readers.lock``).
+
+On object storage (:func:`_rewrite_remote`) there is no lock, rename or delete: 1. the intent record is put
+(``started``: from now on garbage collection leaves the new file and the replaced ones alone), 2. the new file is
+put whole under a name no other writer uses (``<start>-<end>-e<epoch>-<random>.parquet``), 3. the head swap is the
+commit point — a rewrite that finds the replaced files no longer listed (another compaction got there first) is
+``aborted`` and its file is garbage —, 4. the record says ``done``. The replaced files stay until garbage
+collection deletes them, a grace period after the record's ``finished_at`` (a reader that listed them before the
+swap may still be reading them: :func:`lambdalake.heads.collect_master_garbage`). :func:`recover` settles a
+``started`` record there only once it is older than the grace period (a pid says nothing about another machine).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch.master import COMPRESSION, sha256_file
+from batch.master import COMPRESSION, parquet_bytes, sha256_file
 from lambdalake import contracts
-from lambdalake.contracts import REWRITE_ABORTED, REWRITE_DONE, REWRITE_STARTED, RewriteFile, RewriteRecord, utc_now_iso
+from lambdalake.contracts import (
+    REWRITE_ABORTED,
+    REWRITE_DONE,
+    REWRITE_STARTED,
+    RewriteFile,
+    RewriteRecord,
+    parse_utc,
+    utc_now_iso,
+)
 from lambdalake.exceptions import InvariantViolation, LambdalakeError
 from lambdalake.heads import HeadFile, replace_files
 from lambdalake.layout import MASTER_FILE, Layout, atomic_write_bytes, fsync_dir, rewrite_dir, rewrite_records, tmp_name
 from lambdalake.locks import flock
+from lambdalake.storage.files import data_files
 from lambdalake.storage.local import LocalStore
 
 log = logging.getLogger(__name__)
@@ -81,7 +101,10 @@ def master_readers_lock(layout: Layout, timeout: float | None = None) -> Iterato
 
 
 def compaction_lock(layout: Layout) -> AbstractContextManager[None]:
-    """Exclusive, not waited for: one compaction (or recovery, or ``forget``) at a time per lake."""
+    """Exclusive, not waited for: one compaction (or recovery, or ``forget``) at a time per lake. None on object
+    storage: there each rewrite's head swap decides (module docstring)."""
+    if not isinstance(layout.store, LocalStore):
+        return nullcontext()
     return flock(_lock_path(layout, "compact.lock"), timeout=0, what="the compaction lock", on_busy=CompactionBusy)
 
 
@@ -93,7 +116,9 @@ def rewrite(layout: Layout, record: RewriteRecord, table: pa.Table, final: Path,
 
     ``check_rows``: read the written file's row count back before recording (aborts on a mismatch).
     ``before_swap``: called between the intent record and the rename (the crash tests' seam). Returns the path of
-    the record."""
+    the record (on object storage its local name under the work directory: the key is its path in the lake)."""
+    if not isinstance(layout.store, LocalStore):
+        return _rewrite_remote(layout, record, table, final, replaced, check_rows, before_swap)
     # 1. the new file under a temporary name, fsync'd: invisible to readers
     tmp = tmp_name(final)
     with open(tmp, "wb") as fh:
@@ -128,6 +153,34 @@ def rewrite(layout: Layout, record: RewriteRecord, table: pa.Table, final: Path,
     return rec_path
 
 
+def _rewrite_remote(layout: Layout, record: RewriteRecord, table: pa.Table, final: Path, replaced: Sequence[Path],
+                    check_rows: bool, before_swap: Callable[[], None] | None) -> Path:
+    """:func:`rewrite` on object storage (module docstring, last paragraph)."""
+    data = parquet_bytes(table)
+    if check_rows and pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows != table.num_rows:
+        raise InvariantViolation(f"{record.WHAT} of {final.name}: row count changed; aborted")
+    record.wrote(RewriteFile(rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    record.status, record.started_at, record.pid = REWRITE_STARTED, utc_now_iso(), os.getpid()
+    rec_key = f"master/_log/{record.log_name(datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ'))}"
+    # 1. the intent: garbage collection leaves the new file and the replaced ones alone from here on
+    layout.store.put(rec_key, contracts.encode(record))
+    # 2. the new file, whole, under a name no other writer uses
+    layout.store.put(final.relative_to(layout.home).as_posix(), data)
+    if before_swap is not None:
+        before_swap()
+    # 3. the commit point: the head swap
+    try:
+        _list_in_head(layout, record, table.num_rows, len(data))
+    except InvariantViolation:
+        record.status, record.finished_at = REWRITE_ABORTED, utc_now_iso()
+        layout.store.put(rec_key, contracts.encode(record))
+        raise
+    # 4. done (the replaced files go with garbage collection, a grace period after finished_at)
+    record.status, record.finished_at = REWRITE_DONE, utc_now_iso()
+    layout.store.put(rec_key, contracts.encode(record))
+    return layout.home / rec_key
+
+
 def _list_in_head(layout: Layout, rec: RewriteRecord, rows: int | None, size: int) -> None:
     """The head swap of step 3: the new file in place of what it replaces (erasure: of its own old version)."""
     name = rec.new_name()
@@ -141,27 +194,45 @@ def _list_in_head(layout: Layout, rec: RewriteRecord, rows: int | None, size: in
 # recovery ---------------------------------------------------------------------------------------------------------
 def recover(layout: Layout, kind: type[RewriteRecord]) -> list[str]:
     """Finish (new file in place) or abort (not renamed) every rewrite of ``kind`` left ``started`` by a crash;
-    returns ``"<record name>: <status>"`` of each. The caller holds :func:`compaction_lock`."""
+    returns ``"<record name>: <status>"`` of each. The caller holds :func:`compaction_lock`. On object storage
+    only records started longer ago than the grace period (module docstring)."""
+    from lambdalake.heads import gc_grace
+
+    remote = not isinstance(layout.store, LocalStore)
     done: list[str] = []
     for path, rec in rewrite_records(layout, kind):
         if rec.status != REWRITE_STARTED:
             continue
+        started = parse_utc(rec.started_at)
+        if remote and (started is None or time.time() - started.timestamp() < gc_grace()):
+            continue  # maybe in flight on another machine
         pdir = rewrite_dir(layout, rec)
         new = pdir / rec.new_name()
-        if new.exists() and sha256_file(new) == rec.new_sha256():
-            _list_in_head(layout, rec, None, new.stat().st_size)
-            if replaced := rec.replaced_names():
+        new_key = new.relative_to(layout.home).as_posix()
+        if layout.store.exists(new_key) and data_files(layout.store).sha256(new_key) == rec.new_sha256():
+            try:
+                _list_in_head(layout, rec, None, layout.store.size(new_key))
+                rec.status = REWRITE_DONE
+            except InvariantViolation:  # on object storage: another rewrite replaced those files first
+                if not remote:
+                    raise
+                rec.status = REWRITE_ABORTED
+            if (replaced := rec.replaced_names()) and not remote:
                 for name in replaced:
                     (pdir / name).unlink(missing_ok=True)
                 fsync_dir(pdir)
-            rec.status = REWRITE_DONE
-            rec.recovered = True
+            rec.recovered = rec.status == REWRITE_DONE
+            if remote:  # garbage collection keeps the replaced files a grace period after this
+                rec.finished_at = rec.finished_at or utc_now_iso()
         else:
-            if tmp := rec.tmp_name():
+            if (tmp := rec.tmp_name()) and not remote:
                 (pdir / tmp).unlink(missing_ok=True)
             rec.status = REWRITE_ABORTED
         rec.recovered_at = utc_now_iso()
-        atomic_write_bytes(path, contracts.encode(rec))
+        if remote:
+            layout.store.put(path.relative_to(layout.home).as_posix(), contracts.encode(rec))
+        else:
+            atomic_write_bytes(path, contracts.encode(rec))
         log.warning("recovered interrupted %s %s: %s", kind.WHAT, path.name, rec.status)
         done.append(f"{path.name}: {rec.status}")
     return done

@@ -205,8 +205,8 @@ def resolve_home(home: str | Path | None = None, *, object_storage: bool = False
         if not object_storage:
             raise ConfigError(f"lake {url}: on object storage this release runs `lambdalake ingest` (the archiver), "
                               "`speed`, `batch` (Spark), `replay`, `sql`, `catalog`, `status`, `audit`, `produce`, "
-                              "`load`, serving.connect() and `compact --gc-only`; forget and compaction still need a "
-                              "local lake directory (a path in --home or LAMBDALAKE_HOME)")
+                              "`load`, `compact` and serving.connect(); forget still needs a local lake directory (a "
+                              "path in --home or LAMBDALAKE_HOME)")
         return work_dir(url)
     if _URL.match(raw):  # file://
         raw = raw[len("file:"):].lstrip("/")

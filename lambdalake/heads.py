@@ -44,7 +44,7 @@ import msgspec
 
 from lambdalake import contracts
 from lambdalake.config import parse_number
-from lambdalake.contracts import REWRITE_STARTED, CompactionRecord, ErasureRecord
+from lambdalake.contracts import REWRITE_DONE, REWRITE_STARTED, CompactionRecord, ErasureRecord
 from lambdalake.exceptions import ConfigError, InvariantViolation, LambdalakeError
 from lambdalake.layout import MASTER_FILE, PARTITION_DIR, Layout, MasterFile, rewrite_records
 from lambdalake.storage.base import ObjectMissing, StorageError
@@ -326,11 +326,16 @@ class PartitionHead:
         h = self.head
         end = h.end if h.end is not None else -1
         removed = []
+        protected = None
         for dataset in DATASETS:
             listed = {f.name for f in h.listed(dataset)}
             for f in range_files_on_disk(self.layout, dataset, h.source, h.partition):
                 m = MASTER_FILE.match(f.path.name)
                 if f.path.name in listed:
+                    continue
+                if protected is None:  # read only when something is unlisted
+                    protected = _rewrites_protected(self.layout, h.source, gc_grace())
+                if (dataset, h.partition, f.path.name) in protected:
                     continue
                 epoch = m.group(3)
                 if (epoch is not None and int(epoch) < h.epoch) or (epoch is None and f.end > end):
@@ -387,15 +392,26 @@ def gc_grace(given: str | float | None = None, name: str = GC_GRACE_ENV) -> floa
     return value
 
 
-def _rewrites_started(layout: Layout, source: str) -> set[tuple[str, int, str]]:
-    """(dataset, partition, name) of every file a ``started`` compaction or erasure record names (its new file
-    and those it replaces): a rewrite in flight, or one its recovery finishes — never garbage."""
+def _rewrites_protected(layout: Layout, source: str, grace_s: float) -> set[tuple[str, int, str]]:
+    """(dataset, partition, name) of the files rewrites protect from garbage collection: every file a ``started``
+    compaction or erasure record names (its new file and those it replaces: a rewrite in flight, or one its recovery
+    finishes), and the files a ``done`` record replaced if it finished less than ``grace_s`` ago — on object storage a
+    rewrite leaves the files it replaced in place (no readers lock there: a batch run or audit that listed them before
+    the swap may still read them), and only garbage collection deletes them, after the grace period."""
     out: set[tuple[str, int, str]] = set()
+    now = time.time()
     for kind in (CompactionRecord, ErasureRecord):
         for _, rec in rewrite_records(layout, kind):
-            if rec.status == REWRITE_STARTED and rec.source == source:
-                for name in (rec.new_name(), *rec.replaced_names()):
-                    out.add((rec.dataset, int(rec.partition), name))
+            if rec.source != source:
+                continue
+            if rec.status == REWRITE_STARTED:
+                names = (rec.new_name(), *rec.replaced_names())
+            elif rec.status == REWRITE_DONE and (done := contracts.parse_utc(rec.finished_at)) is not None \
+                    and now - done.timestamp() < grace_s:
+                names = tuple(rec.replaced_names())
+            else:
+                continue
+            out.update((rec.dataset, int(rec.partition), name) for name in names)
     return out
 
 
@@ -411,7 +427,7 @@ def collect_master_garbage(layout: Layout, source: str, grace_s: float | None = 
     grace = gc_grace() if grace_s is None else grace_s
     parts = [p for p in partitions(layout, source) if partition is None or p == partition]
     on_disk = {(p, d): range_files_on_disk(layout, d, source, p) for p in parts for d in DATASETS}
-    in_flight = _rewrites_started(layout, source)
+    in_flight = _rewrites_protected(layout, source, grace)
     removed: list[str] = []
     for p in parts:
         head, _ = stored_head(layout, source, p)

@@ -39,6 +39,7 @@ the speed layer's snapshots and checkpoints are written and read through it too 
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import shutil
@@ -302,14 +303,15 @@ def rewrite_records(layout: Layout, kind: type[R]) -> list[tuple[Path, R]]:
     """The journal records of one kind of master rewrite under ``master/_log/`` (``<utc>-<kind>-...json``, written
     by :mod:`batch.rewrite`: :class:`~lambdalake.contracts.CompactionRecord` or
     :class:`~lambdalake.contracts.ErasureRecord`), oldest first."""
-    d = layout.master_log()
     out = []
-    if d.is_dir():
-        for f in sorted(d.glob(f"*-{kind.KIND}-*.json")):
-            try:
-                out.append((f, contracts.decode(f.read_bytes(), kind, str(f))))
-            except (OSError, InvariantViolation) as exc:
-                raise InvariantViolation(f"{kind.WHAT} record {f} is unreadable: {exc}") from exc
+    for key in layout.store.list("master/_log/"):
+        name = key.rsplit("/", 1)[-1]
+        if key.count("/") != 2 or not fnmatch.fnmatchcase(name, f"*-{kind.KIND}-*.json"):
+            continue
+        try:
+            out.append((layout.master_log() / name, contracts.decode(layout.store.get(key), kind, key)))
+        except (ObjectMissing, InvariantViolation) as exc:
+            raise InvariantViolation(f"{kind.WHAT} record {key} is unreadable: {exc}") from exc
     return out
 
 
