@@ -8,13 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from audit.events import (
     Erased,
     below_sql,
     not_erased_sql,
-    read_lake_file,
 )
 from audit.report import (
     LOG_SPEED,
@@ -64,29 +62,22 @@ def check_master_batch(report: AuditReport, con: Any, pipeline: Pipeline, source
     layout = layout or pair.layout
     lake = data_files(layout.store)
     wm = manifest.watermark.of_topic(source.topic)
-    below = [f for f in files if f.start < wm.get(f.partition, 0)]
-    masters: list[str] = [str(f.path) for f in below]
+    masters = [f.path.relative_to(layout.home).as_posix() for f in files if f.start < wm.get(f.partition, 0)]
     res.compared.setdefault("positions", []).extend(f"{source.name}[{p}] [0, {w})" for p, w in sorted(wm.items()))
     res.add("master_files_read", len(masters))
-    tables = [read_lake_file(layout, f, None) for f in below] if not lake.local else []
-    res.add("master_bytes_read", sum(n for _, n in tables) if tables else sum(f.path.stat().st_size for f in below))
+    res.add("master_bytes_read", sum(lake.info(k).size for k in masters))
     with tempfile.TemporaryDirectory() as scratch:
         # rejected messages valid under the declared rules count too (a loosened rule): as the batch job reads them
         extra = revalidated_file(layout, source, wm, Path(scratch))
         if extra is not None:
-            masters.append(str(extra))
-            tables.append((pq.read_table(extra), 0))
             res.notes.append(f"{source.name}: rejected messages now valid under the declared rules (a loosened "
                              "rule) are counted with the master rows")
-        relation: list[str] | str = masters
-        if tables:  # master files in a bucket: DuckDB has no S3 reader offline, so their rows through pyarrow
-            relation = "_audit_master_rows"
-            con.register(relation, pa.concat_tables([t for t, _ in tables], promote_options="permissive"))
-        if masters:
-            events = master_events_sql(source, relation, wm, f"({valid}) AND {not_erased_sql(source, gone)}")
+        if masters or extra is not None:  # a bucket's files through pyarrow (DuckDB has no S3 reader offline)
+            rows = lake.duckdb_relation(con, "_audit_master_rows", masters, [extra] if extra else [])
+            events = master_events_sql(source, rows, wm, f"({valid}) AND {not_erased_sql(source, gone)}")
             con.execute(f"CREATE OR REPLACE TEMP TABLE master_events AS {events}")
-            if tables:
-                con.unregister(relation)
+            if not lake.local:
+                con.unregister("_audit_master_rows")
         else:
             con.execute(f"CREATE OR REPLACE TEMP TABLE master_events AS "
                         f"SELECT * FROM {_empty_master(con, source)}")

@@ -48,7 +48,7 @@ def archive(settings: Settings, pipeline: Pipeline, *, wait_timeout: float = 900
     from lambdalake.clients import end_offsets
 
     t0 = time.monotonic()
-    layout = Layout(settings.home)
+    layout = Layout.of(settings.home, settings.lake)
     try:
         report = ingest(settings, pipeline, until_caught_up=True, handle_signals=False)
     except ArchiverLocked as exc:

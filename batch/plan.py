@@ -65,7 +65,7 @@ def changed_views(manifest, pipeline: Pipeline) -> list[str]:
 
 def plan_batch(settings: Settings, pipeline: Pipeline, *, force: bool = False) -> BatchPlan:
     """Compare what the batch job would compute now with what is published (see the module docstring)."""
-    layout = Layout(settings.home)
+    layout = Layout.of(settings.home, settings.lake)
     block = settings.handoff_block
     manifest = current_batch_manifest(layout)
     published = Positions() if manifest is None else manifest.watermark

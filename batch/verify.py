@@ -40,8 +40,9 @@ from lambdalake.heads import master_files
 from lambdalake.layout import Layout, current_batch_manifest
 from lambdalake.pipeline import WINDOW_START, Pipeline, View
 from lambdalake.schema import view_columns
+from lambdalake.storage.files import data_files
 from lambdalake.validsql import valid_predicate
-from lambdalake.viewsql import FOLD, aggregate_sql, fold_sql, ident, master_events_sql, sql_list
+from lambdalake.viewsql import FOLD, aggregate_sql, fold_sql, ident, master_events_sql
 
 
 class VerificationFailed(InvariantViolation):
@@ -66,14 +67,14 @@ class VerificationReport:
 def verify_published(settings: Settings, pipeline: Pipeline) -> VerificationReport | None:
     """Check the published batch version (see the module docstring). None: nothing is published."""
     import duckdb
-    import pyarrow.parquet as pq
 
-    layout = Layout(settings.home)
+    layout = Layout.of(settings.home, settings.lake)
+    lake = data_files(layout.store)
     manifest = current_batch_manifest(layout)
     if manifest is None:
         return None
     version = str(manifest.version)
-    vdir = layout.batch_version(version)
+    vdir = layout.batch_version(version).relative_to(layout.home).as_posix()
 
     def fail(msg: str) -> VerificationFailed:
         return VerificationFailed(f"batch version {version} ({vdir}): {msg}; roll back with "
@@ -86,14 +87,14 @@ def verify_published(settings: Settings, pipeline: Pipeline) -> VerificationRepo
     files_of: dict[str, list[str]] = {}
     for view in pipeline.views:
         _check_definition(manifest, pipeline, view, fail)
-        files = sorted(str(f) for f in (vdir / view.name).glob("*.parquet"))
+        files = [f"{vdir}/{view.name}/{name}" for name in lake.names(f"{vdir}/{view.name}")]
         expected = manifest.row_counts.get(view.name)
         if expected is None:
             raise fail(f"manifest has no row count for view {view.name!r}")
         declared = [c.name for c in view_columns(pipeline.source_of(view), view)]
         rows = 0
         for f in files:
-            meta = pq.ParquetFile(f)
+            meta = lake.parquet(f)
             if meta.schema_arrow.names != declared:
                 raise fail(f"view {view.name!r}: {f} has columns {meta.schema_arrow.names}, declared {declared}")
             rows += meta.metadata.num_rows
@@ -110,20 +111,25 @@ def verify_published(settings: Settings, pipeline: Pipeline) -> VerificationRepo
         with master_readers_lock(layout), tempfile.TemporaryDirectory() as scratch:  # no compaction meanwhile
             for src in pipeline.sources:
                 wm = manifest.watermark.of_topic(src.topic)
-                masters = [str(f.path) for f in master_files(layout, src.name) if f.start < wm.get(f.partition, 0)]
+                masters = [f.path.relative_to(layout.home).as_posix() for f in master_files(layout, src.name)
+                           if f.start < wm.get(f.partition, 0)]
                 # rejected messages valid under the declared rules count too (a loosened rule, batch.rejected)
                 extra = revalidated_file(layout, src, wm, Path(scratch))
-                masters += [str(extra)] if extra else []
                 keep = f"({valid[src.name]}) AND {not_erased_sql(ident(src.key), erased_subjects(layout, src.name))}"
-                events = master_events_sql(src, masters, wm, keep) if masters else None
-                n_events = con.execute(f"SELECT count(*) FROM ({events})").fetchone()[0] if events else 0
+                events = None
+                if masters or extra:
+                    rows = lake.duckdb_relation(con, f"_master_{src.name}", masters, [extra] if extra else [])
+                    events = master_events_sql(src, rows, wm, keep)
+                n_events = con.execute(f"SELECT count(*) FROM ({events})").fetchall()[0][0] if events else 0
                 recorded = manifest.events.get(src.name, n_events)
                 if recorded != n_events:
                     raise fail(f"manifest says {recorded} deduplicated events of source {src.name!r}, the master "
                                f"dataset below the watermark holds {n_events} valid ones")
                 report.events[src.name] = n_events
                 for view in pipeline.views_of(src):
-                    report.totals[view.name] = _check_view(con, pipeline, view, files_of[view.name], events, fail)
+                    rel = lake.duckdb_relation(con, f"_view_{view.name}", files_of[view.name]) \
+                        if files_of[view.name] else None
+                    report.totals[view.name] = _check_view(con, pipeline, view, rel, events, fail)
         return report
     finally:
         con.close()
@@ -138,33 +144,32 @@ def _check_definition(manifest: BatchManifest, pipeline: Pipeline, view: View,
                    f"the declared one is {pipeline.fingerprint(view)}; run `lambdalake batch`")
 
 
-def _check_view(con: Any, pipeline: Pipeline, view: View, files: list[str], events_sql: str | None,
+def _check_view(con: Any, pipeline: Pipeline, view: View, rel: str | None, events_sql: str | None,
                 fail: Callable[[str], VerificationFailed]) -> dict[str, Any]:
-    """Steps 2 and 3 for one view; returns the totals it compared."""
+    """Steps 2 and 3 for one view (``rel``: its rows, None when it has no file); returns the totals it compared."""
     source = pipeline.source_of(view)
     fields = source.field_map
     strict = [k for k in view.keys if fields[k].required and not fields[k].nullable] + [WINDOW_START]
     stored = view.stored_aggregates
-    if not files:
-        if events_sql is not None and con.execute(f"SELECT count(*) FROM ({events_sql})").fetchone()[0]:
+    if rel is None:
+        if events_sql is not None and con.execute(f"SELECT count(*) FROM ({events_sql})").fetchall()[0][0]:
             raise fail(f"view {view.name!r} has no rows but the master dataset has valid events below the watermark")
         return {}
-    rel = f"read_parquet({sql_list(files)})"
     nulls = con.execute("SELECT " + ", ".join(f"count(*) FILTER (WHERE {ident(k)} IS NULL)" for k in strict)
-                        + f" FROM {rel}").fetchone()
+                        + f" FROM {rel}").fetchall()[0]
     for k, n in zip(strict, nulls, strict=True):
         if n:
             raise fail(f"view {view.name!r} has {n} null values in key {k!r}")
     if not stored:
         return {}
-    view_totals = con.execute("SELECT " + ", ".join(fold_sql(a) for a in stored) + f" FROM {rel}").fetchone()
+    view_totals = con.execute("SELECT " + ", ".join(fold_sql(a) for a in stored) + f" FROM {rel}").fetchall()[0]
     if events_sql is None:
         master_totals: tuple = tuple(0 if a.kind == "count" else None for a in stored)
     else:
         master_totals = con.execute("SELECT " + ", ".join(
             sketches.estimate_sql(f"list_value({aggregate_sql(a, source)})") if a.merge == "union"
             else "count(*)" if a.kind == "count" else f"{a.kind}({ident(a.column or '')})" for a in stored)
-            + f" FROM ({events_sql})").fetchone()
+            + f" FROM ({events_sql})").fetchall()[0]
     totals: dict[str, Any] = {}
     for a, got, want in zip(stored, view_totals, master_totals, strict=True):
         if a.kind == "count":  # SQL's sum over no rows is NULL; no rows counted is 0 events

@@ -81,6 +81,13 @@ def lambdalake_batch() -> None:
         if os.environ.get(FULL_EVERY_ENV):  # the age that forces a full recompute (hours), if set for Airflow
             env[FULL_EVERY_ENV] = os.environ[FULL_EVERY_ENV]
         ti.xcom_push(key="spark_env", value=env)
+        # a lake on object storage: Spark's s3a connector, given to spark-submit (its driver starts before Python)
+        if settings.lake:
+            from batch.spark_session import s3a_jars
+
+            ti.xcom_push(key="spark_jars", value=",".join(s3a_jars()))
+        else:
+            ti.xcom_push(key="spark_jars", value="")
         log.info("plan: %s: %s", action, reason)
         return {"batch": "spark_batch", "verify": "verify", "none": None}[action]
 
@@ -90,6 +97,7 @@ def lambdalake_batch() -> None:
         conn_id=dagkit.spark_conn_id(),
         name="lambdalake-batch",
         env_vars="{{ ti.xcom_pull(task_ids='plan', key='spark_env') }}",
+        jars="{{ ti.xcom_pull(task_ids='plan', key='spark_jars') or '' }}",
         conf={"spark.ui.showConsoleProgress": "false"},
     )
 

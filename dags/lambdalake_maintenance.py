@@ -39,7 +39,7 @@ def lambdalake_maintenance() -> None:
         from batch.compact import compact
 
         settings, pipeline = wiring.load(dagkit.run_config())
-        return asdict(compact(settings.home, pipeline))
+        return asdict(compact(settings.home, pipeline, lake=settings.lake))
 
     @task
     def retire_versions() -> list[str]:
@@ -49,7 +49,10 @@ def lambdalake_maintenance() -> None:
         cfg = dagkit.run_config()
         settings, _ = wiring.load(cfg)
         keep = wiring.batch_keep(cfg)
-        return retire_versions(settings.home, keep=default_keep() if keep is None else keep)
+        from lambdalake.layout import Layout
+
+        return retire_versions(settings.home, keep=default_keep() if keep is None else keep,
+                               layout=Layout.of(settings.home, settings.lake))
 
     @task
     def audit() -> dict:

@@ -133,10 +133,10 @@ def aggregate_sql(a: Aggregate, source: Source) -> str:
 
 def master_events_sql(source: Source, files: list[str] | str, watermark: dict[int, int], valid: str) -> str:
     """Valid events below the watermark, the row with the lowest offset per (partition, event id); ``files``: the
-    master files, or the name of a relation holding their rows."""
+    master files, or a relation (SQL) holding their rows."""
     cases = " ".join(f"WHEN {p} THEN {w}" for p, w in sorted(watermark.items()))
     below = f"{OFFSET_COL} < (CASE {PARTITION_COL} {cases} ELSE 0 END)" if watermark else "FALSE"
-    relation = ident(files) if isinstance(files, str) else f"read_parquet({sql_list(files)})"
+    relation = files if isinstance(files, str) else f"read_parquet({sql_list(files)})"
     return (f"SELECT * FROM {relation} WHERE {below} AND {valid} "
             f"QUALIFY row_number() OVER (PARTITION BY {PARTITION_COL}, {ident(source.event_id)} "
             f"ORDER BY {OFFSET_COL}) = 1")

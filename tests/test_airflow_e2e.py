@@ -176,3 +176,48 @@ def test_dags_test_publishes_what_serving_returns_and_is_idempotent(settings, pi
         pq.write_table(table, victim)
         with pytest.raises(VerificationFailed, match=match):
             verify_published(settings.with_(home=copy), pipeline)
+
+
+def test_the_batch_dag_runs_on_a_lake_in_a_bucket(settings, pipeline, s3_lake, airflow_home, tmp_path, monkeypatch):
+    """``lambdalake_batch`` with ``LAMBDALAKE_HOME=s3://...``: archive into the bucket, spark-submit with the s3a
+    jars, verify from the bucket, announce there, hand off; another machine serves exactly the oracle."""
+    from lambdalake.heads import archived_positions
+    from tests.conftest import as_machine, machine_cli
+    from tests.oracle import assert_served_equals_oracle
+    from tests.test_speed import produce
+    from wiring.orchestration.tasks import settings_from
+
+    url, store, env_a, work = s3_lake
+    produce(settings, pipeline, 1200, seed=17)
+    machine_cli(env_a, work, "speed", "--until-caught-up")  # a speed layer that ran on another machine
+    as_machine(monkeypatch, {**env_a, "LAMBDALAKE_WORK_DIR": str(tmp_path / "airflow-machine")})
+    lake = settings_from({"LAMBDALAKE_HOME": url, "LAMBDALAKE_BOOTSTRAP": settings.bootstrap,
+                          "LAMBDALAKE_PIPELINE": settings.pipeline, "LAMBDALAKE_PARTITIONS": "4",
+                          "LAMBDALAKE_HANDOFF_BLOCK": str(settings.handoff_block)})
+    env = airflow_environment(airflow_home, lake, port=free_port())
+    env["LAMBDALAKE_SPARK_SHUFFLE_PARTITIONS"] = "4"
+    assert env["LAMBDALAKE_HOME"] == url
+
+    airflow(env, "dags", "test", "lambdalake_batch")
+    with closing(sqlite3.connect(f"file:{airflow_home / 'airflow.db'}?mode=ro", uri=True)) as db:
+        (run_id,) = db.execute("SELECT run_id FROM dag_run WHERE dag_id = 'lambdalake_batch' "
+                               "ORDER BY start_date DESC LIMIT 1").fetchone()
+        states = dict(db.execute("SELECT task_id, state FROM task_instance WHERE dag_id = 'lambdalake_batch' "
+                                 "AND run_id = ?", (run_id,)).fetchall())
+    assert states == dict.fromkeys(["archive", "plan", "spark_batch", "verify", "announce", "speed_handoff"],
+                                   "success"), states
+    layout = Layout(tmp_path / "nowhere", store=store)
+    manifest = current_batch_manifest(layout)
+    assert manifest is not None and manifest.version == "v000001" and manifest.spark_master.startswith("local")
+    assert all(archived_positions(layout, s.name) for s in pipeline.sources)  # archived into the bucket
+    assert store.exists("checkpoints/airflow/announced/v000001.json")
+    snap = current_speed_snapshot(layout)
+    assert all(snap.pruned_to.at(*tp) >= w for tp, w in manifest.watermark.items()), "handed off"
+    assert not list((tmp_path / "airflow-machine").rglob("*.parquet")), "lake files on the Airflow machine"
+
+    as_machine(monkeypatch, {**env_a, "LAMBDALAKE_WORK_DIR": str(tmp_path / "serving-machine")})
+    con = serving.connect(home=url, pipeline=settings.pipeline)
+    try:
+        assert_served_equals_oracle(con, pipeline, read_log(settings.bootstrap, [s.topic for s in pipeline.sources]))
+    finally:
+        con.close()

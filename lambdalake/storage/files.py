@@ -84,6 +84,18 @@ class DataFiles:
                       if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
                       and not i.base_name.startswith((".", "_")))
 
+    def duckdb_relation(self, con, name: str, keys: list[str], local_files: list[Path] = ()) -> str:
+        """A relation (SQL) over the lake's Parquet files ``keys`` and the local files ``local_files`` (scratch
+        files outside the lake) that the DuckDB connection ``con`` can query: ``read_parquet([...])`` of the files
+        on a local lake; on S3 — DuckDB has no S3 reader offline — their rows read through pyarrow and registered
+        as ``name`` (the caller unregisters it when done)."""
+        if self.local:
+            paths = [self.path(k) for k in keys] + [str(p) for p in local_files]
+            return "read_parquet([" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "])"
+        con.register(name, pa.concat_tables([*(self.read_table(k) for k in keys),
+                                             *(pq.read_table(p) for p in local_files)], promote_options="permissive"))
+        return '"' + name.replace('"', '""') + '"'
+
     # writes ---------------------------------------------------------------------------------------------------
     def write_table(self, table: pa.Table, key: str) -> None:
         """Write ``table`` as one Parquet object ``key`` (S3: one whole object, visible complete or not at all)."""

@@ -75,7 +75,7 @@ def airflow_environment(airflow_home: Path, settings: Settings, *, port: int = 8
     env.setdefault("AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL", "30")
     if spark_conn:
         env.setdefault("AIRFLOW_CONN_SPARK_DEFAULT", spark_connection(settings.spark_master))
-    env["LAMBDALAKE_HOME"] = str(settings.home)
+    env["LAMBDALAKE_HOME"] = settings.lake or str(settings.home)
     env["LAMBDALAKE_PIPELINE"] = settings.pipeline
     env["LAMBDALAKE_HANDOFF_BLOCK"] = str(settings.handoff_block)
     env["LAMBDALAKE_PARTITIONS"] = str(settings.partitions)

@@ -30,9 +30,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lambdalake.config import Settings, load_settings, parse_number
+from lambdalake.config import Settings, lake_url, load_settings, parse_number
 from lambdalake.exceptions import LambdalakeError
-from lambdalake.layout import Layout, atomic_write_bytes
+from lambdalake.layout import Layout
 from lambdalake.pipeline import Pipeline, load_pipeline
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ def lake_config(variables: Callable[[str], str | None] | None = _airflow_variabl
     """The lake configuration as ``{LAMBDALAKE_*: value}`` for the keys that are set.
 
     ``variables`` looks up ``lambdalake_<key>`` (an Airflow Variable by default; None = environment only).
-    The home directory is made absolute: Airflow workers do not share the launcher's working directory.
+    The home directory is made absolute: Airflow workers do not share the launcher's working directory (a lake on
+    object storage, ``s3://...``, stays a URL).
     """
     environ = os.environ if environ is None else environ
     out: dict[str, str] = {}
@@ -79,7 +80,8 @@ def lake_config(variables: Callable[[str], str | None] | None = _airflow_variabl
             value = environ[env_name]
         if value is not None:
             out[env_name] = value
-    out["LAMBDALAKE_HOME"] = str(Path(out.get("LAMBDALAKE_HOME", "data")).expanduser().resolve())
+    home = out.get("LAMBDALAKE_HOME", "data")
+    out["LAMBDALAKE_HOME"] = lake_url(home) or str(Path(home).expanduser().resolve())
     return out
 
 
@@ -95,7 +97,7 @@ def settings_from(cfg: Mapping[str, str]) -> Settings:
     if pipeline and pipeline.endswith(".py") and Path(pipeline).expanduser().is_file():
         pipeline = str(Path(pipeline).expanduser().resolve())  # workers and spark-submit run elsewhere
     settings = load_settings(home=cfg.get("LAMBDALAKE_HOME"), bootstrap=cfg.get("LAMBDALAKE_BOOTSTRAP"),
-                             pipeline=pipeline, partitions=_int(cfg, "LAMBDALAKE_PARTITIONS"))
+                             pipeline=pipeline, partitions=_int(cfg, "LAMBDALAKE_PARTITIONS"), object_storage=True)
     block = _int(cfg, "LAMBDALAKE_HANDOFF_BLOCK")
     return settings.with_(handoff_block=block) if block is not None else settings
 
@@ -111,14 +113,16 @@ def load(cfg: Mapping[str, str]) -> tuple[Settings, Pipeline]:
     return settings, load_pipeline(settings.pipeline)
 
 
-# Passed through to the Spark job when set (the job reads them itself).
-SPARK_PASSTHROUGH = ("LAMBDALAKE_SPARK_SHUFFLE_PARTITIONS", "LAMBDALAKE_LOG", "JAVA_HOME")
+# Passed through to the Spark job when set (the job reads them itself; the AWS settings: a lake on object storage).
+SPARK_PASSTHROUGH = ("LAMBDALAKE_SPARK_SHUFFLE_PARTITIONS", "LAMBDALAKE_LOG", "JAVA_HOME", "LAMBDALAKE_WORK_DIR",
+                     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
 def spark_env(cfg: Mapping[str, str], settings: Settings) -> dict[str, str]:
     """Environment of the ``spark-submit`` running ``batch/job.py``: the resolved lake configuration (the job reads
     ``LAMBDALAKE_*`` itself) and the Python that runs the driver (``PYSPARK_PYTHON`` if set, else this one)."""
-    env = {"LAMBDALAKE_HOME": str(settings.home), "LAMBDALAKE_PIPELINE": settings.pipeline,
+    env = {"LAMBDALAKE_HOME": settings.lake or str(settings.home), "LAMBDALAKE_PIPELINE": settings.pipeline,
            "LAMBDALAKE_HANDOFF_BLOCK": str(settings.handoff_block)}
     keep = batch_keep(cfg)
     if keep is not None:
@@ -140,27 +144,29 @@ def next_action(settings: Settings, action: str, reason: str, version: str | Non
 
 
 # --- announce ----------------------------------------------------------------------------------------------------
-def _announcements(settings: Settings) -> Path:
-    return Layout(settings.home).checkpoints("airflow") / "announced"
+def _announcement_key(version: str) -> str:
+    return f"checkpoints/airflow/announced/{version}.json"
 
 
 def announced(settings: Settings, version: str) -> bool:
     """Whether the DAG verified ``version`` and emitted its Asset event (:func:`announce`)."""
-    return (_announcements(settings) / f"{version}.json").is_file()
+    return Layout.of(settings.home, settings.lake).store.exists(_announcement_key(version))
 
 
 def asset_event_extra(settings: Settings, report: Any) -> dict[str, Any]:
     """The extra of the ``lambdalake_batch_views`` Asset event for a verification report: which version, where, at
     which watermark."""
     done = report.to_dict()
-    return {"home": str(settings.home), "version": done["version"], "watermark": done["watermark"],
+    return {"home": settings.lake or str(settings.home), "version": done["version"], "watermark": done["watermark"],
             "row_counts": done["row_counts"], "events": done["events"]}
 
 
 def announce(settings: Settings, extra: Mapping[str, Any]) -> Path:
-    """Record that the version in ``extra`` was verified and its Asset event emitted (atomic; idempotent)."""
+    """Record that the version in ``extra`` was verified and its Asset event emitted (one object put through the
+    storage seam: atomic; idempotent). Returns its path (on object storage: its key under the work directory)."""
     import json
 
-    path = _announcements(settings) / f"{extra['version']}.json"
-    atomic_write_bytes(path, (json.dumps(dict(extra), sort_keys=True, indent=1) + "\n").encode())
-    return path
+    key = _announcement_key(extra["version"])
+    layout = Layout.of(settings.home, settings.lake)
+    layout.store.put(key, (json.dumps(dict(extra), sort_keys=True, indent=1) + "\n").encode())
+    return layout.home / key
