@@ -152,7 +152,7 @@ def forget_cmd(
     batch version and the speed layer correct the aggregates. Idempotent: run it again to resume. Prints how long
     the log itself keeps the raw messages (its retention)."""
     from batch.erase import forget
-    from lambdalake.config import require_existing_lake
+    from lambdalake.config import lake_url, require_existing_lake
     from lambdalake.erasure import log_dropped_by
 
     if not source:
@@ -161,8 +161,9 @@ def forget_cmd(
     if not subjects:
         raise ConfigError("no subject given; pass one or more key values, e.g. `lambdalake forget --source "
                           f"{source} u42`")
-    require_existing_lake(home)
-    ctx = context(pipeline, home, bootstrap)
+    if not lake_url(home):
+        require_existing_lake(home)
+    ctx = context(pipeline, home, bootstrap, object_storage=True)
     report = forget(ctx.settings, ctx.pipeline, source, subjects)
     key = ctx.pipeline.source(source).key
     for rec in report.recovered:

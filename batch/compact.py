@@ -23,7 +23,6 @@ logged, renamed compaction already replaced, so no reader ever counts an offset 
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from batch.master import check_master_file
 from batch.rewrite import CompactionBusy, compaction_lock
 from lambdalake.contracts import REWRITE_STARTED, CompactionRecord, RewriteFile
 from lambdalake.exceptions import InvariantViolation
-from lambdalake.heads import collect_master_garbage, master_files, stored_head
+from lambdalake.heads import collect_master_garbage, master_files, rewrite_name
 from lambdalake.layout import Layout, MasterFile
 from lambdalake.pipeline import Pipeline
 from lambdalake.storage.files import data_files
@@ -63,13 +62,6 @@ def recover_compactions(layout: Layout, pipeline: Pipeline | None = None) -> lis
             return rewrite.recover(layout, CompactionRecord)
     except CompactionBusy:
         return []
-
-
-def _unique_name(layout: Layout, source: str, partition: int, start: int, end: int) -> str:
-    """``<start>-<end>-e<epoch>-<random>.parquet``: the head's epoch, so a claim never takes it for a fenced writer's
-    file (its garbage collection also spares files a rewrite record names)."""
-    head, _ = stored_head(layout, source, partition)
-    return f"{start:020d}-{end:020d}-e{head.epoch if head else 0}-{uuid.uuid4().hex[:12]}.parquet"
 
 
 # planning and rewriting -------------------------------------------------------------------------------------------
@@ -133,7 +125,7 @@ def compact(settings_home: Path, pipeline: Pipeline, *, source: str | None = Non
                     first, last = group[0], group[-1]
                     final = layout.master_file(src.name, p, first.start, last.end)
                     if not files_of.local:  # a name no other compaction uses (no lake-wide lock there)
-                        final = final.with_name(_unique_name(layout, src.name, p, first.start, last.end))
+                        final = final.with_name(rewrite_name(layout, src.name, p, first.start, last.end))
                     elif final.exists():
                         raise InvariantViolation(f"compaction target {final} already exists")
                     record = CompactionRecord(

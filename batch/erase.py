@@ -18,6 +18,8 @@ resumable:
    d. rewrite the record with status ``done``.
 
    The offsets removed are accounted as *erased* from the rename on (:func:`lambdalake.erasure.erased_offsets`).
+   On object storage nothing is renamed: the new version gets a name of its own and replaces the file in the
+   partition's head by a swap (:mod:`batch.rewrite`, "On object storage"); it is in effect from that swap on.
    :func:`recover_erasures` (run first) finishes a rename that happened or aborts one that did not; the subject's
    rows are then simply found again and rewritten.
 3. Mark the requests *master rewritten* (lake, then the topic). The next batch version corrects the aggregates; the
@@ -35,21 +37,20 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from batch import rewrite
-from batch.master import sha256_file
 from batch.rewrite import compaction_lock
 from lambdalake import erasure
 from lambdalake.config import Settings
 from lambdalake.contracts import REWRITE_STARTED, ErasureRecord, ErasureRequest, RewriteFile, utc_now_iso
 from lambdalake.exceptions import ConfigError
 from lambdalake.fields import Source
-from lambdalake.heads import master_files, rejected_files
+from lambdalake.heads import master_files, rejected_files, rewrite_name
 from lambdalake.layout import Layout, MasterFile
 from lambdalake.pipeline import Pipeline
 from lambdalake.runtime import crash_point
 from lambdalake.schema import OFFSET_COL, VALUE_COL
+from lambdalake.storage.files import data_files
 
 log = logging.getLogger(__name__)
 
@@ -110,26 +111,27 @@ def rewrite_file(layout: Layout, source: Source, f: MasterFile, dataset: str, su
                  ids: list[str], lock_timeout: float) -> Counter[str]:
     """Rewrite ``f`` without the messages of ``subjects`` (module docstring, step 2); returns how many it removed,
     per subject."""
-    probe = pq.read_table(f.path, columns=[source.key] if dataset == "master" else [VALUE_COL])
+    lake, key = data_files(layout.store), f.path.relative_to(layout.home).as_posix()
+    probe = lake.read_table(key, columns=[source.key] if dataset == "master" else [VALUE_COL])
     keep = _keep_mask(probe, source, dataset, subjects)
     if not len(keep) or pc.all(keep).as_py():
         return Counter()
     col = probe.column(0).filter(pc.invert(keep)).to_pylist()
     removed = Counter(col if dataset == "master" else [erasure.subject_of(v, source.key) for v in col])
     # a. the rows of other subjects (the rewrite writes them to a temporary name)
-    table = pq.read_table(f.path)
-    schema_meta = pq.read_schema(f.path).metadata
+    table = lake.read_table(key)
+    schema_meta = lake.parquet(key).schema_arrow.metadata
     offsets = table.column(OFFSET_COL).filter(pc.invert(keep)).to_pylist()
     kept = table.filter(keep)
     if schema_meta:
         kept = kept.replace_schema_metadata(schema_meta)
+    final = f.path if lake.local else f.path.with_name(rewrite_name(layout, source.name, f.partition, f.start, f.end))
     record = ErasureRecord(status=REWRITE_STARTED, dataset=dataset, source=source.name, partition=f.partition,
                            start=f.start, end=f.end, name=f.path.name, requests=sorted(ids), offsets=offsets,
-                           old=RewriteFile(rows=table.num_rows, bytes=f.path.stat().st_size,
-                                           sha256=sha256_file(f.path)),
-                           new=RewriteFile())
+                           old=RewriteFile(rows=table.num_rows, bytes=lake.info(key).size, sha256=lake.sha256(key)),
+                           new=RewriteFile(name=None if lake.local else final.name))
     # a-d: the journaled rewrite (b, the intent, then the crash tests' seam, then c, the rename over the file)
-    rewrite.rewrite(layout, record, kept, f.path, lock_timeout=lock_timeout, before_swap=lambda: fault("rewrite"))
+    rewrite.rewrite(layout, record, kept, final, lock_timeout=lock_timeout, before_swap=lambda: fault("rewrite"))
     return removed
 
 
@@ -139,17 +141,14 @@ def forget(settings: Settings, pipeline: Pipeline, source_name: str, subjects: l
     """Forget ``subjects`` of source ``source_name`` (module docstring). Idempotent: running it again resumes."""
     src = pipeline.source(source_name)
     subjects = check_subjects(subjects)
-    layout = Layout(settings.home)
+    layout = Layout.of(settings.home, settings.lake)
     report = ForgetReport(src.name, subjects)
     # 1. durable requests: the topic, then the lake
-    reqs = []
-    for s in subjects:
-        path = erasure.request_path(layout, src.name, s)
-        reqs.append(erasure.read_request(path) if path.exists() else erasure.new_request(src.name, s))
+    reqs = [erasure.stored_request(layout, src.name, s) or erasure.new_request(src.name, s) for s in subjects]
     if publish:
         erasure.publish(settings, reqs)
     for r in reqs:
-        if not erasure.request_path(layout, src.name, r.subject).exists():
+        if erasure.stored_request(layout, src.name, r.subject) is None:
             erasure.write_request(layout, r)
     fault("recorded")
     # 2. rewrite master and rejected files (every request of the source not rewritten yet: a crash resumes here)
@@ -177,7 +176,7 @@ def forget(settings: Settings, pipeline: Pipeline, source_name: str, subjects: l
         now = utc_now_iso()
         done = []
         for r in todo:
-            r = erasure.read_request(erasure.request_path(layout, src.name, r.subject))
+            r = erasure.stored_request(layout, src.name, r.subject) or r
             r.master_rewritten_at = now
             r.files_rewritten = sorted(set(r.files_rewritten) | set(rewritten))
             r.messages_erased += per_subject[r.subject]

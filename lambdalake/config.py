@@ -203,10 +203,10 @@ def resolve_home(home: str | Path | None = None, *, object_storage: bool = False
     url = lake_url(raw)
     if url is not None:
         if not object_storage:
-            raise ConfigError(f"lake {url}: on object storage this release runs `lambdalake ingest` (the archiver), "
-                              "`speed`, `batch` (Spark), `replay`, `sql`, `catalog`, `status`, `audit`, `produce`, "
-                              "`load`, `compact` and serving.connect(); forget still needs a local lake directory (a "
-                              "path in --home or LAMBDALAKE_HOME)")
+            raise ConfigError(f"lake {url}: this command needs a local directory (a path in --home or "
+                              "LAMBDALAKE_HOME); every command that reads or writes the lake runs on object storage, "
+                              "but `kafka`, `cdc` and `demo` keep their servers' files in a local directory (run them "
+                              "before exporting LAMBDALAKE_HOME=s3://..., and `demo --s3` for the demo on a bucket)")
         return work_dir(url)
     if _URL.match(raw):  # file://
         raw = raw[len("file:"):].lstrip("/")

@@ -429,7 +429,7 @@ class ErasureRecord(MasterRewriteRecord, kw_only=True, tag_field="kind", tag="er
                 f"{self.end:020d}.json")
 
     def new_name(self) -> str:
-        return self.name
+        return self.new.name or self.name  # on object storage a name of its own, else the file's own name
 
     def new_sha256(self) -> str | None:
         return self.new.sha256
@@ -438,10 +438,11 @@ class ErasureRecord(MasterRewriteRecord, kw_only=True, tag_field="kind", tag="er
         return self.new.tmp
 
     def replaced_names(self) -> list[str]:
-        return []  # the new version takes the file's own name
+        # locally the new version takes the file's own name; on object storage it replaces the file in the head
+        return [self.name] if self.new.name and self.new.name != self.name else []
 
     def wrote(self, new: RewriteFile) -> None:
-        self.new = new
+        self.new = msgspec.structs.replace(new, name=self.new.name)
 
 
 RewriteRecord = CompactionRecord | ErasureRecord

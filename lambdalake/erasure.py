@@ -95,6 +95,15 @@ def read_request(path: Path) -> ErasureRequest:
     return contracts.read(path, ErasureRequest)
 
 
+def stored_request(layout: Layout, source: str, subject: str) -> ErasureRequest | None:
+    """The recorded request for (source, subject) in the lake's store, or None."""
+    key = request_key(source, subject)
+    try:
+        return contracts.decode(layout.store.get(key), ErasureRequest, key)
+    except ObjectMissing:
+        return None
+
+
 def write_request(layout: Layout, req: ErasureRequest) -> None:
     layout.store.put(request_key(req.source, req.subject), contracts.encode(req))
 
@@ -177,6 +186,11 @@ def _in_effect(layout: Layout, rec: ErasureRecord) -> bool:
         return True
     if rec.status != REWRITE_STARTED:
         return False
+    if rec.replaced_names():  # a version of its own name (object storage): in effect from the head swap on
+        from lambdalake.heads import stored_head
+
+        head, _ = stored_head(layout, rec.source, int(rec.partition))
+        return head is not None and rec.new_name() in {f.name for f in head.listed(rec.dataset)}
     path = record_file(layout, rec)
     return path.exists() and _sha256(path) == rec.new_sha256()
 

@@ -345,6 +345,14 @@ class PartitionHead:
         return removed
 
 
+def rewrite_name(layout: Layout, source: str, partition: int, start: int, end: int) -> str:
+    """A name for a rewrite's new file of ``[start, end)`` that no other writer uses (object storage, where a
+    rewrite renames nothing): ``<start>-<end>-e<epoch>-<random>.parquet`` with the head's epoch, so a claim never
+    takes it for a fenced writer's file (its garbage collection spares files a rewrite record names, too)."""
+    head, _ = stored_head(layout, source, partition)
+    return f"{start:020d}-{end:020d}-e{head.epoch if head else 0}-{uuid.uuid4().hex[:12]}.parquet"
+
+
 def replace_files(layout: Layout, dataset: str, source: str, partition: int, replaced: list[str],
                   new: HeadFile) -> bool:
     """A compaction's or erasure's swap: ``new`` in place of the files ``replaced`` in the head (same epoch and

@@ -53,7 +53,7 @@ def airflow_cmd(
     from wiring.orchestration.standalone import AirflowStandalone
 
     require_airflow()
-    ctx = context(pipeline, home, bootstrap, spark_master=spark_master)
+    ctx = context(pipeline, home, bootstrap, spark_master=spark_master, object_storage=True)
     af_home = (airflow_home or default_airflow_home()).resolve()
     if print_env:
         env = airflow_environment(af_home, ctx.settings, port=port, host=host, spark_conn=spark_conn)
@@ -64,8 +64,9 @@ def airflow_cmd(
     if port_open("127.0.0.1", port):
         raise typer.BadParameter(f"port {port} is already in use; pick another with --port", param_hint="--port")
     env = airflow_environment(af_home, ctx.settings, port=port, host=host, spark_conn=spark_conn)
-    console.print(f"starting Airflow: AIRFLOW_HOME {af_home}, dags {dags_folder()}, lake {ctx.settings.home}, "
-                  f"Spark master {ctx.settings.spark_master} (connection spark_default)", highlight=False)
+    console.print(f"starting Airflow: AIRFLOW_HOME {af_home}, dags {dags_folder()}, "
+                  f"lake {ctx.settings.lake or ctx.settings.home}, Spark master {ctx.settings.spark_master} "
+                  "(connection spark_default)", highlight=False)
     af = AirflowStandalone(env, port=port, log=af_home / "standalone.log")
 
     def on_term(*_: object) -> None:
