@@ -31,12 +31,15 @@ import pyarrow as pa
 from batch import rewrite
 from batch.master import check_master_file
 from batch.rewrite import CompactionBusy, compaction_lock
-from lambdalake.contracts import REWRITE_STARTED, CompactionRecord, RewriteFile
+from lambdalake.contracts import REWRITE_STARTED, CompactionRecord, ErasureRecord, RewriteFile
 from lambdalake.exceptions import InvariantViolation
 from lambdalake.heads import collect_master_garbage, master_files, rewrite_name
 from lambdalake.layout import Layout, MasterFile
 from lambdalake.pipeline import Pipeline
+from lambdalake.runtime import crash_point
 from lambdalake.storage.files import data_files
+
+FAULT_ENV = "LAMBDALAKE_COMPACT_FAULT"  # crash tests: "swap" SIGKILLs a compaction between its put and its swap
 
 
 @dataclass
@@ -107,6 +110,8 @@ def compact(settings_home: Path, pipeline: Pipeline, *, source: str | None = Non
     files_of = data_files(layout.store)
     report = CompactReport()
     recover_compactions(layout, pipeline)
+    if not files_of.local:  # no lock there: settle a killed forget's old records too (only those past the grace)
+        rewrite.recover(layout, ErasureRecord)
     sources = [pipeline.source(source)] if source else list(pipeline.sources)
     with compaction_lock(layout):
         for src in sources:
@@ -138,7 +143,8 @@ def compact(settings_home: Path, pipeline: Pipeline, *, source: str | None = Non
                     # the journaled rewrite: the merged file in place of the group
                     try:
                         rec_path = rewrite.rewrite(layout, record, merged, final, replaced=[f.path for f in group],
-                                                   check_rows=True, lock_timeout=lock_timeout)
+                                                   check_rows=True, lock_timeout=lock_timeout,
+                                                   before_swap=lambda: crash_point(FAULT_ENV, "swap"))
                     except InvariantViolation as exc:
                         if files_of.local:
                             raise

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from batch import rewrite
 from batch.compact import compact, plan_groups
 from lambdalake.contracts import REWRITE_DONE, REWRITE_STARTED, CompactionRecord
 from lambdalake.heads import GC_GRACE_ENV, collect_master_garbage, file_key, master_files, stored_head
@@ -120,38 +119,31 @@ def test_two_compactions_at_once_rewrite_each_group_once(settings, pipeline, sma
 
 
 def test_a_compaction_killed_before_its_swap_changes_nothing_and_is_settled_after_the_grace_period(
-        settings, pipeline, small_rolls, tmp_path, monkeypatch):
+        settings, pipeline, small_rolls, tmp_path):
     url, store, env, work = small_rolls
-    as_machine(monkeypatch, env)
     layout = Layout(Path("/nonexistent"), store=store)
-    src = pipeline.sources[0].name
     exact = _master_in_bucket(store, pipeline)
-
-    class Killed(BaseException):
-        pass
-
-    real = rewrite.rewrite
-
-    def killed_before_swap(*args, **kw):
-        def die() -> None:
-            raise Killed
-
-        return real(*args, **{**kw, "before_swap": die})
-
-    monkeypatch.setattr(rewrite, "rewrite", killed_before_swap)
-    with pytest.raises(Killed):
-        compact(tmp_path / "machine", pipeline, source=src, target_rows=400, lake=url)
-    monkeypatch.setattr(rewrite, "rewrite", real)
-    (rec,) = [r for _, r in rewrite_records(layout, CompactionRecord)]
-    new_key = file_key("master", src, rec.partition, rec.new_name())
-    assert rec.status == REWRITE_STARTED and store.exists(new_key)  # written, never swapped in
+    res = machine_cli({**env, "LAMBDALAKE_COMPACT_FAULT": "swap"}, work, "compact", "--target-rows", "400",
+                      check=False)
+    assert res.returncode == -9, res.stderr[-2000:]
+    (killed,) = [r for _, r in rewrite_records(layout, CompactionRecord)]
+    killed_key = file_key("master", killed.source, killed.partition, killed.new_name())
+    assert killed.status == REWRITE_STARTED and store.exists(killed_key)  # written, never swapped in
     assert _master_in_bucket(store, pipeline) == exact  # nothing served changed
+    src = killed.source
+    replaced = {file_key("master", src, killed.partition, n) for n in killed.replaced_names()}
     assert collect_master_garbage(layout, src, 0) == []  # a started record protects its files, whatever their age
 
-    # recovery leaves a record younger than the grace period alone (it may be in flight on another machine) ...
-    assert rewrite.recover(layout, CompactionRecord) == []
-    # ... and settles it once older: its file, complete, is swapped in
-    monkeypatch.setenv(GC_GRACE_ENV, "0")
-    assert [s.split(": ")[1] for s in rewrite.recover(layout, CompactionRecord)] == [REWRITE_DONE]
-    assert new_key in _listed(layout, pipeline)
-    assert _master_in_bucket(store, pipeline) == exact
+    # the next compaction leaves the young record alone (it may be in flight on another machine) and does the work
+    res = machine_cli(env, work, "compact", "--target-rows", "400")
+    assert "recovered" not in res.stdout and _master_in_bucket(store, pipeline) == exact
+    assert [r.status for _, r in rewrite_records(layout, CompactionRecord) if r.new_name() == killed.new_name()] == [
+        REWRITE_STARTED]
+    # once older than the grace period it is settled: its group was compacted since, so it is aborted, and garbage
+    # collection takes its file and the files the compactions replaced
+    res = machine_cli({**env, GC_GRACE_ENV: "0"}, work, "compact", "--target-rows", "400")
+    statuses = {r.new_name(): r.status for _, r in rewrite_records(layout, CompactionRecord)}
+    assert statuses[killed.new_name()] == "aborted" and set(statuses.values()) == {REWRITE_DONE, "aborted"}
+    assert not store.exists(killed_key) and not any(store.exists(k) for k in replaced), res.stdout
+    assert _master_objects(store) == _listed(layout, pipeline)
+    _check_exact(settings, pipeline, store)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lambdalake import erasure
 from lambdalake.contracts import REWRITE_DONE, ErasureRecord
 from lambdalake.heads import GC_GRACE_ENV, file_key
 from lambdalake.layout import Layout, rewrite_records
@@ -81,3 +82,37 @@ def test_forget_on_a_bucket_rewrites_through_the_heads_and_the_views_follow(sett
     res = machine_cli(other, work, "status", "--format", "json")
     stages = {(e["source"], e["subject"]): e["stage"] for e in json.loads(res.stdout)["erasures"]}
     assert stages == {(pv.name, user): "complete"}, stages
+
+
+def test_a_forget_killed_before_its_swap_erases_nothing_and_a_rerun_completes(settings, pipeline, s3_lake, tmp_path):
+    url, store, env, work = s3_lake
+    produce(settings, pipeline, 600, seed=52)
+    machine_cli(env, work, "ingest", "--until-caught-up", "--roll-rows", "100")
+    pv = pipeline.source("pageviews")
+    log = read_log(settings.bootstrap, topics(pipeline))
+    users = Counter(e["user_id"] for m in log if m.topic == pv.topic and (e := parse_event(pv, m.value)))
+    user = users.most_common(1)[0][0]
+    before = _master_in_bucket(store, pipeline)
+    res = machine_cli({**env, "LAMBDALAKE_ERASE_FAULT": "rewrite"}, work, "forget", "--source", pv.name, user,
+                      check=False)
+    assert res.returncode == -9, res.stderr[-2000:]
+    layout = Layout(Path("/nonexistent"), store=store)
+    (killed,) = [r for _, r in rewrite_records(layout, ErasureRecord)]
+    assert killed.status == "started" and store.exists(file_key(killed.dataset, pv.name, killed.partition,
+                                                                killed.new_name()))
+    assert _master_in_bucket(store, pipeline) == before  # its new version was never swapped in: nothing erased
+    assert not erasure.erased_offsets(layout, pv.name)
+    assert erasure.stored_request(layout, pv.name, user) is not None  # recorded before any rewrite
+
+    res = machine_cli(env, work, "forget", "--source", pv.name, user)  # run again: it resumes and completes
+    assert "master rewritten" in res.stdout
+    after = _master_in_bucket(store, pipeline)
+    erased = {(p, o) for p, offs in erasure.erased_offsets(layout, pv.name).items() for o in offs}
+    assert after[pv.name] == [row for row in before[pv.name] if (row[0], row[1]) not in erased]
+    assert len(erased) >= users[user] and after["purchases"] == before["purchases"]
+    # the killed attempt's record is settled (aborted) once older than the grace period, and its file collected
+    machine_cli({**env, GC_GRACE_ENV: "0"}, work, "compact")
+    (settled,) = [r for _, r in rewrite_records(layout, ErasureRecord) if r.new_name() == killed.new_name()]
+    assert settled.status == "aborted"
+    assert not store.exists(file_key(killed.dataset, pv.name, killed.partition, killed.new_name()))
+    assert _master_in_bucket(store, pipeline) == after
