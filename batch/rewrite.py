@@ -89,9 +89,9 @@ def _lock_path(layout: Layout, name: str) -> Path:
 def master_readers_lock(layout: Layout, timeout: float | None = None) -> Iterator[None]:
     """Held (shared) by a batch run while it snapshots and reads master files; a rewrite takes it exclusively.
 
-    A lake on object storage has no such lock: nothing rewrites master files there yet (compaction and ``forget``
-    refuse a bucket), and a master file no head lists any more is deleted only after the garbage grace period
-    (:func:`lambdalake.heads.gc_grace`), longer than a run reading it."""
+    A lake on object storage has no such lock: a rewrite there leaves the files it replaced in place, and garbage
+    collection deletes them only a grace period (:func:`lambdalake.heads.gc_grace`) after the rewrite — longer than
+    a run reading them (module docstring, last paragraph)."""
     if not isinstance(layout.store, LocalStore):
         yield
         return
