@@ -34,39 +34,64 @@ Run = tuple[TP, list[int], list, list]
 
 
 class GroupWatch:
-    """Restarts this process when its group membership is stuck: not in a stable group for ``limit`` seconds
-    while the broker answers.
+    """Mends or restarts a group member whose membership is stuck in kafka-python 3.0.12 (the newest release).
 
-    kafka-python 3.0.12 (the newest release) can stop finding its group coordinator for good: seen when two
-    members start at once (about one start in ten under load): every ``poll`` returns early ("timeout in
-    ensure_coordinator_ready") while the client's IO thread sits idle in ``select`` with nothing scheduled; the
-    member holds its partitions until its session expires, then nothing, and never logs a word. A join takes a few
-    seconds, a rebalance with a dead member the session timeout (6 s), so a member not stable for ``limit`` (30 s;
-    ``LAMBDALAKE_GROUP_STUCK_SECONDS``) while a fresh connection to the broker works is this; the watch restarts
-    the process (:func:`lambdalake.runtime.restart_self`), which resumes exactly from its checkpoint like after a
+    Two hangs are known. (1) An orphaned join: a poll gives up waiting for its JoinGroup/SyncGroup round trip and
+    leaves it running; if ``need_rejoin()`` turns false meanwhile (the leader's own assignment, made inside that
+    round trip, matches its metadata again; seen when the first assignment was computed before the topics'
+    metadata arrived), no later poll collects the finished round trip: the member stays ``REBALANCING`` with no
+    partitions, while heartbeating, for good. Seen in about one start in eight on 2 loaded cores. The watch sees
+    ``REBALANCING`` with ``need_rejoin()`` false for ``ORPHANED_JOIN_S`` and asks the coordinator to rejoin: the
+    next poll starts a new round trip and waits for it, as the client meant to. (2) The coordinator lost for good:
+    every ``poll`` returns early ("timeout in ensure_coordinator_ready") while the client's IO thread sits idle.
+
+    So a member not stable for ``limit`` seconds (30 s; ``LAMBDALAKE_GROUP_STUCK_SECONDS``; a join takes a few
+    seconds, a rebalance with a dead member the session timeout, 6 s) while a fresh connection to the broker works
+    is restarted (:func:`lambdalake.runtime.restart_self`), which resumes exactly from its checkpoint like after a
     crash. While the broker does not answer, the member waits, as it always did. Reads kafka-python's coordinator
-    state (a private attribute): without it, nothing is watched."""
+    (a private attribute): without it, nothing is watched."""
 
     def __init__(self, consumer, limit: float, reachable: Callable[[], bool], on_stuck: Callable[[str], None]):
         self.consumer, self.limit, self.reachable, self.on_stuck = consumer, limit, reachable, on_stuck
         self._unstable_since: float | None = None
+        self._orphan_since: float | None = None
 
     def check(self) -> None:
-        """After a poll: note whether the member is in a stable group; restart it if stuck (class docstring)."""
-        state = getattr(getattr(self.consumer, "_coordinator", None), "state", None)
-        if state is None or str(getattr(state, "name", state)).strip("<>").upper() == "STABLE":
-            self._unstable_since = None
+        """After a poll: note whether the member is in a stable group; mend or restart it (class docstring)."""
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        state = getattr(coordinator, "state", None)
+        name = str(getattr(state, "name", state)).strip("<>").upper()
+        if state is None or name == "STABLE":
+            self._unstable_since = self._orphan_since = None
             return
         now = time.monotonic()
         if self._unstable_since is None:
             self._unstable_since = now
-        elif now - self._unstable_since > self.limit:
+        self._mend_orphaned_join(coordinator, name, now)
+        if now - self._unstable_since > self.limit:
             if self.reachable():
                 msg = (f"kafka-python group member: not in a stable group for {now - self._unstable_since:.0f}s "
                        f"while the broker answers (state {getattr(state, 'name', state)}; a known kafka-python hang)")
                 log.error("%s", msg)
                 self.on_stuck(msg)
             self._unstable_since = now  # the broker is away: wait as always, look again later
+
+    def _mend_orphaned_join(self, coordinator, state: str, now: float) -> None:
+        """Hang (1) of the class docstring: ``REBALANCING`` while no poll will rejoin, for ``ORPHANED_JOIN_S``."""
+        need_rejoin = getattr(coordinator, "need_rejoin", None)
+        if state != "REBALANCING" or need_rejoin is None or need_rejoin():
+            self._orphan_since = None
+            return
+        if self._orphan_since is None:
+            self._orphan_since = now
+        elif now - self._orphan_since >= ORPHANED_JOIN_S:
+            log.warning("kafka-python group member: its finished join was left uncollected (a known kafka-python "
+                        "hang); joining the group again")
+            coordinator.request_rejoin()
+            self._orphan_since = None
+
+
+ORPHANED_JOIN_S = 1.0  # GroupWatch: how long REBALANCING with nothing to rejoin lasts before the member rejoins
 
 
 class KafkaPythonClient:

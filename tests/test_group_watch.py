@@ -1,6 +1,7 @@
 """The watch over a kafka-python group member's membership (lambdalake.log_clients.GroupWatch): a member not in a
 stable group for its limit while the broker answers is restarted; a rebalance shorter than the limit, a stable
-member, or a broker that does not answer is left alone (unit test: fake coordinator states, fake clock)."""
+member, or a broker that does not answer is left alone; a member whose finished join no poll will collect is made
+to rejoin (unit test: fake coordinator states, fake clock)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,31 @@ def test_a_member_stuck_out_of_its_group_is_restarted(monkeypatch):
     clock["now"] += 6
     watch.check()
     assert len(stuck) == 1 and "not in a stable group for 31s" in stuck[0] and "<rebalancing>" in stuck[0]
+
+
+def test_a_join_no_poll_will_collect_is_started_again(monkeypatch):
+    """kafka-python 3.0.12: REBALANCING while ``need_rejoin()`` is false (the finished round trip is orphaned)."""
+    watch, consumer, clock, stuck, _ = _watch(monkeypatch)
+    coordinator, rejoins, wants = consumer._coordinator, [], {"rejoin": True}
+    coordinator.need_rejoin = lambda: wants["rejoin"]
+    coordinator.request_rejoin = lambda: (rejoins.append(clock["now"]), wants.update(rejoin=True))
+    coordinator.state = MemberState.REBALANCING
+    for _ in range(20):  # a join in flight that the next poll will collect: left alone
+        watch.check()
+        clock["now"] += 0.25
+    assert not rejoins
+    wants["rejoin"] = False  # the leader's assignment matched its metadata inside the round trip: orphaned
+    for _ in range(4):
+        watch.check()
+        clock["now"] += 0.25
+    assert not rejoins  # younger than ORPHANED_JOIN_S
+    watch.check()
+    assert rejoins == [clock["now"]]
+    watch.check()
+    assert len(rejoins) == 1  # rejoin requested: the next poll joins again (need_rejoin() is true)
+    coordinator.state = MemberState.STABLE
+    watch.check()
+    assert not stuck and len(rejoins) == 1
 
 
 def test_a_member_waits_while_the_broker_does_not_answer(monkeypatch):

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 def _serve_alone(settings, pipeline, name: str, timeout: float = 90.0) -> SpeedLayer:
     """Member ``name`` runs until it alone serves every partition up to the log end; then it stops (a final
-    checkpoint; it leaves the group). A member caught in kafka-python's known group hang (its GroupWatch gives up
+    checkpoint; it leaves the group). A member caught in kafka-python's lost-coordinator hang (its GroupWatch gives up
     after 30 s) is started again under the same name, as the ``lambdalake speed`` command restarts itself."""
     for attempt in range(3):
         try:
@@ -75,6 +75,7 @@ def _serve_alone_once(settings, pipeline, name: str, timeout: float) -> SpeedLay
         layer.stop()
         thread.join(60)
         check()
+        assert not thread.is_alive(), f"{name} did not stop within 60 s of being asked to"
 
 
 def test_a_member_continues_at_the_previous_owners_position(settings, pipeline, run_cli, caplog, monkeypatch):
