@@ -91,7 +91,7 @@ def read_lake_file(layout: Layout | None, f: MasterFile, columns: list[str]) -> 
     without ``layout``, the local file ``f.path``."""
     if layout is None:
         return pq.read_table(f.path, columns=columns), f.path.stat().st_size
-    lake, key = data_files(layout.store), f.path.relative_to(layout.home).as_posix()
+    lake, key = data_files(layout.store), layout.key(f.path)
     return lake.read_table(key, columns=columns), lake.info(key).size
 
 

@@ -62,7 +62,7 @@ def check_master_batch(report: AuditReport, con: Any, pipeline: Pipeline, source
     layout = layout or pair.layout
     lake = data_files(layout.store)
     wm = manifest.watermark.of_topic(source.topic)
-    masters = [f.path.relative_to(layout.home).as_posix() for f in files if f.start < wm.get(f.partition, 0)]
+    masters = [layout.key(f.path) for f in files if f.start < wm.get(f.partition, 0)]
     res.compared.setdefault("positions", []).extend(f"{source.name}[{p}] [0, {w})" for p, w in sorted(wm.items()))
     res.add("master_files_read", len(masters))
     res.add("master_bytes_read", sum(lake.info(k).size for k in masters))
@@ -149,7 +149,7 @@ def _erased_inputs(layout: Layout) -> set[tuple[str, str]]:
     """(path, sha256) of every master file version an erasure rewrote (``master/_log/*-erase-*``)."""
     from lambdalake.erasure import erase_records, record_file
 
-    return {(str(record_file(layout, rec).relative_to(layout.home)), rec.old.sha256)
+    return {(layout.key(record_file(layout, rec)), rec.old.sha256)
             for _, rec in erase_records(layout) if rec.status == "done"}
 
 

@@ -16,7 +16,7 @@ def copy_dir(lake: DataFiles, src: str, dst: str) -> None:
 
 
 def _version_key(layout: Layout, version: str) -> str:
-    return layout.batch_version(version).relative_to(layout.home).as_posix()
+    return layout.key(layout.batch_version(version))
 
 
 def _carry_over(layout: Layout, version: str, view: str, staging: str) -> None:

@@ -98,7 +98,7 @@ def plan_groups(files: list[MasterFile], target_rows: int, target_bytes: int,
 
 
 def _key(layout: Layout, f: MasterFile) -> str:
-    return f.path.relative_to(layout.home).as_posix()
+    return layout.key(f.path)
 
 
 def compact(settings_home: Path, pipeline: Pipeline, *, source: str | None = None, partition: int | None = None,
@@ -154,7 +154,7 @@ def compact(settings_home: Path, pipeline: Pipeline, *, source: str | None = Non
                     report.files_replaced += len(group)
                     report.files_written += 1
                     report.rows += merged.num_rows
-                    report.records.append(str(rec_path.relative_to(layout.home)))
+                    report.records.append(layout.key(rec_path))
         for src in sources:  # under the compaction lock: no rewrite of ours is half done
             report.garbage += collect_master_garbage(layout, src.name, gc_grace, partition=partition)
     return report

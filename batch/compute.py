@@ -150,7 +150,7 @@ def _compute_source_incremental(spark, layout: Layout, pipeline: Pipeline, input
             n_extra = sum(o >= since.get(p, 0) for p, o in zip(pos[PARTITION_COL], pos[OFFSET_COL], strict=True))
     done.revalidated[src.name] = base.revalidated.get(src.name, 0) + n_extra
     key = [PARTITION_COL, src.event_id]
-    base_dir = layout.batch_version(str(base.version)).relative_to(layout.home).as_posix()
+    base_dir = layout.key(layout.batch_version(str(base.version)))
     if all(w <= since.get(p, 0) for p, w in inputs.watermark.of_topic(src.topic).items()):
         fresh = new = None  # nothing archived since: the published views and index as they are
     else:

@@ -111,7 +111,7 @@ def rewrite_file(layout: Layout, source: Source, f: MasterFile, dataset: str, su
                  ids: list[str], lock_timeout: float) -> Counter[str]:
     """Rewrite ``f`` without the messages of ``subjects`` (module docstring, step 2); returns how many it removed,
     per subject."""
-    lake, key = data_files(layout.store), f.path.relative_to(layout.home).as_posix()
+    lake, key = data_files(layout.store), layout.key(f.path)
     probe = lake.read_table(key, columns=[source.key] if dataset == "master" else [VALUE_COL])
     keep = _keep_mask(probe, source, dataset, subjects)
     if not len(keep) or pc.all(keep).as_py():
@@ -165,7 +165,7 @@ def forget(settings: Settings, pipeline: Pipeline, source_name: str, subjects: l
             for f in files:
                 n = rewrite_file(layout, src, f, dataset, gone, ids, lock_timeout)
                 if n:
-                    rewritten.append(str(f.path.relative_to(layout.home)))
+                    rewritten.append(layout.key(f.path))
                     per_subject.update(n)
                     if dataset == "master":
                         report.master_rows += n.total()

@@ -132,7 +132,7 @@ def _input_file(layout: Layout, f: MasterFile, source: Source | None = None,
     field: a field declared after the file was archived is not in it (the archiver stores declared fields only),
     so its values, and which events it makes valid, cannot be recomputed from master. Refused, never read as
     null."""
-    files, rel = data_files(layout.store), f.path.relative_to(layout.home).as_posix()
+    files, rel = data_files(layout.store), layout.key(f.path)
     meta = files.parquet(rel).metadata
     missing = [] if source is None else [x.name for x in source.fields if x.name not in set(meta.schema.names)]
     if missing:

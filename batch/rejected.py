@@ -41,7 +41,7 @@ def rejudged_files(layout: Layout, source: Source, watermark: Mapping[int, int])
 
 
 def _key(layout: Layout, f: MasterFile) -> str:
-    return f.path.relative_to(layout.home).as_posix()
+    return layout.key(f.path)
 
 
 def revalidated_rows(layout: Layout, source: Source, files: list[MasterFile], watermark: Mapping[int, int],

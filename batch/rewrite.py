@@ -165,7 +165,7 @@ def _rewrite_remote(layout: Layout, record: RewriteRecord, table: pa.Table, fina
     # 1. the intent: garbage collection leaves the new file and the replaced ones alone from here on
     layout.store.put(rec_key, contracts.encode(record))
     # 2. the new file, whole, under a name no other writer uses
-    layout.store.put(final.relative_to(layout.home).as_posix(), data)
+    layout.store.put(layout.key(final), data)
     if before_swap is not None:
         before_swap()
     # 3. the commit point: the head swap
@@ -208,7 +208,7 @@ def recover(layout: Layout, kind: type[RewriteRecord]) -> list[str]:
             continue  # maybe in flight on another machine
         pdir = rewrite_dir(layout, rec)
         new = pdir / rec.new_name()
-        new_key = new.relative_to(layout.home).as_posix()
+        new_key = layout.key(new)
         if layout.store.exists(new_key) and data_files(layout.store).sha256(new_key) == rec.new_sha256():
             try:
                 _list_in_head(layout, rec, None, layout.store.size(new_key))
@@ -230,7 +230,7 @@ def recover(layout: Layout, kind: type[RewriteRecord]) -> list[str]:
             rec.status = REWRITE_ABORTED
         rec.recovered_at = utc_now_iso()
         if remote:
-            layout.store.put(path.relative_to(layout.home).as_posix(), contracts.encode(rec))
+            layout.store.put(layout.key(path), contracts.encode(rec))
         else:
             atomic_write_bytes(path, contracts.encode(rec))
         log.warning("recovered interrupted %s %s: %s", kind.WHAT, path.name, rec.status)

@@ -74,7 +74,7 @@ def verify_published(settings: Settings, pipeline: Pipeline) -> VerificationRepo
     if manifest is None:
         return None
     version = str(manifest.version)
-    vdir = layout.batch_version(version).relative_to(layout.home).as_posix()
+    vdir = layout.key(layout.batch_version(version))
 
     def fail(msg: str) -> VerificationFailed:
         return VerificationFailed(f"batch version {version} ({vdir}): {msg}; roll back with "
@@ -111,7 +111,7 @@ def verify_published(settings: Settings, pipeline: Pipeline) -> VerificationRepo
         with master_readers_lock(layout), tempfile.TemporaryDirectory() as scratch:  # no compaction meanwhile
             for src in pipeline.sources:
                 wm = manifest.watermark.of_topic(src.topic)
-                masters = [f.path.relative_to(layout.home).as_posix() for f in master_files(layout, src.name)
+                masters = [layout.key(f.path) for f in master_files(layout, src.name)
                            if f.start < wm.get(f.partition, 0)]
                 # rejected messages valid under the declared rules count too (a loosened rule, batch.rejected)
                 extra = revalidated_file(layout, src, wm, Path(scratch))

@@ -209,7 +209,7 @@ def replaced_inputs(layout: Layout, req: ErasureRequest) -> set[tuple[str, str]]
     out = set()
     for _, rec in erase_records(layout):
         if req.id in rec.requests and rec.status == REWRITE_DONE:
-            rel = str(record_file(layout, rec).relative_to(layout.home))
+            rel = layout.key(record_file(layout, rec))
             out.add((rel, rec.old.sha256))
     return out
 

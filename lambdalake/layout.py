@@ -113,16 +113,18 @@ class Layout:
             store = _STORES[lake] = open_store(lake)
         return cls(home, store=store)
 
-    def root(self) -> Layout:
-        """The layout of the whole lake (no speed worker's scope), on the same store."""
+    def root(self) -> Layout:  # the whole lake (no speed worker's scope), on the same store
         return Layout(self.home, "", self._store)
+
+    def key(self, path: Path) -> str:
+        """The store key of ``path``, a path built by this layout (``<home>/master/x`` is ``master/x``)."""
+        return path.relative_to(self.home).as_posix()
 
     def for_speed_worker(self, worker: str) -> Layout:
         return Layout(self.home, worker, self._store)
 
     @property
-    def store(self) -> Store:
-        """The storage seam of the lake (:mod:`lambdalake.storage`): the local directory ``home``."""
+    def store(self) -> Store:  # the storage seam of the lake (lambdalake.storage): a bucket, or the directory home
         if self._store is None:
             from lambdalake.storage.local import LocalStore
 
@@ -151,9 +153,8 @@ class Layout:
         return real
 
     def inside_all(self, paths: Iterable[Path]) -> list[Path]:
-        """:meth:`inside` of many files, each directory resolved once: a file that is not a symlink resolves to
-        its directory's real path plus its name (an ``lstat`` instead of resolving every component again; a
-        connect listed ~300 master files twice, 60 ms)."""
+        """:meth:`inside` of many files, each directory resolved once: a file that is not a symlink resolves to its
+        directory's real path plus its name (an ``lstat``, not every component resolved again)."""
         dirs: dict[Path, Path] = {}
         out = []
         for path in paths:
@@ -300,9 +301,8 @@ def _numbered_dirs(base: Path, pattern: re.Pattern, contract: str | None) -> lis
 
 
 def rewrite_records(layout: Layout, kind: type[R]) -> list[tuple[Path, R]]:
-    """The journal records of one kind of master rewrite under ``master/_log/`` (``<utc>-<kind>-...json``, written
-    by :mod:`batch.rewrite`: :class:`~lambdalake.contracts.CompactionRecord` or
-    :class:`~lambdalake.contracts.ErasureRecord`), oldest first."""
+    """The journal records of one kind of master rewrite under ``master/_log/`` (``<utc>-<kind>-...json``, by
+    :mod:`batch.rewrite`: a :class:`~lambdalake.contracts.CompactionRecord` or ``ErasureRecord``), oldest first."""
     out = []
     for key in layout.store.list("master/_log/"):
         name = key.rsplit("/", 1)[-1]

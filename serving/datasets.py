@@ -114,6 +114,6 @@ def master_dataset(pipeline: Pipeline, source_name: str, layout: Layout, remote:
         return ds.dataset(arrow_schema(cols, nullability=False).empty_table())
     if remote is not None:
         fs, base = remote.arrow_filesystem()  # type: ignore[attr-defined]
-        return ds.dataset([f"{base}/{m.path.relative_to(layout.home).as_posix()}" for m in listed], format="parquet",
+        return ds.dataset([f"{base}/{layout.key(m.path)}" for m in listed], format="parquet",
                           filesystem=fs)
     return ds.dataset([str(f) for f in layout.inside_all(m.path for m in listed)], format="parquet")
