@@ -150,7 +150,7 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
 
     own_spark = spark is None
     staging = new_staging_dir(layout)
-    stage = staging.relative_to(layout.home).as_posix()  # the staged version's prefix in the lake
+    stage = layout.key(staging)  # the staged version's prefix in the lake
     published_ok = False
     try:
         with master_readers_lock(layout):
@@ -234,7 +234,11 @@ def run_batch(settings: Settings, pipeline: Pipeline, spark: Any = None, views: 
         if not published_ok:
             shutil.rmtree(staging, ignore_errors=True)
             if not lake.local:
-                lake.delete_prefix(stage)
+                try:
+                    lake.delete_prefix(stage)
+                except OSError as exc:  # the store is away: never hide why the run failed
+                    log.warning("could not delete the failed run's prefix %s (garbage collection removes it after "
+                                "the grace period): %s", stage, exc)
         if own_spark and spark is not None:
             spark.stop()
 

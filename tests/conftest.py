@@ -220,9 +220,9 @@ def own_s3_lake(cli_env, tmp_path):
         server.down(timeout=20)
 
 
-def failed_in_one_line(daemon: subprocess.Popen, timeout: float) -> None:
+def failed_in_one_line(daemon: subprocess.Popen, timeout: float) -> str:
     """Wait for ``daemon`` (stderr piped) to give up; it must have exited non-zero with an ``error:`` line and no
-    traceback. Killed with its group if it does not stop in time."""
+    traceback (returned: the last such line). Killed with its group if it does not stop in time."""
     from lambdalake.procs import stop_group
 
     try:
@@ -233,6 +233,7 @@ def failed_in_one_line(daemon: subprocess.Popen, timeout: float) -> None:
             daemon.communicate()
     err = err.decode()
     assert daemon.returncode != 0 and "error:" in err and "Traceback" not in err, err[-2000:]
+    return [line for line in err.splitlines() if "error:" in line][-1]
 
 
 CLI_SECONDS: defaultdict[str, list[float]] = defaultdict(list)  # wall time of each `lambdalake <command>` run

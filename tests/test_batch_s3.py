@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from lambdalake import contracts
 from lambdalake.contracts import BatchManifest, BatchPointer
 from lambdalake.layout import BATCH_POINTER_KEY
 from serving.connection import connect
-from tests.conftest import as_machine, machine_cli
+from tests.conftest import LAMBDALAKE, as_machine, failed_in_one_line, machine_cli
 from tests.oracle import assert_served_equals_oracle, read_log
 from tests.test_spark_s3a import _local_spark_home
 from tests.test_speed import produce, topics
@@ -167,3 +169,33 @@ def test_a_batch_run_killed_before_its_swap_publishes_nothing_and_a_rerun_is_exa
     _assert_served_exactly(settings, pipeline, url, env_c, monkeypatch)
     assert _lake_files_on_disk(spark_root) == []
     assert os.environ.get("LAMBDALAKE_BATCH_FAULT") is None
+
+
+def test_the_s3_server_killed_while_a_run_stages_fails_in_one_line_and_a_rerun_is_exact(settings, pipeline,
+                                                                                        own_s3_lake, tmp_path,
+                                                                                        monkeypatch):
+    """A server of its own (the session's one must survive), killed with -9 once the run's first staged object is
+    in the bucket: the run gives up with one line and publishes nothing; with the server started again on the same
+    port and data, a rerun publishes a version that serves exactly."""
+    lake = own_s3_lake
+    produce(settings, pipeline, 1500, seed=36)
+    machine_cli(lake.env, lake.work, "ingest", "--until-caught-up")
+    env_b, spark_root = _spark_machine(lake.env, tmp_path)
+    run = subprocess.Popen([LAMBDALAKE, "batch", "--spark-master", "local[2]"], env=env_b, cwd=spark_root,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not any(k.startswith("views/batch/run-") for k in lake.store.list("views/batch/")):
+            assert run.poll() is None and time.monotonic() < deadline, "the run staged nothing"
+            time.sleep(0.1)
+        lake.server.down(timeout=0)  # SIGKILL of the server mid-run
+    finally:
+        line = failed_in_one_line(run, timeout=240)
+    assert "s3" in line.lower(), line  # says the object storage failed (e.g. "is the S3 endpoint up ...")
+    assert lake.server.up(timeout=90)["port"] == lake.port
+    assert not lake.store.exists(BATCH_POINTER_KEY)  # nothing published
+    machine_cli(env_b, spark_root, "batch", "--spark-master", "local[2]")
+    assert _manifest(lake.store)[1].version == "v000001"
+    env_c, _ = _machine(lake.env, tmp_path, "machine-serve")
+    _assert_served_exactly(settings, pipeline, lake.url, env_c, monkeypatch)

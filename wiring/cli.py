@@ -400,7 +400,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return serving_main(args)
 
-    def kafka_error(exc: Exception) -> LambdalakeError | None:
+    def library_error(exc: Exception) -> LambdalakeError | None:
+        if isinstance(exc, OSError) and "AWS Error" in str(exc):  # pyarrow's S3 file system (lake data files)
+            from lambdalake.storage.base import StorageError
+
+            return StorageError(f"object storage: {' '.join(str(exc).split())}; is the S3 endpoint up and the "
+                                "bucket reachable with these credentials?")
         if "kafka.errors" not in sys.modules:  # nothing imported kafka-python, so it raised nothing (saves ~0.2 s)
             return None
         from kafka.errors import KafkaError
@@ -413,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] and args[0] in WITHOUT_PANDAS:
         pyarrow_without_pandas()
     _mount_layers()
-    return run_app(app, argv, translate=kafka_error)
+    return run_app(app, argv, translate=library_error)
 
 
 __all__ = ["app", "main", "context", "Context", "ConfigError"]
