@@ -34,7 +34,7 @@ def s3a_options(s3: S3Settings | None = None) -> dict[str, str]:
     # a store that is down fails a run in minutes, not after s3a's 7 retries x the SDK's 5 attempts of every request
     # (each cleanup request too); throttling (503) keeps its own 20 retries (fs.s3a.retry.throttle.limit)
     opts.update({"fs.s3a.retry.limit": "4", "fs.s3a.attempts.maximum": "3",
-                 "fs.s3a.connection.establish.timeout": "10s"})
+                 "fs.s3a.connection.establish.timeout": "15s"})
     if s.endpoint:
         opts["fs.s3a.endpoint"] = s.endpoint
         opts["fs.s3a.path.style.access"] = "true"  # bucket in the path: no DNS name per bucket

@@ -16,6 +16,11 @@
    default; and without it), S3 first connect (a fresh ``LAMBDALAKE_WORK_DIR``: the mirror is synced from scratch)
    and S3 second connect (warm mirror), with the object requests of each; then the point lookup of
    ``bench_serving.py`` (one url's hourly views over 30 days) p50 on each connection, answers checked equal.
+4. ``batch``: the Spark batch job (a full recompute, one warm ``local[*]`` session with s3a) over the same
+   synthesized master of ``--batch-events`` (``bench/batch_master_data.py``), on local disk and uploaded to
+   ``s3://bench/batch``, alternated ``--batch-repeat`` times; the best of each is the figure, S3 / local the ratio.
+   The S3 runs' object requests through the seam per publish (the driver's; Spark's own s3a requests are not
+   counted); the two stores' row counts are checked equal.
 0. ``raw``: the ceiling of every figure above, same run: one S3 PUT / conditional PUT / GET of a small object
    (p50, p99), next to a local-store PUT (write, rename, fsync).
 
@@ -335,6 +340,49 @@ def serving(work: Path, events: int, cold_reps: int, warm_reps: int, query_reps:
 
 
 # --- figures for bench/run.py ---------------------------------------------------------------------------------------
+# --- 4. batch ----------------------------------------------------------------------------------------------------
+def batch_runs(work: Path, events: int, repeat: int) -> dict:
+    from batch_master_data import write_master
+
+    from batch.job import run_batch
+    from batch.spark_session import spark_session
+    from lambdalake.pipeline import load_pipeline
+
+    pipe = load_pipeline(PIPELINE)
+    home = work / "batch-lake"
+    t = time.perf_counter()
+    write_master(home, pipe, events)
+    url = f"s3://{BUCKET}/batch"
+    up = upload(home, url) | {"seconds": round(time.perf_counter() - t, 2)}
+    os.environ["LAMBDALAKE_WORK_DIR"] = str(work / "batch-work")
+    store = counted(url)
+    spark = spark_session("local[*]", s3=True)
+    stores = {"local": load_settings(home=home, pipeline=PIPELINE),
+              "s3": load_settings(home=url, pipeline=PIPELINE, object_storage=True)}
+    runs: dict[str, list[float]] = {"local": [], "s3": []}
+    counts: dict[str, dict] = {}
+    requests: list[dict[str, int]] = []
+    try:
+        for _ in range(max(1, repeat)):
+            for kind, settings in stores.items():
+                before, _ = store.snapshot()
+                t = time.perf_counter()
+                m = run_batch(settings, pipe, spark=spark, keep=2, full=True)
+                runs[kind].append(round(time.perf_counter() - t, 3))
+                counts[kind] = dict(m.row_counts)
+                if kind == "s3":
+                    requests.append(_ops(store.snapshot()[0] - before))
+    finally:
+        spark.stop()
+    local_s, s3_s = min(runs["local"]), min(runs["s3"])
+    print(f"batch: S3 {s3_s}s vs local {local_s}s = {round(s3_s / local_s, 3)}x; requests {requests[-1]}",
+          flush=True)
+    return {"events": events, "upload": up, "local_runs": runs["local"], "s3_runs": runs["s3"],
+            "local_seconds": local_s, "s3_seconds": s3_s, "s3_over_local": round(s3_s / local_s, 3),
+            "requests_per_publish": requests[-1], "row_counts_equal": counts["local"] == counts["s3"],
+            "row_counts": counts["s3"]}
+
+
 def figures(r: dict) -> list[dict]:
     out = []
 
@@ -370,6 +418,13 @@ def figures(r: dict) -> list[dict]:
         if q:
             fig(f"point lookup p50 on S3 (mirror), {n}", q["s3"]["p50"], "ms", "local lake (with its serving copy)",
                 q["local"]["p50"], f"local without a copy {q['local_without_copy']['p50']} ms")
+    if "batch" in r:
+        b = r["batch"]
+        fig(f"batch job (full recompute, Spark local[*]) on the embedded S3 server, {b['events']:,} events",
+            b["s3_seconds"], "s", "the same job on local disk, same run (lower is better)", b["local_seconds"],
+            f"{sum(b['requests_per_publish'].values())} object requests per publish through the seam "
+            f"({b['requests_per_publish']}; Spark's s3a requests not counted); row counts equal: "
+            f"{b['row_counts_equal']}")
     if raw:
         fig("one S3 PUT of 1 KiB, p50 (embedded SeaweedFS)", raw["s3_put_ms"]["p50"], "ms",
             "local store PUT (write, rename, fsync)", raw["local_put_ms"]["p50"],
@@ -393,9 +448,13 @@ def main() -> int:
     ap.add_argument("--raw-reps", type=int, default=100)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-serving", action="store_true")
+    ap.add_argument("--batch-events", type=int, default=1_000_000)
+    ap.add_argument("--batch-repeat", type=int, default=2, help="batch runs per store (alternated); the best counts")
+    ap.add_argument("--skip-batch", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.events, args.repeat, args.idle_seconds = 200_000, 3, 8.0
+        args.batch_events = 200_000
         args.serving_events, args.cold_reps, args.warm_reps, args.query_reps = 300_000, 3, 8, 20
     result: dict = {"bench": "s3", "at": datetime.now(UTC).isoformat(timespec="seconds"), "args": vars(args),
                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -426,6 +485,8 @@ def main() -> int:
             broker = None
         if not args.skip_serving:
             result["serving"] = serving(work, args.serving_events, args.cold_reps, args.warm_reps, args.query_reps)
+        if not args.skip_batch:
+            result["batch"] = batch_runs(work, args.batch_events, args.batch_repeat)
     finally:
         if broker is not None:
             broker.down(timeout=30)

@@ -78,7 +78,7 @@ BENCHES = [
           quick=("--sizes", "1000000", "--reps", "30", "--raw-reps", "10"),
           full=("--sizes", "1000000,10000000"),
           timeout_quick=900, timeout_full=3600),
-    Bench("s3", "bench_s3.py", "bench_s3-", quick=("--quick",), full=(), timeout_quick=600, timeout_full=1800),
+    Bench("s3", "bench_s3.py", "bench_s3-", quick=("--quick",), full=(), timeout_quick=900, timeout_full=2700),
 ]
 
 

@@ -59,7 +59,7 @@ def test_an_s3_compatible_server_maps_to_endpoint_path_style_plain_http_and_thes
         "fs.s3a.secret.key": "SK",
         "fs.s3a.aws.credentials.provider": "org.apache.hadoop.fs.s3a.SimpleAWSCredentialsProvider",
         "fs.s3a.retry.limit": "4", "fs.s3a.attempts.maximum": "3",  # a store that is down fails a run in minutes
-        "fs.s3a.connection.establish.timeout": "10s",
+        "fs.s3a.connection.establish.timeout": "15s",
     }
 
 
@@ -81,7 +81,7 @@ def test_the_same_settings_as_the_storage_seam_https_and_a_session_token(aws_env
 
 def test_aws_itself_gets_region_and_ssl_and_no_endpoint_nor_path_style(aws_env):
     assert s3a_options() == {"fs.s3a.endpoint.region": "us-east-1", "fs.s3a.retry.limit": "4",  # s3a's own chain
-                             "fs.s3a.attempts.maximum": "3", "fs.s3a.connection.establish.timeout": "10s"}
+                             "fs.s3a.attempts.maximum": "3", "fs.s3a.connection.establish.timeout": "15s"}
     aws_env(AWS_REGION="eu-central-1", AWS_ACCESS_KEY_ID="AK", AWS_SECRET_ACCESS_KEY="SK")
     opts = s3a_options()
     assert "fs.s3a.endpoint" not in opts and "fs.s3a.path.style.access" not in opts
