@@ -158,3 +158,49 @@ def test_two_machines_archive_one_bucket_as_a_group_and_one_dies(settings, pipel
     assert "Traceback" not in err.decode()
     _check_exact(settings, pipeline, store)
     assert not list(work.rglob("*.parquet")) and not list(other.rglob("*.parquet")), "lake data on a machine"
+
+
+def test_a_paused_archiver_is_fenced_by_the_bucket_after_a_handover(settings, pipeline, run_cli, s3_lake, tmp_path):
+    """Machine A archives every partition (pinned), is paused (SIGSTOP) while machine B — nothing local in common,
+    so no lock of A's can stop it — claims partition 0 of each source, then resumed: A's next roll of partition 0 is
+    refused by the head's epoch (here A's check before dead-lettering the roll's invalid messages finds epoch 2; a
+    roll past that check would lose the head's compare-and-swap), nothing A writes after is listed, A stops
+    archiving partition 0 and goes on with the others, and the bucket's master and the DLQ stay exact."""
+    url, store, env, work = s3_lake
+    other = tmp_path / "machine-b"
+    other.mkdir()
+    env_b = {**env, "LAMBDALAKE_WORK_DIR": str(other / "work"), "TMPDIR": str(other)}
+    produce(run_cli, 400, malformed_fraction=0.05, duplicate_fraction=0.05)
+    zombie = _start_when_archiving({**env, "LAMBDALAKE_ARCHIVE_ROLL_ROWS": "20",
+                                    "LAMBDALAKE_ARCHIVE_ROLL_SECONDS": "0.5"}, work, store, "--partitions", "0,1,2,3")
+    layout, src = Layout(work, store=store), pipeline.sources[0]
+    try:
+        deadline = time.monotonic() + 90
+        while (stored_head(layout, src.name, 0)[0] is None or stored_head(layout, src.name, 0)[0].epoch != 1) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        zombie.send_signal(signal.SIGSTOP)  # paused: a GC pause, a stopped VM, a partition from the network
+        produce(run_cli, 300, seed=8, malformed_fraction=0.0, duplicate_fraction=0.0)
+        machine_cli(env_b, other, "ingest", "--until-caught-up", "--partitions", "0")  # the handover
+        head = stored_head(layout, src.name, 0)[0]
+        assert head.epoch == 2 and head.owner != stored_head(layout, src.name, 1)[0].owner
+        listed_at_handover = {f.name for f in head.files}
+        zombie.send_signal(signal.SIGCONT)  # it wakes with partition 0's new messages buffered, and rolls them
+        want = {(m.topic, m.partition): m.offset + 1 for m in read_log(settings.bootstrap, [s.topic for s in
+                                                                                            pipeline.sources])}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+                (h := stored_head(layout, s.name, p)[0]) is not None and (h.end or 0) >= want[(s.topic, p)]
+                for s in pipeline.sources for p in range(1, 4) if (s.topic, p) in want):
+            time.sleep(0.3)
+        time.sleep(1.5)  # a few roll periods: its partition-0 roll is tried and refused
+        head = stored_head(layout, src.name, 0)[0]
+        assert head.epoch == 2 and {f.name for f in head.files} == listed_at_handover
+    finally:
+        zombie.send_signal(signal.SIGCONT)
+        stop_group(zombie, timeout=60, first=signal.SIGTERM)
+        _, err = zombie.communicate()
+    err = err.decode()
+    assert f"stopped archiving {src.topic}[0]" in err and "epoch 2" in err, err[-2000:]
+    assert "Traceback" not in err
+    _check_exact(settings, pipeline, store)
