@@ -21,12 +21,16 @@
    ``s3://bench/batch``, alternated ``--batch-repeat`` times; the best of each is the figure, S3 / local the ratio.
    The S3 runs' object requests through the seam per publish (the driver's; Spark's own s3a requests are not
    counted); the two stores' row counts are checked equal.
+5. ``freshness``: ``bench_speed.py``'s freshness run (a real ``lambdalake speed`` process, one worker, events
+   offered at ``--fresh-rate`` for ``--fresh-seconds``; ~200 sampled events a second, each timed from its send to
+   the first served speed set holding it) on a fresh local lake and on a fresh ``s3://bench/fresh-<hex>`` (read
+   through the store every 20 ms: up to one poll late, never early). Goal: p99 <= 1 s at 10k events/s on S3.
 0. ``raw``: the ceiling of every figure above, same run: one S3 PUT / conditional PUT / GET of a small object
    (p50, p99), next to a local-store PUT (write, rename, fsync).
 
 Results: ``bench/results/bench_s3-<UTC time>.json`` (with a ``figures`` list that ``bench/run.py`` tabulates).
 
-    .venv/bin/python bench/bench_s3.py --quick     # < 3 minutes
+    .venv/bin/python bench/bench_s3.py --quick     # about 6 minutes
     .venv/bin/python bench/bench_s3.py             # 300k events, 3 runs per store, 1M-event serving lake
 """
 
@@ -383,6 +387,21 @@ def batch_runs(work: Path, events: int, repeat: int) -> dict:
             "row_counts": counts["s3"]}
 
 
+# --- 5. freshness -------------------------------------------------------------------------------------------------
+def freshness_runs(work: Path, bootstrap: str, rate: float, seconds: float, interval: float, block: int) -> dict:
+    import uuid
+
+    from bench_speed import freshness
+
+    out = {"rate": rate, "seconds": seconds, "checkpoint_interval": interval}
+    for kind, lake in (("local", ""), ("s3", f"s3://{BUCKET}/fresh-{uuid.uuid4().hex[:8]}")):
+        res = freshness(work, bootstrap, block, rate, seconds, interval, lake=lake)
+        out[kind] = {k: res[k] for k in ("achieved_produce_rate", "messages", "samples", "freshness_ms",
+                                         "catch_up_seconds_after_start", "snapshots_seen")}
+        print(f"freshness @ {rate:,.0f}/s on {kind}: {res['freshness_ms']}", flush=True)
+    return out
+
+
 def figures(r: dict) -> list[dict]:
     out = []
 
@@ -418,6 +437,13 @@ def figures(r: dict) -> list[dict]:
         if q:
             fig(f"point lookup p50 on S3 (mirror), {n}", q["s3"]["p50"], "ms", "local lake (with its serving copy)",
                 q["local"]["p50"], f"local without a copy {q['local_without_copy']['p50']} ms")
+    if "freshness" in r:
+        f, lo, hi = r["freshness"], r["freshness"]["local"], r["freshness"]["s3"]
+        fig(f"freshness p99 on the embedded S3 server at {f['rate']:,.0f} events/s (1 speed worker, checkpoint every "
+            f"{f['checkpoint_interval']} s)", hi["freshness_ms"]["p99"], "ms",
+            "the same on local disk, same run (goal on S3: p99 <= 1000 ms)", lo["freshness_ms"]["p99"],
+            f"p50 {hi['freshness_ms']['p50']} vs {lo['freshness_ms']['p50']} ms; {hi['samples']} samples; produced "
+            f"{hi['achieved_produce_rate']:,}/s vs {lo['achieved_produce_rate']:,}/s")
     if "batch" in r:
         b = r["batch"]
         fig(f"batch job (full recompute, Spark local[*]) on the embedded S3 server, {b['events']:,} events",
@@ -451,10 +477,13 @@ def main() -> int:
     ap.add_argument("--batch-events", type=int, default=1_000_000)
     ap.add_argument("--batch-repeat", type=int, default=2, help="batch runs per store (alternated); the best counts")
     ap.add_argument("--skip-batch", action="store_true")
+    ap.add_argument("--fresh-rate", type=float, default=10_000.0)
+    ap.add_argument("--fresh-seconds", type=float, default=30.0)
+    ap.add_argument("--skip-freshness", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.events, args.repeat, args.idle_seconds = 200_000, 3, 8.0
-        args.batch_events = 200_000
+        args.batch_events, args.fresh_seconds = 200_000, 12.0
         args.serving_events, args.cold_reps, args.warm_reps, args.query_reps = 300_000, 3, 8, 20
     result: dict = {"bench": "s3", "at": datetime.now(UTC).isoformat(timespec="seconds"), "args": vars(args),
                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -481,6 +510,14 @@ def main() -> int:
             s = result["speed"]
             print(f"speed layer: S3 {s['s3_per_second']:,}/s vs local {s['local_per_second']:,}/s = "
                   f"{s['s3_over_local']}x; idle worker {s['idle']}", flush=True)
+        if not args.skip_freshness:
+            if broker is None:
+                broker = EmbeddedBroker(work / "kafka-home-fresh", port=free_port(), controller_port=free_port(),
+                                        heap="1g", tied_to_parent=True)
+                bootstrap = broker.up(timeout=120)["bootstrap"]
+            result["freshness"] = freshness_runs(work, bootstrap, args.fresh_rate, args.fresh_seconds,
+                                                 args.checkpoint_interval, args.block)
+        if broker is not None:
             broker.down(timeout=30)
             broker = None
         if not args.skip_serving:

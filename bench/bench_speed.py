@@ -68,7 +68,7 @@ from lambdalake.contracts import Positions  # noqa: E402
 from lambdalake.embedded import free_port  # noqa: E402
 from lambdalake.exceptions import InvariantViolation  # noqa: E402
 from lambdalake.heads import master_files  # noqa: E402
-from lambdalake.layout import Layout, read_speed_snapshot_meta, speed_pointer  # noqa: E402
+from lambdalake.layout import Layout  # noqa: E402
 from lambdalake.pipeline import load_pipeline  # noqa: E402
 from lambdalake.procs import stop_group  # noqa: E402
 from lambdalake.validation import Validator  # noqa: E402
@@ -179,41 +179,31 @@ def speed_in_process(settings, pipe, interval: float) -> dict:
             "rss_growth_mb": round((psutil.Process().memory_info().rss - rss0) / 2**20)}
 
 
-class SnapshotWatcher(threading.Thread):
-    """Records (wall time, positions) whenever a visible snapshot changes (stat of each ``CURRENT`` every 2 ms); with
-    ``workers`` > 1 the positions are the union of the workers' latest snapshots (each owns its partitions)."""
+class SpeedSetWatcher(threading.Thread):
+    """Records (wall time after the read, positions) whenever the served speed positions change: the union of every
+    speed worker's snapshot (:func:`lambdalake.speedset.read_speed_set`; a daemon is a group member publishing under
+    ``views/speed/workers/g-...``, not at the root), read through the lake's store every ``every`` seconds. A time is
+    late by up to one poll and its reads, never early."""
 
-    def __init__(self, home: Path, workers: int = 1):
+    def __init__(self, layout: Layout, every: float = 0.02):
         super().__init__(daemon=True)
-        base = Layout(home)
-        self.layouts = [base] if workers == 1 else [base.for_speed_worker(f"{i}-of-{workers}")
-                                                    for i in range(workers)]
+        self.layout, self.every = layout, every
         self.seen: list[tuple[float, dict]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
-        stamps: dict[int, tuple] = {}
-        latest: dict[int, dict] = {}
+        from lambdalake.speedset import read_speed_set
+
+        last = None
         while not self.stop.is_set():
-            changed = False
-            for i, layout in enumerate(self.layouts):
-                try:
-                    st = os.stat(layout.speed_pointer)
-                    s = (st.st_ino, st.st_mtime_ns)
-                    if s != stamps.get(i):
-                        meta = read_speed_snapshot_meta(layout, speed_pointer(layout))
-                        latest[i] = dict(meta.positions.items())
-                        stamps[i] = s
-                        changed = True
-                except (OSError, TypeError, InvariantViolation):
-                    pass
-            if changed and len(latest) == len(self.layouts):
-                merged: dict = {}
-                for pos in latest.values():
-                    for tp, off in pos.items():
-                        merged[tp] = max(off, merged.get(tp, 0))
-                self.seen.append((time.time(), merged))
-            time.sleep(0.002)
+            try:
+                found = read_speed_set(self.layout)
+            except (OSError, InvariantViolation):
+                found = None
+            if found is not None and (pos := dict(found.meta.positions.items())) != last:
+                self.seen.append((time.time(), pos))
+                last = pos
+            time.sleep(self.every)
 
 
 def publish_batch(home: Path, version: str, positions: Positions, block: int) -> None:
@@ -235,15 +225,21 @@ def publish_batch(home: Path, version: str, positions: Positions, block: int) ->
 
 
 def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: float, interval: float,
-              handoff_every: float | None = None, dedup_span: int = 100_000, workers: int = 1) -> dict:
+              handoff_every: float | None = None, dedup_span: int = 100_000, workers: int = 1,
+              lake: str = "") -> dict:
+    """``lake``: an object-storage lake (``s3://...``, empty) instead of a fresh local one (no simulated handoffs)."""
     from confluent_kafka import Producer
 
     settings, pipe = fresh(work, bootstrap, block)
+    if lake and handoff_every:
+        raise ValueError("simulated batch handoffs write a local lake")
     n = int(rate * duration)
     # generated while sending (~13 us each), never held: 10 minutes at 10k/s would be ~20 GB of Python objects
     msgs = iter(demo_messages(pipe, n, seed=2, duplicate_fraction=0.0, malformed_fraction=0.0))
-    env = dict(os.environ, LAMBDALAKE_HOME=str(settings.home), LAMBDALAKE_BOOTSTRAP=bootstrap,
+    env = dict(os.environ, LAMBDALAKE_HOME=lake or str(settings.home), LAMBDALAKE_BOOTSTRAP=bootstrap,
                LAMBDALAKE_PIPELINE=settings.pipeline, LAMBDALAKE_HANDOFF_BLOCK=str(block))
+    if lake:
+        env["LAMBDALAKE_WORK_DIR"] = str(settings.home)  # the machine's scratch; the lake is the bucket
     prod = Producer(producer_config(settings))
     delivered: list[tuple[float, str, int, int]] = []  # (sent at, topic, partition, offset) of sampled messages
 
@@ -268,7 +264,7 @@ def freshness(work: Path, bootstrap: str, block: int, rate: float, duration: flo
                              str(dedup_span), "--workers", str(workers)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                             start_new_session=True)
-    watcher = SnapshotWatcher(settings.home, workers)
+    watcher = SpeedSetWatcher(Layout.of(settings.home, lake), every=0.02 if lake else 0.005)
     rss: list[tuple[float, float]] = []
     try:
         watcher.start()
