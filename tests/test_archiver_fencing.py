@@ -42,6 +42,22 @@ def _wait_archived(settings, pipeline, timeout: float = 90.0) -> None:
     raise AssertionError(f"the archiver did not catch up with the log in {timeout}s")
 
 
+def stays_fenced(layout, src, listed_at_handover: set[str]) -> None:
+    """A few roll periods after the zombie woke: partition 0's head is still epoch 2, listing what it did then."""
+    time.sleep(1.5)  # its partition-0 roll is tried and refused meanwhile
+    head = stored_head(layout, src.name, 0)[0]
+    assert head.epoch == 2 and {f.name for f in head.files} == listed_at_handover
+
+
+def stop_zombie(zombie, src) -> None:
+    """Stop the zombie (resumed first); it said it stopped archiving partition 0 (epoch 2), with no traceback."""
+    zombie.send_signal(signal.SIGCONT)
+    stop_group(zombie, timeout=60, first=signal.SIGTERM)
+    err = zombie.communicate()[1].decode()
+    assert f"stopped archiving {src.topic}[0]" in err and "epoch 2" in err, err[-2000:]
+    assert "Traceback" not in err
+
+
 def test_a_paused_archiver_is_fenced_after_a_handover(settings, pipeline, run_cli, cli_env, monkeypatch):
     produce(run_cli, 400, malformed_fraction=0.05, duplicate_fraction=0.05)
     # pinned statically (a group member would also learn from the group that it lost the partition: this test is
@@ -73,16 +89,9 @@ def test_a_paused_archiver_is_fenced_after_a_handover(settings, pipeline, run_cl
                    for s in pipeline.sources):
                 break
             time.sleep(0.3)
-        time.sleep(1.5)  # a few roll periods: its partition-0 roll is tried and refused
-        head = stored_head(layout, src.name, 0)[0]
-        assert head.epoch == 2 and {f.name for f in head.files} == listed_at_handover
+        stays_fenced(layout, src, listed_at_handover)
     finally:
-        zombie.send_signal(signal.SIGCONT)
-        stop_group(zombie, timeout=60, first=signal.SIGTERM)
-        _, err = zombie.communicate()
-    err = err.decode()
-    assert f"stopped archiving {src.topic}[0]" in err and "epoch 2" in err, err[-2000:]
-    assert "Traceback" not in err
+        stop_zombie(zombie, src)
     zombie_files = [f for f in layout.master_files_on_disk(src.name) if f.partition == 0 and "-e1-" in f.path.name]
     assert any(f.path.name not in listed_at_handover for f in zombie_files), "the zombie's refused roll was written"
     check_exact(settings, pipeline)
