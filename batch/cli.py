@@ -120,8 +120,8 @@ def compact_cmd(
     ctx = context(pipeline, home, object_storage=True)
     if source is not None:
         ctx.pipeline.source(source)  # an unknown source is one line
+    layout = Layout.of(ctx.settings.home, ctx.settings.lake)
     if gc_only:
-        layout = Layout.of(ctx.settings.home, ctx.settings.lake)
         names = [source] if source else [s.name for s in ctx.pipeline.sources]
         garbage = [k for name in names for k in collect_master_garbage(layout, name, grace, partition=partition)]
     else:
@@ -138,6 +138,12 @@ def compact_cmd(
                   "ago)", highlight=False)
     for key in garbage:
         console.print(f"  deleted {key}", highlight=False)
+    uploads = layout.store.abort_stale_uploads("", grace)  # a crashed Spark or pyarrow writer's parts
+    if uploads:
+        console.print(f"aborted {len(uploads)} incomplete multipart uploads (started more than {grace:g} s ago)",
+                      highlight=False)
+    for key in uploads:
+        console.print(f"  aborted the upload of {key}", highlight=False)
 
 
 def forget_cmd(

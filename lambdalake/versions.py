@@ -34,6 +34,7 @@ the next run once its process is gone (:func:`new_staging_dir`), with prefixes a
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -67,6 +68,7 @@ from lambdalake.storage.base import ObjectMissing, StorageError
 from lambdalake.storage.files import data_files
 from lambdalake.storage.local import LocalStore
 
+log = logging.getLogger(__name__)
 STAGING = re.compile(r"^(?:run|\.staging)-(\d+)-[0-9a-f]+$")  # .staging-: the name before 0.2
 TRASH_PREFIX = ".trash-"  # the first release's half-deleted versions
 DEFAULT_KEEP = 5
@@ -155,6 +157,8 @@ def _collect_remote_garbage(layout: Layout) -> list[str]:
         if now - newest >= grace and (again is None or prefix not in {r.prefix for r in again.kept}):
             _delete_prefix(layout, prefix)
             removed.append(prefix.rsplit("/", 1)[1])
+    for key in layout.store.abort_stale_uploads("", grace):  # a crashed run's s3a (or pyarrow) parts
+        log.info("aborted the incomplete multipart upload of %s (started more than %.0f s ago)", key, grace)
     return removed
 
 

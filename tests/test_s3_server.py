@@ -23,6 +23,7 @@ from lambdalake.embedded import free_port
 from lambdalake.exceptions import ConfigError, LambdalakeError
 from lambdalake.s3server import EmbeddedS3, S3Access, create_bucket
 from lambdalake.storage.base import StorageError
+from lambdalake.storage.local import LocalStore
 from lambdalake.storage.s3 import S3Store
 
 LAMBDALAKE = str(Path(sys.executable).parent / "lambdalake")
@@ -277,3 +278,59 @@ def test_an_internal_port_taken_before_the_server_binds_it_is_retried(tmp_path, 
     finally:
         server.down(timeout=20)
         taken.close()
+
+
+_KILLED_WRITER = r'''
+import os, sys, time
+from lambdalake.storage.local import LocalStore
+from lambdalake.storage.s3 import S3Store
+fs, base = S3Store(sys.argv[1]).arrow_filesystem()
+out = fs.open_output_stream(f"{base}/{sys.argv[2]}")
+out.write(os.urandom(12 << 20))  # more than pyarrow's 10 MB part: the upload starts in parts
+out.flush()
+print("writing", flush=True)
+time.sleep(120)
+'''
+
+
+def _uploads(client, bucket: str) -> list[str]:
+    return sorted(u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+
+def test_a_writer_killed_mid_upload_leaves_parts_that_gc_aborts_after_the_grace_period(s3_lake, run_cli):
+    """A data-file writer (pyarrow here; Spark's s3a alike) killed with -9 while it uploads a large file in parts
+    leaves an incomplete multipart upload: no object, invisible to a listing, yet stored. Garbage collection aborts
+    it once older than the grace period — only under the lake's prefix, never another application's upload in the
+    same bucket (not even under a prefix that merely starts with the lake's)."""
+    url, store, env, work = s3_lake
+    client = store._uploads_client()
+    key = "views/batch/run-1-0123456789ab/part-00000.parquet"
+    writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, url, key], env=env, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        deadline = time.monotonic() + 30
+        while not (ups := client.list_multipart_uploads(Bucket=store.bucket).get("Uploads")):
+            assert time.monotonic() < deadline, "the writer started no multipart upload"
+            time.sleep(0.1)
+        deadline = time.monotonic() + 30  # its first part stored
+        while not client.list_parts(Bucket=store.bucket, Key=ups[0]["Key"], UploadId=ups[0]["UploadId"]).get("Parts"):
+            assert time.monotonic() < deadline, "the writer stored no part"
+            time.sleep(0.1)
+    finally:
+        writer.kill()
+        writer.wait()
+    others = [f"{store.prefix}house/app.bin", "elsewhere/app.bin"]  # "prod/lakehouse/...": not the lake's
+    for other in others:
+        client.create_multipart_upload(Bucket=store.bucket, Key=other)
+    lake_key = f"{store.prefix}/{key}"
+    assert _uploads(client, store.bucket) == sorted([lake_key, *others]) and store.list() == []
+
+    assert store.abort_stale_uploads("", 3600) == []  # young: it may be a live writer's
+    assert store.abort_stale_uploads("master", 0) == []  # another prefix of the lake
+    res = run_cli("compact", "--gc-only", "--gc-grace", "0", env=env)
+    assert "aborted 1 incomplete multipart uploads" in res.stdout and f"aborted the upload of {key}" in res.stdout, \
+        res.stdout
+    assert _uploads(client, store.bucket) == sorted(others)
+    assert store.abort_stale_uploads("", 0) == []
+    assert LocalStore(work / "lake").abort_stale_uploads("", 0) == []  # a file system has none

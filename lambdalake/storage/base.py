@@ -118,3 +118,10 @@ class Store(Protocol):
     def delete(self, key: str) -> None:
         """Remove the object; no error if it is already gone."""
         ...
+
+    def abort_stale_uploads(self, prefix: str, older_than: float) -> list[str]:
+        """Abort the incomplete multipart uploads under ``prefix`` (``""``: the whole lake) started more than
+        ``older_than`` seconds ago — the parts a crashed writer (Spark's s3a, pyarrow) left, invisible to
+        :meth:`list` but stored and billed; returns their keys. The lake's own writes never upload in parts
+        (:meth:`put`); nothing outside the lake's prefix is touched. For garbage collection only."""
+        ...

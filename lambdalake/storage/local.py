@@ -184,6 +184,11 @@ class LocalStore:
             target.unlink()
             _fsync_dir(target.parent)
 
+    def abort_stale_uploads(self, prefix: str, older_than: float) -> list[str]:
+        """Nothing to abort: a file system has no multipart uploads (a crashed writer's temporary file is
+        :meth:`remove_stale_temps`' business)."""
+        return []
+
     def remove_stale_temps(self, prefix: str, older_than: float = TEMP_GRACE_S) -> int:
         """Remove temporary files crashed writers left under ``prefix``; the number removed."""
         base = self.root / check_key(prefix.rstrip("/")) if prefix else self.root

@@ -5,7 +5,9 @@ One request per operation: get / get_versioned = GET (bytes and ETag in one answ
 PUT with ``If-None-Match: *`` (obstore ``mode="create"``), swap = PUT with ``If-Match: <etag>`` (obstore
 ``mode={"e_tag": ...}``; ``expected=None``: ``If-None-Match: *``), exists / size / modified = HEAD (``modified``:
 its ``Last-Modified``), list = ListObjectsV2 pages, delete = DELETE. Objects are written in one PUT (never a
-multipart upload): a failed write leaves nothing.
+multipart upload): a failed write leaves nothing. Other writers of the lake's data files (Spark's s3a, pyarrow) do
+upload large files in parts: the incomplete uploads a crash leaves are aborted by garbage collection
+(:meth:`S3Store.abort_stale_uploads`, through boto3: object_store cannot list uploads).
 
 Settings, the standard AWS variables unless given: ``AWS_ENDPOINT_URL`` (``AWS_ENDPOINT_URL_S3`` first; none: AWS
 itself; ``http://`` allowed; path-style requests), ``AWS_REGION`` (or ``AWS_DEFAULT_REGION``; default us-east-1),
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, NoReturn
@@ -82,6 +85,18 @@ def _endpoint_ok(endpoint: str) -> bool:
     except ValueError:
         return False
     return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def _server_time(page: dict) -> float:
+    """The server's clock from an answer's ``Date`` header (an upload's age is measured on one clock), else
+    this machine's."""
+    from email.utils import parsedate_to_datetime
+
+    date = page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        return parsedate_to_datetime(date).timestamp() if date else time.time()
+    except (TypeError, ValueError):
+        return time.time()
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -242,6 +257,52 @@ class S3Store:
         except Exception as exc:  # noqa: BLE001
             self._fail(exc, "delete", key)
 
+    def abort_stale_uploads(self, prefix: str, older_than: float) -> list[str]:
+        """ListMultipartUploads under the lake's prefix (+ ``prefix``), then AbortMultipartUpload for each started
+        more than ``older_than`` seconds ago by the server's clock — through boto3, since obstore (object_store)
+        cannot list uploads."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        base = "/".join(p for p in (self.prefix, prefix.strip("/")) if p)
+        base = base + "/" if base else ""
+        client, aborted, now = self._uploads_client(), [], None
+        try:
+            pages = client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=base)
+            for page in pages:
+                now = now or _server_time(page)
+                for up in page.get("Uploads", []):
+                    if (now - up["Initiated"].timestamp()) >= older_than and self._abort(client, up):
+                        aborted.append(up["Key"][len(self.prefix) + 1:] if self.prefix else up["Key"])
+        except ClientError as exc:
+            self._fail(exc, "list the multipart uploads under", prefix or "(the whole lake)",
+                       code=exc.response.get("Error", {}).get("Code", ""))
+        except BotoCoreError as exc:
+            self._fail(exc, "list the multipart uploads under", prefix or "(the whole lake)")
+        return aborted
+
+    def _abort(self, client, upload: dict) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                return False  # completed or aborted meanwhile by its writer
+            raise
+        return True
+
+    def _uploads_client(self):
+        import boto3
+        from botocore.config import Config
+
+        s = self.settings
+        config = Config(region_name=s.region, connect_timeout=CONNECT_SECONDS, read_timeout=REQUEST_SECONDS,
+                        retries={"max_attempts": RETRIES + 1, "mode": "standard"},
+                        s3={"addressing_style": "path" if s.endpoint else "auto"})
+        return boto3.session.Session().client(
+            "s3", endpoint_url=s.endpoint, aws_access_key_id=s.access_key, aws_secret_access_key=s.secret_key,
+            aws_session_token=s.session_token, config=config)
+
     # pyarrow ----------------------------------------------------------------------------------------------
     def arrow_filesystem(self) -> tuple[pyarrow.fs.S3FileSystem, str]:
         """A pyarrow S3 file system with the same endpoint, region and credentials, and the lake's base path in
@@ -265,12 +326,13 @@ class S3Store:
         if not self._bucket_seen:
             self.list("")  # raises StorageError naming the bucket if it does not exist
 
-    def _fail(self, exc: Exception, op: str, key: str) -> NoReturn:
-        """Raise the protocol's error for an obstore error: ObjectMissing, or a one-line StorageError."""
+    def _fail(self, exc: Exception, op: str, key: str, code: str = "") -> NoReturn:
+        """Raise the protocol's error for an obstore error (or a botocore one, its S3 error ``code`` given):
+        ObjectMissing, or a one-line StorageError."""
         from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
 
         text = str(exc)
-        code = (_CODE.search(text) or [None, ""])[1]
+        code = code or (_CODE.search(text) or [None, ""])[1]
         where, bucket = self.settings.where, self.bucket
         if "169.254.169.254" in text and not self.settings.access_key:  # no key given: the instance-profile lookup
             raise StorageError(f"no S3 credentials for {self.url} at {where}: set AWS_ACCESS_KEY_ID and "
@@ -287,7 +349,8 @@ class S3Store:
             raise StorageError(f"S3 at {where} refused the credentials for bucket {bucket!r} ({code or 'denied'}): "
                                "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that they may use this "
                                "bucket") from None
-        if "error sending request" in text or "Connect" in text or "timed out" in text.lower():
+        if "error sending request" in text or "Connect" in text or "timed out" in text.lower() or (
+                not code and "connect" in text.lower()):
             raise StorageError(f"cannot reach the S3 endpoint {where} to {op} {key} in bucket {bucket!r}: is the "
                                "server up? check AWS_ENDPOINT_URL (`lambdalake s3 status` for the embedded one)"
                                ) from None
