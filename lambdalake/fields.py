@@ -140,6 +140,13 @@ def decimal_units(value: object, scale: int) -> int | None:
     return -n if sign else n
 
 
+def check_topic(owner: str, topic: str) -> None:
+    """A PipelineError naming ``owner`` unless ``topic`` is a Kafka topic name a source may read."""
+    if not _TOPIC.match(topic) or topic.endswith(".dlq"):
+        raise PipelineError(f"{owner}: topic {topic!r} is not a valid Kafka topic name (letters, digits, '.', "
+                            "'_', '-'; not ending in .dlq)")
+
+
 @dataclass(frozen=True)
 class Source:
     """A Kafka topic of JSON events. Messages are keyed by ``key`` so one subject stays in one partition."""
@@ -155,9 +162,7 @@ class Source:
         object.__setattr__(self, "fields", tuple(self.fields))
         if not NAME.match(self.name):
             raise PipelineError(f"source name {self.name!r} must match {NAME.pattern} (it becomes a table name)")
-        if not _TOPIC.match(self.topic) or self.topic.endswith(".dlq"):
-            raise PipelineError(f"source {self.name!r}: topic {self.topic!r} is not a valid Kafka topic name "
-                                "(letters, digits, '.', '_', '-'; not ending in .dlq)")
+        check_topic(f"source {self.name!r}", self.topic)
         names = [f.name for f in self.fields]
         if len(set(names)) != len(names):
             raise PipelineError(f"source {self.name!r}: duplicate field names in {names}")

@@ -96,7 +96,7 @@ class Invalid(msgspec.Struct, frozen=True, gc=False):
 Verdict = Valid | Invalid
 
 
-def _field_checker(f: Field) -> Callable[[Any], str | None]:
+def field_checker(f: Field) -> Callable[[Any], str | None]:
     """Returns check(value) -> error text or None; value is known present and not None."""
     name = f.name
     if f.type == "integer":
@@ -104,7 +104,7 @@ def _field_checker(f: Field) -> Callable[[Any], str | None]:
 
         def check_int(v: Any) -> str | None:
             if type(v) is not int:
-                return f"field {name!r}: expected integer, got {_json_type(v)}"
+                return f"field {name!r}: expected integer, got {json_type(v)}"
             if lo is not None and v < lo:
                 return f"field {name!r}: {v} is below the minimum {lo}"
             if hi is not None and v > hi:
@@ -118,7 +118,7 @@ def _field_checker(f: Field) -> Callable[[Any], str | None]:
 
         def check_str(v: Any) -> str | None:
             if type(v) is not str:
-                return f"field {name!r}: expected string, got {_json_type(v)}"
+                return f"field {name!r}: expected string, got {json_type(v)}"
             n = len(v)
             if lo_len is not None and n < lo_len:
                 return f"field {name!r}: length {n} is below the minimum {lo_len}"
@@ -132,21 +132,21 @@ def _field_checker(f: Field) -> Callable[[Any], str | None]:
     if f.type == "boolean":
 
         def check_bool(v: Any) -> str | None:
-            return None if type(v) is bool else f"field {name!r}: expected boolean, got {_json_type(v)}"
+            return None if type(v) is bool else f"field {name!r}: expected boolean, got {json_type(v)}"
 
         return check_bool
     if f.type in ("number", "decimal"):
         what = "number" if f.type == "number" else "decimal number"
 
         def check_num(v: Any) -> str | None:
-            return None if type(v) in (int, float) else f"field {name!r}: expected {what}, got {_json_type(v)}"
+            return None if type(v) in (int, float) else f"field {name!r}: expected {what}, got {json_type(v)}"
 
         return check_num
     if f.type == "timestamp":
 
         def check_ts(v: Any) -> str | None:
             if type(v) is not str:
-                return f"field {name!r}: expected an RFC 3339 timestamp string, got {_json_type(v)}"
+                return f"field {name!r}: expected an RFC 3339 timestamp string, got {json_type(v)}"
             return None
 
         return check_ts
@@ -158,7 +158,7 @@ def decimal_reason(name: str, text: str, scale: int) -> str:
             f"{DECIMAL_DIGITS} digits in all")
 
 
-def _json_type(v: Any) -> str:
+def json_type(v: Any) -> str:
     if v is None:
         return "null"
     if type(v) is bool:
@@ -181,7 +181,7 @@ class ReferenceValidator:
 
     def __init__(self, source: Source):
         self.source = source
-        self._fields = [(f.name, f.required, f.nullable, f.type == "timestamp", _field_checker(f))
+        self._fields = [(f.name, f.required, f.nullable, f.type == "timestamp", field_checker(f))
                         for f in source.fields]
         self._scales = {f.name: f.scale for f in source.fields if f.type == "decimal"}
         self._numbers = frozenset(f.name for f in source.fields if f.type == "number")
@@ -206,7 +206,7 @@ class ReferenceValidator:
                 return Invalid(f"not UTF-8: byte 0x{value[bad.start]:02x} at position {bad.start} ({bad.reason})")
             return Invalid(f"not JSON: {str(exc)[:200]}")
         if type(doc) is not dict:
-            return Invalid(f"expected a JSON object, got {_json_type(doc)}")
+            return Invalid(f"expected a JSON object, got {json_type(doc)}")
         record: dict[str, Any] = {}
         raw: dict[str, msgspec.Raw] | None = None
         for name, required, nullable, is_ts, check in self._fields:

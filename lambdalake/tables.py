@@ -1,0 +1,287 @@
+"""Table sources: a database table's change stream (Debezium change events in one Kafka topic) and its rows by key.
+
+A :class:`Table` declares the topic Debezium writes a table's changes to, the table's primary key and the columns a
+pipeline reads (the same :class:`lambdalake.fields.Field` types and rules as an event source's fields). Where an
+event source *appends* facts, a table's views aggregate its *current rows*: an update moves a row's contribution, a
+delete removes it. Two pieces every layer shares live here:
+
+- :func:`decode_change` — the one verdict on a message of a table's topic, a pure function of its bytes (like
+  :func:`lambdalake.validation.validate`): a :class:`Change` (``op`` c/u/r/d, the primary key, the row image the
+  rules accepted, the log position), :data:`TOMBSTONE` for Debezium's null-value message after a delete (skipped:
+  it says nothing the delete did not), or a :class:`lambdalake.validation.Invalid` with a reason for the DLQ.
+- :class:`TableRows` — the table's rows by primary key as of a log position, built by applying changes. **A change
+  applies only if its log position (``source.lsn``) is newer than the key's last one**; a delete leaves a
+  tombstone (its position), so nothing older can bring the row back. That makes the result independent of
+  duplicates (a change Kafka Connect sends again after a crash is older than, or equal to, what the key holds) and
+  exactly splittable: the rows of the changes below a watermark ``W`` :meth:`merged <TableRows.merged>` with the
+  rows of the changes from ``W`` on equal the rows of all of them — what lets a batch side and a speed side each keep
+  their part and serving combine them by key.
+
+Log positions: Debezium's PostgreSQL connector gives every streamed change the LSN of its WAL record, increasing
+along a key's history (a row is locked from a change until its transaction ends, so a later change of the same row
+comes from a later or the same transaction: a larger LSN). A snapshot read (``op = r``) carries the LSN of the
+snapshot's consistent point, which every change streamed after it exceeds (creating the slot waits for the
+transactions then running). One WAL record can yield two events — a primary-key change is a delete of the old key
+and a create of the new one at one LSN — but never two of one key. Equal positions of one key are the same change
+sent twice: the first one applied stays.
+
+Column encodings read (Debezium's JSON converter without schemas, ``decimal.handling.mode=string``): integers as
+JSON integers, text as strings, booleans, ``float8`` as numbers, ``numeric`` as decimal strings (``"10.25"``),
+``timestamptz`` as RFC 3339 strings, ``timestamp`` (without time zone) as microseconds since the epoch (read as
+UTC). docs/cdc.md, "Table sources", states the semantics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+
+from lambdalake.exceptions import PipelineError
+from lambdalake.fields import NAME, Field, check_topic, decimal_units
+from lambdalake.instants import FIRST_INSTANT_US, LAST_INSTANT_US, SUPPORTED_RANGE, parse_rfc3339_us
+from lambdalake.validation import MAX_MESSAGE_BYTES, Invalid, decimal_reason, field_checker, json_type
+
+OPS = ("c", "u", "d", "r")  # create, update, delete, snapshot read
+KEY_TYPES = ("string", "integer")  # primary-key columns: exact values that compare and hash the same everywhere
+
+
+@dataclass(frozen=True)
+class Table:
+    """A database table captured into ``topic`` by Debezium (``lambdalake cdc up --table schema.table``: topic
+    ``cdc.<schema>.<table>``). ``columns`` are the columns a pipeline reads, primary key included; a change's row
+    image must satisfy their rules (other columns are ignored). ``time`` names the timestamp column views bucket
+    by (a row's own time, e.g. when an order was placed — never when it changed)."""
+
+    name: str
+    topic: str
+    primary_key: Sequence[str]
+    columns: Sequence[Field]
+    time: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "primary_key", tuple(self.primary_key))
+        object.__setattr__(self, "columns", tuple(self.columns))
+        if not NAME.match(self.name):
+            raise PipelineError(f"table source name {self.name!r} must match {NAME.pattern} (it becomes a table name)")
+        check_topic(f"table source {self.name!r}", self.topic)
+        names = [c.name for c in self.columns]
+        if len(set(names)) != len(names):
+            raise PipelineError(f"table source {self.name!r}: duplicate column names in {names}")
+        for c in self.columns:
+            if not NAME.match(c.name):
+                raise PipelineError(f"table source {self.name!r}: column name {c.name!r} must match {NAME.pattern}")
+        if not self.primary_key or len(set(self.primary_key)) != len(self.primary_key):
+            raise PipelineError(f"table source {self.name!r}: declare its primary key, each column once")
+        by_name = self.column_map
+        for k in self.primary_key:
+            c = by_name.get(k)
+            if c is None:
+                raise PipelineError(f"table source {self.name!r}: primary-key column {k!r} is not among its "
+                                    f"columns {names}")
+            if c.type not in KEY_TYPES or not c.required or c.nullable:
+                raise PipelineError(f"table source {self.name!r}: primary-key column {k!r} must be a required, "
+                                    f"non-nullable {' or '.join(KEY_TYPES)}")
+        t = by_name.get(self.time)
+        if t is None or t.type != "timestamp" or not t.required or t.nullable:
+            raise PipelineError(f"table source {self.name!r}: time column {self.time!r} must be one of its columns, "
+                                "a required, non-nullable timestamp")
+
+    @property
+    def column_map(self) -> dict[str, Field]:
+        return {c.name: c for c in self.columns}
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic}.dlq"
+
+
+class Change(msgspec.Struct, frozen=True, gc=False):
+    """One valid change of a table: ``row`` is the image the rules accepted (``after`` for c/u/r, ``before`` for d),
+    each declared column's value as an event field's (timestamps as UTC µs, decimals as scaled integers)."""
+
+    op: Literal["c", "u", "d", "r"]
+    key: tuple
+    row: dict[str, Any]
+    lsn: int
+    tx: int | None  # the database transaction (``source.txId``; None for snapshot reads on some versions)
+
+    @property
+    def deletes(self) -> bool:
+        return self.op == "d"
+
+
+class _Tombstone:
+    def __repr__(self) -> str:
+        return "TOMBSTONE"
+
+
+TOMBSTONE = _Tombstone()  # Debezium's null-value message after a delete: skipped, never dead-lettered
+
+
+class Position(msgspec.Struct):
+    """The fields of a Debezium change event's ``source`` block that lambdalake reads (others are ignored)."""
+
+    lsn: int
+    txId: int | None = None  # noqa: N815 - Debezium's name
+
+
+class Envelope(msgspec.Struct):
+    """A Debezium change event's value as lambdalake reads it (JSON without the schema envelope; other fields —
+    ``ts_ms``, ``transaction``, the rest of ``source`` — are ignored)."""
+
+    op: str
+    source: Position
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+
+
+_DECODER = msgspec.json.Decoder(Envelope)
+
+
+def decode_change(table: Table, value: bytes | None) -> Change | Invalid | _Tombstone:
+    """The verdict on one message of ``table``'s topic; never raises."""
+    return ChangeDecoder.of(table)(value)
+
+
+class ChangeDecoder:
+    """:func:`decode_change` for one table, its column rules compiled once."""
+
+    _cache: dict[Table, ChangeDecoder] = {}
+
+    @classmethod
+    def of(cls, table: Table) -> ChangeDecoder:
+        if (dec := cls._cache.get(table)) is None:
+            dec = cls._cache[table] = cls(table)
+        return dec
+
+    def __init__(self, table: Table):
+        self.table = table
+        self._columns = [(c, field_checker(c) if c.type not in ("decimal", "timestamp") else None)
+                         for c in table.columns]
+
+    def __call__(self, value: bytes | None) -> Change | Invalid | _Tombstone:
+        try:
+            return self._decode(value)
+        except Exception as exc:  # noqa: BLE001 - the contract is "never raises": a bug must not stop a consumer
+            return Invalid(f"validator error: {type(exc).__name__}: {exc}")
+
+    def _decode(self, value: bytes | None) -> Change | Invalid | _Tombstone:
+        if value is None:
+            return TOMBSTONE
+        if len(value) > MAX_MESSAGE_BYTES:
+            return Invalid(f"message is {len(value)} bytes, above the limit of {MAX_MESSAGE_BYTES}")
+        try:
+            env = _DECODER.decode(value)
+        except msgspec.ValidationError as exc:
+            return Invalid(f"not a Debezium change event: {exc}")
+        except msgspec.DecodeError as exc:
+            return Invalid(f"not JSON: {str(exc)[:200]}")
+        if env.op not in OPS:
+            what = {"t": "a TRUNCATE (not applied per key: re-snapshot the table instead)",
+                    "m": "a logical decoding message"}.get(env.op, f"op {env.op[:10]!r}")
+            return Invalid(f"not a row change: {what}")
+        image_name = "before" if env.op == "d" else "after"
+        image = env.before if env.op == "d" else env.after
+        if image is None:
+            return Invalid(f"op {env.op!r} without its {image_name} image (REPLICA IDENTITY FULL not set?)")
+        if env.source.lsn < 0:
+            return Invalid(f"source.lsn {env.source.lsn} is negative")
+        row: dict[str, Any] = {}
+        for c, check in self._columns:
+            if c.name not in image:
+                return Invalid(f"column {c.name!r} missing from the {image_name} image")
+            v = image[c.name]
+            if v is None:
+                if c.required and not c.nullable:
+                    return Invalid(f"column {c.name!r}: null is not allowed")
+                row[c.name] = None
+                continue
+            v, err = _column_value(c, check, v)
+            if err is not None:
+                return Invalid(err)
+            row[c.name] = v
+        return Change(env.op, tuple(row[k] for k in self.table.primary_key), row,  # type: ignore[arg-type]
+                      env.source.lsn, env.source.txId)
+
+
+def _column_value(c: Field, check, v: Any) -> tuple[Any, str | None]:
+    """A present, non-null column value as stored, or the reason it breaks the column's rules."""
+    if c.type == "decimal":
+        if type(v) is not str:
+            return None, (f"column {c.name!r}: expected a decimal string (decimal.handling.mode=string), got "
+                          f"{json_type(v)}")
+        units = decimal_units(v, c.scale)  # type: ignore[arg-type]
+        if units is None:
+            return None, "column" + decimal_reason(c.name, v, c.scale)[len("field"):]  # type: ignore[arg-type]
+        return units, None
+    if c.type == "timestamp":
+        if type(v) is int:  # timestamp without time zone: MicroTimestamp
+            us = v
+        elif type(v) is str:  # timestamptz: ZonedTimestamp
+            us = parse_rfc3339_us(v)
+            if us is None:
+                return None, f"column {c.name!r}: {v[:60]!r} is not an RFC 3339 timestamp with timezone"
+        else:
+            return None, f"column {c.name!r}: expected a timestamp, got {json_type(v)}"
+        if not FIRST_INSTANT_US <= us <= LAST_INSTANT_US:
+            return None, f"column {c.name!r}: {v!r} is outside the supported range {SUPPORTED_RANGE} (UTC)"
+        return us, None
+    err = check(v)
+    if err is not None:
+        return None, "column" + err[len("field"):]
+    return (float(v) if c.type == "number" else v), None
+
+
+class Kept(msgspec.Struct, frozen=True, gc=False):
+    """What a key holds: its newest change's position and row (``row`` None: deleted, a tombstone)."""
+
+    lsn: int
+    row: dict[str, Any] | None
+
+
+class TableRows:
+    """A table's rows by primary key, as of the changes applied (see the module docstring for the rule)."""
+
+    def __init__(self, kept: Mapping[tuple, Kept] | None = None):
+        self.kept: dict[tuple, Kept] = dict(kept or {})
+
+    def apply(self, change: Change) -> bool:
+        """Apply ``change`` if it is newer than what its key holds; True if it changed anything."""
+        held = self.kept.get(change.key)
+        if held is not None and change.lsn <= held.lsn:
+            return False
+        self.kept[change.key] = Kept(change.lsn, None if change.deletes else change.row)
+        return True
+
+    def apply_all(self, changes: Iterable[Change]) -> TableRows:
+        for ch in changes:
+            self.apply(ch)
+        return self
+
+    def merged(self, newer: TableRows) -> TableRows:
+        """These rows (e.g. a batch side's, of the changes below ``W``) combined with ``newer`` (a speed side's, of
+        the changes from ``W`` on): per key the newer position wins — equal to applying both sides' changes."""
+        out = TableRows(self.kept)
+        for key, k in newer.kept.items():
+            held = out.kept.get(key)
+            if held is None or k.lsn > held.lsn:
+                out.kept[key] = k
+        return out
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """The current rows (deleted keys left out), in key order."""
+        for key in sorted(self.kept):
+            row = self.kept[key].row
+            if row is not None:
+                yield row
+
+    def __len__(self) -> int:
+        return sum(1 for k in self.kept.values() if k.row is not None)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TableRows) and self.kept == other.kept
+
+    __hash__ = None  # type: ignore[assignment]
