@@ -19,11 +19,15 @@ delete removes it. Two pieces every layer shares live here:
 
 Log positions: Debezium's PostgreSQL connector gives every streamed change the LSN of its WAL record, increasing
 along a key's history (a row is locked from a change until its transaction ends, so a later change of the same row
-comes from a later or the same transaction: a larger LSN). A snapshot read (``op = r``) carries the LSN of the
-snapshot's consistent point, which every change streamed after it exceeds (creating the slot waits for the
-transactions then running). One WAL record can yield two events — a primary-key change is a delete of the old key
-and a create of the new one at one LSN — but never two of one key. Equal positions of one key are the same change
-sent twice: the first one applied stays.
+comes from a later or the same transaction: a larger LSN). A snapshot read (``op = r``) carries the LSN ``L`` at
+which the snapshot was taken; it holds what committed before ``L``, so a streamed change at ``L`` or later is newer
+(:attr:`Change.position`: the LSN, then streamed after read). One WAL record can yield two events — a primary-key
+change is a delete of the old key and a create of the new one at one LSN — but never two of one key. Equal
+positions of one key are the same change sent twice: the first one applied stays. A completed snapshot (its last
+read) makes every key older than it history: a key it did not read was deleted meanwhile, even if that delete was
+never sent (Kafka Connect killed before storing its position snapshots the table again and streams from there).
+Known limit: a re-snapshot taken while a transaction that changed a row is still open (its change's LSN below the
+snapshot's, its commit after) leaves that row as the snapshot read it until its next change.
 
 Column encodings read (Debezium's JSON converter without schemas, ``decimal.handling.mode=string``): integers as
 JSON integers, text as strings, booleans, ``float8`` as numbers, ``numeric`` as decimal strings (``"10.25"``),
@@ -45,6 +49,7 @@ from lambdalake.instants import FIRST_INSTANT_US, LAST_INSTANT_US, SUPPORTED_RAN
 from lambdalake.validation import MAX_MESSAGE_BYTES, Invalid, decimal_reason, field_checker, json_type
 
 OPS = ("c", "u", "d", "r")  # create, update, delete, snapshot read
+SNAPSHOT_ENDS = ("last", "last_in_data_collection")  # source.snapshot of a snapshot's last read of a table
 KEY_TYPES = ("string", "integer")  # primary-key columns: exact values that compare and hash the same everywhere
 
 
@@ -107,10 +112,18 @@ class Change(msgspec.Struct, frozen=True, gc=False):
     row: dict[str, Any]
     lsn: int
     tx: int | None  # the database transaction (``source.txId``; None for snapshot reads on some versions)
+    ends_snapshot: bool = False  # the last read of a snapshot of the table (``source.snapshot`` last...)
 
     @property
     def deletes(self) -> bool:
         return self.op == "d"
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """Where the change stands in the table's history: its LSN, then a streamed change after a snapshot read
+        of the same LSN (a snapshot taken at LSN ``L`` holds what committed before ``L``; a change whose WAL record
+        is at ``L`` committed after it)."""
+        return (self.lsn, 0 if self.op == "r" else 1)
 
 
 class _Tombstone:
@@ -126,6 +139,7 @@ class Position(msgspec.Struct):
 
     lsn: int
     txId: int | None = None  # noqa: N815 - Debezium's name
+    snapshot: str | None = None  # "first", "true", "last", "first_in_data_collection", ..., "false", "incremental"
 
 
 class Envelope(msgspec.Struct):
@@ -204,7 +218,7 @@ class ChangeDecoder:
                 return Invalid(err)
             row[c.name] = v
         return Change(env.op, tuple(row[k] for k in self.table.primary_key), row,  # type: ignore[arg-type]
-                      env.source.lsn, env.source.txId)
+                      env.source.lsn, env.source.txId, env.op == "r" and env.source.snapshot in SNAPSHOT_ENDS)
 
 
 def _column_value(c: Field, check, v: Any) -> tuple[Any, str | None]:
@@ -238,23 +252,42 @@ def _column_value(c: Field, check, v: Any) -> tuple[Any, str | None]:
 class Kept(msgspec.Struct, frozen=True, gc=False):
     """What a key holds: its newest change's position and row (``row`` None: deleted, a tombstone)."""
 
-    lsn: int
+    position: tuple[int, int]
     row: dict[str, Any] | None
 
 
 class TableRows:
-    """A table's rows by primary key, as of the changes applied (see the module docstring for the rule)."""
+    """A table's rows by primary key, as of the changes applied (see the module docstring for the rules).
 
-    def __init__(self, kept: Mapping[tuple, Kept] | None = None):
+    ``snapshot`` is the LSN of the newest completed snapshot: it read every row the table had, so a key whose
+    position is older than it was not in the table then (its delete may never have been sent: Kafka Connect killed
+    before it stored its position takes a new snapshot and streams from there) — completing a snapshot forgets such
+    keys, and a change older than it is ignored."""
+
+    def __init__(self, kept: Mapping[tuple, Kept] | None = None, snapshot: int = -1):
         self.kept: dict[tuple, Kept] = dict(kept or {})
+        self.snapshot = snapshot
 
     def apply(self, change: Change) -> bool:
-        """Apply ``change`` if it is newer than what its key holds; True if it changed anything."""
+        """Apply ``change`` if it is newer than what its key holds and than the last completed snapshot; True if it
+        changed anything."""
+        pos, changed = change.position, False
         held = self.kept.get(change.key)
-        if held is not None and change.lsn <= held.lsn:
-            return False
-        self.kept[change.key] = Kept(change.lsn, None if change.deletes else change.row)
-        return True
+        if change.lsn >= self.snapshot and (held is None or pos > held.position):
+            self.kept[change.key] = Kept(pos, None if change.deletes else change.row)
+            changed = True
+        if change.ends_snapshot and change.lsn > self.snapshot:
+            self.snapshot = change.lsn
+            changed = self._complete() or changed
+        return changed
+
+    def _complete(self) -> bool:
+        """Forget every key older than the last completed snapshot: a row it did not read was not in the table, and
+        a tombstone is no longer needed (a change older than the snapshot is ignored anyway)."""
+        gone = [key for key, k in self.kept.items() if k.position[0] < self.snapshot]
+        for key in gone:
+            del self.kept[key]
+        return any(True for _ in gone)
 
     def apply_all(self, changes: Iterable[Change]) -> TableRows:
         for ch in changes:
@@ -263,12 +296,14 @@ class TableRows:
 
     def merged(self, newer: TableRows) -> TableRows:
         """These rows (e.g. a batch side's, of the changes below ``W``) combined with ``newer`` (a speed side's, of
-        the changes from ``W`` on): per key the newer position wins — equal to applying both sides' changes."""
-        out = TableRows(self.kept)
+        the changes from ``W`` on): per key the newer position wins, then the newest completed snapshot of either
+        deletes the keys older than it — equal to applying both sides' changes in order."""
+        out = TableRows(self.kept, max(self.snapshot, newer.snapshot))
         for key, k in newer.kept.items():
             held = out.kept.get(key)
-            if held is None or k.lsn > held.lsn:
+            if held is None or k.position > held.position:
                 out.kept[key] = k
+        out._complete()
         return out
 
     def rows(self) -> Iterator[dict[str, Any]]:
@@ -282,6 +317,6 @@ class TableRows:
         return sum(1 for k in self.kept.values() if k.row is not None)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, TableRows) and self.kept == other.kept
+        return isinstance(other, TableRows) and self.kept == other.kept and self.snapshot == other.snapshot
 
     __hash__ = None  # type: ignore[assignment]
