@@ -42,10 +42,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
+import pyarrow as pa
 
 from lambdalake.exceptions import PipelineError
 from lambdalake.fields import NAME, Field, check_topic, decimal_units
 from lambdalake.instants import FIRST_INSTANT_US, LAST_INSTANT_US, SUPPORTED_RANGE, parse_rfc3339_us
+from lambdalake.schema import INGEST_COL, OFFSET_COL, PARTITION_COL, Column, arrow_schema
 from lambdalake.validation import MAX_MESSAGE_BYTES, Invalid, decimal_reason, field_checker, json_type
 
 OPS = ("c", "u", "d", "r")  # create, update, delete, snapshot read
@@ -320,3 +322,88 @@ class TableRows:
         return isinstance(other, TableRows) and self.kept == other.kept and self.snapshot == other.snapshot
 
     __hash__ = None  # type: ignore[assignment]
+
+
+# -- stored forms, and the rule in SQL --------------------------------------------------------------------------------
+OP_COL, LSN_COL, RANK_COL = "_op", "_lsn", "_rank"
+SNAPSHOT_END_COL, DELETED_COL = "_snapshot_end", "_deleted"
+
+
+def change_columns(table: Table) -> tuple[Column, ...]:
+    """A table's changes as stored (the archive of its topic): the declared columns of the change's image, ``_op``,
+    ``_lsn``, ``_snapshot_end``, then the master's position columns."""
+    cols = [Column(c.name, c.type, not c.required or c.nullable, c.scale) for c in table.columns]
+    return (*cols, Column(OP_COL, "string", nullable=False), Column(LSN_COL, "integer", nullable=False),
+            Column(SNAPSHOT_END_COL, "boolean", nullable=False), Column(PARTITION_COL, "int32", nullable=False),
+            Column(OFFSET_COL, "integer", nullable=False), Column(INGEST_COL, "timestamp", nullable=False))
+
+
+def row_columns(table: Table) -> tuple[Column, ...]:
+    """A table's rows by key as stored (one row per key, tombstones included): the declared columns (null but the
+    key in a tombstone), ``_lsn`` and ``_rank`` (the position), ``_deleted``."""
+    keys = set(table.primary_key)
+    cols = [Column(c.name, c.type, c.name not in keys, c.scale) for c in table.columns]
+    return (*cols, Column(LSN_COL, "integer", nullable=False), Column(RANK_COL, "int32", nullable=False),
+            Column(DELETED_COL, "boolean", nullable=False))
+
+
+def changes_to_arrow(table: Table, changes: Iterable[tuple[int, Change]], partition: int,
+                     ingest_us: int) -> pa.Table:
+    """``(offset, change)`` pairs of one partition in the stored form :func:`change_columns`."""
+    names = [c.name for c in table.columns]
+    out: dict[str, list] = {n: [] for n in (*names, OP_COL, LSN_COL, SNAPSHOT_END_COL, OFFSET_COL)}
+    for offset, ch in changes:
+        for n in names:
+            out[n].append(ch.row[n])
+        out[OP_COL].append(ch.op)
+        out[LSN_COL].append(ch.lsn)
+        out[SNAPSHOT_END_COL].append(ch.ends_snapshot)
+        out[OFFSET_COL].append(offset)
+    n = len(out[OFFSET_COL])
+    out[PARTITION_COL], out[INGEST_COL] = [partition] * n, [ingest_us] * n
+    return pa.table({c.name: out[c.name] for c in change_columns(table)}, schema=arrow_schema(change_columns(table)))
+
+
+def rows_to_arrow(table: Table, rows: TableRows) -> pa.Table:
+    """``rows`` (every key, tombstones included) in the stored form :func:`row_columns`."""
+    names = [c.name for c in table.columns]
+    out: dict[str, list] = {n: [] for n in (*names, LSN_COL, RANK_COL, DELETED_COL)}
+    for key, kept in rows.kept.items():
+        values = kept.row if kept.row is not None else dict(zip(table.primary_key, key, strict=True))
+        for n in names:
+            out[n].append(values.get(n))
+        out[LSN_COL].append(kept.position[0])
+        out[RANK_COL].append(kept.position[1])
+        out[DELETED_COL].append(kept.row is None)
+    return pa.table(out, schema=arrow_schema(row_columns(table)))
+
+
+def rows_from_arrow(table: Table, stored: pa.Table, snapshot: int) -> TableRows:
+    """The inverse of :func:`rows_to_arrow` (``snapshot``: the side's newest completed snapshot); timestamps back
+    to UTC microseconds."""
+    names = [c.name for c in table.columns]
+    kept: dict[tuple, Kept] = {}
+    for c in table.columns:
+        if c.type == "timestamp":
+            i = stored.schema.get_field_index(c.name)
+            stored = stored.set_column(i, c.name, stored[c.name].cast(pa.int64()))
+    for r in stored.to_pylist():
+        key = tuple(r[k] for k in table.primary_key)
+        kept[key] = Kept((r[LSN_COL], r[RANK_COL]), None if r[DELETED_COL] else {n: r[n] for n in names})
+    return TableRows(kept, snapshot)
+
+
+def merged_rows_sql(table: Table, sides: Sequence[tuple[str, int]]) -> str:
+    """DuckDB SQL of :meth:`TableRows.merged` over stored sides: ``(relation, its newest completed snapshot)`` each
+    (a relation in the form :func:`row_columns`). The current rows, the declared columns: per key the newest position
+    of any side, then nothing older than the newest completed snapshot of any side, tombstones left out."""
+    keys = ", ".join(_q(k) for k in table.primary_key)
+    cols = ", ".join(_q(c.name) for c in table.columns)
+    union = " UNION ALL ".join(f"SELECT {cols}, {LSN_COL}, {RANK_COL}, {DELETED_COL} FROM {rel}" for rel, _ in sides)
+    snapshot = max((s for _, s in sides), default=-1)
+    return (f"SELECT {cols} FROM ({union}) QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {LSN_COL} DESC, "
+            f"{RANK_COL} DESC) = 1 AND {LSN_COL} >= {int(snapshot)} AND NOT {DELETED_COL}")
+
+
+def _q(name: str) -> str:
+    return f'"{name}"'  # declared names match NAME (lowercase letters, digits, _): quoting is for reserved words
