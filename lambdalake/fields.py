@@ -140,11 +140,19 @@ def decimal_units(value: object, scale: int) -> int | None:
     return -n if sign else n
 
 
-def check_topic(owner: str, topic: str) -> None:
-    """A PipelineError naming ``owner`` unless ``topic`` is a Kafka topic name a source may read."""
+def check_names(kind: str, name: str, topic: str, names: Sequence[str], what: str) -> None:
+    """A PipelineError unless a source's ``name``, ``topic`` and its ``what`` (field, column) ``names`` are valid:
+    names become table and column names, the topic one a source may read (not a dead-letter topic)."""
+    if not NAME.match(name):
+        raise PipelineError(f"{kind} name {name!r} must match {NAME.pattern} (it becomes a table name)")
     if not _TOPIC.match(topic) or topic.endswith(".dlq"):
-        raise PipelineError(f"{owner}: topic {topic!r} is not a valid Kafka topic name (letters, digits, '.', "
-                            "'_', '-'; not ending in .dlq)")
+        raise PipelineError(f"{kind} {name!r}: topic {topic!r} is not a valid Kafka topic name (letters, digits, "
+                            "'.', '_', '-'; not ending in .dlq)")
+    if len(set(names)) != len(names):
+        raise PipelineError(f"{kind} {name!r}: duplicate {what} names in {list(names)}")
+    for n in names:
+        if not NAME.match(n):
+            raise PipelineError(f"{kind} {name!r}: {what} name {n!r} must match {NAME.pattern}")
 
 
 @dataclass(frozen=True)
@@ -160,15 +168,8 @@ class Source:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fields", tuple(self.fields))
-        if not NAME.match(self.name):
-            raise PipelineError(f"source name {self.name!r} must match {NAME.pattern} (it becomes a table name)")
-        check_topic(f"source {self.name!r}", self.topic)
         names = [f.name for f in self.fields]
-        if len(set(names)) != len(names):
-            raise PipelineError(f"source {self.name!r}: duplicate field names in {names}")
-        for f in self.fields:
-            if not NAME.match(f.name):
-                raise PipelineError(f"source {self.name!r}: field name {f.name!r} must match {NAME.pattern}")
+        check_names("source", self.name, self.topic, names, "field")
         by_name = self.field_map
         for role, want in (("event_id", "string"), ("event_time", "timestamp"), ("key", "string")):
             fname = getattr(self, role)

@@ -45,7 +45,7 @@ import msgspec
 import pyarrow as pa
 
 from lambdalake.exceptions import PipelineError
-from lambdalake.fields import NAME, Field, check_topic, decimal_units
+from lambdalake.fields import Field, check_names, decimal_units
 from lambdalake.instants import FIRST_INSTANT_US, LAST_INSTANT_US, SUPPORTED_RANGE, parse_rfc3339_us
 from lambdalake.schema import INGEST_COL, OFFSET_COL, PARTITION_COL, Column, arrow_schema
 from lambdalake.validation import MAX_MESSAGE_BYTES, Invalid, decimal_reason, field_checker, json_type
@@ -71,15 +71,8 @@ class Table:
     def __post_init__(self) -> None:
         object.__setattr__(self, "primary_key", tuple(self.primary_key))
         object.__setattr__(self, "columns", tuple(self.columns))
-        if not NAME.match(self.name):
-            raise PipelineError(f"table source name {self.name!r} must match {NAME.pattern} (it becomes a table name)")
-        check_topic(f"table source {self.name!r}", self.topic)
         names = [c.name for c in self.columns]
-        if len(set(names)) != len(names):
-            raise PipelineError(f"table source {self.name!r}: duplicate column names in {names}")
-        for c in self.columns:
-            if not NAME.match(c.name):
-                raise PipelineError(f"table source {self.name!r}: column name {c.name!r} must match {NAME.pattern}")
+        check_names("table source", self.name, self.topic, names, "column")
         if not self.primary_key or len(set(self.primary_key)) != len(self.primary_key):
             raise PipelineError(f"table source {self.name!r}: declare its primary key, each column once")
         by_name = self.column_map

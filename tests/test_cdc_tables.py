@@ -108,6 +108,18 @@ def _step(conn, table: str, rng: random.Random, ids: set[int], next_id: list[int
     return events
 
 
+def _orders(postgres) -> tuple[str, str, Table]:
+    """A fresh orders table in PostgreSQL: (its suffix, its name, its table source)."""
+    suffix = uuid.uuid4().hex[:8]
+    name = f"orders_{suffix}"
+    with postgres.connect(autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, status text NOT NULL, amount numeric(10, 2) NOT NULL,"
+                     " placed_at timestamptz NOT NULL)")
+    return suffix, name, Table(name, f"p{suffix}.public.{name}", primary_key=["id"],
+                               columns=[Field.integer("id"), Field.string("status"), Field.decimal("amount", scale=2),
+                                        Field.timestamp("placed_at")], time="placed_at")
+
+
 def _aggregate(rows) -> dict[str, tuple[int, Decimal]]:
     out: dict[str, list] = defaultdict(lambda: [0, Decimal(0)])
     for r in rows:
@@ -117,17 +129,10 @@ def _aggregate(rows) -> dict[str, tuple[int, Decimal]]:
 
 
 def test_rows_by_key_equal_postgres_after_every_step(postgres, kafka_connect, kafka_broker):
-    suffix = uuid.uuid4().hex[:8]
-    name = f"orders_{suffix}"
-    table = Table(name, f"p{suffix}.public.{name}", primary_key=["id"],
-                  columns=[Field.integer("id"), Field.string("status"), Field.decimal("amount", scale=2),
-                           Field.timestamp("placed_at")], time="placed_at")
+    suffix, name, table = _orders(postgres)
     rng = random.Random(20261208)
     ids: set[int] = set()
     next_id = [1]
-    with postgres.connect(autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, status text NOT NULL, amount numeric(10, 2) NOT NULL,"
-                     " placed_at timestamptz NOT NULL)")
     with postgres.connect() as conn:
         _step(conn, name, rng, ids, next_id)  # before the capture: the snapshot reads the rows left (op r)
     n_events = len(ids)
@@ -176,17 +181,10 @@ def test_connect_killed_9_resnapshots_or_resends_and_the_rows_still_equal_postgr
     the rows by key — and their GROUP BY — equal the table in PostgreSQL."""
     from lambdalake.connect import EmbeddedConnect
 
-    suffix = uuid.uuid4().hex[:8]
-    name = f"orders_{suffix}"
-    table = Table(name, f"p{suffix}.public.{name}", primary_key=["id"],
-                  columns=[Field.integer("id"), Field.string("status"), Field.decimal("amount", scale=2),
-                           Field.timestamp("placed_at")], time="placed_at")
+    suffix, name, table = _orders(postgres)
     rng = random.Random(7)
     ids: set[int] = set()
     next_id = [1]
-    with postgres.connect(autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE {name} (id int PRIMARY KEY, status text NOT NULL, amount numeric(10, 2) NOT NULL,"
-                     " placed_at timestamptz NOT NULL)")
     cap = Capture(f"k{suffix}", (f"public.{name}",), prefix=f"p{suffix}")
     offsets = tmp_path / "connect" / "offsets.dat"
     worker = EmbeddedConnect(tmp_path / "connect", kafka_broker, tied_to_parent=True)
