@@ -168,6 +168,12 @@ def test_dual_writes(kernel, tmp_path):
     assert s["log_writes"] == [expected] * 2
     assert s["log_applied"] == [{"A": expected, "B": expected}] * 2
     assert s["log_diverged_keys"] == [0, 0] and s["log_stores_equal_log_order"]
+    # the database as the system of record: dual-written to Kafka it diverges, captured (CDC) it does not
+    assert s["cdc_change_events"] == [s["keys"] + expected] * 2  # the snapshot's reads, one change per update
+    assert sum(s["pg_dual_diverged_keys"]) > 0
+    assert s["cdc_diverged_keys"] == [0, 0] and s["cdc_equals_db"]
+    for pid, what in ((s["pg_pid"], "PostgreSQL"), (s["connect_pid"], "Kafka Connect")):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, f"{what} left"
     assert _figures(nb) >= 2
 
 
