@@ -247,6 +247,16 @@ def test_cli_captures_a_table_of_the_users_own_postgres_and_connect(postgres, ka
         st = cli("status")
         assert st.returncode == 0, st.stdout + st.stderr
         assert f"connector {name}: RUNNING; task 0 RUNNING" in st.stdout and f"slot {name}: active True" in st.stdout
+        # `lambdalake status` shows the slot too, with the WAL it holds back (never the password)
+        st = subprocess.run([LAMBDALAKE, "status", "--format", "json"], capture_output=True, text=True, env=env,
+                            timeout=120)
+        assert st.returncode == 0, st.stdout + st.stderr
+        cdc = json.loads(st.stdout)["cdc"]
+        assert cdc["database"] == postgres.shown and postgres.password not in st.stdout
+        slot, = [s for s in cdc["slots"] if s["slot"] == name]
+        assert slot["active"] is True and slot["lag_bytes"] >= 0 and slot["wal_status"] in ("reserved", "extended")
+        table = subprocess.run([LAMBDALAKE, "status"], capture_output=True, text=True, env=env, timeout=120)
+        assert "replication slots" in table.stdout and name in table.stdout, table.stdout
     finally:
         remove(kafka_connect.url, name)
         _drop_slot(postgres, name)

@@ -119,6 +119,26 @@ def cdc_down(home: HomeOpt = None) -> None:
     console.print("PostgreSQL stopped" if stopped else "no embedded PostgreSQL was running")
 
 
+def replication_slots(home: Path) -> dict | None:
+    """For `lambdalake status`: the database CDC reads (LAMBDALAKE_POSTGRES, else the embedded server if it runs)
+    and its logical replication slots with the WAL each holds back; None when there is no such database. A
+    database that cannot be reached is reported as ``error``, never raised."""
+    from lambdalake.connect import slot_lag
+    from lambdalake.postgres import postgres_url
+
+    db = postgres_url()
+    if db is None:
+        pg = _postgres(home)
+        if not pg.status()["running"]:
+            return None
+        db = pg.access()
+    try:
+        return {"database": db.shown, "slots": slot_lag(db)}
+    except Exception as exc:  # noqa: BLE001 - a database that refuses us is a status line, not a crash
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return {"database": db.shown, "error": msg}
+
+
 @cdc_app.command("status")
 def cdc_status(home: HomeOpt = None) -> None:
     """Show PostgreSQL (embedded or LAMBDALAKE_POSTGRES) with each replication slot's WAL held back, and Kafka

@@ -279,11 +279,13 @@ def status(
     freshness, DLQ count, current batch version; who owns each partition (archiver and speed worker, epochs,
     idle time) and which are stalled; each master partition's head (owner, epoch, end, files)."""
     from lambdalake.status import collect
+    from wiring.cdc_cli import replication_slots
 
     ctx = context(pipeline, home, bootstrap, object_storage=True)
     st = collect(ctx.settings, ctx.pipeline, stall_seconds)
+    cdc = replication_slots(ctx.settings.home)
     if format is Format.json:
-        sys.stdout.write(json.dumps({**st.to_json(), "stalled": st.stalled}, indent=1) + "\n")
+        sys.stdout.write(json.dumps({**st.to_json(), "stalled": st.stalled, "cdc": cdc}, indent=1) + "\n")
         if check and st.stalled:
             raise typer.Exit(1)
         return
@@ -345,6 +347,15 @@ def status(
         for e in st.erasures:
             forgotten.add_row(e.source, e.subject, e.requested_at, e.stage, f"{e.messages_erased:,}")
         console.print(forgotten)
+    if cdc is not None:  # the database CDC reads: the WAL each replication slot holds back (docs/cdc.md)
+        if "error" in cdc:
+            console.print(f"[yellow]PostgreSQL[/] at {cdc['database']}: {cdc['error']}", highlight=False)
+        slots = Table(title=f"replication slots ({cdc['database']})")
+        for col in ("slot", "active", "WAL held back", "wal_status"):
+            slots.add_column(col, justify="right" if col == "WAL held back" else "left")
+        for sl in cdc.get("slots", []):
+            slots.add_row(sl["slot"], str(sl["active"]), f"{sl['lag_bytes'] or 0:,} bytes", str(sl["wal_status"]))
+        console.print(slots)
     if st.dlq_total:
         console.print("DLQ totals: " + ", ".join(f"{t} {n(v)}" for t, v in st.dlq_total.items()))
     if st.kafka_error:
