@@ -20,6 +20,7 @@ import pytest
 from lambdalake import Field
 from lambdalake.connect import Capture, capture, remove
 from lambdalake.tables import TOMBSTONE, Change, Table, TableRows, decode_change
+from tests.conftest import reachable_tmp_dir
 from tests.test_cdc import _drop_slot
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -143,11 +144,7 @@ def test_rows_by_key_equal_postgres_after_every_step(postgres, kafka_connect, ka
         with postgres.connect() as conn:
             for _ in range(4):
                 n_events += _step(conn, name, rng, ids, next_id)
-                lsn = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
-                table_rows = conn.execute(f"SELECT id, status, amount FROM {name} ORDER BY id").fetchall()
-                by_sql = conn.execute(f"SELECT status, count(*), sum(amount) FROM {name} GROUP BY status").fetchall()
-                conn.commit()
-                steps.append((int(lsn), table_rows, {s: (n, total) for s, n, total in by_sql}))
+                steps.append(_table_now(conn, name))
         log = _consume(kafka_broker, table.topic, lambda values: len(values) >= n_events)
     finally:
         remove(kafka_connect.url, cap.name)
@@ -159,10 +156,7 @@ def test_rows_by_key_equal_postgres_after_every_step(postgres, kafka_connect, ka
     changes = [v for v in verdicts if v is not TOMBSTONE]
     assert {c.op for c in changes} == {"r", "c", "u", "d"}
     for end_lsn, table_rows, by_sql in steps:  # the changes committed by each step's end: the table then
-        rows = TableRows().apply_all(c for c in changes if c.lsn < end_lsn)
-        got = [(r["id"], r["status"], Decimal(r["amount"]) / 100) for r in rows.rows()]
-        assert got == [(i, s, a) for i, s, a in table_rows]
-        assert _aggregate(rows.rows()) == by_sql
+        _assert_table(TableRows().apply_all(c for c in changes if c.lsn < end_lsn), table_rows, by_sql)
     full = TableRows().apply_all(changes)
     for _ in range(12):  # Connect sending a suffix again, read up to any point of it: nothing goes back
         b = rng.randrange(len(changes))
@@ -210,11 +204,7 @@ def test_connect_killed_9_resnapshots_or_resends_and_the_rows_still_equal_postgr
         with postgres.connect() as conn:
             for i in range(4):
                 _step(conn, name, rng, ids, next_id)
-                lsn = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
-                table_rows = conn.execute(f"SELECT id, status, amount FROM {name} ORDER BY id").fetchall()
-                by_sql = conn.execute(f"SELECT status, count(*), sum(amount) FROM {name} GROUP BY status").fetchall()
-                conn.commit()
-                steps.append((int(lsn), table_rows, {s: (n, total) for s, n, total in by_sql}))
+                steps.append(_table_now(conn, name))
                 if i == 0:  # its first changes sent, no position stored
                     worker = kill_and_restart(0, position_lost=True)
                 elif i == 1:  # let it send this step and store its position (every 1 s), then kill it in the next
@@ -236,13 +226,7 @@ def test_connect_killed_9_resnapshots_or_resends_and_the_rows_still_equal_postgr
     assert all(isinstance(c, Change) for c in changes), [c for c in changes if not isinstance(c, Change)][:3]
     assert any(c.op == "r" and c.lsn >= steps[0][0] for c in changes), "no second snapshot after the first kill"
     assert len({(c.key, c.position) for c in changes}) < len(changes), "no change was sent twice after the second kill"
-    pending, rows = list(steps), TableRows()
-    for c in changes:  # each step's table before the first change streamed after it (a snapshot between included)
-        while pending and c.op != "r" and c.lsn >= pending[0][0]:
-            _assert_table(rows, *pending.pop(0)[1:])
-        rows.apply(c)
-    for step in pending:
-        _assert_table(rows, *step[1:])
+    _assert_steps(changes, steps)
     full = TableRows().apply_all(changes)
     for w in sorted(rng.sample(range(len(changes) + 1), 12)):  # a batch watermark anywhere
         assert TableRows().apply_all(changes[:w]).merged(TableRows().apply_all(changes[w:])) == full
@@ -252,3 +236,67 @@ def _assert_table(rows: TableRows, table_rows: list[tuple], by_sql: dict) -> Non
     got = [(r["id"], r["status"], Decimal(r["amount"]) / 100) for r in rows.rows()]
     assert got == [(i, s, a) for i, s, a in table_rows]
     assert _aggregate(rows.rows()) == by_sql
+
+
+def test_postgres_restarted_mid_stream_and_the_rows_still_equal_it(kafka_broker, tmp_path):
+    """PostgreSQL stopped (fast shutdown) and started again between two steps while Debezium streams from it: the
+    connector's task fails on the lost replication connection, restarts on its own and resumes from the slot's
+    confirmed position. After every step the rows by key and their GROUP BY equal the table."""
+    import shutil
+
+    from lambdalake.connect import EmbeddedConnect
+    from lambdalake.postgres import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(reachable_tmp_dir("lambdalake-pg-restart-"), tied_to_parent=True)
+    worker = EmbeddedConnect(tmp_path / "connect", kafka_broker, tied_to_parent=True)
+    try:
+        pg.up(timeout=90)
+        db = pg.access()
+        suffix, name, table = _orders(db)
+        rng = random.Random(3)
+        ids: set[int] = set()
+        next_id = [1]
+        worker.up(timeout=120)
+        cap = Capture(f"r{suffix}", (f"public.{name}",), prefix=f"p{suffix}",
+                      extra={"retriable.restart.connector.wait.ms": 1000})  # Debezium's default waits 10 s
+        capture(worker.url, cap, db, password_ref=worker.password_ref(cap, db))
+        steps = []
+        for i in range(4):
+            if i == 2:  # the server goes away under the connector, and comes back on the same port
+                pg.down(timeout=30)
+                pg.up(timeout=90)
+                assert pg.access().port == db.port
+            with db.connect() as conn:
+                _step(conn, name, rng, ids, next_id)
+                steps.append(_table_now(conn, name))
+        with db.connect() as conn:
+            _sentinel(conn, name)
+        log = _consume(kafka_broker, table.topic, _ends_with_sentinel)
+        changes = [v for v in (decode_change(table, m) for m in log) if v is not TOMBSTONE]
+        assert all(isinstance(c, Change) for c in changes)
+        _assert_steps(changes, steps)
+    finally:
+        worker.down(timeout=30)
+        pg.down(timeout=30)
+        shutil.rmtree(pg.dir, ignore_errors=True)
+
+
+def _table_now(conn, name: str) -> tuple[int, list[tuple], dict]:
+    """(the WAL position now, the table's rows, its GROUP BY status) right after a step committed."""
+    lsn = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0]
+    table_rows = conn.execute(f"SELECT id, status, amount FROM {name} ORDER BY id").fetchall()
+    by_sql = conn.execute(f"SELECT status, count(*), sum(amount) FROM {name} GROUP BY status").fetchall()
+    conn.commit()
+    return int(lsn), table_rows, {s: (n, total) for s, n, total in by_sql}
+
+
+def _assert_steps(changes: list[Change], steps: list[tuple[int, list[tuple], dict]]) -> None:
+    """Read in log order: before the first change streamed after each step's end (a snapshot between included),
+    the rows are that step's table; at the end, the last one's."""
+    pending, rows = list(steps), TableRows()
+    for c in changes:
+        while pending and c.op != "r" and c.lsn >= pending[0][0]:
+            _assert_table(rows, *pending.pop(0)[1:])
+        rows.apply(c)
+    for step in pending:
+        _assert_table(rows, *step[1:])
