@@ -1,7 +1,7 @@
 """``make bench``: run the batch, speed and serving benchmarks and summarize them in one table.
 
 Each benchmark is its own script in ``bench/`` (``bench_batch.py``, ``bench_speed.py``, ``bench_validation.py``,
-``bench_serving.py``, ``bench_s3.py``) and
+``bench_serving.py``, ``bench_s3.py``, ``bench_cdc.py``) and
 is run here as a child process with the sizes of the chosen profile; each writes its own JSON result into
 ``bench/results/``. This runner then collects those results, pulls out every figure next to its baseline (the
 thing the figure should be judged against: raw kafka-python fetch for the speed layer, DuckDB over the same files
@@ -79,6 +79,8 @@ BENCHES = [
           full=("--sizes", "1000000,10000000"),
           timeout_quick=900, timeout_full=3600),
     Bench("s3", "bench_s3.py", "bench_s3-", quick=("--quick",), full=(), timeout_quick=900, timeout_full=2700),
+    Bench("cdc", "bench_cdc.py", "bench_cdc-", quick=("--changes", "20000"), full=("--changes", "100000"),
+          timeout_quick=600, timeout_full=1200),
 ]
 
 
@@ -398,7 +400,8 @@ def validation_figures(r: dict, others: dict[str, dict]) -> list[Figure]:
 EXTRACT: dict[str, Callable[[dict, dict[str, dict]], list[Figure]]] = {
     "batch": batch_figures, "batch-incremental": batch_figures, "speed": speed_figures, "serving": serving_figures,
     "validation": validation_figures, "groups": group_figures,
-    "s3": lambda r, others: [Figure("s3", **f) for f in r["figures"]]}  # bench_s3.py writes its figures itself
+    "s3": lambda r, others: [Figure("s3", **f) for f in r["figures"]],  # bench_s3.py writes its figures itself
+    "cdc": lambda r, others: [Figure("cdc", **f) for f in r["figures"]]}  # so does bench_cdc.py
 
 
 # --- report --------------------------------------------------------------------------------------------------------
