@@ -82,7 +82,7 @@ def plan_groups(files: list[MasterFile], target_rows: int, target_bytes: int,
         if lake is None:
             fr, fb = file_rows(f.path), f.path.stat().st_size
         else:
-            key = _key(layout, f)
+            key = layout.key(f.path)
             fr, fb = lake.parquet(key).metadata.num_rows, lake.info(key).size
         adjacent = bool(cur) and cur[-1].end == f.start
         if cur and (not adjacent or rows + fr > target_rows or size + fb > target_bytes):
@@ -95,10 +95,6 @@ def plan_groups(files: list[MasterFile], target_rows: int, target_bytes: int,
     if len(cur) >= 2:
         groups.append(cur)
     return groups
-
-
-def _key(layout: Layout, f: MasterFile) -> str:
-    return layout.key(f.path)
 
 
 def compact(settings_home: Path, pipeline: Pipeline, *, source: str | None = None, partition: int | None = None,
@@ -125,7 +121,7 @@ def compact(settings_home: Path, pipeline: Pipeline, *, source: str | None = Non
                 for group in plan_groups(pfiles, target_rows, target_bytes, None if files_of.local else layout):
                     # read + check every file against its name
                     tables = [check_master_file(src, f, None if files_of.local
-                                                else files_of.read_table(_key(layout, f))) for f in group]
+                                                else files_of.read_table(layout.key(f.path))) for f in group]
                     merged = pa.concat_tables(tables)
                     first, last = group[0], group[-1]
                     final = layout.master_file(src.name, p, first.start, last.end)
@@ -136,8 +132,8 @@ def compact(settings_home: Path, pipeline: Pipeline, *, source: str | None = Non
                     record = CompactionRecord(
                         status=REWRITE_STARTED, source=src.name, partition=p, start=first.start, end=last.end,
                         replaced=[RewriteFile(name=f.path.name, rows=t.num_rows,
-                                              bytes=files_of.info(_key(layout, f)).size,
-                                              sha256=files_of.sha256(_key(layout, f)))
+                                              bytes=files_of.info(layout.key(f.path)).size,
+                                              sha256=files_of.sha256(layout.key(f.path)))
                                   for f, t in zip(group, tables, strict=True)],
                         merged=RewriteFile(name=final.name))
                     # the journaled rewrite: the merged file in place of the group

@@ -37,11 +37,7 @@ def rejudged_files(layout: Layout, source: Source, watermark: Mapping[int, int])
     files = data_files(layout.store)
     return [f for f in rejected_files(layout, source.name)
             if f.start < watermark.get(f.partition, 0)
-            and rejected_rules(files.parquet(_key(layout, f)).schema_arrow) != declared]
-
-
-def _key(layout: Layout, f: MasterFile) -> str:
-    return layout.key(f.path)
+            and rejected_rules(files.parquet(layout.key(f.path)).schema_arrow) != declared]
 
 
 def revalidated_rows(layout: Layout, source: Source, files: list[MasterFile], watermark: Mapping[int, int],
@@ -55,7 +51,7 @@ def revalidated_rows(layout: Layout, source: Source, files: list[MasterFile], wa
     lake = data_files(layout.store)
     for f in files:
         w = watermark.get(f.partition, 0)
-        t = lake.read_table(_key(layout, f), columns=[OFFSET_COL, INGEST_COL, VALUE_COL])
+        t = lake.read_table(layout.key(f.path), columns=[OFFSET_COL, INGEST_COL, VALUE_COL])
         cols: dict[str, list] = {n: [] for n in names}
         offsets: list[int] = []
         ingest: list[int] = []
