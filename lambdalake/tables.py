@@ -245,10 +245,12 @@ def _column_value(c: Field, check, v: Any) -> tuple[Any, str | None]:
 
 
 class Kept(msgspec.Struct, frozen=True, gc=False):
-    """What a key holds: its newest change's position and row (``row`` None: deleted, a tombstone)."""
+    """What a key holds: its newest change's position and row (``row`` None: deleted, a tombstone), and the log
+    offset that change was read at (-1: not known; for :meth:`TableRows.pruned` only)."""
 
     position: tuple[int, int]
     row: dict[str, Any] | None
+    offset: int = -1
 
 
 class TableRows:
@@ -263,13 +265,13 @@ class TableRows:
         self.kept: dict[tuple, Kept] = dict(kept or {})
         self.snapshot = snapshot
 
-    def apply(self, change: Change) -> bool:
-        """Apply ``change`` if it is newer than what its key holds and than the last completed snapshot; True if it
-        changed anything."""
+    def apply(self, change: Change, offset: int = -1) -> bool:
+        """Apply ``change`` (read at log ``offset``) if it is newer than what its key holds and than the last
+        completed snapshot; True if it changed anything."""
         pos, changed = change.position, False
         held = self.kept.get(change.key)
         if change.lsn >= self.snapshot and (held is None or pos > held.position):
-            self.kept[change.key] = Kept(pos, None if change.deletes else change.row)
+            self.kept[change.key] = Kept(pos, None if change.deletes else change.row, offset)
             changed = True
         if change.ends_snapshot and change.lsn > self.snapshot:
             self.snapshot = change.lsn
@@ -283,6 +285,13 @@ class TableRows:
         for key in gone:
             del self.kept[key]
         return any(True for _ in gone)
+
+    def pruned(self, watermark: int) -> TableRows:
+        """These rows (a speed side's, of one partition) without the keys whose newest change was read below
+        ``watermark``: a batch version covering the offsets below it holds them at that change or newer, so
+        merging it with the pruned rows still gives the rows of all changes. The newest completed snapshot stays."""
+        return TableRows({key: k for key, k in self.kept.items() if k.offset < 0 or k.offset >= watermark},
+                         self.snapshot)
 
     def apply_all(self, changes: Iterable[Change]) -> TableRows:
         for ch in changes:
@@ -312,7 +321,11 @@ class TableRows:
         return sum(1 for k in self.kept.values() if k.row is not None)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, TableRows) and self.kept == other.kept and self.snapshot == other.snapshot
+        """The same rows, tombstones and positions, and the same newest completed snapshot (where each change was
+        read does not count)."""
+        return (isinstance(other, TableRows) and self.snapshot == other.snapshot
+                and {k: (v.position, v.row) for k, v in self.kept.items()}
+                == {k: (v.position, v.row) for k, v in other.kept.items()})
 
     __hash__ = None  # type: ignore[assignment]
 

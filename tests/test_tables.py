@@ -146,13 +146,14 @@ def workloads(draw):
     return log, states
 
 
-def rows_of(messages) -> TableRows:
+def rows_of(messages, start: int = 0) -> TableRows:
+    """The rows of ``messages``, the first read at offset ``start``."""
     rows = TableRows()
-    for m in messages:
+    for i, m in enumerate(messages):
         verdict = decode_change(ORDERS, m)
         assert verdict is TOMBSTONE or isinstance(verdict, Change), verdict
         if verdict is not TOMBSTONE:
-            rows.apply(verdict)
+            rows.apply(verdict, start + i)
     return rows
 
 
@@ -177,6 +178,20 @@ def test_rows_by_key_equal_the_database_with_resent_changes_resnapshots_and_any_
     batch, speed = rows_of(log[:w]), rows_of(log[w:])
     assert batch.merged(speed) == rows
     assert list(batch.merged(speed).rows()) == expected(states[-1] if states else {})
+
+
+@settings(max_examples=300, deadline=None)
+@given(workloads(), st.data())
+def test_a_speed_side_pruned_at_a_newer_batch_watermark_still_merges_into_the_rows_of_all(workload, data):
+    """The handoff: a speed side holds the changes from ``w``; a batch version then covers the offsets below
+    ``w2 >= w``; the speed side drops the keys whose newest change is below ``w2`` — merged, nothing is lost."""
+    log, _ = workload
+    w = data.draw(st.integers(0, len(log)))
+    w2 = data.draw(st.integers(w, len(log)))
+    speed = rows_of(log[w:], start=w)
+    pruned = speed.pruned(w2)
+    assert all(k.offset >= w2 for k in pruned.kept.values())
+    assert rows_of(log[:w2]).merged(pruned) == rows_of(log)
 
 
 def test_an_older_change_after_a_delete_does_not_bring_the_row_back():
