@@ -21,7 +21,6 @@ Results: ``bench/results/bench_cdc-<UTC time>.json`` (with a ``figures`` list th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -32,6 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from results_io import write_result  # noqa: E402
 
 from lambdalake import Field  # noqa: E402
 from lambdalake.tables import TOMBSTONE, Table, TableRows, decode_change  # noqa: E402
@@ -175,15 +176,7 @@ def main() -> int:
          r["in_memory_per_second"], "unit": "changes/s", "baseline": "Debezium into Kafka, same run",
          "baseline_value": d["per_second"], "note": f"{r['us_per_change']} us a change"},
     ]
-    results = REPO / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    path = results / f"bench_cdc-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    for f in result["figures"]:
-        ratio = f"{f['value'] / f['baseline_value']:.3g}x" if f["value"] and f["baseline_value"] else "—"
-        print(f"- {f['figure']}: {f['value']} {f['unit']} vs {f['baseline']} {f['baseline_value']} = {ratio} "
-              f"{f['note']}")
-    print(f"results: {path}")
+    write_result("bench_cdc-", result)
     return 0
 
 

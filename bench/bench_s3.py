@@ -37,7 +37,6 @@ Results: ``bench/results/bench_s3-<UTC time>.json`` (with a ``figures`` list tha
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -56,6 +55,7 @@ sys.path.insert(0, str(REPO))
 
 from bench_serving import queries, synthesize  # noqa: E402
 from bench_speed import fresh, speed_in_process  # noqa: E402
+from results_io import write_result  # noqa: E402
 from speed_baselines import produce_all  # noqa: E402
 
 from lambdalake import layout as layout_mod  # noqa: E402
@@ -537,15 +537,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["figures"] = figures(result)
-    results = REPO / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    path = results / f"bench_s3-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    for f in result["figures"]:
-        ratio = f"{f['value'] / f['baseline_value']:.3g}x" if f["value"] and f["baseline_value"] else "—"
-        print(f"- {f['figure']}: {f['value']} {f['unit']} vs {f['baseline'] or '—'} {f['baseline_value']} "
-              f"= {ratio} {f['note']}")
-    print(f"results: {path}")
+    write_result("bench_s3-", result)
     return 0
 
 
