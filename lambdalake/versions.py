@@ -157,7 +157,12 @@ def _collect_remote_garbage(layout: Layout) -> list[str]:
         if now - newest >= grace and (again is None or prefix not in {r.prefix for r in again.kept}):
             _delete_prefix(layout, prefix)
             removed.append(prefix.rsplit("/", 1)[1])
-    for key in layout.store.abort_stale_uploads("", grace):  # a crashed run's s3a (or pyarrow) parts
+    try:  # a crashed run's s3a (or pyarrow) parts; best effort: a run must not fail on its predecessors' garbage
+        aborted = layout.store.abort_stale_uploads("", grace)
+    except StorageError as exc:  # e.g. credentials without s3:ListBucketMultipartUploads
+        log.warning("incomplete multipart uploads not aborted (lambdalake compact retries): %s", exc)
+        aborted = []
+    for key in aborted:
         log.info("aborted the incomplete multipart upload of %s (started more than %.0f s ago)", key, grace)
     return removed
 

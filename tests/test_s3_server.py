@@ -334,3 +334,18 @@ def test_a_writer_killed_mid_upload_leaves_parts_that_gc_aborts_after_the_grace_
     assert _uploads(client, store.bucket) == sorted(others)
     assert store.abort_stale_uploads("", 0) == []
     assert LocalStore(work / "lake").abort_stale_uploads("", 0) == []  # a file system has none
+
+
+def test_a_batch_runs_garbage_collection_does_not_fail_when_uploads_cannot_be_listed(s3_store, monkeypatch, tmp_path,
+                                                                                       caplog):
+    """Credentials without s3:ListBucketMultipartUploads: a batch run's collection warns and goes on (`lambdalake
+    compact` reports it); the run is not failed by its predecessors' garbage."""
+    from lambdalake.layout import Layout
+    from lambdalake.versions import collect_garbage
+
+    def refused(self, prefix, older_than):
+        raise StorageError("S3 at x refused the credentials for bucket 'b' (AccessDenied)")
+
+    monkeypatch.setattr(S3Store, "abort_stale_uploads", refused)
+    assert collect_garbage(Layout(tmp_path / "work", store=s3_store)) == []
+    assert "incomplete multipart uploads not aborted" in caplog.text and "AccessDenied" in caplog.text
